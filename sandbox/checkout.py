@@ -1,0 +1,131 @@
+"""Materialising a tree as a plain directory.
+
+Content is copied from blobs (holes kept), then metadata is applied in the
+order the kernel requires: ownership before mode (chown clears set-id bits),
+mode and times last, directories after their children (so read-only
+directories can be filled and their mtimes survive).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from . import tree as treefmt
+from .importer import NO_SHIFT, IdShift
+from .store import Store
+from .tree import Entry
+
+
+class CheckoutError(Exception):
+    pass
+
+
+def checkout(
+    store: Store,
+    digest: bytes,
+    dest: str | Path,
+    *,
+    ids: IdShift = NO_SHIFT,
+    owners: bool | None = None,
+) -> None:
+    """Write tree ``digest`` into ``dest`` (created; must not hold anything).
+
+    ``owners`` defaults to applying uids/gids when running as root.
+    """
+    dest_b = os.fsencode(dest)
+    try:
+        os.mkdir(dest_b, 0o700)
+    except FileExistsError:
+        if os.listdir(dest_b):
+            raise CheckoutError(f"checkout target {dest} is not empty") from None
+    writer = _Writer(store, ids, os.geteuid() == 0 if owners is None else owners)
+    writer.fill(digest, dest_b)
+    os.chmod(dest_b, 0o755)
+
+
+class _Writer:
+    def __init__(self, store: Store, ids: IdShift, owners: bool):
+        self.store = store
+        self.ids = ids
+        self.owners = owners
+        self.links: dict[tuple[bytes, bytes, int, int, int, int, int], bytes] = {}
+
+    def fill(self, digest: bytes, path: bytes) -> None:
+        for entry in self.store.get_tree(digest):
+            child = path + b"/" + entry.name
+            if entry.kind == treefmt.DIR:
+                os.mkdir(child, 0o700)
+                self.fill(entry.ref, child)
+            elif not self._make(entry, child):
+                continue  # a further name of a hard-link group: metadata is shared
+            self._apply(entry, child)
+
+    def _make(self, e: Entry, path: bytes) -> bool:
+        if e.kind == treefmt.FILE:
+            if e.link is not None:
+                key = (e.link, e.ref, e.mode, e.uid, e.gid, e.mtime_ns, e.size)
+                first = self.links.get(key)
+                if first is not None:
+                    os.link(first, path)
+                    return False
+                self.links[key] = path
+            self._write_file(e, path)
+        elif e.kind == treefmt.SYMLINK:
+            os.symlink(e.ref, path)
+        elif e.kind == treefmt.FIFO:
+            os.mkfifo(path, 0o600)
+        elif e.kind in (treefmt.CHR, treefmt.BLK):
+            os.mknod(path, treefmt.MODE_OF_KIND[e.kind] | 0o600, e.rdev)
+        elif e.kind == treefmt.SOCK:
+            return False  # sockets cannot be recreated meaningfully; skip
+        return True
+
+    def _write_file(self, e: Entry, path: bytes) -> None:
+        dst = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            if e.size:
+                src = self.store.open_blob(e.ref)
+                try:
+                    _copy_sparse(src, dst, e.size)
+                finally:
+                    os.close(src)
+        finally:
+            os.close(dst)
+
+    def _apply(self, e: Entry, path: bytes) -> None:
+        symlink = e.kind == treefmt.SYMLINK
+        for name, value in e.xattrs:
+            try:
+                os.setxattr(path, name, value, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP):
+                    raise
+        if self.owners:
+            os.chown(path, self.ids.to_host(e.uid), self.ids.to_host(e.gid), follow_symlinks=False)
+        if not symlink:
+            os.chmod(path, e.mode)
+        os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+
+
+def _copy_sparse(src: int, dst: int, size: int) -> None:
+    pos = 0
+    while pos < size:
+        try:
+            data_at = os.lseek(src, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            break
+        if data_at >= size:
+            break
+        hole_at = min(os.lseek(src, data_at, os.SEEK_HOLE), size)
+        pos = data_at
+        while pos < hole_at:
+            n = os.copy_file_range(src, dst, hole_at - pos, pos, pos)
+            if n == 0:
+                break
+            pos += n
+        pos = hole_at
+    os.ftruncate(dst, size)

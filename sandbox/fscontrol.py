@@ -1,0 +1,166 @@
+"""Controlling filesystem processes from a trio program (the daemon, tests).
+
+``open_overlay`` starts a filesystem process on a tree and yields a handle
+to snapshot it; on every way out (normal exit, exception, cancellation, the
+process dying or being killed) it stops the process and unmounts whatever is
+left below the work directory, so nothing stays mounted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from .importer import IdShift
+from .mounts import mounts_under, unmount_all_under
+from .snapshot import SnapshotStats
+
+STOP_GRACE = 10.0
+START_TIMEOUT = 30.0
+
+
+class FilesystemError(Exception):
+    """The filesystem process failed to start, died, or refused a request."""
+
+
+@dataclass
+class Snapshot:
+    tree: bytes
+    stats: SnapshotStats
+
+
+class OverlayMount:
+    """A live build root: ``root`` is the writable overlay mount point."""
+
+    def __init__(self, process: trio.Process, control: trio.SocketStream, root: Path, work: Path):
+        self.process = process
+        self.root = root
+        self.work = work
+        self._control = control
+        self._buffer = b""
+        self._lock = trio.Lock()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def _request(self, message: dict) -> dict:
+        async with self._lock:
+            try:
+                await self._control.send_all(json.dumps(message).encode() + b"\n")
+                reply = await self._read_line()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise FilesystemError(f"filesystem process {self.pid} is gone: {exc}") from None
+        if not reply.get("ok"):
+            raise FilesystemError(reply.get("error", "filesystem process refused the request"))
+        return reply
+
+    async def _read_line(self) -> dict:
+        while b"\n" not in self._buffer:
+            data = await self._control.receive_some(65536)
+            if not data:
+                raise FilesystemError(f"filesystem process {self.pid} closed its control channel")
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    async def snapshot(self) -> Snapshot:
+        """The current state as a tree in the store (call between steps)."""
+        reply = await self._request({"op": "snapshot"})
+        return Snapshot(bytes.fromhex(reply["tree"]), SnapshotStats(**reply["stats"]))
+
+    def peak_rss(self) -> int:
+        """Peak resident memory of the filesystem process, in bytes."""
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    async def stop(self) -> None:
+        with suppress(FilesystemError):
+            await self._request({"op": "stop"})
+
+
+@asynccontextmanager
+async def open_overlay(
+    state_dir: Path,
+    tree: bytes,
+    work: Path,
+    *,
+    ids: IdShift | None = None,
+    keep_work: bool = False,
+) -> AsyncIterator[OverlayMount]:
+    """Mount ``tree`` writable at ``work/root`` for the duration of the block.
+
+    ``work`` must not exist yet (or be empty); it is removed afterwards
+    unless ``keep_work``.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    cmd = [
+        sys.executable, "-m", "amber.sandbox.fsprocess",
+        "--state-dir", str(state_dir), "--tree", tree.hex(), "--work", str(work),
+        "--parent", str(os.getpid()), "--control-fd", str(child_end.fileno()),
+    ]  # fmt: skip
+    if ids is not None and ids.base:
+        cmd += ["--id-base", str(ids.base), "--id-count", str(ids.count)]
+    try:
+        process = await trio.lowlevel.open_process(
+            cmd,
+            pass_fds=(child_end.fileno(),),
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        child_end.close()
+    parent_end.setblocking(False)
+    control = trio.SocketStream(trio.socket.from_stdlib_socket(parent_end))
+    mount: OverlayMount | None = None
+    try:
+        with trio.fail_after(START_TIMEOUT):
+            handle = OverlayMount(process, control, work / "root", work)
+            ready = await handle._read_line()
+        if not ready.get("ready"):
+            raise FilesystemError(f"filesystem process did not start: {ready}")
+        mount = handle
+        yield mount
+    except FilesystemError:
+        raise
+    except trio.TooSlowError:
+        raise FilesystemError(
+            f"filesystem process did not mount within {START_TIMEOUT} s"
+        ) from None
+    finally:
+        with trio.CancelScope(shield=True):
+            await _shutdown(process, mount)
+            await control.aclose()
+            await trio.to_thread.run_sync(_cleanup, work, keep_work)
+
+
+async def _shutdown(process: trio.Process, mount: OverlayMount | None) -> None:
+    if process.returncode is None and mount is not None:
+        with trio.move_on_after(STOP_GRACE):
+            await mount.stop()
+            await process.wait()
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
+def _cleanup(work: Path, keep_work: bool) -> None:
+    unmount_all_under(work)
+    if keep_work:
+        return
+    if mounts_under(work):
+        raise FilesystemError(f"{work} still has mounts; not removing it")
+    shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,181 @@
+"""The filesystem process: one build's root, served until told to stop.
+
+pyfuse3 serves one filesystem per process, so every mount is a process::
+
+    python -m amber.sandbox.fsprocess --state-dir S --tree HEX --work W [--id-base N]
+
+It mounts the tree read-only at ``W/lower`` (FUSE), stacks a kernel overlayfs
+at ``W/root`` with a writable upper ``W/upper`` and the store's blobs as a
+data-only layer (see ``lowerfs.py`` for why), then answers JSON lines on the control socket (``--control-fd``):
+
+    -> {"op": "snapshot"}   <- {"ok": true, "tree": HEX, "stats": {...}}
+    -> {"op": "stop"}       <- {"ok": true}   (then unmounts and exits)
+
+It announces ``{"ready": true, ...}`` once mounted. It unmounts and exits on
+``stop``, on SIGTERM/SIGINT, when its parent dies (PR_SET_PDEATHSIG) and when
+the control channel closes; if it is killed outright, its controller
+(``fscontrol.py``) unmounts what it left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import socket
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .digest import from_hex
+from .fuseops import LowerOperations
+from .importer import IdShift
+from .lowerfs import LowerModel
+from .mounts import mount, umount
+from .snapshot import Snapshotter
+from .store import Store
+
+PR_SET_PDEATHSIG = 1
+
+
+def overlay_options(lower: Path, data: Path, upper: Path, work: Path) -> str:
+    # metacopy + redirect_dir: metadata-only copy-up and renames of lower
+    # directories, both understood by the snapshot. index/xino off: no
+    # persistent inode index to keep consistent across mounts.
+    return (
+        f"lowerdir={lower}::{data},upperdir={upper},workdir={work},"
+        "metacopy=on,redirect_dir=on,index=off,xino=off"
+    )
+
+
+class FilesystemProcess:
+    def __init__(self, store: Store, tree: bytes, work: Path, ids: IdShift):
+        self.store = store
+        self.tree = tree
+        self.ids = ids
+        self.lower = work / "lower"
+        self.upper = work / "upper"
+        self.overlay_work = work / "work"
+        self.root = work / "root"
+        self.model = LowerModel(store, tree, ids=ids)
+        self.snapshotter = Snapshotter(store, tree, self.upper, ids)
+        self._overlay_mounted = False
+
+    def prepare(self) -> None:
+        for path in (self.lower, self.upper, self.overlay_work, self.root):
+            path.mkdir(parents=True, exist_ok=True)
+        # The build's root directory belongs to the sandbox's root user.
+        os.chown(self.upper, self.ids.to_host(0), self.ids.to_host(0))
+        os.chmod(self.upper, 0o755)
+
+    async def serve(self, control: trio.SocketStream) -> None:
+        ops = LowerOperations(self.model, str(self.store.root))
+        options = ["fsname=amber", "subtype=amber", "ro", "allow_other", "default_permissions"]
+        options += ["dev", "suid"] if os.geteuid() == 0 else []
+        pyfuse3.init(ops, str(self.lower), options)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pyfuse3.main)
+                nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+                await trio.to_thread.run_sync(self._mount_overlay)
+                await _send(control, {"ready": True, "root": str(self.root), "pid": os.getpid()})
+                await self._control_loop(control)
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._unmount_overlay)
+            pyfuse3.close(unmount=True)
+            self.model.close()
+
+    def _mount_overlay(self) -> None:
+        options = overlay_options(self.lower, self.store.blob_dir, self.upper, self.overlay_work)
+        mount("amber", self.root, "overlay", options)
+        self._overlay_mounted = True
+
+    def _unmount_overlay(self) -> None:
+        if self._overlay_mounted:
+            umount(self.root, lazy=True)
+            self._overlay_mounted = False
+
+    async def _watch_signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for _ in signals:
+                scope.cancel()
+                return
+
+    async def _control_loop(self, control: trio.SocketStream) -> None:
+        buffer = b""
+        while True:
+            data = await control.receive_some(65536)
+            if not data:
+                return  # the controller is gone: clean up and leave
+            buffer += data
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                reply, stop = await self._handle(line)
+                await _send(control, reply)
+                if stop:
+                    return
+
+    async def _handle(self, line: bytes) -> tuple[dict, bool]:
+        try:
+            request = json.loads(line)
+            op = request["op"]
+        except (ValueError, KeyError, TypeError):
+            return {"ok": False, "error": f"malformed control request {line[:80]!r}"}, False
+        if op == "stop":
+            return {"ok": True}, True
+        if op == "snapshot":
+            try:
+                digest, stats = await trio.to_thread.run_sync(self.snapshotter.snapshot)
+            except Exception as exc:  # reported to the controller, which decides
+                return {"ok": False, "error": f"snapshot failed: {exc}"}, False
+            return {"ok": True, "tree": digest.hex(), "stats": asdict(stats)}, False
+        if op == "stats":
+            return {"ok": True, "inodes": self.model.inode_count}, False
+        return {"ok": False, "error": f"unknown control op {op!r}"}, False
+
+
+async def _send(control: trio.SocketStream, message: dict) -> None:
+    await control.send_all(json.dumps(message).encode() + b"\n")
+
+
+def _die_with_parent(expected_parent: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != expected_parent:
+        sys.exit("amber-fs: parent died before start-up")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="amber-fs", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--state-dir", required=True, type=Path)
+    parser.add_argument("--tree", required=True, help="hex digest of the root tree")
+    parser.add_argument("--work", required=True, type=Path, help="directory for lower/upper/root")
+    parser.add_argument("--id-base", type=int, default=0, help="host uid of the sandbox's root")
+    parser.add_argument("--id-count", type=int, default=65536)
+    parser.add_argument("--parent", type=int, default=0, help="die when this pid dies")
+    parser.add_argument("--control-fd", type=int, required=True, help="connected control socket")
+    args = parser.parse_args(argv)
+    if args.parent:
+        _die_with_parent(args.parent)
+    ids = IdShift(args.id_base, args.id_count) if args.id_base else IdShift(0, 1 << 32)
+    fs = FilesystemProcess(Store.open(args.state_dir), from_hex(args.tree), args.work, ids)
+    fs.prepare()
+    sock = socket.socket(fileno=args.control_fd)
+    sock.setblocking(False)
+    trio.run(_run, fs, sock)
+
+
+async def _run(fs: FilesystemProcess, sock: socket.socket) -> None:
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    await fs.serve(stream)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""pyfuse3 adapter for ``LowerModel``: decode, one model call, encode.
+
+The only place model errors become ``FUSEError``; any other exception is a
+bug and is left to fail loudly.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pyfuse3
+
+from .lowerfs import FOREVER, Attr, LowerError, LowerModel
+
+
+def _attrs(a: Attr) -> pyfuse3.EntryAttributes:
+    out = pyfuse3.EntryAttributes()
+    out.st_ino = a.ino
+    out.generation = 0
+    out.entry_timeout = FOREVER
+    out.attr_timeout = FOREVER
+    out.st_mode = a.mode
+    out.st_nlink = a.nlink
+    out.st_uid = a.uid
+    out.st_gid = a.gid
+    out.st_rdev = a.rdev
+    out.st_size = a.size
+    out.st_blksize = 4096
+    out.st_blocks = (a.size + 511) // 512
+    out.st_atime_ns = out.st_mtime_ns = out.st_ctime_ns = a.mtime_ns
+    return out
+
+
+def _negative() -> pyfuse3.EntryAttributes:
+    # st_ino == 0 tells the kernel to cache the absence of the name.
+    out = pyfuse3.EntryAttributes()
+    out.st_ino = 0
+    out.entry_timeout = FOREVER
+    return out
+
+
+class LowerOperations(pyfuse3.Operations):
+    enable_writeback_cache = False
+
+    def __init__(self, model: LowerModel, statfs_path: str):
+        super().__init__()
+        self.model = model
+        self.statfs_path = statfs_path
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        try:
+            found = self.model.lookup(parent_inode, name)
+        except LowerError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        return _negative() if found is None else _attrs(found)
+
+    async def getattr(self, inode, ctx=None):
+        try:
+            return _attrs(self.model.getattr(inode))
+        except LowerError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+
+    async def readlink(self, inode, ctx):
+        try:
+            return self.model.readlink(inode)
+        except LowerError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+
+    async def opendir(self, inode, ctx):
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        try:
+            rows = self.model.readdir(fh, start_id)
+        except LowerError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        for name, attr, next_id in rows:
+            if not pyfuse3.readdir_reply(token, name, _attrs(attr), next_id):
+                break
+
+    async def releasedir(self, fh):
+        pass
+
+    async def open(self, inode, flags, ctx):
+        try:
+            self.model.check_open(inode, flags)
+        except LowerError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    async def read(self, fh, off, size):
+        return self.model.read(fh, off, size)
+
+    async def flush(self, fh):
+        # Read-only: nothing to flush, and ENOSYS stops the kernel asking.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    async def release(self, fh):
+        pass
+
+    async def getxattr(self, inode, name, ctx):
+        try:
+            return self.model.getxattr(inode, name)
+        except LowerError as exc:
+            raise pyfuse3.FUSEError(
+                pyfuse3.ENOATTR if exc.errno == errno.ENODATA else exc.errno
+            ) from None
+
+    async def listxattr(self, inode, ctx):
+        return self.model.listxattr(inode)
+
+    async def statfs(self, ctx):
+        st = os.statvfs(self.statfs_path)
+        out = pyfuse3.StatvfsData()
+        for name in (
+            "f_bsize",
+            "f_frsize",
+            "f_blocks",
+            "f_bfree",
+            "f_bavail",
+            "f_files",
+            "f_ffree",
+            "f_favail",
+        ):
+            setattr(out, name, getattr(st, name))
+        out.f_namemax = 255
+        return out

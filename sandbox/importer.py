@@ -1,0 +1,172 @@
+"""Turning directories on disk into trees.
+
+``EntryMaker`` turns one ``lstat`` result into a tree entry (storing the
+content of files); ``import_directory`` walks a whole directory with it, and
+the snapshot code uses the same maker for an overlay's upper directory.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import tree as treefmt
+from .store import Batch, Store
+from .tree import Entry
+
+#: overlayfs bookkeeping; never part of a snapshot.
+OVERLAY_XATTR_PREFIX = b"trusted.overlay."
+
+
+@dataclass(frozen=True)
+class IdShift:
+    """Host ids = tree ids + ``base`` for tree ids below ``count``.
+
+    A sandbox's user namespace maps its uids 0..count-1 onto host uids
+    base..base+count-1; trees record ids as the sandbox sees them.
+    """
+
+    base: int = 0
+    count: int = 65536
+
+    def to_tree(self, host_id: int) -> int:
+        if self.base <= host_id < self.base + self.count:
+            return host_id - self.base
+        return 65534  # outside the sandbox's range: the overflow id, as the kernel shows it
+
+    def to_host(self, tree_id: int) -> int:
+        if 0 <= tree_id < self.count:
+            return tree_id + self.base
+        return self.base + 65534 if self.count > 65534 else self.base
+
+
+NO_SHIFT = IdShift(0, 1 << 32)
+
+
+def read_xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    """A file's xattrs, sorted, without overlayfs' own."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return ()
+    if not names:
+        return ()
+    pairs = []
+    for name in names:
+        raw = os.fsencode(name)
+        if raw.startswith(OVERLAY_XATTR_PREFIX):
+            continue
+        try:
+            pairs.append((raw, os.getxattr(path, name, follow_symlinks=False)))
+        except OSError:
+            continue
+    pairs.sort()
+    return tuple(pairs)
+
+
+class EntryMaker:
+    """Builds entries from ``lstat`` results, storing file content.
+
+    Hard links: files with ``st_nlink > 1`` are grouped by inode; the group
+    label is the first path seen, so a sorted walk gives canonical labels.
+    ``hash_cache`` maps ``(ino, size, mtime_ns, ctime_ns)`` to a digest and
+    lets a repeated snapshot skip rehashing files that did not change.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        batch: Batch,
+        *,
+        ids: IdShift = NO_SHIFT,
+        xattrs: bool = True,
+        hash_cache: dict[tuple[int, int, int, int], bytes] | None = None,
+    ):
+        self.store = store
+        self.batch = batch
+        self.ids = ids
+        self.xattrs = xattrs
+        self.hash_cache = hash_cache if hash_cache is not None else {}
+        self._links: dict[tuple[int, int], bytes] = {}
+        self.files_hashed = 0
+
+    def entry(
+        self, path: bytes, rel: bytes, name: bytes, st: os.stat_result, ref: bytes = b""
+    ) -> Entry:
+        """The entry for ``path`` (``rel`` is its tree-relative path).
+
+        Directories take ``ref`` (their subtree digest) from the caller; so
+        do files whose content is known without reading them.
+        """
+        kind = treefmt.kind_of_mode(st.st_mode)
+        size = 0
+        rdev = 0
+        link = None
+        if kind == treefmt.FILE:
+            ref = ref or self._file_digest(path, st)
+            size = st.st_size
+            if st.st_nlink > 1:
+                link = self._links.setdefault((st.st_dev, st.st_ino), rel)
+        elif kind == treefmt.SYMLINK:
+            ref = os.readlink(path)
+            size = len(ref)
+        elif kind in (treefmt.CHR, treefmt.BLK):
+            rdev = st.st_rdev
+        return Entry(
+            name=name,
+            kind=kind,
+            mode=stat.S_IMODE(st.st_mode),
+            uid=self.ids.to_tree(st.st_uid),
+            gid=self.ids.to_tree(st.st_gid),
+            mtime_ns=st.st_mtime_ns,
+            size=size,
+            ref=ref,
+            rdev=rdev,
+            xattrs=read_xattrs(path) if self.xattrs else (),
+            link=link,
+        )
+
+    def _file_digest(self, path: bytes, st: os.stat_result) -> bytes:
+        key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        digest = self.hash_cache.get(key)
+        if digest is None or not self.store.has_blob(digest):
+            digest, _ = self.store.put_blob_file(path, self.batch)
+            self.hash_cache[key] = digest
+            self.files_hashed += 1
+        return digest
+
+
+def import_directory(
+    store: Store,
+    path: str | Path,
+    *,
+    ids: IdShift = NO_SHIFT,
+    xattrs: bool = True,
+    batch: Batch | None = None,
+) -> bytes:
+    """Store the directory at ``path`` and return its tree digest.
+
+    The directory's own metadata is not part of the result (a tree is the
+    content of a directory); ``import_root`` records the root's metadata too.
+    """
+    if batch is None:
+        with store.batch() as own:
+            return import_directory(store, path, ids=ids, xattrs=xattrs, batch=own)
+    maker = EntryMaker(store, batch, ids=ids, xattrs=xattrs)
+    return _import_dir(store, maker, os.fsencode(path), b"")
+
+
+def _import_dir(store: Store, maker: EntryMaker, path: bytes, rel: bytes) -> bytes:
+    entries: list[Entry] = []
+    with os.scandir(path) as it:
+        children = sorted(it, key=lambda d: d.name)
+    for child in children:
+        st = child.stat(follow_symlinks=False)
+        child_rel = rel + child.name
+        ref = b""
+        if stat.S_ISDIR(st.st_mode):
+            ref = _import_dir(store, maker, child.path, child_rel + b"/")
+        entries.append(maker.entry(child.path, child_rel, child.name, st, ref))
+    return store.put_tree(entries, maker.batch)

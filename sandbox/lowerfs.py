@@ -1,0 +1,193 @@
+"""The read-only lower filesystem: a stored tree presented as inodes.
+
+This model knows nothing of pyfuse3 (``fuseops.py`` is the thin adapter) so
+it can be tested without a kernel.
+
+Design (the reason amber meets its speed target): the kernel overlayfs that
+sits on top of this filesystem is given the store's blob directory as a
+*data-only lower layer* (Linux 6.5+, the composefs arrangement). Every file
+here is a metadata-only stub carrying ``trusted.overlay.metacopy`` and
+``trusted.overlay.redirect = /ab/<digest>``: overlayfs takes names and
+attributes from us, once per inode thanks to infinite entry/attr timeouts,
+and opens and reads the blob directly from the store's filesystem. Opens,
+reads, releases and flushes, the bulk of a build's filesystem traffic, never
+reach Python. The tree is immutable, so nothing is ever invalidated.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+from . import tree as treefmt
+from .importer import NO_SHIFT, IdShift
+from .store import Store
+from .tree import Entry
+
+ROOT_INODE = 1
+#: Seconds the kernel may cache names and attributes: the tree never changes.
+FOREVER = 1e9
+
+METACOPY = b"trusted.overlay.metacopy"
+REDIRECT = b"trusted.overlay.redirect"
+
+
+class LowerError(Exception):
+    """A request the model refuses; ``errno`` says why."""
+
+    def __init__(self, err: int):
+        super().__init__(os.strerror(err))
+        self.errno = err
+
+
+@dataclass(slots=True)
+class Attr:
+    """What the kernel is told about an inode (host ids, nanosecond times)."""
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    rdev: int
+    mtime_ns: int
+
+
+_ROOT_ENTRY = Entry(b"", treefmt.DIR, 0o755, 0, 0, 0, 0, treefmt.EMPTY_TREE)
+
+
+class LowerModel:
+    """Inodes over one immutable tree, created lazily as directories are read.
+
+    Inodes are never forgotten: the kernel caches them forever anyway and
+    each costs a few hundred bytes. Hard-link groups (entries with equal
+    ``(link, ref)``) share one inode.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        root: bytes,
+        *,
+        ids: IdShift = NO_SHIFT,
+        data_layer: bool = True,
+        root_entry: Entry | None = None,
+    ):
+        self.store = store
+        self.ids = ids
+        self.data_layer = data_layer
+        base = root_entry or _ROOT_ENTRY
+        self._entries: list[Entry] = [base._replace(ref=root)]  # index = ino - 1
+        self._children: dict[int, dict[bytes, int]] = {}
+        self._order: dict[int, list[bytes]] = {}
+        self._links: dict[tuple[bytes, bytes], int] = {}
+        self._fds: dict[bytes, int] = {}
+
+    # -- inode table -------------------------------------------------------
+
+    def entry(self, ino: int) -> Entry:
+        try:
+            return self._entries[ino - 1]
+        except IndexError:
+            raise LowerError(errno.ENOENT) from None
+
+    def _load(self, ino: int) -> dict[bytes, int]:
+        children = self._children.get(ino)
+        if children is not None:
+            return children
+        entry = self.entry(ino)
+        if entry.kind != treefmt.DIR:
+            raise LowerError(errno.ENOTDIR)
+        children = {}
+        for child in self.store.get_tree(entry.ref):
+            key = (child.link, child.ref) if child.link is not None else None
+            child_ino = self._links.get(key) if key else None
+            if child_ino is None:
+                self._entries.append(child)
+                child_ino = len(self._entries)
+                if key:
+                    self._links[key] = child_ino
+            children[child.name] = child_ino
+        self._children[ino] = children
+        self._order[ino] = list(children)
+        return children
+
+    @property
+    def inode_count(self) -> int:
+        return len(self._entries)
+
+    # -- requests ----------------------------------------------------------
+
+    def lookup(self, parent: int, name: bytes) -> Attr | None:
+        """Attributes of ``name`` in ``parent``; None if absent (cache that)."""
+        ino = self._load(parent).get(name)
+        return None if ino is None else self.getattr(ino)
+
+    def getattr(self, ino: int) -> Attr:
+        e = self.entry(ino)
+        nlink = 2 if e.link is not None else 1
+        return Attr(
+            ino=ino,
+            mode=e.st_mode,
+            nlink=nlink,
+            uid=self.ids.to_host(e.uid),
+            gid=self.ids.to_host(e.gid),
+            size=e.size,
+            rdev=e.rdev,
+            mtime_ns=e.mtime_ns,
+        )
+
+    def readdir(self, ino: int, start: int) -> list[tuple[bytes, Attr, int]]:
+        """Entries from offset ``start``, each with the offset of the next."""
+        children = self._load(ino)
+        names = self._order[ino]
+        return [
+            (name, self.getattr(children[name]), i + 1)
+            for i, name in enumerate(names[start:], start)
+        ]
+
+    def readlink(self, ino: int) -> bytes:
+        e = self.entry(ino)
+        if e.kind != treefmt.SYMLINK:
+            raise LowerError(errno.EINVAL)
+        return e.ref
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        e = self.entry(ino)
+        if self.data_layer and e.kind == treefmt.FILE:
+            if name == METACOPY:
+                return b""
+            if name == REDIRECT:
+                hexd = e.ref.hex()
+                return f"/{hexd[:2]}/{hexd}".encode()
+        for key, value in e.xattrs:
+            if key == name:
+                return value
+        raise LowerError(errno.ENODATA)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        return [key for key, _ in self.entry(ino).xattrs]
+
+    def check_open(self, ino: int, flags: int) -> None:
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise LowerError(errno.EROFS)
+        if self.entry(ino).kind != treefmt.FILE:
+            raise LowerError(errno.EINVAL)
+
+    def read(self, ino: int, offset: int, size: int) -> bytes:
+        """File content, for direct readers of the lower (overlayfs reads blobs)."""
+        e = self.entry(ino)
+        fd = self._fds.get(e.ref)
+        if fd is None:
+            if len(self._fds) >= 256:
+                for old in list(self._fds)[:64]:
+                    os.close(self._fds.pop(old))
+            fd = self._fds[e.ref] = self.store.open_blob(e.ref)
+        return os.pread(fd, size, offset)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

@@ -1,0 +1,150 @@
+"""The canonical tree encoding: one directory, addressed by its digest.
+
+A tree is a msgpack array ``[FORMAT, [entry, ...]]`` with entries sorted by
+name (raw bytes, as the kernel knows them). Each entry is the array::
+
+    [name, kind, mode, uid, gid, mtime_ns, size, ref, rdev, xattrs, link]
+
+- ``ref``: raw 32-byte digest of the blob (files) or subtree (directories),
+  the link target (symlinks), empty otherwise.
+- ``xattrs``: ``[[name, value], ...]`` sorted by name.
+- ``link``: ``None``, or a hard-link group label. Entries of one tree state
+  with equal ``(link, ref)`` are one inode. The label is the tree-relative
+  path of the group's first member when the group was recorded; only its
+  equality matters.
+
+Ids are recorded as the sandbox sees them (not shifted host ids). The digest
+of a tree is BLAKE3 of exactly these bytes, so equal directories share a
+digest and unchanged subtrees are shared between snapshots (a Merkle tree).
+"""
+
+from __future__ import annotations
+
+import stat
+from typing import NamedTuple
+
+import msgpack
+
+from .digest import EMPTY, hash_bytes
+
+FORMAT = 1
+
+FILE, DIR, SYMLINK, FIFO, CHR, BLK, SOCK = range(1, 8)
+
+KIND_NAMES = {
+    FILE: "file",
+    DIR: "dir",
+    SYMLINK: "symlink",
+    FIFO: "fifo",
+    CHR: "chardev",
+    BLK: "blockdev",
+    SOCK: "socket",
+}
+
+_KIND_OF_MODE = {
+    stat.S_IFREG: FILE,
+    stat.S_IFDIR: DIR,
+    stat.S_IFLNK: SYMLINK,
+    stat.S_IFIFO: FIFO,
+    stat.S_IFCHR: CHR,
+    stat.S_IFBLK: BLK,
+    stat.S_IFSOCK: SOCK,
+}
+MODE_OF_KIND = {kind: fmt for fmt, kind in _KIND_OF_MODE.items()}
+
+#: The tree with no entries; every store holds it.
+EMPTY_TREE_BYTES = msgpack.packb([FORMAT, []], use_bin_type=True)
+EMPTY_TREE = hash_bytes(EMPTY_TREE_BYTES)
+
+
+class TreeFormatError(ValueError):
+    """Bytes that are not a canonical tree (corruption or a hostile peer)."""
+
+
+class Entry(NamedTuple):
+    name: bytes
+    kind: int
+    mode: int  # permission bits only (0o7777)
+    uid: int
+    gid: int
+    mtime_ns: int
+    size: int
+    ref: bytes = b""
+    rdev: int = 0
+    xattrs: tuple[tuple[bytes, bytes], ...] = ()
+    link: bytes | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == DIR
+
+    @property
+    def st_mode(self) -> int:
+        return MODE_OF_KIND[self.kind] | self.mode
+
+    def same_content(self, other: Entry) -> bool:
+        """True when the two entries describe identical state (name aside)."""
+        return self[1:] == other[1:]
+
+
+def kind_of_mode(st_mode: int) -> int:
+    return _KIND_OF_MODE[stat.S_IFMT(st_mode)]
+
+
+def encode(entries: list[Entry]) -> bytes:
+    """Canonical bytes of a directory. ``entries`` must be sorted by name."""
+    rows = [
+        [e.name, e.kind, e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.ref, e.rdev,
+         [list(x) for x in e.xattrs], e.link]
+        for e in entries
+    ]  # fmt: skip
+    return msgpack.packb([FORMAT, rows], use_bin_type=True)
+
+
+def decode(data: bytes) -> list[Entry]:
+    """Parse and validate a tree; raises ``TreeFormatError`` on anything off."""
+    try:
+        fmt, rows = msgpack.unpackb(data, raw=True, use_list=True, strict_map_key=True)
+    except Exception as exc:
+        raise TreeFormatError(f"undecodable tree: {exc}") from None
+    if fmt != FORMAT or not isinstance(rows, list):
+        raise TreeFormatError(f"unknown tree format {fmt!r}")
+    entries: list[Entry] = []
+    previous = b""
+    for row in rows:
+        try:
+            name, kind, mode, uid, gid, mtime, size, ref, rdev, xattrs, link = row
+            entry = Entry(
+                name, kind, mode, uid, gid, mtime, size, ref, rdev,
+                tuple((k, v) for k, v in xattrs), link,
+            )  # fmt: skip
+        except (TypeError, ValueError):
+            raise TreeFormatError("malformed tree entry") from None
+        _check_entry(entry, previous)
+        previous = entry.name
+        entries.append(entry)
+    return entries
+
+
+def _check_entry(e: Entry, previous: bytes) -> None:
+    if not isinstance(e.name, bytes) or e.name in (b"", b".", b"..") or b"/" in e.name:
+        raise TreeFormatError(f"bad entry name {e.name!r}")
+    if b"\0" in e.name or e.name <= previous:
+        raise TreeFormatError(f"entry names not sorted or not unique at {e.name!r}")
+    if e.kind not in KIND_NAMES:
+        raise TreeFormatError(f"unknown entry kind {e.kind!r} for {e.name!r}")
+    for value in (e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.rdev):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TreeFormatError(f"non-integer field in {e.name!r}")
+    if e.kind in (FILE, DIR) and (not isinstance(e.ref, bytes) or len(e.ref) != len(EMPTY)):
+        raise TreeFormatError(f"bad digest in {e.name!r}")
+    if e.kind == SYMLINK and not isinstance(e.ref, bytes):
+        raise TreeFormatError(f"bad link target in {e.name!r}")
+    if e.link is not None and not isinstance(e.link, bytes):
+        raise TreeFormatError(f"bad hard-link label in {e.name!r}")
+
+
+def digest_of(entries: list[Entry]) -> tuple[bytes, bytes]:
+    """Encode ``entries`` and return ``(digest, encoding)``."""
+    data = encode(entries)
+    return hash_bytes(data), data

@@ -1,0 +1,25 @@
+"""Shared fixtures. Every test runs with a fresh state directory and must
+leave no mount behind below its temporary directory, even when it fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from amber.sandbox.mounts import mounts_under, unmount_all_under
+from amber.sandbox.store import Store
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_mounts(tmp_path: Path):
+    yield
+    left = mounts_under(tmp_path)
+    if left:
+        unmount_all_under(tmp_path)
+        pytest.fail(f"test left mounts behind: {left}")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store.open(tmp_path / "state")

@@ -1,0 +1,252 @@
+"""Real mounts: the overlay filesystem carries what builds do to a filesystem.
+
+Each scenario runs the same operations in a plain directory and in an amber
+mount, then compares the plain directory with the snapshot checked out (and
+the live mount with that checkout, mtimes included to the nanosecond).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import signal
+import stat
+import subprocess
+from pathlib import Path
+
+import trio
+from fstree import describe, differences
+
+from amber.sandbox import tree as treefmt
+from amber.sandbox.checkout import checkout
+from amber.sandbox.digest import hash_bytes
+from amber.sandbox.fscontrol import open_overlay
+from amber.sandbox.importer import import_directory
+from amber.sandbox.mounts import mounts_under
+from amber.sandbox.store import Store
+from amber.sandbox.tree import Entry
+
+T = 1_600_000_000_123_456_789  # a nanosecond mtime make would compare
+
+
+def make_base(root: Path) -> None:
+    (root / "src/deep/er").mkdir(parents=True)
+    (root / "src/deep/er/file.c").write_text("int x;\n")
+    (root / "src/keep.h").write_text("#pragma once\n")
+    (root / "victim").write_text("old victim\n")
+    (root / "replacement").write_text("replacement\n")
+    (root / "olddir/sub").mkdir(parents=True)
+    (root / "olddir/sub/f").write_text("in olddir\n")
+    (root / "emptydir").mkdir()
+    (root / "tree-to-delete/a/b").mkdir(parents=True)
+    (root / "tree-to-delete/a/b/c").write_text("c")
+    (root / "dir-to-replace").mkdir()
+    (root / "dir-to-replace/x").write_text("x")
+    (root / "mapped").write_bytes(b"0123456789" * 1000)
+    (root / "private").write_bytes(b"p" * 8192)
+    (root / "truncate-me").write_text("truncate me please\n")
+    (root / "linked-a").write_text("shared inode\n")
+    os.link(root / "linked-a", root / "linked-b")
+    os.symlink("src/keep.h", root / "sym")
+    os.setxattr(root / "src/keep.h", "user.note", b"base")
+    os.chmod(root / "src/keep.h", 0o640)
+    os.utime(root / "src/keep.h", ns=(T, T))
+
+
+def apply_operations(root: Path) -> None:
+    """What builds do: every operation the issue names."""
+    (root / "new/nested").mkdir(parents=True)
+    (root / "new/nested/out.o").write_bytes(bytes(range(256)) * 12)
+    os.symlink("../src/keep.h", root / "new/link")
+    os.link(root / "src/keep.h", root / "new/hard-to-lower")  # link to a lower file
+    (root / "new/h1").write_text("h")
+    os.link(root / "new/h1", root / "new/h2")
+    os.replace(root / "replacement", root / "victim")  # rename over an existing file
+    (root / "fresh").mkdir()
+    (root / "fresh/inside").write_text("fresh")
+    os.rename(root / "fresh", root / "emptydir")  # rename over an existing directory
+    os.rename(root / "olddir", root / "moved")  # rename a lower directory
+    with open(root / "src/deep/er/file.c", "r+") as f:  # unlink an open file
+        os.unlink(root / "src/deep/er/file.c")
+        f.write("still writable\n")
+        f.seek(0)
+        assert f.read().startswith("still")
+    os.truncate(root / "truncate-me", 8)
+    with open(root / "mapped", "r+b") as f, mmap.mmap(f.fileno(), 0) as m:  # shared mmap
+        m[0:5] = b"MMAP!"
+        m.flush()
+    with open(root / "private", "r+b") as f:  # private mmap never reaches the file
+        m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE)
+        m[0:4] = b"XXXX"
+        m.close()
+    os.chmod(root / "src/keep.h", 0o600)
+    os.chown(root / "victim", 4321, 8765)
+    os.utime(root / "src/deep/er", ns=(T, T + 1))
+    os.setxattr(root / "new/nested/out.o", "user.built-by", b"amber")
+    os.removexattr(root / "src/keep.h", "user.note")
+    os.mkfifo(root / "new/fifo")
+    os.mknod(root / "new/zero", stat.S_IFCHR | 0o666, os.makedev(1, 5))
+    (root / ("L" * 255)).write_text("long name")
+    shutil.rmtree(root / "tree-to-delete")
+    shutil.rmtree(root / "dir-to-replace")
+    (root / "dir-to-replace").write_text("now a file")
+    os.utime(root / "new/nested/out.o", ns=(T, T))
+
+
+async def test_operations_match_a_plain_directory(store: Store, tmp_path: Path):
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    make_base(base_dir)
+    base = import_directory(store, base_dir)
+
+    plain = tmp_path / "plain"
+    checkout(store, base, plain)
+    apply_operations(plain)
+
+    async with open_overlay(store.state_dir, base, tmp_path / "mnt") as mnt:
+        await trio.to_thread.run_sync(apply_operations, mnt.root)
+        snap = await mnt.snapshot()
+        out = tmp_path / "snapshot"
+        checkout(store, snap.tree, out)
+        live = describe(mnt.root)
+    snapshot = describe(out)
+    assert differences(live, snapshot) == []  # exact, mtimes included
+    assert differences(describe(plain, mtimes=False), describe(out, mtimes=False)) == []
+    # the times make relies on survive to the nanosecond
+    assert os.stat(out / "src/deep/er").st_mtime_ns == T + 1
+    assert os.stat(out / "new/nested/out.o").st_mtime_ns == T
+    assert (out / "mapped").read_bytes()[:5] == b"MMAP!"
+    assert (out / "private").read_bytes()[:4] == b"pppp"
+    assert snapshot["linked-a"][-1] == snapshot["linked-b"][-1] is not None
+    assert snapshot["new/h1"][-1] == snapshot["new/h2"][-1] is not None
+    assert store.fsck().clean
+
+
+async def test_changing_one_name_of_a_base_hard_link_splits_it_as_the_build_saw(
+    store: Store, tmp_path: Path
+):
+    """overlayfs without an inode index copies up one name of a lower hard-link
+    group on its own; the snapshot records exactly what the step saw."""
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    (base_dir / "a").write_text("shared\n")
+    os.link(base_dir / "a", base_dir / "b")
+    base = import_directory(store, base_dir)
+    async with open_overlay(store.state_dir, base, tmp_path / "mnt") as mnt:
+        os.chown(mnt.root / "a", 4321, 8765)
+        snap = await mnt.snapshot()
+        live = describe(mnt.root)
+        out = tmp_path / "snapshot"
+        checkout(store, snap.tree, out)
+    assert differences(live, describe(out)) == []
+    assert (os.stat(out / "a").st_uid, os.stat(out / "b").st_uid) == (4321, 0)
+
+
+async def test_huge_sparse_file(store: Store, tmp_path: Path):
+    async with open_overlay(store.state_dir, treefmt.EMPTY_TREE, tmp_path / "mnt") as mnt:
+        with open(mnt.root / "disk.img", "wb") as f:
+            f.seek(4 * 1024**3 + 4096)
+            f.write(b"end")
+        snap = await mnt.snapshot()
+    entry = store.get_tree(snap.tree)[0]
+    assert entry.size == 4 * 1024**3 + 4099
+    assert os.stat(store.blob_path(entry.ref)).st_blocks * 512 < 1024**2
+    async with open_overlay(store.state_dir, snap.tree, tmp_path / "mnt2") as mnt:
+        with open(mnt.root / "disk.img", "rb") as f:
+            f.seek(4 * 1024**3 + 4096)
+            assert f.read() == b"end"
+            f.seek(1000)
+            assert f.read(10) == bytes(10)
+
+
+def synthetic_tree(store: Store, dirs: int, files_per_dir: int, depth: int = 3) -> bytes:
+    """A large tree built straight in the store (one shared blob): fast to make."""
+    with store.batch() as batch:
+        blob = store.put_blob_bytes(b"same content\n", batch)
+        files = [
+            Entry(f"f{i:05d}.c".encode(), treefmt.FILE, 0o644, 0, 0, T, 13, blob)
+            for i in range(files_per_dir)
+        ]
+        leaf = store.put_tree(files, batch)
+        level = [
+            Entry(f"d{i:03d}".encode(), treefmt.DIR, 0o755, 0, 0, T, 0, leaf) for i in range(dirs)
+        ]
+        digest = store.put_tree(level, batch)
+        for n in range(depth - 1):
+            digest = store.put_tree(
+                [Entry(f"level{n}".encode(), treefmt.DIR, 0o755, 0, 0, T, 0, digest)], batch
+            )
+    return digest
+
+
+def count_objects(store: Store) -> tuple[int, int]:
+    trees = sum(len(os.listdir(store.tree_dir / s)) for s in os.listdir(store.tree_dir))
+    blobs = sum(len(os.listdir(store.blob_dir / s)) for s in os.listdir(store.blob_dir))
+    return trees, blobs
+
+
+async def test_snapshot_of_50000_files_writes_only_the_changed_path(store: Store, tmp_path: Path):
+    base = synthetic_tree(store, dirs=50, files_per_dir=1000)  # 50,000 files
+    before = count_objects(store)
+    async with open_overlay(store.state_dir, base, tmp_path / "mnt") as mnt:
+        target = mnt.root / "level1/level0/d017/f00421.c"
+        target.write_text("one change\n")
+        snap = await mnt.snapshot()
+    after = count_objects(store)
+    # root, level1, level0, d017: the four trees on the file's path; one blob
+    assert snap.stats.trees_written == 4
+    assert after == (before[0] + 4, before[1] + 1)
+    assert store.lookup_path(snap.tree, b"level1/level0/d017/f00421.c").ref == hash_bytes(
+        b"one change\n"
+    )
+    unchanged = store.lookup_path(base, b"level1/level0/d018")
+    assert store.lookup_path(snap.tree, b"level1/level0/d018") == unchanged
+
+
+async def test_serves_a_tree_of_100000_files(store: Store, tmp_path: Path):
+    base = synthetic_tree(store, dirs=100, files_per_dir=1000, depth=1)
+    async with open_overlay(store.state_dir, base, tmp_path / "mnt") as mnt:
+        found = await trio.run_process(["find", str(mnt.root), "-type", "f"], capture_stdout=True)
+        assert found.stdout.count(b"\n") == 100_000
+        assert (mnt.root / "d099/f00999.c").read_text() == "same content\n"
+
+
+async def test_kill_9_of_the_filesystem_process_leaves_no_mount_and_no_partial_blob(
+    store: Store, tmp_path: Path
+):
+    work = tmp_path / "mnt"
+    async with open_overlay(store.state_dir, treefmt.EMPTY_TREE, work) as mnt:
+        for i in range(40):  # enough content that the snapshot is mid-write when killed
+            (mnt.root / f"big{i}").write_bytes(os.urandom(4 << 20))
+
+        async def killer():
+            await trio.sleep(0.15)
+            os.kill(mnt.pid, signal.SIGKILL)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(killer)
+            try:
+                await mnt.snapshot()
+            except Exception as exc:  # the process died under the request
+                assert "gone" in str(exc) or "closed" in str(exc)
+        await mnt.process.wait()
+        assert mnt.process.returncode == -signal.SIGKILL
+    assert mounts_under(work) == []
+    report = store.fsck()
+    assert report.clean, report.corrupt
+
+
+async def test_writes_fail_cleanly_when_the_process_dies_mid_write(store: Store, tmp_path: Path):
+    work = tmp_path / "mnt"
+    async with open_overlay(store.state_dir, treefmt.EMPTY_TREE, work) as mnt:
+        writer = subprocess.Popen(
+            ["sh", "-c", f"i=0; while true; do echo $i > {mnt.root}/f$i; i=$((i+1)); done"]
+        )
+        await trio.sleep(0.3)
+        os.kill(mnt.pid, signal.SIGKILL)
+        await mnt.process.wait()
+    writer.kill()
+    writer.wait()
+    assert mounts_under(work) == []
+    assert store.fsck().clean
