@@ -55,7 +55,7 @@ def describe(root: Path, *, mtimes: bool = True, owners: bool = True) -> dict[st
             )
     # A "group" with one name in this tree is no group (its other names are elsewhere).
     lone = {first for key, first in first_of_inode.items() if members[key] == 1}
-    return {p: v[:-1] + (None,) if v[-1] in lone else v for p, v in out.items()}
+    return {p: (*v[:-1], None) if v[-1] in lone else v for p, v in out.items()}
 
 
 def _hash(path: str) -> str:
@@ -76,7 +76,11 @@ def differences(a: dict[str, tuple], b: dict[str, tuple], limit: int = 20) -> li
         elif path not in b:
             out.append(f"only in first: {path}")
         elif a[path] != b[path]:
-            diffs = [f"{f}: {x!r} != {y!r}" for f, x, y in zip(fields, a[path], b[path]) if x != y]
+            diffs = [
+                f"{f}: {x!r} != {y!r}"
+                for f, x, y in zip(fields, a[path], b[path], strict=False)
+                if x != y
+            ]
             out.append(f"{path}: " + "; ".join(diffs))
         if len(out) >= limit:
             out.append("...")
