@@ -106,7 +106,7 @@ async def open_overlay(
     ``work`` must not exist yet (or be empty); it is removed afterwards
     unless ``keep_work``.
     """
-    work.mkdir(parents=True, exist_ok=True)
+    work.mkdir(mode=0o755, parents=True, exist_ok=True)
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     cmd = [
         sys.executable, "-m", "amber.sandbox.fsprocess",

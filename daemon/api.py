@@ -1,0 +1,257 @@
+"""The operations amberd offers, each declared with the shape of its arguments.
+
+Arguments are checked against the declared schema before a handler runs
+(``untrusted`` until then); handlers raise ``AmberError`` for anything the
+user should see. Ownership: a build belongs to the uid that started it, and
+only that uid or root may act on it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from amber.client import __version__
+from amber.client.errors import AmberError
+from amber.client.protocol import Request, event
+from amber.client.validate import validate_args
+from amber.sandbox.digest import from_hex
+
+from .bases import resolve_base
+from .build import Build
+from .context import DaemonContext
+from .db import BuildRecord
+from .manager import BuildManager
+from .sources import filesystem_identity
+from .spec import SpecError, parse_spec
+
+if TYPE_CHECKING:
+    from .server import Connection
+
+Handler = Callable[["Api", "Connection", dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+@dataclass
+class Operation:
+    handler: Handler
+    schema: dict[str, Any]
+
+
+OPERATIONS: dict[str, Operation] = {}
+
+
+def operation(op_name: str, /, **schema: Any):
+    def register(handler: Handler) -> Handler:
+        OPERATIONS[op_name] = Operation(handler, schema)
+        return handler
+
+    return register
+
+
+class Api:
+    def __init__(self, ctx: DaemonContext, manager: BuildManager):
+        self.ctx = ctx
+        self.manager = manager
+        self._store_size: tuple[float, int] = (0.0, 0)
+
+    async def handle(self, conn: Connection, request: Request) -> dict[str, Any]:
+        op = OPERATIONS.get(request.op)
+        if op is None:
+            raise AmberError("unknown-op", f"unknown operation {request.op!r}")
+        args = validate_args(request.args, op.schema)
+        conn.request_id = request.id
+        return await op.handler(self, conn, args)
+
+    # -- helpers ----------------------------------------------------------------
+
+    def record(self, conn: Connection, build_id: str) -> BuildRecord:
+        """The build named ``build_id``, if the caller may act on it."""
+        record = self.ctx.db.get_build(build_id)
+        if record is None:
+            raise AmberError("not-found", f"no build {build_id!r} (see `amber builds`)")
+        if not conn.peer.is_root and record.uid != conn.peer.uid:
+            raise AmberError("permission-denied", f"build {build_id} belongs to uid {record.uid}")
+        return record
+
+    async def send_event(self, conn: Connection, name: str, data: dict[str, Any]) -> None:
+        await conn.send(event(conn.request_id, name, data))
+
+
+def _parse(text: str, path: str) -> Any:
+    if not os.path.isabs(path):
+        raise AmberError("bad-args", f"spec_path must be absolute, got {path!r}")
+    try:
+        return parse_spec(text, path, Path(path).parent)
+    except SpecError as exc:
+        raise AmberError("spec-error", str(exc)) from None
+
+
+@operation(
+    "build",
+    spec_text=str,
+    spec_path=str,
+    retry_failed=(bool, False),
+    pin=(str | None, None),
+    out_link=(str | None, None),
+    detach=(bool, False),
+    export_on_failure=(str | None, None),
+    export_path=(str | None, None),
+    export_ref=(str | None, None),
+)
+async def _build(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    spec = _parse(args["spec_text"], args["spec_path"])
+    build = api.manager.submit(
+        spec,
+        args["spec_path"],
+        uid=conn.peer.uid,
+        gid=conn.peer.gid,
+        retry_failed=args["retry_failed"],
+        pin=args["pin"],
+        out_link=args["out_link"],
+    )
+    await api.send_event(
+        conn,
+        "build",
+        {
+            "build": build.id,
+            "name": spec.name,
+            "steps": [s.name for s in spec.steps],
+            "base": str(spec.base),
+        },
+    )
+    if args["detach"]:
+        return {"build": build.id, "status": build.status}
+    async for name, data in build.follow():
+        await api.send_event(conn, name, data)
+    return build.result()
+
+
+@operation("ps")
+async def _ps(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    now = time.time()
+    return {
+        "builds": [
+            {"id": b.id, "name": b.spec.name, "uid": b.uid, "status": b.status, "step": b.current_step,
+             "elapsed": round(now - b.created, 1)}
+            for b in api.manager.running()
+        ]
+    }  # fmt: skip
+
+
+@operation("builds", limit=(int, 50), all=(bool, False))
+async def _builds(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    uid = None if conn.peer.is_root or args["all"] else conn.peer.uid
+    rows = api.ctx.db.list_builds(max(1, min(args["limit"], 10_000)), uid=uid)
+    return {
+        "builds": [
+            {"id": r.id, "name": r.name, "uid": r.uid, "status": r.status, "frozen": bool(r.frozen),
+             "created": r.created, "finished": r.finished, "failed_step": r.failed_step, "error": r.error}
+            for r in rows
+        ]
+    }  # fmt: skip
+
+
+@operation("log", build=str, step=(str | None, None), follow=(bool, False))
+async def _log(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    record = api.record(conn, args["build"])
+    live = api.manager.get(record.id)
+    if live is not None and args["follow"]:
+        async for _name, data in live.follow(logs_only=True, step=args["step"]):
+            await api.send_event(conn, "log", {"step": data["step"], "data": data["data"]})
+        return {"build": record.id, "status": live.status}
+    steps = api.ctx.db.get_steps(record.id)
+    if args["step"] is not None and args["step"] not in {s.name for s in steps}:
+        raise AmberError("not-found", f"build {record.id} has no step {args['step']!r}")
+    for step in steps:
+        if args["step"] is not None and step.name != args["step"]:
+            continue
+        data = await trio.to_thread.run_sync(_step_log, api.ctx, record.id, step)
+        if data:
+            await api.send_event(conn, "log", {"step": step.name, "data": data})
+    status = live.status if live is not None else record.status
+    return {"build": record.id, "status": status}
+
+
+def _step_log(ctx: DaemonContext, build_id: str, step) -> bytes:
+    if step.log:
+        return ctx.store.read_blob(from_hex(step.log))
+    partial = ctx.log_dir / f"{build_id}.{step.idx}.log"
+    try:
+        return partial.read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+@operation("cancel", build=str)
+async def _cancel(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    record = api.record(conn, args["build"])
+    build: Build | None = api.manager.get(record.id)
+    if build is None or build.done.is_set():
+        return {"build": record.id, "cancelled": False, "status": record.status}
+    api.manager.cancel(build)
+    await build.done.wait()
+    return {"build": record.id, "cancelled": True, "status": build.status}
+
+
+@operation("status")
+async def _status(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    ctx = api.ctx
+    running = api.manager.running()
+    st = os.statvfs(ctx.store.root)
+    return {
+        "version": __version__,
+        "uptime": round(time.time() - ctx.started, 1),
+        "running": sum(1 for b in running if b.status == "running"),
+        "queued": sum(1 for b in running if b.status == "queued"),
+        "store_bytes": await api_store_size(api),
+        "free_bytes": st.f_bavail * st.f_frsize,
+        "last_gc": ctx.db.get_meta("last_gc"),
+        "state_dir": str(ctx.config.state_dir),
+    }
+
+
+async def api_store_size(api: Api) -> int:
+    checked, size = api._store_size
+    if time.monotonic() - checked > 60:
+        size = await trio.to_thread.run_sync(_du, api.ctx.store.root)
+        api._store_size = (time.monotonic(), size)
+    return size
+
+
+def _du(root: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            except FileNotFoundError:
+                continue
+    return total
+
+
+@operation("image-import", name=str, source=str)
+async def _image_import(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    name, source = args["name"], args["source"]
+    if not name or name.startswith(("dir:", "oci:", "tree:")) or name == "host" or "\0" in name:
+        raise AmberError("bad-args", f"image name {name!r} is reserved or empty")
+    if ":" not in source.split("/", 1)[0]:
+        source = ("dir:" if os.path.isdir(source) else "oci:") + source
+
+    def work() -> bytes:
+        with filesystem_identity(conn.peer.uid, conn.peer.gid):
+            return resolve_base(api.ctx.store, api.ctx.db, source).tree
+
+    tree = await trio.to_thread.run_sync(work)
+    api.ctx.db.put_image(name, tree.hex(), source)
+    return {"name": name, "tree": tree.hex()}
+
+
+@operation("image-ls")
+async def _image_ls(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    return {"images": api.ctx.db.list_images()}

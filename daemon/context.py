@@ -1,0 +1,52 @@
+"""What every part of the daemon shares: configuration, store, database."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from amber.sandbox.importer import IdShift
+from amber.sandbox.store import Store
+
+from .config import Config
+from .db import Database
+
+
+@dataclass
+class DaemonContext:
+    config: Config
+    store: Store
+    db: Database
+    started: float = field(default_factory=time.time)
+
+    @property
+    def ids(self) -> IdShift:
+        return IdShift(self.config.id_base, self.config.id_count)
+
+    @property
+    def mount_dir(self) -> Path:
+        return self.config.mount_dir
+
+    @property
+    def log_dir(self) -> Path:
+        return self.config.log_dir
+
+    def peer_gid(self, build) -> int:
+        return build.gid
+
+    async def on_success(self, build, tree: bytes) -> None:
+        """Hook for what follows a successful build (pins, out-links)."""
+
+
+def open_context(config: Config) -> DaemonContext:
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(config.state_dir, 0o755)
+    # Sandboxes start as the mapped host uid and must traverse to their root.
+    config.mount_dir.mkdir(mode=0o711, exist_ok=True)
+    os.chmod(config.mount_dir, 0o711)
+    config.log_dir.mkdir(mode=0o700, exist_ok=True)
+    store = Store.open(config.state_dir)
+    db = Database(config.state_dir / "amber.db")
+    return DaemonContext(config, store, db)

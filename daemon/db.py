@@ -1,0 +1,260 @@
+"""The daemon's metadata: results, builds, images (SQLite, WAL).
+
+Objects live in the CAS (``amber.sandbox.store``); this database holds what
+refers to them. SQLite gives atomic, crash-safe updates for free. Every
+write is a short transaction; the daemon is one process and calls in from
+the trio thread, so no locking beyond SQLite's own is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    key TEXT PRIMARY KEY,          -- step key (hex)
+    status TEXT NOT NULL,          -- success | failed
+    exit_code INTEGER,
+    signal INTEGER,
+    before_tree TEXT NOT NULL,
+    after_tree TEXT NOT NULL,
+    log TEXT NOT NULL,             -- blob digest of the step's output
+    started REAL NOT NULL,
+    seconds REAL NOT NULL,
+    host TEXT NOT NULL,
+    build_id TEXT NOT NULL,
+    step TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS builds (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    spec TEXT NOT NULL,            -- JSON of the parsed spec
+    spec_path TEXT NOT NULL,
+    status TEXT NOT NULL,          -- queued | running | success | failed | errored
+    frozen INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    finished REAL,
+    failed_step TEXT,
+    base_tree TEXT,
+    final_tree TEXT,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS builds_seq ON builds(seq);
+CREATE TABLE IF NOT EXISTS build_steps (
+    build_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    key TEXT,
+    status TEXT NOT NULL,          -- pending | running | ran | cached | cached-failure | failed | errored | skipped
+    exit_code INTEGER,
+    signal INTEGER,
+    seconds REAL,
+    before_tree TEXT,
+    after_tree TEXT,
+    log TEXT,
+    definition TEXT NOT NULL,      -- JSON: run, cwd, env, ... as the step ran
+    note TEXT,
+    PRIMARY KEY (build_id, idx)
+);
+CREATE TABLE IF NOT EXISTS images (
+    name TEXT PRIMARY KEY,
+    tree TEXT NOT NULL,
+    source TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+@dataclass
+class Result:
+    key: str
+    status: str
+    exit_code: int | None
+    signal: int | None
+    before_tree: str
+    after_tree: str
+    log: str
+    started: float
+    seconds: float
+    host: str
+    build_id: str
+    step: str
+
+
+@dataclass
+class BuildRecord:
+    id: str
+    seq: int
+    uid: int
+    name: str
+    spec: str
+    spec_path: str
+    status: str
+    frozen: int = 0
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+    failed_step: str | None = None
+    base_tree: str | None = None
+    final_tree: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class StepRecord:
+    build_id: str
+    idx: int
+    name: str
+    key: str | None
+    status: str
+    exit_code: int | None = None
+    signal: int | None = None
+    seconds: float | None = None
+    before_tree: str | None = None
+    after_tree: str | None = None
+    log: str | None = None
+    definition: str = "{}"
+    note: str | None = None
+
+    def definition_dict(self) -> dict:
+        return json.loads(self.definition)
+
+
+class Database:
+    def __init__(self, path: Path):
+        self.path = path
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        self._conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    # -- results ----------------------------------------------------------
+
+    def get_result(self, key: str) -> Result | None:
+        row = self._conn.execute("SELECT * FROM results WHERE key = ?", (key,)).fetchone()
+        return Result(**dict(row)) if row else None
+
+    def put_result(self, result: Result) -> None:
+        # Everything a result names was made durable by the store before we
+        # get here, so a result that survives a crash never dangles.
+        values = asdict(result)
+        cols = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        self._conn.execute(
+            f"INSERT OR REPLACE INTO results ({cols}) VALUES ({marks})", list(values.values())
+        )
+
+    def delete_result(self, key: str) -> None:
+        self._conn.execute("DELETE FROM results WHERE key = ?", (key,))
+
+    # -- builds -----------------------------------------------------------
+
+    def next_seq(self) -> int:
+        row = self._conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM builds").fetchone()
+        return int(row[0])
+
+    def insert_build(self, build: BuildRecord, steps: list[StepRecord]) -> None:
+        with self.transaction() as conn:
+            values = asdict(build)
+            conn.execute(
+                f"INSERT INTO builds ({', '.join(values)}) VALUES ({', '.join('?' for _ in values)})",
+                list(values.values()),
+            )
+            for step in steps:
+                sv = asdict(step)
+                conn.execute(
+                    f"INSERT INTO build_steps ({', '.join(sv)}) VALUES ({', '.join('?' for _ in sv)})",
+                    list(sv.values()),
+                )
+
+    def update_build(self, build_id: str, **fields) -> None:
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self._conn.execute(f"UPDATE builds SET {sets} WHERE id = ?", [*fields.values(), build_id])
+
+    def update_step(self, build_id: str, idx: int, **fields) -> None:
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self._conn.execute(
+            f"UPDATE build_steps SET {sets} WHERE build_id = ? AND idx = ?",
+            [*fields.values(), build_id, idx],
+        )
+
+    def get_build(self, build_id: str) -> BuildRecord | None:
+        row = self._conn.execute("SELECT * FROM builds WHERE id = ?", (build_id,)).fetchone()
+        return BuildRecord(**dict(row)) if row else None
+
+    def get_steps(self, build_id: str) -> list[StepRecord]:
+        rows = self._conn.execute(
+            "SELECT * FROM build_steps WHERE build_id = ? ORDER BY idx", (build_id,)
+        ).fetchall()
+        return [StepRecord(**dict(r)) for r in rows]
+
+    def list_builds(self, limit: int = 50, uid: int | None = None) -> list[BuildRecord]:
+        if uid is None:
+            rows = self._conn.execute("SELECT * FROM builds ORDER BY seq DESC LIMIT ?", (limit,))
+        else:
+            rows = self._conn.execute(
+                "SELECT * FROM builds WHERE uid = ? ORDER BY seq DESC LIMIT ?", (uid, limit)
+            )
+        return [BuildRecord(**dict(r)) for r in rows.fetchall()]
+
+    def builds_with_status(self, *statuses: str) -> list[BuildRecord]:
+        marks = ", ".join("?" for _ in statuses)
+        rows = self._conn.execute(f"SELECT * FROM builds WHERE status IN ({marks})", statuses)
+        return [BuildRecord(**dict(r)) for r in rows.fetchall()]
+
+    def delete_build(self, build_id: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM build_steps WHERE build_id = ?", (build_id,))
+            conn.execute("DELETE FROM builds WHERE id = ?", (build_id,))
+
+    # -- images -----------------------------------------------------------
+
+    def put_image(self, name: str, tree: str, source: str) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO images (name, tree, source, created) VALUES (?, ?, ?, ?)",
+            (name, tree, source, time.time()),
+        )
+
+    def get_image(self, name: str) -> dict | None:
+        row = self._conn.execute("SELECT * FROM images WHERE name = ?", (name,)).fetchone()
+        return dict(row) if row else None
+
+    def list_images(self) -> list[dict]:
+        return [
+            dict(r) for r in self._conn.execute("SELECT * FROM images ORDER BY name").fetchall()
+        ]
+
+    # -- meta -------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))

@@ -1,0 +1,343 @@
+"""Running one build: keys, cache, sandboxed steps, snapshots, results.
+
+For each step, in order: compute its key from the previous key; a cached
+result counts only when everything its after-tree needs is in the store
+(else the step reruns and the log says why). A cached success moves the
+build's state to that result's after-tree without running anything; a
+cached failure freezes the build at once (unless ``--retry-failed``). A miss
+runs the step in a sandbox over the build's overlay mount, which is opened
+lazily on the current state, so a fully cached rebuild never mounts at all.
+After a step the mount is snapshotted: that tree is the step's after-tree
+and the next step's before-tree.
+
+``success`` and ``failed`` (non-zero exit, or a signal the build raised) are
+cached; a step that was cancelled, timed out or cut off by a daemon stop is
+``errored`` and never cached.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+import trio
+
+from amber.client.errors import AmberError
+from amber.sandbox.digest import from_hex
+from amber.sandbox.fscontrol import FilesystemError, OverlayMount, open_overlay
+from amber.sandbox.runner import SandboxError
+from amber.sandbox.store import StoreError
+
+from . import build as B
+from .bases import ResolvedBase, resolve_base
+from .build import Build
+from .context import DaemonContext
+from .db import BuildRecord, Result, StepRecord
+from .keys import initial_key, step_key
+from .sources import lay_out
+from .stepio import StepLog, run_sandboxed
+
+log = logging.getLogger("amber.build")
+HOST = socket.gethostname()
+
+
+class BuildErrored(Exception):
+    """The build stopped for a reason outside the build (not cached)."""
+
+
+class Executor:
+    def __init__(self, ctx: DaemonContext, build: Build):
+        self.ctx = ctx
+        self.build = build
+        self.spec = build.spec
+        self.mount: OverlayMount | None = None
+        self._mount_cm = None
+        self.mount_tree: bytes | None = None
+        self.base: ResolvedBase | None = None
+        self.verified: set[bytes] = set()  # trees known complete during this build
+
+    # -- the whole build ----------------------------------------------------
+
+    async def run(self) -> None:
+        b = self.build
+        db = self.ctx.db
+        b.status = "running"
+        db.update_build(b.id, status="running")
+        try:
+            try:
+                await self._run_steps()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._close_mount()
+        except BuildErrored as exc:
+            self._errored(str(exc))
+        except trio.Cancelled:
+            self._errored("cancelled" if b.cancelled else "the daemon is stopping")
+            raise
+        except AmberError as exc:
+            self._errored(exc.message)
+        except (FilesystemError, StoreError, SandboxError, OSError) as exc:
+            log.exception("build %s: infrastructure failure", b.id)
+            self._errored(f"infrastructure failure: {exc}")
+        finally:
+            if b.status in ("running", "queued"):
+                self._errored("internal error")
+            db.update_build(
+                b.id,
+                status=b.status,
+                frozen=int(b.frozen),
+                finished=time.time(),
+                failed_step=b.failed_step,
+                error=b.error,
+            )
+            b.finish(b.status)
+
+    def _errored(self, reason: str) -> None:
+        b = self.build
+        b.status = "errored"
+        b.error = reason
+        for i, step in enumerate(b.steps):
+            if step.status == B.RUNNING:
+                step.status = B.ERRORED
+                step.note = reason
+                self.ctx.db.update_step(
+                    b.id, i, status=B.ERRORED, note=reason, seconds=step.seconds
+                )
+                b.emit("step", {"index": i, "name": step.name, "status": B.ERRORED, "note": reason,
+                                "exit_code": None, "seconds": step.seconds})  # fmt: skip
+            elif step.status == B.PENDING:
+                step.status = B.SKIPPED
+                self.ctx.db.update_step(b.id, i, status=B.SKIPPED)
+        b.note(f"build errored: {reason}")
+
+    async def _run_steps(self) -> None:
+        b, spec, db = self.build, self.spec, self.ctx.db
+        self.base = await trio.to_thread.run_sync(resolve_base, self.ctx.store, db, str(spec.base))
+        tree = await trio.to_thread.run_sync(self._lay_out)
+        key = initial_key(
+            base_key=self.base.key,
+            initial_tree=tree.hex(),
+            workdir=spec.workdir,
+            salt=spec.key_salt,
+        )
+        db.update_build(b.id, base_tree=tree.hex())
+        for index, step in enumerate(spec.steps):
+            definition = step.definition()
+            env = spec.step_env(step)
+            key = step_key(key, definition, env, spec.key_salt)
+            db.update_step(b.id, index, key=key)
+            hit = await self._cached(index, key)
+            if hit is not None:
+                tree = from_hex(hit.after_tree)
+                if hit.status == "failed":
+                    await self._replay_failure(index, hit)
+                    return
+                self._step_done(index, B.CACHED, hit, from_hex(hit.before_tree), tree)
+                continue
+            tree, failed = await self._run_step(index, key, tree)
+            if failed:
+                return
+        b.status = "success"
+        db.update_build(b.id, final_tree=tree.hex())
+        await self.ctx.on_success(b, tree)
+
+    def _lay_out(self) -> bytes:
+        assert self.base is not None
+        return lay_out(
+            self.ctx.store,
+            self.base.tree,
+            self.spec,
+            uid=self.build.uid,
+            gid=self.ctx.peer_gid(self.build),
+        )
+
+    # -- cache ----------------------------------------------------------------
+
+    async def _cached(self, index: int, key: str) -> Result | None:
+        result = self.ctx.db.get_result(key)
+        if result is None:
+            return None
+        name = self.spec.steps[index].name
+        if result.status == "failed" and self.build.retry_failed:
+            self.build.note(f"step {name}: rerunning a cached failure (--retry-failed)")
+            return None
+        missing = await trio.to_thread.run_sync(self._missing, result)
+        if missing:
+            self.build.note(
+                f"step {name}: cached result of build {result.build_id} is incomplete in the store ({missing}); rerunning"
+            )
+            return None
+        return result
+
+    def _missing(self, result: Result) -> str | None:
+        """What a result needs that the store lacks (None: complete)."""
+        store = self.ctx.store
+        if not store.has_blob(from_hex(result.log)):
+            return f"log blob {result.log[:12]} is missing"
+        for name in ("before_tree", "after_tree"):
+            tree = from_hex(getattr(result, name))
+            if tree in self.verified:
+                continue
+            try:
+                _, blobs = store.closure(tree)
+            except StoreError as exc:
+                return str(exc)
+            for blob in blobs:
+                if not store.has_blob(blob):
+                    return f"blob {blob.hex()[:12]} of its {name.replace('_', '-')} is missing"
+            self.verified.add(tree)
+        return None
+
+    def _step_done(
+        self,
+        index: int,
+        status: str,
+        result: Result,
+        before: bytes,
+        after: bytes,
+        note: str | None = None,
+    ) -> None:
+        b = self.build
+        step = b.steps[index]
+        step.status = status
+        step.exit_code = result.exit_code
+        step.signal = result.signal
+        step.seconds = result.seconds if status != B.CACHED else 0.0
+        self.ctx.db.update_step(
+            b.id, index, status=status, exit_code=result.exit_code, signal=result.signal,
+            seconds=step.seconds, before_tree=before.hex(), after_tree=after.hex(), log=result.log,
+            note=note,
+        )  # fmt: skip
+        b.emit("step", {"index": index, "name": step.name, "status": status, "exit_code": result.exit_code,
+                        "seconds": step.seconds, "note": note})  # fmt: skip
+
+    async def _replay_failure(self, index: int, hit: Result) -> None:
+        b = self.build
+        name = self.spec.steps[index].name
+        data = await trio.to_thread.run_sync(self.ctx.store.read_blob, from_hex(hit.log))
+        b.emit("log", {"step": name, "data": data})
+        note = f"cached failure from build {hit.build_id} (exit {hit.exit_code}); use --retry-failed to run it again"
+        self._step_done(
+            index, B.CACHED_FAILURE, hit, from_hex(hit.before_tree), from_hex(hit.after_tree), note
+        )
+        self._freeze(index)
+
+    def _freeze(self, index: int) -> None:
+        b = self.build
+        b.status = "failed"
+        b.frozen = True
+        b.failed_step = self.spec.steps[index].name
+        for i in range(index + 1, len(b.steps)):
+            b.steps[i].status = B.SKIPPED
+            self.ctx.db.update_step(b.id, i, status=B.SKIPPED)
+
+    # -- running a step --------------------------------------------------------
+
+    async def _ensure_mount(self, tree: bytes) -> OverlayMount:
+        if self.mount is not None and self.mount_tree == tree:
+            return self.mount
+        if self.mount is not None:
+            # A later cache hit moved the state: start over on its tree.
+            await self._close_mount()
+        work = self.ctx.mount_dir / f"{self.build.id}-{int(time.time() * 1000) % 100000}"
+        cm = open_overlay(self.ctx.store.state_dir, tree, work, ids=self.ctx.ids)
+        self.mount = await cm.__aenter__()
+        self._mount_cm = cm
+        self.mount_tree = tree
+        return self.mount
+
+    async def _close_mount(self) -> None:
+        """Stop the filesystem process and unmount (safe to call when none)."""
+        cm, self._mount_cm, self.mount = self._mount_cm, None, None
+        if cm is not None:
+            await cm.__aexit__(None, None, None)
+
+    async def _run_step(self, index: int, key: str, before: bytes) -> tuple[bytes, bool]:
+        b, spec = self.build, self.spec
+        step = spec.steps[index]
+        mount = await self._ensure_mount(before)
+        state = b.steps[index]
+        state.status = B.RUNNING
+        state.started = time.time()
+        self.ctx.db.update_step(b.id, index, status=B.RUNNING, before_tree=before.hex())
+        b.emit("step", {"index": index, "name": step.name, "status": B.RUNNING, "exit_code": None,
+                        "seconds": None, "note": None})  # fmt: skip
+        log_path = self.ctx.log_dir / f"{b.id}.{index}.log"
+        step_log = StepLog(log_path, lambda data: b.emit("log", {"step": step.name, "data": data}))
+        assert self.base is not None
+        try:
+            outcome = await run_sandboxed(
+                mount.root,
+                step=step,
+                env=spec.step_env(step),
+                binds=self.base.binds,
+                ids=self.ctx.ids,
+                output=step_log,
+            )
+        finally:
+            step_log.close()
+        state.seconds = outcome.seconds
+        if outcome.timed_out:
+            step_log.discard()
+            raise BuildErrored(f"step {step.name} timed out after {step.timeout:g} s")
+        snap = await mount.snapshot()
+        self.mount_tree = snap.tree
+        log_digest = await trio.to_thread.run_sync(step_log.store, self.ctx.store)
+        failed = outcome.exit_code != 0
+        result = Result(
+            key=key,
+            status="failed" if failed else "success",
+            exit_code=outcome.exit_code,
+            signal=outcome.signal,
+            before_tree=before.hex(),
+            after_tree=snap.tree.hex(),
+            log=log_digest.hex(),
+            started=state.started,
+            seconds=outcome.seconds,
+            host=HOST,
+            build_id=b.id,
+            step=step.name,
+        )
+        self.ctx.db.put_result(result)
+        self.verified.add(snap.tree)
+        self._step_done(index, B.FAILED if failed else B.RAN, result, before, snap.tree)
+        if failed:
+            self._freeze(index)
+        return snap.tree, failed
+
+
+def new_build_records(build: Build, seq: int) -> tuple[BuildRecord, list[StepRecord]]:
+    spec = build.spec
+    record = BuildRecord(
+        id=build.id,
+        seq=seq,
+        uid=build.uid,
+        name=spec.name,
+        spec=json.dumps(spec.to_dict(), default=str),
+        spec_path=build.spec_path,
+        status="queued",
+        created=build.created,
+    )
+    steps = [
+        StepRecord(
+            build_id=build.id,
+            idx=i,
+            name=s.name,
+            key=None,
+            status=B.PENDING,
+            definition=json.dumps(
+                {**s.definition(), "env": spec.step_env(s), "workdir": spec.workdir}
+            ),
+        )
+        for i, s in enumerate(spec.steps)
+    ]
+    return record, steps
+
+
+def ensure_dirs(*paths: Path) -> None:
+    for p in paths:
+        os.makedirs(p, exist_ok=True)
