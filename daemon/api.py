@@ -66,6 +66,7 @@ class Api:
             raise AmberError("unknown-op", f"unknown operation {request.op!r}")
         args = validate_args(request.args, op.schema)
         conn.request_id = request.id
+        conn.request_fds = request.fds
         return await op.handler(self, conn, args)
 
     # -- helpers ----------------------------------------------------------------

@@ -20,6 +20,8 @@ class DaemonContext:
     store: Store
     db: Database
     started: float = field(default_factory=time.time)
+    #: Set on SIGTERM: running steps may finish, no new step starts.
+    stopping: bool = False
 
     @property
     def ids(self) -> IdShift:

@@ -259,6 +259,8 @@ class Executor:
     async def _run_step(self, index: int, key: str, before: bytes) -> tuple[bytes, bool]:
         b, spec = self.build, self.spec
         step = spec.steps[index]
+        if self.ctx.stopping:
+            raise BuildErrored("the daemon is stopping")
         mount = await self._ensure_mount(before)
         state = b.steps[index]
         state.status = B.RUNNING

@@ -22,7 +22,10 @@ import trio
 
 from amber.client import __version__
 
-from . import systemd
+from . import (
+    inspect_ops,  # noqa: F401  (registers its operations)
+    systemd,
+)
 from .api import Api
 from .config import Config, ConfigError, load_config
 from .context import open_context
@@ -115,6 +118,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--config", type=Path, help="config file (default /etc/amber/amberd.toml if present)"
     )
     parser.add_argument("--jobs", type=int, help="builds running at once")
+    parser.add_argument(
+        "--stop-grace", type=float, help="seconds running steps may finish on SIGTERM (default 30)"
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"amberd {__version__}")
     return parser.parse_args(argv)
@@ -129,7 +135,13 @@ def main(argv: list[str] | None = None) -> None:
         )
     try:
         config = load_config(
-            args.config, {"state_dir": args.state_dir, "socket": args.socket, "jobs": args.jobs}
+            args.config,
+            {
+                "state_dir": args.state_dir,
+                "socket": args.socket,
+                "jobs": args.jobs,
+                "stop_grace": args.stop_grace,
+            },
         )
     except ConfigError as exc:
         sys.exit(f"amberd: {exc}")

@@ -85,6 +85,7 @@ class BuildManager:
     async def stop(self, grace: float) -> None:
         """Stop accepting; let running steps finish within ``grace``; cancel the rest."""
         self.accepting = False
+        self.ctx.stopping = True
         with trio.move_on_after(grace):
             for build in list(self.live.values()):
                 if build.status == "queued":

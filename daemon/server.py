@@ -64,6 +64,7 @@ class Connection:
     fds: deque[int] = field(default_factory=deque)
     closed: bool = False
     request_id: int = 0  # the request being served (one at a time per connection)
+    request_fds: int = 0  # how many descriptors that request announced
 
     async def send(self, message: dict) -> None:
         data = encode_frame(message, self.max_frame)

@@ -23,3 +23,27 @@ def no_leftover_mounts(tmp_path: Path):
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     return Store.open(tmp_path / "state")
+
+
+@pytest.fixture
+def daemon_root():
+    """A world-traversable directory for a daemon's state, removed afterwards."""
+    from amberd_process import cleanup_root, make_root
+
+    root = make_root()
+    yield root
+    left = cleanup_root(root)
+    if left:
+        pytest.fail(f"test left mounts behind: {left}")
+
+
+@pytest.fixture
+def amberd(daemon_root):
+    """A running amberd; stopped with SIGTERM afterwards (it must exit 0)."""
+    from amberd_process import Daemon
+
+    d = Daemon(daemon_root).start()
+    yield d
+    code = d.stop()
+    if code != 0:
+        pytest.fail(f"amberd exited with {code}:\n{d.log.read_text()[-3000:]}")

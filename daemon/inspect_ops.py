@@ -1,0 +1,155 @@
+"""Looking into frozen builds: ``shell`` and ``diff``.
+
+A shell runs on a fresh writable layer over the frozen tree: the mount is
+thrown away when the shell exits, so the frozen state never changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from amber.client.errors import AmberError
+from amber.sandbox import tree as treefmt
+from amber.sandbox.fscontrol import open_overlay
+from amber.sandbox.runner import BUILD_UID, Bind, run_interactive
+from amber.sandbox.treediff import diff_trees
+
+from .api import Api, operation
+from .bases import HOST_DIRS
+from .frozen import FrozenState, resolve_state
+from .stepio import id_map_of
+
+if TYPE_CHECKING:
+    from .server import Connection
+
+HISTORY = "tmp/.amber_history"
+
+
+def _binds_for(record_spec: str) -> list[Bind]:
+    """The host's system directories, for builds on the ``host`` base."""
+    base = json.loads(record_spec).get("base", "host")
+    if base != "host":
+        return []
+    return [Bind(Path(f"/{d}"), f"/{d}") for d in HOST_DIRS
+            if os.path.isdir(f"/{d}") and not os.path.islink(f"/{d}")]  # fmt: skip
+
+
+def _shell_argv(root: str, binds: list[Bind]) -> list[str]:
+    for candidate in ("bin/bash", "usr/bin/bash"):
+        if os.path.exists(os.path.join(root, candidate)) or (
+            binds and os.path.exists("/" + candidate)
+        ):
+            return ["/" + candidate, "-i"]
+    return ["/bin/sh", "-i"]
+
+
+def _seed_history(root: str, state: FrozenState, uid: int) -> None:
+    """The failed command, one arrow-up away."""
+    path = os.path.join(root, HISTORY)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lines = [line for line in state.run.splitlines() if line.strip()]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.chown(path, uid, uid)
+
+
+@operation(
+    "shell",
+    build=str,
+    before=(bool, False),
+    step=(str | None, None),
+    argv=(list[str] | None, None),
+    term=(str | None, None),
+    rows=(int | None, None),
+    cols=(int | None, None),
+)
+async def _shell(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    fds = conn.take_fds(conn.request_fds)
+    if len(fds) != 3:
+        raise AmberError(
+            "bad-args", "shell needs the terminal's stdin, stdout and stderr (3 descriptors)"
+        )
+    record = api.record(conn, args["build"])
+    state = resolve_state(api.ctx.db, record, step=args["step"], before=args["before"])
+    if not await trio.to_thread.run_sync(api.ctx.store.is_complete, state.tree):
+        raise AmberError(
+            "not-found", f"the state of {state.label} is no longer complete in the store"
+        )
+    binds = _binds_for(record.spec)
+    ids = api.ctx.ids
+    env = dict(state.env)
+    env.update(HISTFILE="/" + HISTORY, debian_chroot=f"amber:{record.id}", AMBER_BUILD=record.id)
+    if args["term"]:
+        env["TERM"] = args["term"]
+    work = api.ctx.mount_dir / f"shell-{record.id}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+    try:
+        async with open_overlay(api.ctx.store.state_dir, state.tree, work, ids=ids) as mnt:
+            user_uid = ids.to_host(0 if state.user == "root" else BUILD_UID)
+            await trio.to_thread.run_sync(_seed_history, str(mnt.root), state, user_uid)
+            interactive = args["argv"] is None
+            argv = _shell_argv(str(mnt.root), binds) if interactive else args["argv"]
+            if interactive:
+                os.write(fds[2], _banner(state).encode())
+            code = await run_interactive(
+                mnt.root,
+                argv=argv,
+                cwd=state.cwd,
+                env=env,
+                user=state.user,
+                stdin=fds[0],
+                stdout=fds[1],
+                stderr=fds[2],
+                id_map=id_map_of(ids),
+                extra_binds=binds,
+                private_tmp=False,
+            )
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return {"exit_code": code}
+
+
+def _banner(state: FrozenState) -> str:
+    step = state.step
+    status = f"exit {step.exit_code}" if step.exit_code is not None else step.status
+    return (
+        f"amber: {state.label} ({status}), in {state.cwd}\r\n"
+        f"amber: the command is in your history (arrow up): {shlex.quote(state.run.splitlines()[0] if state.run else '')}\r\n"
+        "amber: changes made here are thrown away when you leave\r\n"
+    )
+
+
+@operation("diff", build=str, step=(str | None, None), stat=(bool, False))
+async def _diff(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    record = api.record(conn, args["build"])
+    after = resolve_state(api.ctx.db, record, step=args["step"], before=False)
+    before = resolve_state(api.ctx.db, record, step=after.step.name, before=True)
+
+    def work() -> list[dict[str, Any]]:
+        out = []
+        for change in diff_trees(api.ctx.store, before.tree, after.tree):
+            entry = change.new or change.old
+            assert entry is not None
+            out.append(
+                {
+                    "kind": change.kind,
+                    "path": "/" + change.path.decode(errors="surrogateescape"),
+                    "type": treefmt.KIND_NAMES[entry.kind],
+                    "size": entry.size if change.new is not None else 0,
+                    "old_size": change.old.size if change.old is not None else 0,
+                }
+            )
+        return out
+
+    changes = await trio.to_thread.run_sync(work)
+    summary = {
+        k: sum(1 for c in changes if c["kind"] == k) for k in ("added", "modified", "deleted")
+    }
+    return {"build": record.id, "step": after.step.name, "changes": changes, "summary": summary}

@@ -1,0 +1,402 @@
+"""Builds through the real amberd and the real amber command."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from amber.client.protocol import encode_frame
+
+from amberd_process import Daemon
+from sources import source_tarball
+
+FIVE_STEPS = """
+[build]
+name = "five"
+base = "host"
+
+[[step]]
+name = "s1"
+run = "echo one > one"
+{extra}
+[[step]]
+name = "s2"
+run = "echo two > two"
+
+[[step]]
+name = "s3"
+run = "{s3}"
+
+[[step]]
+name = "s4"
+run = "cat one two > four"
+
+[[step]]
+name = "s5"
+run = "test -f four && ls"
+"""
+
+
+def write_spec(directory: Path, text: str, name: str = "spec.toml") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+def statuses(report: dict) -> list[str]:
+    return [s["status"] for s in report["steps"]]
+
+
+def test_rebuild_runs_nothing_and_changing_step_3_reruns_3_to_5(amberd: Daemon):
+    spec = write_spec(amberd.root / "five", FIVE_STEPS.format(s3="echo three > three", extra=""))
+    code, first = amberd.build_json(spec)
+    assert code == 0 and first["status"] == "success"
+    assert statuses(first) == ["ran"] * 5
+
+    code, again = amberd.build_json(spec)
+    assert code == 0 and statuses(again) == ["cached"] * 5
+    assert again["build"] != first["build"]
+
+    write_spec(amberd.root / "five", FIVE_STEPS.format(s3="echo THREE > three", extra=""))
+    code, changed = amberd.build_json(spec)
+    assert code == 0
+    assert statuses(changed) == ["cached", "cached", "ran", "ran", "ran"]
+
+
+def test_real_c_project_on_the_host_base(amberd: Daemon):
+    tarball = source_tarball("zlib")
+    directory = amberd.root / "zlib"
+    directory.mkdir()
+    os.link(tarball, directory / "zlib.tar.bz2")
+    spec = write_spec(
+        directory,
+        """
+[build]
+name = "zlib"
+base = "host"
+env = { CFLAGS = "-O2" }
+
+[[source]]
+path = "zlib.tar.bz2"
+
+[[step]]
+name = "extract"
+run = "tar xf zlib.tar.bz2"
+
+[[step]]
+name = "configure"
+run = "cd zlib-* && ./configure"
+
+[[step]]
+name = "make"
+run = "cd zlib-* && make -j2"
+
+[[step]]
+name = "test"
+run = "cd zlib-* && make test"
+""",
+    )
+    code, report = amberd.build_json(spec)
+    assert code == 0, report
+    assert statuses(report) == ["ran"] * 4
+    log = amberd.amber("log", report["build"], "--step", "test")
+    assert b"*** zlib test OK ***" in log.stdout
+    code, again = amberd.build_json(spec)
+    assert statuses(again) == ["cached"] * 4
+
+
+def test_cached_failure_fails_at_once_and_retry_failed_reruns_it(amberd: Daemon):
+    spec = write_spec(
+        amberd.root / "fail",
+        """
+[build]
+name = "fail"
+
+[[step]]
+name = "ok"
+run = "echo fine"
+
+[[step]]
+name = "broken"
+run = "echo 'the compiler said no' >&2; exit 7"
+
+[[step]]
+name = "after"
+run = "echo never"
+""",
+    )
+    code, first = amberd.build_json(spec)
+    assert code == 1 and first["status"] == "failed"
+    assert statuses(first) == ["ran", "failed", "skipped"]
+    assert first["steps"][1]["exit_code"] == 7
+
+    started = time.monotonic()
+    plain = amberd.amber("build", str(spec))
+    assert plain.returncode == 1
+    assert time.monotonic() - started < 5
+    out = plain.stdout + plain.stderr
+    assert b"the compiler said no" in out  # the original log
+    assert first["build"].encode() in out  # naming the original build
+
+    code, cached = amberd.build_json(spec)
+    assert statuses(cached) == ["cached", "cached-failure", "skipped"]
+    code, retried = amberd.build_json(spec, "--retry-failed")
+    assert code == 1 and statuses(retried) == ["cached", "failed", "skipped"]
+
+
+def test_timed_out_and_cancelled_steps_are_not_cached(amberd: Daemon):
+    spec = write_spec(
+        amberd.root / "slow",
+        """
+[build]
+name = "slow"
+
+[[step]]
+name = "sleepy"
+run = "sleep 30"
+timeout = "1s"
+""",
+    )
+    code, first = amberd.build_json(spec)
+    assert code == 1 and first["status"] == "errored"
+    assert statuses(first) == ["errored"]
+    code, second = amberd.build_json(spec)
+    assert statuses(second) == ["errored"]  # ran again: not a cached failure
+
+    cancel_spec = write_spec(
+        amberd.root / "cancel",
+        '[build]\nname = "cancel"\n[[step]]\nname = "long"\nrun = "sleep 60"\n',
+    )
+    proc_holder = {}
+
+    def run_build():
+        proc_holder["result"] = amberd.build_json(cancel_spec)
+
+    thread = threading.Thread(target=run_build)
+    thread.start()
+    build_id = wait_for_running(amberd, "cancel")
+    cancelled = amberd.amber("cancel", build_id)
+    assert cancelled.returncode == 0, cancelled.stderr
+    thread.join(30)
+    code, report = proc_holder["result"]
+    assert report["status"] == "errored" and statuses(report) == ["errored"]
+    # not cached: the next build runs the step again (and we cancel it again)
+    thread = threading.Thread(target=run_build)
+    thread.start()
+    build_id = wait_for_running(amberd, "cancel")
+    amberd.amber("cancel", build_id)
+    thread.join(30)
+    assert statuses(proc_holder["result"][1]) == ["errored"]
+
+
+def wait_for_running(amberd: Daemon, name: str, timeout: float = 20) -> str:
+    deadline = time.monotonic() + timeout
+    with amberd.connect() as conn:
+        while time.monotonic() < deadline:
+            for b in conn.call("ps")["builds"]:
+                if b["name"] == name and b["status"] == "running" and b["step"]:
+                    return b["id"]
+            time.sleep(0.05)
+    raise AssertionError(f"no running build of {name}")
+
+
+def test_sigterm_during_a_build_marks_it_errored_and_a_restart_builds_again(daemon_root: Path):
+    d = Daemon(daemon_root).start()
+    spec = write_spec(daemon_root / "term", '[build]\nname = "term"\n[[step]]\nname = "long"\nrun = "sleep 60"\n')
+    holder = {}
+    thread = threading.Thread(target=lambda: holder.setdefault("proc", d.amber("build", "--json", str(spec))))
+    thread.start()
+    build_id = wait_for_running(d, "term")
+    # a short grace: the running step cannot finish in time and is cancelled
+    assert d.stop(signal.SIGTERM) == 0
+    thread.join(30)
+    from amber.sandbox.mounts import mounts_under
+
+    assert mounts_under(daemon_root) == []
+    d2 = Daemon(daemon_root)
+    d2.start()
+    try:
+        listing = json.loads(d2.amber("builds", "--json").stdout)
+        record = next(b for b in listing["builds"] if b["id"] == build_id)
+        assert record["status"] == "errored"
+        quick = write_spec(daemon_root / "term", '[build]\nname = "term"\n[[step]]\nname = "long"\nrun = "true"\n')
+        code, report = d2.build_json(quick)
+        assert code == 0 and report["status"] == "success"
+    finally:
+        assert d2.stop() == 0
+
+
+def test_twenty_clients_twenty_builds_at_once(amberd: Daemon):
+    results: dict[int, tuple[int, dict]] = {}
+
+    def one(i: int) -> None:
+        spec = write_spec(
+            amberd.root / f"many{i}",
+            f'[build]\nname = "many{i}"\n[[step]]\nname = "work"\nrun = "echo {i} > out && sleep 0.2 && cat out"\n'
+            f'[[step]]\nname = "check"\nrun = "test $(cat out) = {i}"\n',
+        )
+        results[i] = amberd.build_json(spec)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert sorted(results) == list(range(20))
+    for i, (code, report) in results.items():
+        assert code == 0 and report["status"] == "success", (i, report)
+
+
+def raw_client(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(path))
+    s.settimeout(10)
+    return s
+
+
+def read_frame(s: socket.socket) -> dict | None:
+    header = b""
+    while len(header) < 4:
+        chunk = s.recv(4 - len(header))
+        if not chunk:
+            return None
+        header += chunk
+    (size,) = struct.unpack(">I", header)
+    body = b""
+    while len(body) < size:
+        chunk = s.recv(size - len(body))
+        if not chunk:
+            return None
+        body += chunk
+    return msgpack.unpackb(body, raw=False)
+
+
+def hello(s: socket.socket) -> None:
+    s.sendall(encode_frame({"op": "hello", "id": 0, "versions": [1], "client": "test"}))
+    assert read_frame(s)["ok"] is True
+
+
+def test_hostile_clients_get_errors_while_another_build_completes(amberd: Daemon):
+    spec = write_spec(
+        amberd.root / "steady",
+        '[build]\nname = "steady"\n[[step]]\nname = "work"\nrun = "sleep 2 && echo done"\n',
+    )
+    holder = {}
+    thread = threading.Thread(target=lambda: holder.setdefault("r", amberd.build_json(spec)))
+    thread.start()
+
+    # unknown operation and wrong types: error replies, connection stays usable
+    s = raw_client(amberd.socket)
+    hello(s)
+    s.sendall(encode_frame({"op": "no-such-op", "id": 1, "args": {}}))
+    reply = read_frame(s)
+    assert reply["ok"] is False and reply["error"]["code"] == "unknown-op"
+    s.sendall(encode_frame({"op": "builds", "id": 2, "args": {"limit": "many"}}))
+    reply = read_frame(s)
+    assert reply["error"]["code"] == "bad-args" and "limit" in reply["error"]["message"]
+    s.sendall(encode_frame({"op": "build", "id": 3, "args": {"spec_text": 5, "spec_path": "/x"}}))
+    assert read_frame(s)["error"]["code"] == "bad-args"
+    s.sendall(encode_frame({"op": "status", "id": 4, "args": {}}))
+    assert read_frame(s)["ok"] is True
+    s.close()
+
+    # malformed frame: an error, then that connection (only) is closed
+    s = raw_client(amberd.socket)
+    hello(s)
+    s.sendall(struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1")
+    reply = read_frame(s)
+    assert reply is not None and reply["error"]["code"] == "malformed-frame"
+    assert read_frame(s) is None
+    s.close()
+
+    # oversized frame: refused from its header alone
+    s = raw_client(amberd.socket)
+    hello(s)
+    s.sendall(struct.pack(">I", 1 << 30))
+    reply = read_frame(s)
+    assert reply["error"]["code"] == "frame-too-large"
+    s.close()
+
+    # no hello, garbage, a half frame then silence
+    s = raw_client(amberd.socket)
+    s.sendall(encode_frame({"op": "status", "id": 1}))
+    assert read_frame(s)["ok"] is False
+    s.close()
+    s = raw_client(amberd.socket)
+    s.sendall(b"\x00\x00\x00")
+    s.close()
+
+    thread.join(60)
+    code, report = holder["r"]
+    assert code == 0 and report["status"] == "success"
+
+
+def test_steps_are_contained(amberd: Daemon):
+    marker = amberd.root / "outside-marker"
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+    port = listener.getsockname()[1]
+    try:
+        spec = write_spec(
+            amberd.root / "contain",
+            f"""
+[build]
+name = "contain"
+
+[[step]]
+name = "probe"
+run = '''
+echo "processes: $(ls /proc | grep -c '^[0-9]')"
+if python3 -c "import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)"; then echo NETWORK-REACHED; fi
+echo escaped > {marker} 2>/dev/null || echo "write refused"
+(sleep 300; echo survivor) &
+echo started background
+'''
+""",
+        )
+        code, report = amberd.build_json(spec)
+        assert code == 0, report
+        log = amberd.amber("log", report["build"]).stdout.decode()
+        assert "NETWORK-REACHED" not in log
+        count = int(log.split("processes: ")[1].split()[0])
+        assert count <= 5, log  # only the step's own processes, not the host's
+        assert not marker.exists()
+        time.sleep(0.5)
+        ps = os.popen("ps -eo args").read()
+        assert "sleep 300" not in ps
+    finally:
+        listener.close()
+
+
+def test_spec_errors_exit_2_and_unreachable_daemon_exits_3(amberd: Daemon):
+    bad = write_spec(amberd.root / "bad", '[build]\nname = "bad"\n[[step]]\nname = "x"\nrun = 5\n')
+    proc = amberd.amber("build", str(bad))
+    assert proc.returncode == 2
+    assert b"run" in proc.stderr and b"spec.toml" in proc.stderr
+    missing = amberd.amber("build", str(amberd.root / "nope.toml"))
+    assert missing.returncode == 2
+    env_dead = Daemon(amberd.root / "nowhere")
+    proc = env_dead.amber("build", str(bad))
+    assert proc.returncode == 3
+
+
+@pytest.mark.parametrize("user,expected", [("build", "1000"), ("root", "0")])
+def test_step_users(amberd: Daemon, user: str, expected: str):
+    spec = write_spec(
+        amberd.root / f"user-{user}",
+        f'[build]\nname = "u{user}"\n[[step]]\nname = "who"\nuser = "{user}"\nrun = "id -u"\n',
+    )
+    code, report = amberd.build_json(spec)
+    assert code == 0
+    assert amberd.amber("log", report["build"]).stdout.decode().strip().endswith(expected)
