@@ -27,18 +27,23 @@ class Daemon:
         self.state = root / "state"
         self.socket = root / "amberd.sock"
         self.jobs = jobs
-        self.env = dict(os.environ, AMBER_SOCKET=str(self.socket), AMBER_NO_AUTOSTART="1", **(extra_env or {}))
+        self.env = dict(
+            os.environ, AMBER_SOCKET=str(self.socket), AMBER_NO_AUTOSTART="1", **(extra_env or {})
+        )
         self.process: subprocess.Popen | None = None
         self.log = root / "amberd.log"
 
     def start(self, *args: str) -> Daemon:
         cmd = [str(BIN / "amberd"), "--state-dir", str(self.state), "--socket", str(self.socket),
                "--jobs", str(self.jobs), "--stop-grace", "2", *args]  # fmt: skip
-        self.process = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=self.env)
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"amberd exited with {self.process.returncode}:\n{self.log.read_text()}")
+                raise RuntimeError(
+                    f"amberd exited with {self.process.returncode}:\n{self.log.read_text()}"
+                )
             try:
                 Connection.open(str(self.socket), timeout=2).close()
                 return self
@@ -57,7 +62,9 @@ class Daemon:
                 self.process.wait()
         return self.process.returncode
 
-    def amber(self, *args: str, input: bytes | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    def amber(
+        self, *args: str, input: bytes | None = None, timeout: float = 600
+    ) -> subprocess.CompletedProcess:
         """Run the real `amber` command against this daemon."""
         return subprocess.run([str(BIN / "amber"), *args], capture_output=True, env=self.env, input=input,
                               timeout=timeout)  # fmt: skip

@@ -18,7 +18,7 @@ import os
 import subprocess
 from pathlib import Path
 
-__all__ = ["SourceUnavailable", "cache_dir", "source_tarball", "KNOWN"]
+__all__ = ["KNOWN", "SourceUnavailable", "cache_dir", "source_tarball"]
 
 REPO = Path(__file__).resolve().parent.parent
 FETCH = REPO / "scripts" / "fetch-sources"

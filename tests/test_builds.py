@@ -13,11 +13,10 @@ from pathlib import Path
 
 import msgpack
 import pytest
-
-from amber.client.protocol import encode_frame
-
 from amberd_process import Daemon
 from sources import source_tarball
+
+from amber.client.protocol import encode_frame
 
 FIVE_STEPS = """
 [build]
@@ -212,9 +211,13 @@ def wait_for_running(amberd: Daemon, name: str, timeout: float = 20) -> str:
 
 def test_sigterm_during_a_build_marks_it_errored_and_a_restart_builds_again(daemon_root: Path):
     d = Daemon(daemon_root).start()
-    spec = write_spec(daemon_root / "term", '[build]\nname = "term"\n[[step]]\nname = "long"\nrun = "sleep 60"\n')
+    spec = write_spec(
+        daemon_root / "term", '[build]\nname = "term"\n[[step]]\nname = "long"\nrun = "sleep 60"\n'
+    )
     holder = {}
-    thread = threading.Thread(target=lambda: holder.setdefault("proc", d.amber("build", "--json", str(spec))))
+    thread = threading.Thread(
+        target=lambda: holder.setdefault("proc", d.amber("build", "--json", str(spec)))
+    )
     thread.start()
     build_id = wait_for_running(d, "term")
     # a short grace: the running step cannot finish in time and is cancelled
@@ -229,7 +232,9 @@ def test_sigterm_during_a_build_marks_it_errored_and_a_restart_builds_again(daem
         listing = json.loads(d2.amber("builds", "--json").stdout)
         record = next(b for b in listing["builds"] if b["id"] == build_id)
         assert record["status"] == "errored"
-        quick = write_spec(daemon_root / "term", '[build]\nname = "term"\n[[step]]\nname = "long"\nrun = "true"\n')
+        quick = write_spec(
+            daemon_root / "term", '[build]\nname = "term"\n[[step]]\nname = "long"\nrun = "true"\n'
+        )
         code, report = d2.build_json(quick)
         assert code == 0 and report["status"] == "success"
     finally:
