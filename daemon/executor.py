@@ -17,6 +17,7 @@ cached; a step that was cancelled, timed out or cut off by a daemon stop is
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -37,7 +38,9 @@ from .bases import ResolvedBase, resolve_base
 from .build import Build
 from .context import DaemonContext
 from .db import BuildRecord, Result, StepRecord
+from .fetch import DigestMismatch, fetch_sources
 from .keys import initial_key, step_key
+from .roots import build_state
 from .sources import lay_out
 from .stepio import StepLog, run_sandboxed
 
@@ -67,6 +70,9 @@ class Executor:
         db = self.ctx.db
         b.status = "running"
         db.update_build(b.id, status="running")
+        # A writer hold from here to the end: GC keeps what this build holds
+        # and quarantines, rather than deletes, what it might reuse unheld.
+        self.hold = self.ctx.roots.writer(f"build {b.id}", build_id=b.id)
         try:
             try:
                 await self._run_steps()
@@ -94,6 +100,15 @@ class Executor:
                 failed_step=b.failed_step,
                 error=b.error,
             )
+            if b.pin and b.status != "success":
+                b.note(f"not pinned as {b.pin}: the build {b.status} (`amber pin add` can pin it)")
+            with trio.CancelScope(shield=True):
+                # A last checkpoint, so what it recorded outlives the hold
+                # through a GC cycle that is running now (see roots.py).
+                try:
+                    await trio.to_thread.run_sync(self.hold.checkpoint, *build_state(db, b.id))
+                finally:
+                    self.hold.release()
             b.finish(b.status)
 
     def _errored(self, reason: str) -> None:
@@ -117,7 +132,9 @@ class Executor:
     async def _run_steps(self) -> None:
         b, spec, db = self.build, self.spec, self.ctx.db
         self.base = await trio.to_thread.run_sync(resolve_base, self.ctx.store, db, str(spec.base))
-        tree = await trio.to_thread.run_sync(self._lay_out)
+        tree = await self._lay_out()
+        if tree is None:
+            return  # a source failed verification: the build failed before any step
         key = initial_key(
             base_key=self.base.key,
             initial_tree=tree.hex(),
@@ -145,36 +162,76 @@ class Executor:
         db.update_build(b.id, final_tree=tree.hex())
         await self.ctx.on_success(b, tree)
 
-    def _lay_out(self) -> bytes:
+    async def _lay_out(self) -> bytes | None:
+        """The first step's tree: base, sources (fetched if need be), stamps put right.
+
+        What the stamp rules removed goes to the build's notes, kept for
+        ``amber log``. A source whose digest does not match is the spec's
+        fault, not the machine's: the build *fails* (not frozen, nothing
+        cached, every step skipped) and None is returned. A source nobody
+        could serve raises ``SourceError``: the build errors.
+        """
         assert self.base is not None
-        return lay_out(
-            self.ctx.store,
-            self.base.tree,
-            self.spec,
-            uid=self.build.uid,
-            gid=self.ctx.peer_gid(self.build),
-        )
+        b, ctx = self.build, self.ctx
+        gid = ctx.peer_gid(b)
+        try:
+            fetched = await fetch_sources(ctx.store, ctx.db, self.spec, mirrors=ctx.config.mirrors,
+                                          uid=b.uid, gid=gid, note=self._note)  # fmt: skip
+            layout = await trio.to_thread.run_sync(
+                functools.partial(lay_out, ctx.store, self.base.tree, self.spec, fetched, uid=b.uid, gid=gid)
+            )  # fmt: skip
+        except DigestMismatch as exc:
+            self._note(exc.message)
+            b.status, b.error = "failed", exc.message
+            for i, step in enumerate(b.steps):
+                step.status = B.SKIPPED
+                ctx.db.update_step(b.id, i, status=B.SKIPPED)
+                b.emit("step", {"index": i, "name": step.name, "status": B.SKIPPED, "exit_code": None,
+                                "seconds": None, "note": "not run: a source failed verification"})  # fmt: skip
+            return None
+        for finding in layout.findings:
+            self._note(finding.note())
+        return layout.tree
+
+    def _note(self, message: str) -> None:
+        """A note for the client now and for ``amber log`` later."""
+        self.build.note(message)
+        self.ctx.db.add_build_note(self.build.id, message)
 
     # -- cache ----------------------------------------------------------------
 
     async def _cached(self, index: int, key: str) -> Result | None:
         result = self.ctx.db.get_result(key)
+        # A step boundary: checkpoint what the build relies on so far (see
+        # roots.py) before anything is checked or used.
+        state = build_state(self.ctx.db, self.build.id)
         if result is None:
+            await trio.to_thread.run_sync(self.hold.checkpoint, *state)
             return None
         name = self.spec.steps[index].name
         if result.status == "failed" and self.build.retry_failed:
+            await trio.to_thread.run_sync(self.hold.checkpoint, *state)
             self.build.note(f"step {name}: rerunning a cached failure (--retry-failed)")
             return None
-        missing = await trio.to_thread.run_sync(self._missing, result)
+        missing = await trio.to_thread.run_sync(self._missing, result, state)
         if missing:
-            self.build.note(
+            self._note(
                 f"step {name}: cached result of build {result.build_id} is incomplete in the store ({missing}); rerunning"
             )
             return None
         return result
 
-    def _missing(self, result: Result) -> str | None:
-        """What a result needs that the store lacks (None: complete)."""
+    def _missing(self, result: Result, state: tuple[set[bytes], set[bytes]]) -> str | None:
+        """What a result needs that the store lacks (None: complete).
+
+        Holds the result (with the build's ``state``) first: once held, GC
+        leaves it alone, so what is found present here stays present.
+        """
+        trees, blobs = state
+        self.hold.checkpoint(
+            trees | {from_hex(result.before_tree), from_hex(result.after_tree)},
+            blobs | {from_hex(result.log)},
+        )
         store = self.ctx.store
         if not store.has_blob(from_hex(result.log)):
             return f"log blob {result.log[:12]} is missing"
@@ -220,7 +277,7 @@ class Executor:
         name = self.spec.steps[index].name
         data = await trio.to_thread.run_sync(self.ctx.store.read_blob, from_hex(hit.log))
         b.emit("log", {"step": name, "data": data})
-        note = f"cached failure from build {hit.build_id} (exit {hit.exit_code}); use --retry-failed to run it again"
+        note = f"from build {hit.build_id}; --retry-failed runs it again"
         self._step_done(
             index, B.CACHED_FAILURE, hit, from_hex(hit.before_tree), from_hex(hit.after_tree), note
         )
@@ -234,6 +291,8 @@ class Executor:
         for i in range(index + 1, len(b.steps)):
             b.steps[i].status = B.SKIPPED
             self.ctx.db.update_step(b.id, i, status=B.SKIPPED)
+            b.emit("step", {"index": i, "name": b.steps[i].name, "status": B.SKIPPED, "exit_code": None,
+                            "seconds": None, "note": f"not run: step {b.failed_step} failed"})  # fmt: skip
 
     # -- running a step --------------------------------------------------------
 

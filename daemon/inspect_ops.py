@@ -72,6 +72,18 @@ def _seed_history(root: str, state: FrozenState, uid: int) -> None:
 )
 async def _shell(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
     fds = conn.take_fds(conn.request_fds)
+    try:
+        return await _run_shell(api, conn, args, fds)
+    finally:
+        for fd in (
+            fds
+        ):  # ours now, whatever happens: a refused shell must not keep the client's pipes open
+            os.close(fd)
+
+
+async def _run_shell(
+    api: Api, conn: Connection, args: dict[str, Any], fds: list[int]
+) -> dict[str, Any]:
     if len(fds) != 3:
         raise AmberError(
             "bad-args", "shell needs the terminal's stdin, stdout and stderr (3 descriptors)"
@@ -89,30 +101,26 @@ async def _shell(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, 
     if args["term"]:
         env["TERM"] = args["term"]
     work = api.ctx.mount_dir / f"shell-{record.id}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
-    try:
-        async with open_overlay(api.ctx.store.state_dir, state.tree, work, ids=ids) as mnt:
-            user_uid = ids.to_host(0 if state.user == "root" else BUILD_UID)
-            await trio.to_thread.run_sync(_seed_history, str(mnt.root), state, user_uid)
-            interactive = args["argv"] is None
-            argv = _shell_argv(str(mnt.root), binds) if interactive else args["argv"]
-            if interactive:
-                os.write(fds[2], _banner(state).encode())
-            code = await run_interactive(
-                mnt.root,
-                argv=argv,
-                cwd=state.cwd,
-                env=env,
-                user=state.user,
-                stdin=fds[0],
-                stdout=fds[1],
-                stderr=fds[2],
-                id_map=id_map_of(ids),
-                extra_binds=binds,
-                private_tmp=False,
-            )
-    finally:
-        for fd in fds:
-            os.close(fd)
+    async with open_overlay(api.ctx.store.state_dir, state.tree, work, ids=ids) as mnt:
+        user_uid = ids.to_host(0 if state.user == "root" else BUILD_UID)
+        await trio.to_thread.run_sync(_seed_history, str(mnt.root), state, user_uid)
+        interactive = args["argv"] is None
+        argv = _shell_argv(str(mnt.root), binds) if interactive else args["argv"]
+        if interactive:
+            os.write(fds[2], _banner(state).encode())
+        code = await run_interactive(
+            mnt.root,
+            argv=argv,
+            cwd=state.cwd,
+            env=env,
+            user=state.user,
+            stdin=fds[0],
+            stdout=fds[1],
+            stderr=fds[2],
+            id_map=id_map_of(ids),
+            extra_binds=binds,
+            private_tmp=False,
+        )
     return {"exit_code": code}
 
 
@@ -153,3 +161,14 @@ async def _diff(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, A
         k: sum(1 for c in changes if c["kind"] == k) for k in ("added", "modified", "deleted")
     }
     return {"build": record.id, "step": after.step.name, "changes": changes, "summary": summary}
+
+
+@operation("delete", build=str)
+async def _delete(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    """Forget a finished build; what only it held becomes garbage for the next GC."""
+    record = api.record(conn, args["build"])
+    live = api.manager.get(record.id)
+    if live is not None and not live.done.is_set():
+        raise AmberError("busy", f"build {record.id} is still {live.status}; cancel it first")
+    api.ctx.db.delete_build(record.id)
+    return {"build": record.id, "deleted": True}

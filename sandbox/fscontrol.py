@@ -9,7 +9,6 @@ left below the work directory, so nothing stays mounted.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -111,7 +110,7 @@ async def open_overlay(
     cmd = [
         sys.executable, "-m", "amber.sandbox.fsprocess",
         "--state-dir", str(state_dir), "--tree", tree.hex(), "--work", str(work),
-        "--parent", str(os.getpid()), "--control-fd", str(child_end.fileno()),
+        "--control-fd", str(child_end.fileno()),
     ]  # fmt: skip
     if ids is not None and ids.base:
         cmd += ["--id-base", str(ids.base), "--id-count", str(ids.count)]

@@ -12,20 +12,21 @@ data-only layer (see ``lowerfs.py`` for why), then answers JSON lines on the con
     -> {"op": "stop"}       <- {"ok": true}   (then unmounts and exits)
 
 It announces ``{"ready": true, ...}`` once mounted. It unmounts and exits on
-``stop``, on SIGTERM/SIGINT, when its parent dies (PR_SET_PDEATHSIG) and when
-the control channel closes; if it is killed outright, its controller
-(``fscontrol.py``) unmounts what it left.
+``stop``, on SIGTERM/SIGINT, and when the control channel closes, which is
+how it learns that its controller died, however it died (the kernel closes
+a dead process's socket). PR_SET_PDEATHSIG is deliberately not used: it
+fires when the *thread* that forked us exits, and trio forks from worker
+threads that retire after ten idle seconds. If this process is killed
+outright, its controller (``fscontrol.py``) unmounts what it left.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import signal
 import socket
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,8 +40,6 @@ from .lowerfs import LowerModel
 from .mounts import mount, umount
 from .snapshot import Snapshotter
 from .store import Store
-
-PR_SET_PDEATHSIG = 1
 
 
 def overlay_options(lower: Path, data: Path, upper: Path, work: Path) -> str:
@@ -145,13 +144,6 @@ async def _send(control: trio.SocketStream, message: dict) -> None:
     await control.send_all(json.dumps(message).encode() + b"\n")
 
 
-def _die_with_parent(expected_parent: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != expected_parent:
-        sys.exit("amber-fs: parent died before start-up")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="amber-fs", description=__doc__.split("\n\n")[0])
     parser.add_argument("--state-dir", required=True, type=Path)
@@ -159,11 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", required=True, type=Path, help="directory for lower/upper/root")
     parser.add_argument("--id-base", type=int, default=0, help="host uid of the sandbox's root")
     parser.add_argument("--id-count", type=int, default=65536)
-    parser.add_argument("--parent", type=int, default=0, help="die when this pid dies")
     parser.add_argument("--control-fd", type=int, required=True, help="connected control socket")
     args = parser.parse_args(argv)
-    if args.parent:
-        _die_with_parent(args.parent)
     ids = IdShift(args.id_base, args.id_count) if args.id_base else IdShift(0, 1 << 32)
     fs = FilesystemProcess(Store.open(args.state_dir), from_hex(args.tree), args.work, ids)
     fs.prepare()

@@ -13,6 +13,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import trio
@@ -250,3 +251,48 @@ async def test_writes_fail_cleanly_when_the_process_dies_mid_write(store: Store,
     writer.wait()
     assert mounts_under(work) == []
     assert store.fsck().clean
+
+
+async def test_mount_outlives_the_thread_that_started_it(store: Store, tmp_path: Path):
+    """trio forks from worker threads that retire after 10 idle seconds; the
+    filesystem must not die with that thread (steps run for hours)."""
+    async with open_overlay(store.state_dir, treefmt.EMPTY_TREE, tmp_path / "mnt") as mnt:
+        await trio.sleep(11)
+        (mnt.root / "still-here").write_text("yes")
+        assert (await mnt.snapshot()).stats.blobs_written == 1
+
+
+CONTROLLER = """
+import sys, trio
+from pathlib import Path
+from amber.sandbox import tree
+from amber.sandbox.fscontrol import open_overlay
+
+async def main():
+    async with open_overlay(Path(sys.argv[1]), tree.EMPTY_TREE, Path(sys.argv[2])) as mnt:
+        print(mnt.pid, flush=True)
+        await trio.sleep_forever()
+
+trio.run(main)
+"""
+
+
+async def test_filesystem_unmounts_itself_when_its_controller_is_killed(
+    store: Store, tmp_path: Path
+):
+    work = tmp_path / "mnt"
+    controller = subprocess.Popen(
+        [sys.executable, "-c", CONTROLLER, str(store.state_dir), str(work)], stdout=subprocess.PIPE
+    )
+    fs_pid = int(controller.stdout.readline())
+    assert mounts_under(work) != []
+    controller.kill()
+    controller.wait()
+    with trio.fail_after(10):
+        while True:
+            try:
+                os.kill(fs_pid, 0)
+            except ProcessLookupError:
+                break
+            await trio.sleep(0.05)
+    assert mounts_under(work) == []
