@@ -161,6 +161,9 @@ async def _builds(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str,
 @operation("log", build=str, step=(str | None, None), follow=(bool, False))
 async def _log(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
     record = api.record(conn, args["build"])
+    if args["step"] is None:  # what amber noted outside the steps (e.g. stamp removals)
+        for message in api.ctx.db.get_build_notes(record.id):
+            await api.send_event(conn, "note", {"message": message})
     live = api.manager.get(record.id)
     if live is not None and args["follow"]:
         async for _name, data in live.follow(logs_only=True, step=args["step"]):

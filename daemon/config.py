@@ -73,15 +73,32 @@ class Config:
 # option name in the file -> (attribute, converter, help)
 OPTIONS: dict[str, tuple[str, Any, str]] = {
     "state-dir": ("state_dir", Path, "where the store, database and mounts live"),
-    "socket": ("socket", Path, "the Unix socket clients connect to"),
+    "socket": (
+        "socket",
+        Path,
+        "the Unix socket clients connect to (under systemd amberd.socket decides the socket: "
+        "its path, group and mode, and this option and the next two are not used)",
+    ),
     "socket-group": ("socket_group", str, "group owning the socket; members may use amber"),
-    "socket-mode": ("socket_mode", int, "permissions of the socket (e.g. 0o660)"),
+    "socket-mode": ("socket_mode", int, "permissions of the socket"),
     "jobs": ("jobs", int, "builds running at once; more wait in a queue"),
     "id-base": ("id_base", int, "first host uid/gid of the range sandbox ids map onto"),
     "id-count": ("id_count", int, "size of that range"),
-    "stop-grace": ("stop_grace", parse_seconds, "how long running steps may finish on SIGTERM"),
+    "stop-grace": (
+        "stop_grace",
+        parse_seconds,
+        "how long running steps may finish on SIGTERM before they are cancelled "
+        "(errored, not cached)",
+    ),
     "max-frame": ("max_frame", parse_size, "largest protocol frame accepted"),
-    "mirrors": ("mirrors", list, "URL prefixes tried in order before a source's own URL"),
+    "mirrors": (
+        "mirrors",
+        list,
+        "URL prefixes (http, https or file) tried in order before an http(s) source's own URL; "
+        "a candidate is the prefix, '/' and the source URL's file name (the last segment of its "
+        "path): https://m.example/pkgs + https://zlib.net/zlib-1.2.13.tar.gz -> "
+        "https://m.example/pkgs/zlib-1.2.13.tar.gz",
+    ),
     "keep-failed-days": ("keep_failed_days", float, "frozen failures are kept from GC this long"),
     "keep-failed-per-spec": ("keep_failed_per_spec", int, "and at least this many per spec name"),
     "min-free": ("min_free", parse_size, "run GC when free space drops below this (0: never)"),
@@ -107,7 +124,37 @@ def _convert(name: str, value: Any) -> Any:
         raise ConfigError(
             f"option {name!r}: must be at least 1 (0 would make sandbox root host root)"
         )
+    problem = _out_of_range(attr, converted)
+    if problem:
+        raise ConfigError(f"option {name!r}: {problem}")
     return converted
+
+
+def _out_of_range(attr: str, value: Any) -> str | None:
+    """What is wrong with a value of the right type, if anything."""
+    if isinstance(value, Path) and not value.is_absolute():
+        return f"must be an absolute path, got {str(value)!r}"
+    if attr == "socket_mode" and not 0 <= value <= 0o777:
+        return f"must be permission bits between 0o000 and 0o777, got {value:#o}"
+    if attr == "socket_group":
+        import grp
+
+        try:
+            grp.getgrnam(value)
+        except KeyError:
+            return f"no group {value!r} on this host (create it: groupadd --system {value})"
+    if attr == "max_frame" and value < 64 << 10:
+        return "must be at least 64K (a spec has to fit in a frame)"
+    non_negative = (
+        "stop_grace",
+        "keep_failed_days",
+        "keep_failed_per_spec",
+        "min_free",
+        "max_free",
+    )
+    if attr in non_negative and value < 0:
+        return "must not be negative"
+    return None
 
 
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
@@ -116,18 +163,84 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> C
     source = path if path is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     if source is not None:
         try:
-            data = tomllib.loads(Path(source).read_text())
+            data = tomllib.loads(Path(source).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{source}: no such config file") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read it: {exc.strerror or exc}") from None
         for name, value in data.items():
             if name not in OPTIONS:
                 known = ", ".join(sorted(OPTIONS))
                 raise ConfigError(f"{source}: unknown option {name!r} (known: {known})")
-            setattr(config, OPTIONS[name][0], _convert(name, value))
+            try:
+                setattr(config, OPTIONS[name][0], _convert(name, value))
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+        if config.id_base + config.id_count > 1 << 32:
+            raise ConfigError(f"{source}: options 'id-base' + 'id-count' must end below 2^32")
     for attr, value in (overrides or {}).items():
         if value is not None:
             setattr(config, attr, value)
     assert {f.name for f in fields(Config)} >= {a for a, _, _ in OPTIONS.values()}
     return config
+
+
+# -- the example file -----------------------------------------------------------
+
+EXAMPLE_HEADER = """\
+# /etc/amber/amberd.toml: amberd's configuration (TOML).
+#
+# Every option is listed with its default value, commented out: uncomment a
+# line to change it. Sizes take K, M, G, T (10G), durations s, m, h (90s, 10m).
+# An unknown option or a value of the wrong type stops amberd at start-up with
+# an error naming the option. Flags given to amberd override this file.
+#
+# Generated by amber.daemon.config.example_config(); a test keeps the copy in
+# systemd/amberd.toml.example the same.
+"""
+
+# Options whose default cannot be written as a value: an illustration instead.
+_EXAMPLE_STANDINS = {
+    "socket-group": ('"amber"', "none (the socket keeps root's group)"),
+    "jobs": ("4", "the number of CPUs, at least 2"),
+}
+
+
+def example_config() -> str:
+    """A config file documenting every option in ``OPTIONS``, each commented out."""
+    import textwrap
+
+    defaults = Config()
+    parts = [EXAMPLE_HEADER]
+    for name, (attr, conv, text) in OPTIONS.items():
+        lines = textwrap.wrap(
+            text[:1].upper() + text[1:] + ".", 76, break_long_words=False, break_on_hyphens=False
+        )
+        if name in _EXAMPLE_STANDINS:
+            value, default = _EXAMPLE_STANDINS[name]
+            lines.append(f"Default: {default}.")
+        else:
+            value = _toml_value(name, conv, getattr(defaults, attr))
+        parts.append("\n".join(f"# {line}" for line in lines) + f"\n#{name} = {value}\n")
+    return "\n".join(parts)
+
+
+def _toml_value(name: str, conv: Any, value: Any) -> str:
+    import json
+
+    if conv is parse_seconds:
+        return f'"{value:g}s"'
+    if conv is parse_size:
+        for unit, scale in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+            if value and value % scale == 0:
+                return f'"{value // scale}{unit}"'
+        return str(value)
+    if name == "socket-mode":
+        return f"0o{value:o}"
+    if isinstance(value, Path | str | list):
+        return json.dumps(value if not isinstance(value, Path) else str(value))
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return repr(value)
+    raise TypeError(f"option {name!r}: no TOML form for its default {value!r}")

@@ -1,4 +1,4 @@
-"""What every part of the daemon shares: configuration, store, database."""
+"""What every part of the daemon shares: configuration, store, database, GC roots."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from pathlib import Path
 from amber.sandbox.importer import IdShift
 from amber.sandbox.store import Store
 
+from . import pins
 from .config import Config
 from .db import Database
+from .gc import Collector
+from .roots import Roots
 
 
 @dataclass
@@ -22,6 +25,14 @@ class DaemonContext:
     started: float = field(default_factory=time.time)
     #: Set on SIGTERM: running steps may finish, no new step starts.
     stopping: bool = False
+    #: Temp roots of live builds, shells and exports (see roots.py).
+    roots: Roots = field(init=False)
+    #: Garbage collection and fsck, one at a time (see gc.py).
+    gc: Collector = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.roots = Roots(self.store)
+        self.gc = Collector(self)
 
     @property
     def ids(self) -> IdShift:
@@ -39,7 +50,8 @@ class DaemonContext:
         return build.gid
 
     async def on_success(self, build, tree: bytes) -> None:
-        """Hook for what follows a successful build (pins, out-links)."""
+        """What follows a successful build: ``--pin`` and ``--out-link`` (see pins.py)."""
+        await pins.on_success(self, build, tree)
 
 
 def open_context(config: Config) -> DaemonContext:
@@ -51,4 +63,6 @@ def open_context(config: Config) -> DaemonContext:
     config.log_dir.mkdir(mode=0o700, exist_ok=True)
     store = Store.open(config.state_dir)
     db = Database(config.state_dir / "amber.db")
-    return DaemonContext(config, store, db)
+    ctx = DaemonContext(config, store, db)
+    ctx.roots.recover()
+    return ctx

@@ -1,9 +1,10 @@
-"""The daemon's metadata: results, builds, images (SQLite, WAL).
+"""The daemon's metadata: results, builds, images, pins, out-links (SQLite, WAL).
 
 Objects live in the CAS (``amber.sandbox.store``); this database holds what
 refers to them. SQLite gives atomic, crash-safe updates for free. Every
 write is a short transaction; the daemon is one process and calls in from
-the trio thread, so no locking beyond SQLite's own is needed.
+the trio thread, so no locking beyond SQLite's own is needed. GC and fsck,
+which read everything, open their own connection in their worker thread.
 """
 
 from __future__ import annotations
@@ -70,9 +71,45 @@ CREATE TABLE IF NOT EXISTS images (
     source TEXT NOT NULL,
     created REAL NOT NULL
 );
+-- Content fetched for url sources, so that a later build names it by digest
+-- and never downloads it again (daemon/fetch.py). The blob may have been
+-- collected since: check the store before trusting a row.
+CREATE TABLE IF NOT EXISTS downloads (
+    blob TEXT PRIMARY KEY,         -- BLAKE3 hex: the blob in the store
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    url TEXT NOT NULL,             -- where it was fetched from (first time)
+    fetched REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS downloads_sha256 ON downloads(sha256);
+-- Notes a build made outside its steps' output (e.g. what the stamp rules
+-- removed from its initial tree), replayed by `amber log`.
+CREATE TABLE IF NOT EXISTS build_notes (
+    build_id TEXT NOT NULL,
+    created REAL NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS build_notes_build ON build_notes(build_id);
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pins (
+    name TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,            -- build | step | result | tree
+    target TEXT NOT NULL,          -- as the user named it, normalised
+    uid INTEGER NOT NULL,
+    created REAL NOT NULL,
+    roots TEXT NOT NULL            -- JSON: {"trees": [...], "blobs": [...], "results": [...], "builds": [...]}
+);
+CREATE TABLE IF NOT EXISTS out_links (
+    path TEXT PRIMARY KEY,         -- absolute; a root while it is still the checkout we made
+    build_id TEXT NOT NULL,
+    tree TEXT NOT NULL,
+    uid INTEGER NOT NULL,
+    dev INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    created REAL NOT NULL
 );
 """
 
@@ -109,6 +146,30 @@ class BuildRecord:
     base_tree: str | None = None
     final_tree: str | None = None
     error: str | None = None
+
+
+@dataclass
+class Pin:
+    name: str
+    kind: str
+    target: str
+    uid: int
+    created: float
+    roots: str  # JSON, see pins.PinRoots
+
+    def roots_dict(self) -> dict:
+        return json.loads(self.roots)
+
+
+@dataclass
+class OutLink:
+    path: str
+    build_id: str
+    tree: str
+    uid: int
+    dev: int
+    ino: int
+    created: float
 
 
 @dataclass
@@ -231,6 +292,7 @@ class Database:
     def delete_build(self, build_id: str) -> None:
         with self.transaction() as conn:
             conn.execute("DELETE FROM build_steps WHERE build_id = ?", (build_id,))
+            conn.execute("DELETE FROM build_notes WHERE build_id = ?", (build_id,))
             conn.execute("DELETE FROM builds WHERE id = ?", (build_id,))
 
     # -- images -----------------------------------------------------------
@@ -250,6 +312,37 @@ class Database:
             dict(r) for r in self._conn.execute("SELECT * FROM images ORDER BY name").fetchall()
         ]
 
+    # -- downloads and build notes ------------------------------------------
+
+    def put_download(self, blob: str, sha256: str, size: int, url: str) -> None:
+        """Remember fetched content (the first URL it came from is kept)."""
+        self._conn.execute(
+            "INSERT OR IGNORE INTO downloads (blob, sha256, size, url, fetched) VALUES (?, ?, ?, ?, ?)",
+            (blob, sha256, size, url, time.time()),
+        )
+
+    def find_download(self, *, sha256: str | None = None, blob: str | None = None) -> dict | None:
+        """The download row with that sha256 (or blob digest), if any."""
+        if sha256 is not None:
+            row = self._conn.execute(
+                "SELECT * FROM downloads WHERE sha256 = ? ORDER BY fetched LIMIT 1", (sha256,)
+            ).fetchone()
+        else:
+            row = self._conn.execute("SELECT * FROM downloads WHERE blob = ?", (blob,)).fetchone()
+        return dict(row) if row else None
+
+    def add_build_note(self, build_id: str, message: str) -> None:
+        self._conn.execute(
+            "INSERT INTO build_notes (build_id, created, message) VALUES (?, ?, ?)",
+            (build_id, time.time(), message),
+        )
+
+    def get_build_notes(self, build_id: str) -> list[str]:
+        rows = self._conn.execute(
+            "SELECT message FROM build_notes WHERE build_id = ? ORDER BY rowid", (build_id,)
+        )
+        return [r[0] for r in rows.fetchall()]
+
     # -- meta -------------------------------------------------------------
 
     def get_meta(self, key: str) -> str | None:
@@ -258,3 +351,102 @@ class Database:
 
     def set_meta(self, key: str, value: str) -> None:
         self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    # -- pins and out-links (see pins.py) ---------------------------------
+
+    def put_pin(self, pin: Pin) -> None:
+        values = asdict(pin)
+        self._conn.execute(
+            f"INSERT OR REPLACE INTO pins ({', '.join(values)}) VALUES ({', '.join('?' for _ in values)})",
+            list(values.values()),
+        )
+
+    def get_pin(self, name: str) -> Pin | None:
+        row = self._conn.execute("SELECT * FROM pins WHERE name = ?", (name,)).fetchone()
+        return Pin(**dict(row)) if row else None
+
+    def delete_pin(self, name: str) -> None:
+        self._conn.execute("DELETE FROM pins WHERE name = ?", (name,))
+
+    def list_pins(self) -> list[Pin]:
+        rows = self._conn.execute("SELECT * FROM pins ORDER BY name").fetchall()
+        return [Pin(**dict(r)) for r in rows]
+
+    def put_out_link(self, link: OutLink) -> None:
+        values = asdict(link)
+        self._conn.execute(
+            f"INSERT OR REPLACE INTO out_links ({', '.join(values)}) VALUES ({', '.join('?' for _ in values)})",
+            list(values.values()),
+        )
+
+    def get_out_link(self, path: str) -> OutLink | None:
+        row = self._conn.execute("SELECT * FROM out_links WHERE path = ?", (path,)).fetchone()
+        return OutLink(**dict(row)) if row else None
+
+    def list_out_links(self) -> list[OutLink]:
+        rows = self._conn.execute("SELECT * FROM out_links ORDER BY path").fetchall()
+        return [OutLink(**dict(r)) for r in rows]
+
+    def delete_out_link(self, path: str) -> None:
+        self._conn.execute("DELETE FROM out_links WHERE path = ?", (path,))
+
+    # -- what garbage collection reads and trims (see gc.py) ----------------
+
+    def results_rowid_max(self) -> int:
+        return int(self._conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM results").fetchone()[0])
+
+    def result_refs(self) -> Iterator[tuple[int, str, str, str, str]]:
+        """``(rowid, key, before_tree, after_tree, log)`` of every result."""
+        yield from self._conn.execute(
+            "SELECT rowid, key, before_tree, after_tree, log FROM results"
+        )
+
+    def results_by_keys(self, keys: list[str]) -> list[Result]:
+        found: list[Result] = []
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            rows = self._conn.execute(
+                f"SELECT * FROM results WHERE key IN ({', '.join('?' for _ in chunk)})", chunk
+            ).fetchall()
+            found += [Result(**dict(r)) for r in rows]
+        return found
+
+    def delete_results(self, keys: list[str], *, max_rowid: int) -> int:
+        """Delete results by key, only rows that existed when GC looked (rowid <= max_rowid)."""
+        deleted = 0
+        with self.transaction() as conn:
+            for i in range(0, len(keys), 500):
+                chunk = keys[i : i + 500]
+                cur = conn.execute(
+                    f"DELETE FROM results WHERE rowid <= ? AND key IN ({', '.join('?' for _ in chunk)})",
+                    [max_rowid, *chunk],
+                )
+                deleted += cur.rowcount
+        return deleted
+
+    def all_builds(self) -> list[BuildRecord]:
+        rows = self._conn.execute("SELECT * FROM builds ORDER BY seq DESC").fetchall()
+        return [BuildRecord(**dict(r)) for r in rows]
+
+    def step_refs(
+        self, build_ids: list[str]
+    ) -> list[tuple[str, str | None, str | None, str | None, str | None]]:
+        """``(build_id, key, before_tree, after_tree, log)`` of these builds' steps."""
+        out: list = []
+        for i in range(0, len(build_ids), 500):
+            chunk = build_ids[i : i + 500]
+            out += self._conn.execute(
+                "SELECT build_id, key, before_tree, after_tree, log FROM build_steps"
+                f" WHERE build_id IN ({', '.join('?' for _ in chunk)})",
+                chunk,
+            ).fetchall()
+        return [tuple(r) for r in out]
+
+    def delete_builds(self, build_ids: list[str]) -> None:
+        with self.transaction() as conn:
+            for i in range(0, len(build_ids), 500):
+                chunk = build_ids[i : i + 500]
+                marks = ", ".join("?" for _ in chunk)
+                conn.execute(f"DELETE FROM build_steps WHERE build_id IN ({marks})", chunk)
+                conn.execute(f"DELETE FROM build_notes WHERE build_id IN ({marks})", chunk)
+                conn.execute(f"DELETE FROM builds WHERE id IN ({marks})", chunk)

@@ -90,37 +90,42 @@ async def _run_shell(
         )
     record = api.record(conn, args["build"])
     state = resolve_state(api.ctx.db, record, step=args["step"], before=args["before"])
-    if not await trio.to_thread.run_sync(api.ctx.store.is_complete, state.tree):
-        raise AmberError(
-            "not-found", f"the state of {state.label} is no longer complete in the store"
+    # A temp root for the shell's life, taken before the presence check: a GC
+    # running meanwhile cannot take the frozen state from under the mount.
+    with api.ctx.roots.hold(f"shell in {record.id}") as hold:
+        if not await trio.to_thread.run_sync(hold.complete, [state.tree]):
+            raise AmberError(
+                "not-found", f"the state of {state.label} is no longer complete in the store"
+            )
+        binds = _binds_for(record.spec)
+        ids = api.ctx.ids
+        env = dict(state.env)
+        env.update(
+            HISTFILE="/" + HISTORY, debian_chroot=f"amber:{record.id}", AMBER_BUILD=record.id
         )
-    binds = _binds_for(record.spec)
-    ids = api.ctx.ids
-    env = dict(state.env)
-    env.update(HISTFILE="/" + HISTORY, debian_chroot=f"amber:{record.id}", AMBER_BUILD=record.id)
-    if args["term"]:
-        env["TERM"] = args["term"]
-    work = api.ctx.mount_dir / f"shell-{record.id}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
-    async with open_overlay(api.ctx.store.state_dir, state.tree, work, ids=ids) as mnt:
-        user_uid = ids.to_host(0 if state.user == "root" else BUILD_UID)
-        await trio.to_thread.run_sync(_seed_history, str(mnt.root), state, user_uid)
-        interactive = args["argv"] is None
-        argv = _shell_argv(str(mnt.root), binds) if interactive else args["argv"]
-        if interactive:
-            os.write(fds[2], _banner(state).encode())
-        code = await run_interactive(
-            mnt.root,
-            argv=argv,
-            cwd=state.cwd,
-            env=env,
-            user=state.user,
-            stdin=fds[0],
-            stdout=fds[1],
-            stderr=fds[2],
-            id_map=id_map_of(ids),
-            extra_binds=binds,
-            private_tmp=False,
-        )
+        if args["term"]:
+            env["TERM"] = args["term"]
+        work = api.ctx.mount_dir / f"shell-{record.id}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+        async with open_overlay(api.ctx.store.state_dir, state.tree, work, ids=ids) as mnt:
+            user_uid = ids.to_host(0 if state.user == "root" else BUILD_UID)
+            await trio.to_thread.run_sync(_seed_history, str(mnt.root), state, user_uid)
+            interactive = args["argv"] is None
+            argv = _shell_argv(str(mnt.root), binds) if interactive else args["argv"]
+            if interactive:
+                os.write(fds[2], _banner(state).encode())
+            code = await run_interactive(
+                mnt.root,
+                argv=argv,
+                cwd=state.cwd,
+                env=env,
+                user=state.user,
+                stdin=fds[0],
+                stdout=fds[1],
+                stderr=fds[2],
+                id_map=id_map_of(ids),
+                extra_binds=binds,
+                private_tmp=False,
+            )
     return {"exit_code": code}
 
 

@@ -12,47 +12,61 @@ cached), everything is unmounted, exit status 0.
 from __future__ import annotations
 
 import argparse
+import errno
+import functools
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import trio
 
 from amber.client import __version__
 
 from . import (
+    export_ops,  # noqa: F401  (registers its operations)
+    gc_ops,  # registers its operations; runs the automatic GC
     inspect_ops,  # noqa: F401  (registers its operations)
+    source_ops,  # noqa: F401  (registers its operations)
     systemd,
 )
 from .api import Api
 from .config import Config, ConfigError, load_config
-from .context import open_context
+from .context import DaemonContext, open_context
 from .manager import BuildManager
-from .recovery import recover
+from .recovery import lock_state_dir, recover, unlock_state_dir, unmount_leftovers
 from .server import listen, serve
 
 log = logging.getLogger("amber")
+
+EX_CONFIG = 78  # sysexits.h; amberd.service does not restart on it (RestartPreventExitStatus)
+STATUS_INTERVAL = 1.0  # seconds between checks of what STATUS= should say
+UNMOUNT_ALLOWANCE = 30.0  # seconds asked of systemd for stopping, beyond stop-grace
+
+_LEVEL_PREFIXES = {
+    logging.DEBUG: "<7>",
+    logging.INFO: "<6>",
+    logging.WARNING: "<4>",
+    logging.ERROR: "<3>",
+    logging.CRITICAL: "<2>",
+}
+
+
+class JournalFormatter(logging.Formatter):
+    """One event a line with its syslog level (``<3>``); journald adds the time."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record).replace("\n", " | ")
+        return _LEVEL_PREFIXES.get(record.levelno, "<6>") + text
 
 
 def setup_logging(verbose: bool) -> None:
     """One event a line on stderr; syslog priority prefixes under journald."""
     level = logging.DEBUG if verbose else logging.INFO
-    if os.environ.get("JOURNAL_STREAM"):
-        prefixes = {
-            logging.DEBUG: "<7>",
-            logging.INFO: "<6>",
-            logging.WARNING: "<4>",
-            logging.ERROR: "<3>",
-            logging.CRITICAL: "<2>",
-        }
-
-        class JournalFormatter(logging.Formatter):
-            def format(self, record: logging.LogRecord) -> str:
-                text = super().format(record).replace("\n", " | ")
-                return prefixes.get(record.levelno, "<6>") + text
-
+    if systemd.journal_stream():
         formatter: logging.Formatter = JournalFormatter("%(name)s: %(message)s")
     else:
         formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -61,45 +75,155 @@ def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
-async def run_daemon(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    ctx = open_context(config)
-    report = await trio.to_thread.run_sync(recover, ctx)
-    if any(report.values()):
-        log.info("recovery: %s", ", ".join(f"{k}={v}" for k, v in report.items()))
+def fail(message: str, status: int = 1) -> NoReturn:
+    """Exit with ``amberd: message`` on stderr, as an error to the journal."""
+    prefix = "<3>" if systemd.journal_stream() else ""
+    sys.stderr.write(f"{prefix}amberd: {message}\n")
+    sys.stderr.flush()
+    sys.exit(status)
+
+
+async def run_daemon(
+    config: Config,
+    *,
+    notifier: systemd.Notifier | None = None,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Recover, serve until SIGTERM or SIGINT, stop cleanly.
+
+    The service manager hears ``READY=1`` only once recovery is done and the
+    socket is served, so nothing a crashed predecessor left is visible to
+    the first client. On the first signal: stop accepting, let running
+    steps finish within ``stop-grace``, cancel the rest; a second signal
+    cancels them at once.
+    """
+    notifier = notifier or systemd.Notifier()
+    notifier.status("recovering: cleaning up after the previous amberd")
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_state_dir(config.state_dir)
+    try:
+        ctx = open_context(config)
+        try:
+            report = await trio.to_thread.run_sync(recover, ctx)
+            if any(report.values()):
+                log.info("recovery: %s", ", ".join(f"{k}={v}" for k, v in report.items()))
+            listener, inherited = _open_listener(config)
+            try:
+                await _serve(ctx, listener, notifier, task_status)
+            finally:
+                listener.close()
+                if not inherited:
+                    config.socket.unlink(missing_ok=True)
+                await trio.to_thread.run_sync(unmount_leftovers, ctx.mount_dir)
+        finally:
+            ctx.db.close()
+    finally:
+        unlock_state_dir(lock)
+    log.info("stopped")
+
+
+def _open_listener(config: Config) -> tuple[trio.socket.SocketType, bool]:
+    """The socket systemd passed (True), else one bound at ``config.socket`` (False)."""
     inherited = systemd.listen_fds()
-    if inherited:
-        listener = trio.socket.from_stdlib_socket(inherited[0])
-        log.info("listening on the socket systemd passed")
-    else:
+    if not inherited:
         listener = listen(config.socket, mode=config.socket_mode, group=config.socket_group)
         log.info("listening on %s", config.socket)
-    try:
+        return listener, False
+    sock, *extra = inherited
+    for other in extra:
+        log.warning("ignoring socket fd %d passed by systemd: amberd needs one", other.fileno())
+        other.close()
+    if (
+        sock.family != socket.AF_UNIX
+        or sock.type != socket.SOCK_STREAM
+        or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    ):
+        raise OSError(
+            errno.EINVAL,
+            "the socket systemd passed is not a listening Unix stream socket "
+            "(amberd.socket needs ListenStream= and Accept=no)",
+        )
+    log.info("listening on %s, passed by systemd", sock.getsockname() or "an unnamed socket")
+    return trio.socket.from_stdlib_socket(sock), True
+
+
+async def _serve(ctx: DaemonContext, listener, notifier: systemd.Notifier, task_status) -> None:
+    config = ctx.config
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as builds_nursery:
             manager = BuildManager(ctx, builds_nursery)
+            status = _Status(notifier, manager)
             api = Api(ctx, manager)
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve, api, listener, config.max_frame)
-                systemd.notify(f"READY=1\nSTATUS=ready: state in {config.state_dir}")
+                nursery.start_soon(gc_ops.serve_auto_gc, ctx)
+                notifier.ready(status.line())
+                builds_nursery.start_soon(status.keep_current)
                 task_status.started(ctx)
-                await _wait_for_stop_signal()
-                log.info("stopping: no new builds; running steps get %g s", config.stop_grace)
-                systemd.notify("STOPPING=1\nSTATUS=stopping")
-                nursery.cancel_scope.cancel()  # stop accepting and serving requests
-            await manager.stop(config.stop_grace)
+                async for signum in signals:
+                    log.info("received %s", signal.Signals(signum).name)
+                    break
+                nursery.cancel_scope.cancel()  # stop serving requests
+            # Stop accepting now: under systemd, connections made from here on
+            # wait in the socket's queue for the next amberd instead of in ours.
+            listener.close()
+            ctx.stopping = True
+            status.stop_deadline = trio.current_time() + config.stop_grace
+            log.info(
+                "stopping: no new builds or steps; %d running step(s) get %g s to finish "
+                "(signal again to cancel them now)",
+                status.counts()[0],
+                config.stop_grace,
+            )
+            notifier.stopping(status.line(), needs=config.stop_grace + UNMOUNT_ALLOWANCE)
+            async with trio.open_nursery() as stopping:
+                stopping.start_soon(_cancel_on_next_signal, signals, manager)
+                await manager.stop(config.stop_grace)
+                stopping.cancel_scope.cancel()
             builds_nursery.cancel_scope.cancel()
-    finally:
-        listener.close()
-        if not inherited:
-            config.socket.unlink(missing_ok=True)
-        ctx.db.close()
-        log.info("stopped")
+        notifier.status("stopping: unmounting")
 
 
-async def _wait_for_stop_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("received %s", signal.Signals(signum).name)
-            return
+async def _cancel_on_next_signal(signals, manager: BuildManager) -> None:
+    async for signum in signals:
+        log.info("received %s again: cancelling running steps now", signal.Signals(signum).name)
+        await manager.stop(0)
+        return
+
+
+class _Status:
+    """The one line ``systemctl status amberd`` shows under the unit (``STATUS=``)."""
+
+    def __init__(self, notifier: systemd.Notifier, manager: BuildManager) -> None:
+        self.notifier = notifier
+        self.manager = manager
+        self.stop_deadline: float | None = None  # trio time at which steps are cancelled
+
+    def counts(self) -> tuple[int, int]:
+        """Builds running a step (or between two), builds waiting for a job slot."""
+        builds = self.manager.running()
+        running = sum(1 for b in builds if b.status == "running")
+        return running, len(builds) - running
+
+    def line(self) -> str:
+        running, queued = self.counts()
+        if self.stop_deadline is not None:
+            if not running:
+                return "stopping: no steps running"
+            left = max(0.0, self.stop_deadline - trio.current_time())
+            return f"stopping: waiting for {running} running step(s), cancelled in {left:.0f} s"
+        line = f"ready: {running} build(s) running"
+        return line + (f", {queued} queued" if queued else "")
+
+    async def keep_current(self) -> None:
+        """Send the line whenever it changes, checked every ``STATUS_INTERVAL``."""
+        last = None
+        while True:
+            line = self.line()
+            if line != last:
+                self.notifier.status(line)
+                last = line
+            await trio.sleep(STATUS_INTERVAL)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -129,10 +253,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(args.verbose)
+    notifier = systemd.Notifier.from_environment()
     if os.geteuid() != 0:
-        sys.exit(
-            "amberd: must run as root (it mounts FUSE and overlay filesystems and maps user namespaces)"
-        )
+        fail("must run as root (it mounts FUSE and overlay filesystems and maps user namespaces)")
     try:
         config = load_config(
             args.config,
@@ -144,11 +267,13 @@ def main(argv: list[str] | None = None) -> None:
             },
         )
     except ConfigError as exc:
-        sys.exit(f"amberd: {exc}")
+        notifier.status(f"configuration error: {exc}")
+        fail(str(exc), EX_CONFIG)
     try:
-        trio.run(run_daemon, config)
+        trio.run(functools.partial(run_daemon, config, notifier=notifier))
     except OSError as exc:
-        sys.exit(f"amberd: {exc}")
+        notifier.status(f"failed: {exc}")
+        fail(str(exc))
 
 
 if __name__ == "__main__":

@@ -83,7 +83,13 @@ class BuildManager:
         return [b for b in self.live.values() if b.status in ("queued", "running")]
 
     async def stop(self, grace: float) -> None:
-        """Stop accepting; let running steps finish within ``grace``; cancel the rest."""
+        """Stop accepting; let running steps finish within ``grace``; cancel the rest.
+
+        With ``ctx.stopping`` set no build starts another step, so a build
+        ends when its running step does (``errored`` if steps were left).
+        Cancelled steps end ``errored`` and are never cached. Safe to call
+        again while a call is waiting, e.g. with ``grace=0`` to hurry it.
+        """
         self.accepting = False
         self.ctx.stopping = True
         with trio.move_on_after(grace):
@@ -92,7 +98,15 @@ class BuildManager:
                     build.cancel_scope.cancel()
             for build in list(self.live.values()):
                 await build.done.wait()
-        for build in list(self.live.values()):
+        late = [b for b in self.live.values() if not b.done.is_set()]
+        if late:
+            log.warning(
+                "cancelling %d build(s) whose running step did not finish in %g s: %s",
+                len(late),
+                grace,
+                ", ".join(b.id for b in late),
+            )
+        for build in late:
             build.cancel_scope.cancel()
-        for build in list(self.live.values()):
+        for build in late:
             await build.done.wait()

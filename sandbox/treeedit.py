@@ -70,3 +70,16 @@ def ensure_dir(store: Store, root: bytes, path: str, template: Entry, batch: Bat
     return put_entry(
         store, root, path, template._replace(ref=treefmt.EMPTY_TREE), batch, dir_template=template
     )
+
+
+def chown_dir(store: Store, root: bytes, path: str, uid: int, gid: int, batch: Batch) -> bytes:
+    """``root`` with the existing directory at ``path`` owned by ``uid``/``gid``."""
+    parts = _split(path)
+    existing = store.lookup_path(root, b"/".join(parts))
+    if existing is None or existing.kind != treefmt.DIR:
+        raise TreeEditError(f"{path} is not a directory")
+    if (existing.uid, existing.gid) == (uid, gid):
+        return root
+    return put_entry(
+        store, root, path, existing._replace(uid=uid, gid=gid), batch, dir_template=existing
+    )

@@ -40,7 +40,9 @@ def failed_build(amberd: Daemon) -> str:
 
 def test_shell_command_sees_the_state_at_failure_and_before(amberd: Daemon):
     build = failed_build(amberd)
-    out = amberd.amber("shell", build, "--", "sh", "-c", "pwd; echo $STEP_FLAVOUR; ls; cat data.bin")
+    out = amberd.amber(
+        "shell", build, "--", "sh", "-c", "pwd; echo $STEP_FLAVOUR; ls; cat data.bin"
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.split(b"\n")
     assert lines[0] == b"/build/src"  # the failed step's cwd
@@ -57,8 +59,15 @@ def test_shell_command_sees_the_state_at_failure_and_before(amberd: Daemon):
 
 def test_shell_changes_never_touch_the_frozen_state(amberd: Daemon):
     build = failed_build(amberd)
-    assert amberd.amber("shell", build, "--", "sh", "-c", "rm -rf /build/src && touch /build/scribble").returncode == 0
-    again = amberd.amber("shell", build, "--", "sh", "-c", "ls /build/src && test ! -e /build/scribble")
+    assert (
+        amberd.amber(
+            "shell", build, "--", "sh", "-c", "rm -rf /build/src && touch /build/scribble"
+        ).returncode
+        == 0
+    )
+    again = amberd.amber(
+        "shell", build, "--", "sh", "-c", "ls /build/src && test ! -e /build/scribble"
+    )
     assert again.returncode == 0 and b"added" in again.stdout
 
 
@@ -126,11 +135,15 @@ def test_another_user_cannot_shell_export_or_delete(daemon_root: Path):
         build = failed_build(d)
         other = ["setpriv", "--reuid=4242", "--regid=4242", "--clear-groups", str(BIN / "amber")]
         env = dict(d.env, HOME="/tmp")
-        for args in (["shell", build, "--", "true"], ["export", build, "-o", "/tmp/x.tar"], ["delete", build]):
+        for args in (
+            ["shell", build, "--", "true"],
+            ["export", build, "-o", "/tmp/x.tar"],
+            ["delete", build],
+        ):
             proc = subprocess.run(other + args, capture_output=True, env=env)
             assert proc.returncode != 0, args
             assert b"belongs to uid 0" in proc.stderr, proc.stderr
-        listing = subprocess.run(other + ["builds", "--json"], capture_output=True, env=env)
+        listing = subprocess.run([*other, "builds", "--json"], capture_output=True, env=env)
         assert build not in json.loads(listing.stdout)["builds"].__repr__()
         assert d.amber("delete", build).returncode == 0  # the owner may
     finally:

@@ -1,0 +1,204 @@
+"""``export`` and ``import``: frozen builds as OCI images, and back.
+
+An export's layers are the build's initial tree (base and sources) and one
+layer per step up to the exported state, so ``podman history`` reads like
+the build. Files are written with the client's filesystem identity: a user
+cannot make the root daemon write where they could not.
+
+An import turns such an image (or any image) into a frozen build on this
+machine: one step per layer after the first, the last one the failure, so
+``amber shell`` and ``amber diff`` work on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from amber.client.errors import AmberError
+from amber.sandbox.digest import from_hex
+
+from .api import Api, operation
+from .db import BuildRecord, StepRecord
+from .frozen import FrozenState, resolve_state
+from .oci_image import export_image, read_image
+from .oci_registry import push_image
+from .oci_spec import ImageConfig, OciError
+from .sources import filesystem_identity
+
+if TYPE_CHECKING:
+    from .server import Connection
+
+LABEL = "org.amber."
+
+
+def image_layers(
+    api: Api, state: FrozenState
+) -> tuple[list[tuple[bytes | None, bytes]], list[str]]:
+    """(before, after) tree pairs from the initial tree to ``state``, with history lines."""
+    steps = api.ctx.db.get_steps(state.build.id)
+    upto = state.step.idx if state.before else state.step.idx + 1
+    base = state.build.base_tree or (steps[0].before_tree if steps else None)
+    if base is None:
+        raise AmberError("not-found", f"build {state.build.id} never laid out its initial tree")
+    layers: list[tuple[bytes | None, bytes]] = [(None, from_hex(base))]
+    history = [f"amber: base {json.loads(state.build.spec).get('base', '?')} and sources"]
+    for step in steps[:upto]:
+        if not (step.before_tree and step.after_tree):
+            raise AmberError(
+                "not-found", f"step {step.name} of {state.build.id} has no recorded state"
+            )
+        layers.append((from_hex(step.before_tree), from_hex(step.after_tree)))
+        history.append(f"amber: step {step.name} ({step.status})")
+    return layers, history
+
+
+def image_config(state: FrozenState, history: list[str]) -> ImageConfig:
+    step = state.step
+    labels = {
+        LABEL + "build": state.build.id,
+        LABEL + "spec": state.build.name,
+        LABEL + "step": step.name,
+        LABEL + "state": "before" if state.before else "after",
+        LABEL + "key": step.key or "",
+        LABEL + "exit-code": "" if step.exit_code is None else str(step.exit_code),
+        LABEL + "status": step.status,
+        LABEL + "run": state.run,
+        LABEL + "user": state.user,
+    }
+    return ImageConfig(
+        env=dict(state.env), workdir=state.cwd, cmd=["/bin/sh"], labels=labels, history=history
+    )
+
+
+@operation(
+    "export",
+    build=str,
+    before=(bool, False),
+    step=(str | None, None),
+    output=(str | None, None),
+    format=(str, "oci"),
+    push=(str | None, None),
+    insecure=(bool, False),
+)
+async def _export(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    record = api.record(conn, args["build"])
+    if (args["output"] is None) == (args["push"] is None):
+        raise AmberError(
+            "bad-args", "give exactly one of an output file (-o) or a registry reference (--push)"
+        )
+    if args["format"] not in ("oci", "docker-archive"):
+        raise AmberError(
+            "bad-args", f"format must be oci or docker-archive, not {args['format']!r}"
+        )
+    state = resolve_state(api.ctx.db, record, step=args["step"], before=args["before"])
+    result = await export_state(api, state, uid=conn.peer.uid, gid=conn.peer.gid, output=args["output"],
+                                fmt=args["format"], push=args["push"], insecure=args["insecure"])  # fmt: skip
+    return result
+
+
+async def export_state(
+    api: Api, state: FrozenState, *, uid: int, gid: int, output: str | None, fmt: str, push: str | None,
+    insecure: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """Export or push ``state``; shared by ``amber export`` and ``--export-on-failure``."""
+    layers, history = image_layers(api, state)
+    config = image_config(state, history)
+    ref = f"amber/{state.build.id}:{state.step.name}{'-before' if state.before else ''}"
+    note = None
+    if json.loads(state.build.spec).get("base") == "host":
+        note = "the host base's system directories (/usr, /etc, ...) are bound at run time and not in the image"
+
+    def work() -> dict[str, Any]:
+        try:
+            if push is not None:
+                digest = push_image(api.ctx.store, layers, config, push, insecure=insecure,
+                                    tmp_dir=api.ctx.config.state_dir / "cas" / "tmp")  # fmt: skip
+                return {"ref": push, "digest": digest, "layers": len(layers)}
+            assert output is not None
+            if not os.path.isabs(output):
+                raise AmberError("bad-args", f"output must be an absolute path, got {output!r}")
+            with filesystem_identity(uid, gid):
+                result = export_image(api.ctx.store, layers, config, Path(output), fmt, ref=ref)  # type: ignore[arg-type]
+            return {"path": str(result.path), "digest": result.manifest_digest, "layers": len(layers),
+                    "size": result.size, "name": result.name}  # fmt: skip
+        except PermissionError as exc:
+            raise AmberError(
+                "permission-denied", f"cannot write {output}: {exc.strerror}"
+            ) from None
+        except (OciError, OSError) as exc:
+            raise AmberError("export-failed", str(exc)) from None
+
+    result = await trio.to_thread.run_sync(work)
+    if note:
+        result["note"] = note
+    return result
+
+
+@operation("import", source=str, insecure=(bool, False))
+async def _import(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    source = args["source"]
+
+    def work():
+        try:
+            with filesystem_identity(conn.peer.uid, conn.peer.gid):
+                return read_image(source, api.ctx.store, insecure=args["insecure"])
+        except PermissionError as exc:
+            raise AmberError("permission-denied", f"cannot read {source}: {exc.strerror}") from None
+        except FileNotFoundError:
+            raise AmberError("not-found", f"no image at {source}") from None
+        except (OciError, OSError, ValueError) as exc:
+            raise AmberError("bad-image", f"{source}: {exc}") from None
+
+    image = await trio.to_thread.run_sync(work)
+    if len(image.trees) < 1:
+        raise AmberError("bad-image", f"{source} has no layers")
+    record, steps = _frozen_records(api, image, source, conn.peer.uid)
+    api.ctx.db.insert_build(record, steps)
+    return {"build": record.id, "steps": [s.name for s in steps], "failed_step": record.failed_step}
+
+
+def _frozen_records(api: Api, image, source: str, uid: int) -> tuple[BuildRecord, list[StepRecord]]:
+    labels = image.config.labels
+    name = labels.get(LABEL + "spec") or "imported"
+    seq = api.ctx.db.next_seq()
+    build_id = f"{name}-{seq}"
+    trees = [t.hex() for t in image.trees]
+    definition = json.dumps(
+        {
+            "cwd": image.config.workdir or "/",
+            "env": image.config.env,
+            "run": labels.get(LABEL + "run", ""),
+            "user": labels.get(LABEL + "user", "root"),
+        }
+    )
+    history = image.config.history
+    steps: list[StepRecord] = []
+    for i in range(1, len(trees)):
+        title = history[i] if i < len(history) else ""
+        step_name = (
+            title.removeprefix("amber: step ").split(" (")[0]
+            if title.startswith("amber: step ")
+            else f"layer{i}"
+        )
+        steps.append(StepRecord(build_id=build_id, idx=i - 1, name=step_name, key=None, status="ran",
+                                before_tree=trees[i - 1], after_tree=trees[i], definition=definition))  # fmt: skip
+    if not steps:  # a single-layer image: a state with nothing before it
+        steps.append(StepRecord(build_id=build_id, idx=0, name="image", key=None, status="ran",
+                                before_tree=trees[0], after_tree=trees[0], definition=definition))  # fmt: skip
+    last = steps[-1]
+    exit_code = labels.get(LABEL + "exit-code")
+    last.status = labels.get(LABEL + "status", "failed")
+    last.exit_code = int(exit_code) if exit_code and exit_code.lstrip("-").isdigit() else None
+    record = BuildRecord(
+        id=build_id, seq=seq, uid=uid, name=name,
+        spec=json.dumps({"name": name, "base": f"imported:{source}", "imported_from": labels.get(LABEL + "build")}),
+        spec_path=source, status="failed", frozen=1, created=time.time(), finished=time.time(),
+        failed_step=last.name, base_tree=trees[0], final_tree=trees[-1],
+    )  # fmt: skip
+    return record, steps

@@ -1,0 +1,544 @@
+"""Garbage collection: mark from the roots, sweep the rest, while builds run.
+
+A cycle, one at a time (``Collector.lock``; ``fsck`` takes it too):
+
+1. **Mark** (worker thread). Roots are the holds of live work (``roots.py``)
+   and, from the database: pins, out-links whose path is still the checkout
+   amber made (the others are dropped), named images, builds queued or
+   running, and the retention policy: frozen failures younger than
+   ``keep-failed-days`` and the newest ``keep-failed-per-spec`` of each spec
+   name. Everything reachable from them is marked; holds taken during the
+   cycle mark themselves.
+2. **Sweep** (worker thread), one store shard at a time, in chunks under
+   ``Roots.lock``: unmarked objects older than the cycle are deleted, or
+   quarantined while builds are live (see ``roots.py`` for why and for the
+   invariant). ``--max-freed`` stops the sweep once enough is freed.
+3. **Purge**: once every build that was live during a quarantined chunk has
+   passed a step boundary or ended, quarantined objects nobody held since
+   are deleted; the others went back when they were held.
+4. **Trim the database**: results whose objects are gone, and build records
+   older than ``keep-failed-days`` that nothing keeps.
+
+The trio thread only waits: the daemon keeps serving while a cycle runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from amber.sandbox.store import Store
+
+from .db import Database
+from .pins import out_link_alive
+from .roots import KINDS, Cycle, Roots, forget_tree, read_refs
+
+if TYPE_CHECKING:
+    from .context import DaemonContext
+
+log = logging.getLogger("amber.gc")
+
+CHUNK = 256  # objects removed per acquisition of Roots.lock
+AUTO_INTERVAL = 30.0  # seconds between free-space checks
+
+Progress = Callable[[str], Awaitable[None]]
+
+
+@dataclass
+class GcOptions:
+    max_freed: int | None = None
+    keep_failed_days: float = 14.0
+    keep_failed_per_spec: int = 5
+    dry_run: bool = False
+
+
+@dataclass
+class GcReport:
+    objects: int = 0  # removed (or, dry run, that would be)
+    freed_bytes: int = 0
+    trees: int = 0
+    blobs: int = 0
+    kept_objects: int = 0  # marked live
+    results: int = 0  # result records dropped
+    builds: int = 0  # build records dropped
+    out_links: int = 0  # out-links dropped (their path is gone or was replaced)
+    quarantined: int = 0  # objects that waited for live builds before going
+    waited_for: list[str] = field(default_factory=list)
+    complete: bool = True  # False when --max-freed stopped the sweep
+    dry_run: bool = False
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["seconds"] = round(self.seconds, 3)
+        return out
+
+
+@dataclass
+class DatabaseRoots:
+    trees: set[bytes] = field(default_factory=set)
+    blobs: set[bytes] = field(default_factory=set)
+    results: set[str] = field(default_factory=set)  # result keys whose records stay
+    builds: set[str] = field(default_factory=set)  # build records that stay
+    old_builds: list[str] = field(default_factory=list)  # build records to drop
+    dropped_out_links: list[str] = field(default_factory=list)
+    max_rowid: int = 0
+
+
+class Collector:
+    """Runs GC cycles and fsck for one daemon, one at a time."""
+
+    def __init__(self, ctx: DaemonContext):
+        self.ctx = ctx
+        self.lock = trio.Lock()
+
+    async def collect(self, options: GcOptions, progress: Progress | None = None) -> GcReport:
+        """One cycle. Cancellation puts everything quarantined back."""
+        async with self.lock:
+            return await collect(self.ctx.store, self.ctx.roots, self.ctx.db.path, options,
+                                 progress=progress, record=self.ctx.db)  # fmt: skip
+
+    async def fsck(self, repair: bool) -> dict[str, Any]:
+        """``amber store fsck``: no GC cycle runs meanwhile (nothing is in quarantine)."""
+        async with self.lock:
+            return await trio.to_thread.run_sync(
+                check_store, self.ctx.store, self.ctx.db.path, repair
+            )
+
+
+async def collect(
+    store: Store,
+    roots: Roots,
+    db_path: Path,
+    options: GcOptions,
+    *,
+    progress: Progress | None = None,
+    record: Database | None = None,
+) -> GcReport:
+    """Run one GC cycle over ``store`` (see the module docstring).
+
+    Blocking work runs in worker threads with their own database connection.
+    ``record``, when given, gets ``last_gc`` in its meta table.
+    """
+    started = time.monotonic()
+    report = GcReport(dry_run=options.dry_run)
+    say = progress or _quiet
+    cycle, held_trees, held_blobs = roots.begin_cycle()
+    try:
+        db_roots = await trio.to_thread.run_sync(_database_roots, db_path, options)
+        report.out_links = len(db_roots.dropped_out_links)
+        await trio.to_thread.run_sync(
+            _mark, roots, held_trees | db_roots.trees, held_blobs | db_roots.blobs
+        )
+        report.kept_objects = len(cycle.trees) + len(cycle.blobs)
+        await say(f"gc: {report.kept_objects} objects are live; sweeping the rest")
+        report.complete = await trio.to_thread.run_sync(
+            _sweep, store, roots, cycle, options, report
+        )
+        if cycle.quarantined:
+            report.quarantined = cycle.quarantined
+            waiting = await trio.to_thread.run_sync(roots.waiting_for)
+            if waiting:
+                report.waited_for = waiting
+                await say(f"gc: waiting for {', '.join(waiting)} to reach a step boundary")
+            while waiting:
+                await trio.sleep(0.1)
+                waiting = await trio.to_thread.run_sync(roots.waiting_for)
+            await trio.to_thread.run_sync(_purge, roots, cycle, report)
+        if not options.dry_run:
+            dropped = await trio.to_thread.run_sync(
+                _trim_database, store, db_path, cycle, db_roots, report.complete
+            )
+            report.results, report.builds = dropped
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(roots.end_cycle)
+    report.seconds = time.monotonic() - started
+    if record is not None and not options.dry_run:
+        record.set_meta("last_gc", repr(time.time()))
+    log.info(
+        "gc%s: %d objects (%d bytes) %s, %d kept, %d results and %d builds dropped, %.2f s",
+        " (dry run)" if options.dry_run else "", report.objects, report.freed_bytes,
+        "would go" if options.dry_run else "freed", report.kept_objects, report.results,
+        report.builds, report.seconds,
+    )  # fmt: skip
+    return report
+
+
+async def _quiet(_message: str) -> None:
+    return None
+
+
+# -- mark ------------------------------------------------------------------------------
+
+
+def _database_roots(db_path: Path, options: GcOptions) -> DatabaseRoots:
+    """What the database keeps alive (own connection: runs in a worker thread)."""
+    db = Database(db_path)
+    try:
+        return database_roots(db, options, time.time())
+    finally:
+        db.close()
+
+
+def database_roots(db: Database, options: GcOptions, now: float) -> DatabaseRoots:
+    out = DatabaseRoots(max_rowid=db.results_rowid_max())
+
+    def tree(value: str | None) -> None:
+        if value:
+            out.trees.add(bytes.fromhex(value))
+
+    def blob(value: str | None) -> None:
+        if value:
+            out.blobs.add(bytes.fromhex(value))
+
+    for pin in db.list_pins():
+        pinned = pin.roots_dict()
+        for value in pinned.get("trees", ()):
+            tree(value)
+        for value in pinned.get("blobs", ()):
+            blob(value)
+        out.results.update(pinned.get("results", ()))
+        out.builds.update(pinned.get("builds", ()))
+    for link in db.list_out_links():
+        if out_link_alive(link):
+            tree(link.tree)
+        else:
+            db.delete_out_link(link.path)
+            out.dropped_out_links.append(link.path)
+    for image in db.list_images():
+        tree(image["tree"])
+
+    builds = db.all_builds()  # newest first
+    cutoff = now - options.keep_failed_days * 86400
+    per_spec: dict[str, int] = {}
+    keep: list[str] = []
+    for b in builds:
+        if b.status in ("queued", "running"):
+            keep.append(b.id)
+            continue
+        if b.frozen and b.status == "failed":
+            rank = per_spec.get(b.name, 0)
+            per_spec[b.name] = rank + 1
+            if b.created >= cutoff or rank < options.keep_failed_per_spec:
+                keep.append(b.id)
+                continue
+        if b.id not in out.builds and (b.finished or b.created) < cutoff:
+            out.old_builds.append(b.id)
+    # Pins hold what they resolved to (already above); live and retained
+    # builds hold everything their records name.
+    out.builds.update(keep)
+    kept = set(keep)
+    for b in builds:
+        if b.id in kept:
+            tree(b.base_tree)
+            tree(b.final_tree)
+    for _bid, key, before, after, log_digest in db.step_refs(keep):
+        tree(before)
+        tree(after)
+        blob(log_digest)
+        if key and (before or after):
+            out.results.add(key)
+    out.old_builds = [b for b in out.old_builds if b not in out.builds]
+    for result in db.results_by_keys(sorted(out.results)):
+        tree(result.before_tree)
+        tree(result.after_tree)
+        blob(result.log)
+    return out
+
+
+def _mark(roots: Roots, trees: set[bytes], blobs: set[bytes]) -> None:
+    roots.mark(trees, blobs)
+
+
+# -- sweep and purge ---------------------------------------------------------------------
+
+
+def _sweep(store: Store, roots: Roots, cycle: Cycle, options: GcOptions, report: GcReport) -> bool:
+    """Remove (or quarantine) unmarked objects; False when ``max_freed`` stopped it."""
+    for kind in KINDS:
+        marked = cycle.trees if kind == "trees" else cycle.blobs
+        base = store.tree_dir if kind == "trees" else store.blob_dir
+        for shard in sorted(os.listdir(base)):
+            shard_fd = os.open(base / shard, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                # Marks only grow: what is marked now stays; the rest is re-checked under the lock.
+                candidates = [n for n in os.listdir(shard_fd) if _digest(n) not in marked]
+                for i in range(0, len(candidates), CHUNK):
+                    _sweep_chunk(
+                        store, roots, cycle, kind, shard, shard_fd, candidates[i : i + CHUNK],
+                        options.dry_run, report,
+                    )  # fmt: skip
+                    if options.max_freed is not None and report.freed_bytes >= options.max_freed:
+                        return False
+            finally:
+                os.close(shard_fd)
+    return True
+
+
+def _digest(name: str) -> bytes | None:
+    try:
+        return bytes.fromhex(name)
+    except ValueError:
+        return None
+
+
+def _sweep_chunk(
+    store: Store,
+    roots: Roots,
+    cycle: Cycle,
+    kind: str,
+    shard: str,
+    shard_fd: int,
+    names: list[str],
+    dry_run: bool,
+    report: GcReport,
+) -> None:
+    marked = cycle.trees if kind == "trees" else cycle.blobs
+    quarantine_fd: int | None = None
+    with roots.lock:
+        writers = [] if dry_run else roots.writers_locked()
+        try:
+            if writers:
+                roots.note_quarantine_locked(writers)
+                qdir = roots.quarantine / kind / shard
+                qdir.mkdir(parents=True, exist_ok=True)
+                quarantine_fd = os.open(qdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            for name in names:
+                digest = _digest(name)
+                if digest is None or digest in marked:
+                    continue
+                try:
+                    st = os.stat(name, dir_fd=shard_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if st.st_mtime_ns >= cycle.started_ns:
+                    continue  # written since the cycle began: the next cycle decides
+                size = st.st_blocks * 512
+                if dry_run:
+                    _count(report, kind, size)
+                    continue
+                if quarantine_fd is not None:
+                    os.rename(name, name, src_dir_fd=shard_fd, dst_dir_fd=quarantine_fd)
+                    cycle.quarantined += 1
+                else:
+                    os.unlink(name, dir_fd=shard_fd)
+                    _count(report, kind, size)
+                if kind == "trees":
+                    forget_tree(store, digest)
+        finally:
+            if quarantine_fd is not None:
+                os.close(quarantine_fd)
+
+
+def _count(report: GcReport, kind: str, size: int) -> None:
+    report.objects += 1
+    report.freed_bytes += size
+    if kind == "trees":
+        report.trees += 1
+    else:
+        report.blobs += 1
+
+
+def _purge(roots: Roots, cycle: Cycle, report: GcReport) -> None:
+    """Delete what is still quarantined and unmarked (every blocking writer has moved on)."""
+    for kind in KINDS:
+        marked = cycle.trees if kind == "trees" else cycle.blobs
+        base = roots.quarantine / kind
+        if not base.is_dir():
+            continue
+        for shard in sorted(os.listdir(base)):
+            names = os.listdir(base / shard)
+            for i in range(0, len(names), CHUNK):
+                with roots.lock:
+                    for name in names[i : i + CHUNK]:
+                        digest = _digest(name)
+                        path = base / shard / name
+                        if digest is not None and digest in marked:
+                            roots.restore(kind, digest)
+                            continue
+                        try:
+                            size = os.lstat(path).st_blocks * 512
+                            os.unlink(path)
+                        except FileNotFoundError:
+                            continue
+                        cycle.quarantined -= 1
+                        _count(report, kind, size)
+
+
+# -- the database ------------------------------------------------------------------------
+
+
+def _trim_database(
+    store: Store, db_path: Path, cycle: Cycle, db_roots: DatabaseRoots, complete: bool
+) -> tuple[int, int]:
+    """Drop results whose objects are gone and old build records; returns their counts."""
+    db = Database(db_path)
+    try:
+        doomed: list[str] = []
+        for rowid, key, before, after, log_digest in db.result_refs():
+            if rowid > db_roots.max_rowid or key in db_roots.results:
+                continue
+            trees = (bytes.fromhex(before), bytes.fromhex(after))
+            blob = bytes.fromhex(log_digest)
+            if complete:
+                alive = all(t in cycle.trees for t in trees) and blob in cycle.blobs
+            else:
+                alive = store.has_blob(blob) and all(read_refs(store, t) is not None for t in trees)
+            if not alive:
+                doomed.append(key)
+        results = db.delete_results(doomed, max_rowid=db_roots.max_rowid) if doomed else 0
+        if db_roots.old_builds:
+            db.delete_builds(db_roots.old_builds)
+        return results, len(db_roots.old_builds)
+    finally:
+        db.close()
+
+
+# -- fsck ---------------------------------------------------------------------------------
+
+
+class Presence:
+    """Whether objects are present and sound, remembered across many results."""
+
+    def __init__(self, store: Store, bad: set[bytes]):
+        self.store = store
+        self.bad = bad  # found corrupt (and left in place: no --repair)
+        self._blobs: dict[bytes, bool] = {}
+        self._trees: dict[bytes, str | None] = {}
+
+    def blob(self, digest: bytes) -> bool:
+        ok = self._blobs.get(digest)
+        if ok is None:
+            ok = digest not in self.bad and self.store.has_blob(digest)
+            self._blobs[digest] = ok
+        return ok
+
+    def tree(self, digest: bytes) -> str | None:
+        """Why ``digest`` is not complete (None: it is)."""
+        if digest in self._trees:
+            return self._trees[digest]
+        why: str | None = None
+        refs = None if digest in self.bad else read_refs(self.store, digest)
+        if refs is None:
+            why = f"tree {digest.hex()[:12]} is missing or corrupt"
+        else:
+            subtrees, files = refs
+            why = next((f"blob {b.hex()[:12]} is missing or corrupt" for b in files
+                        if not self.blob(b)), None)  # fmt: skip
+            for sub in subtrees:
+                if why is not None:
+                    break
+                why = self.tree(sub)
+        self._trees[digest] = why
+        return why
+
+    def problem(self, trees: list[str], blobs: list[str]) -> str | None:
+        for value in blobs:
+            if value and not self.blob(bytes.fromhex(value)):
+                return f"blob {value[:12]} is missing or corrupt"
+        for value in trees:
+            if value:
+                why = self.tree(bytes.fromhex(value))
+                if why:
+                    return why
+        return None
+
+
+def check_store(store: Store, db_path: Path, repair: bool) -> dict[str, Any]:
+    """Rehash every object; find results, pins and out-links that need what is broken.
+
+    With ``repair``: corrupt objects are removed and the results that need a
+    missing or corrupt object are dropped, so those steps rerun; pins are
+    kept (and reported) since a rebuild can make them whole again.
+    """
+    scan = store.fsck(remove_corrupt=repair)
+    bad: set[bytes] = set()
+    for rel in scan.corrupt:
+        kind, _, name = rel.partition("/")
+        digest = _digest(os.path.basename(name))
+        if digest is not None:
+            bad.add(digest)
+            if kind == "trees":
+                forget_tree(store, digest)
+    presence = Presence(store, set() if repair else bad)
+    db = Database(db_path)
+    try:
+        max_rowid = db.results_rowid_max()
+        missing: list[dict[str, str]] = []
+        for rowid, key, before, after, log_digest in db.result_refs():
+            if rowid > max_rowid:
+                continue
+            why = presence.problem([before, after], [log_digest])
+            if why:
+                missing.append({"message": f"cached result {key[:12]}: {why}", "key": key})
+        dropped = 0
+        if repair and missing:
+            dropped = db.delete_results([m["key"] for m in missing], max_rowid=max_rowid)
+        problems: list[dict[str, str]] = []
+        for pin in db.list_pins():
+            held = pin.roots_dict()
+            why = presence.problem(held.get("trees", []), held.get("blobs", []))
+            if why:
+                problems.append({"message": f"pin {pin.name} ({pin.target}) is incomplete: {why}",
+                                 "pin": pin.name})  # fmt: skip
+        for link in db.list_out_links():
+            why = presence.problem([link.tree], [])
+            if why and out_link_alive(link):
+                problems.append(
+                    {"message": f"out-link {link.path} is incomplete: {why}", "path": link.path}
+                )
+    finally:
+        db.close()
+    return {
+        "blobs_checked": scan.blobs_checked,
+        "trees_checked": scan.trees_checked,
+        "corrupt": scan.corrupt,
+        "missing": missing,
+        "problems": problems,
+        "repaired": repair,
+        "results_dropped": dropped,
+        "temp_files": scan.temp_files,
+    }
+
+
+# -- automatic collection -------------------------------------------------------------------
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+async def serve_auto_gc(ctx: DaemonContext, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Collect when free space drops below ``min-free``, until ``max-free`` is free.
+
+    Never returns (unless ``min-free`` is 0: then there is nothing to do).
+    """
+    task_status.started()
+    config = ctx.config
+    if config.min_free <= 0:
+        return
+    while True:
+        free = await trio.to_thread.run_sync(free_bytes, ctx.store.root)
+        if free < config.min_free:
+            target = max(config.max_free, config.min_free)
+            log.info("free space %d below min-free %d: collecting up to %d", free,
+                     config.min_free, target)  # fmt: skip
+            options = GcOptions(
+                max_freed=target - free,
+                keep_failed_days=config.keep_failed_days,
+                keep_failed_per_spec=config.keep_failed_per_spec,
+            )
+            try:
+                await ctx.gc.collect(options)
+            except Exception:
+                log.exception("automatic gc failed")
+        await trio.sleep(AUTO_INTERVAL)

@@ -1,0 +1,121 @@
+"""amber export / import end to end, checked with podman, skopeo, umoci and a registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from amberd_process import Daemon
+from rootfs import make_busybox_root
+from test_oci import podman, registry, run  # noqa: F401  (fixtures)
+
+SPEC = """
+[build]
+name = "exported"
+base = "bb"
+env = { FLAVOUR = "smoky" }
+
+[[step]]
+name = "prepare"
+run = "mkdir -p src && echo kept > src/kept && echo doomed > src/doomed && mkdir -p src/dir && echo x > src/dir/x"
+
+[[step]]
+name = "compile"
+cwd = "src"
+run = "rm doomed && rm -r dir && echo replaced > dir && printf 'added\\\\000bytes' > added && exit 3"
+"""
+
+
+@pytest.fixture
+def frozen(amberd: Daemon) -> tuple[Daemon, str]:
+    root = amberd.root / "bbroot"
+    make_busybox_root(root)
+    imported = amberd.amber("image", "import", "bb", f"dir:{root}")
+    assert imported.returncode == 0, imported.stderr
+    spec_dir = amberd.root / "spec"
+    spec_dir.mkdir()
+    (spec_dir / "spec.toml").write_text(SPEC)
+    code, report = amberd.build_json(spec_dir / "spec.toml")
+    assert code == 1 and report["frozen"], report
+    return amberd, report["build"]
+
+
+@pytest.mark.parametrize("fmt", ["oci", "docker-archive"])
+def test_podman_loads_and_runs_the_export(frozen, podman: list[str], fmt: str):  # noqa: F811
+    amberd, build = frozen
+    out = amberd.root / f"export-{fmt}.tar"
+    done = amberd.amber("export", build, "-o", str(out), "--format", fmt)
+    assert done.returncode == 0, done.stderr
+    loaded = run([*podman, "load", "-i", str(out)])
+    image = f"localhost/amber/{build}:compile"
+    assert image in loaded.stdout
+    script = (
+        'test -f /build/src/added && ! test -e /build/src/doomed && test "$(cat /build/src/dir)" = replaced'
+        ' && test "$PWD" = /build/src && test "$FLAVOUR" = smoky'
+    )
+    run([*podman, "run", "--rm", "--runtime", "runc", "--network=none", "--ulimit", "nofile=20000:20000",
+         "--ulimit", "nproc=32768:32768", image, "/bin/sh", "-c", script])  # fmt: skip
+
+
+def test_skopeo_and_umoci_read_the_export(frozen, tmp_path: Path):
+    amberd, build = frozen
+    out = amberd.root / "export.tar"
+    assert amberd.amber("export", build, "-o", str(out)).returncode == 0
+    info = json.loads(run(["skopeo", "inspect", f"oci-archive:{out}"]).stdout)
+    labels = info["Labels"]
+    assert labels["org.amber.build"] == build and labels["org.amber.step"] == "compile"
+    assert labels["org.amber.exit-code"] == "3" and labels["org.amber.key"]
+    assert len(info["Layers"]) == 3  # base and sources, then one layer per step
+    layout = tmp_path / "layout"
+    run(["skopeo", "copy", f"oci-archive:{out}", f"oci:{layout}:img"])
+    bundle = tmp_path / "bundle"
+    run(["umoci", "unpack", "--rootless", "--image", f"{layout}:img", str(bundle)])
+    rootfs = bundle / "rootfs"
+    assert (rootfs / "build/src/added").read_bytes() == b"added\x00bytes"
+    assert not (rootfs / "build/src/doomed").exists()
+    assert (rootfs / "build/src/dir").read_text() == "replaced\n"
+    for dirpath, dirnames, filenames in os.walk(rootfs):
+        for name in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            assert not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0), f"whiteout leaked: {name}"
+
+
+def test_push_to_a_registry(frozen, registry: str):  # noqa: F811
+    amberd, build = frozen
+    ref = f"{registry}/amber/{build}:failed"
+    done = amberd.amber("export", build, "--push", ref)
+    assert done.returncode == 0, done.stderr
+    info = json.loads(run(["skopeo", "inspect", "--tls-verify=false", f"docker://{ref}"]).stdout)
+    assert info["Labels"]["org.amber.build"] == build
+
+
+def test_import_on_another_machine_gives_the_same_bytes(frozen, daemon_root: Path):
+    amberd, build = frozen
+    out = amberd.root / "export.tar"
+    assert amberd.amber("export", build, "-o", str(out)).returncode == 0
+    original = amberd.amber("shell", build, "--", "cat", "/build/src/added")
+    assert original.returncode == 0 and original.stdout == b"added\x00bytes"
+
+    other_root = daemon_root.parent / (daemon_root.name + "-second")
+    other_root.mkdir(mode=0o755)
+    other = Daemon(other_root).start()
+    try:
+        imported = other.amber("import", str(out))
+        assert imported.returncode == 0, imported.stderr
+        with other.connect() as conn:
+            builds = conn.call("builds")["builds"]
+        new_id = builds[0]["id"]
+        again = other.amber("shell", new_id, "--", "cat", "/build/src/added")
+        assert again.returncode == 0, again.stderr
+        assert again.stdout == original.stdout
+        cwd = other.amber("shell", new_id, "--", "pwd")
+        assert cwd.stdout.strip() == b"/build/src"
+        diff = other.amber("diff", new_id)
+        assert b"/build/src/added" in diff.stdout and b"doomed" in diff.stdout
+    finally:
+        other.stop()
+        subprocess.run(["rm", "-rf", str(other_root)])
