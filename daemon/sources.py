@@ -12,9 +12,11 @@ The initial tree is made in this order:
 1. the base, with the work directory (and its parents) created if missing;
 2. each source at its ``dest``, in spec order (a later source replaces what
    an earlier one put at the same path). A local file with a digest is
-   verified as it is read; a mismatch raises ``DigestMismatch``. Downloaded
-   files get mtime 0 so the tree, and with it every step key, is the same
-   on every build; local sources keep their mtimes;
+   verified as it is read; a mismatch raises ``DigestMismatch``. Source
+   *files*, downloaded or local, get a fixed mtime: a file source is its
+   content, so copying or touching it must not change the tree (and with it
+   every step key). A directory source (a local checkout) keeps its files'
+   mtimes, which make compares among themselves;
 3. verification stamps: a source's ``stamp`` is written (build user, 0644,
    the package's mtime, content ``<digest>  <file name>``) exactly when the
    source's content is still at its ``dest``; otherwise a stamp at that path
@@ -167,7 +169,7 @@ def _read_local(
                 ref = import_directory(store, source.path, batch=batch)
                 return BUILD_DIR._replace(ref=ref, mtime_ns=st.st_mtime_ns), ref.hex()
             mode = 0o755 if st.st_mode & 0o111 else 0o644
-            entry = BUILD_FILE._replace(mode=mode, mtime_ns=st.st_mtime_ns)
+            entry = BUILD_FILE._replace(mode=mode, mtime_ns=DOWNLOAD_MTIME_NS)
             if source.sha256 is None and source.blake3 is None:
                 digest, size = store.put_blob_file(source.path, batch)
                 return entry._replace(size=size, ref=digest), digest.hex()

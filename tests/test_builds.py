@@ -405,3 +405,21 @@ def test_step_users(amberd: Daemon, user: str, expected: str):
     code, report = amberd.build_json(spec)
     assert code == 0
     assert amberd.amber("log", report["build"]).stdout.decode().strip().endswith(expected)
+
+
+def test_a_source_is_its_content_not_its_mtime(amberd: Daemon):
+    directory = amberd.root / "touched"
+    directory.mkdir()
+    (directory / "input.txt").write_text("v1\n")
+    spec = write_spec(
+        directory,
+        '[build]\nname = "touched"\n[[source]]\npath = "input.txt"\n[[step]]\nname = "use"\nrun = "cat input.txt"\n',
+    )
+    code, first = amberd.build_json(spec)
+    assert code == 0 and statuses(first) == ["ran"]
+    os.utime(directory / "input.txt", ns=(1, 1))  # copied or touched: same content
+    code, again = amberd.build_json(spec)
+    assert statuses(again) == ["cached"]
+    (directory / "input.txt").write_text("v2\n")
+    code, changed = amberd.build_json(spec)
+    assert statuses(changed) == ["ran"]
