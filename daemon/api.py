@@ -106,6 +106,15 @@ def _parse(text: str, path: str) -> Any:
     export_ref=(str | None, None),
 )
 async def _build(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    how = args["export_on_failure"]
+    if how not in (None, "oci", "docker-archive", "registry"):
+        raise AmberError(
+            "bad-args", f"export_on_failure must be oci, docker-archive or registry, not {how!r}"
+        )
+    if how == "registry" and not args["export_ref"]:
+        raise AmberError("bad-args", "--export-on-failure registry needs --export-ref REF")
+    if args["export_path"] is not None and not os.path.isabs(args["export_path"]):
+        raise AmberError("bad-args", f"export_path must be absolute, got {args['export_path']!r}")
     spec = _parse(args["spec_text"], args["spec_path"])
     build = api.manager.submit(
         spec,
@@ -115,6 +124,9 @@ async def _build(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, 
         retry_failed=args["retry_failed"],
         pin=args["pin"],
         out_link=args["out_link"],
+        export_on_failure=args["export_on_failure"],
+        export_path=args["export_path"],
+        export_ref=args["export_ref"],
     )
     await api.send_event(
         conn,

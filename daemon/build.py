@@ -60,6 +60,9 @@ class Build:
     retry_failed: bool = False
     pin: str | None = None
     out_link: str | None = None
+    export_on_failure: str | None = None  # oci | docker-archive | registry
+    export_path: str | None = None
+    export_ref: str | None = None
     status: str = "queued"  # queued | running | success | failed | errored
     frozen: bool = False
     failed_step: str | None = None

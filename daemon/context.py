@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from amber.sandbox.importer import IdShift
 from amber.sandbox.store import Store
@@ -48,6 +50,15 @@ class DaemonContext:
 
     def peer_gid(self, build) -> int:
         return build.gid
+
+    #: Exports a frozen build for ``--export-on-failure`` (set by main: the
+    #: exporter lives above the executor in the import graph).
+    export_hook: Callable[[Any], Awaitable[None]] | None = None
+
+    async def on_frozen(self, build) -> None:
+        """What follows a failure: ``--export-on-failure``."""
+        if build.export_on_failure and self.export_hook is not None:
+            await self.export_hook(build)
 
     async def on_success(self, build, tree: bytes) -> None:
         """What follows a successful build: ``--pin`` and ``--out-link`` (see pins.py)."""

@@ -100,6 +100,12 @@ class Executor:
                 failed_step=b.failed_step,
                 error=b.error,
             )
+            if b.frozen and b.export_on_failure:
+                try:
+                    await self.ctx.on_frozen(b)
+                except Exception as exc:  # an export problem never changes the build's result
+                    log.exception("build %s: export on failure", b.id)
+                    self._note(f"export on failure did not complete: {exc}")
             if b.pin and b.status != "success":
                 b.note(f"not pinned as {b.pin}: the build {b.status} (`amber pin add` can pin it)")
             with trio.CancelScope(shield=True):

@@ -24,6 +24,7 @@ from amber.client.errors import AmberError
 from amber.sandbox.digest import from_hex
 
 from .api import Api, operation
+from .context import DaemonContext
 from .db import BuildRecord, StepRecord
 from .frozen import FrozenState, resolve_state
 from .oci_image import export_image, read_image
@@ -38,10 +39,10 @@ LABEL = "org.amber."
 
 
 def image_layers(
-    api: Api, state: FrozenState
+    ctx: DaemonContext, state: FrozenState
 ) -> tuple[list[tuple[bytes | None, bytes]], list[str]]:
     """(before, after) tree pairs from the initial tree to ``state``, with history lines."""
-    steps = api.ctx.db.get_steps(state.build.id)
+    steps = ctx.db.get_steps(state.build.id)
     upto = state.step.idx if state.before else state.step.idx + 1
     base = state.build.base_tree or (steps[0].before_tree if steps else None)
     if base is None:
@@ -97,17 +98,17 @@ async def _export(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str,
             "bad-args", f"format must be oci or docker-archive, not {args['format']!r}"
         )
     state = resolve_state(api.ctx.db, record, step=args["step"], before=args["before"])
-    result = await export_state(api, state, uid=conn.peer.uid, gid=conn.peer.gid, output=args["output"],
+    result = await export_state(api.ctx, state, uid=conn.peer.uid, gid=conn.peer.gid, output=args["output"],
                                 fmt=args["format"], push=args["push"], insecure=args["insecure"])  # fmt: skip
     return result
 
 
 async def export_state(
-    api: Api, state: FrozenState, *, uid: int, gid: int, output: str | None, fmt: str, push: str | None,
+    ctx: DaemonContext, state: FrozenState, *, uid: int, gid: int, output: str | None, fmt: str, push: str | None,
     insecure: bool,
 ) -> dict[str, Any]:  # fmt: skip
     """Export or push ``state``; shared by ``amber export`` and ``--export-on-failure``."""
-    layers, history = image_layers(api, state)
+    layers, history = image_layers(ctx, state)
     config = image_config(state, history)
     ref = f"amber/{state.build.id}:{state.step.name}{'-before' if state.before else ''}"
     note = None
@@ -117,14 +118,14 @@ async def export_state(
     def work() -> dict[str, Any]:
         try:
             if push is not None:
-                digest = push_image(api.ctx.store, layers, config, push, insecure=insecure,
-                                    tmp_dir=api.ctx.config.state_dir / "cas" / "tmp")  # fmt: skip
+                digest = push_image(ctx.store, layers, config, push, insecure=insecure,
+                                    tmp_dir=ctx.config.state_dir / "cas" / "tmp")  # fmt: skip
                 return {"ref": push, "digest": digest, "layers": len(layers)}
             assert output is not None
             if not os.path.isabs(output):
                 raise AmberError("bad-args", f"output must be an absolute path, got {output!r}")
             with filesystem_identity(uid, gid):
-                result = export_image(api.ctx.store, layers, config, Path(output), fmt, ref=ref)  # type: ignore[arg-type]
+                result = export_image(ctx.store, layers, config, Path(output), fmt, ref=ref)  # type: ignore[arg-type]
             return {"path": str(result.path), "digest": result.manifest_digest, "layers": len(layers),
                     "size": result.size, "name": result.name}  # fmt: skip
         except PermissionError as exc:
@@ -202,3 +203,23 @@ def _frozen_records(api: Api, image, source: str, uid: int) -> tuple[BuildRecord
         failed_step=last.name, base_tree=trees[0], final_tree=trees[-1],
     )  # fmt: skip
     return record, steps
+
+
+async def export_on_failure(ctx: DaemonContext, build) -> None:
+    """``amber build --export-on-failure``: export the state at failure at once."""
+    record = ctx.db.get_build(build.id)
+    assert record is not None
+    state = resolve_state(ctx.db, record, step=None, before=False)
+    how = build.export_on_failure
+    output = None
+    if how != "registry":
+        output = build.export_path or os.path.join(
+            os.path.dirname(build.spec_path), f"amber-{build.id}.tar"
+        )
+    result = await export_state(ctx, state, uid=build.uid, gid=build.gid, output=output,
+                                fmt="oci" if how == "registry" else how, push=build.export_ref if how == "registry" else None,
+                                insecure=False)  # fmt: skip
+    where = result.get("path") or result.get("ref")
+    message = f"exported the state at failure to {where} ({result['layers']} layers)"
+    build.note(message)
+    ctx.db.add_build_note(build.id, message)

@@ -27,7 +27,7 @@ import trio
 from amber.client import __version__
 
 from . import (
-    export_ops,  # noqa: F401  (registers its operations)
+    export_ops,
     gc_ops,  # registers its operations; runs the automatic GC
     inspect_ops,  # noqa: F401  (registers its operations)
     source_ops,  # noqa: F401  (registers its operations)
@@ -103,6 +103,7 @@ async def run_daemon(
     lock = lock_state_dir(config.state_dir)
     try:
         ctx = open_context(config)
+        ctx.export_hook = functools.partial(export_ops.export_on_failure, ctx)
         try:
             report = await trio.to_thread.run_sync(recover, ctx)
             if any(report.values()):
@@ -157,7 +158,7 @@ async def _serve(ctx: DaemonContext, listener, notifier: systemd.Notifier, task_
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve, api, listener, config.max_frame)
                 nursery.start_soon(gc_ops.serve_auto_gc, ctx)
-                notifier.ready(status.line())
+                status.send_ready()
                 builds_nursery.start_soon(status.keep_current)
                 task_status.started(ctx)
                 async for signum in signals:
@@ -175,7 +176,7 @@ async def _serve(ctx: DaemonContext, listener, notifier: systemd.Notifier, task_
                 status.counts()[0],
                 config.stop_grace,
             )
-            notifier.stopping(status.line(), needs=config.stop_grace + UNMOUNT_ALLOWANCE)
+            status.send_stopping(needs=config.stop_grace + UNMOUNT_ALLOWANCE)
             async with trio.open_nursery() as stopping:
                 stopping.start_soon(_cancel_on_next_signal, signals, manager)
                 await manager.stop(config.stop_grace)
@@ -198,6 +199,7 @@ class _Status:
         self.notifier = notifier
         self.manager = manager
         self.stop_deadline: float | None = None  # trio time at which steps are cancelled
+        self._sent: str | None = None
 
     def counts(self) -> tuple[int, int]:
         """Builds running a step (or between two), builds waiting for a job slot."""
@@ -215,14 +217,21 @@ class _Status:
         line = f"ready: {running} build(s) running"
         return line + (f", {queued} queued" if queued else "")
 
+    def send_ready(self) -> None:
+        self._sent = self.line()
+        self.notifier.ready(self._sent)
+
+    def send_stopping(self, *, needs: float) -> None:
+        self._sent = self.line()
+        self.notifier.stopping(self._sent, needs=needs)
+
     async def keep_current(self) -> None:
         """Send the line whenever it changes, checked every ``STATUS_INTERVAL``."""
-        last = None
         while True:
             line = self.line()
-            if line != last:
+            if line != self._sent:
                 self.notifier.status(line)
-                last = line
+                self._sent = line
             await trio.sleep(STATUS_INTERVAL)
 
 

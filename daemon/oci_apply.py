@@ -105,7 +105,13 @@ def split_path(name: bytes) -> list[bytes]:
 
 
 class TreeBuilder:
-    """A tree being changed layer by layer; ``commit`` writes it to the store."""
+    """A tree being changed layer by layer.
+
+    ``digest`` names the tree as it stands (after each layer); the directory
+    encodings wait in memory until ``store_trees`` puts them in the batch,
+    once every layer was accepted. So a refused image leaves not even a
+    cached tree behind in the ``Store`` object.
+    """
 
     def __init__(
         self,
@@ -122,6 +128,7 @@ class TreeBuilder:
         self.devices = devices
         self.root = _Dir(None, root)
         self._layer = _Layer()
+        self._pending: dict[bytes, list[Entry]] = {}  # digest -> entries not yet stored
 
     # -- public ----------------------------------------------------------------
 
@@ -133,9 +140,15 @@ class TreeBuilder:
             self._apply_member(member, reader)
         return self._layer.stats
 
-    def commit(self) -> bytes:
-        """Write every changed directory (in the batch); the root tree's digest."""
-        return self._store(self.root)
+    def digest(self) -> bytes:
+        """The root tree's digest as it stands (its directories kept pending)."""
+        return self._encode(self.root)
+
+    def store_trees(self) -> None:
+        """Put every pending directory into the batch."""
+        for entries in self._pending.values():
+            self.store.put_tree(entries, self.batch)
+        self._pending.clear()
 
     # -- members -----------------------------------------------------------------
 
@@ -280,7 +293,7 @@ class TreeBuilder:
             assert node.digest is not None
             node.children = {
                 e.name: _Dir(e, e.ref) if e.kind == treefmt.DIR else e
-                for e in self.store.get_tree(node.digest)
+                for e in self._pending.get(node.digest) or self.store.get_tree(node.digest)
             }
         return node.children
 
@@ -375,7 +388,7 @@ class TreeBuilder:
             self.batch.add(temp, self.store.blob_path(digest), size)
         return digest
 
-    def _store(self, node: _Dir) -> bytes:
+    def _encode(self, node: _Dir) -> bytes:
         if node.digest is not None:
             return node.digest
         assert node.children is not None
@@ -384,10 +397,11 @@ class TreeBuilder:
             child = node.children[name]
             if isinstance(child, _Dir):
                 assert child.entry is not None
-                entries.append(child.entry._replace(name=name, ref=self._store(child)))
+                entries.append(child.entry._replace(name=name, ref=self._encode(child)))
             else:
                 entries.append(child)
-        node.digest = self.store.put_tree(entries, self.batch)
+        node.digest, _ = treefmt.digest_of(entries)
+        self._pending[node.digest] = entries
         return node.digest
 
 

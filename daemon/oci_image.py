@@ -299,7 +299,8 @@ def apply_image(store: Store, parts: ImageParts, *, devices: Devices = "refuse")
             except OciError as exc:
                 what = f"layer {i + 1} of {len(parts.layers)}"
                 raise OciError(f"{what} ({layer.digest or 'no digest'}): {exc}") from None
-            trees.append(builder.commit())
+            trees.append(builder.digest())
+        builder.store_trees()
     if not trees:
         trees = [treefmt.EMPTY_TREE]
     return ImportedImage(trees, config, diff_ids, parts.name, parts.manifest_digest)

@@ -388,15 +388,22 @@ def read_refs(store: Store, digest: bytes) -> tuple[list[bytes], list[bytes]] | 
     Faster than ``Store.get_tree`` for marking: no hash check and no entry
     objects. A corrupt tree can only make GC keep more than it needs.
     """
+    hexd = digest.hex()
     try:
-        with open(store.tree_path(digest), "rb") as f:
-            data = f.read()
+        fd = os.open(f"{store.tree_dir}/{hexd[:2]}/{hexd}", os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    try:
+        chunks = [os.read(fd, 1 << 16)]
+        while len(chunks[-1]) == 1 << 16:
+            chunks.append(os.read(fd, 1 << 16))
     except OSError as exc:
-        if exc.errno in (errno.EIO, errno.EACCES):
+        if exc.errno == errno.EIO:
             return None
         raise
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
     try:
         _fmt, rows = msgpack.unpackb(data, raw=True, use_list=True)
         subtrees = [row[7] for row in rows if row[1] == treefmt.DIR]

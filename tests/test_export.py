@@ -119,3 +119,23 @@ def test_import_on_another_machine_gives_the_same_bytes(frozen, daemon_root: Pat
     finally:
         other.stop()
         subprocess.run(["rm", "-rf", str(other_root)])
+
+
+def test_export_on_failure_writes_the_image_as_soon_as_a_step_fails(frozen, podman: list[str]):  # noqa: F811
+    amberd, _ = frozen
+    spec = amberd.root / "spec" / "spec.toml"
+    out = amberd.root / "on-failure.tar"
+    proc = amberd.amber(
+        "build",
+        "--retry-failed",
+        "--export-on-failure",
+        "oci",
+        "--export-path",
+        str(out),
+        str(spec),
+    )
+    assert proc.returncode == 1
+    assert out.exists(), proc.stderr
+    assert b"exported the state at failure" in proc.stdout + proc.stderr
+    loaded = run([*podman, "load", "-i", str(out)])
+    assert ":compile" in loaded.stdout
