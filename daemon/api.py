@@ -29,7 +29,7 @@ from .context import DaemonContext
 from .db import BuildRecord
 from .manager import BuildManager
 from .sources import filesystem_identity
-from .spec import SpecError, parse_spec
+from .spec import Spec, SpecError, parse_spec
 
 if TYPE_CHECKING:
     from .server import Connection
@@ -84,7 +84,8 @@ class Api:
         await conn.send(event(conn.request_id, name, data))
 
 
-def _parse(text: str, path: str) -> Any:
+def parse_spec_request(text: str, path: str) -> Spec:
+    """A spec sent by a client, with errors as replies."""
     if not os.path.isabs(path):
         raise AmberError("bad-args", f"spec_path must be absolute, got {path!r}")
     try:
@@ -115,7 +116,7 @@ async def _build(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, 
         raise AmberError("bad-args", "--export-on-failure registry needs --export-ref REF")
     if args["export_path"] is not None and not os.path.isabs(args["export_path"]):
         raise AmberError("bad-args", f"export_path must be absolute, got {args['export_path']!r}")
-    spec = _parse(args["spec_text"], args["spec_path"])
+    spec = parse_spec_request(args["spec_text"], args["spec_path"])
     build = api.manager.submit(
         spec,
         args["spec_path"],

@@ -15,7 +15,6 @@ out a spec may store the trees of its local sources, as a build would).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,13 +23,13 @@ import trio
 from amber.client.errors import AmberError
 from amber.sandbox.digest import from_hex
 
-from .api import Api, operation
+from .api import Api, operation, parse_spec_request
 from .bases import resolve_base
 from .db import BuildRecord
 from .fetch import DigestMismatch, Fetched, known_source, source_label
 from .frozen import resolve_state
 from .sources import lay_out
-from .spec import Spec, SpecError, parse_spec, spec_from_dict
+from .spec import Spec, SpecError, spec_from_dict
 from .stamps import check_tree
 
 if TYPE_CHECKING:
@@ -51,19 +50,10 @@ async def _verify(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str,
         return await _verify_build(api, api.record(conn, build))
     if spec_text is None or spec_path is None:
         raise AmberError("bad-args", "verify needs build, or spec_text and spec_path")
-    result = await _verify_spec(api, conn, _parse(spec_text, spec_path), spec_path)
+    result = await _verify_spec(api, conn, parse_spec_request(spec_text, spec_path), spec_path)
     for message in result["notes"]:
         await api.send_event(conn, "note", {"message": message})
     return result
-
-
-def _parse(text: str, path: str) -> Spec:
-    if not os.path.isabs(path):
-        raise AmberError("bad-args", f"spec_path must be absolute, got {path!r}")
-    try:
-        return parse_spec(text, path, Path(path).parent)
-    except SpecError as exc:
-        raise AmberError("spec-error", str(exc)) from None
 
 
 async def _verify_spec(api: Api, conn: Connection, spec: Spec, spec_path: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import tree as treefmt
 from .importer import NO_SHIFT, IdShift
-from .store import Store
+from .store import Store, data_ranges
 from .tree import Entry
 
 
@@ -110,22 +110,11 @@ class _Writer:
 
 
 def _copy_sparse(src: int, dst: int, size: int) -> None:
-    pos = 0
-    while pos < size:
-        try:
-            data_at = os.lseek(src, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno != errno.ENXIO:
-                raise
-            break
-        if data_at >= size:
-            break
-        hole_at = min(os.lseek(src, data_at, os.SEEK_HOLE), size)
-        pos = data_at
-        while pos < hole_at:
-            n = os.copy_file_range(src, dst, hole_at - pos, pos, pos)
+    for start, end in data_ranges(src, size):
+        pos = start
+        while pos < end:
+            n = os.copy_file_range(src, dst, end - pos, pos, pos)
             if n == 0:
                 break
             pos += n
-        pos = hole_at
     os.ftruncate(dst, size)

@@ -369,37 +369,51 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def _copy_and_hash(src: int, dst: int | None, size: int) -> tuple[bytes, int]:
-    """Hash ``size`` bytes of ``src`` (and copy them to ``dst``), keeping holes.
+def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of each region of ``fd`` holding data, up to ``size``.
 
-    Holes found with SEEK_DATA/SEEK_HOLE are hashed as zeros but not read or
-    written, so a sparse 5 GiB file costs what its data costs. A file that is
-    shorter than ``size`` is taken as it is.
+    Found with SEEK_DATA/SEEK_HOLE, so holes of sparse files are skipped
+    rather than read; a filesystem without hole support reports one region.
     """
-    hasher = new_hasher(size)
     pos = 0
     while pos < size:
         try:
-            data_at = os.lseek(src, pos, os.SEEK_DATA)
+            start = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError as exc:
             if exc.errno != errno.ENXIO:
                 raise
-            data_at = size
-        data_at = min(data_at, size)
-        _hash_zeros(hasher, data_at - pos)
-        pos = data_at
-        if pos >= size:
-            break
-        hole_at = min(os.lseek(src, pos, os.SEEK_HOLE), size)
-        while pos < hole_at:
-            chunk = os.pread(src, min(CHUNK * 4, hole_at - pos), pos)
+            return  # only a hole is left
+        if start >= size:
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end
+        pos = end
+
+
+def _copy_and_hash(src: int, dst: int | None, size: int) -> tuple[bytes, int]:
+    """Hash ``size`` bytes of ``src`` (and copy them to ``dst``), keeping holes.
+
+    Holes are hashed as zeros but not read or written, so a sparse 5 GiB
+    file costs what its data costs. A file shorter than ``size`` is taken as
+    it is.
+    """
+    hasher = new_hasher(size)
+    pos = 0
+    for start, end in data_ranges(src, size):
+        _hash_zeros(hasher, start - pos)
+        pos = start
+        while pos < end:
+            chunk = os.pread(src, min(CHUNK * 4, end - pos), pos)
             if not chunk:
-                size = pos
+                size = pos  # the file shrank under us
                 break
             hasher.update(chunk)
             if dst is not None:
                 os.pwrite(dst, chunk, pos)
             pos += len(chunk)
+        if pos < end:
+            break
+    _hash_zeros(hasher, size - pos)
     if dst is not None:
         os.ftruncate(dst, size)
     return hasher.digest(), size
