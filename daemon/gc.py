@@ -49,6 +49,7 @@ log = logging.getLogger("amber.gc")
 
 CHUNK = 512  # objects removed per acquisition of Roots.lock
 REMOVERS = 32  # threads unlinking at once: freeing blocks waits on the disk, not the CPU
+QUARANTINE_WAIT = 600.0  # seconds a cycle waits for live builds to reach a step boundary
 AUTO_INTERVAL = 10.0  # seconds between free-space checks
 AUTO_RETRY = 300.0  # seconds before an automatic GC that fell short tries again anyway
 
@@ -73,9 +74,9 @@ class GcReport:
     results: int = 0  # result records dropped
     builds: int = 0  # build records dropped
     out_links: int = 0  # out-links dropped (their path is gone or was replaced)
-    quarantined: int = 0  # objects that waited for live builds before going
+    quarantined: int = 0  # objects that waited for live builds (and went, or came back)
     waited_for: list[str] = field(default_factory=list)
-    complete: bool = True  # False when --max-freed stopped the sweep
+    complete: bool = True  # False when --max-freed stopped the sweep, or a build kept it waiting
     dry_run: bool = False
     seconds: float = 0.0
 
@@ -147,15 +148,23 @@ async def collect(
             _sweep, store, roots, cycle, options, report
         )
         if cycle.quarantined:
-            report.quarantined = cycle.quarantined
             waiting = await trio.to_thread.run_sync(roots.waiting_for)
             if waiting:
                 report.waited_for = waiting
                 await say(f"gc: waiting for {', '.join(waiting)} to reach a step boundary")
-            while waiting:
-                await trio.sleep(0.1)
-                waiting = await trio.to_thread.run_sync(roots.waiting_for)
-            await trio.to_thread.run_sync(_purge, roots, cycle, report)
+            with trio.move_on_after(QUARANTINE_WAIT):
+                while waiting:
+                    await trio.sleep(0.1)
+                    waiting = await trio.to_thread.run_sync(roots.waiting_for)
+            if waiting:
+                # A step that runs for hours: give the quarantine back (end_cycle
+                # below); the next cycle collects it.
+                report.complete = False
+                await say(
+                    f"gc: gave up waiting for {', '.join(waiting)}; the next gc frees the rest"
+                )
+            else:
+                await trio.to_thread.run_sync(_purge, roots, cycle, report)
         if not options.dry_run:
             dropped = await trio.to_thread.run_sync(
                 _trim_database, store, db_path, cycle, db_roots, report.complete
@@ -215,7 +224,8 @@ def database_roots(db: Database, options: GcOptions, now: float) -> DatabaseRoot
         if out_link_alive(link):
             tree(link.tree)
         else:
-            db.delete_out_link(link.path)
+            if not options.dry_run:
+                db.delete_out_link(link.path)
             out.dropped_out_links.append(link.path)
     for image in db.list_images():
         tree(image["tree"])
@@ -332,6 +342,7 @@ def _sweep_chunk(
                     continue
                 if quarantine_fd is not None:
                     cycle.quarantined += 1
+                    report.quarantined += 1
                 else:
                     _count(report, kind, size)
                 if kind == "trees" and not dry_run:

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import logging
 import os
 import threading
@@ -143,7 +142,6 @@ class Roots:
         self.quarantine = Path(store.root) / "quarantine"
         self._holds: dict[int, Hold] = {}
         self._by_build: dict[str, Hold] = {}
-        self._ids = itertools.count(1)
         self._seq = 0
         self.cycle: Cycle | None = None
 
