@@ -91,7 +91,15 @@ class Executor:
             self._errored(f"infrastructure failure: {exc}")
         finally:
             if b.status in ("running", "queued"):
-                self._errored("internal error")
+                # Cancellation may arrive wrapped in an exception group (trio's
+                # strict groups), so name the reason by what is true, not by
+                # the exception's shape.
+                if b.cancelled:
+                    self._errored("cancelled")
+                elif self.ctx.stopping:
+                    self._errored("the daemon is stopping")
+                else:
+                    self._errored("internal error")
             db.update_build(
                 b.id,
                 status=b.status,
@@ -100,21 +108,23 @@ class Executor:
                 failed_step=b.failed_step,
                 error=b.error,
             )
-            if b.frozen and b.export_on_failure:
-                try:
-                    await self.ctx.on_frozen(b)
-                except Exception as exc:  # an export problem never changes the build's result
-                    log.exception("build %s: export on failure", b.id)
-                    self._note(f"export on failure did not complete: {exc}")
-            if b.pin and b.status != "success":
-                b.note(f"not pinned as {b.pin}: the build {b.status} (`amber pin add` can pin it)")
-            with trio.CancelScope(shield=True):
-                # A last checkpoint, so what it recorded outlives the hold
-                # through a GC cycle that is running now (see roots.py).
-                try:
+            try:
+                with trio.CancelScope(shield=True):
+                    # A last checkpoint before anything reads what the build
+                    # recorded (an export), so that it is whole and outlives
+                    # the hold through a GC cycle running now (see roots.py).
                     await trio.to_thread.run_sync(self.hold.checkpoint, *build_state(db, b.id))
-                finally:
-                    self.hold.release()
+                if b.frozen and b.export_on_failure:
+                    try:
+                        await self.ctx.on_frozen(b)
+                    except Exception as exc:  # an export problem never changes the build's result
+                        log.exception("build %s: export on failure", b.id)
+                        self._note(f"export on failure did not complete: {exc}")
+                if b.pin and b.status != "success":
+                    why = f"the build {b.status}; `amber pin add {b.pin} {b.id}` pins it anyway"
+                    b.note(f"not pinned as {b.pin}: {why}")
+            finally:
+                self.hold.release()
             b.finish(b.status)
 
     def _errored(self, reason: str) -> None:

@@ -45,6 +45,7 @@ log = logging.getLogger("amber")
 EX_CONFIG = 78  # sysexits.h; amberd.service does not restart on it (RestartPreventExitStatus)
 STATUS_INTERVAL = 1.0  # seconds between checks of what STATUS= should say
 UNMOUNT_ALLOWANCE = 30.0  # seconds asked of systemd for stopping, beyond stop-grace
+FINAL_REPLIES = 2.0  # seconds clients get to receive their builds' outcomes once all have ended
 
 _LEVEL_PREFIXES = {
     logging.DEBUG: "<7>",
@@ -149,40 +150,59 @@ def _open_listener(config: Config) -> tuple[trio.socket.SocketType, bool]:
 
 
 async def _serve(ctx: DaemonContext, listener, notifier: systemd.Notifier, task_status) -> None:
-    config = ctx.config
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as builds_nursery:
-            manager = BuildManager(ctx, builds_nursery)
-            status = _Status(notifier, manager)
-            api = Api(ctx, manager)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(serve, api, listener, config.max_frame)
-                nursery.start_soon(gc_ops.serve_auto_gc, ctx)
-                status.send_ready()
-                builds_nursery.start_soon(status.keep_current)
-                task_status.started(ctx)
-                async for signum in signals:
-                    log.info("received %s", signal.Signals(signum).name)
-                    break
-                nursery.cancel_scope.cancel()  # stop serving requests
-            # Stop accepting now: under systemd, connections made from here on
-            # wait in the socket's queue for the next amberd instead of in ours.
-            listener.close()
-            ctx.stopping = True
-            status.stop_deadline = trio.current_time() + config.stop_grace
-            log.info(
-                "stopping: no new builds or steps; %d running step(s) get %g s to finish "
-                "(signal again to cancel them now)",
-                status.counts()[0],
-                config.stop_grace,
-            )
-            status.send_stopping(needs=config.stop_grace + UNMOUNT_ALLOWANCE)
-            async with trio.open_nursery() as stopping:
-                stopping.start_soon(_cancel_on_next_signal, signals, manager)
-                await manager.stop(config.stop_grace)
-                stopping.cancel_scope.cancel()
-            builds_nursery.cancel_scope.cancel()
+        # Connections outlive accepting: a client following a build gets its
+        # outcome (errored, with the reason) rather than a dropped connection.
+        async with trio.open_nursery() as connections:
+            await _run_until_stopped(ctx, listener, notifier, task_status, signals, connections)
+            with trio.move_on_after(FINAL_REPLIES):
+                while connections.child_tasks:
+                    await trio.sleep(0.05)
+            connections.cancel_scope.cancel()
         notifier.status("stopping: unmounting")
+
+
+async def _run_until_stopped(
+    ctx: DaemonContext,
+    listener,
+    notifier: systemd.Notifier,
+    task_status,
+    signals,
+    connections: trio.Nursery,
+) -> None:
+    """Serve until a signal; then stop accepting and let builds end (see ``stop-grace``)."""
+    config = ctx.config
+    async with trio.open_nursery() as builds_nursery:
+        manager = BuildManager(ctx, builds_nursery)
+        status = _Status(notifier, manager)
+        api = Api(ctx, manager)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, api, listener, config.max_frame, connections)
+            nursery.start_soon(gc_ops.serve_auto_gc, ctx)
+            status.send_ready()
+            builds_nursery.start_soon(status.keep_current)
+            task_status.started(ctx)
+            async for signum in signals:
+                log.info("received %s", signal.Signals(signum).name)
+                break
+            nursery.cancel_scope.cancel()  # stop serving requests
+        # Stop accepting now: under systemd, connections made from here on
+        # wait in the socket's queue for the next amberd instead of in ours.
+        listener.close()
+        ctx.stopping = True
+        status.stop_deadline = trio.current_time() + config.stop_grace
+        log.info(
+            "stopping: no new builds or steps; %d running step(s) get %g s to finish "
+            "(signal again to cancel them now)",
+            status.counts()[0],
+            config.stop_grace,
+        )
+        status.send_stopping(needs=config.stop_grace + UNMOUNT_ALLOWANCE)
+        async with trio.open_nursery() as stopping:
+            stopping.start_soon(_cancel_on_next_signal, signals, manager)
+            await manager.stop(config.stop_grace)
+            stopping.cancel_scope.cancel()
+        builds_nursery.cancel_scope.cancel()
 
 
 async def _cancel_on_next_signal(signals, manager: BuildManager) -> None:

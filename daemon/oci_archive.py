@@ -196,12 +196,9 @@ def open_local(path: Path, tag: str | None = None) -> Iterator[ImageParts]:
             raise OciError(f"{path} is a directory but not an OCI layout (no index.json)")
         yield from_layout(DirFiles(path), tag)
         return
-    try:
-        f = open(path, "rb")  # noqa: SIM115 - closed by the ExitStack
-    except OSError as exc:
-        raise OciError(f"cannot open {path}: {exc.strerror}") from None
     with contextlib.ExitStack() as stack:
-        stack.enter_context(f)
+        # A missing or unreadable file is an OSError, not an image problem.
+        f = stack.enter_context(open(path, "rb"))
         magic = f.read(6)
         f.seek(0)
         if _compressed(magic):

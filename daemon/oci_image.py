@@ -49,6 +49,7 @@ from .oci_spec import (
     OciError,
     canonical_json,
     digest_hex,
+    display_reference,
     image_manifest,
     index_json,
     parse_reference,
@@ -64,7 +65,7 @@ LayerSpec = tuple[bytes | None, bytes]
 
 @dataclass(frozen=True)
 class ExportResult:
-    path: Path
+    path: Path | None  # None when written to a given file object
     format: str
     manifest_digest: str
     config_digest: str
@@ -86,7 +87,7 @@ def export_image(
     store: Store,
     layers: Sequence[LayerSpec],
     config: ImageConfig,
-    out_path: Path,
+    out_path: Path | BinaryIO,
     format: Format = "oci",
     *,
     ref: str | None = None,
@@ -97,8 +98,15 @@ def export_image(
     """Write the image whose layers are the diffs ``layers`` to ``out_path``.
 
     ``ref`` (``amber/BUILD:STEP``) names the image for loaders; a name without
-    a registry becomes ``localhost/NAME`` so docker and podman show the same.
-    The file appears only when complete (written aside, then renamed).
+    a registry becomes ``localhost/NAME`` so docker and podman show the same,
+    and characters a reference may not hold become ``-`` (the result's
+    ``name`` says what loaders will show).
+    A path gets the file only when complete (written aside, then renamed).
+    ``out_path`` may instead be an open, seekable binary file, written from
+    its current position: a daemon running as root can write to a file the
+    client opened and passed over the socket, rather than to a path a client
+    named.
+
     Layers are uncompressed by default, as ``docker save`` and ``podman save``
     write them: a local archive is written and loaded fastest that way.
     """
@@ -106,25 +114,33 @@ def export_image(
         raise ValueError(f"unknown export format {format!r}")
     if not layers:
         raise ValueError("an image needs at least one layer")
-    name = qualified_name(ref) if ref else None
+    name = qualified_name(display_reference(ref)) if ref else None
+    config = replace(config, created=config.created or rfc3339())
+
+    def write(f: BinaryIO) -> tuple[tuple[str, str, list[LayerInfo]], int]:
+        start = f.tell()
+        out = _ArchiveOut(f)
+        result = _write_archive(
+            out, store, layers, config, format, name, compression, level, threads
+        )
+        out.finish()
+        f.flush()
+        return result, f.tell() - start
+
+    if not isinstance(out_path, (str, Path)):
+        (manifest_digest, config_digest, infos), size = write(out_path)
+        return ExportResult(None, format, manifest_digest, config_digest, infos, size, name)
     out_path = Path(out_path)
     part = out_path.with_name(f".{out_path.name}.{secrets.token_hex(6)}.part")
-    config = replace(config, created=config.created or rfc3339())
     try:
         with open(part, "wb", buffering=1 << 20) as f:
-            out = _ArchiveOut(f)
-            result = _write_archive(
-                out, store, layers, config, format, name, compression, level, threads
-            )
-            out.finish()
-            size = f.tell()
+            (manifest_digest, config_digest, infos), size = write(f)
         # Unlinking first spares ext4's flush of data renamed over a file.
         out_path.unlink(missing_ok=True)
         os.replace(part, out_path)
     except BaseException:
         part.unlink(missing_ok=True)
         raise
-    manifest_digest, config_digest, infos = result
     return ExportResult(out_path, format, manifest_digest, config_digest, infos, size, name)
 
 

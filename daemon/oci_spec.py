@@ -378,6 +378,18 @@ def qualified_name(ref: str) -> str:
     return f"localhost/{parsed}" if parsed.tag else f"localhost/{parsed}:latest"
 
 
+def display_reference(ref: str) -> str:
+    """``ref`` if valid, else the nearest valid one (a name only shown to users)."""
+    try:
+        parse_reference(ref)
+    except OciError:
+        name, colon, tag = ref.rpartition(":")
+        if not colon or "/" in tag:
+            name, tag = ref, "latest"
+        return make_reference(name, tag)
+    return ref
+
+
 def make_reference(name: str, tag: str) -> str:
     """A valid ``name:tag`` from arbitrary build and step names."""
     clean_name = re.sub(r"[^a-z0-9._/-]+", "-", name.lower())

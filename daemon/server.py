@@ -226,11 +226,18 @@ async def serve(
     api: Api,
     listener: trio.socket.SocketType,
     max_frame: int,
+    connections: trio.Nursery | None = None,
     *,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept connections forever; each is served in its own task."""
-    async with trio.open_nursery() as nursery:
+    """Accept connections until cancelled; each is served in its own task.
+
+    Connection tasks run in ``connections`` when given, so that cancelling
+    the accept loop (a daemon stopping) leaves clients that follow a build
+    connected until they have its outcome.
+    """
+    async with trio.open_nursery() as own:
+        where = connections or own
         task_status.started()
         while True:
             try:
@@ -241,4 +248,4 @@ async def serve(
                     await trio.sleep(0.1)
                     continue
                 raise
-            nursery.start_soon(serve_connection, api, sock, max_frame)
+            where.start_soon(serve_connection, api, sock, max_frame)

@@ -223,6 +223,9 @@ def test_sigterm_during_a_build_marks_it_errored_and_a_restart_builds_again(daem
     # a short grace: the running step cannot finish in time and is cancelled
     assert d.stop(signal.SIGTERM) == 0
     thread.join(30)
+    # the client following the build got its outcome, not a dropped connection
+    followed = json.loads(holder["proc"].stdout)
+    assert followed["status"] == "errored" and "stopping" in followed["error"]
     from amber.sandbox.mounts import mounts_under
 
     assert mounts_under(daemon_root) == []
