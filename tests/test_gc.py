@@ -432,7 +432,11 @@ def test_gc_in_a_loop_while_ten_builds_run_and_two_shells_are_open(busy_amberd: 
 
     for i in range(10):
         code, report = results[i]
-        assert code == 0 and report["status"] == "success", (i, report, d.log.read_text()[-4000:])
+        if not (code == 0 and report["status"] == "success"):
+            Path("/tmp/gcfail.txt").write_text(
+                json.dumps(report, indent=1) + "\n" + d.log.read_text()
+            )
+        assert code == 0 and report["status"] == "success", (i, report)
     for i, shell in enumerate(shells):
         out, err = shell.communicate(timeout=60)
         assert shell.returncode == 0, err
@@ -448,3 +452,20 @@ def test_gc_in_a_loop_while_ten_builds_run_and_two_shells_are_open(busy_amberd: 
         assert blob_present(d, f"shared-output\nunique-{i}\n".encode())
     code, again = d.build_json(d.root / "b3" / "spec.toml")
     assert statuses(again) == ["cached"] * 3
+
+
+def test_automatic_gc_when_free_space_runs_low(daemon_root: Path):
+    config = daemon_root / "amberd.toml"
+    config.write_text('min-free = "1000T"\nmax-free = "1000T"\n')  # always short of space
+    d = Daemon(daemon_root).start("--config", str(config))
+    try:
+        spec = write_spec(d.root / "auto", steps_spec("auto", "echo auto-garbage > g"))
+        assert d.build_json(spec)[0] == 0
+        assert blob_present(d, b"auto-garbage\n")
+        deadline = time.monotonic() + 30  # a new build makes the next check collect
+        while blob_present(d, b"auto-garbage\n"):
+            assert time.monotonic() < deadline, d.log.read_text()[-2000:]
+            time.sleep(0.2)
+        assert amber_json(d, "status")["last_gc"]
+    finally:
+        assert d.stop() == 0

@@ -479,12 +479,21 @@ def print_pair(n: int, plain: PlainRun, amber: AmberRun) -> None:
     )
 
 
-def print_summary(results: Results, big: BigTreeRun) -> float:
+def load_note() -> str:
+    """Other work on the machine inflates FUSE round trips more than plain I/O."""
+    load = os.getloadavg()[0]
+    cores = os.cpu_count() or 1
+    busy = "; wall-clock ratios are unreliable" if load > cores else ""
+    return f"load average {load:.2f} on {cores} CPUs{busy}"
+
+
+def print_summary(results: Results, big: BigTreeRun, load_before: str) -> float:
     plain, amber = results.plain, results.amber
     med = statistics.median
     ratio = med(results.ratios())
     med_plain, med_amber = med(p.total for p in plain), med(a.total for a in amber)
     print("\n== summary ==")
+    print(f"machine                       before: {load_before}\n{'':30}after:  {load_note()}")
     print(f"median plain build            {med_plain:.2f} s")
     print(f"median amber build            {med_amber:.2f} s")
     print(f"ratio of medians              {med_amber / med_plain:.3f}")
@@ -569,6 +578,7 @@ def print_fuse_ops(results: Results) -> None:
 
 
 async def benchmark(args: argparse.Namespace, rootfs: Path, tarball: Path, work: Path) -> float:
+    load_before = load_note()
     store, tree, seconds = await trio.to_thread.run_sync(import_rootfs, work / "state", rootfs)
     print(f"import of the rootfs into a fresh store: {seconds:.2f} s ({tree.hex()[:16]})")
     results = Results()
@@ -584,7 +594,7 @@ async def benchmark(args: argparse.Namespace, rootfs: Path, tarball: Path, work:
     )
     print(f"\nsynthetic 100,000-file tree written in {time.perf_counter() - start:.2f} s")
     big = await big_tree_run(store, big_tree, work / "big", args.keep)
-    return print_summary(results, big)
+    return print_summary(results, big, load_before)
 
 
 async def run_until_signal(
