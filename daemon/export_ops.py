@@ -118,8 +118,9 @@ async def export_state(
     def work() -> dict[str, Any]:
         try:
             if push is not None:
+                (ctx.config.state_dir / "tmp").mkdir(mode=0o700, exist_ok=True)
                 digest = push_image(ctx.store, layers, config, push, insecure=insecure,
-                                    tmp_dir=ctx.config.state_dir / "cas" / "tmp")  # fmt: skip
+                                    tmp_dir=ctx.config.state_dir / "tmp")  # fmt: skip
                 return {"ref": push, "digest": digest, "layers": len(layers)}
             assert output is not None
             if not os.path.isabs(output):

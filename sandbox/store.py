@@ -20,6 +20,7 @@ import ctypes
 import errno
 import os
 import secrets
+import shutil
 import stat
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -61,12 +62,20 @@ def _shard(base: Path, digest: bytes) -> Path:
     return base / hexd[:2] / hexd
 
 
+def _shard_str(base: str, digest: bytes) -> str:
+    # Plain strings: presence checks run tens of thousands of times per
+    # build state, and pathlib costs several times the stat itself.
+    hexd = digest.hex()
+    return f"{base}/{hexd[:2]}/{hexd}"
+
+
 class Batch:
     """Objects written together and made durable together (see module doc)."""
 
     def __init__(self, store: Store):
         self._store = store
         self._pending: list[tuple[str, str]] = []
+        self.pending_trees: set[bytes] = set()  # readable through this store, not yet on disk
         self.written = 0  # objects this batch added to the store
         self.bytes_written = 0
 
@@ -95,8 +104,11 @@ class Batch:
         finally:
             os.close(fd)
         self._pending.clear()
+        self.pending_trees.clear()
 
     def abort(self) -> None:
+        self._store._forget(self.pending_trees)
+        self.pending_trees.clear()
         for temp, _ in self._pending:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
@@ -133,6 +145,8 @@ class Store:
         self.blob_dir = self.root / "blobs"
         self.tree_dir = self.root / "trees"
         self.tmp_dir = str(self.root / "tmp")
+        self._blob_dir_s = str(self.blob_dir)
+        self._tree_dir_s = str(self.tree_dir)
         self._trees: OrderedDict[bytes, list[Entry]] = OrderedDict()
         self._tree_cache = tree_cache
 
@@ -167,10 +181,12 @@ class Store:
         return _shard(self.tree_dir, digest)
 
     def has_blob(self, digest: bytes) -> bool:
-        return os.path.exists(self.blob_path(digest))
+        return os.path.exists(_shard_str(self._blob_dir_s, digest))
 
     def has_tree(self, digest: bytes) -> bool:
-        return digest in self._trees or os.path.exists(self.tree_path(digest))
+        """On disk, committed. (A tree a live batch wrote is readable with
+        ``get_tree`` but not "had": its batch may still be aborted.)"""
+        return os.path.exists(_shard_str(self._tree_dir_s, digest))
 
     def batch(self) -> Batch:
         return Batch(self)
@@ -227,7 +243,7 @@ class Store:
     def open_blob(self, digest: bytes) -> int:
         """A read-only fd on a blob; the caller closes it."""
         try:
-            return os.open(self.blob_path(digest), os.O_RDONLY | os.O_CLOEXEC)
+            return os.open(_shard_str(self._blob_dir_s, digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise MissingObject("blob", digest) from None
 
@@ -235,8 +251,9 @@ class Store:
 
     def put_tree(self, entries: list[Entry], batch: Batch) -> bytes:
         digest, data = treefmt.digest_of(entries)
-        if not self.has_tree(digest):
+        if digest not in batch.pending_trees and not self.has_tree(digest):
             self._put_tree_bytes(digest, data, batch)
+            batch.pending_trees.add(digest)
         self._remember(digest, entries)
         return digest
 
@@ -265,6 +282,10 @@ class Store:
             raise CorruptObject(f"tree {to_hex(digest)}: {exc}") from None
         self._remember(digest, entries)
         return entries
+
+    def _forget(self, digests: set[bytes]) -> None:
+        for digest in digests:
+            self._trees.pop(digest, None)
 
     def _remember(self, digest: bytes, entries: list[Entry]) -> None:
         self._trees[digest] = entries
@@ -344,8 +365,12 @@ class Store:
         """Drop leftovers of writers that died (only safe with no live writer)."""
         names = os.listdir(self.tmp_dir)
         for name in names:
+            path = os.path.join(self.tmp_dir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+                continue
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.tmp_dir, name))
+                os.unlink(path)
         return len(names)
 
 

@@ -161,3 +161,15 @@ def test_from_hex_rejects_garbage():
         from_hex("../etc/passwd")
     with pytest.raises(ValueError):
         from_hex("zz" * 32)
+
+
+def test_an_aborted_batch_does_not_make_a_tree_look_present(store: Store):
+    entry = treefmt.Entry(b"f", treefmt.FILE, 0o644, 0, 0, 0, 0, hash_bytes(b""))
+    with pytest.raises(RuntimeError), store.batch() as batch:
+        digest = store.put_tree([entry], batch)
+        assert store.get_tree(digest) == [entry]  # readable while its batch lives
+        raise RuntimeError("abort")
+    assert not store.has_tree(digest)
+    with store.batch() as batch:
+        assert store.put_tree([entry], batch) == digest
+    assert store.has_tree(digest)  # written this time
