@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from amber.sandbox.fscontrol import FilesystemPool
 from amber.sandbox.importer import IdShift
 from amber.sandbox.store import Store
 
@@ -27,6 +28,8 @@ class DaemonContext:
     started: float = field(default_factory=time.time)
     #: Set on SIGTERM: running steps may finish, no new step starts.
     stopping: bool = False
+    #: Filesystem processes started ahead of need (see fscontrol.FilesystemPool).
+    fs_pool: FilesystemPool = field(default_factory=FilesystemPool)
     #: Temp roots of live builds, shells and exports (see roots.py).
     roots: Roots = field(init=False)
     #: Garbage collection and fsck, one at a time (see gc.py).

@@ -319,7 +319,9 @@ class Executor:
             # A later cache hit moved the state: start over on its tree.
             await self._close_mount()
         work = self.ctx.mount_dir / f"{self.build.id}-{int(time.time() * 1000) % 100000}"
-        cm = open_overlay(self.ctx.store.state_dir, tree, work, ids=self.ctx.ids)
+        cm = open_overlay(
+            self.ctx.store.state_dir, tree, work, ids=self.ctx.ids, pool=self.ctx.fs_pool
+        )
         self.mount = await cm.__aenter__()
         self._mount_cm = cm
         self.mount_tree = tree

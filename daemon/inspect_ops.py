@@ -10,6 +10,7 @@ import json
 import os
 import shlex
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,10 +94,15 @@ async def _run_shell(
     # A temp root for the shell's life, taken before the presence check: a GC
     # running meanwhile cannot take the frozen state from under the mount.
     with api.ctx.roots.hold(f"shell in {record.id}") as hold:
-        if not await trio.to_thread.run_sync(hold.complete, [state.tree]):
-            raise AmberError(
-                "not-found", f"the state of {state.label} is no longer complete in the store"
-            )
+        # The presence check and the filesystem's start-up each take a few
+        # hundred milliseconds on a large state: do them at once.
+        checked = trio.Event()
+        complete: list[bool] = []
+
+        async def check() -> None:
+            complete.append(await trio.to_thread.run_sync(hold.complete, [state.tree]))
+            checked.set()
+
         binds = _binds_for(record.spec)
         ids = api.ctx.ids
         env = dict(state.env)
@@ -106,7 +112,19 @@ async def _run_shell(
         if args["term"]:
             env["TERM"] = args["term"]
         work = api.ctx.mount_dir / f"shell-{record.id}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
-        async with open_overlay(api.ctx.store.state_dir, state.tree, work, ids=ids) as mnt:
+        async with AsyncExitStack() as stack:
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            nursery.start_soon(check)  # runs while the filesystem starts
+            mnt = await stack.enter_async_context(
+                open_overlay(
+                    api.ctx.store.state_dir, state.tree, work, ids=ids, pool=api.ctx.fs_pool
+                )
+            )
+            await checked.wait()
+            if not complete[0]:
+                raise AmberError(
+                    "not-found", f"the state of {state.label} is no longer complete in the store"
+                )
             user_uid = ids.to_host(0 if state.user == "root" else BUILD_UID)
             await trio.to_thread.run_sync(_seed_history, str(mnt.root), state, user_uid)
             interactive = args["argv"] is None

@@ -159,6 +159,7 @@ async def _serve(ctx: DaemonContext, listener, notifier: systemd.Notifier, task_
                 while connections.child_tasks:
                     await trio.sleep(0.05)
             connections.cancel_scope.cancel()
+        await ctx.fs_pool.aclose()
         notifier.status("stopping: unmounting")
 
 

@@ -91,6 +91,67 @@ class OverlayMount:
             await self._request({"op": "stop"})
 
 
+Spawned = tuple[trio.Process, socket.socket]
+
+
+async def _spawn() -> Spawned:
+    """A filesystem process, importing its modules, waiting for a mount request."""
+    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    cmd = [sys.executable, "-m", "amber.sandbox.fsprocess", "--control-fd", str(child_end.fileno())]
+    try:
+        process = await trio.lowlevel.open_process(
+            cmd, pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL
+        )
+    except BaseException:
+        parent_end.close()
+        raise
+    finally:
+        child_end.close()
+    return process, parent_end
+
+
+class FilesystemPool:
+    """Filesystem processes started ahead of need.
+
+    Starting one costs a few hundred milliseconds of interpreter start-up
+    and imports (trio, pyfuse3), paid on a build's first cache miss and on
+    every ``amber shell``. The pool keeps ``size`` spares that have done that
+    work and wait for a mount request; taking one starts its replacement.
+    A spare whose controller dies sees its socket close and exits.
+    """
+
+    def __init__(self, size: int = 1):
+        self.size = size
+        self._spares: list[Spawned] = []
+        self._closed = False
+
+    async def take(self) -> Spawned:
+        taken: Spawned | None = None
+        while self._spares and taken is None:
+            process, sock = self._spares.pop(0)
+            if process.returncode is None:
+                taken = (process, sock)
+            else:
+                sock.close()
+        if taken is None:
+            taken = await _spawn()
+        while not self._closed and len(self._spares) < self.size:
+            self._spares.append(await _spawn())
+        return taken
+
+    async def aclose(self) -> None:
+        self._closed = True
+        spares, self._spares = self._spares, []
+        for _, sock in spares:
+            sock.close()  # EOF: the spare exits
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            for process, _ in spares:
+                await process.wait()
+        for process, _ in spares:
+            if process.returncode is None:
+                process.kill()
+
+
 @asynccontextmanager
 async def open_overlay(
     state_dir: Path,
@@ -99,35 +160,33 @@ async def open_overlay(
     *,
     ids: IdShift | None = None,
     keep_work: bool = False,
+    pool: FilesystemPool | None = None,
 ) -> AsyncIterator[OverlayMount]:
     """Mount ``tree`` writable at ``work/root`` for the duration of the block.
 
     ``work`` must not exist yet (or be empty); it is removed afterwards
-    unless ``keep_work``.
+    unless ``keep_work``. With a ``pool``, a warm spare process is used.
     """
     work.mkdir(mode=0o755, parents=True, exist_ok=True)
-    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    cmd = [
-        sys.executable, "-m", "amber.sandbox.fsprocess",
-        "--state-dir", str(state_dir), "--tree", tree.hex(), "--work", str(work),
-        "--control-fd", str(child_end.fileno()),
-    ]  # fmt: skip
-    if ids is not None and ids.base:
-        cmd += ["--id-base", str(ids.base), "--id-count", str(ids.count)]
-    try:
-        process = await trio.lowlevel.open_process(
-            cmd,
-            pass_fds=(child_end.fileno(),),
-            stdin=subprocess.DEVNULL,
-        )
-    finally:
-        child_end.close()
+    process, parent_end = await (pool.take() if pool is not None else _spawn())
     parent_end.setblocking(False)
     control = trio.SocketStream(trio.socket.from_stdlib_socket(parent_end))
     mount: OverlayMount | None = None
+    request = {
+        "op": "mount",
+        "state_dir": str(state_dir),
+        "tree": tree.hex(),
+        "work": str(work),
+        "id_base": ids.base if ids is not None else 0,
+        "id_count": ids.count if ids is not None else 65536,
+    }
     try:
         with trio.fail_after(START_TIMEOUT):
             handle = OverlayMount(process, control, work / "root", work)
+            try:
+                await control.send_all(json.dumps(request).encode() + b"\n")
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise FilesystemError(f"filesystem process {process.pid} is gone: {exc}") from None
             ready = await handle._read_line()
         if not ready.get("ready"):
             raise FilesystemError(f"filesystem process did not start: {ready}")

@@ -2,9 +2,11 @@
 
 pyfuse3 serves one filesystem per process, so every mount is a process::
 
-    python -m amber.sandbox.fsprocess --state-dir S --tree HEX --work W [--id-base N]
+    python -m amber.sandbox.fsprocess --control-fd FD
 
-It mounts the tree read-only at ``W/lower`` (FUSE), stacks a kernel overlayfs
+Its first control line says what to mount (``{"op": "mount", "state_dir",
+"tree", "work", "id_base", "id_count"}``), so a process can be started and
+imported ahead of need. It mounts the tree read-only at ``W/lower`` (FUSE), stacks a kernel overlayfs
 at ``W/root`` with a writable upper ``W/upper`` and the store's blobs as a
 data-only layer (see ``lowerfs.py`` for why), then answers JSON lines on the control socket (``--control-fd``):
 
@@ -27,6 +29,7 @@ import json
 import os
 import signal
 import socket
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -146,19 +149,39 @@ async def _send(control: trio.SocketStream, message: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="amber-fs", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--state-dir", required=True, type=Path)
-    parser.add_argument("--tree", required=True, help="hex digest of the root tree")
-    parser.add_argument("--work", required=True, type=Path, help="directory for lower/upper/root")
-    parser.add_argument("--id-base", type=int, default=0, help="host uid of the sandbox's root")
-    parser.add_argument("--id-count", type=int, default=65536)
     parser.add_argument("--control-fd", type=int, required=True, help="connected control socket")
     args = parser.parse_args(argv)
-    ids = IdShift(args.id_base, args.id_count) if args.id_base else IdShift(0, 1 << 32)
-    fs = FilesystemProcess(Store.open(args.state_dir), from_hex(args.tree), args.work, ids)
-    fs.prepare()
     sock = socket.socket(fileno=args.control_fd)
+    # Started ahead of need (a warm spare, see fscontrol.FilesystemPool): the
+    # imports above are done; now wait for what to mount.
+    request = _read_mount_request(sock)
+    if request is None:
+        return  # the controller closed us before we were needed
+    ids = (
+        IdShift(request["id_base"], request["id_count"])
+        if request["id_base"]
+        else IdShift(0, 1 << 32)
+    )
+    fs = FilesystemProcess(
+        Store.open(request["state_dir"]), from_hex(request["tree"]), Path(request["work"]), ids
+    )
+    fs.prepare()
     sock.setblocking(False)
     trio.run(_run, fs, sock)
+
+
+def _read_mount_request(sock: socket.socket) -> dict | None:
+    """The first control line: ``{"op": "mount", "state_dir", "tree", "work", "id_base", "id_count"}``."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)  # byte by byte: nothing after the line may be consumed here
+        if not chunk:
+            return None
+        data += chunk
+    request = json.loads(data)
+    if request.get("op") != "mount":
+        sys.exit(f"amber-fs: expected a mount request, got {request.get('op')!r}")
+    return request
 
 
 async def _run(fs: FilesystemProcess, sock: socket.socket) -> None:

@@ -22,7 +22,7 @@ from fstree import describe, differences
 from amber.sandbox import tree as treefmt
 from amber.sandbox.checkout import checkout
 from amber.sandbox.digest import hash_bytes
-from amber.sandbox.fscontrol import open_overlay
+from amber.sandbox.fscontrol import FilesystemPool, open_overlay
 from amber.sandbox.importer import import_directory
 from amber.sandbox.mounts import mounts_under
 from amber.sandbox.store import Store
@@ -266,7 +266,7 @@ CONTROLLER = """
 import sys, trio
 from pathlib import Path
 from amber.sandbox import tree
-from amber.sandbox.fscontrol import open_overlay
+from amber.sandbox.fscontrol import FilesystemPool, open_overlay
 
 async def main():
     async with open_overlay(Path(sys.argv[1]), tree.EMPTY_TREE, Path(sys.argv[2])) as mnt:
@@ -296,3 +296,23 @@ async def test_filesystem_unmounts_itself_when_its_controller_is_killed(
                 break
             await trio.sleep(0.05)
     assert mounts_under(work) == []
+
+
+async def test_a_warm_spare_serves_the_next_mount(store: Store, tmp_path: Path):
+    pool = FilesystemPool(size=1)
+    try:
+        async with open_overlay(
+            store.state_dir, treefmt.EMPTY_TREE, tmp_path / "a", pool=pool
+        ) as first:
+            assert len(pool._spares) == 1  # a replacement started while this one is used
+            spare_pid = pool._spares[0][0].pid
+            (first.root / "x").write_text("x")
+        async with open_overlay(
+            store.state_dir, treefmt.EMPTY_TREE, tmp_path / "b", pool=pool
+        ) as second:
+            assert second.pid == spare_pid
+            assert not (second.root / "x").exists()
+    finally:
+        spares = [p for p, _ in pool._spares]
+        await pool.aclose()
+    assert all(p.returncode is not None for p in spares)  # closed spares exit
