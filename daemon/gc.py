@@ -8,16 +8,23 @@ A cycle, one at a time (``Collector.lock``; ``fsck`` takes it too):
    running, and the retention policy: frozen failures younger than
    ``keep-failed-days`` and the newest ``keep-failed-per-spec`` of each spec
    name. Everything reachable from them is marked; holds taken during the
-   cycle mark themselves.
+   cycle mark themselves. The logs of every build record that stays are
+   kept too (not its states), so ``amber log`` works for every build
+   ``amber builds`` lists.
 2. **Sweep** (worker thread), one store shard at a time, in chunks under
    ``Roots.lock``: unmarked objects older than the cycle are deleted, or
-   quarantined while builds are live (see ``roots.py`` for why and for the
+   quarantined while builds are live, and nothing is removed while a build
+   is laying out its first state (see ``roots.py`` for why, and for the
    invariant). ``--max-freed`` stops the sweep once enough is freed.
+   Unlinking runs on ``REMOVERS`` threads: on a disk that discards freed
+   blocks, each unlink waits on the device.
 3. **Purge**: once every build that was live during a quarantined chunk has
    passed a step boundary or ended, quarantined objects nobody held since
-   are deleted; the others went back when they were held.
+   are deleted; the others went back when they were held. A cycle waits
+   ``QUARANTINE_WAIT`` at most, then gives the quarantine back: the next
+   cycle collects it.
 4. **Trim the database**: results whose objects are gone, and build records
-   older than ``keep-failed-days`` that nothing keeps.
+   (with their logs) older than ``keep-failed-days`` that nothing keeps.
 
 The trio thread only waits: the daemon keeps serving while a cycle runs.
 """
@@ -247,20 +254,24 @@ def database_roots(db: Database, options: GcOptions, now: float) -> DatabaseRoot
         if b.id not in out.builds and (b.finished or b.created) < cutoff:
             out.old_builds.append(b.id)
     # Pins hold what they resolved to (already above); live and retained
-    # builds hold everything their records name.
+    # builds hold everything their records name; every build record that
+    # stays keeps its logs, so `amber log` works for all of `amber builds`.
     out.builds.update(keep)
-    kept = set(keep)
+    out.old_builds = [b for b in out.old_builds if b not in out.builds]
+    kept, old = set(keep), set(out.old_builds)
     for b in builds:
         if b.id in kept:
             tree(b.base_tree)
             tree(b.final_tree)
-    for _bid, key, before, after, log_digest in db.step_refs(keep):
-        tree(before)
-        tree(after)
+    for bid, key, before, after, log_digest in db.step_refs([b.id for b in builds]):
+        if bid in old:
+            continue
         blob(log_digest)
-        if key and (before or after):
-            out.results.add(key)
-    out.old_builds = [b for b in out.old_builds if b not in out.builds]
+        if bid in kept:
+            tree(before)
+            tree(after)
+            if key and (before or after):
+                out.results.add(key)
     for result in db.results_by_keys(sorted(out.results)):
         tree(result.before_tree)
         tree(result.after_tree)
@@ -289,8 +300,12 @@ def _sweep(store: Store, roots: Roots, cycle: Cycle, options: GcOptions, report:
                     candidates = [n for n in os.listdir(shard_fd) if _digest(n) not in marked]
                     for i in range(0, len(candidates), CHUNK):
                         chunk = candidates[i : i + CHUNK]
-                        _sweep_chunk(pool, store, roots, cycle, kind, shard, shard_fd, chunk,
-                                     options.dry_run, report)  # fmt: skip
+                        deadline = time.monotonic() + QUARANTINE_WAIT
+                        while not _sweep_chunk(pool, store, roots, cycle, kind, shard, shard_fd,
+                                               chunk, options.dry_run, report):  # fmt: skip
+                            if time.monotonic() > deadline:
+                                return False  # builds kept starting: the next cycle goes on
+                            time.sleep(0.05)
                         if (
                             options.max_freed is not None
                             and report.freed_bytes >= options.max_freed
@@ -319,11 +334,19 @@ def _sweep_chunk(
     names: list[str],
     dry_run: bool,
     report: GcReport,
-) -> None:
+) -> bool:
+    """Remove one chunk; False (and nothing done) while a build is starting.
+
+    A build between its start and its first checkpoint (resolving its base,
+    laying out its sources) reads trees it found present moments before;
+    taking any of them away now, even into quarantine, would fail it.
+    """
     marked = cycle.trees if kind == "trees" else cycle.blobs
     quarantine_fd: int | None = None
     with roots.lock:
         writers = [] if dry_run else roots.writers_locked()
+        if any(w.checkpoint_seq == 0 for w in writers):
+            return False
         try:
             if writers:
                 roots.note_quarantine_locked(writers)
@@ -350,6 +373,7 @@ def _sweep_chunk(
         finally:
             if quarantine_fd is not None:
                 os.close(quarantine_fd)
+    return True
 
 
 def _remove(

@@ -21,14 +21,18 @@ container runtimes and amber's sandbox both provide ``/dev``, and import
 refuses device nodes from untrusted layers, so an export that carried them
 (a debootstrap root has ``/dev/null``) could not be imported again.
 
-The uncompressed stream is hashed as it is made (the ``diff_id``), the
-compressed one as it is written (the blob digest); nothing is read twice.
+The uncompressed stream is hashed as it is made (the ``diff_id``), on a
+thread of its own so that hashing overlaps reading and writing (hashlib lets
+go of the GIL for big buffers), the compressed one as it is written (the
+blob digest); nothing is read twice.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO, Literal
@@ -49,6 +53,7 @@ XATTR_RECORD = b"SCHILY.xattr."
 _READ = 4 << 20
 _SMALL = 64 << 10
 _FLUSH = 1 << 20
+_QUEUE = 8  # chunks waiting to be hashed: at most _QUEUE * _READ bytes
 _TAR_TYPE = {
     treefmt.FILE: b"0",
     treefmt.SYMLINK: b"2",
@@ -87,16 +92,63 @@ class _Sink:
         self._out(data)
 
 
+class _HashThread:
+    """SHA-256 of a stream of chunks, computed on a thread of its own.
+
+    Chunks are hashed in the order given; at most ``_QUEUE`` wait, so a slow
+    hash holds the writer back rather than memory growing. A chunk must not
+    change once given (bytes, never a reused buffer). An error of the hash
+    is raised by the next ``update`` or by ``hexdigest``.
+    """
+
+    def __init__(self) -> None:
+        self._hasher = hashlib.sha256()
+        self._queue: queue.Queue[bytes | None] = queue.Queue(_QUEUE)
+        self._error: BaseException | None = None
+        self._discard = False
+        self._thread = threading.Thread(target=self._run, name="layer-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        get = self._queue.get
+        update = self._hasher.update
+        while (data := get()) is not None:
+            if self._error is None and not self._discard:
+                try:
+                    update(data)
+                except BaseException as exc:  # raised on the writer's thread
+                    self._error = exc
+
+    def update(self, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(data)
+
+    def hexdigest(self) -> str:
+        self.close()
+        if self._error is not None:
+            raise self._error
+        return self._hasher.hexdigest()
+
+    def close(self, *, discard: bool = False) -> None:
+        """Wait for the thread to end; with ``discard``, hash nothing more."""
+        if not self._thread.is_alive():
+            return
+        self._discard = discard
+        self._queue.put(None)  # the thread keeps taking chunks: there is room soon
+        self._thread.join()
+
+
 class _TarStream:
     """The uncompressed tar: small writes gathered, everything hashed."""
 
     def __init__(self, down: Callable[[bytes], object]):
         self._down = down
         self._buf = bytearray()
-        self.hasher = hashlib.sha256()
+        self.hasher = _HashThread()
         self.size = 0
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
+    def write(self, data: bytes) -> None:
         if len(data) >= _SMALL:
             self.flush()
             self._emit(data)
@@ -110,7 +162,9 @@ class _TarStream:
             self._emit(bytes(self._buf))
             self._buf.clear()
 
-    def _emit(self, data: bytes | bytearray | memoryview) -> None:
+    def _emit(self, data: bytes) -> None:
+        if type(data) is not bytes:
+            data = bytes(data)  # the hash thread needs a chunk that stays as it is
         self.hasher.update(data)
         self.size += len(data)
         self._down(data)
@@ -150,11 +204,12 @@ def write_layer(
         tar.flush()
         if gz is not None:
             gz.close()
+        diff_id = "sha256:" + tar.hasher.hexdigest()
     except BaseException:
+        tar.hasher.close(discard=True)
         if gz is not None:
             gz.abort()
         raise
-    diff_id = "sha256:" + tar.hasher.hexdigest()
     digest = diff_id if sink.hasher is None else "sha256:" + sink.hasher.hexdigest()
     return LayerInfo(
         digest=digest,
@@ -229,57 +284,73 @@ class _LayerWriter:
     def _whiteout(self, prefix: bytes, name: bytes) -> None:
         self._header(prefix + WHITEOUT + name, b"0")
 
-    def _header(self, name: bytes, type_: bytes, **kwargs) -> None:
-        self.tar.write(oci_tar.header(name, type_, **kwargs))
+    def _header(self, name: bytes, type_: bytes) -> None:
+        self.tar.write(oci_tar.header(name, type_))
+        self.entries += 1
+
+    def _entry_header(
+        self,
+        name: bytes,
+        type_: bytes,
+        e: Entry,
+        pax: dict[bytes, bytes],
+        linkname: bytes = b"",
+        size: int = 0,
+    ) -> None:
+        self.tar.write(
+            oci_tar.header(
+                name,
+                type_,
+                mode=e.mode,
+                uid=e.uid,
+                gid=e.gid,
+                mtime_ns=e.mtime_ns,
+                size=size,
+                linkname=linkname,
+                pax=pax,
+            )
+        )
         self.entries += 1
 
     def _member(self, path: bytes, e: Entry) -> None:
-        if e.kind in (treefmt.SOCK, treefmt.CHR, treefmt.BLK):
+        kind = e.kind
+        if kind in (treefmt.SOCK, treefmt.CHR, treefmt.BLK):
             self.skipped += 1
             return
-        pax = {XATTR_RECORD + k: v for k, v in e.xattrs}
-        meta = {"mode": e.mode, "uid": e.uid, "gid": e.gid, "mtime_ns": e.mtime_ns}
-        if e.kind == treefmt.DIR:
-            self._header(path + b"/", b"5", pax=pax, **meta)
-        elif e.kind == treefmt.FILE:
-            self._file(path, e, pax, meta)
-        elif e.kind == treefmt.SYMLINK:
-            self._header(path, b"2", linkname=e.ref, pax=pax, **meta)
+        pax = {XATTR_RECORD + k: v for k, v in e.xattrs} if e.xattrs else {}
+        if kind == treefmt.FILE:
+            self._file(path, e, pax)
+        elif kind == treefmt.DIR:
+            self._entry_header(path + b"/", b"5", e, pax)
+        elif kind == treefmt.SYMLINK:
+            self._entry_header(path, b"2", e, pax, linkname=e.ref)
         else:
-            self._header(path, _TAR_TYPE[e.kind], pax=pax, **meta)
+            self._entry_header(path, _TAR_TYPE[kind], e, pax)
 
-    def _file(self, path: bytes, e: Entry, pax: dict[bytes, bytes], meta: dict) -> None:
+    def _file(self, path: bytes, e: Entry, pax: dict[bytes, bytes]) -> None:
         if e.link is not None:
             pax[LINK_RECORD] = e.link
             group = (e.link, e.ref, e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.xattrs)
             first = self._first.get(group)
             if first is not None:
-                self._header(path, b"1", linkname=first, pax=pax, **meta)
+                self._entry_header(path, b"1", e, pax, linkname=first)
                 return
             self._first[group] = path
-        self._header(path, b"0", size=e.size, pax=pax, **meta)
+        self._entry_header(path, b"0", e, pax, size=e.size)
         if e.size:
             self._copy_blob(e.ref, e.size, path)
             self.tar.write(oci_tar.padding(e.size))
 
     def _copy_blob(self, digest: bytes, size: int, path: bytes) -> None:
+        # A new bytes object per read: the hash thread may still hold the last.
         fd = self.store.open_blob(digest)
         try:
-            if size <= _SMALL:
-                data = os.read(fd, size)
-                if len(data) != size:
-                    raise StoreError(f"blob of {path!r} is shorter than its entry says")
-                self.tar.write(data)
-                return
-            self.tar.flush()
-            buf = bytearray(min(size, _READ))
-            view = memoryview(buf)
             left = size
             while left:
-                n = os.readv(fd, [view[: min(left, len(buf))]])
-                if n == 0:
+                data = os.read(fd, min(left, _READ))
+                if not data:
                     raise StoreError(f"blob of {path!r} is shorter than its entry says")
-                self.tar.write(view[:n])
-                left -= n
+                self.tar.write(data)
+                left -= len(data)
         finally:
             os.close(fd)

@@ -345,6 +345,13 @@ _USTAR = struct.Struct("100s8s8s8s12s12s8s1s100s6s2s32s32s8s8s155s12x")
 _OCTAL_8 = 8**7
 _OCTAL_12 = 8**11
 _PAX_NAME = b"././@PaxHeader"
+_MAGIC = b"ustar\x0000"
+_NO_DEVICE = bytes(16)
+_TAIL = bytes(155 + 12)  # prefix (unused: long names go in PAX records) and the pad
+_UNAMES = bytes(64)
+# The checksum is counted with its own field as 8 spaces; the magic is constant.
+_CHECK_BASE = 8 * 0x20 + sum(_MAGIC)
+_PAX_HEADERS: dict[int, bytes] = {}  # PAX header block by data size: a few sizes recur
 
 
 def pax_time(mtime_ns: int) -> bytes:
@@ -357,10 +364,11 @@ def pax_time(mtime_ns: int) -> bytes:
 def _record(key: bytes, value: bytes) -> bytes:
     """One PAX record; its length prefix counts its own digits."""
     body = b" %s=%s\n" % (key, value)
-    length = len(body) + 1
-    while len(b"%d" % length) + len(body) != length:
-        length += 1
-    return b"%d%s" % (length, body)
+    n = len(body)
+    digits = len(b"%d" % (n + 1))
+    if len(b"%d" % (n + digits)) != digits:
+        digits += 1  # adding the prefix carried into one more digit
+    return b"%d%s" % (n + digits, body)
 
 
 def _ustar(
@@ -375,7 +383,58 @@ def _ustar(
     devmajor: int,
     devminor: int,
 ) -> bytes:
-    device = type_ in (b"3", b"4")  # tarfile and GNU tar leave the fields empty otherwise
+    # Joined from pieces, the checksum summed over the parts that vary: a
+    # struct and a sum over all 512 bytes cost several times as much.
+    if type_ in (b"3", b"4"):  # tarfile and GNU tar leave the fields empty otherwise
+        if not (0 <= devmajor < _OCTAL_8 and 0 <= devminor < _OCTAL_8):
+            return _ustar_packed(
+                name, type_, mode, uid, gid, size, mtime, linkname, devmajor, devminor
+            )
+        device = b"%07o\0%07o\0" % (devmajor, devminor)
+    else:
+        device = _NO_DEVICE
+    if not (
+        0 <= mode < _OCTAL_8
+        and 0 <= uid < _OCTAL_8
+        and 0 <= gid < _OCTAL_8
+        and 0 <= size < _OCTAL_12
+        and 0 <= mtime < _OCTAL_12
+        and len(name) <= 100
+        and len(linkname) <= 100
+        and len(type_) == 1
+    ):
+        return _ustar_packed(name, type_, mode, uid, gid, size, mtime, linkname, devmajor, devminor)
+    numbers = b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (mode, uid, gid, size, mtime)
+    check = _CHECK_BASE + sum(name) + sum(numbers) + type_[0] + sum(linkname) + sum(device)
+    return b"".join(
+        (
+            name.ljust(100, b"\0"),
+            numbers,
+            b"%06o\0 " % check,
+            type_,
+            linkname.ljust(100, b"\0"),
+            _MAGIC,
+            _UNAMES,
+            device,
+            _TAIL,
+        )
+    )
+
+
+def _ustar_packed(
+    name: bytes,
+    type_: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    mtime: int,
+    linkname: bytes,
+    devmajor: int,
+    devminor: int,
+) -> bytes:
+    """``_ustar`` for values its fields do not hold (cut to the field's width)."""
+    device = type_ in (b"3", b"4")
     block = bytearray(
         _USTAR.pack(
             name, b"%07o\0" % mode, b"%07o\0" % uid, b"%07o\0" % gid,
@@ -387,6 +446,15 @@ def _ustar(
     )  # fmt: skip
     block[148:156] = b"%06o\0 " % sum(block)
     return bytes(block)
+
+
+def _pax_header(size: int) -> bytes:
+    block = _PAX_HEADERS.get(size)
+    if block is None:
+        block = _ustar(_PAX_NAME, b"x", 0o644, 0, 0, size, 0, b"", 0, 0)
+        if size < 4096:
+            _PAX_HEADERS[size] = block
+    return block
 
 
 def _ascii_field(value: bytes) -> bytes:
@@ -431,36 +499,30 @@ def header(
         records.append(_record(b"path", name))
         binary = not _utf8(name)
         name = _ascii_field(name)
-    if len(linkname) > 100 or not linkname.isascii():
+    if linkname and (len(linkname) > 100 or not linkname.isascii()):
         records.append(_record(b"linkpath", linkname))
         binary = binary or not _utf8(linkname)
         linkname = _ascii_field(linkname)
-    for key, value in (("uid", uid), ("gid", gid)):
-        if not 0 <= value < _OCTAL_8:
-            records.append(_record(key.encode(), b"%d" % value))
+    if not 0 <= uid < _OCTAL_8:
+        records.append(_record(b"uid", b"%d" % uid))
+        uid = 0
+    if not 0 <= gid < _OCTAL_8:
+        records.append(_record(b"gid", b"%d" % gid))
+        gid = 0
     if not 0 <= size < _OCTAL_12:
         records.append(_record(b"size", b"%d" % size))
-    for key, value in (pax or {}).items():
-        records.append(_record(key, value))
-    main = _ustar(
-        name,
-        type_,
-        mode,
-        uid if 0 <= uid < _OCTAL_8 else 0,
-        gid if 0 <= gid < _OCTAL_8 else 0,
-        size if size < _OCTAL_12 else 0,
-        seconds,
-        linkname,
-        devmajor,
-        devminor,
-    )
+        if size >= _OCTAL_12:
+            size = 0
+    if pax:
+        for key, value in pax.items():
+            records.append(_record(key, value))
+    main = _ustar(name, type_, mode, uid, gid, size, seconds, linkname, devmajor, devminor)
     if not records:
         return main
     if binary:
         records.insert(0, _record(b"hdrcharset", b"BINARY"))
     data = b"".join(records)
-    extended = _ustar(_PAX_NAME, b"x", 0o644, 0, 0, len(data), 0, b"", 0, 0)
-    return extended + data + padding(len(data)) + main
+    return b"".join((_pax_header(len(data)), data, bytes(-len(data) % BLOCK), main))
 
 
 def padding(size: int) -> bytes:

@@ -34,6 +34,10 @@ then sweeps the store shard by shard. The protocol between them:
    ends). A writer that starts after the chunk cannot come to rely on it:
    the object is no longer in the store for its existence checks to find
    (and the daemon's tree cache forgets removed trees).
+4. A writer that has not taken its first checkpoint yet (a build resolving
+   its base and laying out its sources) *reads* trees it found present
+   moments before; while one is live, GC removes nothing at all, not even
+   into quarantine, and waits for it to reach its first step boundary.
 
 **Invariant**: an object leaves the store for good only when no hold reaches
 it and no live writer can have come to rely on it without a hold. So GC

@@ -36,6 +36,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from . import tree as treefmt
 from .digest import from_hex
 from .fuseops import LowerOperations
 from .importer import IdShift
@@ -74,6 +75,32 @@ class FilesystemProcess:
         # The build's root directory belongs to the sandbox's root user.
         os.chown(self.upper, self.ids.to_host(0), self.ids.to_host(0))
         os.chmod(self.upper, 0o755)
+        self._hoist_root_symlinks()
+
+    def _hoist_root_symlinks(self) -> None:
+        """Copy the root's symlinks (``/bin -> usr/bin`` ...) into the upper.
+
+        On a merged-/usr root nearly every exec and library load resolves
+        through them, and pyfuse3 cannot ask the kernel to cache symlink
+        targets: thousands of READLINK round trips per build. In the upper
+        they are plain ext4 symlinks. They equal the lower's entries, so a
+        snapshot records no change, and a step may replace or delete them
+        as usual.
+        """
+        for entry in self.store.get_tree(self.tree):
+            if entry.kind != treefmt.SYMLINK:
+                continue
+            path = os.path.join(os.fsencode(self.upper), entry.name)
+            os.symlink(entry.ref, path)
+            os.chown(
+                path,
+                self.ids.to_host(entry.uid),
+                self.ids.to_host(entry.gid),
+                follow_symlinks=False,
+            )
+            os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
+            for name, value in entry.xattrs:
+                os.setxattr(path, name, value, follow_symlinks=False)
 
     async def serve(self, control: trio.SocketStream) -> None:
         ops = LowerOperations(self.model, str(self.store.root))

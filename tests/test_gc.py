@@ -91,6 +91,7 @@ async def test_a_writer_keeps_what_it_deduplicated_while_gc_ran(gc_env):
     garbage = put_files(store, {"old": b"shared content\n", "other": b"only garbage\n"})
     shared = hash_bytes(b"shared content\n")
     writer = roots.writer("build w-1", build_id="w-1")
+    await trio.to_thread.run_sync(writer.checkpoint)  # laid out: at its first step now
     reports = []
 
     async def run_gc() -> None:
@@ -115,10 +116,30 @@ async def test_a_writer_keeps_what_it_deduplicated_while_gc_ran(gc_env):
     assert not [p for kind in ("trees", "blobs") for p in (roots.quarantine / kind).glob("*/*")]
 
 
+async def test_a_starting_writer_pauses_the_sweep(gc_env):
+    """A build laying out its sources reads trees it has just found present."""
+    store, roots, db = gc_env
+    garbage = put_files(store, {"g": b"read by a starting build\n"})
+    writer = roots.writer("build w-3", build_id="w-3")
+    reports = []
+
+    async def run_gc() -> None:
+        reports.append(await collect(store, roots, db.path, GcOptions()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_gc)
+        await trio.sleep(0.5)
+        assert roots.cycle is not None and roots.complete([garbage])  # untouched, not even moved
+        await trio.to_thread.run_sync(writer.checkpoint, [garbage])  # it holds what it read
+    writer.release()
+    assert reports[0].quarantined == 0 and roots.complete([garbage])
+
+
 async def test_an_interrupted_cycle_puts_the_quarantine_back(gc_env):
     store, roots, db = gc_env
     garbage = put_files(store, {"g": b"garbage\n"})
     writer = roots.writer("build w-2", build_id="w-2")
+    await trio.to_thread.run_sync(writer.checkpoint)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(collect, store, roots, db.path, GcOptions())
         with trio.fail_after(10):
@@ -192,7 +213,9 @@ def fsck_clean(daemon: Daemon) -> dict:
 
 
 def test_pull_request_flow_pins_a_cache_hit_and_gc_keeps_only_the_pin(amberd: Daemon):
-    other = write_spec(amberd.root / "other", steps_spec("other", "echo other-output > o"))
+    other = write_spec(
+        amberd.root / "other", steps_spec("other", "echo other-log; echo other-output > o")
+    )
     code, first = amberd.build_json(other)
     assert code == 0 and statuses(first) == ["ran"]
 
@@ -215,6 +238,8 @@ def test_pull_request_flow_pins_a_cache_hit_and_gc_keeps_only_the_pin(amberd: Da
     assert report["objects"] > 0 and report["freed_bytes"] > 0 and report["results"] >= 1
 
     assert not blob_present(amberd, b"other-output\n")  # unpinned: collected
+    log = amberd.amber("log", first["build"])  # the record and its log stay (keep-failed-days)
+    assert log.returncode == 0 and b"other-log" in log.stdout
     for content in (b"pr-one\n", b"pr-two\n", b"pr-one\npr-two\n"):
         assert blob_present(amberd, content)
     fsck_clean(amberd)

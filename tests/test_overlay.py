@@ -316,3 +316,24 @@ async def test_a_warm_spare_serves_the_next_mount(store: Store, tmp_path: Path):
         spares = [p for p, _ in pool._spares]
         await pool.aclose()
     assert all(p.returncode is not None for p in spares)  # closed spares exit
+
+
+async def test_root_symlinks_are_served_from_the_upper_and_change_nothing(
+    store: Store, tmp_path: Path
+):
+    base_dir = tmp_path / "base"
+    (base_dir / "usr/bin").mkdir(parents=True)
+    (base_dir / "usr/bin/tool").write_text("#!/bin/sh\n")
+    os.symlink("usr/bin", base_dir / "bin")
+    os.lchown(base_dir / "bin", 0, 0)
+    os.utime(base_dir / "bin", ns=(T, T), follow_symlinks=False)
+    base = import_directory(store, base_dir)
+    async with open_overlay(store.state_dir, base, tmp_path / "mnt") as mnt:
+        assert os.readlink(mnt.root / "bin") == "usr/bin"
+        assert (mnt.root / "bin/tool").read_text() == "#!/bin/sh\n"
+        assert os.lstat(mnt.root / "bin").st_mtime_ns == T
+        assert (await mnt.snapshot()).tree == base  # no change recorded
+        os.unlink(mnt.root / "bin")
+        os.symlink("elsewhere", mnt.root / "bin")
+        changed = (await mnt.snapshot()).tree
+    assert store.lookup_path(changed, b"bin").ref == b"elsewhere"
