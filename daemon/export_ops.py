@@ -116,6 +116,16 @@ async def export_state(
         note = "the host base's system directories (/usr, /etc, ...) are bound at run time and not in the image"
 
     def work() -> dict[str, Any]:
+        # A temp root for the export's life, taken before the presence check:
+        # a GC running meanwhile cannot take a layer from under the writer.
+        with ctx.roots.hold(f"export of {state.build.id}") as hold:
+            if not hold.complete([after for _, after in layers]):
+                raise AmberError(
+                    "not-found", f"the state of {state.label} is no longer complete in the store"
+                )
+            return write()
+
+    def write() -> dict[str, Any]:
         try:
             if push is not None:
                 (ctx.config.state_dir / "tmp").mkdir(mode=0o700, exist_ok=True)
@@ -149,7 +159,9 @@ async def _import(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str,
     def work():
         try:
             with filesystem_identity(conn.peer.uid, conn.peer.gid):
-                return read_image(source, api.ctx.store, insecure=args["insecure"])
+                image = read_image(source, api.ctx.store, insecure=args["insecure"])
+            hold.checkpoint(image.trees)  # held before the build record refers to them
+            return image
         except PermissionError as exc:
             raise AmberError("permission-denied", f"cannot read {source}: {exc.strerror}") from None
         except FileNotFoundError:
@@ -157,11 +169,12 @@ async def _import(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str,
         except (OciError, OSError, ValueError) as exc:
             raise AmberError("bad-image", f"{source}: {exc}") from None
 
-    image = await trio.to_thread.run_sync(work)
-    if len(image.trees) < 1:
-        raise AmberError("bad-image", f"{source} has no layers")
-    record, steps = _frozen_records(api, image, source, conn.peer.uid)
-    api.ctx.db.insert_build(record, steps)
+    with api.ctx.roots.writer(f"import of {source}") as hold:
+        image = await trio.to_thread.run_sync(work)
+        if len(image.trees) < 1:
+            raise AmberError("bad-image", f"{source} has no layers")
+        record, steps = _frozen_records(api, image, source, conn.peer.uid)
+        api.ctx.db.insert_build(record, steps)
     return {"build": record.id, "steps": [s.name for s in steps], "failed_step": record.failed_step}
 
 

@@ -416,18 +416,8 @@ def read_refs(store: Store, digest: bytes) -> tuple[list[bytes], list[bytes]] | 
 
 
 def forget_tree(store: Store, digest: bytes) -> None:
-    """Drop a removed tree from the daemon's tree cache.
-
-    ``Store.has_tree`` answers from its cache, so a tree GC removed would
-    still count as present and a writer would skip rewriting it. The store
-    has no public way to forget one; this reaches into it.
-    """
-    cache = getattr(store, "_trees", None)
-    if cache is not None:
-        cache.pop(digest, None)
-
-
-# -- what a build relies on --------------------------------------------------------
+    """Drop a removed tree from the store's cache so reads see it is gone."""
+    store.forget_tree(digest)
 
 
 def build_state(db: Database, build_id: str) -> tuple[set[bytes], set[bytes]]:

@@ -37,6 +37,7 @@ from amber.client.protocol import (
     request_id,
     result_reply,
 )
+from amber.sandbox.store import MissingObject
 
 from .api import Api
 
@@ -176,6 +177,12 @@ async def _dispatch(api: Api, conn: Connection, message: dict) -> None:
         await conn.send(error_reply(rid, exc))
     except ConnectionGone:
         raise
+    except MissingObject as exc:
+        # Collected by GC or deleted behind amber's back: the user's answer,
+        # not amberd's bug.
+        await conn.send(
+            error_reply(rid, AmberError("not-found", f"{exc}; it was garbage-collected or removed"))
+        )
     except Exception:
         log.exception("request %r from uid %d failed", message.get("op"), conn.peer.uid)
         await conn.send(

@@ -268,7 +268,10 @@ class Store:
     def get_tree(self, digest: bytes) -> list[Entry]:
         cached = self._trees.get(digest)
         if cached is not None:
-            self._trees.move_to_end(digest)
+            # Worker threads share this cache: another may evict the entry
+            # between the get and the move; the entry we hold is still good.
+            with contextlib.suppress(KeyError):
+                self._trees.move_to_end(digest)
             return cached
         try:
             data = self.tree_path(digest).read_bytes()
@@ -289,9 +292,17 @@ class Store:
 
     def _remember(self, digest: bytes, entries: list[Entry]) -> None:
         self._trees[digest] = entries
-        self._trees.move_to_end(digest)
+        with contextlib.suppress(KeyError):
+            self._trees.move_to_end(digest)
         while len(self._trees) > self._tree_cache:
-            self._trees.popitem(last=False)
+            try:
+                self._trees.popitem(last=False)
+            except KeyError:  # emptied by another thread
+                break
+
+    def forget_tree(self, digest: bytes) -> None:
+        """Drop a tree from the cache (GC removed it)."""
+        self._trees.pop(digest, None)
 
     def lookup_path(self, root: bytes, path: bytes) -> Entry | None:
         """The entry at ``path`` (``a/b/c``, relative) below tree ``root``."""
