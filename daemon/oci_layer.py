@@ -53,7 +53,7 @@ XATTR_RECORD = b"SCHILY.xattr."
 _READ = 1 << 20
 _SMALL = 64 << 10
 _FLUSH = 1 << 20
-_QUEUE = 8  # chunks waiting to be hashed: at most _QUEUE * _READ bytes
+_QUEUE = 8  # chunks (of about 1 MiB: _READ, _FLUSH) waiting to be hashed
 _TAR_TYPE = {
     treefmt.FILE: b"0",
     treefmt.SYMLINK: b"2",
