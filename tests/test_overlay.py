@@ -337,3 +337,30 @@ async def test_root_symlinks_are_served_from_the_upper_and_change_nothing(
         os.symlink("elsewhere", mnt.root / "bin")
         changed = (await mnt.snapshot()).tree
     assert store.lookup_path(changed, b"bin").ref == b"elsewhere"
+
+
+async def test_nested_symlinks_are_served_from_the_upper_and_change_nothing(
+    store: Store, tmp_path: Path
+):
+    base_dir = tmp_path / "base"
+    (base_dir / "usr/lib/x86").mkdir(parents=True)
+    (base_dir / "usr/lib/x86/libz.so.1.2.13").write_text("elf")
+    os.symlink("libz.so.1.2.13", base_dir / "usr/lib/x86/libz.so.1")
+    os.chmod(base_dir / "usr/lib/x86", 0o750)
+    os.chown(base_dir / "usr/lib", 0, 0)
+    os.setxattr(base_dir / "usr/lib/x86", "user.kept", b"yes")
+    for d in ("usr/lib/x86", "usr/lib", "usr"):
+        os.utime(base_dir / d, ns=(T, T))
+    base = import_directory(store, base_dir)
+    async with open_overlay(store.state_dir, base, tmp_path / "mnt") as mnt:
+        assert (mnt.root / "usr/lib/x86/libz.so.1").read_text() == "elf"
+        assert os.readlink(mnt.root / "usr/lib/x86/libz.so.1") == "libz.so.1.2.13"
+        st = os.stat(mnt.root / "usr/lib/x86")
+        assert (st.st_mtime_ns, stat.S_IMODE(st.st_mode)) == (T, 0o750)
+        assert (mnt.work / "links/usr/lib/x86/libz.so.1").is_symlink()  # served by tmpfs, not FUSE
+        assert not (mnt.work / "upper/usr").exists()  # the upper holds only what steps change
+        assert (await mnt.snapshot()).tree == base  # no change recorded
+        (mnt.root / "usr/lib/x86/new").write_text("n")
+        changed = (await mnt.snapshot()).tree
+    assert store.lookup_path(changed, b"usr/lib/x86/libz.so.1").ref == b"libz.so.1.2.13"
+    assert store.lookup_path(changed, b"usr/lib/x86/new") is not None
