@@ -198,7 +198,7 @@ async def _log(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, An
 def _step_log(ctx: DaemonContext, build_id: str, step) -> bytes:
     if step.log:
         return ctx.store.read_blob(from_hex(step.log))
-    partial = ctx.log_dir / f"{build_id}.{step.idx}.log"
+    partial = ctx.step_log_path(build_id, step.idx)
     try:
         return partial.read_bytes()
     except FileNotFoundError:

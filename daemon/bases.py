@@ -73,9 +73,17 @@ def resolve_base(store: Store, db: Database, base: str) -> ResolvedBase:
     return ResolvedBase(from_hex(image["tree"]), "image", description=f"image {base}")
 
 
+def host_binds() -> list[tuple[str, str]]:
+    """The host's system directories a ``host``-based sandbox sees read-only."""
+    return [
+        (f"/{name}", f"/{name}")
+        for name in HOST_DIRS
+        if os.path.isdir(f"/{name}") and not os.path.islink(f"/{name}")
+    ]
+
+
 def _host_base(store: Store) -> ResolvedBase:
     entries: list[Entry] = []
-    binds: list[tuple[str, str]] = []
     for name in HOST_DIRS:
         path = f"/{name}"
         if not os.path.lexists(path):
@@ -87,7 +95,6 @@ def _host_base(store: Store) -> ResolvedBase:
             )
         elif os.path.isdir(path):
             entries.append(_DIR_TEMPLATE._replace(name=name.encode(), mtime_ns=0))
-            binds.append((path, path))
     for name in ("tmp", "proc", "dev", "root", "home", "var", "run"):
         if name.encode() not in {e.name for e in entries}:
             mode = 0o1777 if name == "tmp" else 0o755
@@ -96,7 +103,7 @@ def _host_base(store: Store) -> ResolvedBase:
     with store.batch() as batch:
         tree = store.put_tree(entries, batch)
     return ResolvedBase(
-        tree, "host:" + host_fingerprint(), binds, "this machine's system directories"
+        tree, "host:" + host_fingerprint(), host_binds(), "this machine's system directories"
     )
 
 

@@ -51,6 +51,10 @@ class DaemonContext:
     def log_dir(self) -> Path:
         return self.config.log_dir
 
+    def step_log_path(self, build_id: str, index: int) -> Path:
+        """Where a running step's output goes until it becomes a log blob."""
+        return self.log_dir / f"{build_id}.{index}.log"
+
     def peer_gid(self, build) -> int:
         return build.gid
 

@@ -20,10 +20,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import socket
 import time
-from pathlib import Path
 
 import trio
 
@@ -345,7 +343,7 @@ class Executor:
         self.ctx.db.update_step(b.id, index, status=B.RUNNING, before_tree=before.hex())
         b.emit("step", {"index": index, "name": step.name, "status": B.RUNNING, "exit_code": None,
                         "seconds": None, "note": None})  # fmt: skip
-        log_path = self.ctx.log_dir / f"{b.id}.{index}.log"
+        log_path = self.ctx.step_log_path(b.id, index)
         step_log = StepLog(log_path, lambda data: b.emit("log", {"step": step.name, "data": data}))
         assert self.base is not None
         try:
@@ -415,8 +413,3 @@ def new_build_records(build: Build, seq: int) -> tuple[BuildRecord, list[StepRec
         for i, s in enumerate(spec.steps)
     ]
     return record, steps
-
-
-def ensure_dirs(*paths: Path) -> None:
-    for p in paths:
-        os.makedirs(p, exist_ok=True)

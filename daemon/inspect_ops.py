@@ -23,7 +23,7 @@ from amber.sandbox.runner import BUILD_UID, Bind, run_interactive
 from amber.sandbox.treediff import diff_trees
 
 from .api import Api, operation
-from .bases import HOST_DIRS
+from .bases import host_binds
 from .frozen import FrozenState, resolve_state
 from .stepio import id_map_of
 
@@ -38,8 +38,7 @@ def _binds_for(record_spec: str) -> list[Bind]:
     base = json.loads(record_spec).get("base", "host")
     if base != "host":
         return []
-    return [Bind(Path(f"/{d}"), f"/{d}") for d in HOST_DIRS
-            if os.path.isdir(f"/{d}") and not os.path.islink(f"/{d}")]  # fmt: skip
+    return [Bind(Path(source), dest) for source, dest in host_binds()]
 
 
 def _shell_argv(root: str, binds: list[Bind]) -> list[str]:

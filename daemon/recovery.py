@@ -104,7 +104,7 @@ def recover(ctx: DaemonContext) -> dict[str, int]:
 
 def _keep_partial_log(ctx: DaemonContext, build_id: str, idx: int) -> str | None:
     """What an interrupted step printed, moved into the store."""
-    path = ctx.log_dir / f"{build_id}.{idx}.log"
+    path = ctx.step_log_path(build_id, idx)
     if not path.exists():
         return None
     with ctx.store.batch() as batch:

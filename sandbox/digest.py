@@ -7,8 +7,6 @@ threads, which release the GIL.
 
 from __future__ import annotations
 
-import os
-
 import blake3
 
 DIGEST_SIZE = 32
@@ -35,16 +33,6 @@ def new_hasher(size_hint: int = 0) -> blake3.blake3:
     return blake3.blake3()
 
 
-def hash_fd(fd: int, size: int) -> bytes:
-    """Digest of ``size`` bytes read from ``fd`` at its current offset."""
-    if size <= CHUNK:
-        return hash_bytes(os.read(fd, size + 1)[:size] if size else b"")
-    hasher = new_hasher(size)
-    while chunk := os.read(fd, CHUNK * 4):
-        hasher.update(chunk)
-    return hasher.digest()
-
-
 def to_hex(digest: bytes) -> str:
     return digest.hex()
 
@@ -57,11 +45,3 @@ def from_hex(text: str) -> bytes:
         return bytes.fromhex(text)
     except ValueError:
         raise ValueError(f"not a hex digest: {text!r}") from None
-
-
-def is_hex_digest(text: str) -> bool:
-    try:
-        from_hex(text)
-    except ValueError:
-        return False
-    return True

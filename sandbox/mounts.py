@@ -96,12 +96,3 @@ def unmount_all_under(prefix: str | Path) -> list[str]:
         except MountError:
             continue
     return done
-
-
-def is_mounted(path: str | Path) -> bool:
-    return os.path.realpath(path) in set(_all_points())
-
-
-def _all_points() -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return [_unescape(line.split(" ", 5)[4]) for line in f]

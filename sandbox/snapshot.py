@@ -119,10 +119,8 @@ class Snapshotter:
             else:
                 merged[name] = maker.entry(child.path, child_rel, name, st)
         entries = [merged[n] for n in sorted(merged)]
-        had = self.store.has_tree(treefmt.digest_of(entries)[0])
-        digest = self.store.put_tree(entries, maker.batch)
-        if not had:
-            self._count_trees_written += 1
+        digest, written = self.store.add_tree(entries, maker.batch)
+        self._count_trees_written += written
         return digest
 
     def _dir_origin(

@@ -21,14 +21,13 @@ import errno
 import os
 import secrets
 import shutil
-import stat
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import tree as treefmt
-from .digest import CHUNK, EMPTY, hash_bytes, new_hasher, to_hex
+from .digest import CHUNK, hash_bytes, new_hasher, to_hex
 from .tree import Entry
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -250,12 +249,17 @@ class Store:
     # -- trees --------------------------------------------------------------
 
     def put_tree(self, entries: list[Entry], batch: Batch) -> bytes:
+        return self.add_tree(entries, batch)[0]
+
+    def add_tree(self, entries: list[Entry], batch: Batch) -> tuple[bytes, bool]:
+        """Store a tree; returns its digest and whether this call wrote it."""
         digest, data = treefmt.digest_of(entries)
-        if digest not in batch.pending_trees and not self.has_tree(digest):
+        written = digest not in batch.pending_trees and not self.has_tree(digest)
+        if written:
             self._put_tree_bytes(digest, data, batch)
             batch.pending_trees.add(digest)
         self._remember(digest, entries)
-        return digest
+        return digest, written
 
     def _put_tree_bytes(self, digest: bytes, data: bytes, batch: Batch) -> None:
         fd, temp = batch.new_temp()
@@ -460,18 +464,3 @@ def _hash_zeros(hasher, count: int) -> None:
         n = min(count, len(_ZEROS))
         hasher.update(memoryview(_ZEROS)[:n])
         count -= n
-
-
-def file_mode_bits(st_mode: int) -> int:
-    return stat.S_IMODE(st_mode)
-
-
-__all__ = [
-    "EMPTY",
-    "Batch",
-    "CorruptObject",
-    "FsckReport",
-    "MissingObject",
-    "Store",
-    "StoreError",
-]
