@@ -6,9 +6,12 @@ pyfuse3 serves one filesystem per process, so every mount is a process::
 
 Its first control line says what to mount (``{"op": "mount", "state_dir",
 "tree", "work", "id_base", "id_count"}``), so a process can be started and
-imported ahead of need. It mounts the tree read-only at ``W/lower`` (FUSE), stacks a kernel overlayfs
-at ``W/root`` with a writable upper ``W/upper`` and the store's blobs as a
-data-only layer (see ``lowerfs.py`` for why), then answers JSON lines on the control socket (``--control-fd``):
+imported ahead of need. It makes the tree's eager layer on a tmpfs at
+``W/eager`` (directories, symlinks, executables: ``eagerlayer.py``), mounts
+the whole tree read-only at ``W/lower`` (FUSE, metadata only: ``lowerfs.py``)
+and stacks a kernel overlayfs at ``W/root`` over both, with a writable upper
+``W/upper`` and the store's blobs as a data-only layer. Then it answers JSON
+lines on the control socket (``--control-fd``)::
 
     -> {"op": "snapshot"}   <- {"ok": true, "tree": HEX, "stats": {...}}
     -> {"op": "stop"}       <- {"ok": true}   (then unmounts and exits)
@@ -33,12 +36,11 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import msgpack
 import pyfuse3
 import trio
 
-from . import tree as treefmt
 from .digest import from_hex
+from .eagerlayer import EagerLayer
 from .fuseops import LowerOperations
 from .importer import IdShift
 from .lowerfs import LowerModel
@@ -47,14 +49,14 @@ from .snapshot import Snapshotter
 from .store import Store
 
 
-def overlay_options(links: Path, lower: Path, data: Path, upper: Path, work: Path) -> str:
+def overlay_options(eager: Path, lower: Path, data: Path, upper: Path, work: Path) -> str:
     # metacopy + redirect_dir: metadata-only copy-up and renames of lower
     # directories, both understood by the snapshot. index/xino off: no
     # persistent inode index to keep consistent across mounts.
-    # links: the tree's symlinks on tmpfs, above the FUSE lower (see
-    # FilesystemProcess._hoist_symlinks).
+    # eager: directories, symlinks and executables on tmpfs, above the FUSE
+    # lower (eagerlayer.py); data: the blobs, a data-only layer (lowerfs.py).
     return (
-        f"lowerdir={links}:{lower}::{data},upperdir={upper},workdir={work},"
+        f"lowerdir={eager}:{lower}::{data},upperdir={upper},workdir={work},"
         "metacopy=on,redirect_dir=on,index=off,xino=off"
     )
 
@@ -66,84 +68,23 @@ class FilesystemProcess:
         self.ids = ids
         self.lower = work / "lower"
         self.upper = work / "upper"
-        self.links = work / "links"
+        self.eager = work / "eager"
         self.overlay_work = work / "work"
         self.root = work / "root"
         self.model = LowerModel(store, tree, ids=ids)
         self.snapshotter = Snapshotter(store, tree, self.upper, ids)
         self._overlay_mounted = False
-        self._links_mounted = False
+        self._eager_mounted = False
 
     def prepare(self) -> None:
-        for path in (self.lower, self.links, self.upper, self.overlay_work, self.root):
+        for path in (self.lower, self.eager, self.upper, self.overlay_work, self.root):
             path.mkdir(parents=True, exist_ok=True)
         # The build's root directory belongs to the sandbox's root user.
         os.chown(self.upper, self.ids.to_host(0), self.ids.to_host(0))
         os.chmod(self.upper, 0o755)
-        self._symlink_dirs: dict[bytes, bool] = {}
-        self._hoist_symlinks()
-
-    def _hoist_symlinks(self) -> None:
-        """Put the tree's symlinks, with their parent directories, on a tmpfs layer.
-
-        Path walks resolve symlinks constantly (``/usr/bin/cc`` ->
-        ``/etc/alternatives/cc`` -> ..., library sonames), and pyfuse3 cannot
-        ask the kernel to cache symlink targets: thousands of READLINK round
-        trips per build. On a tmpfs lower layer above the FUSE lower they are
-        answered by the kernel, and cost microseconds each to make (on the
-        store's disk a symlink costs about 300 us). Each copy, and each
-        directory made to hold one, carries exactly the tree's metadata, so
-        overlayfs shows the same tree; being a lower layer, it never enters a
-        snapshot, and a step may still replace or delete them as usual.
-        """
-        mount("amber-links", self.links, "tmpfs", "mode=0755,size=64m")
-        self._links_mounted = True
-        self._hoist(self.tree, os.fsencode(self.links), None)
-
-    def _hoist(self, tree: bytes, path: bytes, entry: treefmt.Entry | None) -> None:
-        """Copy the symlinks below ``tree`` to ``path`` (a directory holding some)."""
-        if entry is not None:  # the root is the upper itself
-            os.mkdir(path, 0o700)
-        for child in self.store.get_tree(tree):
-            if child.kind == treefmt.SYMLINK:
-                target = os.path.join(path, child.name)
-                os.symlink(child.ref, target)
-                self._apply(target, child)
-            elif child.kind == treefmt.DIR and self._holds_symlinks(child.ref):
-                self._hoist(child.ref, os.path.join(path, child.name), child)
-        if entry is not None:
-            self._apply(path, entry)  # after the children: the mtime must stay the tree's
-
-    def _holds_symlinks(self, tree: bytes) -> bool:
-        """Whether any symlink lies below ``tree``.
-
-        Runs over every directory of the tree before the mount, so it reads
-        trees raw (kind and subtree digest only) instead of decoding and
-        re-verifying full entries: the lower model verifies each tree it
-        serves anyway.
-        """
-        known = self._symlink_dirs.get(tree)
-        if known is not None:
-            return known
-        rows = msgpack.unpackb(self.store.tree_path(tree).read_bytes(), raw=True)[1]
-        found = False
-        for row in rows:
-            kind = row[1]
-            if kind == treefmt.SYMLINK or (kind == treefmt.DIR and self._holds_symlinks(row[7])):
-                found = True
-                break
-        self._symlink_dirs[tree] = found
-        return found
-
-    def _apply(self, path: bytes, entry: treefmt.Entry) -> None:
-        os.chown(
-            path, self.ids.to_host(entry.uid), self.ids.to_host(entry.gid), follow_symlinks=False
-        )
-        if entry.kind != treefmt.SYMLINK:
-            os.chmod(path, entry.mode)
-        for name, value in entry.xattrs:
-            os.setxattr(path, name, value, follow_symlinks=False)
-        os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
+        mount("amber-eager", self.eager, "tmpfs", "mode=0755,size=64m")
+        self._eager_mounted = True
+        self.eager_stats = EagerLayer(self.store, self.ids).fill(self.tree, os.fsencode(self.eager))
 
     async def serve(self, control: trio.SocketStream) -> None:
         ops = LowerOperations(self.model, str(self.store.root))
@@ -152,7 +93,10 @@ class FilesystemProcess:
         pyfuse3.init(ops, str(self.lower), options)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(pyfuse3.main)
+                # One task: no handler ever awaits (the model answers from
+                # memory or one tree read), and pyfuse3's extra reader tasks
+                # only add scheduling to every request (15% of its CPU).
+                nursery.start_soon(pyfuse3.main, 1, 1)
                 nursery.start_soon(self._watch_signals, nursery.cancel_scope)
                 await trio.to_thread.run_sync(self._mount_overlay)
                 await _send(control, {"ready": True, "root": str(self.root), "pid": os.getpid()})
@@ -166,7 +110,7 @@ class FilesystemProcess:
 
     def _mount_overlay(self) -> None:
         options = overlay_options(
-            self.links, self.lower, self.store.blob_dir, self.upper, self.overlay_work
+            self.eager, self.lower, self.store.blob_dir, self.upper, self.overlay_work
         )
         mount("amber", self.root, "overlay", options)
         self._overlay_mounted = True
@@ -175,9 +119,9 @@ class FilesystemProcess:
         if self._overlay_mounted:
             umount(self.root, lazy=True)
             self._overlay_mounted = False
-        if self._links_mounted:
-            umount(self.links, lazy=True)
-            self._links_mounted = False
+        if self._eager_mounted:
+            umount(self.eager, lazy=True)
+            self._eager_mounted = False
 
     async def _watch_signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -33,6 +33,12 @@ METACOPY = b"trusted.overlay.metacopy"
 REDIRECT = b"trusted.overlay.redirect"
 
 
+def redirect_of(blob: bytes) -> bytes:
+    """The absolute redirect that finds ``blob`` in the data-only layer (the blob directory)."""
+    hexd = blob.hex()
+    return f"/{hexd[:2]}/{hexd}".encode()
+
+
 class LowerError(Exception):
     """A request the model refuses; ``errno`` says why."""
 
@@ -160,8 +166,7 @@ class LowerModel:
             if name == METACOPY:
                 return b""
             if name == REDIRECT:
-                hexd = e.ref.hex()
-                return f"/{hexd[:2]}/{hexd}".encode()
+                return redirect_of(e.ref)
         for key, value in e.xattrs:
             if key == name:
                 return value

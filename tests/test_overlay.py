@@ -318,7 +318,7 @@ async def test_a_warm_spare_serves_the_next_mount(store: Store, tmp_path: Path):
     assert all(p.returncode is not None for p in spares)  # closed spares exit
 
 
-async def test_root_symlinks_are_served_from_the_upper_and_change_nothing(
+async def test_root_symlinks_are_served_from_the_eager_layer_and_change_nothing(
     store: Store, tmp_path: Path
 ):
     base_dir = tmp_path / "base"
@@ -339,28 +339,50 @@ async def test_root_symlinks_are_served_from_the_upper_and_change_nothing(
     assert store.lookup_path(changed, b"bin").ref == b"elsewhere"
 
 
-async def test_nested_symlinks_are_served_from_the_upper_and_change_nothing(
+async def test_eager_entries_come_from_tmpfs_exactly_and_change_nothing(
     store: Store, tmp_path: Path
 ):
+    """Directories, symlinks and executables are served by the tmpfs eager
+    layer; the mount shows exactly the tree, and steps change them as usual."""
     base_dir = tmp_path / "base"
     (base_dir / "usr/lib/x86").mkdir(parents=True)
     (base_dir / "usr/lib/x86/libz.so.1.2.13").write_text("elf")
     os.symlink("libz.so.1.2.13", base_dir / "usr/lib/x86/libz.so.1")
+    (base_dir / "usr/bin").mkdir()
+    tool = base_dir / "usr/bin/tool"
+    tool.write_text("#!/bin/sh\necho tool ran\n")
+    os.chmod(tool, 0o4755)
+    os.setxattr(tool, "user.note", b"exec")
+    os.link(tool, base_dir / "usr/bin/tool-alias")
+    (base_dir / "usr/share").mkdir()
+    (base_dir / "usr/share/data").write_text("not executable")
     os.chmod(base_dir / "usr/lib/x86", 0o750)
     os.chown(base_dir / "usr/lib", 0, 0)
     os.setxattr(base_dir / "usr/lib/x86", "user.kept", b"yes")
-    for d in ("usr/lib/x86", "usr/lib", "usr"):
-        os.utime(base_dir / d, ns=(T, T))
+    for path in (tool, base_dir / "usr/lib/x86", base_dir / "usr/lib", base_dir / "usr"):
+        os.utime(path, ns=(T, T))
     base = import_directory(store, base_dir)
+    expected = tmp_path / "checkout"
+    checkout(store, base, expected)
     async with open_overlay(store.state_dir, base, tmp_path / "mnt") as mnt:
-        assert (mnt.root / "usr/lib/x86/libz.so.1").read_text() == "elf"
-        assert os.readlink(mnt.root / "usr/lib/x86/libz.so.1") == "libz.so.1.2.13"
-        st = os.stat(mnt.root / "usr/lib/x86")
-        assert (st.st_mtime_ns, stat.S_IMODE(st.st_mode)) == (T, 0o750)
-        assert (mnt.work / "links/usr/lib/x86/libz.so.1").is_symlink()  # served by tmpfs, not FUSE
+        assert differences(describe(mnt.root), describe(expected)) == []
+        eager = mnt.work / "eager"
+        assert (eager / "usr/lib/x86/libz.so.1").is_symlink()
+        assert os.stat(eager / "usr/bin/tool").st_blocks == 0  # a stub; data from the store
+        assert (
+            os.stat(eager / "usr/bin/tool-alias").st_ino == os.stat(eager / "usr/bin/tool").st_ino
+        )
+        assert sorted(os.listdir(eager / "usr/share")) == []  # plain files stay lazy
+        ran = subprocess.run([mnt.root / "usr/bin/tool"], capture_output=True, text=True)
+        assert ran.stdout == "tool ran\n"
         assert not (mnt.work / "upper/usr").exists()  # the upper holds only what steps change
         assert (await mnt.snapshot()).tree == base  # no change recorded
+        with open(mnt.root / "usr/bin/tool", "a") as f:
+            f.write("echo again\n")
+        os.unlink(mnt.root / "usr/lib/x86/libz.so.1")
         (mnt.root / "usr/lib/x86/new").write_text("n")
         changed = (await mnt.snapshot()).tree
-    assert store.lookup_path(changed, b"usr/lib/x86/libz.so.1").ref == b"libz.so.1.2.13"
+    assert store.lookup_path(changed, b"usr/lib/x86/libz.so.1") is None
     assert store.lookup_path(changed, b"usr/lib/x86/new") is not None
+    edited = store.lookup_path(changed, b"usr/bin/tool")
+    assert store.blob_path(edited.ref).read_text() == "#!/bin/sh\necho tool ran\necho again\n"

@@ -1,0 +1,151 @@
+"""The eager layer: the parts of a tree that are cheap to make and costly to serve lazily.
+
+The FUSE lower (``lowerfs.py``) serves a tree lazily, one request per name
+the build first touches, and that is right for the bulk of a tree: headers,
+libraries, data, most of which a build never opens. Three kinds of entry
+are different: the kernel asks for them *again and again*, and pyfuse3
+gives no way to let it cache the answers:
+
+* **symlinks**: path walks resolve them constantly (``/usr/bin/cc`` ->
+  ``/etc/alternatives/cc`` -> ..., library sonames), and pyfuse3 cannot set
+  FUSE_CAP_CACHE_SYMLINKS, so each resolution would be a READLINK;
+* **directories**: every ``open(dir)`` reaches the filesystem, and glibc
+  opens ``/usr/lib/locale/C.utf8/LC_MESSAGES`` in every process that has a
+  UTF-8 locale: an OPENDIR and a RELEASEDIR per exec;
+* **executables**: every exec reads ``security.capability`` and the kernel
+  never caches xattrs of a FUSE file: a GETXATTR per exec.
+
+So before the overlay is mounted, these entries, and only these, are made
+on a tmpfs stacked between the upper and the FUSE lower, each with exactly
+the tree's metadata. Executables become the same metadata-only stubs the
+FUSE lower serves (``trusted.overlay.metacopy`` plus an absolute redirect
+into the data-only blob layer), sparse at their full size, so their content
+still comes straight from the store. Measured on the Debian buildd rootfs
+(13,000 entries; 1,340 directories, 990 symlinks and 600 executables are
+made eagerly): 0.13 s per mount, half of it reading tree objects that the
+FUSE lower then finds in the store's cache; in exchange a zlib build sends
+930 requests to Python instead of 1,956 and runs about 5% faster.
+
+Being a lower layer, none of this enters a snapshot, and a step may change
+or delete any of it as usual. An entry tmpfs cannot hold exactly (an xattr
+it refuses) is left to the FUSE lower, which serves everything anyway.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from dataclasses import dataclass
+
+from . import tree as treefmt
+from .importer import IdShift
+from .lowerfs import METACOPY, REDIRECT, redirect_of
+from .store import Store
+from .tree import Entry
+
+#: Errors that mean "tmpfs cannot represent this entry", not "something broke".
+_UNREPRESENTABLE = (errno.EPERM, errno.ENOTSUP, errno.EINVAL, errno.E2BIG, errno.ERANGE)
+
+
+@dataclass
+class EagerStats:
+    dirs: int = 0
+    symlinks: int = 0
+    executables: int = 0
+    left_to_lower: int = 0  # entries tmpfs could not hold exactly
+
+
+def is_eager(entry: Entry) -> bool:
+    """Whether ``entry`` belongs on the eager layer (directories aside)."""
+    return entry.kind == treefmt.SYMLINK or (
+        entry.kind == treefmt.FILE and bool(entry.mode & 0o111)
+    )
+
+
+class EagerLayer:
+    """Writes a tree's directories, symlinks and executable stubs under a directory."""
+
+    def __init__(self, store: Store, ids: IdShift):
+        self.store = store
+        self.ids = ids
+        self.stats = EagerStats()
+        self._link_groups: dict[tuple[bytes, bytes], bytes] = {}
+
+    def fill(self, tree: bytes, root: bytes) -> EagerStats:
+        """Fill ``root`` (an empty directory: the layer's root) from ``tree``."""
+        self._fill(tree, root)
+        return self.stats
+
+    def _fill(self, tree: bytes, path: bytes) -> None:
+        prefix = path + b"/"
+        for entry in self.store.get_tree(tree):
+            if entry.kind == treefmt.DIR:
+                self._directory(entry, prefix + entry.name)
+            elif is_eager(entry):
+                self._leaf(entry, prefix + entry.name)
+
+    def _directory(self, entry: Entry, path: bytes) -> None:
+        os.mkdir(path, 0o700)
+        self._fill(entry.ref, path)
+        try:
+            apply_metadata(path, entry, self.ids)  # after the children: the mtime stays the tree's
+        except OSError as exc:
+            if exc.errno not in _UNREPRESENTABLE:
+                raise
+            shutil.rmtree(path)
+            self._link_groups = {
+                group: first
+                for group, first in self._link_groups.items()
+                if not first.startswith(path + b"/")
+            }
+            self.stats.left_to_lower += 1
+            return
+        self.stats.dirs += 1
+
+    def _leaf(self, entry: Entry, path: bytes) -> None:
+        group = (entry.link, entry.ref) if entry.link is not None else None
+        first = self._link_groups.get(group) if group else None
+        if first is not None:
+            os.link(first, path)  # one inode for the group, as in the FUSE lower
+            return
+        try:
+            if entry.kind == treefmt.SYMLINK:
+                os.symlink(entry.ref, path)
+                self.stats.symlinks += 1
+            else:
+                _make_stub(path, entry)
+                self.stats.executables += 1
+            apply_metadata(path, entry, self.ids)
+        except OSError as exc:
+            if exc.errno not in _UNREPRESENTABLE:
+                raise
+            os.unlink(path)
+            self.stats.left_to_lower += 1
+            return
+        if group:
+            self._link_groups[group] = path
+
+
+def _make_stub(path: bytes, entry: Entry) -> None:
+    """An empty sparse file of the entry's size, its content redirected to the blob."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, entry.size)
+        os.setxattr(fd, METACOPY, b"")
+        os.setxattr(fd, REDIRECT, redirect_of(entry.ref))
+    finally:
+        os.close(fd)
+
+
+def apply_metadata(path: bytes, entry: Entry, ids: IdShift) -> None:
+    """Give ``path`` the entry's xattrs, owner, mode and mtime, in the order that keeps them.
+
+    Ownership before mode (chown clears set-id bits); the mtime last.
+    """
+    for name, value in entry.xattrs:
+        os.setxattr(path, name, value, follow_symlinks=False)
+    os.chown(path, ids.to_host(entry.uid), ids.to_host(entry.gid), follow_symlinks=False)
+    if entry.kind != treefmt.SYMLINK:
+        os.chmod(path, entry.mode)
+    os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
