@@ -22,9 +22,8 @@ FUSE lower serves (``trusted.overlay.metacopy`` plus an absolute redirect
 into the data-only blob layer), sparse at their full size, so their content
 still comes straight from the store. Measured on the Debian buildd rootfs
 (13,000 entries; 1,340 directories, 990 symlinks and 600 executables are
-made eagerly): 0.13 s per mount, half of it reading tree objects that the
-FUSE lower then finds in the store's cache; in exchange a zlib build sends
-930 requests to Python instead of 1,956 and runs about 5% faster.
+made eagerly): 0.08 s per mount; in exchange a zlib build sends 930
+requests to Python instead of 1,956 and runs about 5% faster.
 
 Being a lower layer, none of this enters a snapshot, and a step may change
 or delete any of it as usual. An entry tmpfs cannot hold exactly (an xattr
@@ -56,10 +55,12 @@ class EagerStats:
     left_to_lower: int = 0  # entries tmpfs could not hold exactly
 
 
-def is_eager(entry: Entry) -> bool:
-    """Whether ``entry`` belongs on the eager layer (directories aside)."""
-    return entry.kind == treefmt.SYMLINK or (
-        entry.kind == treefmt.FILE and bool(entry.mode & 0o111)
+def belongs(kind: int, mode: int) -> bool:
+    """Whether an entry of this kind and mode belongs on the eager layer."""
+    return (
+        kind == treefmt.DIR
+        or kind == treefmt.SYMLINK
+        or (kind == treefmt.FILE and type(mode) is int and bool(mode & 0o111))
     )
 
 
@@ -79,10 +80,12 @@ class EagerLayer:
 
     def _fill(self, tree: bytes, path: bytes) -> None:
         prefix = path + b"/"
-        for entry in self.store.get_tree(tree):
+        # Every tree of the root is read, but only the entries made here are
+        # decoded: the FUSE lower decodes (and caches) the trees it serves.
+        for entry in self.store.get_tree_entries(tree, belongs):
             if entry.kind == treefmt.DIR:
                 self._directory(entry, prefix + entry.name)
-            elif is_eager(entry):
+            else:
                 self._leaf(entry, prefix + entry.name)
 
     def _directory(self, entry: Entry, path: bytes) -> None:

@@ -61,6 +61,22 @@ def _shard(base: Path, digest: bytes) -> Path:
     return base / hexd[:2] / hexd
 
 
+def _read_small(path: str) -> bytes:
+    """A whole small file, without the cost of pathlib and buffered io."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size)
+        while len(data) < size:
+            more = os.read(fd, size - len(data))
+            if not more:
+                break
+            data += more
+        return data
+    finally:
+        os.close(fd)
+
+
 def _shard_str(base: str, digest: bytes) -> str:
     # Plain strings: presence checks run tens of thousands of times per
     # build state, and pathlib costs several times the stat itself.
@@ -277,18 +293,26 @@ class Store:
             with contextlib.suppress(KeyError):
                 self._trees.move_to_end(digest)
             return cached
+        entries = self.get_tree_entries(digest)
+        self._remember(digest, entries)
+        return entries
+
+    def get_tree_entries(
+        self, digest: bytes, select: treefmt.Selector | None = None
+    ) -> list[Entry]:
+        """Tree ``digest`` read and decoded, bypassing the cache; only the
+        entries ``select`` wants are decoded, when it is given (for one pass
+        over every tree of a large root that needs a few kinds of entry)."""
         try:
-            data = self.tree_path(digest).read_bytes()
+            data = _read_small(_shard_str(self._tree_dir_s, digest))
         except FileNotFoundError:
             raise MissingObject("tree", digest) from None
         if hash_bytes(data) != digest:
             raise CorruptObject(f"tree {to_hex(digest)} does not match its digest")
         try:
-            entries = treefmt.decode(data)
+            return treefmt.decode(data, select)
         except treefmt.TreeFormatError as exc:
             raise CorruptObject(f"tree {to_hex(digest)}: {exc}") from None
-        self._remember(digest, entries)
-        return entries
 
     def _forget(self, digests: set[bytes]) -> None:
         for digest in digests:

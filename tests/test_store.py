@@ -75,6 +75,18 @@ def test_tree_encoding_is_canonical_and_validated():
         treefmt.decode(b"\x93garbage")
 
 
+def test_a_selective_decode_builds_and_validates_only_the_selected_entries():
+    link = treefmt.Entry(b"a", treefmt.SYMLINK, 0o777, 0, 0, 5, 1, b"b")
+    file = treefmt.Entry(b"b", treefmt.FILE, 0o644, 0, 0, 5, 3, hash_bytes(b"abc"))
+    exe = treefmt.Entry(b"c", treefmt.FILE, 0o755, 0, 0, 5, 3, hash_bytes(b"abc"))
+    data = treefmt.encode([link, file, exe])
+    assert treefmt.decode(data, lambda kind, mode: mode & 0o111) == [link, exe]
+    bad = treefmt.encode([link, exe._replace(ref=b"short")])
+    with pytest.raises(treefmt.TreeFormatError):
+        treefmt.decode(bad, lambda kind, mode: kind == treefmt.FILE)
+    assert treefmt.decode(bad, lambda kind, mode: kind == treefmt.SYMLINK) == [link]
+
+
 def test_import_checkout_roundtrip_keeps_everything(store: Store, tmp_path: Path):
     src = tmp_path / "src"
     src.mkdir()
