@@ -32,6 +32,7 @@ it refuses) is left to the FUSE lower, which serves everything anyway.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -43,8 +44,17 @@ from .lowerfs import METACOPY, REDIRECT, redirect_of
 from .store import Store
 from .tree import Entry
 
-#: Errors that mean "tmpfs cannot represent this entry", not "something broke".
-_UNREPRESENTABLE = (errno.EPERM, errno.ENOTSUP, errno.EINVAL, errno.E2BIG, errno.ERANGE)
+#: Errors that mean "tmpfs cannot hold this entry (exactly)", not "something
+#: broke": the entry is left to the FUSE lower, which serves everything.
+_LEFT_TO_LOWER = (
+    errno.EPERM,
+    errno.ENOTSUP,
+    errno.EINVAL,
+    errno.E2BIG,
+    errno.ERANGE,
+    errno.ENOSPC,  # the layer's size cap (long symlink targets take a page each)
+    errno.EMLINK,
+)
 
 
 @dataclass
@@ -52,7 +62,7 @@ class EagerStats:
     dirs: int = 0
     symlinks: int = 0
     executables: int = 0
-    left_to_lower: int = 0  # entries tmpfs could not hold exactly
+    left_to_lower: int = 0  # entries (directories: subtrees) tmpfs could not hold exactly
 
 
 def belongs(kind: int, mode: int) -> bool:
@@ -89,45 +99,64 @@ class EagerLayer:
                 self._leaf(entry, prefix + entry.name)
 
     def _directory(self, entry: Entry, path: bytes) -> None:
-        os.mkdir(path, 0o700)
+        try:
+            os.mkdir(path, 0o700)
+        except OSError as exc:
+            self._leave(exc)
+            return
         self._fill(entry.ref, path)
         try:
             apply_metadata(path, entry, self.ids)  # after the children: the mtime stays the tree's
         except OSError as exc:
-            if exc.errno not in _UNREPRESENTABLE:
-                raise
-            shutil.rmtree(path)
+            self._leave(exc)
+            shutil.rmtree(path)  # its whole subtree is left to the lower
+            inside = path + b"/"
             self._link_groups = {
                 group: first
                 for group, first in self._link_groups.items()
-                if not first.startswith(path + b"/")
+                if not first.startswith(inside)
             }
-            self.stats.left_to_lower += 1
             return
         self.stats.dirs += 1
 
     def _leaf(self, entry: Entry, path: bytes) -> None:
         group = (entry.link, entry.ref) if entry.link is not None else None
         first = self._link_groups.get(group) if group else None
-        if first is not None:
-            os.link(first, path)  # one inode for the group, as in the FUSE lower
-            return
         try:
+            if first is not None:
+                os.link(first, path)  # one inode for the group, as in the FUSE lower
+                return
             if entry.kind == treefmt.SYMLINK:
                 os.symlink(entry.ref, path)
-                self.stats.symlinks += 1
             else:
                 _make_stub(path, entry)
-                self.stats.executables += 1
+        except OSError as exc:
+            self._leave(exc)
+            _remove(path)
+            return
+        try:
             apply_metadata(path, entry, self.ids)
         except OSError as exc:
-            if exc.errno not in _UNREPRESENTABLE:
-                raise
+            self._leave(exc)
             os.unlink(path)
-            self.stats.left_to_lower += 1
             return
+        if entry.kind == treefmt.SYMLINK:
+            self.stats.symlinks += 1
+        else:
+            self.stats.executables += 1
         if group:
             self._link_groups[group] = path
+
+    def _leave(self, exc: OSError) -> None:
+        """Count an entry left to the lower, or re-raise what is not a refusal."""
+        if exc.errno not in _LEFT_TO_LOWER:
+            raise exc
+        self.stats.left_to_lower += 1
+
+
+def _remove(path: bytes) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _make_stub(path: bytes, entry: Entry) -> None:

@@ -11,6 +11,7 @@ from amber.sandbox import tree as treefmt
 from amber.sandbox.eagerlayer import EagerLayer
 from amber.sandbox.importer import IdShift
 from amber.sandbox.lowerfs import METACOPY, REDIRECT
+from amber.sandbox.mounts import mount, umount
 from amber.sandbox.store import Store
 from amber.sandbox.tree import Entry
 
@@ -102,3 +103,28 @@ def test_what_the_filesystem_refuses_is_left_to_the_lower(store: Store, tmp_path
             assert os.listdir(layer / "usr/bin") == []
         else:  # the whole directory, with what was made inside it
             assert sorted(os.listdir(layer / "usr")) == ["lib"]
+
+
+def test_a_full_layer_leaves_the_rest_to_the_lower(store: Store, tmp_path: Path):
+    """Long symlink targets take a tmpfs page each; past the size cap the
+    remaining entries are left to the FUSE lower instead of failing the mount."""
+    targets = [f"{i:03d}-".encode() + b"t" * 300 for i in range(40)]
+    with store.batch() as batch:
+        links = [
+            Entry(b"l%03d" % i, treefmt.SYMLINK, 0o777, 0, 0, T, len(t), t)
+            for i, t in enumerate(targets)
+        ]
+        root = store.put_tree(
+            [Entry(b"d", treefmt.DIR, 0o755, 0, 0, T, 0, store.put_tree(links, batch))], batch
+        )
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    mount("test-eager", layer, "tmpfs", "size=64k")  # 16 pages
+    try:
+        stats = EagerLayer(store, SHIFT).fill(root, os.fsencode(layer))
+        made = sorted(os.listdir(layer / "d"))
+        assert 0 < stats.symlinks == len(made) < 40
+        assert stats.left_to_lower == 40 - len(made)
+        assert all(os.readlink(layer / "d" / name).encode() in targets for name in made)
+    finally:
+        umount(layer)
