@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from amber.sandbox.fscontrol import FilesystemPool
-from amber.sandbox.importer import IdShift
 from amber.sandbox.store import Store
+from amber.sandbox.userns import IdMap
 
 from . import pins
 from .config import Config
@@ -40,8 +40,8 @@ class DaemonContext:
         self.gc = Collector(self)
 
     @property
-    def ids(self) -> IdShift:
-        return IdShift(self.config.id_base, self.config.id_count)
+    def ids(self) -> IdMap:
+        return IdMap(self.config.id_base, self.config.id_count)
 
     @property
     def mount_dir(self) -> Path:

@@ -25,7 +25,6 @@ from amber.sandbox.treediff import diff_trees
 from .api import Api, operation
 from .bases import host_binds
 from .frozen import FrozenState, resolve_state
-from .stepio import id_map_of
 
 if TYPE_CHECKING:
     from .server import Connection
@@ -139,7 +138,7 @@ async def _run_shell(
                 stdin=fds[0],
                 stdout=fds[1],
                 stderr=fds[2],
-                id_map=id_map_of(ids),
+                id_map=ids,
                 extra_binds=binds,
                 private_tmp=False,
             )

@@ -11,7 +11,6 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from amber.sandbox.importer import IdShift
 from amber.sandbox.runner import Bind, IdMap, StepOutcome, run_step
 from amber.sandbox.store import Store
 
@@ -50,17 +49,13 @@ class StepLog:
             os.unlink(self.path)
 
 
-def id_map_of(ids: IdShift) -> IdMap:
-    return IdMap(host_base=ids.base, count=ids.count)
-
-
 async def run_sandboxed(
     root: Path,
     *,
     step: Step,
     env: dict[str, str],
     binds: list[tuple[str, str]],
-    ids: IdShift,
+    ids: IdMap,
     output: StepLog,
 ) -> StepOutcome:
     return await run_step(
@@ -72,6 +67,6 @@ async def run_sandboxed(
         user=step.user,
         timeout=step.timeout,
         output=output,
-        id_map=id_map_of(ids),
+        id_map=ids,
         extra_binds=[Bind(Path(src), dest) for src, dest in binds],
     )

@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 
 from . import tree as treefmt
-from .importer import NO_SHIFT, IdShift
 from .store import Store, data_ranges
 from .tree import Entry
+from .userns import IDENTITY, IdMap
 
 
 class CheckoutError(Exception):
@@ -27,7 +27,7 @@ def checkout(
     digest: bytes,
     dest: str | Path,
     *,
-    ids: IdShift = NO_SHIFT,
+    ids: IdMap = IDENTITY,
     owners: bool | None = None,
 ) -> None:
     """Write tree ``digest`` into ``dest`` (created; must not hold anything).
@@ -46,7 +46,7 @@ def checkout(
 
 
 class _Writer:
-    def __init__(self, store: Store, ids: IdShift, owners: bool):
+    def __init__(self, store: Store, ids: IdMap, owners: bool):
         self.store = store
         self.ids = ids
         self.owners = owners

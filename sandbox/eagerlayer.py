@@ -39,10 +39,10 @@ import shutil
 from dataclasses import dataclass
 
 from . import tree as treefmt
-from .importer import IdShift
 from .lowerfs import METACOPY, REDIRECT, redirect_of
 from .store import Store
 from .tree import Entry
+from .userns import IdMap
 
 #: Errors that mean "tmpfs cannot hold this entry (exactly)", not "something
 #: broke": the entry is left to the FUSE lower, which serves everything.
@@ -77,7 +77,7 @@ def belongs(kind: int, mode: int) -> bool:
 class EagerLayer:
     """Writes a tree's directories, symlinks and executable stubs under a directory."""
 
-    def __init__(self, store: Store, ids: IdShift):
+    def __init__(self, store: Store, ids: IdMap):
         self.store = store
         self.ids = ids
         self.stats = EagerStats()
@@ -170,7 +170,7 @@ def _make_stub(path: bytes, entry: Entry) -> None:
         os.close(fd)
 
 
-def apply_metadata(path: bytes, entry: Entry, ids: IdShift) -> None:
+def apply_metadata(path: bytes, entry: Entry, ids: IdMap) -> None:
     """Give ``path`` the entry's xattrs, owner, mode and mtime, in the order that keeps them.
 
     Ownership before mode (chown clears set-id bits); the mtime last.

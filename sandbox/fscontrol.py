@@ -20,9 +20,9 @@ from pathlib import Path
 
 import trio
 
-from .importer import IdShift
 from .mounts import mounts_under, unmount_all_under
 from .snapshot import SnapshotStats
+from .userns import IDENTITY, IdMap
 
 STOP_GRACE = 10.0
 START_TIMEOUT = 30.0
@@ -158,7 +158,7 @@ async def open_overlay(
     tree: bytes,
     work: Path,
     *,
-    ids: IdShift | None = None,
+    ids: IdMap | None = None,
     keep_work: bool = False,
     pool: FilesystemPool | None = None,
 ) -> AsyncIterator[OverlayMount]:
@@ -177,8 +177,8 @@ async def open_overlay(
         "state_dir": str(state_dir),
         "tree": tree.hex(),
         "work": str(work),
-        "id_base": ids.base if ids is not None else 0,
-        "id_count": ids.count if ids is not None else 65536,
+        "id_base": ids.host_base if ids is not None else 0,
+        "id_count": ids.count if ids is not None else IDENTITY.count,
     }
     try:
         with trio.fail_after(START_TIMEOUT):

@@ -42,11 +42,11 @@ import trio
 from .digest import from_hex
 from .eagerlayer import EagerLayer
 from .fuseops import LowerOperations
-from .importer import IdShift
 from .lowerfs import LowerModel
 from .mounts import mount, umount
 from .snapshot import Snapshotter
 from .store import Store
+from .userns import IdMap
 
 
 def overlay_options(eager: Path, lower: Path, data: Path, upper: Path, work: Path) -> str:
@@ -62,7 +62,7 @@ def overlay_options(eager: Path, lower: Path, data: Path, upper: Path, work: Pat
 
 
 class FilesystemProcess:
-    def __init__(self, store: Store, tree: bytes, work: Path, ids: IdShift):
+    def __init__(self, store: Store, tree: bytes, work: Path, ids: IdMap):
         self.store = store
         self.tree = tree
         self.ids = ids
@@ -176,11 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     request = _read_mount_request(sock)
     if request is None:
         return  # the controller closed us before we were needed
-    ids = (
-        IdShift(request["id_base"], request["id_count"])
-        if request["id_base"]
-        else IdShift(0, 1 << 32)
-    )
+    ids = IdMap(request["id_base"], request["id_count"])
     fs = FilesystemProcess(
         Store.open(request["state_dir"]), from_hex(request["tree"]), Path(request["work"]), ids
     )

@@ -9,40 +9,15 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import tree as treefmt
 from .store import Batch, Store
 from .tree import Entry
+from .userns import IDENTITY, IdMap
 
 #: overlayfs bookkeeping; never part of a snapshot.
 OVERLAY_XATTR_PREFIX = b"trusted.overlay."
-
-
-@dataclass(frozen=True)
-class IdShift:
-    """Host ids = tree ids + ``base`` for tree ids below ``count``.
-
-    A sandbox's user namespace maps its uids 0..count-1 onto host uids
-    base..base+count-1; trees record ids as the sandbox sees them.
-    """
-
-    base: int = 0
-    count: int = 65536
-
-    def to_tree(self, host_id: int) -> int:
-        if self.base <= host_id < self.base + self.count:
-            return host_id - self.base
-        return 65534  # outside the sandbox's range: the overflow id, as the kernel shows it
-
-    def to_host(self, tree_id: int) -> int:
-        if 0 <= tree_id < self.count:
-            return tree_id + self.base
-        return self.base + 65534 if self.count > 65534 else self.base
-
-
-NO_SHIFT = IdShift(0, 1 << 32)
 
 
 def read_xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:
@@ -80,7 +55,7 @@ class EntryMaker:
         store: Store,
         batch: Batch,
         *,
-        ids: IdShift = NO_SHIFT,
+        ids: IdMap = IDENTITY,
         xattrs: bool = True,
         hash_cache: dict[tuple[int, int, int, int], bytes] | None = None,
     ):
@@ -142,7 +117,7 @@ def import_directory(
     store: Store,
     path: str | Path,
     *,
-    ids: IdShift = NO_SHIFT,
+    ids: IdMap = IDENTITY,
     xattrs: bool = True,
     batch: Batch | None = None,
 ) -> bytes:

@@ -21,9 +21,9 @@ import os
 from dataclasses import dataclass
 
 from . import tree as treefmt
-from .importer import NO_SHIFT, IdShift
 from .store import Store
 from .tree import Entry
+from .userns import IDENTITY, IdMap
 
 ROOT_INODE = 1
 #: Seconds the kernel may cache names and attributes: the tree never changes.
@@ -77,7 +77,7 @@ class LowerModel:
         store: Store,
         root: bytes,
         *,
-        ids: IdShift = NO_SHIFT,
+        ids: IdMap = IDENTITY,
         data_layer: bool = True,
         root_entry: Entry | None = None,
     ):

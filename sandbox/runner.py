@@ -378,8 +378,8 @@ def _launch_argv(
     uid, gid = (0, 0) if spec.user == "root" else (BUILD_UID, BUILD_GID)
     argv = [
         _tool("setpriv"),
-        f"--reuid={id_map.to_host(uid)}",
-        f"--regid={id_map.to_host(gid)}",
+        f"--reuid={id_map.host_id(uid)}",
+        f"--regid={id_map.host_id(gid)}",
         "--clear-groups",
         "--",
     ]

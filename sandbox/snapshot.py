@@ -24,9 +24,10 @@ import time
 from dataclasses import dataclass
 
 from . import tree as treefmt
-from .importer import EntryMaker, IdShift
+from .importer import EntryMaker
 from .store import Store
 from .tree import Entry
+from .userns import IdMap
 
 OPAQUE = "trusted.overlay.opaque"
 REDIRECT = "trusted.overlay.redirect"
@@ -56,7 +57,7 @@ def _xattr(path: bytes, name: str) -> bytes | None:
 class Snapshotter:
     """Produces trees for one mount: ``base`` tree + ``upper`` directory."""
 
-    def __init__(self, store: Store, base: bytes, upper: str | os.PathLike, ids: IdShift):
+    def __init__(self, store: Store, base: bytes, upper: str | os.PathLike, ids: IdMap):
         self.store = store
         self.base = base
         self.upper = os.fsencode(upper)

@@ -54,7 +54,7 @@ def make_busybox_root(path: Path, *, id_map: IdMap | None = None) -> Path:
         env.symlink_to("/bin/busybox")
     (path / "tmp").chmod(0o1777)
     _chown_tree(path, id_map.host_base, id_map.host_base)
-    build = id_map.to_host(BUILD_UID)
+    build = id_map.host_id(BUILD_UID)
     os.chown(path / "build", build, build)
     return path
 

@@ -166,9 +166,21 @@ def steps_result(build: str, status: str, steps: list[tuple[str, str, int | None
     }
 
 
-def serve_build(peer: Peer, build: str, outcome: list[tuple[str, str, int | None]], status: str):
-    """Answer one build request the way amberd does: build, step and log events, then the result."""
+def serve_build(
+    peer: Peer,
+    build: str,
+    outcome: list[tuple[str, str, int | None]],
+    status: str,
+    seen: dict | None = None,
+):
+    """Answer one build request the way amberd does: build, step and log events, then the result.
+
+    The request goes into ``seen`` before the answer: the client may have
+    finished, and the test read ``seen``, by the time this returns.
+    """
     req = peer.expect("build")
+    if seen is not None:
+        seen["req"] = req
     names = [name for name, _, _ in outcome]
     peer.event(req, "build", {"build": build, "name": "zlib", "steps": names, "base": "host"})
     for index, (name, step_status, code) in enumerate(outcome):
@@ -350,8 +362,8 @@ def test_build_success(capsys, daemon, spec):
     seen = {}
 
     def script(peer):
-        seen["req"] = serve_build(
-            peer, "b1", [("extract", "cached", 0), ("configure", "ran", 0)], "success"
+        serve_build(
+            peer, "b1", [("extract", "cached", 0), ("configure", "ran", 0)], "success", seen
         )
 
     path = daemon(script)
@@ -376,7 +388,7 @@ def test_build_sends_absolute_paths(capsys, daemon, spec, monkeypatch):
     seen = {}
 
     def script(peer):
-        seen["req"] = serve_build(peer, "b1", [("extract", "cached", 0)], "success")
+        serve_build(peer, "b1", [("extract", "cached", 0)], "success", seen)
 
     path = daemon(script)
     monkeypatch.chdir(spec.parent)

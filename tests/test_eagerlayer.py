@@ -9,14 +9,14 @@ from pathlib import Path
 
 from amber.sandbox import tree as treefmt
 from amber.sandbox.eagerlayer import EagerLayer
-from amber.sandbox.importer import IdShift
 from amber.sandbox.lowerfs import METACOPY, REDIRECT
 from amber.sandbox.mounts import mount, umount
 from amber.sandbox.store import Store
 from amber.sandbox.tree import Entry
+from amber.sandbox.userns import IdMap
 
 T = 1_600_000_000_123_456_789
-SHIFT = IdShift(100000, 65536)
+SHIFT = IdMap(100000, 65536)
 
 
 def _tree(store: Store, *, dir_xattrs=(), exe_xattrs=()) -> tuple[bytes, bytes]:

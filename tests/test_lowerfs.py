@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from amber.sandbox.importer import IdShift, import_directory
+from amber.sandbox.importer import import_directory
 from amber.sandbox.lowerfs import METACOPY, REDIRECT, ROOT_INODE, LowerError, LowerModel
 from amber.sandbox.store import Store
+from amber.sandbox.userns import IdMap
 
 
 @pytest.fixture
@@ -23,7 +24,7 @@ def model(store: Store, tmp_path: Path) -> LowerModel:
     os.symlink("dir/file", src / "sym")
     os.setxattr(src / "dir/file", "user.k", b"v")
     os.chown(src / "dir/file", 0, 0)
-    return LowerModel(store, import_directory(store, src), ids=IdShift(100000, 65536))
+    return LowerModel(store, import_directory(store, src), ids=IdMap(100000, 65536))
 
 
 def test_lookup_and_negative_lookup(model: LowerModel):
