@@ -3,9 +3,17 @@ leave no mount behind below its temporary directory, even when it fails."""
 
 from __future__ import annotations
 
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tools import need
 
 from amber.sandbox.mounts import mounts_under, unmount_all_under
 from amber.sandbox.store import Store
@@ -47,3 +55,61 @@ def amberd(daemon_root):
     code = d.stop()
     if code != 0:
         pytest.fail(f"amberd exited with {code}:\n{d.log.read_text()[-3000:]}")
+
+
+# --- third-party tools that check amber's outputs ------------------------------------
+
+
+@pytest.fixture
+def podman() -> Iterator[list[str]]:
+    """podman on private vfs storage (its run root must be under 50 characters)."""
+    need("podman")
+    top = Path(tempfile.mkdtemp(prefix="amber-podman-"))
+    try:
+        yield [
+            "podman",
+            "--root", str(top / "root"),
+            "--runroot", str(top / "run"),
+            "--storage-driver", "vfs",
+            "--cgroup-manager", "cgroupfs",
+            "--events-backend", "none",
+        ]  # fmt: skip
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[str]:
+    """A docker-registry on a free loopback port, stopped whatever happens."""
+    need("docker-registry")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "registry.yml"
+    config.write_text(
+        "version: 0.1\nlog:\n  level: warn\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {tmp_path / 'registry-data'}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n"
+    )
+    log = open(tmp_path / "registry.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((tmp_path / "registry.log").read_text()) from None
+                time.sleep(0.1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from amberd_process import Daemon
 from rootfs import make_busybox_root
-from test_oci import podman, registry, run  # noqa: F401  (fixtures)
+from tools import run
 
 SPEC = """
 [build]
@@ -45,7 +45,7 @@ def frozen(amberd: Daemon) -> tuple[Daemon, str]:
 
 
 @pytest.mark.parametrize("fmt", ["oci", "docker-archive"])
-def test_podman_loads_and_runs_the_export(frozen, podman: list[str], fmt: str):  # noqa: F811
+def test_podman_loads_and_runs_the_export(frozen, podman: list[str], fmt: str):
     amberd, build = frozen
     out = amberd.root / f"export-{fmt}.tar"
     done = amberd.amber("export", build, "-o", str(out), "--format", fmt)
@@ -84,7 +84,7 @@ def test_skopeo_and_umoci_read_the_export(frozen, tmp_path: Path):
             assert not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0), f"whiteout leaked: {name}"
 
 
-def test_push_to_a_registry(frozen, registry: str):  # noqa: F811
+def test_push_to_a_registry(frozen, registry: str):
     amberd, build = frozen
     ref = f"{registry}/amber/{build}:failed"
     done = amberd.amber("export", build, "--push", ref)
@@ -121,7 +121,7 @@ def test_import_on_another_machine_gives_the_same_bytes(frozen, daemon_root: Pat
         subprocess.run(["rm", "-rf", str(other_root)])
 
 
-def test_export_on_failure_writes_the_image_as_soon_as_a_step_fails(frozen, podman: list[str]):  # noqa: F811
+def test_export_on_failure_writes_the_image_as_soon_as_a_step_fails(frozen, podman: list[str]):
     amberd, _ = frozen
     spec = amberd.root / "spec" / "spec.toml"
     out = amberd.root / "on-failure.tar"

@@ -17,17 +17,13 @@ import io
 import json
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import tarfile
-import tempfile
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tools import need, run
 
 from amber.daemon import oci_tar
 from amber.daemon.oci_apply import TreeBuilder
@@ -52,12 +48,6 @@ CONFIG = ImageConfig(
     history=["base", "step step-2"],
 )
 PLAIN_CONFIG = ImageConfig(created="2024-05-01T12:00:00Z")
-
-
-def need(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)}")
 
 
 # -- the image under test ---------------------------------------------------------
@@ -340,31 +330,6 @@ def test_umoci_unpack_applies_deletions(exports, image, tmp_path: Path, kind: st
     assert leaked == []
 
 
-@pytest.fixture
-def podman() -> Iterator[list[str]]:
-    """podman on private vfs storage (its run root must be under 50 characters)."""
-    need("podman")
-    top = Path(tempfile.mkdtemp(prefix="amber-podman-"))
-    try:
-        yield [
-            "podman",
-            "--root", str(top / "root"),
-            "--runroot", str(top / "run"),
-            "--storage-driver", "vfs",
-            "--cgroup-manager", "cgroupfs",
-            "--events-backend", "none",
-        ]  # fmt: skip
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
-
-
-def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    """Run ``cmd``; a failure shows its output."""
-    done = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
-    assert done.returncode == 0, f"{cmd[0]} failed ({done.returncode}): {done.stderr}{done.stdout}"
-    return done
-
-
 @pytest.mark.parametrize("kind", ["oci-none", "docker-archive-gzip"])
 def test_podman_loads_and_runs_the_export(exports, podman: list[str], kind: str):
     need("runc")
@@ -397,43 +362,6 @@ def test_podman_save_is_an_oci_base(exports, podman: list[str], tmp_path: Path, 
 
 
 # -- registry -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[str]:
-    """A docker-registry on a free loopback port, stopped whatever happens."""
-    need("docker-registry")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = tmp_path / "registry.yml"
-    config.write_text(
-        "version: 0.1\nlog:\n  level: warn\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {tmp_path / 'registry-data'}\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
-    )
-    log = open(tmp_path / "registry.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((tmp_path / "registry.log").read_text()) from None
-                time.sleep(0.1)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def test_push_is_seen_by_skopeo_and_skips_existing_blobs(source, registry: str, tmp_path: Path):

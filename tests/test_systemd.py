@@ -15,7 +15,6 @@ import os
 import pty
 import re
 import select
-import shutil
 import signal
 import socket
 import sqlite3
@@ -28,6 +27,7 @@ from typing import Any
 
 import pytest
 from amberd_process import BIN, Daemon
+from tools import need
 
 from amber.daemon import systemd
 from amber.daemon.config import OPTIONS, Config, example_config, load_config, parse_seconds
@@ -40,10 +40,11 @@ UNITS = ("amberd.service", "amberd.socket", "amber-gc.service", "amber-gc.timer"
 EXAMPLE = UNIT_DIR / "amberd.toml.example"
 EX_CONFIG = 78
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("systemd-socket-activate") is None or shutil.which("systemd-analyze") is None,
-    reason="needs systemd's tools (scripts/setup --test installs them)",
-)
+
+@pytest.fixture(autouse=True)
+def systemd_tools() -> None:
+    need("systemd-socket-activate", "systemd-analyze")
+
 
 LONG_STEP = '[build]\nname = "{name}"\nbase = "host"\n[[step]]\nname = "long"\nrun = "sleep 60"\n'
 
