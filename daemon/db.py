@@ -73,7 +73,7 @@ CREATE TABLE IF NOT EXISTS images (
 );
 -- Content fetched for url sources, so that a later build names it by digest
 -- and never downloads it again (daemon/fetch.py). The blob may have been
--- collected since: check the store before trusting a row.
+-- collected since (GC then drops the row): check the store before trusting a row.
 CREATE TABLE IF NOT EXISTS downloads (
     blob TEXT PRIMARY KEY,         -- BLAKE3 hex: the blob in the store
     sha256 TEXT NOT NULL,
@@ -330,6 +330,14 @@ class Database:
         else:
             row = self._conn.execute("SELECT * FROM downloads WHERE blob = ?", (blob,)).fetchone()
         return dict(row) if row else None
+
+    def download_blobs(self) -> list[str]:
+        return [row[0] for row in self._conn.execute("SELECT blob FROM downloads")]
+
+    def delete_downloads(self, blobs: list[str]) -> None:
+        """Forget downloads whose content GC collected (a later build fetches again)."""
+        with self.transaction() as conn:
+            conn.executemany("DELETE FROM downloads WHERE blob = ?", [(b,) for b in blobs])
 
     def add_build_note(self, build_id: str, message: str) -> None:
         self._conn.execute(

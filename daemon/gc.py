@@ -442,7 +442,8 @@ def _purge(roots: Roots, cycle: Cycle, report: GcReport) -> None:
 def _trim_database(
     store: Store, db_path: Path, cycle: Cycle, db_roots: DatabaseRoots, complete: bool
 ) -> tuple[int, int]:
-    """Drop results whose objects are gone and old build records; returns their counts."""
+    """Drop results whose objects are gone, old build records and downloads
+    whose content is gone; returns the counts of the first two."""
     db = Database(db_path)
     try:
         doomed: list[str] = []
@@ -460,6 +461,9 @@ def _trim_database(
         results = db.delete_results(doomed, max_rowid=db_roots.max_rowid) if doomed else 0
         if db_roots.old_builds:
             db.delete_builds(db_roots.old_builds)
+        gone = [b for b in db.download_blobs() if not store.has_blob(bytes.fromhex(b))]
+        if gone:
+            db.delete_downloads(gone)
         return results, len(db_roots.old_builds)
     finally:
         db.close()

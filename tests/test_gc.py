@@ -83,6 +83,24 @@ async def test_held_objects_stay_and_the_rest_goes(gc_env):
     assert not store.has_tree(held)
 
 
+async def test_downloads_are_forgotten_with_their_content(gc_env):
+    store, roots, db = gc_env
+    kept = put_files(store, {"kept.tar": b"kept source\n"})
+    put_files(store, {"gone.tar": b"collected source\n"})
+    for data in (b"kept source\n", b"collected source\n"):
+        db.put_download(hash_bytes(data).hex(), "00" * 32, len(data), "http://x/" + data.decode())
+    hold = roots.hold("build")
+    await trio.to_thread.run_sync(hold.add, [kept])
+
+    await collect(store, roots, db.path, GcOptions(dry_run=True))
+    assert len(db.download_blobs()) == 2  # a dry run changes nothing
+    await collect(store, roots, db.path, GcOptions())
+
+    assert db.download_blobs() == [hash_bytes(b"kept source\n").hex()]
+    assert db.find_download(blob=hash_bytes(b"collected source\n").hex()) is None
+    hold.release()
+
+
 async def test_a_writer_keeps_what_it_deduplicated_while_gc_ran(gc_env):
     """The race a mark-and-sweep GC loses without quarantine: a writer finds an
     unreachable object present, reuses it instead of writing it, and only
