@@ -330,7 +330,7 @@ class _LayerWriter:
     def _file(self, path: bytes, e: Entry, pax: dict[bytes, bytes]) -> None:
         if e.link is not None:
             pax[LINK_RECORD] = e.link
-            group = (e.link, e.ref, e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.xattrs)
+            group = treefmt.link_group(e)
             first = self._first.get(group)
             if first is not None:
                 self._entry_header(path, b"1", e, pax, linkname=first)

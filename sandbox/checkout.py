@@ -1,15 +1,15 @@
 """Materialising a tree as a plain directory.
 
 Content is copied from blobs (holes kept), then metadata is applied in the
-order the kernel requires: ownership before mode (chown clears set-id bits),
-mode and times last, directories after their children (so read-only
-directories can be filled and their mtimes survive).
+order the kernel requires (``apply_metadata``), directories after their
+children (so read-only directories can be filled and their mtimes survive).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from . import tree as treefmt
@@ -50,7 +50,7 @@ class _Writer:
         self.store = store
         self.ids = ids
         self.owners = owners
-        self.links: dict[tuple[bytes, bytes, int, int, int, int, int], bytes] = {}
+        self.links: dict[tuple, bytes] = {}
 
     def fill(self, digest: bytes, path: bytes) -> None:
         for entry in self.store.get_tree(digest):
@@ -65,7 +65,7 @@ class _Writer:
     def _make(self, e: Entry, path: bytes) -> bool:
         if e.kind == treefmt.FILE:
             if e.link is not None:
-                key = (e.link, e.ref, e.mode, e.uid, e.gid, e.mtime_ns, e.size)
+                key = treefmt.link_group(e)
                 first = self.links.get(key)
                 if first is not None:
                     os.link(first, path)
@@ -95,18 +95,45 @@ class _Writer:
             os.close(dst)
 
     def _apply(self, e: Entry, path: bytes) -> None:
-        symlink = e.kind == treefmt.SYMLINK
-        for name, value in e.xattrs:
-            try:
-                os.setxattr(path, name, value, follow_symlinks=False)
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.ENOTSUP):
-                    raise
-        if self.owners:
-            os.chown(path, self.ids.to_host(e.uid), self.ids.to_host(e.gid), follow_symlinks=False)
-        if not symlink:
-            os.chmod(path, e.mode)
-        os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+        apply_metadata(path, e, self.ids, owners=self.owners, xattr_refused=_skip_unsupported)
+
+
+def _skip_unsupported(name: bytes, exc: OSError) -> None:
+    # A checkout as a user, or onto a filesystem without that namespace: the
+    # rest of the entry is still worth having.
+    if exc.errno not in (errno.EPERM, errno.ENOTSUP):
+        raise exc
+
+
+def apply_metadata(
+    path: bytes,
+    e: Entry,
+    ids: IdMap,
+    *,
+    owners: bool = True,
+    xattr_refused: Callable[[bytes, OSError], None] | None = None,
+) -> None:
+    """Give ``path`` the entry's owner, xattrs, mode and mtime.
+
+    In the one order that keeps them all: chown first (it clears
+    ``security.capability`` and set-id bits), then the xattrs, then the mode
+    (after any ACL xattr, so the mode's bits win), the mtime last.
+    ``xattr_refused`` decides about an xattr the filesystem refuses (by
+    default the error is raised).
+    """
+    symlink = e.kind == treefmt.SYMLINK
+    if owners:
+        os.chown(path, ids.to_host(e.uid), ids.to_host(e.gid), follow_symlinks=False)
+    for name, value in e.xattrs:
+        try:
+            os.setxattr(path, name, value, follow_symlinks=False)
+        except OSError as exc:
+            if xattr_refused is None:
+                raise
+            xattr_refused(name, exc)
+    if not symlink:
+        os.chmod(path, e.mode)
+    os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
 
 
 def _copy_sparse(src: int, dst: int, size: int) -> None:

@@ -27,34 +27,43 @@ requests to Python instead of 1,956 and runs about 5% faster.
 
 Being a lower layer, none of this enters a snapshot, and a step may change
 or delete any of it as usual. An entry tmpfs cannot hold exactly (an xattr
-it refuses) is left to the FUSE lower, which serves everything anyway.
+it refuses, the layer's size cap reached) is left to the FUSE lower, which
+serves everything anyway.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import shutil
 from dataclasses import dataclass
 
 from . import tree as treefmt
+from .checkout import apply_metadata
 from .lowerfs import METACOPY, REDIRECT, redirect_of
 from .store import Store
 from .tree import Entry
 from .userns import IdMap
 
-#: Errors that mean "tmpfs cannot hold this entry (exactly)", not "something
-#: broke": the entry is left to the FUSE lower, which serves everything.
-_LEFT_TO_LOWER = (
-    errno.EPERM,
-    errno.ENOTSUP,
-    errno.EINVAL,
-    errno.E2BIG,
-    errno.ERANGE,
-    errno.ENOSPC,  # the layer's size cap (long symlink targets take a page each)
-    errno.EMLINK,
-)
+#: What tmpfs may refuse, which leaves an entry (a directory: its subtree) to
+#: the FUSE lower, which serves everything anyway. Making an entry: the layer
+#: is full (long symlink targets take a page each) or a link count is. Its
+#: xattrs: a namespace or size tmpfs does not take. Anything else, and any
+#: error giving an entry its owner, mode or mtime, is a real failure.
+_CANNOT_MAKE = (errno.ENOSPC, errno.EMLINK)
+_XATTR_REFUSED = (errno.EPERM, errno.ENOTSUP, errno.EINVAL, errno.E2BIG, errno.ERANGE, errno.ENOSPC)
+
+
+class _Refused(Exception):
+    """tmpfs cannot hold this entry exactly."""
+
+
+def _refuse_xattr(name: bytes, exc: OSError) -> None:
+    if exc.errno in _XATTR_REFUSED:
+        raise _Refused(name) from exc
+    raise exc
 
 
 @dataclass
@@ -81,7 +90,7 @@ class EagerLayer:
         self.store = store
         self.ids = ids
         self.stats = EagerStats()
-        self._link_groups: dict[tuple[bytes, bytes], bytes] = {}
+        self._link_groups: dict[tuple, bytes] = {}
 
     def fill(self, tree: bytes, root: bytes) -> EagerStats:
         """Fill ``root`` (an empty directory: the layer's root) from ``tree``."""
@@ -102,25 +111,28 @@ class EagerLayer:
         try:
             os.mkdir(path, 0o700)
         except OSError as exc:
-            self._leave(exc)
+            self._cannot_make(exc)
             return
+        before = dataclasses.replace(self.stats)
         self._fill(entry.ref, path)
         try:
-            apply_metadata(path, entry, self.ids)  # after the children: the mtime stays the tree's
-        except OSError as exc:
-            self._leave(exc)
-            shutil.rmtree(path)  # its whole subtree is left to the lower
+            # after the children, so the mtime stays the tree's
+            apply_metadata(path, entry, self.ids, xattr_refused=_refuse_xattr)
+        except _Refused:
+            shutil.rmtree(path)  # the whole subtree is left to the lower
             inside = path + b"/"
             self._link_groups = {
                 group: first
                 for group, first in self._link_groups.items()
                 if not first.startswith(inside)
             }
+            self.stats = before
+            self.stats.left_to_lower += 1
             return
         self.stats.dirs += 1
 
     def _leaf(self, entry: Entry, path: bytes) -> None:
-        group = (entry.link, entry.ref) if entry.link is not None else None
+        group = treefmt.link_group(entry)
         first = self._link_groups.get(group) if group else None
         try:
             if first is not None:
@@ -131,14 +143,18 @@ class EagerLayer:
             else:
                 _make_stub(path, entry)
         except OSError as exc:
-            self._leave(exc)
             _remove(path)
+            self._cannot_make(exc)
+            return
+        except _Refused:
+            _remove(path)
+            self.stats.left_to_lower += 1
             return
         try:
-            apply_metadata(path, entry, self.ids)
-        except OSError as exc:
-            self._leave(exc)
+            apply_metadata(path, entry, self.ids, xattr_refused=_refuse_xattr)
+        except _Refused:
             os.unlink(path)
+            self.stats.left_to_lower += 1
             return
         if entry.kind == treefmt.SYMLINK:
             self.stats.symlinks += 1
@@ -147,9 +163,9 @@ class EagerLayer:
         if group:
             self._link_groups[group] = path
 
-    def _leave(self, exc: OSError) -> None:
+    def _cannot_make(self, exc: OSError) -> None:
         """Count an entry left to the lower, or re-raise what is not a refusal."""
-        if exc.errno not in _LEFT_TO_LOWER:
+        if exc.errno not in _CANNOT_MAKE:
             raise exc
         self.stats.left_to_lower += 1
 
@@ -164,20 +180,10 @@ def _make_stub(path: bytes, entry: Entry) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, entry.size)
-        os.setxattr(fd, METACOPY, b"")
-        os.setxattr(fd, REDIRECT, redirect_of(entry.ref))
+        for name, value in ((METACOPY, b""), (REDIRECT, redirect_of(entry.ref))):
+            try:
+                os.setxattr(fd, name, value)
+            except OSError as exc:
+                _refuse_xattr(name, exc)
     finally:
         os.close(fd)
-
-
-def apply_metadata(path: bytes, entry: Entry, ids: IdMap) -> None:
-    """Give ``path`` the entry's xattrs, owner, mode and mtime, in the order that keeps them.
-
-    Ownership before mode (chown clears set-id bits); the mtime last.
-    """
-    for name, value in entry.xattrs:
-        os.setxattr(path, name, value, follow_symlinks=False)
-    os.chown(path, ids.to_host(entry.uid), ids.to_host(entry.gid), follow_symlinks=False)
-    if entry.kind != treefmt.SYMLINK:
-        os.chmod(path, entry.mode)
-    os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)

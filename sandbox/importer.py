@@ -45,7 +45,9 @@ class EntryMaker:
     """Builds entries from ``lstat`` results, storing file content.
 
     Hard links: files with ``st_nlink > 1`` are grouped by inode; the group
-    label is the first path seen, so a sorted walk gives canonical labels.
+    label is the first path seen, so a sorted walk gives canonical labels,
+    followed by ``label_suffix``: a snapshot keeps the base's labels for
+    what it did not touch, and its new groups must not take one of them.
     ``hash_cache`` maps ``(ino, size, mtime_ns, ctime_ns)`` to a digest and
     lets a repeated snapshot skip rehashing files that did not change.
     """
@@ -58,6 +60,7 @@ class EntryMaker:
         ids: IdMap = IDENTITY,
         xattrs: bool = True,
         hash_cache: dict[tuple[int, int, int, int], bytes] | None = None,
+        label_suffix: bytes = b"",
     ):
         self.store = store
         self.batch = batch
@@ -65,6 +68,7 @@ class EntryMaker:
         self.xattrs = xattrs
         self.hash_cache = hash_cache if hash_cache is not None else {}
         self._links: dict[tuple[int, int], bytes] = {}
+        self.label_suffix = label_suffix
         self.files_hashed = 0
 
     def entry(
@@ -83,7 +87,7 @@ class EntryMaker:
             ref = ref or self._file_digest(path, st)
             size = st.st_size
             if st.st_nlink > 1:
-                link = self._links.setdefault((st.st_dev, st.st_ino), rel)
+                link = self._links.setdefault((st.st_dev, st.st_ino), rel + self.label_suffix)
         elif kind == treefmt.SYMLINK:
             ref = os.readlink(path)
             size = len(ref)

@@ -69,7 +69,7 @@ class LowerModel:
 
     Inodes are never forgotten: the kernel caches them forever anyway and
     each costs a few hundred bytes. Hard-link groups (entries with equal
-    ``(link, ref)``) share one inode.
+    ``tree.link_group``) share one inode.
     """
 
     def __init__(
@@ -88,7 +88,7 @@ class LowerModel:
         self._entries: list[Entry] = [base._replace(ref=root)]  # index = ino - 1
         self._children: dict[int, dict[bytes, int]] = {}
         self._order: dict[int, list[bytes]] = {}
-        self._links: dict[tuple[bytes, bytes], int] = {}
+        self._links: dict[tuple, int] = {}
         self._fds: dict[bytes, int] = {}
 
     # -- inode table -------------------------------------------------------
@@ -108,7 +108,7 @@ class LowerModel:
             raise LowerError(errno.ENOTDIR)
         children = {}
         for child in self.store.get_tree(entry.ref):
-            key = (child.link, child.ref) if child.link is not None else None
+            key = treefmt.link_group(child)
             child_ino = self._links.get(key) if key else None
             if child_ino is None:
                 self._entries.append(child)

@@ -63,12 +63,23 @@ class Snapshotter:
         self.upper = os.fsencode(upper)
         self.ids = ids
         self._hash_cache: dict[tuple[int, int, int, int], bytes] = {}
+        # Hard-link groups the step made are labelled path + "//" + the base's
+        # digest: "//" is in no path, and no tree holds a label naming its own
+        # digest, so they never take the label of a base group they did not
+        # join (which would merge two inodes with equal content and metadata).
+        self._label_suffix = b"//" + base.hex()[:32].encode()
 
     def snapshot(self) -> tuple[bytes, SnapshotStats]:
         started = time.monotonic()
         self._count_trees_written = 0
         with self.store.batch() as batch:
-            maker = EntryMaker(self.store, batch, ids=self.ids, hash_cache=self._hash_cache)
+            maker = EntryMaker(
+                self.store,
+                batch,
+                ids=self.ids,
+                hash_cache=self._hash_cache,
+                label_suffix=self._label_suffix,
+            )
             digest = self._merge(maker, self.base, self.upper, b"", b"")
         stats = SnapshotStats(
             trees_written=self._count_trees_written,

@@ -7,11 +7,12 @@ name (raw bytes, as the kernel knows them). Each entry is the array::
 
 - ``ref``: raw 32-byte digest of the blob (files) or subtree (directories),
   the link target (symlinks), empty otherwise.
-- ``xattrs``: ``[[name, value], ...]`` sorted by name.
+- ``xattrs``: ``[[name, value], ...]`` sorted by name; never overlayfs' own.
 - ``link``: ``None``, or a hard-link group label. Entries of one tree state
-  with equal ``(link, ref)`` are one inode. The label is the tree-relative
-  path of the group's first member when the group was recorded; only its
-  equality matters.
+  with equal label, content and metadata (``link_group``) are one inode.
+  The label is the tree-relative path of the group's first member when the
+  group was recorded (a snapshot appends ``//`` and its base's digest);
+  only its equality matters.
 
 Ids are recorded as the sandbox sees them (not shifted host ids). The digest
 of a tree is BLAKE3 of exactly these bytes, so equal directories share a
@@ -89,6 +90,19 @@ class Entry(NamedTuple):
         return self[1:] == other[1:]
 
 
+def link_group(e: Entry) -> tuple | None:
+    """What makes names one inode: the same label, content and metadata.
+
+    Labels are only unique within the history that made them, so an entry
+    whose metadata differs from its label's group is an inode of its own;
+    every reader of trees (lower, eager layer, checkout, export) groups by
+    this, so they all show the same inodes.
+    """
+    if e.link is None:
+        return None
+    return (e.link, e.ref, e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.xattrs)
+
+
 def kind_of_mode(st_mode: int) -> int:
     return _KIND_OF_MODE[stat.S_IFMT(st_mode)]
 
@@ -140,6 +154,12 @@ def decode(data: bytes, select: Selector | None = None) -> list[Entry]:
     return entries
 
 
+#: overlayfs reads these on the layers amber builds from trees (it mounts
+#: without ``userxattr``): a tree must never carry them. Importers drop them;
+#: a hostile peer's tree is refused.
+_OVERLAY_XATTRS = b"trusted.overlay."
+
+
 def _check_entry(e: Entry, previous: bytes) -> None:
     # Runs for every entry of every tree read (a mount reads thousands), so
     # the common case is a handful of type checks; ``type() is int`` also
@@ -169,6 +189,9 @@ def _check_entry(e: Entry, previous: bytes) -> None:
         raise TreeFormatError(f"bad link target in {name!r}")
     if e.link is not None and type(e.link) is not bytes:
         raise TreeFormatError(f"bad hard-link label in {name!r}")
+    for key, value in e.xattrs:
+        if type(key) is not bytes or type(value) is not bytes or key.startswith(_OVERLAY_XATTRS):
+            raise TreeFormatError(f"bad xattr {key!r} on {name!r}")
 
 
 def digest_of(entries: list[Entry]) -> tuple[bytes, bytes]:

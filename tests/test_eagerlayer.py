@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
 from pathlib import Path
 
 from amber.sandbox import tree as treefmt
@@ -16,6 +17,8 @@ from amber.sandbox.tree import Entry
 from amber.sandbox.userns import IdMap
 
 T = 1_600_000_000_123_456_789
+#: security.capability, version 2, effective: cap_net_raw (13) permitted.
+CAP_NET_RAW = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
 SHIFT = IdMap(100000, 65536)
 
 
@@ -53,7 +56,8 @@ def _tree(store: Store, *, dir_xattrs=(), exe_xattrs=()) -> tuple[bytes, bytes]:
 def test_directories_symlinks_and_executable_stubs_carry_the_trees_metadata(
     store: Store, tmp_path: Path
 ):
-    root, exe = _tree(store, exe_xattrs=((b"user.note", b"x"),))
+    caps = ((b"security.capability", CAP_NET_RAW), (b"user.note", b"x"))
+    root, exe = _tree(store, exe_xattrs=caps)
     layer = tmp_path / "layer"
     layer.mkdir()
     stats = EagerLayer(store, SHIFT).fill(root, os.fsencode(layer))
@@ -77,6 +81,8 @@ def test_directories_symlinks_and_executable_stubs_carry_the_trees_metadata(
     redirect = os.getxattr(tool, REDIRECT).decode()
     assert (store.blob_dir / redirect.lstrip("/")) == store.blob_path(exe)
     assert os.getxattr(tool, "user.note") == b"x"
+    assert os.getxattr(tool, "security.capability") == CAP_NET_RAW  # chown came before it
+    assert stat.S_IMODE(os.stat(tool).st_mode) == 0o755
 
 
 def _holds_no_data(path: Path) -> bool:

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,8 @@ from amber.sandbox.store import Store
 from amber.sandbox.tree import Entry
 
 T = 1_600_000_000_123_456_789  # a nanosecond mtime make would compare
+#: security.capability, version 2, effective: cap_net_raw (13) permitted.
+CAP_NET_RAW = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
 
 
 def make_base(root: Path) -> None:
@@ -353,6 +356,7 @@ async def test_eager_entries_come_from_tmpfs_exactly_and_change_nothing(
     tool.write_text("#!/bin/sh\necho tool ran\n")
     os.chmod(tool, 0o4755)
     os.setxattr(tool, "user.note", b"exec")
+    os.setxattr(tool, "security.capability", CAP_NET_RAW)
     os.link(tool, base_dir / "usr/bin/tool-alias")
     (base_dir / "usr/share").mkdir()
     (base_dir / "usr/share/data").write_text("not executable")
@@ -366,6 +370,7 @@ async def test_eager_entries_come_from_tmpfs_exactly_and_change_nothing(
     checkout(store, base, expected)
     async with open_overlay(store.state_dir, base, tmp_path / "mnt") as mnt:
         assert differences(describe(mnt.root), describe(expected)) == []
+        assert os.getxattr(mnt.root / "usr/bin/tool", "security.capability") == CAP_NET_RAW
         eager = mnt.work / "eager"
         assert (eager / "usr/lib/x86/libz.so.1").is_symlink()
         assert os.stat(eager / "usr/bin/tool").st_blocks == 0  # a stub; data from the store
@@ -378,7 +383,8 @@ async def test_eager_entries_come_from_tmpfs_exactly_and_change_nothing(
         assert not (mnt.work / "upper/usr").exists()  # the upper holds only what steps change
         assert (await mnt.snapshot()).tree == base  # no change recorded
         with open(mnt.root / "usr/bin/tool", "a") as f:
-            f.write("echo again\n")
+            f.write("echo again\n")  # the kernel drops the capability on write
+        os.utime(mnt.root / "usr/bin/tool-alias", ns=(T + 5, T + 5))  # a metadata-only copy-up
         os.unlink(mnt.root / "usr/lib/x86/libz.so.1")
         (mnt.root / "usr/lib/x86/new").write_text("n")
         changed = (await mnt.snapshot()).tree
@@ -386,3 +392,35 @@ async def test_eager_entries_come_from_tmpfs_exactly_and_change_nothing(
     assert store.lookup_path(changed, b"usr/lib/x86/new") is not None
     edited = store.lookup_path(changed, b"usr/bin/tool")
     assert store.blob_path(edited.ref).read_text() == "#!/bin/sh\necho tool ran\necho again\n"
+    assert b"security.capability" not in dict(edited.xattrs)
+    alias = store.lookup_path(changed, b"usr/bin/tool-alias")
+    assert (alias.mtime_ns, alias.mode) == (T + 5, 0o4755)
+    assert dict(alias.xattrs)[b"security.capability"] == CAP_NET_RAW  # copied up from the stub
+
+
+async def test_a_group_the_step_made_never_joins_a_base_group(store: Store, tmp_path: Path):
+    """Base group {a, b}; the step copies up ``a`` without changing anything
+    (overlayfs splits it from ``b``) and links ``c`` to it: two inodes with
+    equal content and metadata, which must stay two in the snapshot."""
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    (base_dir / "a").write_text("shared\n")
+    os.link(base_dir / "a", base_dir / "b")
+    os.utime(base_dir / "a", ns=(T, T))
+    base = import_directory(store, base_dir)
+    async with open_overlay(store.state_dir, base, tmp_path / "mnt") as mnt:
+        os.chown(mnt.root / "a", 0, 0)  # same owner: a metadata-only copy-up
+        os.link(mnt.root / "a", mnt.root / "c")
+        seen = {n: os.stat(mnt.root / n).st_ino for n in "abc"}
+        assert seen["a"] == seen["c"] != seen["b"]
+        snap = await mnt.snapshot()
+    async with open_overlay(store.state_dir, snap.tree, tmp_path / "again") as mnt:
+        again = {n: os.stat(mnt.root / n).st_ino for n in "abc"}
+        with open(mnt.root / "b", "a") as f:
+            f.write("b only\n")
+        assert (mnt.root / "a").read_text() == (mnt.root / "c").read_text() == "shared\n"
+    assert again["a"] == again["c"] != again["b"]
+    out = tmp_path / "checkout"
+    checkout(store, snap.tree, out)
+    groups = describe(out)
+    assert groups["a"][-1] == groups["c"][-1] is not None and groups["b"][-1] is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,9 @@ def test_tree_encoding_is_canonical_and_validated():
             treefmt.decode(treefmt.encode([e1._replace(name=hostile)]))
     with pytest.raises(treefmt.TreeFormatError):
         treefmt.decode(b"\x93garbage")
+    for xattrs in (((b"trusted.overlay.opaque", b"y"),), ((b"user.x", 5),), ((7, b"v"),)):
+        with pytest.raises(treefmt.TreeFormatError, match="bad xattr"):
+            treefmt.decode(treefmt.encode([e1._replace(xattrs=xattrs)]))
 
 
 def test_a_selective_decode_builds_and_validates_only_the_selected_entries():
@@ -91,11 +95,15 @@ def test_import_checkout_roundtrip_keeps_everything(store: Store, tmp_path: Path
     src = tmp_path / "src"
     src.mkdir()
     make_rich_dir(src)
+    cap_net_raw = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
+    os.setxattr(src / "exec.sh", "security.capability", cap_net_raw)
     digest = import_directory(store, src)
     assert import_directory(store, src) == digest  # deterministic
     out = tmp_path / "out"
     checkout(store, digest, out)
     assert differences(describe(src), describe(out)) == []
+    # describe() leaves security.* out; a capability must survive the chown
+    assert os.getxattr(out / "exec.sh", "security.capability") == cap_net_raw
 
 
 def test_sparse_file_over_4gib_keeps_holes(store: Store, tmp_path: Path):
