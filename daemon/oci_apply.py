@@ -41,7 +41,7 @@ NAME_MAX = 255
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 64 << 10
 #: overlayfs reads these on a mounted lower layer; a layer must not set them.
-DROPPED_XATTRS = (b"trusted.overlay.", b"user.overlay.")
+DROPPED_XATTRS = (treefmt.OVERLAY_XATTR_PREFIX, b"user.overlay.")
 _DEFAULT_DIR = Entry(b"", treefmt.DIR, 0o755, 0, 0, 0, 0, treefmt.EMPTY_TREE)
 _ZEROS = bytes(4 * CHUNK)
 

@@ -38,6 +38,7 @@ import dataclasses
 import errno
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import tree as treefmt
@@ -64,6 +65,17 @@ def _refuse_xattr(name: bytes, exc: OSError) -> None:
     if exc.errno in _XATTR_REFUSED:
         raise _Refused(name) from exc
     raise exc
+
+
+@contextlib.contextmanager
+def _making() -> Iterator[None]:
+    """Making an entry: a full layer is a refusal, anything else a failure."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _CANNOT_MAKE:
+            raise _Refused() from exc
+        raise
 
 
 @dataclass
@@ -108,12 +120,13 @@ class EagerLayer:
                 self._leaf(entry, prefix + entry.name)
 
     def _directory(self, entry: Entry, path: bytes) -> None:
-        try:
-            os.mkdir(path, 0o700)
-        except OSError as exc:
-            self._cannot_make(exc)
-            return
         before = dataclasses.replace(self.stats)
+        try:
+            with _making():
+                os.mkdir(path, 0o700)
+        except _Refused:
+            self.stats.left_to_lower += 1
+            return
         self._fill(entry.ref, path)
         try:
             # after the children, so the mtime stays the tree's
@@ -135,25 +148,17 @@ class EagerLayer:
         group = treefmt.link_group(entry)
         first = self._link_groups.get(group) if group else None
         try:
-            if first is not None:
-                os.link(first, path)  # one inode for the group, as in the FUSE lower
-                return
-            if entry.kind == treefmt.SYMLINK:
-                os.symlink(entry.ref, path)
-            else:
-                _make_stub(path, entry)
-        except OSError as exc:
-            _remove(path)
-            self._cannot_make(exc)
-            return
-        except _Refused:
-            _remove(path)
-            self.stats.left_to_lower += 1
-            return
-        try:
+            with _making():
+                if first is not None:
+                    os.link(first, path)  # one inode for the group, as in the FUSE lower
+                    return
+                if entry.kind == treefmt.SYMLINK:
+                    os.symlink(entry.ref, path)
+                else:
+                    _make_stub(path, entry)
             apply_metadata(path, entry, self.ids, xattr_refused=_refuse_xattr)
         except _Refused:
-            os.unlink(path)
+            _remove(path)
             self.stats.left_to_lower += 1
             return
         if entry.kind == treefmt.SYMLINK:
@@ -162,12 +167,6 @@ class EagerLayer:
             self.stats.executables += 1
         if group:
             self._link_groups[group] = path
-
-    def _cannot_make(self, exc: OSError) -> None:
-        """Count an entry left to the lower, or re-raise what is not a refusal."""
-        if exc.errno not in _CANNOT_MAKE:
-            raise exc
-        self.stats.left_to_lower += 1
 
 
 def _remove(path: bytes) -> None:

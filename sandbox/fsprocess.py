@@ -84,7 +84,7 @@ class FilesystemProcess:
         os.chmod(self.upper, 0o755)
         mount("amber-eager", self.eager, "tmpfs", "mode=0755,size=64m")
         self._eager_mounted = True
-        self.eager_stats = EagerLayer(self.store, self.ids).fill(self.tree, os.fsencode(self.eager))
+        EagerLayer(self.store, self.ids).fill(self.tree, os.fsencode(self.eager))
 
     async def serve(self, control: trio.SocketStream) -> None:
         ops = LowerOperations(self.model, str(self.store.root))

@@ -16,9 +16,6 @@ from .store import Batch, Store
 from .tree import Entry
 from .userns import IDENTITY, IdMap
 
-#: overlayfs bookkeeping; never part of a snapshot.
-OVERLAY_XATTR_PREFIX = b"trusted.overlay."
-
 
 def read_xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:
     """A file's xattrs, sorted, without overlayfs' own."""
@@ -31,7 +28,7 @@ def read_xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:
     pairs = []
     for name in names:
         raw = os.fsencode(name)
-        if raw.startswith(OVERLAY_XATTR_PREFIX):
+        if raw.startswith(treefmt.OVERLAY_XATTR_PREFIX):  # overlayfs bookkeeping
             continue
         try:
             pairs.append((raw, os.getxattr(path, name, follow_symlinks=False)))

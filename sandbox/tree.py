@@ -157,7 +157,7 @@ def decode(data: bytes, select: Selector | None = None) -> list[Entry]:
 #: overlayfs reads these on the layers amber builds from trees (it mounts
 #: without ``userxattr``): a tree must never carry them. Importers drop them;
 #: a hostile peer's tree is refused.
-_OVERLAY_XATTRS = b"trusted.overlay."
+OVERLAY_XATTR_PREFIX = b"trusted.overlay."
 
 
 def _check_entry(e: Entry, previous: bytes) -> None:
@@ -190,7 +190,11 @@ def _check_entry(e: Entry, previous: bytes) -> None:
     if e.link is not None and type(e.link) is not bytes:
         raise TreeFormatError(f"bad hard-link label in {name!r}")
     for key, value in e.xattrs:
-        if type(key) is not bytes or type(value) is not bytes or key.startswith(_OVERLAY_XATTRS):
+        if (
+            type(key) is not bytes
+            or type(value) is not bytes
+            or key.startswith(OVERLAY_XATTR_PREFIX)
+        ):
             raise TreeFormatError(f"bad xattr {key!r} on {name!r}")
 
 
