@@ -147,6 +147,11 @@ class BuildRecord:
     final_tree: str | None = None
     error: str | None = None
 
+    @property
+    def base(self) -> str:
+        """The base as the spec spells it (``spec`` is ``Spec.to_dict()`` as JSON)."""
+        return json.loads(self.spec).get("build", {}).get("base", "host")
+
 
 @dataclass
 class Pin:

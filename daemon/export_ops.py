@@ -48,7 +48,7 @@ def image_layers(
     if base is None:
         raise AmberError("not-found", f"build {state.build.id} never laid out its initial tree")
     layers: list[tuple[bytes | None, bytes]] = [(None, from_hex(base))]
-    history = [f"amber: base {json.loads(state.build.spec).get('base', '?')} and sources"]
+    history = [f"amber: base {state.build.base} and sources"]
     for step in steps[:upto]:
         if not (step.before_tree and step.after_tree):
             raise AmberError(
@@ -112,7 +112,7 @@ async def export_state(
     config = image_config(state, history)
     ref = f"amber/{state.build.id}:{state.step.name}{'-before' if state.before else ''}"
     note = None
-    if json.loads(state.build.spec).get("base") == "host":
+    if state.build.base == "host":
         note = "the host base's system directories (/usr, /etc, ...) are bound at run time and not in the image"
 
     def work() -> dict[str, Any]:
@@ -212,7 +212,8 @@ def _frozen_records(api: Api, image, source: str, uid: int) -> tuple[BuildRecord
     last.exit_code = int(exit_code) if exit_code and exit_code.lstrip("-").isdigit() else None
     record = BuildRecord(
         id=build_id, seq=seq, uid=uid, name=name,
-        spec=json.dumps({"name": name, "base": f"imported:{source}", "imported_from": labels.get(LABEL + "build")}),
+        spec=json.dumps({"build": {"name": name, "base": f"imported:{source}"},
+                         "imported_from": labels.get(LABEL + "build")}),
         spec_path=source, status="failed", frozen=1, created=time.time(), finished=time.time(),
         failed_step=last.name, base_tree=trees[0], final_tree=trees[-1],
     )  # fmt: skip

@@ -6,7 +6,6 @@ thrown away when the shell exits, so the frozen state never changes.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import time
@@ -27,15 +26,15 @@ from .bases import host_binds
 from .frozen import FrozenState, resolve_state
 
 if TYPE_CHECKING:
+    from .db import BuildRecord
     from .server import Connection
 
 HISTORY = "tmp/.amber_history"
 
 
-def _binds_for(record_spec: str) -> list[Bind]:
+def _binds_for(record: BuildRecord) -> list[Bind]:
     """The host's system directories, for builds on the ``host`` base."""
-    base = json.loads(record_spec).get("base", "host")
-    if base != "host":
+    if record.base != "host":
         return []
     return [Bind(Path(source), dest) for source, dest in host_binds()]
 
@@ -101,7 +100,7 @@ async def _run_shell(
             complete.append(await trio.to_thread.run_sync(hold.complete, [state.tree]))
             checked.set()
 
-        binds = _binds_for(record.spec)
+        binds = _binds_for(record)
         ids = api.ctx.ids
         env = dict(state.env)
         env.update(

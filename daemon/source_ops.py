@@ -97,6 +97,12 @@ def _mismatch(exc: DigestMismatch) -> dict[str, Any]:
 async def _verify_build(api: Api, record: BuildRecord) -> dict[str, Any]:
     tree, label = _state_of(api, record)
     document = json.loads(record.spec)
+    if "imported_from" in document:
+        raise AmberError(
+            "not-found",
+            f"build {record.id} was imported from an image: its spec (sources and stamp "
+            "rules) did not come with it, so there is nothing to verify it against",
+        )
     try:
         # Only what the rules need: the sources' host paths may be gone by now.
         spec = spec_from_dict(

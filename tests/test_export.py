@@ -70,6 +70,9 @@ def test_skopeo_and_umoci_read_the_export(frozen, tmp_path: Path):
     assert labels["org.amber.build"] == build and labels["org.amber.step"] == "compile"
     assert labels["org.amber.exit-code"] == "3" and labels["org.amber.key"]
     assert len(info["Layers"]) == 3  # base and sources, then one layer per step
+    config = json.loads(run(["skopeo", "inspect", "--config", f"oci-archive:{out}"]).stdout)
+    history = [h.get("created_by", "") for h in config["history"]]
+    assert history[0] == "amber: base bb and sources", history
     layout = tmp_path / "layout"
     run(["skopeo", "copy", f"oci-archive:{out}", f"oci:{layout}:img"])
     bundle = tmp_path / "bundle"
@@ -99,6 +102,8 @@ def test_import_on_another_machine_gives_the_same_bytes(frozen, daemon_root: Pat
     assert amberd.amber("export", build, "-o", str(out)).returncode == 0
     original = amberd.amber("shell", build, "--", "cat", "/build/src/added")
     assert original.returncode == 0 and original.stdout == b"added\x00bytes"
+    # the image base is the whole root: none of the host's system directories
+    assert amberd.amber("shell", build, "--", "test", "-e", "/usr/bin/python3").returncode == 1
 
     other_root = daemon_root.parent / (daemon_root.name + "-second")
     other_root.mkdir(mode=0o755)
@@ -116,6 +121,8 @@ def test_import_on_another_machine_gives_the_same_bytes(frozen, daemon_root: Pat
         assert cwd.stdout.strip() == b"/build/src"
         diff = other.amber("diff", new_id)
         assert b"/build/src/added" in diff.stdout and b"doomed" in diff.stdout
+        verify = other.amber("verify", new_id)
+        assert verify.returncode != 0 and b"was imported from an image" in verify.stderr
     finally:
         other.stop()
         subprocess.run(["rm", "-rf", str(other_root)])
