@@ -28,7 +28,6 @@ from .build import Build
 from .context import DaemonContext
 from .db import BuildRecord
 from .manager import BuildManager
-from .sources import filesystem_identity
 from .spec import Spec, SpecError, parse_spec
 
 if TYPE_CHECKING:
@@ -261,8 +260,8 @@ async def _image_import(api: Api, conn: Connection, args: dict[str, Any]) -> dic
         source = ("dir:" if os.path.isdir(source) else "oci:") + source
 
     def work() -> bytes:
-        with filesystem_identity(conn.peer.uid, conn.peer.gid):
-            return resolve_base(api.ctx.store, api.ctx.db, source).tree
+        uid, gid = conn.peer.uid, conn.peer.gid
+        return resolve_base(api.ctx.store, api.ctx.db, source, uid=uid, gid=gid).tree
 
     tree = await trio.to_thread.run_sync(work)
     api.ctx.db.put_image(name, tree.hex(), source)

@@ -14,12 +14,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from amber.client.errors import AmberError
 from amber.sandbox import tree as treefmt
 from amber.sandbox.digest import from_hex, hash_bytes
+from amber.sandbox.fsidentity import filesystem_identity
 from amber.sandbox.importer import import_directory
 from amber.sandbox.store import Store
 from amber.sandbox.tree import Entry
@@ -40,16 +43,32 @@ class ResolvedBase:
     description: str = ""
 
 
-def resolve_base(store: Store, db: Database, base: str) -> ResolvedBase:
-    """Blocking (imports may read a lot): call from a worker thread."""
+@contextmanager
+def _as_user(base: str, uid: int, gid: int) -> Iterator[None]:
+    with filesystem_identity(uid, gid):
+        try:
+            yield
+        except PermissionError as exc:
+            where = os.fsdecode(exc.filename) if exc.filename else "a file"
+            raise AmberError("permission-denied", f"base {base!r}: cannot read {where}") from None
+
+
+def resolve_base(store: Store, db: Database, base: str, *, uid: int, gid: int) -> ResolvedBase:
+    """Blocking (imports may read a lot): call from a worker thread.
+
+    dir: and oci: bases are read as ``uid``/``gid``, the user asking: the
+    daemon's root rights must not put a file into a build its user could not
+    read (like a local source). The host base is every user's to build on.
+    """
     kind, _, ref = base.partition(":")
     if base == "host":
         return _host_base(store)
     if kind == "dir" and ref:
         path = Path(ref)
-        if not path.is_dir():
-            raise AmberError("spec-error", f"base {base!r}: {ref} is not a directory")
-        tree = import_directory(store, path)
+        with _as_user(base, uid, gid):
+            if not path.is_dir():
+                raise AmberError("spec-error", f"base {base!r}: {ref} is not a directory")
+            tree = import_directory(store, path)
         return ResolvedBase(tree, "dir", description=f"directory {ref}")
     if kind == "tree" and ref:
         try:
@@ -62,7 +81,8 @@ def resolve_base(store: Store, db: Database, base: str) -> ResolvedBase:
     if kind == "oci" and ref:
         from .oci_base import import_oci_base
 
-        tree = import_oci_base(store, Path(ref))
+        with _as_user(base, uid, gid):
+            tree = import_oci_base(store, Path(ref))
         return ResolvedBase(tree, "oci", description=f"OCI image {ref}")
     image = db.get_image(base)
     if image is None:

@@ -145,7 +145,11 @@ class Executor:
 
     async def _run_steps(self) -> None:
         b, spec, db = self.build, self.spec, self.ctx.db
-        self.base = await trio.to_thread.run_sync(resolve_base, self.ctx.store, db, str(spec.base))
+        self.base = await trio.to_thread.run_sync(
+            functools.partial(
+                resolve_base, self.ctx.store, db, str(spec.base), uid=b.uid, gid=b.gid
+            )
+        )
         tree = await self._lay_out()
         if tree is None:
             return  # a source failed verification: the build failed before any step

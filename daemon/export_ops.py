@@ -22,6 +22,7 @@ import trio
 
 from amber.client.errors import AmberError
 from amber.sandbox.digest import from_hex
+from amber.sandbox.fsidentity import filesystem_identity
 
 from .api import Api, operation
 from .context import DaemonContext
@@ -30,7 +31,6 @@ from .frozen import FrozenState, resolve_state
 from .oci_image import export_image, read_image
 from .oci_registry import push_image
 from .oci_spec import ImageConfig, OciError
-from .sources import filesystem_identity
 
 if TYPE_CHECKING:
     from .server import Connection

@@ -54,6 +54,7 @@ import trio
 from amber.client import __version__
 from amber.client.errors import AmberError
 from amber.sandbox.digest import CHUNK, from_hex, new_hasher
+from amber.sandbox.fsidentity import filesystem_identity
 from amber.sandbox.store import Store
 
 from .db import Database
@@ -371,7 +372,6 @@ def _opener() -> urllib.request.OpenerDirector:
 @contextlib.contextmanager
 def open_url(url: str, *, uid: int, gid: int) -> Iterator[tuple[BinaryIO, int | None]]:
     """A readable stream on ``url`` and its size when known. Blocking."""
-    from .sources import filesystem_identity  # sources imports this module
 
     parts = urllib.parse.urlsplit(url)
     try:

@@ -48,10 +48,10 @@ import trio
 from amber.client.errors import AmberError
 from amber.sandbox import tree as treefmt
 from amber.sandbox.checkout import CheckoutError, checkout
+from amber.sandbox.fsidentity import filesystem_identity
 from amber.sandbox.store import Store
 
 from .db import BuildRecord, Database, OutLink, Pin
-from .sources import filesystem_identity
 
 if TYPE_CHECKING:
     from .build import Build

@@ -71,7 +71,7 @@ async def _verify_spec(api: Api, conn: Connection, spec: Spec, spec_path: str) -
         return {"target": spec_path, "problems": [_mismatch(exc)], "notes": []}
 
     def work() -> dict[str, Any]:
-        base = resolve_base(store, db, str(spec.base))
+        base = resolve_base(store, db, str(spec.base), uid=uid, gid=gid)
         try:
             layout = lay_out(store, base.tree, spec, known, uid=uid, gid=gid, missing_ok=True)
         except DigestMismatch as exc:

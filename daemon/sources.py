@@ -29,16 +29,15 @@ Every removal is returned as a ``Finding`` for the build log.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import stat
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from amber.client.errors import AmberError
 from amber.sandbox import tree as treefmt
 from amber.sandbox.digest import EMPTY
+from amber.sandbox.fsidentity import filesystem_identity
 from amber.sandbox.importer import import_directory
 from amber.sandbox.runner import BUILD_GID, BUILD_UID
 from amber.sandbox.store import Batch, Store
@@ -56,23 +55,6 @@ BUILD_FILE = Entry(b"", treefmt.FILE, 0o644, BUILD_UID, BUILD_GID, 0, 0, b"")
 DOWNLOAD_MTIME_NS = 0
 
 STALE_SOURCE_STAMP = "stale-source-stamp"
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-@contextmanager
-def filesystem_identity(uid: int, gid: int) -> Iterator[None]:
-    """Access files as ``uid``/``gid`` on this thread only (a no-op for root)."""
-    if uid == 0:
-        yield
-        return
-    old_gid = _libc.setfsgid(gid)
-    old_uid = _libc.setfsuid(uid)
-    try:
-        yield
-    finally:
-        _libc.setfsuid(old_uid)
-        _libc.setfsgid(old_gid)
 
 
 @dataclass

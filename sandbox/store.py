@@ -28,6 +28,7 @@ from pathlib import Path
 
 from . import tree as treefmt
 from .digest import CHUNK, hash_bytes, new_hasher, to_hex
+from .fsidentity import as_store_owner
 from .tree import Entry
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -94,9 +95,13 @@ class Batch:
         self.written = 0  # objects this batch added to the store
         self.bytes_written = 0
 
+    # The store is root's even while this thread reads a user's files as
+    # that user (fsidentity.py): every write to it goes through as_store_owner.
+
     def new_temp(self) -> tuple[int, str]:
         path = os.path.join(self._store.tmp_dir, secrets.token_hex(12))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+        with as_store_owner():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
         return fd, path
 
     def add(self, temp_path: str, final: Path, size: int) -> None:
@@ -105,28 +110,31 @@ class Batch:
         self.bytes_written += size
 
     def discard(self, temp_path: str) -> None:
-        os.unlink(temp_path)
+        with as_store_owner():
+            os.unlink(temp_path)
 
     def commit(self) -> None:
         if not self._pending:
             return
-        fd = os.open(self._store.tmp_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            syncfs(fd)
-            for temp, final in self._pending:
-                os.rename(temp, final)
-            syncfs(fd)
-        finally:
-            os.close(fd)
+        with as_store_owner():
+            fd = os.open(self._store.tmp_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                syncfs(fd)
+                for temp, final in self._pending:
+                    os.rename(temp, final)
+                syncfs(fd)
+            finally:
+                os.close(fd)
         self._pending.clear()
         self.pending_trees.clear()
 
     def abort(self) -> None:
         self._store._forget(self.pending_trees)
         self.pending_trees.clear()
-        for temp, _ in self._pending:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
+        with as_store_owner():
+            for temp, _ in self._pending:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp)
         self._pending.clear()
 
     def __enter__(self) -> Batch:
@@ -230,7 +238,7 @@ class Store:
             digest, actual = _copy_and_hash(src, fd, size)
         except BaseException:
             os.close(fd)
-            os.unlink(temp)
+            batch.discard(temp)
             raise
         os.close(fd)
         final = self.blob_path(digest)

@@ -7,13 +7,15 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import msgpack
 import pytest
-from amberd_process import Daemon
+from amberd_process import BIN, Daemon
+from rootfs import make_busybox_root
 from sources import source_tarball
 
 from amber.client.protocol import encode_frame
@@ -426,3 +428,54 @@ def test_a_source_is_its_content_not_its_mtime(amberd: Daemon):
     (directory / "input.txt").write_text("v2\n")
     code, changed = amberd.build_json(spec)
     assert statuses(changed) == ["ran"]
+
+
+USER_SPEC = """
+[build]
+name = "{name}"
+base = "dir:{base}"
+
+[[source]]
+path = "{source}"
+
+[[step]]
+name = "use"
+run = "cat /base-file input.txt > out && test -s out"
+"""
+
+
+def test_another_user_builds_with_their_own_files_and_no_one_elses(daemon_root: Path):
+    """Local sources and dir: bases are read with the requesting user's rights:
+    readable ones build (the store is still written as root), root-only ones
+    are refused before any step."""
+    config = daemon_root / "amberd.toml"
+    config.write_text("socket-mode = 0o666\n")
+    d = Daemon(daemon_root).start("--config", str(config))
+    try:
+        theirs = d.root / "user"
+        make_busybox_root(theirs / "base")
+        (theirs / "base/base-file").write_text("from the base\n")
+        (theirs / "input.txt").write_text("from a source\n")
+        secret = d.root / "secret"
+        secret.mkdir(mode=0o700)
+        (secret / "base-file").write_text("root only\n")
+        for path in (theirs, theirs / "input.txt"):
+            os.chown(path, 4242, 4242)
+        user = ["setpriv", "--reuid=4242", "--regid=4242", "--clear-groups", str(BIN / "amber")]
+        env = dict(d.env, HOME="/tmp")
+
+        def build(name: str, base: Path) -> subprocess.CompletedProcess:
+            spec = theirs / f"{name}.toml"
+            spec.write_text(USER_SPEC.format(name=name, base=base, source=theirs / "input.txt"))
+            os.chown(spec, 4242, 4242)
+            return subprocess.run([*user, "build", str(spec)], capture_output=True, env=env)
+
+        ok = build("mine", theirs / "base")
+        assert ok.returncode == 0, ok.stderr
+        refused = build("not-mine", secret)
+        assert refused.returncode != 0
+        said = refused.stdout + refused.stderr
+        assert b"cannot read" in said and b"secret" in said, said
+        assert b"root only" not in said
+    finally:
+        assert d.stop() == 0

@@ -1,0 +1,56 @@
+"""Reading a user's files with the user's rights, on one thread, while root keeps the store.
+
+The daemon runs as root and reads files on behalf of the users who ask for
+them (local sources, ``dir:`` and ``oci:`` bases, export outputs): those
+must be read with *their* rights, or root's would put into a build what its
+user could not read. ``filesystem_identity`` switches this thread's
+filesystem uid and gid (setfsuid(2): other threads, and everything that is
+not a file access, are unaffected). The store, though, is root's, and its
+writes happen in the middle of such reads (a file is hashed into the store
+as it is read): ``as_store_owner`` switches back around them. A thread-local
+record of the identity makes that free when no identity is in effect.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_current = threading.local()
+
+
+@contextmanager
+def filesystem_identity(uid: int, gid: int) -> Iterator[None]:
+    """Access files as ``uid``/``gid`` on this thread only (a no-op for root)."""
+    if uid == 0:
+        yield
+        return
+    outer = getattr(_current, "ids", None)
+    old_gid = _libc.setfsgid(gid)
+    old_uid = _libc.setfsuid(uid)
+    _current.ids = (uid, gid)
+    try:
+        yield
+    finally:
+        _libc.setfsuid(old_uid)
+        _libc.setfsgid(old_gid)
+        _current.ids = outer
+
+
+@contextmanager
+def as_store_owner() -> Iterator[None]:
+    """Root's rights again, for the store's own writes inside ``filesystem_identity``."""
+    ids = getattr(_current, "ids", None)
+    if ids is None:
+        yield
+        return
+    _libc.setfsuid(0)
+    _libc.setfsgid(0)
+    try:
+        yield
+    finally:
+        _libc.setfsgid(ids[1])
+        _libc.setfsuid(ids[0])
