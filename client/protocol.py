@@ -32,7 +32,6 @@ import msgpack
 
 from . import __version__
 from .errors import AmberError, ConnectionLost, DaemonUnreachable, ErrorCode, ProtocolError
-from .validate import validate_args
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -42,7 +41,6 @@ if TYPE_CHECKING:
 __all__ = [
     "CLIENT_NAME",
     "MAX_FRAME",
-    "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
     "AmberError",
     "ConnectionLost",
@@ -66,10 +64,8 @@ __all__ = [
     "request",
     "request_id",
     "result_reply",
-    "validate_args",
 ]
 
-PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
 CLIENT_NAME = f"amber/{__version__}"
 

@@ -40,7 +40,6 @@ class ResolvedBase:
     binds: list[tuple[str, str]] = field(
         default_factory=list
     )  # (host path, sandbox path), read-only
-    description: str = ""
 
 
 @contextmanager
@@ -69,7 +68,7 @@ def resolve_base(store: Store, db: Database, base: str, *, uid: int, gid: int) -
             if not path.is_dir():
                 raise AmberError("spec-error", f"base {base!r}: {ref} is not a directory")
             tree = import_directory(store, path)
-        return ResolvedBase(tree, "dir", description=f"directory {ref}")
+        return ResolvedBase(tree, "dir")
     if kind == "tree" and ref:
         try:
             tree = from_hex(ref)
@@ -77,20 +76,20 @@ def resolve_base(store: Store, db: Database, base: str, *, uid: int, gid: int) -
             raise AmberError("spec-error", f"base {base!r}: {exc}") from None
         if not store.has_tree(tree):
             raise AmberError("not-found", f"base tree {ref} is not in the store")
-        return ResolvedBase(tree, "tree", description=f"tree {ref[:12]}")
+        return ResolvedBase(tree, "tree")
     if kind == "oci" and ref:
         from .oci_base import import_oci_base
 
         with _as_user(base, uid, gid):
             tree = import_oci_base(store, Path(ref))
-        return ResolvedBase(tree, "oci", description=f"OCI image {ref}")
+        return ResolvedBase(tree, "oci")
     image = db.get_image(base)
     if image is None:
         raise AmberError(
             "not-found",
             f"base {base!r}: no such image (see `amber image ls`, `amber image import`)",
         )
-    return ResolvedBase(from_hex(image["tree"]), "image", description=f"image {base}")
+    return ResolvedBase(from_hex(image["tree"]), "image")
 
 
 def host_binds() -> list[tuple[str, str]]:
@@ -122,9 +121,7 @@ def _host_base(store: Store) -> ResolvedBase:
     entries.sort(key=lambda e: e.name)
     with store.batch() as batch:
         tree = store.put_tree(entries, batch)
-    return ResolvedBase(
-        tree, "host:" + host_fingerprint(), host_binds(), "this machine's system directories"
-    )
+    return ResolvedBase(tree, "host:" + host_fingerprint(), host_binds())
 
 
 def host_fingerprint() -> str:

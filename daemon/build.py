@@ -36,10 +36,8 @@ class StepState:
     name: str
     status: str = PENDING
     exit_code: int | None = None
-    signal: int | None = None
     seconds: float | None = None
     started: float | None = None
-    note: str | None = None
 
     def summary(self) -> dict[str, Any]:
         return {

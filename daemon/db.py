@@ -193,9 +193,6 @@ class StepRecord:
     definition: str = "{}"
     note: str | None = None
 
-    def definition_dict(self) -> dict:
-        return json.loads(self.definition)
-
 
 class Database:
     def __init__(self, path: Path):
@@ -235,9 +232,6 @@ class Database:
         self._conn.execute(
             f"INSERT OR REPLACE INTO results ({cols}) VALUES ({marks})", list(values.values())
         )
-
-    def delete_result(self, key: str) -> None:
-        self._conn.execute("DELETE FROM results WHERE key = ?", (key,))
 
     # -- builds -----------------------------------------------------------
 

@@ -132,7 +132,6 @@ class Executor:
         for i, step in enumerate(b.steps):
             if step.status == B.RUNNING:
                 step.status = B.ERRORED
-                step.note = reason
                 self.ctx.db.update_step(
                     b.id, i, status=B.ERRORED, note=reason, seconds=step.seconds
                 )
@@ -280,7 +279,6 @@ class Executor:
         step = b.steps[index]
         step.status = status
         step.exit_code = result.exit_code
-        step.signal = result.signal
         step.seconds = result.seconds if status != B.CACHED else 0.0
         self.ctx.db.update_step(
             b.id, index, status=status, exit_code=result.exit_code, signal=result.signal,

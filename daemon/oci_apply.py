@@ -67,22 +67,11 @@ class _Dir:
 
 
 @dataclass
-class LayerStats:
-    entries: int = 0
-    files: int = 0
-    bytes: int = 0
-    whiteouts: int = 0
-    dropped_xattrs: int = 0
-    dropped_devices: int = 0
-
-
-@dataclass
 class _Layer:
     """Bookkeeping for the layer being applied."""
 
     members: set[bytes] = field(default_factory=set)  # paths named by a member
     touched: set[bytes] = field(default_factory=set)  # paths this layer put content at
-    stats: LayerStats = field(default_factory=LayerStats)
 
 
 def _show(path: bytes) -> str:
@@ -132,13 +121,12 @@ class TreeBuilder:
 
     # -- public ----------------------------------------------------------------
 
-    def apply(self, stream: BinaryIO) -> LayerStats:
+    def apply(self, stream: BinaryIO) -> None:
         """Apply one uncompressed layer tar read from ``stream``."""
         self._layer = _Layer()
         reader = TarReader(stream)
         for member in reader:
             self._apply_member(member, reader)
-        return self._layer.stats
 
     def digest(self) -> bytes:
         """The root tree's digest as it stands (its directories kept pending)."""
@@ -159,7 +147,6 @@ class TreeBuilder:
         if path in layer.members:
             raise OciError(f"duplicate entry {_show(path)} in one layer")
         layer.members.add(path)
-        layer.stats.entries += 1
         if not parts:
             if m.type != oci_tar.DIRECTORY:
                 raise OciError(f"the layer's root entry is a {m.type}, not a directory")
@@ -186,7 +173,6 @@ class TreeBuilder:
             if self.devices == "refuse":
                 device = f"{m.type} {m.devmajor}:{m.devminor}"
                 raise OciError(f"{_show(path)}: device node ({device}) refused in a layer")
-            layer.stats.dropped_devices += 1
             return
         parent = self._walk(parts[:-1], path, create=True)
         assert parent is not None and parent.children is not None
@@ -210,8 +196,6 @@ class TreeBuilder:
             if link is not None and len(link) > oci_tar.MAX_NAME:
                 raise OciError(f"{_show(path)}: hard-link label too long")
             entry = entry._replace(size=m.size, ref=self._blob(reader, m.size), link=link)
-            layer.stats.files += 1
-            layer.stats.bytes += m.size
         elif m.type == oci_tar.SYMLINK:
             if not m.linkname:
                 raise OciError(f"{_show(path)}: symlink with an empty target")
@@ -253,7 +237,6 @@ class TreeBuilder:
         return target._replace(name=name, link=label)
 
     def _whiteout(self, parent_parts: list[bytes], name: bytes) -> None:
-        self._layer.stats.whiteouts += 1
         path = b"/".join([*parent_parts, name])
         parent = self._walk(parent_parts, path, create=False, mark=True)
         if parent is None:
@@ -268,7 +251,6 @@ class TreeBuilder:
             self._prune(child, path + b"/")  # keep only what this layer put there
 
     def _opaque(self, parent_parts: list[bytes]) -> None:
-        self._layer.stats.whiteouts += 1
         path = b"/".join(parent_parts)
         node = self._walk(parent_parts, path, create=False, mark=True)
         if node is not None:
@@ -345,7 +327,6 @@ class TreeBuilder:
         xattrs = []
         for key, value in sorted(m.xattrs().items()):
             if key.startswith(DROPPED_XATTRS):
-                self._layer.stats.dropped_xattrs += 1
                 continue
             if not key or b"\0" in key or len(key) > XATTR_NAME_MAX or len(value) > XATTR_SIZE_MAX:
                 raise OciError(f"{_show(m.name)}: xattr {key[:80]!r} too long or malformed")

@@ -195,15 +195,6 @@ class Roots:
         with self._registry:
             return list(self._holds.values())
 
-    def statistics(self) -> dict[str, int]:
-        holds = self.holds()
-        cycle = self.cycle
-        return {
-            "holds": len(holds),
-            "writers": sum(1 for h in holds if h.writer),
-            "quarantined": cycle.quarantined if cycle else 0,
-        }
-
     # -- presence ---------------------------------------------------------------
 
     def complete(self, trees: Iterable[bytes], blobs: Iterable[bytes] = ()) -> bool:

@@ -7,7 +7,6 @@ import pytest
 
 from amber.client.protocol import (
     MAX_FRAME,
-    PROTOCOL_VERSION,
     AmberError,
     ErrorCode,
     Event,
@@ -27,8 +26,8 @@ from amber.client.protocol import (
     request,
     request_id,
     result_reply,
-    validate_args,
 )
+from amber.client.validate import validate_args
 
 
 def frame_of(body: bytes) -> bytes:
@@ -154,7 +153,6 @@ def encode_frame_raw(value: object) -> bytes:
 
 
 def test_hello_request_shape():
-    assert PROTOCOL_VERSION == 1
     assert hello_request() == {"op": "hello", "id": 0, "versions": [1], "client": "amber/0.1.0"}
 
 
