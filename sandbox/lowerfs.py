@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import tree as treefmt
@@ -145,14 +146,18 @@ class LowerModel:
             mtime_ns=e.mtime_ns,
         )
 
-    def readdir(self, ino: int, start: int) -> list[tuple[bytes, Attr, int]]:
-        """Entries from offset ``start``, each with the offset of the next."""
+    def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, Attr, int]]:
+        """Entries from offset ``start``, each with the offset of the next.
+
+        Lazy: the kernel's buffer takes a few dozen entries per request, so a
+        large directory is listed in many requests, each from its offset.
+        Raises ``LowerError`` at once, not on the first entry.
+        """
         children = self._load(ino)
         names = self._order[ino]
-        return [
-            (name, self.getattr(children[name]), i + 1)
-            for i, name in enumerate(names[start:], start)
-        ]
+        return (
+            (names[i], self.getattr(children[names[i]]), i + 1) for i in range(start, len(names))
+        )
 
     def readlink(self, ino: int) -> bytes:
         e = self.entry(ino)

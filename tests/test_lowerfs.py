@@ -59,7 +59,7 @@ def test_files_redirect_to_the_data_layer(model: LowerModel, store: Store):
 
 
 def test_readdir_resumes_at_offsets(model: LowerModel):
-    rows = model.readdir(ROOT_INODE, 0)
+    rows = list(model.readdir(ROOT_INODE, 0))
     assert [r[0] for r in rows] == [b"dir", b"sym"]
     assert [r[0] for r in model.readdir(ROOT_INODE, rows[0][2])] == [b"sym"]
     sym = model.lookup(ROOT_INODE, b"sym")
