@@ -55,14 +55,18 @@ class OverlayMount:
 
     async def _request(self, message: dict) -> dict:
         async with self._lock:
-            try:
-                await self._control.send_all(json.dumps(message).encode() + b"\n")
-                reply = await self._read_line()
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise FilesystemError(f"filesystem process {self.pid} is gone: {exc}") from None
+            reply = await self._exchange(message)
         if not reply.get("ok"):
             raise FilesystemError(reply.get("error", "filesystem process refused the request"))
         return reply
+
+    async def _exchange(self, message: dict) -> dict:
+        """Send one control line and read the answer."""
+        try:
+            await self._control.send_all(json.dumps(message).encode() + b"\n")
+            return await self._read_line()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise FilesystemError(f"filesystem process {self.pid} is gone: {exc}") from None
 
     async def _read_line(self) -> dict:
         while b"\n" not in self._buffer:
@@ -181,23 +185,19 @@ async def open_overlay(
         "id_count": ids.count if ids is not None else IDENTITY.count,
     }
     try:
-        with trio.fail_after(START_TIMEOUT):
-            handle = OverlayMount(process, control, work / "root", work)
-            try:
-                await control.send_all(json.dumps(request).encode() + b"\n")
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise FilesystemError(f"filesystem process {process.pid} is gone: {exc}") from None
-            ready = await handle._read_line()
+        handle = OverlayMount(process, control, work / "root", work)
+        try:
+            with trio.fail_after(START_TIMEOUT):
+                ready = await handle._exchange(request)
+        except trio.TooSlowError:
+            # Only the start: a timeout in the caller's body is the caller's.
+            raise FilesystemError(
+                f"filesystem process did not mount within {START_TIMEOUT} s"
+            ) from None
         if not ready.get("ready"):
             raise FilesystemError(f"filesystem process did not start: {ready}")
         mount = handle
         yield mount
-    except FilesystemError:
-        raise
-    except trio.TooSlowError:
-        raise FilesystemError(
-            f"filesystem process did not mount within {START_TIMEOUT} s"
-        ) from None
     finally:
         with trio.CancelScope(shield=True):
             await _shutdown(process, mount)

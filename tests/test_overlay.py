@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 from fstree import describe, differences
 
@@ -424,3 +425,12 @@ async def test_a_group_the_step_made_never_joins_a_base_group(store: Store, tmp_
     checkout(store, snap.tree, out)
     groups = describe(out)
     assert groups["a"][-1] == groups["c"][-1] is not None and groups["b"][-1] is None
+
+
+async def test_a_timeout_in_the_callers_work_stays_the_callers(store: Store, tmp_path: Path):
+    """Only the start of the filesystem is reported as "did not mount"."""
+    with pytest.raises(trio.TooSlowError):
+        async with open_overlay(store.state_dir, treefmt.EMPTY_TREE, tmp_path / "mnt"):
+            with trio.fail_after(0.01):
+                await trio.sleep(1)
+    assert mounts_under(tmp_path) == []
