@@ -33,10 +33,6 @@ def new_hasher(size_hint: int = 0) -> blake3.blake3:
     return blake3.blake3()
 
 
-def to_hex(digest: bytes) -> str:
-    return digest.hex()
-
-
 def from_hex(text: str) -> bytes:
     """Parse a hex digest given by a user or a peer; ``ValueError`` if malformed."""
     if len(text) != HEX_SIZE:

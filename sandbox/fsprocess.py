@@ -157,8 +157,6 @@ class FilesystemProcess:
             except Exception as exc:  # reported to the controller, which decides
                 return {"ok": False, "error": f"snapshot failed: {exc}"}, False
             return {"ok": True, "tree": digest.hex(), "stats": asdict(stats)}, False
-        if op == "stats":
-            return {"ok": True, "inodes": self.model.inode_count}, False
         return {"ok": False, "error": f"unknown control op {op!r}"}, False
 
 

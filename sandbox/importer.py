@@ -55,14 +55,12 @@ class EntryMaker:
         batch: Batch,
         *,
         ids: IdMap = IDENTITY,
-        xattrs: bool = True,
         hash_cache: dict[tuple[int, int, int, int], bytes] | None = None,
         label_suffix: bytes = b"",
     ):
         self.store = store
         self.batch = batch
         self.ids = ids
-        self.xattrs = xattrs
         self.hash_cache = hash_cache if hash_cache is not None else {}
         self._links: dict[tuple[int, int], bytes] = {}
         self.label_suffix = label_suffix
@@ -100,7 +98,7 @@ class EntryMaker:
             size=size,
             ref=ref,
             rdev=rdev,
-            xattrs=read_xattrs(path) if self.xattrs else (),
+            xattrs=read_xattrs(path),
             link=link,
         )
 
@@ -119,7 +117,6 @@ def import_directory(
     path: str | Path,
     *,
     ids: IdMap = IDENTITY,
-    xattrs: bool = True,
     batch: Batch | None = None,
 ) -> bytes:
     """Store the directory at ``path`` and return its tree digest.
@@ -129,8 +126,8 @@ def import_directory(
     """
     if batch is None:
         with store.batch() as own:
-            return import_directory(store, path, ids=ids, xattrs=xattrs, batch=own)
-    maker = EntryMaker(store, batch, ids=ids, xattrs=xattrs)
+            return import_directory(store, path, ids=ids, batch=own)
+    maker = EntryMaker(store, batch, ids=ids)
     return _import_dir(store, maker, os.fsencode(path), b"")
 
 

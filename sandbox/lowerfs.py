@@ -79,14 +79,10 @@ class LowerModel:
         root: bytes,
         *,
         ids: IdMap = IDENTITY,
-        data_layer: bool = True,
-        root_entry: Entry | None = None,
     ):
         self.store = store
         self.ids = ids
-        self.data_layer = data_layer
-        base = root_entry or _ROOT_ENTRY
-        self._entries: list[Entry] = [base._replace(ref=root)]  # index = ino - 1
+        self._entries: list[Entry] = [_ROOT_ENTRY._replace(ref=root)]  # index = ino - 1
         self._children: dict[int, dict[bytes, int]] = {}
         self._order: dict[int, list[bytes]] = {}
         self._links: dict[tuple, int] = {}
@@ -120,10 +116,6 @@ class LowerModel:
         self._children[ino] = children
         self._order[ino] = list(children)
         return children
-
-    @property
-    def inode_count(self) -> int:
-        return len(self._entries)
 
     # -- requests ----------------------------------------------------------
 
@@ -167,7 +159,7 @@ class LowerModel:
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         e = self.entry(ino)
-        if self.data_layer and e.kind == treefmt.FILE:
+        if e.kind == treefmt.FILE:
             if name == METACOPY:
                 return b""
             if name == REDIRECT:

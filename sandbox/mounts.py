@@ -23,7 +23,6 @@ _libc.mount.argtypes = [
 ]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
-MNT_FORCE = 1
 MNT_DETACH = 2
 
 

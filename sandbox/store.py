@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import tree as treefmt
-from .digest import CHUNK, hash_bytes, new_hasher, to_hex
+from .digest import CHUNK, hash_bytes, new_hasher
 from .fsidentity import as_store_owner
 from .tree import Entry
 
@@ -42,7 +42,7 @@ class StoreError(Exception):
 
 class MissingObject(StoreError):
     def __init__(self, kind: str, digest: bytes):
-        super().__init__(f"{kind} {to_hex(digest)} is not in the store")
+        super().__init__(f"{kind} {digest.hex()} is not in the store")
         self.kind = kind
         self.digest = digest
 
@@ -316,11 +316,11 @@ class Store:
         except FileNotFoundError:
             raise MissingObject("tree", digest) from None
         if hash_bytes(data) != digest:
-            raise CorruptObject(f"tree {to_hex(digest)} does not match its digest")
+            raise CorruptObject(f"tree {digest.hex()} does not match its digest")
         try:
             return treefmt.decode(data, select)
         except treefmt.TreeFormatError as exc:
-            raise CorruptObject(f"tree {to_hex(digest)}: {exc}") from None
+            raise CorruptObject(f"tree {digest.hex()}: {exc}") from None
 
     def _forget(self, digests: set[bytes]) -> None:
         for digest in digests:

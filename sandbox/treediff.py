@@ -23,11 +23,6 @@ class Change:
     old: Entry | None
     new: Entry | None
 
-    @property
-    def replaced(self) -> bool:
-        """A path whose type changed (e.g. a directory replaced by a file)."""
-        return self.old is not None and self.new is not None and self.old.kind != self.new.kind
-
 
 def diff_trees(
     store: Store, old: bytes, new: bytes, *, expand: bool = True, prefix: bytes = b""
