@@ -126,7 +126,7 @@ class Snapshotter:
                 merged[name] = maker.entry(child.path, child_rel, name, st, ref)
             elif stat.S_ISREG(st.st_mode) and _xattr(child.path, METACOPY) is not None:
                 merged[name] = self._metacopy_entry(
-                    maker, child.path, child_rel, name, st, lower_path
+                    maker, child.path, child_rel, name, st, lower_path, merged.get(name)
                 )
             else:
                 merged[name] = maker.entry(child.path, child_rel, name, st)
@@ -142,11 +142,7 @@ class Snapshotter:
             return None, b""
         redirect = _xattr(path, REDIRECT)
         if redirect:
-            source = (
-                redirect.lstrip(b"/")
-                if redirect.startswith(b"/")
-                else _join(parent_lower, redirect)
-            )
+            source = _redirect_source(redirect, parent_lower)
             return self._lower_dir(source), source
         if lower_entry is not None and lower_entry.kind == treefmt.DIR:
             return lower_entry.ref, _join(parent_lower, name)
@@ -160,24 +156,31 @@ class Snapshotter:
         name: bytes,
         st: os.stat_result,
         parent_lower: bytes,
+        lower_entry: Entry | None,
     ) -> Entry:
-        """A file whose data overlayfs left in the lower layer."""
+        """A file whose data overlayfs left in the lower layer.
+
+        Without a redirect its origin is the same name in the lower
+        directory (``lower_entry``, already in hand); with one, wherever the
+        redirect points in the base.
+        """
         redirect = _xattr(path, REDIRECT)
         if redirect:
-            source = (
-                redirect.lstrip(b"/")
-                if redirect.startswith(b"/")
-                else _join(parent_lower, redirect)
-            )
+            source = _redirect_source(redirect, parent_lower)
+            origin = self.store.lookup_path(self.base, source)
         else:
-            source = _join(parent_lower, name)
-        origin = self.store.lookup_path(self.base, source)
+            source, origin = _join(parent_lower, name), lower_entry
         if origin is None or origin.kind != treefmt.FILE:
             raise SnapshotError(
                 f"{os.fsdecode(rel)}: overlayfs points its data at {os.fsdecode(source)!r}, "
                 "which is not a file of the base tree"
             )
         return maker.entry(path, rel, name, st, origin.ref)
+
+
+def _redirect_source(redirect: bytes, parent_lower: bytes) -> bytes:
+    """The base path an overlayfs redirect names: absolute, or beside ``parent_lower``."""
+    return redirect.lstrip(b"/") if redirect.startswith(b"/") else _join(parent_lower, redirect)
 
 
 def _join(parent: bytes, name: bytes) -> bytes:
