@@ -10,7 +10,7 @@ when its client leaves.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +70,9 @@ class Build:
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     cancelled: bool = False
     done: trio.Event = field(default_factory=trio.Event)
+    #: Where notes are kept for ``amber log`` once the build is gone (the
+    #: manager points it at the database).
+    keep_note: Callable[[str], None] | None = None
     _history: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     _changed: trio.Event = field(default_factory=trio.Event)
 
@@ -85,7 +88,10 @@ class Build:
         self._changed = trio.Event()
 
     def note(self, message: str) -> None:
+        """A note for the clients following now, and for ``amber log`` later."""
         self.emit("note", {"message": message})
+        if self.keep_note is not None:
+            self.keep_note(message)
 
     def finish(self, status: str) -> None:
         self.status = status

@@ -117,7 +117,7 @@ class Executor:
                         await self.ctx.on_frozen(b)
                     except Exception as exc:  # an export problem never changes the build's result
                         log.exception("build %s: export on failure", b.id)
-                        self._note(f"export on failure did not complete: {exc}")
+                        self.build.note(f"export on failure did not complete: {exc}")
                 if b.pin and b.status != "success":
                     why = f"the build {b.status}; `amber pin add {b.pin} {b.id}` pins it anyway"
                     b.note(f"not pinned as {b.pin}: {why}")
@@ -193,12 +193,12 @@ class Executor:
         gid = ctx.peer_gid(b)
         try:
             fetched = await fetch_sources(ctx.store, ctx.db, self.spec, mirrors=ctx.config.mirrors,
-                                          uid=b.uid, gid=gid, note=self._note)  # fmt: skip
+                                          uid=b.uid, gid=gid, note=self.build.note)  # fmt: skip
             layout = await trio.to_thread.run_sync(
                 functools.partial(lay_out, ctx.store, self.base.tree, self.spec, fetched, uid=b.uid, gid=gid)
             )  # fmt: skip
         except DigestMismatch as exc:
-            self._note(exc.message)
+            self.build.note(exc.message)
             b.status, b.error = "failed", exc.message
             for i, step in enumerate(b.steps):
                 step.status = B.SKIPPED
@@ -207,13 +207,8 @@ class Executor:
                                 "seconds": None, "note": "not run: a source failed verification"})  # fmt: skip
             return None
         for finding in layout.findings:
-            self._note(finding.note())
+            self.build.note(finding.note())
         return layout.tree
-
-    def _note(self, message: str) -> None:
-        """A note for the client now and for ``amber log`` later."""
-        self.build.note(message)
-        self.ctx.db.add_build_note(self.build.id, message)
 
     # -- cache ----------------------------------------------------------------
 
@@ -232,7 +227,7 @@ class Executor:
             return None
         missing = await trio.to_thread.run_sync(self._missing, result, state)
         if missing:
-            self._note(
+            self.build.note(
                 f"step {name}: cached result of build {result.build_id} is incomplete in the store ({missing}); rerunning"
             )
             return None

@@ -237,4 +237,3 @@ async def export_on_failure(ctx: DaemonContext, build) -> None:
     where = result.get("path") or result.get("ref")
     message = f"exported the state at failure to {where} ({result['layers']} layers)"
     build.note(message)
-    ctx.db.add_build_note(build.id, message)

@@ -55,7 +55,7 @@ from amber.client import __version__
 from amber.client.errors import AmberError
 from amber.sandbox.digest import CHUNK, from_hex, new_hasher
 from amber.sandbox.fsidentity import filesystem_identity
-from amber.sandbox.store import Store
+from amber.sandbox.store import Batch, Store
 
 from .db import Database
 from .spec import Source, Spec
@@ -337,7 +337,10 @@ async def _in_thread(
         own = url == source.url  # a file:// mirror is the admin's, read as the daemon
         with open_url(url, uid=uid if own else 0, gid=gid if own else 0) as (stream, total):
             progress = Progress(say, label, total)
-            return ingest(store, stream, source, url, label, total, progress.update, stop)
+            with store.batch() as batch:
+                return ingest(
+                    store, stream, source, url, label, total, progress.update, batch, stop
+                )
 
     try:
         return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
@@ -411,13 +414,14 @@ def ingest(
     label: str,
     total: int | None,
     progress: Callable[[int], None],
+    batch: Batch,
     stop: threading.Event | None = None,
 ) -> Fetched:
-    """Copy ``stream`` into the store, hashing as it goes, if it has the source's digests.
+    """Copy ``stream`` into ``batch``, hashing as it goes, if it has the source's digests.
 
     One read of the bytes: each chunk goes to a temporary file in the store
-    and into a sha256 and a BLAKE3 hasher. Only verified content is renamed
-    to its blob; anything else leaves no trace.
+    and into a sha256 and a BLAKE3 hasher. Only verified content joins the
+    batch (made durable with the rest of it); anything else leaves no trace.
 
     Raises:
         DigestMismatch: the content is not what the spec names.
@@ -427,41 +431,39 @@ def ingest(
     b3 = new_hasher(total or 0)
     size = 0
     read = getattr(stream, "read1", stream.read)  # what has arrived, not a full buffer
-    with store.batch() as batch:
-        fd, temp = batch.new_temp()
+    fd, temp = batch.new_temp()
+    try:
         try:
-            try:
-                while chunk := read(_READ):
-                    if stop is not None and stop.is_set():
-                        raise SourceError("cancelled")
-                    size += len(chunk)
-                    if size > MAX_DOWNLOAD:
-                        raise SourceError(f"more than the {_size(MAX_DOWNLOAD)} allowed")
-                    sha.update(chunk)
-                    b3.update(chunk)
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    progress(size)
-            except (OSError, ValueError) as exc:  # timeouts and resets are OSErrors
-                raise SourceError(f"reading failed after {_size(size)}: {exc}") from None
-            finally:
-                os.close(fd)
-            if total is not None and size != total:
-                raise SourceError(f"got {size} bytes of {total}")
-            blob, sha256 = b3.digest(), sha.hexdigest()
-            for algorithm, expected, actual in (
-                ("sha256", source.sha256, sha256),
-                ("blake3", source.blake3, blob.hex()),
-            ):
-                if expected is not None and expected != actual:
-                    raise DigestMismatch(label, where, algorithm, expected, actual)
-        except BaseException:
-            batch.discard(temp)
-            raise
-        final = store.blob_path(blob)
-        if os.path.exists(final):
-            batch.discard(temp)
-        else:
-            batch.add(temp, final, size)
+            while chunk := read(_READ):
+                if stop is not None and stop.is_set():
+                    raise SourceError("cancelled")
+                size += len(chunk)
+                if size > MAX_DOWNLOAD:
+                    raise SourceError(f"more than the {_size(MAX_DOWNLOAD)} allowed")
+                sha.update(chunk)
+                b3.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+                progress(size)
+        except (OSError, ValueError) as exc:  # timeouts and resets are OSErrors
+            raise SourceError(f"reading failed after {_size(size)}: {exc}") from None
+        finally:
+            os.close(fd)
+        if total is not None and size != total:
+            raise SourceError(f"got {size} bytes of {total}")
+        blob, sha256 = b3.digest(), sha.hexdigest()
+        for algorithm, expected, actual in (
+            ("sha256", source.sha256, sha256),
+            ("blake3", source.blake3, blob.hex()),
+        ):
+            if expected is not None and expected != actual:
+                raise DigestMismatch(label, where, algorithm, expected, actual)
+    except BaseException:
+        batch.discard(temp)
+        raise
+    if store.has_blob(blob):
+        batch.discard(temp)
+    else:
+        batch.add(temp, store.blob_path(blob), size)
     return Fetched(blob, size, sha256, where)

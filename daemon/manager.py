@@ -7,6 +7,7 @@ rest wait as ``queued``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -39,6 +40,7 @@ class BuildManager:
         )
         record, steps = new_build_records(build, seq)
         self.ctx.db.insert_build(record, steps)
+        build.keep_note = functools.partial(self.ctx.db.add_build_note, build.id)
         self.live[build.id] = build
         self.nursery.start_soon(self._run, build)
         log.info("build %s queued (uid %d, %d steps)", build.id, uid, len(spec.steps))

@@ -164,6 +164,7 @@ def _read_local(
                     source_label(index, source),
                     st.st_size,
                     lambda _: None,
+                    batch,
                 )
             return entry._replace(size=got.size, ref=got.blob), got.sha256 or got.blob.hex()
         except PermissionError:

@@ -250,6 +250,8 @@ def test_pull_request_flow_pins_a_cache_hit_and_gc_keeps_only_the_pin(amberd: Da
     assert [(p["name"], p["target"], p["kind"]) for p in pins] == [
         ("main/x", main["build"], "build")
     ]
+    noted = amberd.amber("log", main["build"])  # notes outlive the build's live state
+    assert b"pinned as main/x" in noted.stdout + noted.stderr
     assert blob_present(amberd, b"other-output\n")
 
     report = amber_json(amberd, "gc")

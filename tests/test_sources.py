@@ -106,16 +106,20 @@ def test_progress_without_a_size_every_five_seconds():
 def test_ingest_keeps_only_verified_content(store: Store):
     data = os.urandom(3 << 20)
     good = Source(dest="/build/x", url="http://h/x", sha256=sha256(data))
-    got = ingest(
-        store, io.BytesIO(data), good, "http://h/x", "source[1]", len(data), lambda _: None
-    )
+    with store.batch() as batch:
+        got = ingest(
+            store, io.BytesIO(data), good, "http://h/x", "source[1]", len(data), lambda _: None,
+            batch,
+        )  # fmt: skip
     assert got.blob == blake3.blake3(data).digest() and got.sha256 == good.sha256
     assert store.read_blob(got.blob) == data
 
     other = os.urandom(1000)
     bad = Source(dest="/build/x", url="http://h/x", sha256="0" * 64)
-    with pytest.raises(DigestMismatch) as caught:
-        ingest(store, io.BytesIO(other), bad, "http://h/x", "source[1]", None, lambda _: None)
+    with pytest.raises(DigestMismatch) as caught, store.batch() as batch:
+        ingest(
+            store, io.BytesIO(other), bad, "http://h/x", "source[1]", None, lambda _: None, batch
+        )
     assert caught.value.expected == "0" * 64 and caught.value.actual == sha256(other)
     assert not store.has_blob(blake3.blake3(other).digest())
     assert os.listdir(store.tmp_dir) == []
@@ -177,9 +181,11 @@ def test_a_verified_package_gets_its_stamp_and_a_replaced_one_loses_it(store: St
 def test_downloads_have_a_fixed_mtime_so_the_tree_is_reproducible(store: Store, tmp_path):
     data = b"downloaded"
     spec = spec_in(tmp_path, f'[[source]]\nurl = "http://h/a.tgz"\nsha256 = "{sha256(data)}"\n')
-    got = ingest(
-        store, io.BytesIO(data), spec.sources[0], "http://h/a.tgz", "s", None, lambda _: None
-    )
+    with store.batch() as batch:
+        got = ingest(
+            store, io.BytesIO(data), spec.sources[0], "http://h/a.tgz", "s", None, lambda _: None,
+            batch,
+        )  # fmt: skip
     first = lay_out(store, EMPTY_TREE, spec, {0: got}, uid=0, gid=0).tree
     again = lay_out(store, EMPTY_TREE, spec, {0: got}, uid=0, gid=0).tree
     assert first == again
