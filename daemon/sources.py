@@ -109,7 +109,7 @@ def lay_out(
                     digest = got.sha256 or source.blake3 or got.blob.hex()
                 else:
                     entry, digest = _read_local(store, index, source, batch, uid=uid, gid=gid)
-                tree = _place(store, tree, source.dest, entry, batch)
+                tree = _place(store, tree, source.dest, entry, batch, spec.workdir)
                 placed[index] = (entry, digest)
             tree, layout.findings = _source_stamps(store, tree, spec, placed, batch)
             keep = [s.dest for s in spec.sources] + [s.stamp for s in spec.sources if s.stamp]
@@ -133,10 +133,14 @@ def _ensure_parents(store: Store, tree: bytes, workdir: str, batch: Batch) -> by
     return chown_dir(store, tree, workdir, BUILD_UID, BUILD_GID, batch)
 
 
-def _place(store: Store, tree: bytes, dest: str, entry: Entry, batch: Batch) -> bytes:
-    parent = dest.rsplit("/", 1)[0] or "/"
-    tree = _ensure_parents(store, tree, parent, batch) if parent != "/" else tree
-    return put_entry(store, tree, dest, entry, batch, dir_template=BUILD_DIR)
+def _place(store: Store, tree: bytes, dest: str, entry: Entry, batch: Batch, workdir: str) -> bytes:
+    """Put ``entry`` at ``dest``. Missing directories on the way are the build
+    user's inside the work directory and root's outside it; existing ones
+    are left as the base has them (a source in /etc must not give the build
+    user /etc)."""
+    inside = dest.startswith(workdir.rstrip("/") + "/")
+    template = BUILD_DIR if inside else ROOT_DIR
+    return put_entry(store, tree, dest, entry, batch, dir_template=template)
 
 
 def _read_local(
@@ -198,7 +202,7 @@ def _source_stamps(
             stamp = BUILD_FILE._replace(
                 mtime_ns=have.mtime_ns, size=len(text), ref=store.put_blob_bytes(text, batch)
             )
-            tree = _place(store, tree, source.stamp, stamp, batch)
+            tree = _place(store, tree, source.stamp, stamp, batch, spec.workdir)
             continue
         if store.lookup_path(tree, source.stamp.encode()) is None:
             continue

@@ -38,6 +38,7 @@ from amber.daemon.fetch import (
 )
 from amber.daemon.sources import lay_out
 from amber.daemon.spec import Source, parse_spec
+from amber.sandbox.runner import BUILD_UID
 from amber.sandbox.store import Store
 from amber.sandbox.tree import EMPTY_TREE
 
@@ -148,6 +149,23 @@ def spec_in(directory: Path, body: str):
 
 def entry_at(store: Store, root: bytes, path: str):
     return store.lookup_path(root, path.strip("/").encode())
+
+
+def test_directories_made_for_a_source_outside_the_workdir_stay_roots(store: Store, tmp_path):
+    """A source at /opt/tool/x.conf must not hand /opt/tool to the build user;
+    one at /build/sub/y gets a directory the build user can write."""
+    write(tmp_path / "x.conf", "conf\n")
+    write(tmp_path / "y", "y\n")
+    spec = spec_in(
+        tmp_path,
+        '[[source]]\npath = "x.conf"\ndest = "/opt/tool/x.conf"\n\n'
+        '[[source]]\npath = "y"\ndest = "/build/sub/y"\n',
+    )
+    tree = lay_out(store, EMPTY_TREE, spec, {}, uid=0, gid=0).tree
+    for path in ("/opt", "/opt/tool"):
+        assert entry_at(store, tree, path).uid == 0, path
+    assert entry_at(store, tree, "/build/sub").uid == BUILD_UID
+    assert entry_at(store, tree, "/build").uid == BUILD_UID
 
 
 def test_a_verified_package_gets_its_stamp_and_a_replaced_one_loses_it(store: Store, tmp_path):
