@@ -462,8 +462,5 @@ def ingest(
     except BaseException:
         batch.discard(temp)
         raise
-    if store.has_blob(blob):
-        batch.discard(temp)
-    else:
-        batch.add(temp, store.blob_path(blob), size)
+    batch.adopt_blob(temp, blob, size)
     return Fetched(blob, size, sha256, where)

@@ -363,10 +363,7 @@ class TreeBuilder:
             raise
         os.close(fd)
         digest = hasher.digest()
-        if self.store.has_blob(digest):
-            self.batch.discard(temp)
-        else:
-            self.batch.add(temp, self.store.blob_path(digest), size)
+        self.batch.adopt_blob(temp, digest, size)
         return digest
 
     def _encode(self, node: _Dir) -> bytes:

@@ -105,7 +105,7 @@ class EntryMaker:
     def _file_digest(self, path: bytes, st: os.stat_result) -> bytes:
         key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         digest = self.hash_cache.get(key)
-        if digest is None or not self.store.has_blob(digest):
+        if digest is None or not self.batch.has_blob(digest):
             digest, _ = self.store.put_blob_file(path, self.batch)
             self.hash_cache[key] = digest
             self.files_hashed += 1

@@ -92,6 +92,7 @@ class Batch:
         self._store = store
         self._pending: list[tuple[str, str]] = []
         self.pending_trees: set[bytes] = set()  # readable through this store, not yet on disk
+        self.pending_blobs: set[bytes] = set()  # written to temp files, not yet renamed
         self.written = 0  # objects this batch added to the store
         self.bytes_written = 0
 
@@ -108,6 +109,18 @@ class Batch:
         self._pending.append((temp_path, str(final)))
         self.written += 1
         self.bytes_written += size
+
+    def has_blob(self, digest: bytes) -> bool:
+        """In the store, or on its way there in this batch."""
+        return digest in self.pending_blobs or self._store.has_blob(digest)
+
+    def adopt_blob(self, temp_path: str, digest: bytes, size: int) -> None:
+        """Keep the temp file as blob ``digest``, unless the store or this batch has it."""
+        if self.has_blob(digest):
+            self.discard(temp_path)
+        else:
+            self.add(temp_path, self._store.blob_path(digest), size)
+            self.pending_blobs.add(digest)
 
     def discard(self, temp_path: str) -> None:
         with as_store_owner():
@@ -127,10 +140,12 @@ class Batch:
                 os.close(fd)
         self._pending.clear()
         self.pending_trees.clear()
+        self.pending_blobs.clear()
 
     def abort(self) -> None:
         self._store._forget(self.pending_trees)
         self.pending_trees.clear()
+        self.pending_blobs.clear()
         with as_store_owner():
             for temp, _ in self._pending:
                 with contextlib.suppress(FileNotFoundError):
@@ -218,14 +233,13 @@ class Store:
 
     def put_blob_bytes(self, data: bytes, batch: Batch) -> bytes:
         digest = hash_bytes(data)
-        final = self.blob_path(digest)
-        if not os.path.exists(final):
+        if not batch.has_blob(digest):
             fd, temp = batch.new_temp()
             try:
                 _write_all(fd, data)
             finally:
                 os.close(fd)
-            batch.add(temp, final, len(data))
+            batch.adopt_blob(temp, digest, len(data))
         return digest
 
     def put_blob_fd(self, src: int, size: int, batch: Batch) -> bytes:
@@ -241,11 +255,7 @@ class Store:
             batch.discard(temp)
             raise
         os.close(fd)
-        final = self.blob_path(digest)
-        if os.path.exists(final):
-            batch.discard(temp)
-        else:
-            batch.add(temp, final, actual)
+        batch.adopt_blob(temp, digest, actual)
         return digest
 
     def put_blob_file(self, path: str | Path, batch: Batch) -> tuple[bytes, int]:

@@ -434,3 +434,17 @@ async def test_a_timeout_in_the_callers_work_stays_the_callers(store: Store, tmp
             with trio.fail_after(0.01):
                 await trio.sleep(1)
     assert mounts_under(tmp_path) == []
+
+
+async def test_a_snapshot_hashes_a_hard_link_group_once_and_stores_equal_content_once(
+    store: Store, tmp_path: Path
+):
+    async with open_overlay(store.state_dir, treefmt.EMPTY_TREE, tmp_path / "mnt") as mnt:
+        data = os.urandom(1 << 20)
+        (mnt.root / "a").write_bytes(data)
+        os.link(mnt.root / "a", mnt.root / "b")
+        (mnt.root / "c").write_bytes(data)  # same content, another inode
+        snap = await mnt.snapshot()
+    assert snap.stats.files_hashed == 2  # a (b is its inode), c
+    assert snap.stats.blobs_written == 1
+    assert store.lookup_path(snap.tree, b"c").ref == hash_bytes(data)
