@@ -17,6 +17,9 @@ from amber.sandbox.mounts import mounts_under, unmount_all_under
 
 BIN = Path(sys.executable).parent
 
+#: Every daemon started, so that cleanup_root stops those a failing test left.
+_STARTED: list[Daemon] = []
+
 
 class Daemon:
     """One amberd process. ``root`` is world-traversable: sandboxes start as
@@ -38,6 +41,7 @@ class Daemon:
                "--jobs", str(self.jobs), "--stop-grace", "2", *args]  # fmt: skip
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        _STARTED.append(self)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -92,7 +96,14 @@ def make_root() -> Path:
 
 
 def cleanup_root(root: Path) -> list[str]:
-    left = mounts_under(root)
+    """Stop the daemons, undo the mounts, remove ``root``; what was left behind."""
+    left = []
+    for daemon in [d for d in _STARTED if d.root.is_relative_to(root)]:
+        _STARTED.remove(daemon)
+        if daemon.process is not None and daemon.process.poll() is None:
+            left.append(f"amberd pid {daemon.process.pid}")
+            daemon.stop(signal.SIGKILL)
+    left += mounts_under(root)
     unmount_all_under(root)
     shutil.rmtree(root, ignore_errors=True)
     return left

@@ -35,14 +35,15 @@ def store(tmp_path: Path) -> Store:
 
 @pytest.fixture
 def daemon_root():
-    """A world-traversable directory for a daemon's state, removed afterwards."""
+    """A world-traversable directory for a daemon's state, removed afterwards
+    with any daemon a failing test left running below it."""
     from amberd_process import cleanup_root, make_root
 
     root = make_root()
     yield root
     left = cleanup_root(root)
     if left:
-        pytest.fail(f"test left mounts behind: {left}")
+        pytest.fail(f"test left behind: {left}")
 
 
 @pytest.fixture
