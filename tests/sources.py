@@ -5,7 +5,7 @@
 
 Tarballs live in $AMBER_TEST_CACHE/sources (default
 /var/cache/amber-test/sources) and are listed in its MANIFEST
-("name filename sha256" per line). A missing or corrupt one is fetched by
+("name filename sha256 version" per line). A missing or corrupt one is fetched by
 running scripts/fetch-sources, which needs network access to the Debian
 mirror configured in /etc/apt and write access to the cache.
 
