@@ -8,17 +8,22 @@ from pathlib import Path
 
 from amberd_process import Daemon
 from rootfs import make_busybox_root
-from sources import cache_dir, source_tarball
+from sources import source_tarball
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def buildd_rootfs() -> Path:
-    """A Debian bookworm buildd root, debootstrapped once and cached."""
-    root = cache_dir() / "rootfs" / "bookworm-buildd"
-    if not (root / ".amber-rootfs-complete").exists():
-        subprocess.run([str(REPO / "scripts" / "make-rootfs")], check=True, capture_output=True)
-    return root
+def buildd_rootfs() -> tuple[Path, str]:
+    """A Debian buildd root of this machine's release (or AMBER_DEBIAN_SUITE's),
+    debootstrapped once and cached by scripts/make-rootfs, and its suite."""
+    made = subprocess.run(
+        [str(REPO / "scripts" / "make-rootfs")], check=True, capture_output=True, text=True
+    )
+    root = Path(made.stdout.splitlines()[-1])
+    marker = dict(
+        line.split(" ", 1) for line in (root / ".amber-rootfs-complete").read_text().splitlines()
+    )
+    return root, marker["suite"]
 
 
 def test_multi_step_build_on_a_busybox_root(amberd: Daemon):
@@ -43,19 +48,19 @@ def test_multi_step_build_on_a_busybox_root(amberd: Daemon):
 
 
 def test_real_c_project_on_a_debootstrapped_root(amberd: Daemon):
-    rootfs = buildd_rootfs()
-    imported = amberd.amber("image", "import", "bookworm", f"dir:{rootfs}")
+    rootfs, suite = buildd_rootfs()
+    imported = amberd.amber("image", "import", suite, f"dir:{rootfs}")
     assert imported.returncode == 0, imported.stderr
     spec_dir = amberd.root / "zlib-buildd"
     spec_dir.mkdir()
     os.link(source_tarball("zlib"), spec_dir / "zlib.tar.bz2")
     (spec_dir / "spec.toml").write_text(
-        '[build]\nname = "zlib-buildd"\nbase = "bookworm"\n'
+        f'[build]\nname = "zlib-buildd"\nbase = "{suite}"\n'
         '[[source]]\npath = "zlib.tar.bz2"\n'
         '[[step]]\nname = "extract"\nrun = "tar xf zlib.tar.bz2"\n'
         '[[step]]\nname = "configure"\nrun = "cd zlib-* && ./configure"\n'
         '[[step]]\nname = "make"\nrun = "cd zlib-* && make -j2"\n'
-        '[[step]]\nname = "test"\nrun = "cd zlib-* && make test && grep -q bookworm /etc/os-release"\n'
+        f'[[step]]\nname = "test"\nrun = "cd zlib-* && make test && grep -qx VERSION_CODENAME={suite} /etc/os-release"\n'
     )
     code, report = amberd.build_json(spec_dir / "spec.toml")
     assert code == 0, report

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -455,36 +456,34 @@ def test_paths_leaving_the_tree_are_spec_errors(amberd: Daemon, table: str, key:
 
 # --------------------------------------------------------------------------- the Heads failure
 
-PKG = "zlib-1.2.13.dfsg"
-
-MAKEFILE = f"""\
+MAKEFILE = """\
 # A Heads-like package build: each stage leaves a stamp, and make trusts it.
-PKG := {PKG}
-TAR := packages/$(PKG).tar.bz2
+pkg := @pkg@
+TAR := packages/$(pkg)@EXT@
 
 all: out/libz.a
 
-packages/.$(PKG)_verify: $(TAR)
+packages/.$(pkg)_verify: $(TAR)
 \techo "$(SHA)  $(TAR)" | sha256sum -c -
 \ttouch $@
 
-build/$(PKG)/.patched: packages/.$(PKG)_verify
+build/$(pkg)/.patched: packages/.$(pkg)_verify
 \tmkdir -p build
 \ttar -xf $(TAR) -C build
-\tcd build/$(PKG) && patch -p1 < ../../patches/$(PKG).patch
+\tcd build/$(pkg) && patch -p1 < ../../patches/$(pkg).patch
 \ttouch $@
 
-build/$(PKG)/.configured: build/$(PKG)/.patched
-\tcd build/$(PKG) && ./configure --static
+build/$(pkg)/.configured: build/$(pkg)/.patched
+\tcd build/$(pkg) && ./configure --static
 \ttouch $@
 
-build/$(PKG)/.build: build/$(PKG)/.configured
-\t$(MAKE) -C build/$(PKG) libz.a
+build/$(pkg)/.build: build/$(pkg)/.configured
+\t$(MAKE) -C build/$(pkg) libz.a
 \ttouch $@
 
-out/libz.a: build/$(PKG)/.build
+out/libz.a: build/$(pkg)/.build
 \tmkdir -p out
-\tcp build/$(PKG)/libz.a $@
+\tcp build/$(pkg)/libz.a $@
 """
 
 STAMP_RULES = """
@@ -505,14 +504,26 @@ covers = "packages/{name}.tar.*"
 """
 
 
+def package_of(tarball: Path) -> tuple[str, str]:
+    """The tarball's top directory (zlib-1.2.13.dfsg, zlib-1.3.1, ...) and its
+    ".tar.*" suffix: whichever zlib scripts/fetch-sources took."""
+    with tarfile.open(tarball) as tar:
+        top = {name.split("/", 1)[0] for name in tar.getnames()}
+    assert len(top) == 1, top
+    return top.pop(), ".tar" + tarball.name.rsplit(".tar", 1)[1]
+
+
 def make_patch(tarball: Path, work: Path) -> str:
     """A real patch for zlib: change README, create a new file (as Heads' patches do)."""
+    pkg, _ = package_of(tarball)
     with tarfile.open(tarball) as tar:
-        member = tar.extractfile(f"{PKG}/README")
+        member = tar.extractfile(f"{pkg}/README")
         assert member is not None
         readme = member.read().decode()
     write(work / "a" / "README", readme)
-    write(work / "b" / "README", readme.replace("zlib 1.2.13", "zlib 1.2.13 (patched)", 1))
+    patched = re.sub(r"^(zlib \S+)", r"\1 (patched)", readme, count=1, flags=re.M)
+    assert patched != readme
+    write(work / "b" / "README", patched)
     write(work / "b" / "AMBER-PATCHED", "applied by the stamp test\n")
     diff = subprocess.run(["diff", "-ruN", "a", "b"], cwd=work, capture_output=True, text=True)
     assert diff.returncode == 1, diff.stderr
@@ -522,26 +533,28 @@ def make_patch(tarball: Path, work: Path) -> str:
 def make_checkout(root: Path, tarball: Path, patch: str, state: str) -> Path:
     """A working copy as a CI cache would restore it.
 
-    - "patched-without-stamps": build/PKG extracted and patched, every stamp gone
+    - "patched-without-stamps": build/pkg extracted and patched, every stamp gone
       (packages/ was not restored);
     - "stamps-without-tree": the stamps of every stage, but not what they vouch for.
     """
     checkout = root / state
-    write(checkout / "Makefile", MAKEFILE.replace("$(SHA)", sha256(tarball.read_bytes())))
-    write(checkout / "patches" / f"{PKG}.patch", patch)
+    pkg, ext = package_of(tarball)
+    makefile = MAKEFILE.replace("@pkg@", pkg).replace("@EXT@", ext)
+    write(checkout / "Makefile", makefile.replace("$(SHA)", sha256(tarball.read_bytes())))
+    write(checkout / "patches" / f"{pkg}.patch", patch)
     if state == "patched-without-stamps":
         (checkout / "build").mkdir()
         subprocess.run(["tar", "-xf", str(tarball), "-C", str(checkout / "build")], check=True)
         subprocess.run(
-            ["patch", "-p1", "-i", str(checkout / "patches" / f"{PKG}.patch")],
-            cwd=checkout / "build" / PKG,
+            ["patch", "-p1", "-i", str(checkout / "patches" / f"{pkg}.patch")],
+            cwd=checkout / "build" / pkg,
             check=True,
             capture_output=True,
             stdin=subprocess.DEVNULL,
         )
     else:
-        for stamp in (f"packages/.{PKG}_verify", f"build/{PKG}/.patched",
-                      f"build/{PKG}/.configured", f"build/{PKG}/.build"):  # fmt: skip
+        for stamp in (f"packages/.{pkg}_verify", f"build/{pkg}/.patched",
+                      f"build/{pkg}/.configured", f"build/{pkg}/.build"):  # fmt: skip
             write(checkout / stamp, "")
             time.sleep(0.01)  # each stage after the one before, as make left them
     subprocess.run(["chown", "-R", "1000:1000", str(checkout)], check=True)  # the build user's
@@ -552,7 +565,8 @@ def make_outside_amber(checkout: Path, tarball: Path, work: Path) -> subprocess.
     """The same Makefile in a plain directory: the package downloaded next to the restored state."""
     plain = work / f"plain-{checkout.name}"
     shutil.copytree(checkout, plain, symlinks=True)
-    package = plain / "packages" / f"{PKG}.tar.bz2"
+    pkg, ext = package_of(tarball)
+    package = plain / "packages" / f"{pkg}{ext}"
     package.parent.mkdir(exist_ok=True)
     shutil.copyfile(tarball, package)
     os.utime(package, (946684800, 946684800))  # older than any restored stamp
@@ -572,6 +586,7 @@ def test_the_heads_failure_reproduced_outside_and_fixed_inside(
     amberd: Daemon, tmp_path: Path, state: str
 ):
     tarball = source_tarball("zlib")
+    pkg, ext = package_of(tarball)
     patch = make_patch(tarball, tmp_path / "patch")
     checkout = make_checkout(amberd.root / "heads", tarball, patch, state)
 
@@ -600,8 +615,8 @@ dest = "."
 [[source]]                        # the package, fetched by amber and verified
 url = "file://{tarball}"
 sha256 = "{sha256(tarball.read_bytes())}"
-dest = "packages/{PKG}.tar.bz2"
-stamp = "packages/.{PKG}_verify"
+dest = "packages/{pkg}{ext}"
+stamp = "packages/.{pkg}_verify"
 
 [[step]]
 name = "make"
@@ -617,7 +632,7 @@ run = "make -j2 && ls -l out/libz.a"
 
     log = amberd.amber("log", report["build"])
     notes = log.stderr.decode()
-    build_dir = f"/build/build/{PKG}"
+    build_dir = f"/build/build/{pkg}"
     if state == "patched-without-stamps":
         assert (
             f"amber: removed {build_dir}: product without its stamp {build_dir}/.patched "

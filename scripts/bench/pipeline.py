@@ -140,8 +140,9 @@ def main() -> None:
             )
         cached = [amber_run(daemon, spec) for _ in range(args.cached_runs)]
         podman = None
-        rootfs = cache_dir() / "rootfs" / "bookworm-buildd"
-        if shutil.which("podman") and rootfs.is_dir():
+        made = sorted((cache_dir() / "rootfs").glob("*-buildd/.amber-rootfs-complete"))
+        rootfs = made[0].parent if made else None  # whichever release make-rootfs made
+        if shutil.which("podman") and rootfs is not None:
             podman = podman_cold(rootfs, tarball, root)
         wall, rss = concurrent_builds(daemon, root, tarball, args.concurrent)
 
