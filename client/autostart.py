@@ -139,7 +139,8 @@ def wait_for_daemon(
                 return Connection.open(path, timeout)
             except DaemonUnreachable:
                 raise DaemonUnreachable(
-                    f"amberd exited with status {code} as it started; see {log_path}"
+                    f"amberd exited with status {code} as it started to serve {path}; "
+                    f"see {log_path}"
                 ) from None
         if time.monotonic() >= deadline:
             raise DaemonUnreachable(

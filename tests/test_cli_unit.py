@@ -926,8 +926,11 @@ def test_started_daemon_is_waited_for_and_logs_to_its_file(tmp_path):
 def test_daemon_dying_at_start_is_reported_with_its_log(tmp_path):
     path, log = str(tmp_path / "a.sock"), str(tmp_path / "amberd.log")
     proc = start_daemon([sys.executable, "-c", "raise SystemExit(4)"], log)
-    with pytest.raises(DaemonUnreachable, match=f"exited with status 4 as it started; see {log}"):
+    with pytest.raises(DaemonUnreachable) as caught:
         wait_for_daemon(proc, path, 5.0, log, wait=10.0)
+    assert caught.value.message == (
+        f"amberd exited with status 4 as it started to serve {path}; see {log}"
+    )
 
 
 # --- start-up cost ----------------------------------------------------------------------------------
@@ -957,3 +960,16 @@ def test_no_color_counts_only_when_set_to_something(monkeypatch):
     assert not LiveBuildView(io.StringIO(), "s.toml").color
     monkeypatch.delenv("NO_COLOR")
     assert LiveBuildView(io.StringIO(), "s.toml").color
+
+
+def test_a_new_group_member_is_told_to_log_in_again(monkeypatch):
+    """usermod -aG took effect in /etc/group, not yet in this session's groups."""
+    import errno
+
+    from amber.client import autostart
+
+    monkeypatch.setattr(autostart, "_member_of", lambda group, uid: group == "amber")
+    denied = DaemonUnreachable("x", path="/nonexistent/amberd.sock", errno=errno.EACCES)
+    hint = unreachable_hint(denied, environ={}, euid=4242)
+    assert "you were added to group amber after this session began: log in again" in hint
+    assert "newgrp amber" in hint
