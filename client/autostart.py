@@ -4,16 +4,19 @@ The quick start is one command: on a machine without a system daemon, root's
 first ``amber build`` starts ``amberd`` in the background on the default
 socket. Anything explicit (``--socket``, ``AMBER_SOCKET``) means the user
 manages that daemon, so it is never started behind their back; neither is
-one for a non-root user, who could not run builds with it anyway.
+one for a non-root user, who could not run builds with it anyway: they use
+the system daemon, like docker's and podman's clients, and when it cannot be
+reached they are told what they can do about it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
 
-from .connection import Connection, default_socket_path
+from .connection import SYSTEM_SOCKET, Connection, default_socket_path, system_socket_path
 from .errors import DaemonUnreachable
 
 TYPE_CHECKING = False
@@ -21,14 +24,17 @@ if TYPE_CHECKING:
     import subprocess
     from collections.abc import Callable, Mapping, Sequence
 
+GROUP = "amber"  # the group scripts/install-systemd gives the socket
 LOG_PATH = "/var/log/amber/amberd.log"
 START_WAIT = 15.0  # a first start imports the host base into the store
 RESTART_GRACE = 2.0  # a socket file nobody accepts on: maybe a daemon restarting
 
 
-def socket_path(explicit: str | None, environ: Mapping[str, str] | None = None) -> str:
-    """``--socket``, else ``$AMBER_SOCKET``, else the default for this user."""
-    return explicit or default_socket_path(environ)
+def socket_path(
+    explicit: str | None, environ: Mapping[str, str] | None = None, euid: int | None = None
+) -> str:
+    """``--socket``, else ``$AMBER_SOCKET``, else the system daemon's (see ``default_socket_path``)."""
+    return explicit or default_socket_path(environ, euid)
 
 
 def may_autostart(
@@ -60,7 +66,7 @@ def open_connection(
     Raises:
         DaemonUnreachable: with a message that says how to start a daemon.
     """
-    path = socket_path(explicit, environ)
+    path = socket_path(explicit, environ, euid)
     # A present socket file that refuses may be a daemon restarting; a missing
     # one fails at once, so `amber ps` with no daemon does not hang.
     grace = RESTART_GRACE if os.path.exists(path) else 0.0
@@ -68,13 +74,22 @@ def open_connection(
         return Connection.open(path, timeout, retry_for=grace)
     except DaemonUnreachable as exc:
         if not may_autostart(explicit, environ, euid):
+            hint = unreachable_hint(exc, explicit=explicit, environ=environ, euid=euid)
             raise DaemonUnreachable(
-                f"{exc.message}\n{unreachable_hint(exc.message, environ, euid)}"
+                f"{exc.message}\n{hint}", path=exc.path, errno=exc.errno
             ) from None
-    argv = list(daemon_argv or [sys.executable, "-m", "amber.daemon.main"])
+    argv = list(daemon_argv or autostart_argv(path))
     proc = start_daemon(argv, log_path)
     (say or _say)(f"amber: no amberd was running; started one (pid {proc.pid}, log {log_path})")
     return wait_for_daemon(proc, path, timeout, log_path)
+
+
+def autostart_argv(path: str) -> list[str]:
+    """amberd's command line for serving on ``path``, the default socket for root."""
+    argv = [sys.executable, "-m", "amber.daemon.main"]
+    if path != SYSTEM_SOCKET:  # AMBER_SYSTEM_SOCKET moved it: the daemon must follow
+        argv += ["--socket", path]
+    return argv
 
 
 def start_daemon(argv: Sequence[str], log_path: str) -> subprocess.Popen[bytes]:
@@ -124,7 +139,8 @@ def wait_for_daemon(
                 return Connection.open(path, timeout)
             except DaemonUnreachable:
                 raise DaemonUnreachable(
-                    f"amberd exited with status {code} as it started; see {log_path}"
+                    f"amberd exited with status {code} as it started to serve {path}; "
+                    f"see {log_path}"
                 ) from None
         if time.monotonic() >= deadline:
             raise DaemonUnreachable(
@@ -134,20 +150,136 @@ def wait_for_daemon(
 
 
 def unreachable_hint(
-    message: str, environ: Mapping[str, str] | None = None, euid: int | None = None
+    exc: DaemonUnreachable,
+    *,
+    explicit: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    euid: int | None = None,
 ) -> str:
-    """How to get a daemon, given why the connection failed."""
+    """What this user can do about a socket nobody answered on, one indented line each.
+
+    The advice depends on how connecting failed (``exc.errno``), on whose
+    socket it was (one the user named, or the system daemon's) and on who
+    asks: root can start a daemon, other users can ask for one or for the
+    group that may use it.
+    """
     env = os.environ if environ is None else environ
     uid = os.geteuid() if euid is None else euid
-    if "ermission denied" in message:
-        return "amberd's socket is for root and the amber group: add yourself with `usermod -aG amber USER`"
-    hint = (
-        "start one with `amberd` (or `amber daemon`) and leave it running, "
-        "or point amber at a running one with --socket PATH or AMBER_SOCKET"
-    )
-    if uid == 0 and env.get("AMBER_NO_AUTOSTART"):
-        hint += " (AMBER_NO_AUTOSTART is set, so amber did not start one itself)"
-    return hint
+    path = exc.path or ""
+    named = explicit or env.get("AMBER_SOCKET")
+    lines: list[str] = []
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        lines += _permission_hint(path, uid)
+    elif named:
+        source = "--socket" if explicit else "AMBER_SOCKET"
+        lines.append(f"that socket comes from {source}: check the path, or that amberd runs there")
+        if uid == 0:
+            lines.append(f"start one there with `amberd --socket {path}`")
+        lines.append(f"without {source}, amber uses the system daemon's {system_socket_path(env)}")
+    else:
+        if exc.errno == errno.ECONNREFUSED:
+            lines.append("the socket file is there but nothing accepts on it: amberd stopped")
+        elif exc.errno == errno.ENOENT:
+            lines.append("the system daemon is not running (no socket there)")
+        if uid == 0:
+            lines.append("start one with `amberd` (or `amber daemon`) and leave it running,")
+            lines.append("or start the system daemon: `systemctl start amberd.socket`")
+            if env.get("AMBER_NO_AUTOSTART"):
+                lines.append("(AMBER_NO_AUTOSTART is set, so amber did not start one itself)")
+        else:
+            lines.append(
+                "ask an administrator to start it: `systemctl start amberd.socket` "
+                "(units from scripts/install-systemd)"
+            )
+            group = _socket_group(path)
+            if not _in_session_group(group):
+                lines.append(f"its users are root and group {group}: {_join_advice(group, uid)}")
+        lines.append("or point amber at a running amberd with AMBER_SOCKET=PATH or --socket PATH")
+    return "\n".join("  " + line for line in lines)
+
+
+def _permission_hint(path: str, uid: int) -> list[str]:
+    """Connecting was refused by the socket's (or its directory's) permissions."""
+    group = _socket_group(path)
+    if uid == 0:
+        return [f"even root may not connect to {path}: check its permissions"]
+    if _in_session_group(group):
+        return [
+            f"you are in group {group} but may still not connect: "
+            "ask an administrator to check the socket's mode (0660, group amber)"
+        ]
+    if _member_of(group, uid):
+        return [
+            f"you were added to group {group} after this session began: "
+            f"log in again (or run `newgrp {group}`)"
+        ]
+    return [
+        f"you are not in group {group}, whose members may use amberd: {_join_advice(group, uid)}"
+    ]
+
+
+def _join_advice(group: str, uid: int) -> str:
+    return f"ask an administrator for `usermod -aG {group} {_user_name(uid)}`, then log in again"
+
+
+def _socket_group(path: str) -> str:
+    """The group of the socket, or of the nearest directory above it we may see."""
+    import grp
+
+    here = path
+    while here:
+        try:
+            gid = os.stat(here).st_gid
+        except OSError:
+            parent = os.path.dirname(here)
+            if parent == here:
+                break
+            here = parent
+            continue
+        if gid == 0:
+            break  # root's group says nothing about who may connect
+        try:
+            return grp.getgrgid(gid).gr_name
+        except KeyError:
+            return str(gid)
+    return GROUP
+
+
+def _in_session_group(group: str) -> bool:
+    """Whether this process already has ``group`` (a new membership needs a new login)."""
+    gid = _gid_of(group)
+    return gid is not None and (gid in os.getgroups() or gid == os.getegid())
+
+
+def _member_of(group: str, uid: int) -> bool:
+    """Whether the group database lists the user in ``group``."""
+    import grp
+    import pwd
+
+    try:
+        entry = grp.getgrnam(group)
+        user = pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return user.pw_name in entry.gr_mem or user.pw_gid == entry.gr_gid
+
+
+def _gid_of(group: str) -> int | None:
+    import grp
+
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        return int(group) if group.isdigit() else None
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return "USER"
 
 
 def _say(text: str) -> None:

@@ -7,6 +7,8 @@ client and the plain renderer; the live terminal view, ``subprocess``,
 
 Exit codes: 0 success, 1 a build failed or errored (or the daemon refused a
 request), 2 usage or spec error, 3 amberd unreachable, 130 interrupted.
+``amber shell BUILD -- CMD`` exits with CMD's status, so its own failures
+all exit 125 (as podman's and docker's do), which a command rarely uses.
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ from .render import (
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
-    from typing import Any, TextIO
+    from typing import Any, NoReturn, TextIO
 
     from .connection import Connection, Stream
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_SHELL_ERROR = 125  # amber shell's own failure: CMD's statuses are all taken
 EXIT_PIPE = 141  # what a shell reports for a process killed by SIGPIPE, as `git log | head` does
 HELLO_TIMEOUT = 30.0  # a daemon that accepts but never answers is stuck, not busy
 
@@ -120,18 +123,20 @@ class Context:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``amber`` with ``argv`` (default: the command line); return the exit code."""
     head, passthrough = split_passthrough(list(sys.argv[1:] if argv is None else argv))
-    parser = build_parser(command_of(head))
+    command = command_of(head)
+    parser = build_parser(command)
     try:
-        ns = parser.parse_args(head)
+        ns = parse_command_line(parser, head)
     except SystemExit as exc:  # --help, --version or a usage error, already printed
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        code = exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        return own_failure(command, code) if code else code
     ns.passthrough = passthrough
     ctx = Context(ns, sys.stdout, sys.stderr)
     try:
         return ns.func(ctx, ns)
     except UsageError as exc:
         ctx.say(f"amber: {exc}")
-        return EXIT_USAGE
+        return own_failure(command, EXIT_USAGE)
     except BuildInterrupted as exc:
         ctx.say(interrupted_message(exc.build))
         return EXIT_INTERRUPTED
@@ -140,12 +145,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except AmberError as exc:
         ctx.say(f"amber: {describe_error(exc, ctx)}")
-        return exit_code_for(exc)
+        return own_failure(command, exit_code_for(exc))
     except BrokenPipeError:
         _silence_stdout()
         return EXIT_PIPE
     finally:
         ctx.close()
+
+
+def own_failure(command: str | None, code: int) -> int:
+    """The exit code for amber's own failure: ``code``, except under ``amber shell``.
+
+    There every status 0-255 may be CMD's, so all of amber's failures (usage,
+    no such build, not yours, daemon unreachable) exit 125, as podman's do.
+    """
+    return EXIT_SHELL_ERROR if command == "shell" else code
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """``parser.parse_args``, but an unknown flag is reported with its command's usage.
+
+    argparse leaves unrecognised arguments to the top-level parser, whose usage
+    says nothing about ``amber build``'s flags.
+    """
+    ns, extras = parser.parse_known_args(argv)
+    if extras:
+        getattr(ns, "group_parser", parser).error(f"unrecognized arguments: {' '.join(extras)}")
+    return ns
 
 
 def describe_error(exc: AmberError, ctx: Context) -> str:
@@ -371,7 +397,10 @@ def cmd_log(ctx: Context, ns: argparse.Namespace) -> int:
     for ev in stream:
         data = ev.get("data") or {}
         if ev.get("event") == "note" and data.get("message"):
-            ctx.say(f"amber: {data['message']}")
+            # With the log, not on stderr: `amber log B | grep stamp` must find them.
+            text = f"amber: {data['message']}\n"
+            _write_bytes(ctx.out, (b"" if at_line_start else b"\n") + text.encode())
+            at_line_start = True
         if ev.get("event") != "log":
             continue
         chunk = data.get("data") or b""
@@ -485,12 +514,15 @@ def cmd_shell(ctx: Context, ns: argparse.Namespace) -> int:
 
 
 def exit_status(code: object) -> int:
-    """A process's status as our exit code: signals as 128+N, the way shells report them."""
-    if not isinstance(code, int) or isinstance(code, bool):
-        return EXIT_FAILED
+    """A process's status as our exit code: signals as 128+N, the way shells report them.
+
+    A status amberd did not give is amber's failure, not CMD's: 125.
+    """
+    if not isinstance(code, int) or isinstance(code, bool) or code >= 256:
+        return EXIT_SHELL_ERROR
     if code < 0:
         return 128 + (-code & 0x7F)
-    return code if code < 256 else EXIT_FAILED
+    return code
 
 
 def cmd_diff(ctx: Context, ns: argparse.Namespace) -> int:
@@ -679,10 +711,14 @@ quick start:
 exit status:
   0 success, 1 a build failed or errored (or amberd refused the request),
   2 usage or spec error, 3 amberd unreachable, 130 interrupted
+  amber shell BUILD -- CMD: CMD's status (128+N if a signal N killed it),
+  and 125 for any failure of amber's own (see `amber shell --help`)
 
 environment:
-  AMBER_SOCKET        amberd's socket, like --socket
-  AMBER_NO_AUTOSTART  never start amberd automatically
+  AMBER_SOCKET         amberd's socket, like --socket
+  AMBER_NO_AUTOSTART   never start amberd automatically
+  AMBER_SYSTEM_SOCKET  for tests and packagers: where the system daemon's
+                       socket is (default /run/amber/amberd.sock)
 
 `amber COMMAND --help` explains each command."""
 
@@ -693,7 +729,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     Given the ``command`` about to run, only its arguments are declared: all
     twenty subparsers take ~10 ms to build, a tenth of a cached build's budget.
     """
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="amber",
         description=_DESCRIPTION,
         epilog=_EPILOG,
@@ -702,7 +738,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--socket",
         metavar="PATH",
-        help="amberd's socket (default: $AMBER_SOCKET, else /run/amber/amberd.sock for root)",
+        help="amberd's socket (default: $AMBER_SOCKET, else the system daemon's "
+        "/run/amber/amberd.sock)",
     )
     parser.add_argument("--version", action="version", version=f"amber {__version__}")
     parser.set_defaults(func=_group_help, group_parser=parser)
@@ -884,6 +921,14 @@ def _add_following(commands: _Commands) -> None:
     commands.add("status", cmd_status, "amberd's version, uptime, builds and store size", json=True)
 
 
+_SHELL_EPILOG = """\
+exit status:
+  N    CMD's own status, whatever it is (128+N if signal N killed it);
+       the interactive shell's status without CMD
+  125  amber's own failure, never CMD's: a usage error, no such build, a build
+       that is not yours, amberd unreachable (the message on stderr says which)"""
+
+
 def _add_frozen(commands: _Commands) -> None:
     sub = commands.add(
         "shell",
@@ -894,6 +939,7 @@ def _add_frozen(commands: _Commands) -> None:
         "Default: the state at the failure. With -- CMD, run CMD instead (no\n"
         "terminal needed) and exit with its status.",
         usage="amber shell [-h] [--before] [--step NAME] BUILD [-- CMD ...]",
+        epilog=_SHELL_EPILOG,
     )
     sub.add_argument("build", metavar="BUILD")
     sub.add_argument("--before", action="store_true", help="the state before the failing step")
@@ -1003,6 +1049,35 @@ def _add_store(commands: _Commands) -> None:
         json=True,
     )
     sub.add_argument("--repair", action="store_true", help="drop what is broken, so it is rebuilt")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, naming the nearest command for a mistyped one (``amber biuld``)."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(suggest_choice(message, self.prog))
+
+
+def suggest_choice(message: str, prog: str = "amber") -> str:
+    """argparse's "invalid choice" message, saying "did you mean 'build'?" as git does."""
+    import re
+
+    found = re.search(
+        r"^argument (\S+): invalid choice: (['\"])(.*?)\2 \(choose from (.*)\)$", message
+    )
+    if found is None:
+        return message
+    import difflib
+
+    what, word = found.group(1), found.group(3)
+    choices = [c.strip().strip("'\"") for c in found.group(4).split(",")]
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if what != "COMMAND":  # an option's value: argparse's message lists them all
+        return f"{message}; did you mean {close[0]!r}?" if close else message
+    text = f"{word!r} is not an {prog} command"
+    if close:
+        text += f"; did you mean {close[0]!r}?"
+    return f"{text} (`{prog} --help` lists them)"
 
 
 def _group_help(ctx: Context, ns: argparse.Namespace) -> int:

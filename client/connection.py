@@ -46,12 +46,14 @@ if TYPE_CHECKING:
     from typing import Any, Self
 
 __all__ = [
+    "SYSTEM_SOCKET",
     "AmberError",
     "Connection",
     "ConnectionLost",
     "DaemonUnreachable",
     "Stream",
     "default_socket_path",
+    "system_socket_path",
 ]
 
 # Connect errors that mean "the daemon is not there yet": no socket file, or
@@ -60,24 +62,51 @@ _RETRY_ERRNOS = frozenset({errno.ENOENT, errno.ECONNREFUSED})
 _RECV_SIZE = 256 * 1024
 
 
-def default_socket_path(environ: Mapping[str, str] | None = None, euid: int | None = None) -> str:
-    """Where amberd listens: ``$AMBER_SOCKET``, else the system or the per-user daemon.
+#: Where the system daemon listens (amberd.socket, or amberd run by root).
+SYSTEM_SOCKET = "/run/amber/amberd.sock"
 
-    Root talks to the system daemon (systemd socket in /run/amber); other
-    users to their own daemon in their runtime directory.
+
+def system_socket_path(environ: Mapping[str, str] | None = None) -> str:
+    """The system daemon's socket: ``$AMBER_SYSTEM_SOCKET`` if set, else ``SYSTEM_SOCKET``.
+
+    The variable is for tests and packagers that put the system socket
+    elsewhere; a user pointing amber at one daemon sets ``AMBER_SOCKET``.
+    """
+    env = os.environ if environ is None else environ
+    return env.get("AMBER_SYSTEM_SOCKET") or SYSTEM_SOCKET
+
+
+def user_socket_path(environ: Mapping[str, str] | None = None, euid: int | None = None) -> str:
+    """A per-user daemon's socket, in the user's runtime directory."""
+    env = os.environ if environ is None else environ
+    if euid is None:
+        euid = os.geteuid()
+    runtime = env.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime):  # the XDG spec says to ignore relative values
+        return os.path.join(runtime, "amber", "amberd.sock")
+    return f"/tmp/amber-{euid}/amberd.sock"
+
+
+def default_socket_path(environ: Mapping[str, str] | None = None, euid: int | None = None) -> str:
+    """Where amberd listens: ``$AMBER_SOCKET``, else the system daemon's socket.
+
+    As with docker and podman's system service, every user talks to the one
+    daemon root runs, through the socket its group may use. A non-root user
+    whose runtime directory holds a socket while the system one is absent
+    (a daemon root started for them) gets that one; with neither, the system
+    socket, so that the error names the socket the user should ask for.
     """
     env = os.environ if environ is None else environ
     explicit = env.get("AMBER_SOCKET")
     if explicit:
         return explicit
+    system = system_socket_path(env)
     if euid is None:
         euid = os.geteuid()
-    if euid == 0:
-        return "/run/amber/amberd.sock"
-    runtime = env.get("XDG_RUNTIME_DIR", "")
-    if os.path.isabs(runtime):  # the XDG spec says to ignore relative values
-        return os.path.join(runtime, "amber", "amberd.sock")
-    return f"/tmp/amber-{euid}/amberd.sock"
+    if euid == 0 or os.path.lexists(system):
+        return system
+    user = user_socket_path(env, euid)
+    return user if os.path.lexists(user) else system
 
 
 class Connection:
@@ -130,7 +159,9 @@ class Connection:
                 sock = _connect(where, timeout)
             except OSError as exc:
                 reason: AmberError = DaemonUnreachable(
-                    f"cannot reach amberd at {where}: {_describe(exc)}"
+                    f"cannot reach amberd at {where}: {_describe(exc)}",
+                    path=where,
+                    errno=exc.errno,
                 )
                 retriable = exc.errno in _RETRY_ERRNOS
             else:
@@ -140,7 +171,9 @@ class Connection:
                     return conn
                 except ConnectionLost:
                     conn.close()
-                    reason = DaemonUnreachable(f"amberd at {where} hung up before answering")
+                    reason = DaemonUnreachable(
+                        f"amberd at {where} hung up before answering", path=where
+                    )
                     retriable = True
                 except BaseException:
                     conn.close()

@@ -70,10 +70,17 @@ class ProtocolError(AmberError):
 
 
 class DaemonUnreachable(AmberError):
-    """Nobody accepts connections on the socket (the CLI exits with 3)."""
+    """Nobody accepts connections on the socket (the CLI exits with 3).
 
-    def __init__(self, message: str) -> None:
+    ``path`` and ``errno`` say which socket was tried and how connecting
+    failed, so the CLI can tell the user what to do (join the group, start
+    the socket unit, ...) without parsing the message.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, errno: int | None = None) -> None:
         super().__init__(ErrorCode.UNREACHABLE, message)
+        self.path = path
+        self.errno = errno
 
 
 class ConnectionLost(AmberError):

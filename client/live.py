@@ -59,7 +59,8 @@ class LiveBuildView:
     def __init__(self, out: TextIO, spec_path: str, *, color: bool | None = None) -> None:
         self.out = out
         self.state = BuildState(spec_path, tail=self.failure_lines)
-        self.color = "NO_COLOR" not in os.environ if color is None else color
+        # no-color.org: only a non-empty NO_COLOR turns colour off.
+        self.color = not os.environ.get("NO_COLOR") if color is None else color
         encoding = (getattr(out, "encoding", None) or "ascii").lower().replace("-", "")
         self.fancy = encoding == "utf8"
         self._drawn = 0  # lines of the block now on screen

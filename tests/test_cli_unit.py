@@ -20,7 +20,13 @@ from collections import deque
 import pytest
 
 from amber.client import cli
-from amber.client.autostart import may_autostart, start_daemon, wait_for_daemon
+from amber.client.autostart import (
+    autostart_argv,
+    may_autostart,
+    start_daemon,
+    unreachable_hint,
+    wait_for_daemon,
+)
 from amber.client.errors import AmberError, DaemonUnreachable
 from amber.client.live import LiveBuildView
 from amber.client.protocol import (
@@ -258,7 +264,8 @@ def test_exit_status_of_a_shell():
     assert cli.exit_status(0) == 0
     assert cli.exit_status(7) == 7
     assert cli.exit_status(-9) == 137  # killed by SIGKILL, as a shell says
-    assert cli.exit_status(None) == 1
+    assert cli.exit_status(None) == 125  # no status from amberd: amber's failure, not CMD's
+    assert cli.exit_status(300) == 125
 
 
 def test_exit_codes_of_errors():
@@ -326,7 +333,37 @@ def test_usage_errors_exit_2(capsys):
     assert "-o/--output" in err
     code, _, err = run(capsys, "nonsense")
     assert code == 2
-    assert "invalid choice" in err
+    assert "'nonsense' is not an amber command (`amber --help` lists them)" in err
+
+
+def test_a_mistyped_command_names_the_nearest_one(capsys):
+    code, out, err = run(capsys, "biuld", "spec.toml")
+    assert (code, out) == (2, "")
+    assert "amber: error: 'biuld' is not an amber command; did you mean 'build'?" in err
+    code, _, err = run(capsys, "image", "lss")
+    assert code == 2
+    assert "'lss' is not an amber image command; did you mean 'ls'?" in err
+    code, _, err = run(capsys, "build", "--on-error", "quitt", "x.toml")
+    assert code == 2 and "did you mean 'quit'?" in err
+
+
+def test_an_unknown_flag_shows_its_commands_usage(capsys):
+    code, _, err = run(capsys, "build", "--bogus", "x.toml")
+    assert code == 2
+    assert err.startswith("usage: amber build ")
+    assert "amber build: error: unrecognized arguments: --bogus" in err
+    code, _, err = run(capsys, "pin", "ls", "--bogus")
+    assert code == 2 and err.startswith("usage: amber pin ls ")
+
+
+def test_shell_usage_errors_exit_125_not_a_status_cmd_could_have(capsys, tmp_path):
+    assert run(capsys, "shell")[0] == 125
+    assert run(capsys, "shell", "b1", "--bogus", "--", "true")[0] == 125
+    assert run(capsys, "shell", "--help")[0] == 0
+    code, _, err = run(capsys, "--socket", str(tmp_path / "none.sock"), "shell", "b1", "--", "true")
+    assert code == 125 and "cannot reach amberd" in err
+    code, out, _ = run(capsys, "shell", "--help")
+    assert "125  amber's own failure" in out
 
 
 def test_help_everywhere(capsys):
@@ -342,6 +379,8 @@ def test_help_everywhere(capsys):
     assert code == 2 and "import" in err and "ls" in err
     code, out, _ = run(capsys, "--version")
     assert code == 0 and out.startswith("amber ")
+    code, out, _ = run(capsys, "--help")
+    assert "AMBER_SYSTEM_SOCKET" in out and "125 for any failure of amber's own" in out
 
 
 def test_build_option_combinations_refused_before_connecting(capsys, spec, tmp_path):
@@ -496,8 +535,9 @@ def test_unreachable_daemon_exits_3_and_says_how_to_start_one(capsys, spec, tmp_
     code, out, err = run(capsys, "--socket", str(tmp_path / "nobody.sock"), "build", str(spec))
     assert code == 3
     assert out == ""
-    assert "cannot reach amberd" in err
-    assert "amber daemon" in err and "amberd" in err
+    assert f"cannot reach amberd at {tmp_path / 'nobody.sock'}: No such file" in err
+    assert "that socket comes from --socket" in err
+    assert f"`amberd --socket {tmp_path / 'nobody.sock'}`" in err  # root may start one there
     assert "Traceback" not in err
 
 
@@ -637,6 +677,31 @@ def test_log_writes_raw_output_with_a_header_per_step(capsysbinary, daemon):
     assert code == 1  # following ends with the build's outcome
     assert out == b"==> step extract <==\none\ntwo\n==> step make <==\n\xffbin\n"
     assert b"b1: failed" in err
+
+
+def test_log_prints_amber_notes_with_the_log_on_stdout(capsysbinary, daemon):
+    def script(peer):
+        req = peer.expect("log")
+        peer.event(req, "note", {"message": "stamp build/.configured removed: no products"})
+        peer.event(req, "log", {"step": "make", "data": b"cc -c a.c"})  # no newline at the end
+        peer.event(req, "note", {"message": "pinned as main"})
+        peer.reply(req, {"build": "b1", "status": "success"})
+
+    code = cli.main(["--socket", daemon(script), "log", "b1"])
+    out, err = capsysbinary.readouterr()
+    assert (code, err) == (0, b"")
+    assert out == (
+        b"amber: stamp build/.configured removed: no products\n"
+        b"==> step make <==\ncc -c a.c\namber: pinned as main\n"
+    )
+
+
+def test_shell_refused_by_amberd_exits_125(capsys, daemon):
+    def script(peer):
+        peer.fail(peer.expect("shell"), "not-found", "no build 'zz' (see `amber builds`)")
+
+    code, _, err = run(capsys, "--socket", daemon(script), "shell", "zz", "--", "true")
+    assert (code, err) == (125, "amber: no build 'zz' (see `amber builds`)\n")
 
 
 def test_shell_with_a_command_passes_the_terminal_and_exits_with_its_status(capsys, daemon):
@@ -815,6 +880,35 @@ conn.recv(1)
 """
 
 
+def test_a_started_daemon_serves_the_socket_amber_waits_on():
+    assert autostart_argv("/run/amber/amberd.sock")[1:] == ["-m", "amber.daemon.main"]
+    assert autostart_argv("/t/s")[3:] == ["--socket", "/t/s"]  # AMBER_SYSTEM_SOCKET moved it
+
+
+def test_unreachable_hints_say_what_this_user_can_do():
+    import errno
+
+    system = "/nonexistent/amber/amberd.sock"
+    env = {"AMBER_SYSTEM_SOCKET": system}
+    missing = DaemonUnreachable("x", path=system, errno=errno.ENOENT)
+    hint = unreachable_hint(missing, environ=env, euid=4242)
+    assert "ask an administrator to start it: `systemctl start amberd.socket`" in hint
+    assert "its users are root and group amber: ask an administrator for `usermod -aG amber" in hint
+    assert "AMBER_SOCKET=PATH" in hint
+    root = unreachable_hint(missing, environ={**env, "AMBER_NO_AUTOSTART": "1"}, euid=0)
+    assert "`amberd` (or `amber daemon`)" in root and "AMBER_NO_AUTOSTART is set" in root
+    refused = DaemonUnreachable("x", path=system, errno=errno.ECONNREFUSED)
+    assert "nothing accepts on it" in unreachable_hint(refused, environ=env, euid=4242)
+    named = unreachable_hint(
+        DaemonUnreachable("x", path="/s", errno=errno.ENOENT),
+        environ={**env, "AMBER_SOCKET": "/s"},
+        euid=4242,
+    )
+    assert "that socket comes from AMBER_SOCKET" in named and system in named
+    denied = DaemonUnreachable("x", path=system, errno=errno.EACCES)
+    assert "you are not in group amber" in unreachable_hint(denied, environ=env, euid=4242)
+
+
 def test_started_daemon_is_waited_for_and_logs_to_its_file(tmp_path):
     path, log = str(tmp_path / "a.sock"), str(tmp_path / "log" / "amberd.log")
     proc = start_daemon([sys.executable, "-c", FAKE_AMBERD, path], log)
@@ -832,8 +926,11 @@ def test_started_daemon_is_waited_for_and_logs_to_its_file(tmp_path):
 def test_daemon_dying_at_start_is_reported_with_its_log(tmp_path):
     path, log = str(tmp_path / "a.sock"), str(tmp_path / "amberd.log")
     proc = start_daemon([sys.executable, "-c", "raise SystemExit(4)"], log)
-    with pytest.raises(DaemonUnreachable, match=f"exited with status 4 as it started; see {log}"):
+    with pytest.raises(DaemonUnreachable) as caught:
         wait_for_daemon(proc, path, 5.0, log, wait=10.0)
+    assert caught.value.message == (
+        f"amberd exited with status 4 as it started to serve {path}; see {log}"
+    )
 
 
 # --- start-up cost ----------------------------------------------------------------------------------
@@ -853,3 +950,26 @@ def test_importing_the_cli_stays_light():
     heavy |= {"amber.client.live"}
     assert not heavy & imported
     assert not {m for m in imported if m.startswith(("amber.daemon", "amber.sandbox"))}
+
+
+def test_no_color_counts_only_when_set_to_something(monkeypatch):
+    """no-color.org: NO_COLOR= (empty) leaves colour on."""
+    monkeypatch.setenv("NO_COLOR", "")
+    assert LiveBuildView(io.StringIO(), "s.toml").color
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not LiveBuildView(io.StringIO(), "s.toml").color
+    monkeypatch.delenv("NO_COLOR")
+    assert LiveBuildView(io.StringIO(), "s.toml").color
+
+
+def test_a_new_group_member_is_told_to_log_in_again(monkeypatch):
+    """usermod -aG took effect in /etc/group, not yet in this session's groups."""
+    import errno
+
+    from amber.client import autostart
+
+    monkeypatch.setattr(autostart, "_member_of", lambda group, uid: group == "amber")
+    denied = DaemonUnreachable("x", path="/nonexistent/amberd.sock", errno=errno.EACCES)
+    hint = unreachable_hint(denied, environ={}, euid=4242)
+    assert "you were added to group amber after this session began: log in again" in hint
+    assert "newgrp amber" in hint

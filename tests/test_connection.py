@@ -461,11 +461,25 @@ def test_stale_socket_file_is_unreachable(tmp_path):
         Connection.open(path)
 
 
-def test_default_socket_path():
-    assert default_socket_path({"AMBER_SOCKET": "/x/s"}, euid=0) == "/x/s"
+def test_default_socket_path(tmp_path):
+    """Everyone uses the system daemon's socket, as docker's clients do; AMBER_SOCKET wins."""
+    system = tmp_path / "run" / "amberd.sock"
+    env = {"AMBER_SYSTEM_SOCKET": str(system), "XDG_RUNTIME_DIR": str(tmp_path / "user")}
+    assert default_socket_path({**env, "AMBER_SOCKET": "/x/s"}, euid=0) == "/x/s"
+    assert default_socket_path({**env, "AMBER_SOCKET": "/x/s"}, euid=1000) == "/x/s"
     assert default_socket_path({}, euid=0) == "/run/amber/amberd.sock"
-    assert default_socket_path({"XDG_RUNTIME_DIR": "/run/user/1000"}, euid=1000) == (
-        "/run/user/1000/amber/amberd.sock"
-    )
-    assert default_socket_path({}, euid=1000) == "/tmp/amber-1000/amberd.sock"
-    assert default_socket_path({"XDG_RUNTIME_DIR": "rel"}, euid=5) == "/tmp/amber-5/amberd.sock"
+    # Nothing there yet: the system socket, which the error then names.
+    assert default_socket_path(env, euid=0) == str(system)
+    assert default_socket_path(env, euid=1000) == str(system)
+    # A per-user socket counts only while there is no system one.
+    user = tmp_path / "user" / "amber" / "amberd.sock"
+    user.parent.mkdir(parents=True)
+    user.touch()
+    assert default_socket_path(env, euid=1000) == str(user)
+    assert default_socket_path(env, euid=0) == str(system)  # root: always the system one
+    system.parent.mkdir()
+    system.touch()
+    assert default_socket_path(env, euid=1000) == str(system)
+    del env["XDG_RUNTIME_DIR"]
+    system.unlink()
+    assert default_socket_path(env, euid=4242) == str(system)  # /tmp/amber-4242 is absent
