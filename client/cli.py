@@ -760,7 +760,26 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "Run amberd in this terminal; every argument goes to it (see `amber daemon --help`).",
         add_help=False,
     )
+    sub = commands.add(
+        "completion",
+        cmd_completion,
+        "print a shell completion script",
+        "Print the completion script for SHELL, e.g. for bash:\n"
+        "  amber completion bash > ~/.local/share/bash-completion/completions/amber\n"
+        "(scripts/setup installs them for all users, and the man page amber(1)).",
+    )
+    sub.add_argument(
+        "shell", choices=("bash", "zsh", "fish"), metavar="SHELL", help="bash, zsh or fish"
+    )
     return parser
+
+
+def cmd_completion(ctx: Context, ns: argparse.Namespace) -> int:
+    from .completion import script  # shtab and the whole parser: only for this command
+
+    ctx.out.write(script(ns.shell))
+    ctx.out.flush()
+    return EXIT_OK
 
 
 _COMMAND_NAMES = frozenset(
@@ -782,6 +801,7 @@ _COMMAND_NAMES = frozenset(
         "gc",
         "store",
         "daemon",
+        "completion",
     ]
 )
 
