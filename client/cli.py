@@ -272,6 +272,13 @@ def check_build_options(ns: argparse.Namespace) -> None:
         raise UsageError(
             f"--export-on-failure {how} writes a file: use --export-path, not --export-ref"
         )
+    if how == "engine" and (ns.export_path or ns.detach):
+        raise UsageError(
+            "--export-on-failure engine: amber loads the image into the engine itself when the "
+            "build fails, so it stays attached (no --detach) and names it with --export-ref NAME:TAG"
+        )
+    if ns.engine_socket and how != "engine":
+        raise UsageError("--engine-socket goes with --export-on-failure engine")
 
 
 def read_spec(path: str) -> tuple[str, str]:
@@ -300,7 +307,7 @@ def build_args(ns: argparse.Namespace, path: str, text: str) -> dict[str, Any]:
         "out_link": _absolute(ns.out_link),
         "detach": ns.detach,
     }
-    if ns.export_on_failure:
+    if ns.export_on_failure and ns.export_on_failure != "engine":  # engine: see build_one
         args["export_on_failure"] = ns.export_on_failure
         args["export_path"] = _absolute(ns.export_path)
         args["export_ref"] = ns.export_ref
@@ -333,12 +340,24 @@ def build_one(ctx: Context, ns: argparse.Namespace, path: str, text: str) -> int
             ) from None
         raise
     view.finish(result)
+    if ns.export_on_failure == "engine" and result.get("frozen") and result.get("build"):
+        with contextlib.suppress(AmberError):  # said already; the build's outcome stands
+            _export_failure_to_engine(ctx, ns, result["build"])
     if ns.json:
         ctx.print(to_json(build_json(result)))
     status = result.get("status")
     if status == "success" or (ns.detach and status not in ("failed", "errored")):
         return EXIT_OK
     return EXIT_FAILED
+
+
+def _export_failure_to_engine(ctx: Context, ns: argparse.Namespace, build: str) -> None:
+    """``--export-on-failure engine``: the client, not amberd, connects to the engine (see engine.py)."""
+    try:
+        export_to_engine(ctx, build, False, None, ns.export_ref, ns.engine_socket)
+    except AmberError as exc:
+        ctx.say(f"amber: export on failure did not complete: {exc.message}")
+        raise
 
 
 def make_build_view(out: TextIO, spec_path: str) -> Any:
@@ -531,10 +550,16 @@ def cmd_diff(ctx: Context, ns: argparse.Namespace) -> int:
 
 
 def cmd_export(ctx: Context, ns: argparse.Namespace) -> int:
-    if ns.format and ns.push:
-        raise UsageError("--format is for -o FILE; a push always sends an OCI image")
+    if ns.format and not ns.output:
+        raise UsageError(
+            "--format is for -o FILE; a push sends an OCI image, an engine gets a docker archive"
+        )
     if ns.insecure and not ns.push:
         raise UsageError("--insecure goes with --push")
+    if (ns.tag or ns.engine_socket) and not ns.to_engine:
+        raise UsageError("--tag and --engine-socket go with --to-engine")
+    if ns.to_engine:
+        return export_to_engine(ctx, ns.build, ns.before, ns.step, ns.tag, ns.engine_socket)
     args = {
         "build": ns.build,
         "before": ns.before,
@@ -552,6 +577,22 @@ def cmd_export(ctx: Context, ns: argparse.Namespace) -> int:
     )
     if ns.output:
         ctx.print(f"load it with `podman load -i {where}` or `docker load -i {where}`")
+    return EXIT_OK
+
+
+def export_to_engine(
+    ctx: Context, build: str, before: bool, step: str | None, tag: str | None, socket: str | None
+) -> int:
+    """Load a build's state into a container engine; the client connects to it, not amberd."""
+    from .engine import export_to_engine as stream_into
+
+    args = {"build": build, "before": before, "step": step, "tag": tag}
+    result = stream_into(ctx.connect(), args, socket, ctx.say)
+    name = ", ".join(result.get("loaded") or []) or result.get("name", "?")
+    ctx.print(
+        f"loaded build {build} into the engine at {result['socket']} as {name} "
+        f"({result.get('layers', '?')} layers, image id {result.get('digest', '?')})"
+    )
     return EXIT_OK
 
 
@@ -756,7 +797,26 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "Run amberd in this terminal; every argument goes to it (see `amber daemon --help`).",
         add_help=False,
     )
+    sub = commands.add(
+        "completion",
+        cmd_completion,
+        "print a shell completion script",
+        "Print the completion script for SHELL, e.g. for bash:\n"
+        "  amber completion bash > ~/.local/share/bash-completion/completions/amber\n"
+        "(scripts/setup installs them for all users, and the man page amber(1)).",
+    )
+    sub.add_argument(
+        "shell", choices=("bash", "zsh", "fish"), metavar="SHELL", help="bash, zsh or fish"
+    )
     return parser
+
+
+def cmd_completion(ctx: Context, ns: argparse.Namespace) -> int:
+    from .completion import script  # shtab and the whole parser: only for this command
+
+    ctx.out.write(script(ns.shell))
+    ctx.out.flush()
+    return EXIT_OK
 
 
 _COMMAND_NAMES = frozenset(
@@ -778,6 +838,7 @@ _COMMAND_NAMES = frozenset(
         "gc",
         "store",
         "daemon",
+        "completion",
     ]
 )
 
@@ -883,14 +944,20 @@ def _add_build(commands: _Commands) -> None:
     sub.add_argument("--detach", action="store_true", help="start the build and return at once")
     sub.add_argument(
         "--export-on-failure",
-        choices=("oci", "docker-archive", "registry"),
-        help="export the frozen state as soon as a step fails",
+        choices=("oci", "docker-archive", "registry", "engine"),
+        help="export the frozen state as soon as a step fails (engine: load it into "
+        "Docker or podman, see amber export --to-engine)",
     )
+    sub.add_argument("--engine-socket", metavar="PATH", help="the engine's socket (engine)")
     where = sub.add_mutually_exclusive_group()
     where.add_argument(
         "--export-path", metavar="FILE", help="file to export to (oci, docker-archive)"
     )
-    where.add_argument("--export-ref", metavar="REF", help="image reference to push to (registry)")
+    where.add_argument(
+        "--export-ref",
+        metavar="REF",
+        help="image reference to push to (registry), or the loaded image's NAME:TAG (engine)",
+    )
 
 
 def _add_following(commands: _Commands) -> None:
@@ -971,6 +1038,22 @@ def _add_frozen(commands: _Commands) -> None:
     dest = sub.add_mutually_exclusive_group(required=True)
     dest.add_argument("-o", "--output", metavar="FILE", help="write an image archive to FILE")
     dest.add_argument("--push", metavar="REF", help="push to a registry, e.g. localhost:5000/dbg:1")
+    dest.add_argument(
+        "--to-engine",
+        action="store_true",
+        help="load into Docker or podman through its API socket, opened with your permissions",
+    )
+    sub.add_argument(
+        "--engine-socket",
+        metavar="PATH",
+        help="the engine's socket (default: $DOCKER_HOST if unix://, else "
+        "/var/run/docker.sock, else /run/podman/podman.sock)",
+    )
+    sub.add_argument(
+        "--tag",
+        metavar="NAME:TAG",
+        help="the loaded image's name (default localhost/amber/BUILD:STEP)",
+    )
     sub.add_argument(
         "--format",
         choices=("oci", "docker-archive"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,8 @@ from .db import BuildRecord, StepRecord
 from .frozen import FrozenState, resolve_state
 from .oci_image import export_image, read_image
 from .oci_registry import push_image
-from .oci_spec import ImageConfig, OciError
+from .oci_spec import ImageConfig, OciError, display_reference, parse_reference, qualified_name
+from .oci_stream import stream_docker_archive
 
 if TYPE_CHECKING:
     from .server import Connection
@@ -86,28 +88,76 @@ def image_config(state: FrozenState, history: list[str]) -> ImageConfig:
     format=(str, "oci"),
     push=(str | None, None),
     insecure=(bool, False),
+    stream=(bool, False),
+    tag=(str | None, None),
 )
 async def _export(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    # The descriptor is ours from here on, whatever happens: a refused export
+    # must close it at once, or the client would wait on the pipe for ever.
+    fds = conn.take_fds(conn.request_fds)
+    try:
+        return await _export_with(api, conn, args, fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+async def _export_with(
+    api: Api, conn: Connection, args: dict[str, Any], fds: list[int]
+) -> dict[str, Any]:
     record = api.record(conn, args["build"])
-    if (args["output"] is None) == (args["push"] is None):
+    wanted = [args["output"] is not None, args["push"] is not None, args["stream"]]
+    if sum(wanted) != 1:
         raise AmberError(
-            "bad-args", "give exactly one of an output file (-o) or a registry reference (--push)"
+            "bad-args",
+            "give exactly one of an output file (-o), a registry reference (--push) "
+            "or a stream (--to-engine)",
         )
+    stream_fd = _stream_fd(fds) if args["stream"] else None
+    tag = _engine_tag(args["tag"]) if args["tag"] is not None else None
+    if tag is not None and stream_fd is None:
+        raise AmberError("bad-args", "a tag goes with a stream (--to-engine)")
     if args["format"] not in ("oci", "docker-archive"):
         raise AmberError(
             "bad-args", f"format must be oci or docker-archive, not {args['format']!r}"
         )
     state = resolve_state(api.ctx.db, record, step=args["step"], before=args["before"])
     result = await export_state(api.ctx, state, uid=conn.peer.uid, gid=conn.peer.gid, output=args["output"],
-                                fmt=args["format"], push=args["push"], insecure=args["insecure"])  # fmt: skip
+                                fmt=args["format"], push=args["push"], insecure=args["insecure"],
+                                stream_fd=stream_fd, tag=tag)  # fmt: skip
     return result
+
+
+def _stream_fd(fds: list[int]) -> int:
+    """The pipe or socket to write a streamed export to; nothing else is written to.
+
+    The client made it and passed it over: writing to it reaches nothing
+    the client could not reach itself.
+    """
+    if len(fds) != 1:
+        raise AmberError("bad-args", f"a stream export needs one descriptor, {len(fds)} came")
+    mode = os.fstat(fds[0]).st_mode
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        raise AmberError("bad-args", "a stream export writes to a pipe or a socket only")
+    return fds[0]
+
+
+def _engine_tag(tag: str) -> str:
+    """The user's ``NAME[:TAG]``, checked: the engine names the loaded image with it."""
+    try:
+        ref = parse_reference(tag)
+    except OciError as exc:
+        raise AmberError("bad-args", str(exc)) from None
+    if ref.digest:
+        raise AmberError("bad-args", f"{tag!r}: a tag names an image, a digest cannot")
+    return tag if ref.tag else f"{tag}:latest"
 
 
 async def export_state(
     ctx: DaemonContext, state: FrozenState, *, uid: int, gid: int, output: str | None, fmt: str, push: str | None,
-    insecure: bool,
+    insecure: bool, stream_fd: int | None = None, tag: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Export or push ``state``; shared by ``amber export`` and ``--export-on-failure``."""
+    """Export, push or stream ``state``; shared by ``amber export`` and ``--export-on-failure``."""
     layers, history = image_layers(ctx, state)
     config = image_config(state, history)
     ref = f"amber/{state.build.id}:{state.step.name}{'-before' if state.before else ''}"
@@ -132,6 +182,12 @@ async def export_state(
                 digest = push_image(ctx.store, layers, config, push, insecure=insecure,
                                     tmp_dir=ctx.config.state_dir / "tmp")  # fmt: skip
                 return {"ref": push, "digest": digest, "layers": len(layers)}
+            if stream_fd is not None:
+                name = tag or qualified_name(display_reference(ref))
+                with open(stream_fd, "wb", buffering=1 << 20, closefd=False) as f:
+                    streamed = stream_docker_archive(ctx.store, layers, config, f.write, tag=name)
+                return {"name": name, "digest": streamed.config_digest, "layers": streamed.layers,
+                        "size": streamed.size}  # fmt: skip
             assert output is not None
             if not os.path.isabs(output):
                 raise AmberError("bad-args", f"output must be an absolute path, got {output!r}")
@@ -139,6 +195,8 @@ async def export_state(
                 result = export_image(ctx.store, layers, config, Path(output), fmt, ref=ref)  # type: ignore[arg-type]
             return {"path": str(result.path), "digest": result.manifest_digest, "layers": len(layers),
                     "size": result.size, "name": result.name}  # fmt: skip
+        except BrokenPipeError:
+            raise AmberError("export-failed", "the reader of the stream went away") from None
         except PermissionError as exc:
             raise AmberError(
                 "permission-denied", f"cannot write {output}: {exc.strerror}"

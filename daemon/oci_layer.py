@@ -354,3 +354,31 @@ class _LayerWriter:
                 left -= len(data)
         finally:
             os.close(fd)
+
+
+class _Count:
+    """A tar stream that only counts: what ``layer_size`` walks into."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+
+
+class _SizeWalker(_LayerWriter):
+    def _copy_blob(self, digest: bytes, size: int, path: bytes) -> None:
+        self.tar.size += size  # the writer copies exactly an entry's size, or fails
+
+
+def layer_size(store: Store, before: bytes | None, after: bytes) -> int:
+    """The bytes of the uncompressed layer ``write_layer`` would write, without reading a blob.
+
+    A tar member's header carries its size, so an archive streamed to a pipe
+    (which cannot seek back to fill a header in) must know each layer's size
+    before writing it. Tree metadata alone decides it; the walk reads only
+    the trees that differ.
+    """
+    count = _Count()
+    _SizeWalker(store, count).diff_dir(before, after, b"")  # type: ignore[arg-type]
+    return count.size + len(oci_tar.END_OF_ARCHIVE)
