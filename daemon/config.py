@@ -60,6 +60,7 @@ class Config:
     keep_failed_per_spec: int = 5
     min_free: int = 0
     max_free: int = 0
+    preflight_min_free: int = 1 << 30
 
     @property
     def mount_dir(self) -> Path:
@@ -103,6 +104,12 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "keep-failed-per-spec": ("keep_failed_per_spec", int, "and at least this many per spec name"),
     "min-free": ("min_free", parse_size, "run GC when free space drops below this (0: never)"),
     "max-free": ("max_free", parse_size, "automatic GC frees space up to this"),
+    "preflight-min-free": (
+        "preflight_min_free",
+        parse_size,
+        "least free space on the state directory's filesystem for amberd to start (below it "
+        "amberd exits with status 78 and `amberd --check` fails; 0: no check)",
+    ),
 }
 
 
@@ -151,6 +158,7 @@ def _out_of_range(attr: str, value: Any) -> str | None:
         "keep_failed_per_spec",
         "min_free",
         "max_free",
+        "preflight_min_free",
     )
     if attr in non_negative and value < 0:
         return "must not be negative"
@@ -224,6 +232,45 @@ def example_config() -> str:
         else:
             value = _toml_value(name, conv, getattr(defaults, attr))
         parts.append("\n".join(f"# {line}" for line in lines) + f"\n#{name} = {value}\n")
+    return "\n".join(parts)
+
+
+CURRENT_HEADER = """\
+# amberd's configuration as it would run: the defaults, then {source},
+# then the flags given. Valid as /etc/amber/amberd.toml: amberd reads this
+# back unchanged. Sizes take K, M, G, T (10G), durations s, m, h (90s, 10m).
+"""
+
+
+def current_config(config: Config, source: str) -> str:
+    """``amberd --print-config``: every option in ``OPTIONS`` with its value in ``config``.
+
+    Each is set (uncommented) unless its value has no TOML form (an unset
+    ``socket-group``); the default follows the help where the value differs.
+    """
+    import textwrap
+
+    defaults = Config()
+    parts = [CURRENT_HEADER.format(source=source)]
+    for name, (attr, conv, text) in OPTIONS.items():
+        lines = textwrap.wrap(
+            text[:1].upper() + text[1:] + ".", 76, break_long_words=False, break_on_hyphens=False
+        )
+        value = getattr(config, attr)
+        default = getattr(defaults, attr)
+        if value is None:
+            lines.append(f"Not set: {_EXAMPLE_STANDINS[name][1]}.")
+            setting = f"#{name} = {_EXAMPLE_STANDINS[name][0]}"
+        else:
+            setting = f"{name} = {_toml_value(name, conv, value)}"
+            if value != default:
+                shown = (
+                    _EXAMPLE_STANDINS[name][1]
+                    if name in _EXAMPLE_STANDINS
+                    else _toml_value(name, conv, default)
+                )
+                lines.append(f"Default: {shown}.")
+        parts.append("\n".join(f"# {line}" for line in lines) + f"\n{setting}\n")
     return "\n".join(parts)
 
 

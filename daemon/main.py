@@ -1,8 +1,10 @@
 """amberd: the build sandbox daemon.
 
     amberd [--state-dir DIR] [--socket PATH] [--config FILE] [--jobs N]
+    amberd --check | --print-config
 
-Runs in the foreground. Under systemd it takes its socket from socket
+Runs in the foreground, after checking what it needs from the machine
+(``preflight.py``: exit 78 with the reason when something is missing). Under systemd it takes its socket from socket
 activation and reports readiness with sd_notify; anywhere else it binds the
 socket itself. SIGTERM or SIGINT stop it cleanly: no new builds, running
 steps get ``stop-grace`` seconds, then are cancelled (``errored``, never
@@ -30,11 +32,12 @@ from . import (
     export_ops,
     gc_ops,  # registers its operations; runs the automatic GC
     inspect_ops,  # noqa: F401  (registers its operations)
+    preflight,
     source_ops,  # noqa: F401  (registers its operations)
     systemd,
 )
 from .api import Api
-from .config import Config, ConfigError, load_config
+from .config import DEFAULT_CONFIG, Config, ConfigError, current_config, load_config
 from .context import DaemonContext, open_context
 from .manager import BuildManager
 from .recovery import lock_state_dir, recover, unlock_state_dir, unmount_leftovers
@@ -77,9 +80,10 @@ def setup_logging(verbose: bool) -> None:
 
 
 def fail(message: str, status: int = 1) -> NoReturn:
-    """Exit with ``amberd: message`` on stderr, as an error to the journal."""
+    """Exit with ``amberd: message`` on stderr (each line), as an error to the journal."""
     prefix = "<3>" if systemd.journal_stream() else ""
-    sys.stderr.write(f"{prefix}amberd: {message}\n")
+    for line in message.splitlines():
+        sys.stderr.write(f"{prefix}amberd: {line}\n")
     sys.stderr.flush()
     sys.exit(status)
 
@@ -275,6 +279,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--stop-grace", type=float, help="seconds running steps may finish on SIGTERM (default 30)"
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check what amberd needs from this machine (kernel, /dev/fuse, bwrap, setpriv, the "
+        "state directory, free space), print each check with ok or FAIL, and exit: 0 when all "
+        "pass, 78 otherwise. amberd runs the same checks at every start",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the configuration amberd would run with (defaults, the config file, these "
+        "flags): every option, commented, as TOML amberd accepts back as its config file",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"amberd {__version__}")
     return parser.parse_args(argv)
@@ -284,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(args.verbose)
     notifier = systemd.Notifier.from_environment()
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 and not (args.check or args.print_config):
         fail("must run as root (it mounts FUSE and overlay filesystems and maps user namespaces)")
     try:
         config = load_config(
@@ -299,11 +316,32 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         notifier.status(f"configuration error: {exc}")
         fail(str(exc), EX_CONFIG)
+    if args.print_config:
+        sys.stdout.write(current_config(config, _config_source(args.config)))
+        return
+    report = preflight.run_checks(config)
+    if args.check:
+        for check in report.checks:
+            print(check.line())
+        sys.exit(0 if report.ok else EX_CONFIG)
+    if not report.ok:
+        first = report.failures[0]
+        notifier.status(f"preflight failed: {first.name}: {first.message}")
+        fail("\n".join(f"cannot start: {c.name}: {c.message}" for c in report.failures), EX_CONFIG)
+    log.info("preflight passed; build roots: mode %s", report.root_mode)
     try:
         trio.run(functools.partial(run_daemon, config, notifier=notifier))
     except OSError as exc:
         notifier.status(f"failed: {exc}")
         fail(str(exc))
+
+
+def _config_source(path: Path | None) -> str:
+    if path is not None:
+        return str(path)
+    if DEFAULT_CONFIG.exists():
+        return str(DEFAULT_CONFIG)
+    return f"no config file ({DEFAULT_CONFIG} does not exist)"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,321 @@
+"""What amberd needs from this machine, checked before it serves anything.
+
+``amberd --check`` prints every check; ``amberd`` runs the same checks at
+start-up and refuses to start (exit 78, EX_CONFIG) on the first machine that
+lacks something, with a sentence saying what and how to fix it, instead of
+starting fine and then erroring every build with a message from deep inside
+bwrap or the kernel.
+
+The kernel check asks which way build roots can be mounted here
+(`detect_root_mode`): today only ``datalower`` (overlayfs with a data-only
+lower layer holding the store's blobs, Linux 6.5 and later). A fallback for
+older kernels adds its mode to `ROOT_MODES`; the check then reports the mode
+it found instead of failing.
+
+Probes that mount or change identity run in a forked child: the mounts in a
+private mount namespace that dies with it, the identity changes never
+touching the daemon.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from amber.sandbox.runner import BUILD_UID
+
+from .config import Config
+
+#: The host programs the sandbox runner starts, and the package holding each.
+TOOLS = (("bwrap", "bubblewrap"), ("setpriv", "util-linux"), ("setsid", "util-linux"))
+
+_CLONE_NEWNS = 0x00020000
+_MS_REC = 0x4000
+_MS_PRIVATE = 1 << 18
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of ``amberd --check``: what was checked, whether it passed, a sentence."""
+
+    name: str
+    ok: bool
+    message: str
+
+    def line(self) -> str:
+        return f"{'ok' if self.ok else 'FAIL':<5} {self.name}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Report:
+    checks: list[Check]
+    #: How build roots are mounted on this kernel (see `detect_root_mode`); None: no way.
+    root_mode: str | None
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+
+def run_checks(config: Config) -> Report:
+    """Every check, in the order ``amberd --check`` prints them.
+
+    Forks: call it before trio starts (or any thread does).
+    """
+    is_root = os.geteuid() == 0
+    checks = [
+        Check(
+            "root",
+            is_root,
+            "amberd runs as root"
+            if is_root
+            else "amberd must run as root (it mounts FUSE and overlay filesystems and maps "
+            "user namespaces)",
+        )
+    ]
+    mode, why = detect_root_mode() if is_root else (None, "needs root to try a mount")
+    checks.append(Check("kernel", mode is not None, why))
+    checks.append(_check_fuse())
+    checks += [_check_tool(name, package) for name, package in TOOLS]
+    checks.append(_check_traversable(config) if is_root else _needs_root("state-dir"))
+    checks.append(_check_free_space(config))
+    return Report(checks, mode)
+
+
+def _needs_root(name: str) -> Check:
+    return Check(name, False, "needs root to check")
+
+
+# -- the kernel: how build roots can be mounted ------------------------------------
+
+
+def _probe_datalower(top: Path) -> None:
+    """Mount an overlay the way every build root is mounted (fsprocess.overlay_options)."""
+    from amber.sandbox.fsprocess import overlay_options
+    from amber.sandbox.mounts import mount
+
+    dirs = {name: top / name for name in ("eager", "lower", "data", "upper", "work", "root")}
+    for path in dirs.values():
+        path.mkdir()
+    options = overlay_options(
+        dirs["eager"], dirs["lower"], dirs["data"], dirs["upper"], dirs["work"]
+    )
+    mount("amber-check", dirs["root"], "overlay", options)
+
+
+#: Ways of mounting a build root, best first: (mode name, what it needs, probe).
+#: A probe mounts in a scratch tmpfs (in a private mount namespace) and raises
+#: OSError when this kernel cannot. A fallback mode for older kernels goes after
+#: ``datalower``.
+ROOT_MODES: list[tuple[str, str, Callable[[Path], None]]] = [
+    ("datalower", "overlayfs with data-only lower layers (Linux 6.5 or later)", _probe_datalower),
+]
+
+
+def detect_root_mode() -> tuple[str | None, str]:
+    """The first of `ROOT_MODES` this kernel can mount, and a sentence saying so.
+
+    Returns ``(None, why)`` when none works. Needs root.
+    """
+    kernel = f"Linux {os.uname().release}"
+    refusals = []
+    for name, needs, probe in ROOT_MODES:
+        error = _in_child(lambda probe=probe: _with_scratch_mount(probe))
+        if error is None:
+            return name, f"{kernel}: mode: {name}, build roots mount as {needs}"
+        refusals.append(f"{needs}: {error}")
+    return None, f"{kernel} cannot mount build roots: " + "; ".join(refusals)
+
+
+def _with_scratch_mount(probe: Callable[[Path], None]) -> None:
+    """Run ``probe`` on a tmpfs in a mount namespace of this (child) process's own."""
+    from amber.sandbox.mounts import mount, umount
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(_CLONE_NEWNS) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot make a mount namespace to test in: {os.strerror(err)}")
+    mount("none", "/", "none", "", _MS_REC | _MS_PRIVATE)  # nothing propagates to the host
+    top = tempfile.mkdtemp(prefix="amberd-check-")
+    try:
+        mount("amber-check", top, "tmpfs", "mode=0755,size=1m")
+        probe(Path(top))
+    finally:
+        umount(top, lazy=True)  # the tmpfs and whatever the probe mounted on it
+        os.rmdir(top)
+
+
+def _in_child(work: Callable[[], object]) -> str | None:
+    """Run ``work`` in a forked child; None when it returned, else its error."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, and never return into the daemon's code
+        status = 0
+        try:
+            os.close(read_end)
+            result = work()
+            if isinstance(result, str):
+                os.write(write_end, result.encode())
+                status = 1
+        except BaseException as exc:  # everything becomes the report
+            os.write(write_end, (str(exc) or type(exc).__name__).encode()[:4096])
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        said = reader.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) == 0:
+        return None
+    return said or f"the check's process ended with status {os.waitstatus_to_exitcode(status)}"
+
+
+# -- devices and programs ----------------------------------------------------------
+
+
+def _check_fuse() -> Check:
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return Check("/dev/fuse", False, "missing: load the fuse module (modprobe fuse)")
+    except PermissionError:
+        return Check(
+            "/dev/fuse",
+            False,
+            "cannot open it: permission denied (in a container it must be passed in; "
+            "under systemd the unit needs DeviceAllow=/dev/fuse rw)",
+        )
+    except OSError as exc:
+        return Check("/dev/fuse", False, f"cannot open it: {exc.strerror or exc}")
+    os.close(fd)
+    return Check("/dev/fuse", True, "opens for reading and writing")
+
+
+def _check_tool(name: str, package: str) -> Check:
+    """Found the way the sandbox runner finds it: in amberd's PATH."""
+    path = shutil.which(name)
+    if path is None:
+        search = os.environ.get("PATH", os.defpath)
+        return Check(name, False, f"{name} is not in amberd's PATH ({search}): install {package}")
+    if name != "bwrap":
+        return Check(name, True, path)
+    try:
+        done = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Check(name, False, f"{path} does not run: {exc}")
+    if done.returncode != 0:
+        return Check(name, False, f"{path} --version failed: {done.stderr.strip()}")
+    return Check(name, True, f"{path} ({done.stdout.strip()})")
+
+
+# -- the state directory -----------------------------------------------------------
+
+
+def sandbox_host_ids(config: Config) -> list[int]:
+    """The host uids (and gids) bwrap starts as: the sandbox's root and build user."""
+    ids = [config.id_base]
+    if config.id_count > BUILD_UID:
+        ids.append(config.id_base + BUILD_UID)
+    return ids
+
+
+def _prefixes(path: Path) -> Iterator[str]:
+    """``/``, ``/a``, ``/a/b``... for ``/a/b/c``: the directories above ``path``."""
+    parts = path.parts
+    for i in range(1, len(parts)):
+        yield str(Path(*parts[:i]))
+
+
+def _check_traversable(config: Config) -> Check:
+    """bwrap resolves each build's root (``STATE/mnt/...``) as the sandbox's host uid.
+
+    amberd makes the state directory 0755 and ``mnt`` 0711 itself; the
+    directories above it are the admin's, and amberd does not loosen them.
+    """
+    state = Path(os.path.abspath(config.state_dir))
+    paths = list(_prefixes(state))
+    real = Path(os.path.realpath(state))
+    if real != state:  # a symlinked state directory: its target's parents count too
+        paths += [p for p in _prefixes(real) if p not in paths]
+    existing = [p for p in paths if os.path.isdir(p)]
+    ids = sandbox_host_ids(config)
+    for uid in ids:
+        blocked = _in_child(lambda uid=uid: _first_untraversable(uid, existing))
+        if blocked is not None:
+            return Check("state-dir", False, _untraversable_sentence(config, state, uid, blocked))
+    who = " and ".join(str(i) for i in ids)
+    return Check(
+        "state-dir", True, f"{state}: the sandbox's host uids ({who}) can reach builds below it"
+    )
+
+
+def _first_untraversable(uid: int, paths: list[str]) -> str | None:
+    """In a child: become ``uid`` as bwrap does (setpriv --clear-groups), try each path."""
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    for path in paths:
+        if not os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def _untraversable_sentence(config: Config, state: Path, uid: int, blocked: str) -> str:
+    if not blocked.startswith("/"):  # the probe itself failed: say what it said
+        return f"{state}: cannot check whether host uid {uid} can reach it: {blocked}"
+    try:
+        st = os.stat(blocked)
+        detail = f"mode {st.st_mode & 0o7777:04o}, owner uid {st.st_uid}"
+    except OSError as exc:
+        detail = exc.strerror or str(exc)
+    return (
+        f"{state}: {blocked} ({detail}) is not traversable by host uid {uid}, which every "
+        f"build step's sandbox starts as (id-base {config.id_base}); bwrap could not reach "
+        f"the build's root below it and every build would be errored. "
+        f"Let others traverse it (chmod o+x {blocked}) or choose a state directory outside it"
+    )
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_free_space(config: Config) -> Check:
+    where = _existing_ancestor(config.state_dir)
+    try:
+        st = os.statvfs(where)
+    except OSError as exc:
+        return Check("free-space", False, f"cannot check {where}: {exc.strerror or exc}")
+    free = st.f_bavail * st.f_frsize
+    need = config.preflight_min_free
+    said = f"{format_size(free)} free on the filesystem of {where}"
+    if free < need:
+        return Check(
+            "free-space",
+            False,
+            f"only {said}; amberd needs {format_size(need)} to start (preflight-min-free). "
+            "Free some space, or start with preflight-min-free = 0 in the config and run "
+            "`amber gc`",
+        )
+    return Check("free-space", True, f"{said} (preflight-min-free {format_size(need)})")
+
+
+def format_size(size: int) -> str:
+    for unit, scale in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if size >= scale:
+            return f"{size // scale}{unit}" if size % scale == 0 else f"{size / scale:.1f}{unit}"
+    return f"{size}B"
