@@ -28,6 +28,7 @@ from amber.sandbox.store import Store
 from amber.sandbox.tree import Entry
 
 from .db import Database
+from .sandbox_users import identity_binds
 
 HOST_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc")
 _DIR_TEMPLATE = Entry(b"", treefmt.DIR, 0o755, 0, 0, 0, 0, treefmt.EMPTY_TREE)
@@ -92,13 +93,20 @@ def resolve_base(store: Store, db: Database, base: str, *, uid: int, gid: int) -
     return ResolvedBase(from_hex(image["tree"]), "image")
 
 
-def host_binds() -> list[tuple[str, str]]:
-    """The host's system directories a ``host``-based sandbox sees read-only."""
-    return [
+def host_binds(state_dir: Path) -> list[tuple[str, str]]:
+    """The host's system directories a ``host``-based sandbox sees read-only, then the
+    sandbox's own /etc/passwd and /etc/group over the host's (sandbox_users.py).
+
+    Blocking (small file writes): call from a worker thread.
+    """
+    binds = [
         (f"/{name}", f"/{name}")
         for name in HOST_DIRS
         if os.path.isdir(f"/{name}") and not os.path.islink(f"/{name}")
     ]
+    if ("/etc", "/etc") in binds:
+        binds += identity_binds(state_dir)
+    return binds
 
 
 def _host_base(store: Store) -> ResolvedBase:
@@ -121,7 +129,7 @@ def _host_base(store: Store) -> ResolvedBase:
     entries.sort(key=lambda e: e.name)
     with store.batch() as batch:
         tree = store.put_tree(entries, batch)
-    return ResolvedBase(tree, "host:" + host_fingerprint(), host_binds())
+    return ResolvedBase(tree, "host:" + host_fingerprint(), host_binds(store.state_dir))
 
 
 def host_fingerprint() -> str:

@@ -32,11 +32,11 @@ if TYPE_CHECKING:
 HISTORY = "tmp/.amber_history"
 
 
-def _binds_for(record: BuildRecord) -> list[Bind]:
+def _binds_for(record: BuildRecord, state_dir: Path) -> list[Bind]:
     """The host's system directories, for builds on the ``host`` base."""
     if record.base != "host":
         return []
-    return [Bind(Path(source), dest) for source, dest in host_binds()]
+    return [Bind(Path(source), dest) for source, dest in host_binds(state_dir)]
 
 
 def _shell_argv(root: str, binds: list[Bind]) -> list[str]:
@@ -100,7 +100,7 @@ async def _run_shell(
             complete.append(await trio.to_thread.run_sync(hold.complete, [state.tree]))
             checked.set()
 
-        binds = _binds_for(record)
+        binds = await trio.to_thread.run_sync(_binds_for, record, api.ctx.store.state_dir)
         ids = api.ctx.ids
         env = dict(state.env)
         env.update(
