@@ -236,9 +236,12 @@ def example_config() -> str:
 
 
 CURRENT_HEADER = """\
-# amberd's configuration as it would run: the defaults, then {source},
-# then the flags given. Valid as /etc/amber/amberd.toml: amberd reads this
-# back unchanged. Sizes take K, M, G, T (10G), durations s, m, h (90s, 10m).
+# amberd's configuration as it would run (amberd --print-config): the
+# defaults, then the config file, then the flags given.
+# Config file: {source}
+#
+# Valid as /etc/amber/amberd.toml: amberd reads this back unchanged.
+# Sizes take K, M, G, T (10G), durations s, m, h (90s, 10m).
 """
 
 

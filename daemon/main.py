@@ -341,7 +341,7 @@ def _config_source(path: Path | None) -> str:
         return str(path)
     if DEFAULT_CONFIG.exists():
         return str(DEFAULT_CONFIG)
-    return f"no config file ({DEFAULT_CONFIG} does not exist)"
+    return f"none ({DEFAULT_CONFIG} does not exist)"
 
 
 if __name__ == "__main__":

@@ -113,6 +113,21 @@ def test_too_little_free_space_is_refused(daemon_root: Path):
     assert check.returncode == 0, check.stdout
 
 
+def test_check_as_another_user_fails_on_root_and_print_config_works(daemon_root: Path):
+    as_user = ["setpriv", "--reuid", "4242", "--regid", "4242", "--clear-groups", AMBERD]
+    state = str(daemon_root / "state")
+    check = subprocess.run([*as_user, "--check", "--state-dir", state], capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert check.returncode == EX_CONFIG and "Traceback" not in check.stderr, check.stderr
+    checks = check_lines(check.stdout)
+    assert checks["root"] == ("FAIL", "amberd must run as root (it mounts FUSE and overlay "
+                              "filesystems and maps user namespaces)")  # fmt: skip
+    assert checks["bwrap"][0] == "ok"
+    printed = subprocess.run([*as_user, "--print-config", "--state-dir", state],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert printed.returncode == 0 and tomllib.loads(printed.stdout)["state-dir"] == state
+
+
 def test_print_config_lists_every_option_and_round_trips(tmp_path: Path):
     given = tmp_path / "given.toml"
     given.write_text(
