@@ -129,7 +129,10 @@ def _host_base(store: Store) -> ResolvedBase:
     entries.sort(key=lambda e: e.name)
     with store.batch() as batch:
         tree = store.put_tree(entries, batch)
-    return ResolvedBase(tree, "host:" + host_fingerprint(), host_binds(store.state_dir))
+    # "users": steps see the sandbox's own passwd and group (sandbox_users.py), so
+    # results from before, which saw the host's, are not hits.
+    binds = host_binds(store.state_dir)
+    return ResolvedBase(tree, "host:users:" + host_fingerprint(), binds)
 
 
 def host_fingerprint() -> str:
