@@ -992,6 +992,8 @@ _SHELL_EPILOG = """\
 exit status:
   N    CMD's own status, whatever it is (128+N if signal N killed it);
        the interactive shell's status without CMD
+  127  CMD is not found in the build's tree (nor on its PATH)
+  126  CMD is there but cannot be executed (no x bit, a directory)
   125  amber's own failure, never CMD's: a usage error, no such build, a build
        that is not yours, amberd unreachable (the message on stderr says which)"""
 

@@ -170,17 +170,25 @@ async def _builds(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str,
     }  # fmt: skip
 
 
+_FOLLOWED = frozenset({"log", "note"})
+
+
 @operation("log", build=str, step=(str | None, None), follow=(bool, False))
 async def _log(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
     record = api.record(conn, args["build"])
+    live = api.manager.get(record.id)
+    if live is not None and args["follow"]:
+        # The live build's history holds its notes (stamp removals, fetches,
+        # retries) among its log lines: replayed and followed in that order.
+        async for name, data in live.follow(only=_FOLLOWED, step=args["step"]):
+            if name == "note":
+                await api.send_event(conn, "note", {"message": data["message"]})
+            else:
+                await api.send_event(conn, "log", {"step": data["step"], "data": data["data"]})
+        return {"build": record.id, "status": live.status}
     if args["step"] is None:  # what amber noted outside the steps (e.g. stamp removals)
         for message in api.ctx.db.get_build_notes(record.id):
             await api.send_event(conn, "note", {"message": message})
-    live = api.manager.get(record.id)
-    if live is not None and args["follow"]:
-        async for _name, data in live.follow(logs_only=True, step=args["step"]):
-            await api.send_event(conn, "log", {"step": data["step"], "data": data["data"]})
-        return {"build": record.id, "status": live.status}
     steps = api.ctx.db.get_steps(record.id)
     if args["step"] is not None and args["step"] not in {s.name for s in steps}:
         raise AmberError("not-found", f"build {record.id} has no step {args['step']!r}")

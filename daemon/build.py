@@ -99,15 +99,19 @@ class Build:
         self._changed.set()
 
     async def follow(
-        self, *, logs_only: bool = False, step: str | None = None
+        self, *, only: frozenset[str] | None = None, step: str | None = None
     ) -> AsyncIterator[tuple[str, dict]]:
-        """Every event so far, then new ones until the build is done."""
+        """Every event so far, then new ones until the build is done.
+
+        ``only`` keeps the events of those names; ``step`` those of that
+        step (notes, which belong to no step, go with it).
+        """
         index = 0
         while True:
             while index < len(self._history):
                 name, data = self._history[index]
                 index += 1
-                if logs_only and name != "log":
+                if only is not None and name not in only:
                     continue
                 if step is not None and data.get("step") != step:
                     continue

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shlex
 import time
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +18,7 @@ import trio
 from amber.client.errors import AmberError
 from amber.sandbox import tree as treefmt
 from amber.sandbox.fscontrol import open_overlay
-from amber.sandbox.runner import BUILD_UID, Bind, run_interactive
+from amber.sandbox.runner import BUILD_UID, Bind, CommandError, SandboxError, run_interactive
 from amber.sandbox.treediff import diff_trees
 
 from .api import Api, operation
@@ -86,6 +86,8 @@ async def _run_shell(
         raise AmberError(
             "bad-args", "shell needs the terminal's stdin, stdout and stderr (3 descriptors)"
         )
+    if args["argv"] == []:
+        raise AmberError("bad-args", "argv must name a command (leave it out for a shell)")
     record = api.record(conn, args["build"])
     state = resolve_state(api.ctx.db, record, step=args["step"], before=args["before"])
     # A temp root for the shell's life, taken before the presence check: a GC
@@ -128,20 +130,36 @@ async def _run_shell(
             argv = _shell_argv(str(mnt.root), binds) if interactive else args["argv"]
             if interactive:
                 os.write(fds[2], _banner(state).encode())
-            code = await run_interactive(
-                mnt.root,
-                argv=argv,
-                cwd=state.cwd,
-                env=env,
-                user=state.user,
-                stdin=fds[0],
-                stdout=fds[1],
-                stderr=fds[2],
-                id_map=ids,
-                extra_binds=binds,
-                private_tmp=False,
-            )
+            try:
+                code = await run_interactive(
+                    mnt.root,
+                    argv=argv,
+                    cwd=state.cwd,
+                    env=env,
+                    user=state.user,
+                    stdin=fds[0],
+                    stdout=fds[1],
+                    stderr=fds[2],
+                    id_map=ids,
+                    extra_binds=binds,
+                    private_tmp=False,
+                )
+            except CommandError as exc:
+                return _not_started(exc, state, fds[2])
+            except SandboxError as exc:
+                raise AmberError(
+                    "sandbox-failed", f"the shell in {state.label} did not start: {exc}"
+                ) from exc
     return {"exit_code": code}
+
+
+def _not_started(exc: CommandError, state: FrozenState, stderr: int) -> dict[str, Any]:
+    """A command the frozen tree lacks is the user's slip, answered as a shell would:
+    the message on the command's stderr, and 127 (not found) or 126 (not executable)."""
+    message = f"amber shell: {exc.command}: {exc.why} in build {state.label}"
+    with suppress(OSError):  # the client's stderr is gone; the reply still says it
+        os.write(stderr, (message + "\n").encode(errors="surrogateescape"))
+    return {"exit_code": exc.status, "message": message}
 
 
 def _banner(state: FrozenState) -> str:

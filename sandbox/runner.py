@@ -59,6 +59,7 @@ from typing import Literal
 
 import trio
 
+from .command import Identity, Missing, NotExecutable, find_command
 from .userns import IdMap, write_id_maps
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "DEFAULT_ID_MAP",
     "DEFAULT_PATH",
     "Bind",
+    "CommandError",
     "IdMap",
     "OutputCallback",
     "SandboxError",
@@ -135,6 +137,21 @@ class SandboxError(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class CommandError(SandboxError):
+    """The sandbox is fine but holds no command by that name it could run.
+
+    ``status`` is what a shell exits with: 127 when nothing by that name is
+    found, 126 when it is found but cannot be executed (``why`` says how).
+    """
+
+    def __init__(self, command: str, status: int, why: str) -> None:
+        reason = "command-not-found" if status == 127 else "command-not-executable"
+        super().__init__(reason, f"{command}: {why}")
+        self.command = command
+        self.status = status
+        self.why = why
 
 
 @dataclass(frozen=True)
@@ -295,10 +312,14 @@ async def run_interactive(
         The command's exit status (128+N for death by signal N).
 
     Raises:
+        CommandError: ``argv[0]`` is not found in the sandbox, or cannot be
+            executed; nothing was started.
         SandboxError: the sandbox could not start (as for `run_step`).
 
     Cancellation kills the sandbox, waits until it is gone, and re-raises.
     """
+    if not argv:
+        raise ValueError("argv must name a command")
     on_tty = os.isatty(stdin)
     spec = _spec(
         root,
@@ -311,6 +332,8 @@ async def run_interactive(
         binds=extra_binds,
     )
     sandbox_env = _sandbox_env(user, env)
+    _check_host(spec)  # before the lookup: a missing root is no missing command
+    await trio.to_thread.run_sync(_check_command, spec, id_map, sandbox_env["PATH"])
     if on_tty:
         return await _run_on_pty(spec, id_map, sandbox_env, terminal_in=stdin, terminal_out=stdout)
     async with _open_sandbox(
@@ -319,6 +342,30 @@ async def run_interactive(
         await sandbox.wait()
         await sandbox.destroy()
     return sandbox.result()
+
+
+def _check_command(spec: _Spec, id_map: IdMap, search_path: str) -> None:
+    """Raise `CommandError` where bwrap's ``execvp`` would fail (see command.py)."""
+    uid = 0 if spec.user == "root" else BUILD_UID
+    who = Identity(
+        uid=id_map.host_id(uid),
+        gid=id_map.host_id(0 if uid == 0 else BUILD_GID),
+        mapped=range(id_map.host_base, id_map.host_base + id_map.count) if uid == 0 else None,
+    )
+    hidden = ["/proc", "/dev", *(["/tmp"] if spec.private_tmp else [])]
+    found = find_command(
+        spec.root,
+        spec.command[0],
+        binds=[(b.source, b.dest) for b in spec.binds],
+        hidden=hidden,
+        cwd=spec.cwd,
+        search_path=search_path,
+        who=who,
+    )
+    if isinstance(found, Missing):
+        raise CommandError(spec.command[0], 127, "command not found")
+    if isinstance(found, NotExecutable):
+        raise CommandError(spec.command[0], 126, f"cannot be executed: {found.why}")
 
 
 def _spec(

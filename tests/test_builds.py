@@ -479,3 +479,57 @@ def test_another_user_builds_with_their_own_files_and_no_one_elses(daemon_root: 
         assert b"root only" not in said
     finally:
         assert d.stop() == 0
+
+
+def test_log_follow_shows_notes_made_while_following_in_order(amberd: Daemon, tmp_path: Path):
+    """Notes amber makes during a build (here: a download's progress, a pin)
+    reach `amber log -f` among the log lines, once each."""
+    import hashlib
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    payload = b"served late\n"
+    gate = threading.Event()
+
+    class Gated(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            gate.wait(60)  # until the test follows the build
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Gated)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/data.txt"
+        spec = write_spec(
+            tmp_path / "notes",
+            '[build]\nname = "notes"\nbase = "host"\n'
+            f'[[source]]\nurl = "{url}"\nsha256 = "{hashlib.sha256(payload).hexdigest()}"\n'
+            'dest = "data.txt"\n'
+            '[[step]]\nname = "use"\nrun = "cat data.txt"\n',
+        )
+        started = amberd.amber("build", "--detach", "--json", "--pin", "notes-pin", str(spec))
+        assert started.returncode == 0, started.stderr
+        build = json.loads(started.stdout)["build"]
+        follow = subprocess.Popen(
+            [str(BIN / "amber"), "log", "-f", build], stdout=subprocess.PIPE, env=amberd.env
+        )
+        assert follow.stdout is not None
+        first = follow.stdout.readline()  # noted before the follow began
+        assert b"fetching" in first, first
+        gate.set()
+        rest = follow.stdout.read()
+        assert follow.wait(60) == 0
+    finally:
+        gate.set()
+        server.shutdown()
+        server.server_close()
+    lines = (first + rest).decode().splitlines()
+    fetched = next(i for i, line in enumerate(lines) if "fetched" in line and "verified" in line)
+    header = lines.index("==> step use <==")
+    assert fetched < header < lines.index("served late") < lines.index("amber: pinned as notes-pin")
+    assert sum("fetching" in line for line in lines) == 1, lines  # replayed once, not twice

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from amberd_process import BIN, Daemon
+from rootfs import make_busybox_root
 
 FAILING = """
 [build]
@@ -148,3 +149,71 @@ def test_another_user_cannot_shell_export_or_delete(daemon_root: Path):
         assert d.amber("delete", build).returncode == 0  # the owner may
     finally:
         assert d.stop() == 0
+
+
+def test_shell_command_not_found_exits_127_and_one_not_executable_126(amberd: Daemon):
+    build = failed_build(amberd)
+    missing = amberd.amber("shell", build, "--", "nosuchcmd", "--flag")
+    assert missing.returncode == 127, missing.stderr
+    assert f"amber shell: nosuchcmd: command not found in build {build}".encode() in missing.stderr
+    assert amberd.amber("shell", build, "--", "./nope").returncode == 127  # relative to the cwd
+    for command, why in (
+        ("/etc/passwd", b"permission denied"),  # there, but no x bit
+        ("./added", b"permission denied"),  # made by the failed step, in its cwd
+        ("/build", b"is a directory"),
+    ):
+        denied = amberd.amber("shell", build, "--", command)
+        assert denied.returncode == 126, (command, denied.stderr)
+        assert f"amber shell: {command}: cannot be executed".encode() in denied.stderr
+        assert why in denied.stderr
+    # what is there still runs, through PATH and the host base's /bin -> usr/bin link
+    assert amberd.amber("shell", build, "--", "true").returncode == 0
+    assert amberd.amber("shell", build, "--", "/bin/true").returncode == 0
+    assert b"Traceback" not in amberd.log.read_bytes()  # a user's slip is no amberd bug
+
+
+def test_a_link_in_the_frozen_tree_is_looked_up_inside_it_not_on_the_host(amberd: Daemon):
+    """The lookup runs as root on the host: an absolute link must mean the sandbox's path."""
+    outside = amberd.root / "host-only"
+    outside.mkdir()
+    (outside / "tool").write_text("#!/bin/sh\necho escaped\n")
+    (outside / "tool").chmod(0o755)
+    spec_dir = amberd.root / "links"
+    spec_dir.mkdir()
+    (spec_dir / "spec.toml").write_text(
+        '[build]\nname = "links"\nbase = "host"\n'
+        f'[[step]]\nname = "link"\nrun = "ln -s {outside}/tool escape && ln -s loop loop && exit 2"\n'
+    )
+    code, report = amberd.build_json(spec_dir / "spec.toml")
+    assert code == 1 and report["frozen"], report
+    build = report["build"]
+    escape = amberd.amber("shell", build, "--", "./escape")
+    assert escape.returncode == 127, escape.stderr  # dangling inside the sandbox
+    assert b"./escape: command not found" in escape.stderr
+    loop = amberd.amber("shell", build, "--", "./loop")
+    assert loop.returncode == 126 and b"too many levels of symbolic links" in loop.stderr
+
+
+def test_a_tree_without_bin_sh(amberd: Daemon):
+    """A command runs without /bin/sh; a shell into such a tree says what is missing."""
+    root = amberd.root / "bb"
+    make_busybox_root(root)
+    assert amberd.amber("image", "import", "busybox", f"dir:{root}").returncode == 0
+    spec_dir = amberd.root / "nosh"
+    spec_dir.mkdir()
+    (spec_dir / "spec.toml").write_text(
+        '[build]\nname = "nosh"\nbase = "busybox"\n'
+        '[[step]]\nname = "break"\nuser = "root"\nrun = "rm /bin/sh && exit 3"\n'
+    )
+    code, report = amberd.build_json(spec_dir / "spec.toml")
+    assert code == 1 and report["frozen"], report
+    build = report["build"]
+    echo = amberd.amber("shell", build, "--", "/bin/busybox", "echo", "no sh needed")
+    assert echo.returncode == 0 and echo.stdout == b"no sh needed\n", echo.stderr
+    assert amberd.amber("shell", build, "--", "ls", "/bin/ls").stdout == b"/bin/ls\n"
+    sh = amberd.amber("shell", build, "--", "sh", "-c", "true")
+    assert sh.returncode == 127 and b"amber shell: sh: command not found" in sh.stderr
+    # no command: the interactive shell, which this tree lacks
+    shell = amberd.amber("shell", build, input=b"")
+    assert shell.returncode == 127, shell.stderr
+    assert b"amber shell: /bin/sh: command not found" in shell.stderr
