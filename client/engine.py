@@ -25,7 +25,7 @@ import json
 import os
 import socket
 
-from .errors import AmberError
+from .errors import AmberError, ErrorCode
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 DOCKER_SOCKET = "/var/run/docker.sock"
 PODMAN_SOCKET = "/run/podman/podman.sock"
-ENGINE_FAILED = "engine-failed"
+ENGINE_FAILED = ErrorCode.ENGINE_FAILED
 _CHUNK = 1 << 20
 _MAX_REPLY = 16 << 20  # an engine's answer to a load is a few lines
 

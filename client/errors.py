@@ -30,6 +30,7 @@ class ErrorCode(StrEnum):
     BUSY = "busy"
     INTERNAL = "internal"  # a bug in amberd; the details are in its log only
     PROTOCOL_VERSION = "protocol-version"  # no protocol version in common
+    SANDBOX_FAILED = "sandbox-failed"  # a sandbox did not start (bwrap's message says why)
 
     # Framing errors: the connection is closed after one of these.
     FRAME_TOO_LARGE = "frame-too-large"
@@ -41,6 +42,7 @@ class ErrorCode(StrEnum):
     UNREACHABLE = "unreachable"  # nobody listens on the socket
     CONNECTION_LOST = "connection-lost"  # the daemon hung up mid-conversation
     TIMEOUT = "timeout"
+    ENGINE_FAILED = "engine-failed"  # the container engine refused an image amber sent it
 
 
 class AmberError(Exception):

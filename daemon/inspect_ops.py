@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from amber.client.errors import AmberError
+from amber.client.errors import AmberError, ErrorCode
 from amber.sandbox import tree as treefmt
 from amber.sandbox.fscontrol import open_overlay
 from amber.sandbox.runner import BUILD_UID, Bind, CommandError, SandboxError, run_interactive
@@ -148,7 +148,7 @@ async def _run_shell(
                 return _not_started(exc, state, fds[2])
             except SandboxError as exc:
                 raise AmberError(
-                    "sandbox-failed", f"the shell in {state.label} did not start: {exc}"
+                    ErrorCode.SANDBOX_FAILED, f"the shell in {state.label} did not start: {exc}"
                 ) from exc
     return {"exit_code": code}
 
