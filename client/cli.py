@@ -398,14 +398,14 @@ def follow(conn: Connection, stream: Stream, view: Any) -> dict[str, Any]:
 
 
 def cmd_ps(ctx: Context, ns: argparse.Namespace) -> int:
-    return _show(ctx, ns, ctx.call("ps", {}), render_ps)
+    return _show(ctx, ns, ctx.call("ps", {}), render_ps, ids="id")
 
 
 def cmd_builds(ctx: Context, ns: argparse.Namespace) -> int:
     args: dict[str, Any] = {"limit": ns.limit}
     if ns.all:
         args["all"] = True
-    return _show(ctx, ns, ctx.call("builds", args), render_builds)
+    return _show(ctx, ns, ctx.call("builds", args), lambda r: render_builds(r, ns.all), ids="id")
 
 
 def cmd_log(ctx: Context, ns: argparse.Namespace) -> int:
@@ -442,6 +442,8 @@ def cmd_log(ctx: Context, ns: argparse.Namespace) -> int:
 
 def cmd_cancel(ctx: Context, ns: argparse.Namespace) -> int:
     result = ctx.call("cancel", {"build": ns.build})
+    if _printed_json(ctx, ns, result):
+        return EXIT_OK
     bid, status = result.get("build", ns.build), result.get("status")
     if result.get("cancelled"):
         ctx.print(f"cancelled build {bid} (now {status})")
@@ -460,6 +462,8 @@ def cmd_status(ctx: Context, ns: argparse.Namespace) -> int:
 
 def cmd_image_import(ctx: Context, ns: argparse.Namespace) -> int:
     result = ctx.call("image-import", {"name": ns.name, "source": local_source(ns.source)})
+    if _printed_json(ctx, ns, result):
+        return EXIT_OK
     ctx.print(f"imported {result.get('name', ns.name)}: tree {result.get('tree')}")
     ctx.print(f'use it with base = "{result.get("name", ns.name)}" in a spec')
     return EXIT_OK
@@ -467,6 +471,13 @@ def cmd_image_import(ctx: Context, ns: argparse.Namespace) -> int:
 
 def cmd_image_ls(ctx: Context, ns: argparse.Namespace) -> int:
     return _show(ctx, ns, ctx.call("image-ls", {}), render_images)
+
+
+def cmd_image_rm(ctx: Context, ns: argparse.Namespace) -> int:
+    result = ctx.call("image-rm", {"name": ns.name})
+    if not _printed_json(ctx, ns, result):
+        ctx.print(f"removed image {ns.name}; the next gc may collect its tree")
+    return EXIT_OK
 
 
 def local_source(source: str) -> str:
@@ -570,6 +581,8 @@ def cmd_export(ctx: Context, ns: argparse.Namespace) -> int:
         "insecure": ns.insecure,
     }
     result = ctx.call("export", args)
+    if _printed_json(ctx, ns, {"build": ns.build, **result}):
+        return EXIT_OK
     where = result.get("path") or result.get("ref") or ns.output or ns.push
     ctx.print(
         f"exported build {ns.build} to {where} "
@@ -588,6 +601,8 @@ def export_to_engine(
 
     args = {"build": build, "before": before, "step": step, "tag": tag}
     result = stream_into(ctx.connect(), args, socket, ctx.say)
+    if _printed_json(ctx, ctx.ns, {"build": build, **result}):
+        return EXIT_OK
     name = ", ".join(result.get("loaded") or []) or result.get("name", "?")
     ctx.print(
         f"loaded build {build} into the engine at {result['socket']} as {name} "
@@ -598,7 +613,9 @@ def export_to_engine(
 
 def cmd_import(ctx: Context, ns: argparse.Namespace) -> int:
     source = os.path.abspath(ns.source) if os.path.exists(ns.source) else ns.source
-    result = ctx.call("import", {"source": source})
+    result = ctx.call("import", {"source": source, "insecure": ns.insecure})
+    if _printed_json(ctx, ns, result):
+        return EXIT_OK
     bid = result.get("build")
     ctx.print(f"imported as build {bid}: `amber shell {bid}`, `amber diff {bid}`")
     return EXIT_OK
@@ -623,22 +640,55 @@ def cmd_verify(ctx: Context, ns: argparse.Namespace) -> int:
 
 
 def cmd_delete(ctx: Context, ns: argparse.Namespace) -> int:
-    ctx.call("delete", {"build": ns.build})
+    if _printed_json(ctx, ns, ctx.call("delete", {"build": ns.build})):
+        return EXIT_OK
     ctx.print(f"deleted build {ns.build}")
     return EXIT_OK
+
+
+def cmd_show(ctx: Context, ns: argparse.Namespace) -> int:
+    """A build's record: summary, steps and a timeline; ``--trace`` writes a Chrome trace."""
+    result = ctx.call("show", {"build": ns.build})
+    from . import show  # only `amber show` pays for it
+
+    if ns.trace:
+        _write_trace(ctx, ns.trace, show.trace_json(result))
+        if ns.trace == "-":
+            return EXIT_OK
+    if ns.json:
+        ctx.print(to_json(result))
+        return EXIT_OK
+    _lines, cols = _terminal_size()
+    fancy = show.unicode_ok(ctx.out, os.environ)
+    ctx.print(show.render_show(result, unicode=fancy, width=cols or 80))
+    return EXIT_OK
+
+
+def _write_trace(ctx: Context, path: str, text: str) -> None:
+    if path == "-":
+        ctx.print(text)
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+    ctx.say(f"amber: wrote {path}: open it in https://ui.perfetto.dev or chrome://tracing")
 
 
 # --- pins and the store ----------------------------------------------------------------
 
 
 def cmd_pin_add(ctx: Context, ns: argparse.Namespace) -> int:
-    ctx.call("pin-add", {"name": ns.name, "target": ns.target})
+    if _printed_json(ctx, ns, ctx.call("pin-add", {"name": ns.name, "target": ns.target})):
+        return EXIT_OK
     ctx.print(f"pinned {ns.target} as {ns.name}")
     return EXIT_OK
 
 
 def cmd_pin_rm(ctx: Context, ns: argparse.Namespace) -> int:
-    ctx.call("pin-rm", {"name": ns.name})
+    if _printed_json(ctx, ns, ctx.call("pin-rm", {"name": ns.name})):
+        return EXIT_OK
     ctx.print(f"removed pin {ns.name}; the next gc may collect what it held")
     return EXIT_OK
 
@@ -661,10 +711,28 @@ def cmd_fsck(ctx: Context, ns: argparse.Namespace) -> int:
 
 
 def _show(
-    ctx: Context, ns: argparse.Namespace, result: Mapping[str, Any], render: Callable[[Any], str]
+    ctx: Context,
+    ns: argparse.Namespace,
+    result: Mapping[str, Any],
+    render: Callable[[Any], str],
+    ids: str | None = None,
 ) -> int:
+    """Print ``result`` as JSON, as ids only (``-q``, from the list's ``ids`` key), or rendered."""
+    if getattr(ns, "quiet", False) and ids is not None:
+        listed = next((v for v in result.values() if isinstance(v, list)), [])
+        for item in listed:
+            ctx.print(str(item.get(ids)))
+        return EXIT_OK
     ctx.print(to_json(result) if getattr(ns, "json", False) else render(result))
     return EXIT_OK
+
+
+def _printed_json(ctx: Context, ns: argparse.Namespace, result: Mapping[str, Any]) -> bool:
+    """With ``--json``, print the daemon's answer as it is and say so."""
+    if getattr(ns, "json", False):
+        ctx.print(to_json(result))
+        return True
+    return False
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -833,6 +901,7 @@ _COMMAND_NAMES = frozenset(
         "import",
         "verify",
         "delete",
+        "show",
         "image",
         "pin",
         "gc",
@@ -961,14 +1030,19 @@ def _add_build(commands: _Commands) -> None:
 
 
 def _add_following(commands: _Commands) -> None:
-    commands.add("ps", cmd_ps, "builds running or queued now", json=True)
+    sub = commands.add("ps", cmd_ps, "builds running or queued now", json=True)
+    _add_quiet(sub)
     sub = commands.add(
         "builds", cmd_builds, "past builds, newest first; frozen failures marked", json=True
     )
+    _add_quiet(sub)
     sub.add_argument(
         "--limit", type=int, default=20, metavar="N", help="show N builds (default 20)"
     )
-    sub.add_argument("--all", action="store_true", help="every user's builds, not only yours")
+    sub.add_argument(
+        "--all", action="store_true", help="every user's builds, not only yours (adds USER)"
+    )
+    _add_show(commands)
     sub = commands.add(
         "log",
         cmd_log,
@@ -982,7 +1056,7 @@ def _add_following(commands: _Commands) -> None:
         "-f", "--follow", action="store_true", help="keep printing while the build runs"
     )
     sub = commands.add(
-        "cancel", cmd_cancel, "stop a running build (it ends errored; nothing is cached)"
+        "cancel", cmd_cancel, "stop a running build (it ends errored; nothing is cached)", json=True
     )
     sub.add_argument("build", metavar="BUILD")
     commands.add("status", cmd_status, "amberd's version, uptime, builds and store size", json=True)
@@ -1032,6 +1106,7 @@ def _add_frozen(commands: _Commands) -> None:
         "export a build's state as an OCI image",
         "Export a build's state as an image: the base and one layer per step,\n"
         "loadable with podman load and docker load, or pushed to a registry.",
+        json=True,
     )
     sub.add_argument("build", metavar="BUILD")
     which = sub.add_mutually_exclusive_group()
@@ -1062,8 +1137,11 @@ def _add_frozen(commands: _Commands) -> None:
         help="archive format for -o (default oci: an OCI layout with manifest.json, which both load)",
     )
     sub.add_argument("--insecure", action="store_true", help="push over plain HTTP")
-    sub = commands.add("import", cmd_import, "turn an exported image into a frozen build here")
+    sub = commands.add(
+        "import", cmd_import, "turn an exported image into a frozen build here", json=True
+    )
     sub.add_argument("source", metavar="FILE|REF")
+    sub.add_argument("--insecure", action="store_true", help="pull over plain HTTP")
     sub = commands.add(
         "verify",
         cmd_verify,
@@ -1072,22 +1150,32 @@ def _add_frozen(commands: _Commands) -> None:
         json=True,
     )
     sub.add_argument("target", metavar="SPEC|BUILD")
-    sub = commands.add("delete", cmd_delete, "forget a build and release what it held")
+    sub = commands.add("delete", cmd_delete, "forget a build and release what it held", json=True)
     sub.add_argument("build", metavar="BUILD")
 
 
 def _add_store(commands: _Commands) -> None:
-    images = commands.group_of("image", "named base images: import, ls")
+    images = commands.group_of("image", "named base images: import, ls, rm")
     sub = images.add(
         "import",
         cmd_image_import,
         "import a root filesystem as a named base",
         'Import SOURCE into the store as NAME, for base = "NAME" in specs.\n'
         "SOURCE: a directory (dir:PATH) or an OCI archive or layout (oci:PATH).",
+        json=True,
     )
     sub.add_argument("name", metavar="NAME")
     sub.add_argument("source", metavar="SOURCE")
     images.add("ls", cmd_image_ls, "list named images", json=True)
+    sub = images.add(
+        "rm",
+        cmd_image_rm,
+        "forget a named image",
+        "Forget image NAME (its tree stays until gc finds nothing uses it).\n"
+        "Refused while a pin or a running build uses it: the message names which.",
+        json=True,
+    )
+    sub.add_argument("name", metavar="NAME")
 
     pins = commands.group_of("pin", "named GC roots: add, rm, ls")
     sub = pins.add(
@@ -1096,10 +1184,11 @@ def _add_store(commands: _Commands) -> None:
         "pin a result so GC keeps it",
         "Pin TARGET as NAME: GC keeps everything it needs. TARGET: a build,\n"
         "BUILD:STEP, a result key or a tree digest. Adding an existing NAME moves it.",
+        json=True,
     )
     sub.add_argument("name", metavar="NAME")
     sub.add_argument("target", metavar="TARGET")
-    sub = pins.add("rm", cmd_pin_rm, "remove a pin")
+    sub = pins.add("rm", cmd_pin_rm, "remove a pin", json=True)
     sub.add_argument("name", metavar="NAME")
     pins.add("ls", cmd_pin_ls, "list pins", json=True)
 
@@ -1163,6 +1252,28 @@ def suggest_choice(message: str, prog: str = "amber") -> str:
     if close:
         text += f"; did you mean {close[0]!r}?"
     return f"{text} (`{prog} --help` lists them)"
+
+
+def _add_quiet(sub: Any) -> None:
+    sub.add_argument(
+        "-q", "--quiet", action="store_true", help="print only build ids, one per line"
+    )
+
+
+def _add_show(commands: _Commands) -> None:
+    sub = commands.add(
+        "show",
+        cmd_show,
+        "one build: owner, base, host, and every step with a timeline",
+        "Show a build: its spec name, owner, base, host and status, and per step\n"
+        "its status, exit code, time, key, before/after trees and log size, then\n"
+        "a timeline (bars as long as each step took; cache hits marked).\n"
+        "--trace FILE writes the build as a Chrome trace (Trace Event Format) for\n"
+        "https://ui.perfetto.dev or chrome://tracing; - writes it to stdout.",
+        json=True,
+    )
+    sub.add_argument("build", metavar="BUILD")
+    sub.add_argument("--trace", metavar="FILE", help="write a Chrome trace-event JSON file")
 
 
 def _group_help(ctx: Context, ns: argparse.Namespace) -> int:

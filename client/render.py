@@ -318,7 +318,7 @@ def build_json(result: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(s, dict)
     ]
     out = {"build": result.get("build"), "name": result.get("name"), "status": result.get("status")}
-    out |= {k: result.get(k) for k in ("frozen", "failed_step", "error")}
+    out |= {k: result.get(k) for k in ("frozen", "failed_step", "error", "created", "finished")}
     out["steps"] = steps
     return out
 
@@ -402,7 +402,8 @@ def render_ps(result: Mapping[str, Any]) -> str:
     return table(("BUILD", "NAME", "USER", "STATUS", "STEP", "ELAPSED"), rows)
 
 
-def render_builds(result: Mapping[str, Any]) -> str:
+def render_builds(result: Mapping[str, Any], users: bool = False) -> str:
+    """The build history; ``users`` adds a USER column (``amber builds --all``)."""
     builds = result.get("builds") or []
     if not builds:
         return "no builds yet"
@@ -413,17 +414,20 @@ def render_builds(result: Mapping[str, Any]) -> str:
             status = f"{status.upper()} (frozen)"
         created, finished = b.get("created"), b.get("finished")
         took = finished - created if _numbers(created, finished) else None
+        who = (user_name(b.get("uid")),) if users else ()
         rows.append(
             (
                 b.get("id"),
                 b.get("name"),
+                *who,
                 status,
                 b.get("failed_step"),
                 format_time(created),
                 human_seconds(took),
             )
         )
-    text = table(("BUILD", "NAME", "STATUS", "FAILED STEP", "STARTED", "TOOK"), rows)
+    headers = ("BUILD", "NAME", *(("USER",) if users else ()), "STATUS", "FAILED STEP")
+    text = table((*headers, "STARTED", "TOOK"), rows)
     frozen = next((b.get("id") for b in builds if b.get("frozen")), None)
     if frozen is not None:
         text += f"\nfrozen builds keep their failure: amber shell {frozen}, amber diff {frozen}"
@@ -529,11 +533,39 @@ def describe_item(item: object) -> str:
     return str(item)
 
 
+#: Keys whose values are points in time: epoch seconds on the wire, RFC 3339 in JSON output.
+TIME_KEYS = frozenset({"created", "finished", "started", "last_gc"})
+
+
 def to_json(value: object) -> str:
-    """One line of JSON; bytes (log data) become text."""
+    """One line of JSON; bytes (log data) become text, times RFC 3339 (see ``TIME_KEYS``).
+
+    Every ``--json`` output goes through here, so scripts get one time
+    format everywhere, whichever command printed it.
+    """
     import json  # ~2 ms; only the commands that print JSON pay for it
 
-    return json.dumps(value, default=_json_default, ensure_ascii=False)
+    return json.dumps(json_times(value), default=_json_default, ensure_ascii=False)
+
+
+def json_times(value: object) -> object:
+    """A copy of ``value`` with the epoch times under ``TIME_KEYS`` as RFC 3339 strings."""
+    if isinstance(value, dict):
+        return {
+            k: rfc3339(v) if k in TIME_KEYS and _number(v) is not None else json_times(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [json_times(v) for v in value]
+    return value
+
+
+def rfc3339(value: object) -> str | None:
+    """Epoch seconds as ``2026-12-02T14:24:06Z`` (UTC, whole seconds); None stays None."""
+    number = _number(value)
+    if number is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(number))
 
 
 def _json_default(value: object) -> object:

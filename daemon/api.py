@@ -272,7 +272,7 @@ async def _image_import(api: Api, conn: Connection, args: dict[str, Any]) -> dic
         return resolve_base(api.ctx.store, api.ctx.db, source, uid=uid, gid=gid).tree
 
     tree = await trio.to_thread.run_sync(work)
-    api.ctx.db.put_image(name, tree.hex(), source)
+    api.ctx.db.put_image(name, tree.hex(), source, uid=conn.peer.uid)
     return {"name": name, "tree": tree.hex()}
 
 

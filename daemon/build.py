@@ -66,6 +66,7 @@ class Build:
     failed_step: str | None = None
     error: str | None = None
     created: float = field(default_factory=time.time)
+    finished: float | None = None
     steps: list[StepState] = field(default_factory=list)
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     cancelled: bool = False
@@ -95,6 +96,7 @@ class Build:
 
     def finish(self, status: str) -> None:
         self.status = status
+        self.finished = time.time()
         self.done.set()
         self._changed.set()
 
@@ -137,5 +139,7 @@ class Build:
             "frozen": self.frozen,
             "failed_step": self.failed_step,
             "error": self.error,
+            "created": self.created,
+            "finished": self.finished,
             "steps": [s.summary() for s in self.steps],
         }

@@ -63,13 +63,15 @@ CREATE TABLE IF NOT EXISTS build_steps (
     log TEXT,
     definition TEXT NOT NULL,      -- JSON: run, cwd, env, ... as the step ran
     note TEXT,
+    started REAL,                  -- epoch: when the step ran, or was found cached, in this build
     PRIMARY KEY (build_id, idx)
 );
 CREATE TABLE IF NOT EXISTS images (
     name TEXT PRIMARY KEY,
     tree TEXT NOT NULL,
     source TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    uid INTEGER                    -- who imported it (NULL: before amber recorded it; root's)
 );
 -- Content fetched for url sources, so that a later build names it by digest
 -- and never downloads it again (daemon/fetch.py). The blob may have been
@@ -112,6 +114,9 @@ CREATE TABLE IF NOT EXISTS out_links (
     created REAL NOT NULL
 );
 """
+
+#: (table, column, type) added after the first release, in order.
+_ADDED_COLUMNS = (("build_steps", "started", "REAL"), ("images", "uid", "INTEGER"))
 
 
 @dataclass
@@ -192,6 +197,7 @@ class StepRecord:
     log: str | None = None
     definition: str = "{}"
     note: str | None = None
+    started: float | None = None
 
 
 class Database:
@@ -203,6 +209,14 @@ class Database:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA busy_timeout=5000")
         self._conn.executescript(SCHEMA)
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        """Columns newer than a database made by an older amberd (CREATE TABLE IF NOT EXISTS skips them)."""
+        for table, column, kind in _ADDED_COLUMNS:
+            have = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self._conn.close()
@@ -296,11 +310,14 @@ class Database:
 
     # -- images -----------------------------------------------------------
 
-    def put_image(self, name: str, tree: str, source: str) -> None:
+    def put_image(self, name: str, tree: str, source: str, uid: int | None = None) -> None:
         self._conn.execute(
-            "INSERT OR REPLACE INTO images (name, tree, source, created) VALUES (?, ?, ?, ?)",
-            (name, tree, source, time.time()),
+            "INSERT OR REPLACE INTO images (name, tree, source, created, uid) VALUES (?, ?, ?, ?, ?)",
+            (name, tree, source, time.time(), uid),
         )
+
+    def delete_image(self, name: str) -> None:
+        self._conn.execute("DELETE FROM images WHERE name = ?", (name,))
 
     def get_image(self, name: str) -> dict | None:
         row = self._conn.execute("SELECT * FROM images WHERE name = ?", (name,)).fetchone()

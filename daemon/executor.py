@@ -132,6 +132,8 @@ class Executor:
         for i, step in enumerate(b.steps):
             if step.status == B.RUNNING:
                 step.status = B.ERRORED
+                if step.seconds is None and step.started is not None:
+                    step.seconds = time.time() - step.started  # until it was stopped
                 self.ctx.db.update_step(
                     b.id, i, status=B.ERRORED, note=reason, seconds=step.seconds
                 )
@@ -275,10 +277,12 @@ class Executor:
         step.status = status
         step.exit_code = result.exit_code
         step.seconds = result.seconds if status != B.CACHED else 0.0
+        if step.started is None:  # a cache hit: it "ran" now, for no time (amber show's timeline)
+            step.started = time.time()
         self.ctx.db.update_step(
             b.id, index, status=status, exit_code=result.exit_code, signal=result.signal,
             seconds=step.seconds, before_tree=before.hex(), after_tree=after.hex(), log=result.log,
-            note=note,
+            note=note, started=step.started,
         )  # fmt: skip
         b.emit("step", {"index": index, "name": step.name, "status": status, "exit_code": result.exit_code,
                         "seconds": step.seconds, "note": note})  # fmt: skip
@@ -337,7 +341,9 @@ class Executor:
         state = b.steps[index]
         state.status = B.RUNNING
         state.started = time.time()
-        self.ctx.db.update_step(b.id, index, status=B.RUNNING, before_tree=before.hex())
+        self.ctx.db.update_step(
+            b.id, index, status=B.RUNNING, before_tree=before.hex(), started=state.started
+        )
         b.emit("step", {"index": index, "name": step.name, "status": B.RUNNING, "exit_code": None,
                         "seconds": None, "note": None})  # fmt: skip
         log_path = self.ctx.step_log_path(b.id, index)

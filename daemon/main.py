@@ -33,6 +33,7 @@ from . import (
     gc_ops,  # registers its operations; runs the automatic GC
     inspect_ops,  # noqa: F401  (registers its operations)
     preflight,
+    show_ops,  # noqa: F401  (registers its operations)
     source_ops,  # noqa: F401  (registers its operations)
     systemd,
 )

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -270,7 +271,7 @@ def test_pull_request_flow_pins_a_cache_hit_and_gc_keeps_only_the_pin(amberd: Da
     log = amberd.amber("log", again["build"], "--step", "s3")
     assert log.returncode == 0
     status = amber_json(amberd, "status")
-    assert float(status["last_gc"]) > time.time() - 60
+    assert datetime.fromisoformat(status["last_gc"]).timestamp() > time.time() - 60
 
 
 def test_pin_targets_and_removal(amberd: Daemon):
