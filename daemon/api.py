@@ -151,7 +151,7 @@ async def _ps(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any
     return {
         "builds": [
             {"id": b.id, "name": b.spec.name, "uid": b.uid, "status": b.status, "step": b.current_step,
-             "elapsed": round(now - b.created, 1)}
+             "created": b.created, "elapsed": round(now - b.created, 1)}
             for b in api.manager.running()
         ]
     }  # fmt: skip

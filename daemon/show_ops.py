@@ -71,7 +71,7 @@ def _step_entries(
             "exit_code": step.exit_code,
             "signal": step.signal,
             # Time spent in this build: a cache hit (or a replayed failure) takes none.
-            "seconds": 0.0 if cached else step.seconds,
+            "seconds": 0.0 if cached else _rounded(step.seconds),
             "started": step.started,
             "key": step.key,
             "before_tree": step.before_tree,
@@ -83,9 +83,13 @@ def _step_entries(
         }
         if cached and result is not None:
             entry["cached_from"] = result.build_id
-            entry["original_seconds"] = result.seconds
+            entry["original_seconds"] = _rounded(result.seconds)
         out.append(entry)
     return out
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)  # as build results give them
 
 
 def _log_size(ctx: DaemonContext, build_id: str, step: StepRecord) -> int | None:

@@ -99,6 +99,8 @@ def test_ps_q_and_cancel_json_on_a_running_build(amberd: Daemon):
     assert started.returncode == 0, started.stderr
     bid = json.loads(started.stdout)["build"]
     wait_running(amberd, bid)
+    (running,) = amber_json(amberd, "ps")["builds"]
+    assert running["id"] == bid and a_time(running["created"])
     assert amberd.amber("ps", "-q").stdout == f"{bid}\n".encode()
     assert amberd.amber("builds", "-q", "--all").stdout == f"{bid}\n".encode()
     cancelled = amber_json(amberd, "cancel", bid)
