@@ -264,6 +264,14 @@ async def _image_import(api: Api, conn: Connection, args: dict[str, Any]) -> dic
     name, source = args["name"], args["source"]
     if not name or name.startswith(("dir:", "oci:", "tree:")) or name == "host" or "\0" in name:
         raise AmberError("bad-args", f"image name {name!r} is reserved or empty")
+    existing = api.ctx.db.get_image(name)
+    if existing is not None and not conn.peer.is_root and existing.get("uid") != conn.peer.uid:
+        owner = existing.get("uid")
+        raise AmberError(
+            "permission-denied",
+            f"image {name} belongs to {'root' if owner is None else f'uid {owner}'}; "
+            "import yours under another name",
+        )
     if ":" not in source.split("/", 1)[0]:
         source = ("dir:" if os.path.isdir(source) else "oci:") + source
 

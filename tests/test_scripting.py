@@ -136,6 +136,12 @@ def test_builds_all_names_each_builds_user(daemon_root: Path):
         assert d.amber("image", "import", "shared", f"dir:{root}").returncode == 0
         refused = subprocess.run([*user, "image", "rm", "shared"], capture_output=True, env=env)
         assert refused.returncode == 1 and b"image shared belongs to uid 0" in refused.stderr
+        replaced = subprocess.run(
+            [*user, "image", "import", "shared", f"dir:{theirs}"], capture_output=True, env=env
+        )
+        assert replaced.returncode == 1 and b"image shared belongs to uid 0" in replaced.stderr
+        (still,) = json.loads(d.amber("image", "ls", "--json").stdout)["images"]
+        assert still["source"] == f"dir:{root}"
     finally:
         assert d.stop() == 0
 
