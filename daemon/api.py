@@ -9,6 +9,7 @@ only that uid or root may act on it.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -197,11 +198,24 @@ async def _log(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, An
 def _step_log(ctx: DaemonContext, build_id: str, step) -> bytes:
     if step.log:
         return ctx.store.read_blob(from_hex(step.log))
-    partial = ctx.step_log_path(build_id, step.idx)
+    return read_partial_log(ctx.step_log_path(build_id, step.idx))
+
+
+def read_partial_log(path: Path) -> bytes:
+    """A running step's log file: a regular file of root's log directory, never a link."""
     try:
-        return partial.read_bytes()
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
         return b""
+    except OSError as exc:
+        raise AmberError(
+            "not-found", f"the log {path.name} cannot be read: {exc.strerror}"
+        ) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise AmberError("not-found", f"the log {path.name} is not a file amberd wrote")
+        return f.read()
 
 
 @operation("cancel", build=str)
