@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 from amberd_process import BIN, Daemon
 
+from amber.sandbox.beneath import write_beneath
+
 MAL = 4242
 AS_MAL = ["setpriv", f"--reuid={MAL}", f"--regid={MAL}", "--clear-groups"]
 SECRET = b"root-only secret 7f3a"
@@ -171,3 +173,57 @@ def test_logs_are_root_only(mal: Mal):
     logs = mal.daemon.state / "logs"
     st = os.lstat(logs)
     assert stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o700
+
+
+# --- 2. root never follows a link a frozen tree holds -------------------------------
+
+HISTORY_SPEC = """
+[build]
+name = "history"
+base = "host"
+
+[[source]]
+path = "planted"
+dest = "/tmp"
+
+[[step]]
+name = "fails"
+run = "echo 'owned by mal' && exit 3"
+"""
+
+
+def test_shell_does_not_write_through_a_history_symlink_in_the_tree(mal: Mal):
+    target = mal.daemon.root / "root-bashrc"
+    target.write_bytes(b"# root's\n")
+    os.chmod(target, 0o644)
+    project = mal.home / "project"
+    mal.run("mkdir", "-p", project / "planted", check=True)
+    mal.run("ln", "-s", target, project / "planted" / ".amber_history", check=True)
+    (project / "spec.toml").write_text(HISTORY_SPEC)
+    os.chown(project / "spec.toml", MAL, MAL)
+    built = mal.amber("build", "--json", project / "spec.toml")
+    assert built.returncode == 1, built.stderr
+    build = json.loads(built.stdout)["build"]
+    shell = mal.amber("shell", build, "--", "sh", "-c", "cat /tmp/.amber_history; true")
+    assert target.read_bytes() == b"# root's\n"
+    st = os.stat(target)
+    assert (st.st_uid, st.st_gid) == (0, 0)
+    assert shell.returncode == 0, shell.stderr
+    assert shell.stdout == b"echo 'owned by mal' && exit 3\n"  # seeded in the shell's own layer
+
+
+def test_root_writes_nothing_through_a_linked_directory(tmp_path: Path):
+    """``write_beneath``, the one way root writes into a tree: a link on the way stops it."""
+    tree, outside = tmp_path / "tree", tmp_path / "outside"
+    tree.mkdir()
+    outside.mkdir()
+    (tree / "tmp").symlink_to(outside)
+    with pytest.raises(OSError):
+        write_beneath(tree, "tmp/.amber_history", b"x", uid=MAL, gid=MAL)
+    (tree / "up").symlink_to("..")
+    with pytest.raises(OSError):
+        write_beneath(tree, "up/file", b"x", uid=MAL, gid=MAL)
+    assert list(outside.iterdir()) == [] and not (tmp_path / "file").exists()
+    write_beneath(tree, "a/b", b"ok", uid=MAL, gid=MAL)
+    st = os.lstat(tree / "a/b")
+    assert (tree / "a/b").read_bytes() == b"ok" and (st.st_uid, st.st_gid) == (MAL, MAL)
