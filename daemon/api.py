@@ -101,6 +101,7 @@ def parse_spec_request(text: str, path: str) -> Spec:
     retry_failed=(bool, False),
     pin=(str | None, None),
     out_link=(str | None, None),
+    out_link_privileged=(bool, False),
     detach=(bool, False),
     export_on_failure=(str | None, None),
     export_path=(str | None, None),
@@ -116,6 +117,15 @@ async def _build(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, 
         raise AmberError("bad-args", "--export-on-failure registry needs --export-ref REF")
     if args["export_path"] is not None and not os.path.isabs(args["export_path"]):
         raise AmberError("bad-args", f"export_path must be absolute, got {args['export_path']!r}")
+    if args["out_link_privileged"]:
+        if not conn.peer.is_root:
+            raise AmberError(
+                "permission-denied",
+                "--out-link-privileged is for root only: an out-link for anyone else never "
+                "carries set-id bits, file capabilities or devices",
+            )
+        if not args["out_link"]:
+            raise AmberError("bad-args", "--out-link-privileged goes with --out-link PATH")
     spec = parse_spec_request(args["spec_text"], args["spec_path"])
     build = api.manager.submit(
         spec,
@@ -125,6 +135,7 @@ async def _build(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, 
         retry_failed=args["retry_failed"],
         pin=args["pin"],
         out_link=args["out_link"],
+        out_link_privileged=args["out_link_privileged"],
         export_on_failure=args["export_on_failure"],
         export_path=args["export_path"],
         export_ref=args["export_ref"],

@@ -227,3 +227,89 @@ def test_root_writes_nothing_through_a_linked_directory(tmp_path: Path):
     write_beneath(tree, "a/b", b"ok", uid=MAL, gid=MAL)
     st = os.lstat(tree / "a/b")
     assert (tree / "a/b").read_bytes() == b"ok" and (st.st_uid, st.st_gid) == (MAL, MAL)
+
+
+# --- 3. out-links never hand out privileges -----------------------------------------
+
+CAPS_SPEC = """
+[build]
+name = "caps"
+base = "oci:img"
+output = "/out"
+
+[[step]]
+name = "noop"
+run = "true"
+"""
+
+
+def privileged_layer() -> bytes:
+    python = Path("/usr/bin/python3").resolve().read_bytes()
+    return tar_layer([
+        entry("out"),
+        entry("out/pwn", tarfile.REGTYPE, mode=0o4755, data=python,
+              xattrs={"security.capability": CAP_SETUID_EP}),
+        entry("out/group", tarfile.REGTYPE, mode=0o2755, data=b"#!/bin/sh\n"),
+        entry("out/sgid-dir", mode=0o2775),
+        entry("out/trusted", tarfile.REGTYPE, mode=0o644, data=b"x",
+              xattrs={"trusted.amber-test": b"1", "user.kept": b"yes"}),
+    ])  # fmt: skip
+
+
+def test_out_link_of_an_image_with_capabilities_hands_out_none(mal: Mal):
+    project = mal.home / "caps"
+    mal.run("mkdir", project, check=True)
+    oci_layout(project / "img", [tar_layer(busybox_entries()), privileged_layer()], {})
+    (project / "spec.toml").write_text(CAPS_SPEC)
+    out = mal.home / "r"
+    built = mal.amber("build", "--out-link", out, project / "spec.toml")
+    assert built.returncode == 0, built.stderr
+    pwn = out / "pwn"
+    assert pwn.read_bytes()[:4] == b"\x7fELF"
+    escalate = mal.run(pwn, "-c", "import os; os.setuid(0); print('root')")
+    assert escalate.returncode != 0 and b"root" not in escalate.stdout
+    assert b"PermissionError" in escalate.stderr
+    for path in (pwn, out / "group", out / "sgid-dir", out / "trusted"):
+        st = os.lstat(path)
+        assert not st.st_mode & (stat.S_ISUID | stat.S_ISGID), (path, oct(st.st_mode))
+        assert [n for n in os.listxattr(path) if not n.startswith("user.")] == [], path
+    assert os.getxattr(out / "trusted", "user.kept") == b"yes"  # user xattrs are the user's
+
+
+SETUID_SPEC = """
+[build]
+name = "setuid"
+base = "host"
+output = "/build/out"
+
+[[step]]
+name = "chmod"
+run = "mkdir out && echo x > out/s && chmod 4755 out/s && echo y > out/g && chmod 2755 out/g"
+"""
+
+
+def test_root_out_link_keeps_setuid_only_when_asked(mal: Mal):
+    spec = mal.daemon.root / "setuid.toml"
+    spec.write_text(SETUID_SPEC)
+    plain = mal.daemon.root / "plain"
+    built = mal.daemon.amber("build", "--out-link", str(plain), str(spec))
+    assert built.returncode == 0, built.stderr
+    for name in ("s", "g"):
+        st = os.lstat(plain / name)
+        assert st.st_uid == 0 and not st.st_mode & (stat.S_ISUID | stat.S_ISGID), oct(st.st_mode)
+    asked = mal.daemon.root / "asked"
+    built = mal.daemon.amber("build", "--out-link", str(asked), "--out-link-privileged", str(spec))
+    assert built.returncode == 0, built.stderr
+    assert stat.S_IMODE(os.lstat(asked / "s").st_mode) == 0o4755
+    assert stat.S_IMODE(os.lstat(asked / "g").st_mode) == 0o2755
+
+
+def test_out_link_privileged_is_refused_to_others(mal: Mal):
+    project = mal.home / "p"
+    mal.run("mkdir", project, check=True)
+    (project / "spec.toml").write_text(SETUID_SPEC)
+    built = mal.amber("build", "--out-link", mal.home / "r", "--out-link-privileged",
+                      project / "spec.toml")  # fmt: skip
+    assert built.returncode != 0
+    assert b"--out-link-privileged" in built.stderr and b"root" in built.stderr
+    assert not (mal.home / "r").exists()
