@@ -307,6 +307,8 @@ def build_args(ns: argparse.Namespace, path: str, text: str) -> dict[str, Any]:
         "out_link": _absolute(ns.out_link),
         "detach": ns.detach,
     }
+    if ns.out_link_privileged:  # only when asked: older daemons refuse arguments they lack
+        args["out_link_privileged"] = True
     if ns.export_on_failure and ns.export_on_failure != "engine":  # engine: see build_one
         args["export_on_failure"] = ns.export_on_failure
         args["export_path"] = _absolute(ns.export_path)
@@ -1009,6 +1011,12 @@ def _add_build(commands: _Commands) -> None:
         "--out-link",
         metavar="PATH",
         help="check the result out at PATH; GC keeps it while PATH exists",
+    )
+    sub.add_argument(
+        "--out-link-privileged",
+        action="store_true",
+        help="root only: let the out-link keep setuid/setgid bits, file capabilities "
+        "(security.* xattrs) and device nodes, which are otherwise left out",
     )
     sub.add_argument("--detach", action="store_true", help="start the build and return at once")
     sub.add_argument(

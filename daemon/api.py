@@ -9,6 +9,7 @@ only that uid or root may act on it.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ def parse_spec_request(text: str, path: str) -> Spec:
     retry_failed=(bool, False),
     pin=(str | None, None),
     out_link=(str | None, None),
+    out_link_privileged=(bool, False),
     detach=(bool, False),
     export_on_failure=(str | None, None),
     export_path=(str | None, None),
@@ -115,6 +117,15 @@ async def _build(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, 
         raise AmberError("bad-args", "--export-on-failure registry needs --export-ref REF")
     if args["export_path"] is not None and not os.path.isabs(args["export_path"]):
         raise AmberError("bad-args", f"export_path must be absolute, got {args['export_path']!r}")
+    if args["out_link_privileged"]:
+        if not conn.peer.is_root:
+            raise AmberError(
+                "permission-denied",
+                "--out-link-privileged is for root only: an out-link for anyone else never "
+                "carries set-id bits, file capabilities or devices",
+            )
+        if not args["out_link"]:
+            raise AmberError("bad-args", "--out-link-privileged goes with --out-link PATH")
     spec = parse_spec_request(args["spec_text"], args["spec_path"])
     build = api.manager.submit(
         spec,
@@ -124,6 +135,7 @@ async def _build(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, 
         retry_failed=args["retry_failed"],
         pin=args["pin"],
         out_link=args["out_link"],
+        out_link_privileged=args["out_link_privileged"],
         export_on_failure=args["export_on_failure"],
         export_path=args["export_path"],
         export_ref=args["export_ref"],
@@ -205,11 +217,24 @@ async def _log(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, An
 def _step_log(ctx: DaemonContext, build_id: str, step) -> bytes:
     if step.log:
         return ctx.store.read_blob(from_hex(step.log))
-    partial = ctx.step_log_path(build_id, step.idx)
+    return read_partial_log(ctx.step_log_path(build_id, step.idx))
+
+
+def read_partial_log(path: Path) -> bytes:
+    """A running step's log file: a regular file of root's log directory, never a link."""
     try:
-        return partial.read_bytes()
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
         return b""
+    except OSError as exc:
+        raise AmberError(
+            "not-found", f"the log {path.name} cannot be read: {exc.strerror}"
+        ) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise AmberError("not-found", f"the log {path.name} is not a file amberd wrote")
+        return f.read()
 
 
 @operation("cancel", build=str)

@@ -58,6 +58,8 @@ class Build:
     retry_failed: bool = False
     pin: str | None = None
     out_link: str | None = None
+    #: Root only: the out-link keeps set-id bits, security.* xattrs and devices.
+    out_link_privileged: bool = False
     export_on_failure: str | None = None  # oci | docker-archive | registry
     export_path: str | None = None
     export_ref: str | None = None

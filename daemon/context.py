@@ -14,6 +14,7 @@ from amber.sandbox.store import Store
 from amber.sandbox.userns import IdMap
 
 from . import pins
+from .buildid import check_build_id
 from .config import Config
 from .db import Database
 from .gc import Collector
@@ -52,8 +53,17 @@ class DaemonContext:
         return self.config.log_dir
 
     def step_log_path(self, build_id: str, index: int) -> Path:
-        """Where a running step's output goes until it becomes a log blob."""
-        return self.log_dir / f"{build_id}.{index}.log"
+        """Where a running step's output goes until it becomes a log blob.
+
+        Under the root-only log directory, named by a checked id: open it
+        with ``O_NOFOLLOW`` all the same.
+        """
+        return self.log_dir / f"{check_build_id(build_id)}.{int(index)}.log"
+
+    def work_dir(self, kind: str, build_id: str) -> Path:
+        """A fresh directory name under the mount directory for a build's or shell's mount."""
+        unique = f"{os.getpid()}-{time.monotonic_ns() % 10**9}"
+        return self.mount_dir / f"{kind}{check_build_id(build_id)}-{unique}"
 
     def peer_gid(self, build) -> int:
         return build.gid
@@ -79,6 +89,8 @@ def open_context(config: Config) -> DaemonContext:
     config.mount_dir.mkdir(mode=0o711, exist_ok=True)
     os.chmod(config.mount_dir, 0o711)
     config.log_dir.mkdir(mode=0o700, exist_ok=True)
+    os.chown(config.log_dir, os.geteuid(), os.getegid())  # root's; users read logs via amberd
+    os.chmod(config.log_dir, 0o700)
     store = Store.open(config.state_dir)
     db = Database(config.state_dir / "amber.db")
     ctx = DaemonContext(config, store, db)

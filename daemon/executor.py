@@ -317,7 +317,7 @@ class Executor:
         if self.mount is not None:
             # A later cache hit moved the state: start over on its tree.
             await self._close_mount()
-        work = self.ctx.mount_dir / f"{self.build.id}-{int(time.time() * 1000) % 100000}"
+        work = self.ctx.work_dir("", self.build.id)
         cm = open_overlay(
             self.ctx.store.state_dir, tree, work, ids=self.ctx.ids, pool=self.ctx.fs_pool
         )

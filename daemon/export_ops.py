@@ -26,6 +26,7 @@ from amber.sandbox.digest import from_hex
 from amber.sandbox.fsidentity import filesystem_identity
 
 from .api import Api, operation
+from .buildid import make_build_id, safe_name
 from .context import DaemonContext
 from .db import BuildRecord, StepRecord
 from .frozen import FrozenState, resolve_state
@@ -238,9 +239,10 @@ async def _import(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str,
 
 def _frozen_records(api: Api, image, source: str, uid: int) -> tuple[BuildRecord, list[StepRecord]]:
     labels = image.config.labels
-    name = labels.get(LABEL + "spec") or "imported"
+    # The label is the image's word, not amberd's: cut down to a name (it becomes paths).
+    name = safe_name(labels.get(LABEL + "spec") or "imported", "imported")
     seq = api.ctx.db.next_seq()
-    build_id = f"{name}-{seq}"
+    build_id = make_build_id(name, seq)
     trees = [t.hex() for t in image.trees]
     definition = json.dumps(
         {

@@ -6,9 +6,9 @@ thrown away when the shell exits, so the frozen state never changes.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
-import time
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +17,7 @@ import trio
 
 from amber.client.errors import AmberError, ErrorCode
 from amber.sandbox import tree as treefmt
+from amber.sandbox.beneath import exists_in_root, write_beneath
 from amber.sandbox.fscontrol import open_overlay
 from amber.sandbox.runner import BUILD_UID, Bind, CommandError, SandboxError, run_interactive
 from amber.sandbox.treediff import diff_trees
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from .db import BuildRecord
     from .server import Connection
 
+log = logging.getLogger(__name__)
 HISTORY = "tmp/.amber_history"
 
 
@@ -40,22 +42,24 @@ def _binds_for(record: BuildRecord, state_dir: Path) -> list[Bind]:
 
 
 def _shell_argv(root: str, binds: list[Bind]) -> list[str]:
+    # Looked up as the shell will see the tree: its links resolve inside it.
     for candidate in ("bin/bash", "usr/bin/bash"):
-        if os.path.exists(os.path.join(root, candidate)) or (
-            binds and os.path.exists("/" + candidate)
-        ):
+        if exists_in_root(root, candidate) or (binds and os.path.exists("/" + candidate)):
             return ["/" + candidate, "-i"]
     return ["/bin/sh", "-i"]
 
 
 def _seed_history(root: str, state: FrozenState, uid: int) -> None:
-    """The failed command, one arrow-up away."""
-    path = os.path.join(root, HISTORY)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """The failed command, one arrow-up away.
+
+    Root writes into a tree the build's user shaped: through no link it
+    holds (``write_beneath``). A tree whose /tmp is a link gets no history.
+    """
     lines = [line for line in state.run.splitlines() if line.strip()]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.chown(path, uid, uid)
+    try:
+        write_beneath(root, HISTORY, ("\n".join(lines) + "\n").encode(), uid=uid, gid=uid)
+    except OSError as exc:
+        log.info("no shell history in %s: %s", root, exc)
 
 
 @operation(
@@ -110,7 +114,7 @@ async def _run_shell(
         )
         if args["term"]:
             env["TERM"] = args["term"]
-        work = api.ctx.mount_dir / f"shell-{record.id}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+        work = api.ctx.work_dir("shell-", record.id)
         async with AsyncExitStack() as stack:
             nursery = await stack.enter_async_context(trio.open_nursery())
             nursery.start_soon(check)  # runs while the filesystem starts

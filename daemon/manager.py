@@ -16,6 +16,7 @@ import trio
 from amber.client.errors import AmberError
 
 from .build import Build
+from .buildid import make_build_id
 from .context import DaemonContext
 from .executor import Executor, new_build_records
 from .spec import Spec
@@ -36,7 +37,12 @@ class BuildManager:
             raise AmberError("busy", "amberd is shutting down; try again when it is back")
         seq = self.ctx.db.next_seq()
         build = Build(
-            id=f"{spec.name}-{seq}", uid=uid, gid=gid, spec=spec, spec_path=spec_path, **options
+            id=make_build_id(spec.name, seq),
+            uid=uid,
+            gid=gid,
+            spec=spec,
+            spec_path=spec_path,
+            **options,
         )
         record, steps = new_build_records(build, seq)
         self.ctx.db.insert_build(record, steps)

@@ -22,7 +22,10 @@ pin stays on the last good build); frozen failures are kept by the
 retention policy, and ``amber pin add NAME BUILD`` pins one explicitly.
 
 ``amber build --out-link PATH`` checks the final state (or the spec's
-``output`` directory in it) out at PATH, as the user who asked, and records
+``output`` directory in it) out at PATH, as the user who asked, without
+set-id bits, file capabilities or other ``security.*`` and ``trusted.*``
+xattrs, or device nodes (root may ask for all but ``trusted.*`` with
+``--out-link-privileged``), and records
 PATH as a root. PATH holds the checkout while it is the directory amber made
 (same device and inode, and the ``user.amber.out-link`` attribute naming
 the build); once it is deleted or replaced, the next GC drops the record and
@@ -47,7 +50,7 @@ import trio
 
 from amber.client.errors import AmberError
 from amber.sandbox import tree as treefmt
-from amber.sandbox.checkout import CheckoutError, checkout
+from amber.sandbox.checkout import FOR_USER, PRIVILEGED, CheckoutError, checkout
 from amber.sandbox.fsidentity import filesystem_identity
 from amber.sandbox.store import Store
 
@@ -274,7 +277,9 @@ def _checkout_out_link(
                 f"--out-link {path} exists and is not an out-link amber made; remove it or pick another path",
             )
         try:
-            checkout(store, digest, temp, owners=False)
+            # Root's own out-link too: a step's `chmod 4755` is no setuid-root file unless asked.
+            trust = PRIVILEGED if build.uid == 0 and build.out_link_privileged else FOR_USER
+            checkout(store, digest, temp, owners=False, trust=trust)
             with contextlib.suppress(OSError):  # no user xattrs here: the inode alone tells
                 os.setxattr(temp, OUT_LINK_XATTR, build.id.encode())
             if os.path.lexists(path):

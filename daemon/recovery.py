@@ -20,6 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
+from amber.client.errors import AmberError
 from amber.sandbox.mounts import mounts_under, unmount_all_under
 
 from .context import DaemonContext
@@ -104,8 +105,11 @@ def recover(ctx: DaemonContext) -> dict[str, int]:
 
 def _keep_partial_log(ctx: DaemonContext, build_id: str, idx: int) -> str | None:
     """What an interrupted step printed, moved into the store."""
-    path = ctx.step_log_path(build_id, idx)
-    if not path.exists():
+    try:
+        path = ctx.step_log_path(build_id, idx)
+    except AmberError:  # a record from before ids were checked: not a path to follow
+        return None
+    if not os.path.isfile(path) or os.path.islink(path):
         return None
     with ctx.store.batch() as batch:
         digest, _ = ctx.store.put_blob_file(path, batch)

@@ -22,7 +22,7 @@ class StepLog:
         self.path = path
         self._emit = emit
         self._fd: int | None = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
+            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
         )
 
     async def __call__(self, data: bytes) -> None:

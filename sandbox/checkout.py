@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import tree as treefmt
@@ -22,6 +24,35 @@ class CheckoutError(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class Trust:
+    """What a checkout may carry beyond plain content: who gets it decides.
+
+    A tree holds whatever an image or a step put there. Written by root for
+    someone, a set-id bit, a file capability (``security.capability`` is
+    set even under a user's filesystem uid: CAP_SETFCAP stays) or a device
+    node is a privilege handed out.
+    """
+
+    setid: bool  # setuid and setgid bits
+    xattrs: tuple[bytes, ...]  # xattr names kept: exact, or prefixes ending in "."
+    devices: bool  # character and block devices
+
+    def keeps_xattr(self, name: bytes) -> bool:
+        return any(name.startswith(p) if p.endswith(b".") else name == p for p in self.xattrs)
+
+
+_ACLS = (b"system.posix_acl_access", b"system.posix_acl_default")
+#: Everything the tree holds, for root's own copies (tests, tools).
+FAITHFUL = Trust(setid=True, xattrs=(b"",), devices=True)
+#: A checkout handed to a user (or to root who did not ask for more):
+#: no set-id bits, only user xattrs and ACLs, no devices.
+FOR_USER = Trust(setid=False, xattrs=(b"user.", *_ACLS), devices=False)
+#: Root asked explicitly (``--out-link-privileged``): set-id bits, ``security.*``
+#: and devices too; ``trusted.*`` never (it steers the kernel, not the file).
+PRIVILEGED = Trust(setid=True, xattrs=(b"user.", b"security.", *_ACLS), devices=True)
+
+
 def checkout(
     store: Store,
     digest: bytes,
@@ -29,10 +60,13 @@ def checkout(
     *,
     ids: IdMap = IDENTITY,
     owners: bool | None = None,
+    trust: Trust = FAITHFUL,
 ) -> None:
     """Write tree ``digest`` into ``dest`` (created; must not hold anything).
 
     ``owners`` defaults to applying uids/gids when running as root.
+    ``trust`` says what may be written beyond content (``FOR_USER`` for
+    anything another uid will own or use).
     """
     dest_b = os.fsencode(dest)
     try:
@@ -40,16 +74,17 @@ def checkout(
     except FileExistsError:
         if os.listdir(dest_b):
             raise CheckoutError(f"checkout target {dest} is not empty") from None
-    writer = _Writer(store, ids, os.geteuid() == 0 if owners is None else owners)
+    writer = _Writer(store, ids, os.geteuid() == 0 if owners is None else owners, trust)
     writer.fill(digest, dest_b)
     os.chmod(dest_b, 0o755)
 
 
 class _Writer:
-    def __init__(self, store: Store, ids: IdMap, owners: bool):
+    def __init__(self, store: Store, ids: IdMap, owners: bool, trust: Trust):
         self.store = store
         self.ids = ids
         self.owners = owners
+        self.trust = trust
         self.links: dict[tuple, bytes] = {}
 
     def fill(self, digest: bytes, path: bytes) -> None:
@@ -77,6 +112,8 @@ class _Writer:
         elif e.kind == treefmt.FIFO:
             os.mkfifo(path, 0o600)
         elif e.kind in (treefmt.CHR, treefmt.BLK):
+            if not self.trust.devices:
+                return False  # left out, like sockets
             os.mknod(path, treefmt.MODE_OF_KIND[e.kind] | 0o600, e.rdev)
         elif e.kind == treefmt.SOCK:
             return False  # sockets cannot be recreated meaningfully; skip
@@ -95,6 +132,11 @@ class _Writer:
             os.close(dst)
 
     def _apply(self, e: Entry, path: bytes) -> None:
+        trust = self.trust
+        if trust is not FAITHFUL:
+            mode = e.mode if trust.setid else e.mode & ~(stat.S_ISUID | stat.S_ISGID)
+            xattrs = tuple((n, v) for n, v in e.xattrs if trust.keeps_xattr(n))
+            e = e._replace(mode=mode, xattrs=xattrs)
         apply_metadata(path, e, self.ids, owners=self.owners, xattr_refused=_skip_unsupported)
 
 
