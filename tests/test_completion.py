@@ -12,9 +12,9 @@ import pytest
 from amberd_process import BIN
 from tools import need, run
 
-TOP_COMMANDS = ["build", "ps", "builds", "log", "cancel", "status", "shell", "diff", "export",
+TOP_COMMANDS = ["build", "ps", "builds", "show", "log", "cancel", "status", "shell", "diff", "export",
                 "import", "verify", "delete", "image", "pin", "gc", "store", "daemon", "completion"]  # fmt: skip
-NESTED = ["image import", "image ls", "pin add", "pin rm", "pin ls", "store fsck"]
+NESTED = ["image import", "image ls", "image rm", "pin add", "pin rm", "pin ls", "store fsck"]
 
 
 def amber(*args: str) -> str:
@@ -56,7 +56,7 @@ def test_bash_completes_commands_subcommands_and_options(tmp_path: Path):
     assert registered.startswith("complete ") and registered.rstrip().endswith(" amber")
     assert _bash_complete(script, ["amber", ""]) == TOP_COMMANDS
     assert _bash_complete(script, ["amber", "bu"]) == ["build", "builds"]
-    assert _bash_complete(script, ["amber", "image", ""]) == ["import", "ls"]
+    assert _bash_complete(script, ["amber", "image", ""]) == ["import", "ls", "rm"]
     assert "--to-engine" in _bash_complete(script, ["amber", "export", "b1", "--"])
     offered = _bash_complete(script, ["amber", "build", "--export-on-failure", ""])
     assert offered == ["oci", "docker-archive", "registry", "engine"]
@@ -84,7 +84,7 @@ def test_fish_completes_commands_subcommands_and_options(tmp_path: Path):
 
     assert sorted(offered("amber ")) == sorted(TOP_COMMANDS)
     assert sorted(offered("amber bu")) == ["build", "builds"]
-    assert sorted(offered("amber image ")) == ["import", "ls"]
+    assert sorted(offered("amber image ")) == ["import", "ls", "rm"]
     assert sorted(offered("amber pin ")) == ["add", "ls", "rm"]
     assert "--to-engine" in offered("amber export b1 --")
     assert "--to-engine" not in offered("amber build --")  # options are the command's own
