@@ -7,7 +7,7 @@ engine's unix socket with the user's own permissions (and the engine sees
 the user's credentials on that connection, as with the ``docker`` command),
 hands amberd the write end of a pipe (SCM_RIGHTS, as ``amber shell`` does
 with its terminal), and forwards what amberd streams into it (a docker
-archive, see daemon/oci_stream.py) to the engine's ``POST /images/load`` in
+archive, see daemon/oci/stream.py) to the engine's ``POST /images/load`` in
 chunked transfer encoding. The engine's reply, a stream of JSON messages,
 is read here too, so amberd never parses what an engine (or whatever the
 user's socket leads to) says.

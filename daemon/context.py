@@ -9,16 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from amber.daemon.build.buildid import check_build_id
+from amber.daemon.config import Config
+from amber.daemon.storage import pins
+from amber.daemon.storage.db import Database
+from amber.daemon.storage.gc import Collector
+from amber.daemon.storage.roots import Roots
 from amber.sandbox.fscontrol import FilesystemPool
 from amber.sandbox.store import Store
 from amber.sandbox.userns import IdMap
-
-from . import pins
-from .buildid import check_build_id
-from .config import Config
-from .db import Database
-from .gc import Collector
-from .roots import Roots
 
 
 @dataclass

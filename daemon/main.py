@@ -27,22 +27,15 @@ from typing import NoReturn
 import trio
 
 from amber.client import __version__
-
-from . import (
-    export_ops,
-    gc_ops,  # registers its operations; runs the automatic GC
-    inspect_ops,  # noqa: F401  (registers its operations)
-    preflight,
-    show_ops,  # noqa: F401  (registers its operations)
-    source_ops,  # noqa: F401  (registers its operations)
-    systemd,
-)
-from .api import Api
-from .config import DEFAULT_CONFIG, Config, ConfigError, current_config, load_config
-from .context import DaemonContext, open_context
-from .manager import BuildManager
-from .recovery import lock_state_dir, recover, unlock_state_dir, unmount_leftovers
-from .server import listen, serve
+from amber.daemon import preflight, systemd
+from amber.daemon.api.exchange import export_on_failure
+from amber.daemon.api.registry import Api
+from amber.daemon.build.manager import BuildManager
+from amber.daemon.build.recovery import lock_state_dir, recover, unlock_state_dir, unmount_leftovers
+from amber.daemon.config import DEFAULT_CONFIG, Config, ConfigError, current_config, load_config
+from amber.daemon.context import DaemonContext, open_context
+from amber.daemon.server import listen, serve
+from amber.daemon.storage.gc import serve_auto_gc
 
 log = logging.getLogger("amber")
 
@@ -109,7 +102,7 @@ async def run_daemon(
     lock = lock_state_dir(config.state_dir)
     try:
         ctx = open_context(config)
-        ctx.export_hook = functools.partial(export_ops.export_on_failure, ctx)
+        ctx.export_hook = functools.partial(export_on_failure, ctx)
         try:
             report = await trio.to_thread.run_sync(recover, ctx)
             if any(report.values()):
@@ -184,7 +177,7 @@ async def _run_until_stopped(
         api = Api(ctx, manager)
         async with trio.open_nursery() as nursery:
             await nursery.start(serve, api, listener, config.max_frame, connections)
-            nursery.start_soon(gc_ops.serve_auto_gc, ctx)
+            nursery.start_soon(serve_auto_gc, ctx)
             status.send_ready()
             builds_nursery.start_soon(status.keep_current)
             task_status.started(ctx)

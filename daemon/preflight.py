@@ -28,9 +28,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from amber.daemon.config import Config
 from amber.sandbox.runner import BUILD_UID
-
-from .config import Config
 
 #: The host programs the sandbox runner starts, and the package holding each.
 TOOLS = (("bwrap", "bubblewrap"), ("setpriv", "util-linux"), ("setsid", "util-linux"))

@@ -37,9 +37,8 @@ from amber.client.protocol import (
     request_id,
     result_reply,
 )
+from amber.daemon.api.registry import Api
 from amber.sandbox.store import MissingObject
-
-from .api import Api
 
 log = logging.getLogger("amber.server")
 _RECV = 256 * 1024

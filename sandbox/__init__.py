@@ -1,1 +1,21 @@
-"""sandbox"""
+"""The sandbox: a content-addressed store, FUSE/overlay build roots, namespace sandboxes.
+
+It stands alone (it imports nothing of ``amber.daemon`` or ``amber.client``).
+What the daemon may use of it, by module; everything else is internal:
+
+- ``store``: ``Store``, ``Batch``, ``StoreError``, ``MissingObject`` (blobs and trees on disk).
+- ``tree``: ``Entry`` and the tree encoding (``tree as treefmt``); the only tree decoder.
+- ``digest``: ``from_hex``, ``hash_bytes``, ``new_hasher``, ``CHUNK``, ``EMPTY``.
+- ``importer``: ``import_directory`` (a directory on disk becomes a tree).
+- ``checkout``: ``checkout``, ``FOR_USER``, ``PRIVILEGED``, ``CheckoutError`` (out-links).
+- ``treediff``: ``diff_trees``; ``treeedit``: ``put_entry``, ``ensure_dir``, ``chown_dir``.
+- ``fscontrol``: ``FilesystemPool``, ``open_overlay``, ``OverlayMount``, ``FilesystemError``.
+- ``fsprocess``: ``overlay_options``; ``mounts``: ``mount``, ``umount``, ``mounts_under``,
+  ``unmount_all_under``.
+- ``runner``: ``run_step``, ``run_interactive``, ``Bind``, ``StepOutcome``, ``SandboxError``,
+  ``CommandError``, ``BUILD_UID``, ``BUILD_GID``, ``HOMES``; ``userns``: ``IdMap``.
+- ``fsidentity``: ``filesystem_identity`` (reading a user's files with the user's rights).
+- ``beneath``: ``exists_in_root``, ``write_beneath`` (root inside a tree a user controls).
+
+Internal: ``lowerfs``, ``fuseops``, ``eagerlayer``, ``snapshot``, ``command``.
+"""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from amberd_process import Daemon
 from rootfs import make_busybox_root
 
-from amber.daemon.sandbox_users import sandbox_group, sandbox_passwd
+from amber.daemon.build.sandbox_users import sandbox_group, sandbox_passwd
 
 HOST_SPEC = """
 [build]

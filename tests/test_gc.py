@@ -19,9 +19,9 @@ import pytest
 import trio
 from amberd_process import BIN, Daemon
 
-from amber.daemon.db import Database
-from amber.daemon.gc import GcOptions, collect
-from amber.daemon.roots import Roots
+from amber.daemon.storage.db import Database
+from amber.daemon.storage.gc import GcOptions, collect
+from amber.daemon.storage.roots import Roots
 from amber.sandbox import tree as treefmt
 from amber.sandbox.digest import EMPTY, hash_bytes
 from amber.sandbox.store import Store

@@ -25,14 +25,14 @@ from pathlib import Path
 import pytest
 from tools import need, run
 
-from amber.daemon import oci_tar
-from amber.daemon.oci_apply import TreeBuilder
-from amber.daemon.oci_base import import_oci_base
-from amber.daemon.oci_gzip import ParallelGzip
-from amber.daemon.oci_image import export_image, read_image
-from amber.daemon.oci_layer import write_layer
-from amber.daemon.oci_registry import PushStats, push_image
-from amber.daemon.oci_spec import ImageConfig, OciError, make_reference, parse_reference
+from amber.daemon.oci import tar as oci_tar
+from amber.daemon.oci.apply import TreeBuilder
+from amber.daemon.oci.base import import_oci_base
+from amber.daemon.oci.gzip import ParallelGzip
+from amber.daemon.oci.image import export_image, read_image
+from amber.daemon.oci.layer import write_layer
+from amber.daemon.oci.registry import PushStats, push_image
+from amber.daemon.oci.spec import ImageConfig, OciError, make_reference, parse_reference
 from amber.sandbox import tree as treefmt
 from amber.sandbox.importer import import_directory
 from amber.sandbox.store import Store

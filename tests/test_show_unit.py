@@ -115,7 +115,7 @@ def test_an_older_database_gains_the_new_columns(tmp_path):
     """A state directory from before steps kept their start and images their owner opens."""
     import sqlite3
 
-    from amber.daemon.db import Database
+    from amber.daemon.storage.db import Database
 
     path = tmp_path / "amber.db"
     old = sqlite3.connect(path)

@@ -29,7 +29,7 @@ import pytest
 from amberd_process import Daemon
 from sources import source_tarball
 
-from amber.daemon.fetch import (
+from amber.daemon.build.fetch import (
     DigestMismatch,
     Progress,
     SourceError,
@@ -37,8 +37,8 @@ from amber.daemon.fetch import (
     ingest,
     open_url,
 )
-from amber.daemon.sources import lay_out
-from amber.daemon.spec import Source, parse_spec
+from amber.daemon.build.sources import lay_out
+from amber.daemon.build.spec import Source, parse_spec
 from amber.sandbox.runner import BUILD_UID
 from amber.sandbox.store import Store
 from amber.sandbox.tree import EMPTY_TREE

@@ -9,7 +9,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from amber.daemon.spec import (
+from amber.daemon.build.spec import (
     Base,
     Spec,
     SpecError,

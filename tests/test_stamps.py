@@ -1,4 +1,4 @@
-"""Stamp rules: the pure logic over trees (daemon/stamps.py), no daemon needed.
+"""Stamp rules: the pure logic over trees (daemon/build/stamps.py), no daemon needed.
 
 The end-to-end reproduction of the Heads failure, with a real Makefile, a
 real tarball and GNU patch, is in test_sources.py.
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from amber.daemon.spec import StampRule, parse_spec
-from amber.daemon.stamps import apply_rules, check_tree, remove_paths
+from amber.daemon.build.spec import StampRule, parse_spec
+from amber.daemon.build.stamps import apply_rules, check_tree, remove_paths
 from amber.sandbox import tree as treefmt
 from amber.sandbox.store import Store
 from amber.sandbox.tree import Entry

@@ -16,7 +16,7 @@ What it measures, with warm caches (everything is walked once before):
 * **walk**: ``os.walk`` over ``cas/`` counting files, the least any GC that
   lists the store must do; ``find cas -type f | wc -l`` is shown beside it;
 * **gc --dry-run**: marking, listing and ``stat``-ing what would go;
-* **gc**: one ``amber.daemon.gc.collect`` cycle, the code ``amber gc`` runs:
+* **gc**: one ``amber.daemon.storage.gc.collect`` cycle, the code ``amber gc`` runs:
   mark from the pins (reading every live tree), list every shard, ``stat``
   and unlink every unmarked object, under the same locks as in the daemon
   (no build is live, so nothing waits in quarantine);
@@ -43,10 +43,10 @@ from pathlib import Path
 
 import trio
 
-from amber.daemon.db import Database
-from amber.daemon.gc import REMOVERS, GcOptions, collect
-from amber.daemon.pins import PinRoots, new_pin
-from amber.daemon.roots import Roots
+from amber.daemon.storage.db import Database
+from amber.daemon.storage.gc import REMOVERS, GcOptions, collect
+from amber.daemon.storage.pins import PinRoots, new_pin
+from amber.daemon.storage.roots import Roots
 from amber.sandbox import tree as treefmt
 from amber.sandbox.store import Store
 from amber.sandbox.tree import Entry

@@ -1,0 +1,237 @@
+"""Builds: ``build``, ``ps``, ``builds``, ``log``, ``cancel``, ``delete``, and the daemon's ``status``.
+
+Handlers raise ``AmberError`` for anything the user should see; a build is
+acted on only by the uid that started it, or root (``Api.record``).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from amber.client import __version__
+from amber.client.errors import AmberError
+from amber.daemon.api.operation import operation
+from amber.daemon.build.build import Build
+from amber.daemon.build.spec import Spec, SpecError, parse_spec
+from amber.daemon.context import DaemonContext
+from amber.sandbox.digest import from_hex
+
+if TYPE_CHECKING:
+    from amber.daemon.api.registry import Api
+    from amber.daemon.server import Connection
+
+
+def parse_spec_request(text: str, path: str) -> Spec:
+    """A spec sent by a client, with errors as replies."""
+    if not os.path.isabs(path):
+        raise AmberError("bad-args", f"spec_path must be absolute, got {path!r}")
+    try:
+        return parse_spec(text, path, Path(path).parent)
+    except SpecError as exc:
+        raise AmberError("spec-error", str(exc)) from None
+
+
+@operation(
+    spec_text=str,
+    spec_path=str,
+    retry_failed=(bool, False),
+    pin=(str | None, None),
+    out_link=(str | None, None),
+    out_link_privileged=(bool, False),
+    detach=(bool, False),
+    export_on_failure=(str | None, None),
+    export_path=(str | None, None),
+    export_ref=(str | None, None),
+)
+async def build(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    how = args["export_on_failure"]
+    if how not in (None, "oci", "docker-archive", "registry"):
+        raise AmberError(
+            "bad-args", f"export_on_failure must be oci, docker-archive or registry, not {how!r}"
+        )
+    if how == "registry" and not args["export_ref"]:
+        raise AmberError("bad-args", "--export-on-failure registry needs --export-ref REF")
+    if args["export_path"] is not None and not os.path.isabs(args["export_path"]):
+        raise AmberError("bad-args", f"export_path must be absolute, got {args['export_path']!r}")
+    if args["out_link_privileged"]:
+        if not conn.peer.is_root:
+            raise AmberError(
+                "permission-denied",
+                "--out-link-privileged is for root only: an out-link for anyone else never "
+                "carries set-id bits, file capabilities or devices",
+            )
+        if not args["out_link"]:
+            raise AmberError("bad-args", "--out-link-privileged goes with --out-link PATH")
+    spec = parse_spec_request(args["spec_text"], args["spec_path"])
+    build = api.manager.submit(
+        spec,
+        args["spec_path"],
+        uid=conn.peer.uid,
+        gid=conn.peer.gid,
+        retry_failed=args["retry_failed"],
+        pin=args["pin"],
+        out_link=args["out_link"],
+        out_link_privileged=args["out_link_privileged"],
+        export_on_failure=args["export_on_failure"],
+        export_path=args["export_path"],
+        export_ref=args["export_ref"],
+    )
+    await api.send_event(
+        conn,
+        "build",
+        {
+            "build": build.id,
+            "name": spec.name,
+            "steps": [s.name for s in spec.steps],
+            "base": str(spec.base),
+        },
+    )
+    if args["detach"]:
+        return {"build": build.id, "status": build.status}
+    async for name, data in build.follow():
+        await api.send_event(conn, name, data)
+    return build.result()
+
+
+@operation()
+async def ps(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    now = time.time()
+    return {
+        "builds": [
+            {"id": b.id, "name": b.spec.name, "uid": b.uid, "status": b.status, "step": b.current_step,
+             "created": b.created, "elapsed": round(now - b.created, 1)}
+            for b in api.manager.running()
+        ]
+    }  # fmt: skip
+
+
+@operation(limit=(int, 50), all=(bool, False))
+async def list_builds(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    uid = None if conn.peer.is_root or args["all"] else conn.peer.uid
+    rows = api.ctx.db.list_builds(max(1, min(args["limit"], 10_000)), uid=uid)
+    return {
+        "builds": [
+            {"id": r.id, "name": r.name, "uid": r.uid, "status": r.status, "frozen": bool(r.frozen),
+             "created": r.created, "finished": r.finished, "failed_step": r.failed_step, "error": r.error}
+            for r in rows
+        ]
+    }  # fmt: skip
+
+
+_FOLLOWED = frozenset({"log", "note"})
+
+
+@operation(build=str, step=(str | None, None), follow=(bool, False))
+async def log(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    record = api.record(conn, args["build"])
+    live = api.manager.get(record.id)
+    if live is not None and args["follow"]:
+        # The live build's history holds its notes (stamp removals, fetches,
+        # retries) among its log lines: replayed and followed in that order.
+        async for name, data in live.follow(only=_FOLLOWED, step=args["step"]):
+            if name == "note":
+                await api.send_event(conn, "note", {"message": data["message"]})
+            else:
+                await api.send_event(conn, "log", {"step": data["step"], "data": data["data"]})
+        return {"build": record.id, "status": live.status}
+    if args["step"] is None:  # what amber noted outside the steps (e.g. stamp removals)
+        for message in api.ctx.db.get_build_notes(record.id):
+            await api.send_event(conn, "note", {"message": message})
+    steps = api.ctx.db.get_steps(record.id)
+    if args["step"] is not None and args["step"] not in {s.name for s in steps}:
+        raise AmberError("not-found", f"build {record.id} has no step {args['step']!r}")
+    for step in steps:
+        if args["step"] is not None and step.name != args["step"]:
+            continue
+        data = await trio.to_thread.run_sync(_step_log, api.ctx, record.id, step)
+        if data:
+            await api.send_event(conn, "log", {"step": step.name, "data": data})
+    status = live.status if live is not None else record.status
+    return {"build": record.id, "status": status}
+
+
+def _step_log(ctx: DaemonContext, build_id: str, step) -> bytes:
+    if step.log:
+        return ctx.store.read_blob(from_hex(step.log))
+    return read_partial_log(ctx.step_log_path(build_id, step.idx))
+
+
+def read_partial_log(path: Path) -> bytes:
+    """A running step's log file: a regular file of root's log directory, never a link."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return b""
+    except OSError as exc:
+        raise AmberError(
+            "not-found", f"the log {path.name} cannot be read: {exc.strerror}"
+        ) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise AmberError("not-found", f"the log {path.name} is not a file amberd wrote")
+        return f.read()
+
+
+@operation(build=str)
+async def cancel(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    record = api.record(conn, args["build"])
+    build: Build | None = api.manager.get(record.id)
+    if build is None or build.done.is_set():
+        return {"build": record.id, "cancelled": False, "status": record.status}
+    api.manager.cancel(build)
+    await build.done.wait()
+    return {"build": record.id, "cancelled": True, "status": build.status}
+
+
+@operation()
+async def status(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    ctx = api.ctx
+    running = api.manager.running()
+    st = os.statvfs(ctx.store.root)
+    return {
+        "version": __version__,
+        "uptime": round(time.time() - ctx.started, 1),
+        "running": sum(1 for b in running if b.status == "running"),
+        "queued": sum(1 for b in running if b.status == "queued"),
+        "store_bytes": await api_store_size(api),
+        "free_bytes": st.f_bavail * st.f_frsize,
+        "last_gc": ctx.db.get_meta("last_gc"),
+        "state_dir": str(ctx.config.state_dir),
+    }
+
+
+async def api_store_size(api: Api) -> int:
+    checked, size = api._store_size
+    if time.monotonic() - checked > 60:
+        size = await trio.to_thread.run_sync(_du, api.ctx.store.root)
+        api._store_size = (time.monotonic(), size)
+    return size
+
+
+def _du(root: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            except FileNotFoundError:
+                continue
+    return total
+
+
+@operation(build=str)
+async def delete(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    """Forget a finished build; what only it held becomes garbage for the next GC."""
+    record = api.record(conn, args["build"])
+    live = api.manager.get(record.id)
+    if live is not None and not live.done.is_set():
+        raise AmberError("busy", f"build {record.id} is still {live.status}; cancel it first")
+    api.ctx.db.delete_build(record.id)
+    return {"build": record.id, "deleted": True}

@@ -1,0 +1,304 @@
+"""``export`` and ``import``: frozen builds as OCI images, and back.
+
+An export's layers are the build's initial tree (base and sources) and one
+layer per step up to the exported state, so ``podman history`` reads like
+the build. Files are written with the client's filesystem identity: a user
+cannot make the root daemon write where they could not.
+
+An import turns such an image (or any image) into a frozen build on this
+machine: one step per layer after the first, the last one the failure, so
+``amber shell`` and ``amber diff`` work on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from amber.client.errors import AmberError
+from amber.daemon.api.operation import operation
+from amber.daemon.build.buildid import make_build_id, safe_name
+from amber.daemon.build.frozen import FrozenState, resolve_state
+from amber.daemon.context import DaemonContext
+from amber.daemon.oci.image import export_image, read_image
+from amber.daemon.oci.registry import push_image
+from amber.daemon.oci.spec import (
+    ImageConfig,
+    OciError,
+    display_reference,
+    parse_reference,
+    qualified_name,
+)
+from amber.daemon.oci.stream import stream_docker_archive
+from amber.daemon.storage.db import BuildRecord, StepRecord
+from amber.sandbox.digest import from_hex
+from amber.sandbox.fsidentity import filesystem_identity
+
+if TYPE_CHECKING:
+    from amber.daemon.api.registry import Api
+    from amber.daemon.server import Connection
+
+LABEL = "org.amber."
+
+
+def image_layers(
+    ctx: DaemonContext, state: FrozenState
+) -> tuple[list[tuple[bytes | None, bytes]], list[str]]:
+    """(before, after) tree pairs from the initial tree to ``state``, with history lines."""
+    steps = ctx.db.get_steps(state.build.id)
+    upto = state.step.idx if state.before else state.step.idx + 1
+    base = state.build.base_tree or (steps[0].before_tree if steps else None)
+    if base is None:
+        raise AmberError("not-found", f"build {state.build.id} never laid out its initial tree")
+    layers: list[tuple[bytes | None, bytes]] = [(None, from_hex(base))]
+    history = [f"amber: base {state.build.base} and sources"]
+    for step in steps[:upto]:
+        if not (step.before_tree and step.after_tree):
+            raise AmberError(
+                "not-found", f"step {step.name} of {state.build.id} has no recorded state"
+            )
+        layers.append((from_hex(step.before_tree), from_hex(step.after_tree)))
+        history.append(f"amber: step {step.name} ({step.status})")
+    return layers, history
+
+
+def image_config(state: FrozenState, history: list[str]) -> ImageConfig:
+    step = state.step
+    labels = {
+        LABEL + "build": state.build.id,
+        LABEL + "spec": state.build.name,
+        LABEL + "step": step.name,
+        LABEL + "state": "before" if state.before else "after",
+        LABEL + "key": step.key or "",
+        LABEL + "exit-code": "" if step.exit_code is None else str(step.exit_code),
+        LABEL + "status": step.status,
+        LABEL + "run": state.run,
+        LABEL + "user": state.user,
+    }
+    return ImageConfig(
+        env=dict(state.env), workdir=state.cwd, cmd=["/bin/sh"], labels=labels, history=history
+    )
+
+
+@operation(
+    build=str,
+    before=(bool, False),
+    step=(str | None, None),
+    output=(str | None, None),
+    format=(str, "oci"),
+    push=(str | None, None),
+    insecure=(bool, False),
+    stream=(bool, False),
+    tag=(str | None, None),
+)
+async def export(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    # The descriptor is ours from here on, whatever happens: a refused export
+    # must close it at once, or the client would wait on the pipe for ever.
+    fds = conn.take_fds(conn.request_fds)
+    try:
+        return await _export_with(api, conn, args, fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+async def _export_with(
+    api: Api, conn: Connection, args: dict[str, Any], fds: list[int]
+) -> dict[str, Any]:
+    record = api.record(conn, args["build"])
+    wanted = [args["output"] is not None, args["push"] is not None, args["stream"]]
+    if sum(wanted) != 1:
+        raise AmberError(
+            "bad-args",
+            "give exactly one of an output file (-o), a registry reference (--push) "
+            "or a stream (--to-engine)",
+        )
+    stream_fd = _stream_fd(fds) if args["stream"] else None
+    tag = _engine_tag(args["tag"]) if args["tag"] is not None else None
+    if tag is not None and stream_fd is None:
+        raise AmberError("bad-args", "a tag goes with a stream (--to-engine)")
+    if args["format"] not in ("oci", "docker-archive"):
+        raise AmberError(
+            "bad-args", f"format must be oci or docker-archive, not {args['format']!r}"
+        )
+    state = resolve_state(api.ctx.db, record, step=args["step"], before=args["before"])
+    result = await export_state(api.ctx, state, uid=conn.peer.uid, gid=conn.peer.gid, output=args["output"],
+                                fmt=args["format"], push=args["push"], insecure=args["insecure"],
+                                stream_fd=stream_fd, tag=tag)  # fmt: skip
+    return result
+
+
+def _stream_fd(fds: list[int]) -> int:
+    """The pipe or socket to write a streamed export to; nothing else is written to.
+
+    The client made it and passed it over: writing to it reaches nothing
+    the client could not reach itself.
+    """
+    if len(fds) != 1:
+        raise AmberError("bad-args", f"a stream export needs one descriptor, {len(fds)} came")
+    mode = os.fstat(fds[0]).st_mode
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        raise AmberError("bad-args", "a stream export writes to a pipe or a socket only")
+    return fds[0]
+
+
+def _engine_tag(tag: str) -> str:
+    """The user's ``NAME[:TAG]``, checked: the engine names the loaded image with it."""
+    try:
+        ref = parse_reference(tag)
+    except OciError as exc:
+        raise AmberError("bad-args", str(exc)) from None
+    if ref.digest:
+        raise AmberError("bad-args", f"{tag!r}: a tag names an image, a digest cannot")
+    return tag if ref.tag else f"{tag}:latest"
+
+
+async def export_state(
+    ctx: DaemonContext, state: FrozenState, *, uid: int, gid: int, output: str | None, fmt: str, push: str | None,
+    insecure: bool, stream_fd: int | None = None, tag: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Export, push or stream ``state``; shared by ``amber export`` and ``--export-on-failure``."""
+    layers, history = image_layers(ctx, state)
+    config = image_config(state, history)
+    ref = f"amber/{state.build.id}:{state.step.name}{'-before' if state.before else ''}"
+    note = None
+    if state.build.base == "host":
+        note = "the host base's system directories (/usr, /etc, ...) are bound at run time and not in the image"
+
+    def work() -> dict[str, Any]:
+        # A temp root for the export's life, taken before the presence check:
+        # a GC running meanwhile cannot take a layer from under the writer.
+        with ctx.roots.hold(f"export of {state.build.id}") as hold:
+            if not hold.complete([after for _, after in layers]):
+                raise AmberError(
+                    "not-found", f"the state of {state.label} is no longer complete in the store"
+                )
+            return write()
+
+    def write() -> dict[str, Any]:
+        try:
+            if push is not None:
+                (ctx.config.state_dir / "tmp").mkdir(mode=0o700, exist_ok=True)
+                digest = push_image(ctx.store, layers, config, push, insecure=insecure,
+                                    tmp_dir=ctx.config.state_dir / "tmp")  # fmt: skip
+                return {"ref": push, "digest": digest, "layers": len(layers)}
+            if stream_fd is not None:
+                name = tag or qualified_name(display_reference(ref))
+                with open(stream_fd, "wb", buffering=1 << 20, closefd=False) as f:
+                    streamed = stream_docker_archive(ctx.store, layers, config, f.write, tag=name)
+                return {"name": name, "digest": streamed.config_digest, "layers": streamed.layers,
+                        "size": streamed.size}  # fmt: skip
+            assert output is not None
+            if not os.path.isabs(output):
+                raise AmberError("bad-args", f"output must be an absolute path, got {output!r}")
+            with filesystem_identity(uid, gid):
+                result = export_image(ctx.store, layers, config, Path(output), fmt, ref=ref)  # type: ignore[arg-type]
+            return {"path": str(result.path), "digest": result.manifest_digest, "layers": len(layers),
+                    "size": result.size, "name": result.name}  # fmt: skip
+        except BrokenPipeError:
+            raise AmberError("export-failed", "the reader of the stream went away") from None
+        except PermissionError as exc:
+            raise AmberError(
+                "permission-denied", f"cannot write {output}: {exc.strerror}"
+            ) from None
+        except (OciError, OSError) as exc:
+            raise AmberError("export-failed", str(exc)) from None
+
+    result = await trio.to_thread.run_sync(work)
+    if note:
+        result["note"] = note
+    return result
+
+
+@operation(source=str, insecure=(bool, False))
+async def import_image(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    source = args["source"]
+
+    def work():
+        try:
+            with filesystem_identity(conn.peer.uid, conn.peer.gid):
+                image = read_image(source, api.ctx.store, insecure=args["insecure"])
+            hold.checkpoint(image.trees)  # held before the build record refers to them
+            return image
+        except PermissionError as exc:
+            raise AmberError("permission-denied", f"cannot read {source}: {exc.strerror}") from None
+        except FileNotFoundError:
+            raise AmberError("not-found", f"no image at {source}") from None
+        except (OciError, OSError, ValueError) as exc:
+            raise AmberError("bad-image", f"{source}: {exc}") from None
+
+    with api.ctx.roots.writer(f"import of {source}") as hold:
+        image = await trio.to_thread.run_sync(work)
+        if len(image.trees) < 1:
+            raise AmberError("bad-image", f"{source} has no layers")
+        record, steps = _frozen_records(api, image, source, conn.peer.uid)
+        api.ctx.db.insert_build(record, steps)
+    return {"build": record.id, "steps": [s.name for s in steps], "failed_step": record.failed_step}
+
+
+def _frozen_records(api: Api, image, source: str, uid: int) -> tuple[BuildRecord, list[StepRecord]]:
+    labels = image.config.labels
+    # The label is the image's word, not amberd's: cut down to a name (it becomes paths).
+    name = safe_name(labels.get(LABEL + "spec") or "imported", "imported")
+    seq = api.ctx.db.next_seq()
+    build_id = make_build_id(name, seq)
+    trees = [t.hex() for t in image.trees]
+    definition = json.dumps(
+        {
+            "cwd": image.config.workdir or "/",
+            "env": image.config.env,
+            "run": labels.get(LABEL + "run", ""),
+            "user": labels.get(LABEL + "user", "root"),
+        }
+    )
+    history = image.config.history
+    steps: list[StepRecord] = []
+    for i in range(1, len(trees)):
+        title = history[i] if i < len(history) else ""
+        step_name = (
+            title.removeprefix("amber: step ").split(" (")[0]
+            if title.startswith("amber: step ")
+            else f"layer{i}"
+        )
+        steps.append(StepRecord(build_id=build_id, idx=i - 1, name=step_name, key=None, status="ran",
+                                before_tree=trees[i - 1], after_tree=trees[i], definition=definition))  # fmt: skip
+    if not steps:  # a single-layer image: a state with nothing before it
+        steps.append(StepRecord(build_id=build_id, idx=0, name="image", key=None, status="ran",
+                                before_tree=trees[0], after_tree=trees[0], definition=definition))  # fmt: skip
+    last = steps[-1]
+    exit_code = labels.get(LABEL + "exit-code")
+    last.status = labels.get(LABEL + "status", "failed")
+    last.exit_code = int(exit_code) if exit_code and exit_code.lstrip("-").isdigit() else None
+    record = BuildRecord(
+        id=build_id, seq=seq, uid=uid, name=name,
+        spec=json.dumps({"build": {"name": name, "base": f"imported:{source}"},
+                         "imported_from": labels.get(LABEL + "build")}),
+        spec_path=source, status="failed", frozen=1, created=time.time(), finished=time.time(),
+        failed_step=last.name, base_tree=trees[0], final_tree=trees[-1],
+    )  # fmt: skip
+    return record, steps
+
+
+async def export_on_failure(ctx: DaemonContext, build) -> None:
+    """``amber build --export-on-failure``: export the state at failure at once."""
+    record = ctx.db.get_build(build.id)
+    assert record is not None
+    state = resolve_state(ctx.db, record, step=None, before=False)
+    how = build.export_on_failure
+    output = None
+    if how != "registry":
+        output = build.export_path or os.path.join(
+            os.path.dirname(build.spec_path), f"amber-{build.id}.tar"
+        )
+    result = await export_state(ctx, state, uid=build.uid, gid=build.gid, output=output,
+                                fmt="oci" if how == "registry" else how, push=build.export_ref if how == "registry" else None,
+                                insecure=False)  # fmt: skip
+    where = result.get("path") or result.get("ref")
+    message = f"exported the state at failure to {where} ({result['layers']} layers)"
+    build.note(message)

@@ -1,0 +1,204 @@
+"""Looking into frozen builds: ``shell`` and ``diff``.
+
+A shell runs on a fresh writable layer over the frozen tree: the mount is
+thrown away when the shell exits, so the frozen state never changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+from contextlib import AsyncExitStack, suppress
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from amber.client.errors import AmberError, ErrorCode
+from amber.daemon.api.operation import operation
+from amber.daemon.build.bases import host_binds
+from amber.daemon.build.frozen import FrozenState, resolve_state
+from amber.sandbox import tree as treefmt
+from amber.sandbox.beneath import exists_in_root, write_beneath
+from amber.sandbox.fscontrol import open_overlay
+from amber.sandbox.runner import BUILD_UID, Bind, CommandError, SandboxError, run_interactive
+from amber.sandbox.treediff import diff_trees
+
+if TYPE_CHECKING:
+    from amber.daemon.api.registry import Api
+    from amber.daemon.server import Connection
+    from amber.daemon.storage.db import BuildRecord
+
+log = logging.getLogger(__name__)
+HISTORY = "tmp/.amber_history"
+
+
+def _binds_for(record: BuildRecord, state_dir: Path) -> list[Bind]:
+    """The host's system directories, for builds on the ``host`` base."""
+    if record.base != "host":
+        return []
+    return [Bind(Path(source), dest) for source, dest in host_binds(state_dir)]
+
+
+def _shell_argv(root: str, binds: list[Bind]) -> list[str]:
+    # Looked up as the shell will see the tree: its links resolve inside it.
+    for candidate in ("bin/bash", "usr/bin/bash"):
+        if exists_in_root(root, candidate) or (binds and os.path.exists("/" + candidate)):
+            return ["/" + candidate, "-i"]
+    return ["/bin/sh", "-i"]
+
+
+def _seed_history(root: str, state: FrozenState, uid: int) -> None:
+    """The failed command, one arrow-up away.
+
+    Root writes into a tree the build's user shaped: through no link it
+    holds (``write_beneath``). A tree whose /tmp is a link gets no history.
+    """
+    lines = [line for line in state.run.splitlines() if line.strip()]
+    try:
+        write_beneath(root, HISTORY, ("\n".join(lines) + "\n").encode(), uid=uid, gid=uid)
+    except OSError as exc:
+        log.info("no shell history in %s: %s", root, exc)
+
+
+@operation(
+    build=str,
+    before=(bool, False),
+    step=(str | None, None),
+    argv=(list[str] | None, None),
+    term=(str | None, None),
+    rows=(int | None, None),
+    cols=(int | None, None),
+)
+async def shell(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    fds = conn.take_fds(conn.request_fds)
+    try:
+        return await _run_shell(api, conn, args, fds)
+    finally:
+        for fd in (
+            fds
+        ):  # ours now, whatever happens: a refused shell must not keep the client's pipes open
+            os.close(fd)
+
+
+async def _run_shell(
+    api: Api, conn: Connection, args: dict[str, Any], fds: list[int]
+) -> dict[str, Any]:
+    if len(fds) != 3:
+        raise AmberError(
+            "bad-args", "shell needs the terminal's stdin, stdout and stderr (3 descriptors)"
+        )
+    if args["argv"] == []:
+        raise AmberError("bad-args", "argv must name a command (leave it out for a shell)")
+    record = api.record(conn, args["build"])
+    state = resolve_state(api.ctx.db, record, step=args["step"], before=args["before"])
+    # A temp root for the shell's life, taken before the presence check: a GC
+    # running meanwhile cannot take the frozen state from under the mount.
+    with api.ctx.roots.hold(f"shell in {record.id}") as hold:
+        # The presence check and the filesystem's start-up each take a few
+        # hundred milliseconds on a large state: do them at once.
+        checked = trio.Event()
+        complete: list[bool] = []
+
+        async def check() -> None:
+            complete.append(await trio.to_thread.run_sync(hold.complete, [state.tree]))
+            checked.set()
+
+        binds = await trio.to_thread.run_sync(_binds_for, record, api.ctx.store.state_dir)
+        ids = api.ctx.ids
+        env = dict(state.env)
+        env.update(
+            HISTFILE="/" + HISTORY, debian_chroot=f"amber:{record.id}", AMBER_BUILD=record.id
+        )
+        if args["term"]:
+            env["TERM"] = args["term"]
+        work = api.ctx.work_dir("shell-", record.id)
+        async with AsyncExitStack() as stack:
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            nursery.start_soon(check)  # runs while the filesystem starts
+            mnt = await stack.enter_async_context(
+                open_overlay(
+                    api.ctx.store.state_dir, state.tree, work, ids=ids, pool=api.ctx.fs_pool
+                )
+            )
+            await checked.wait()
+            if not complete[0]:
+                raise AmberError(
+                    "not-found", f"the state of {state.label} is no longer complete in the store"
+                )
+            user_uid = ids.to_host(0 if state.user == "root" else BUILD_UID)
+            await trio.to_thread.run_sync(_seed_history, str(mnt.root), state, user_uid)
+            interactive = args["argv"] is None
+            argv = _shell_argv(str(mnt.root), binds) if interactive else args["argv"]
+            if interactive:
+                os.write(fds[2], _banner(state).encode())
+            try:
+                code = await run_interactive(
+                    mnt.root,
+                    argv=argv,
+                    cwd=state.cwd,
+                    env=env,
+                    user=state.user,
+                    stdin=fds[0],
+                    stdout=fds[1],
+                    stderr=fds[2],
+                    id_map=ids,
+                    extra_binds=binds,
+                    private_tmp=False,
+                )
+            except CommandError as exc:
+                return _not_started(exc, state, fds[2])
+            except SandboxError as exc:
+                raise AmberError(
+                    ErrorCode.SANDBOX_FAILED, f"the shell in {state.label} did not start: {exc}"
+                ) from exc
+    return {"exit_code": code}
+
+
+def _not_started(exc: CommandError, state: FrozenState, stderr: int) -> dict[str, Any]:
+    """A command the frozen tree lacks is the user's slip, answered as a shell would:
+    the message on the command's stderr, and 127 (not found) or 126 (not executable)."""
+    message = f"amber shell: {exc.command}: {exc.why} in build {state.label}"
+    with suppress(OSError):  # the client's stderr is gone; the reply still says it
+        os.write(stderr, (message + "\n").encode(errors="surrogateescape"))
+    return {"exit_code": exc.status, "message": message}
+
+
+def _banner(state: FrozenState) -> str:
+    step = state.step
+    status = f"exit {step.exit_code}" if step.exit_code is not None else step.status
+    return (
+        f"amber: {state.label} ({status}), in {state.cwd}\r\n"
+        f"amber: the command is in your history (arrow up): {shlex.quote(state.run.splitlines()[0] if state.run else '')}\r\n"
+        "amber: changes made here are thrown away when you leave\r\n"
+    )
+
+
+@operation(build=str, step=(str | None, None), stat=(bool, False))
+async def diff(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    record = api.record(conn, args["build"])
+    after = resolve_state(api.ctx.db, record, step=args["step"], before=False)
+    before = resolve_state(api.ctx.db, record, step=after.step.name, before=True)
+
+    def work() -> list[dict[str, Any]]:
+        out = []
+        for change in diff_trees(api.ctx.store, before.tree, after.tree):
+            entry = change.new or change.old
+            assert entry is not None
+            out.append(
+                {
+                    "kind": change.kind,
+                    "path": "/" + change.path.decode(errors="surrogateescape"),
+                    "type": treefmt.KIND_NAMES[entry.kind],
+                    "size": entry.size if change.new is not None else 0,
+                    "old_size": change.old.size if change.old is not None else 0,
+                }
+            )
+        return out
+
+    changes = await trio.to_thread.run_sync(work)
+    summary = {
+        k: sum(1 for c in changes if c["kind"] == k) for k in ("added", "modified", "deleted")
+    }
+    return {"build": record.id, "step": after.step.name, "changes": changes, "summary": summary}

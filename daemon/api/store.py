@@ -1,0 +1,101 @@
+"""Operations on GC roots and the store: ``pin-add``, ``pin-rm``, ``pin-ls``, ``gc``, ``fsck``.
+
+Anyone who may use amberd may pin, collect and check: GC only ever removes
+what nothing keeps. Moving or removing a pin takes its owner or root, and so
+does collecting with a shorter ``keep-failed`` than the configured one
+(other users' frozen failures would go).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from amber.client.errors import AmberError
+from amber.daemon.api.operation import operation
+from amber.daemon.storage.gc import GcOptions
+from amber.daemon.storage.pins import (
+    check_pin_name,
+    check_pin_owner,
+    new_pin,
+    pin_summary,
+    resolve_target,
+)
+
+if TYPE_CHECKING:
+    from amber.daemon.api.registry import Api
+    from amber.daemon.server import Connection
+
+
+@operation(name=str, target=str)
+async def pin_add(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    ctx = api.ctx
+    name = check_pin_name(args["name"])
+    kind, target, record, roots = resolve_target(ctx.db, ctx.store, args["target"])
+    if record is not None:
+        api.record(conn, record.id)  # the build's owner or root only
+    check_pin_owner(ctx.db, name, conn.peer.uid)
+    trees, blobs = roots.digests()
+    # Held while the pin is written: a GC running now cannot take the target
+    # between the completeness check and the pin's record.
+    with ctx.roots.hold(f"pin {name}") as hold:
+        if not await trio.to_thread.run_sync(hold.complete, trees, blobs):
+            raise AmberError(
+                "not-found",
+                f"{target} is no longer complete in the store (collected, or removed behind "
+                "amber's back); rebuild it, then pin the new build",
+            )
+        pin = new_pin(name, kind, target, conn.peer.uid, roots)
+        ctx.db.put_pin(pin)
+    return pin_summary(pin)
+
+
+@operation(name=str)
+async def pin_rm(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    pin = api.ctx.db.get_pin(args["name"])
+    if pin is None:
+        raise AmberError("not-found", f"no pin {args['name']!r} (see `amber pin ls`)")
+    check_pin_owner(api.ctx.db, pin.name, conn.peer.uid)
+    api.ctx.db.delete_pin(pin.name)
+    return pin_summary(pin)
+
+
+@operation()
+async def pin_ls(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    return {"pins": [pin_summary(p) for p in api.ctx.db.list_pins()]}
+
+
+@operation(
+    max_freed=(int | None, None),
+    keep_failed_days=(float | None, None),
+    dry_run=(bool, False),
+)
+async def gc(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    config = api.ctx.config
+    keep = config.keep_failed_days if args["keep_failed_days"] is None else args["keep_failed_days"]
+    if keep < 0 or (args["max_freed"] is not None and args["max_freed"] < 0):
+        raise AmberError("bad-args", "--keep-failed and --max-freed cannot be negative")
+    if keep < config.keep_failed_days and not conn.peer.is_root:
+        raise AmberError(
+            "permission-denied",
+            f"only root may keep frozen failures for less than the configured "
+            f"{config.keep_failed_days:g} days",
+        )
+    options = GcOptions(
+        max_freed=args["max_freed"],
+        keep_failed_days=keep,
+        keep_failed_per_spec=config.keep_failed_per_spec,
+        dry_run=args["dry_run"],
+    )
+
+    async def progress(message: str) -> None:
+        await api.send_event(conn, "note", {"message": message})
+
+    report = await api.ctx.gc.collect(options, progress)
+    return report.to_dict()
+
+
+@operation(repair=(bool, False))
+async def fsck(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    return await api.ctx.gc.fsck(args["repair"])

@@ -1,0 +1,163 @@
+"""Resolving a spec's ``base`` to a tree, a key and host directories to bind.
+
+- ``host``: this machine's system directories, bound read-only into each
+  step; the tree holds only their mount points. Its key part fingerprints
+  the host cheaply: the package database's digest plus the change times of
+  the system directories and their immediate subdirectories, which any
+  package install or manual change under them touches.
+- ``dir:PATH``: a root filesystem directory, imported into the store (a
+  hash cache keeps re-imports to a walk of ``stat`` calls).
+- ``tree:DIGEST`` and named images (``amber image import``).
+- ``oci:PATH``: an OCI layout or archive, layers applied with whiteouts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from amber.client.errors import AmberError
+from amber.daemon.build.sandbox_users import identity_binds
+from amber.daemon.storage.db import Database
+from amber.sandbox import tree as treefmt
+from amber.sandbox.digest import from_hex, hash_bytes
+from amber.sandbox.fsidentity import filesystem_identity
+from amber.sandbox.importer import import_directory
+from amber.sandbox.store import Store
+from amber.sandbox.tree import Entry
+
+HOST_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc")
+_DIR_TEMPLATE = Entry(b"", treefmt.DIR, 0o755, 0, 0, 0, 0, treefmt.EMPTY_TREE)
+
+
+@dataclass
+class ResolvedBase:
+    tree: bytes
+    key: str  # what the key must cover beyond the tree
+    binds: list[tuple[str, str]] = field(
+        default_factory=list
+    )  # (host path, sandbox path), read-only
+
+
+@contextmanager
+def _as_user(base: str, uid: int, gid: int) -> Iterator[None]:
+    with filesystem_identity(uid, gid):
+        try:
+            yield
+        except PermissionError as exc:
+            where = os.fsdecode(exc.filename) if exc.filename else "a file"
+            raise AmberError("permission-denied", f"base {base!r}: cannot read {where}") from None
+
+
+def resolve_base(store: Store, db: Database, base: str, *, uid: int, gid: int) -> ResolvedBase:
+    """Blocking (imports may read a lot): call from a worker thread.
+
+    dir: and oci: bases are read as ``uid``/``gid``, the user asking: the
+    daemon's root rights must not put a file into a build its user could not
+    read (like a local source). The host base is every user's to build on.
+    """
+    kind, _, ref = base.partition(":")
+    if base == "host":
+        return _host_base(store)
+    if kind == "dir" and ref:
+        path = Path(ref)
+        with _as_user(base, uid, gid):
+            if not path.is_dir():
+                raise AmberError("spec-error", f"base {base!r}: {ref} is not a directory")
+            tree = import_directory(store, path)
+        return ResolvedBase(tree, "dir")
+    if kind == "tree" and ref:
+        try:
+            tree = from_hex(ref)
+        except ValueError as exc:
+            raise AmberError("spec-error", f"base {base!r}: {exc}") from None
+        if not store.has_tree(tree):
+            raise AmberError("not-found", f"base tree {ref} is not in the store")
+        return ResolvedBase(tree, "tree")
+    if kind == "oci" and ref:
+        from amber.daemon.oci.base import import_oci_base
+
+        with _as_user(base, uid, gid):
+            tree = import_oci_base(store, Path(ref))
+        return ResolvedBase(tree, "oci")
+    image = db.get_image(base)
+    if image is None:
+        raise AmberError(
+            "not-found",
+            f"base {base!r}: no such image (see `amber image ls`, `amber image import`)",
+        )
+    return ResolvedBase(from_hex(image["tree"]), "image")
+
+
+def host_binds(state_dir: Path) -> list[tuple[str, str]]:
+    """The host's system directories a ``host``-based sandbox sees read-only, then the
+    sandbox's own /etc/passwd and /etc/group over the host's (sandbox_users.py).
+
+    Blocking (small file writes): call from a worker thread.
+    """
+    binds = [
+        (f"/{name}", f"/{name}")
+        for name in HOST_DIRS
+        if os.path.isdir(f"/{name}") and not os.path.islink(f"/{name}")
+    ]
+    if ("/etc", "/etc") in binds:
+        binds += identity_binds(state_dir)
+    return binds
+
+
+def _host_base(store: Store) -> ResolvedBase:
+    entries: list[Entry] = []
+    for name in HOST_DIRS:
+        path = f"/{name}"
+        if not os.path.lexists(path):
+            continue
+        if os.path.islink(path):
+            target = os.readlink(path).encode()
+            entries.append(
+                Entry(name.encode(), treefmt.SYMLINK, 0o777, 0, 0, 0, len(target), target)
+            )
+        elif os.path.isdir(path):
+            entries.append(_DIR_TEMPLATE._replace(name=name.encode(), mtime_ns=0))
+    for name in ("tmp", "proc", "dev", "root", "home", "var", "run"):
+        if name.encode() not in {e.name for e in entries}:
+            mode = 0o1777 if name == "tmp" else 0o755
+            entries.append(_DIR_TEMPLATE._replace(name=name.encode(), mode=mode))
+    entries.sort(key=lambda e: e.name)
+    with store.batch() as batch:
+        tree = store.put_tree(entries, batch)
+    # "users": steps see the sandbox's own passwd and group (sandbox_users.py), so
+    # results from before, which saw the host's, are not hits.
+    binds = host_binds(store.state_dir)
+    return ResolvedBase(tree, "host:users:" + host_fingerprint(), binds)
+
+
+def host_fingerprint() -> str:
+    """Changes when packages or files under the system directories change."""
+    parts: list[bytes] = []
+    for status in ("/var/lib/dpkg/status", "/var/lib/rpm/rpmdb.sqlite"):
+        try:
+            with open(status, "rb") as f:
+                parts.append(hash_bytes(f.read()))
+        except OSError:
+            continue
+    for name in HOST_DIRS:
+        top = f"/{name}"
+        if os.path.islink(top) or not os.path.isdir(top):
+            continue
+        parts.append(_stamp(top))
+        try:
+            with os.scandir(top) as it:
+                for child in sorted(it, key=lambda d: d.name):
+                    if child.is_dir(follow_symlinks=False):
+                        parts.append(_stamp(child.path))
+        except OSError:
+            continue
+    return hash_bytes(b"\0".join(parts)).hex()
+
+
+def _stamp(path: str) -> bytes:
+    st = os.stat(path)
+    return f"{path}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}".encode()

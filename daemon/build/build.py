@@ -1,0 +1,147 @@
+"""A build while it lives in the daemon: its state and its event history.
+
+Events (step started/finished, log output, notes) are appended to a history
+that any number of followers replay and then follow, so a client that
+disconnects and comes back with ``amber log -f`` sees everything. The build
+itself runs in the daemon's nursery, never in a connection's, so it goes on
+when its client leaves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from amber.daemon.build.spec import Spec
+
+#: Step statuses a client sees.
+RUNNING, RAN, CACHED, CACHED_FAILURE, FAILED, ERRORED, SKIPPED, PENDING = (
+    "running",
+    "ran",
+    "cached",
+    "cached-failure",
+    "failed",
+    "errored",
+    "skipped",
+    "pending",
+)
+
+
+@dataclass
+class StepState:
+    name: str
+    status: str = PENDING
+    exit_code: int | None = None
+    seconds: float | None = None
+    started: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "exit_code": self.exit_code,
+            "seconds": None if self.seconds is None else round(self.seconds, 3),
+        }
+
+
+@dataclass
+class Build:
+    id: str
+    uid: int
+    gid: int
+    spec: Spec
+    spec_path: str
+    retry_failed: bool = False
+    pin: str | None = None
+    out_link: str | None = None
+    #: Root only: the out-link keeps set-id bits, security.* xattrs and devices.
+    out_link_privileged: bool = False
+    export_on_failure: str | None = None  # oci | docker-archive | registry
+    export_path: str | None = None
+    export_ref: str | None = None
+    status: str = "queued"  # queued | running | success | failed | errored
+    frozen: bool = False
+    failed_step: str | None = None
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+    steps: list[StepState] = field(default_factory=list)
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    cancelled: bool = False
+    done: trio.Event = field(default_factory=trio.Event)
+    #: Where notes are kept for ``amber log`` once the build is gone (the
+    #: manager points it at the database).
+    keep_note: Callable[[str], None] | None = None
+    _history: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    _changed: trio.Event = field(default_factory=trio.Event)
+
+    def __post_init__(self) -> None:
+        if not self.steps:
+            self.steps = [StepState(s.name) for s in self.spec.steps]
+
+    # -- events -------------------------------------------------------------
+
+    def emit(self, name: str, data: dict[str, Any]) -> None:
+        self._history.append((name, {"build": self.id, **data}))
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def note(self, message: str) -> None:
+        """A note for the clients following now, and for ``amber log`` later."""
+        self.emit("note", {"message": message})
+        if self.keep_note is not None:
+            self.keep_note(message)
+
+    def finish(self, status: str) -> None:
+        self.status = status
+        self.finished = time.time()
+        self.done.set()
+        self._changed.set()
+
+    async def follow(
+        self, *, only: frozenset[str] | None = None, step: str | None = None
+    ) -> AsyncIterator[tuple[str, dict]]:
+        """Every event so far, then new ones until the build is done.
+
+        ``only`` keeps the events of those names; ``step`` those of that
+        step (notes, which belong to no step, go with it).
+        """
+        index = 0
+        while True:
+            while index < len(self._history):
+                name, data = self._history[index]
+                index += 1
+                if only is not None and name not in only:
+                    continue
+                if step is not None and data.get("step") != step:
+                    continue
+                yield name, data
+            if self.done.is_set():
+                return
+            await self._changed.wait()
+
+    # -- views ----------------------------------------------------------------
+
+    @property
+    def current_step(self) -> str | None:
+        for s in self.steps:
+            if s.status == RUNNING:
+                return s.name
+        return None
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "build": self.id,
+            "name": self.spec.name,
+            "status": self.status,
+            "frozen": self.frozen,
+            "failed_step": self.failed_step,
+            "error": self.error,
+            "created": self.created,
+            "finished": self.finished,
+            "steps": [s.summary() for s in self.steps],
+        }

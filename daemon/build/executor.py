@@ -1,0 +1,417 @@
+"""Running one build: keys, cache, sandboxed steps, snapshots, results.
+
+For each step, in order: compute its key from the previous key; a cached
+result counts only when everything its after-tree needs is in the store
+(else the step reruns and the log says why). A cached success moves the
+build's state to that result's after-tree without running anything; a
+cached failure freezes the build at once (unless ``--retry-failed``). A miss
+runs the step in a sandbox over the build's overlay mount, which is opened
+lazily on the current state, so a fully cached rebuild never mounts at all.
+After a step the mount is snapshotted: that tree is the step's after-tree
+and the next step's before-tree.
+
+``success`` and ``failed`` (non-zero exit, or a signal the build raised) are
+cached; a step that was cancelled, timed out or cut off by a daemon stop is
+``errored`` and never cached.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import socket
+import time
+
+import trio
+
+from amber.client.errors import AmberError
+from amber.daemon.build import build as B
+from amber.daemon.build.bases import ResolvedBase, resolve_base
+from amber.daemon.build.build import Build
+from amber.daemon.build.fetch import DigestMismatch, fetch_sources
+from amber.daemon.build.keys import initial_key, step_key
+from amber.daemon.build.sources import lay_out
+from amber.daemon.build.stepio import StepLog, run_sandboxed
+from amber.daemon.context import DaemonContext
+from amber.daemon.storage.db import BuildRecord, Result, StepRecord
+from amber.daemon.storage.roots import build_state
+from amber.sandbox.digest import from_hex
+from amber.sandbox.fscontrol import FilesystemError, OverlayMount, open_overlay
+from amber.sandbox.runner import SandboxError
+from amber.sandbox.store import StoreError
+
+log = logging.getLogger("amber.build")
+HOST = socket.gethostname()
+
+
+class BuildErrored(Exception):
+    """The build stopped for a reason outside the build (not cached)."""
+
+
+class Executor:
+    def __init__(self, ctx: DaemonContext, build: Build):
+        self.ctx = ctx
+        self.build = build
+        self.spec = build.spec
+        self.mount: OverlayMount | None = None
+        self._mount_cm = None
+        self.mount_tree: bytes | None = None
+        self.base: ResolvedBase | None = None
+        self.verified: set[bytes] = set()  # trees known complete during this build
+
+    # -- the whole build ----------------------------------------------------
+
+    async def run(self) -> None:
+        b = self.build
+        db = self.ctx.db
+        b.status = "running"
+        db.update_build(b.id, status="running")
+        # A writer hold from here to the end: GC keeps what this build holds
+        # and quarantines, rather than deletes, what it might reuse unheld.
+        self.hold = self.ctx.roots.writer(f"build {b.id}", build_id=b.id)
+        try:
+            try:
+                await self._run_steps()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._close_mount()
+        except BuildErrored as exc:
+            self._errored(str(exc))
+        except trio.Cancelled:
+            self._errored("cancelled" if b.cancelled else "the daemon is stopping")
+            raise
+        except AmberError as exc:
+            self._errored(exc.message)
+        except (FilesystemError, StoreError, SandboxError, OSError) as exc:
+            log.exception("build %s: infrastructure failure", b.id)
+            self._errored(f"infrastructure failure: {exc}")
+        finally:
+            if b.status in ("running", "queued"):
+                # Cancellation may arrive wrapped in an exception group (trio's
+                # strict groups), so name the reason by what is true, not by
+                # the exception's shape.
+                if b.cancelled:
+                    self._errored("cancelled")
+                elif self.ctx.stopping:
+                    self._errored("the daemon is stopping")
+                else:
+                    self._errored("internal error")
+            db.update_build(
+                b.id,
+                status=b.status,
+                frozen=int(b.frozen),
+                finished=time.time(),
+                failed_step=b.failed_step,
+                error=b.error,
+            )
+            try:
+                with trio.CancelScope(shield=True):
+                    # A last checkpoint before anything reads what the build
+                    # recorded (an export), so that it is whole and outlives
+                    # the hold through a GC cycle running now (see roots.py).
+                    await trio.to_thread.run_sync(self.hold.checkpoint, *build_state(db, b.id))
+                if b.frozen and b.export_on_failure:
+                    try:
+                        await self.ctx.on_frozen(b)
+                    except Exception as exc:  # an export problem never changes the build's result
+                        log.exception("build %s: export on failure", b.id)
+                        self.build.note(f"export on failure did not complete: {exc}")
+                if b.pin and b.status != "success":
+                    why = f"the build {b.status}; `amber pin add {b.pin} {b.id}` pins it anyway"
+                    b.note(f"not pinned as {b.pin}: {why}")
+            finally:
+                self.hold.release()
+            b.finish(b.status)
+
+    def _errored(self, reason: str) -> None:
+        b = self.build
+        b.status = "errored"
+        b.error = reason
+        for i, step in enumerate(b.steps):
+            if step.status == B.RUNNING:
+                step.status = B.ERRORED
+                if step.seconds is None and step.started is not None:
+                    step.seconds = time.time() - step.started  # until it was stopped
+                self.ctx.db.update_step(
+                    b.id, i, status=B.ERRORED, note=reason, seconds=step.seconds
+                )
+                b.emit("step", {"index": i, "name": step.name, "status": B.ERRORED, "note": reason,
+                                "exit_code": None, "seconds": step.seconds})  # fmt: skip
+            elif step.status == B.PENDING:
+                step.status = B.SKIPPED
+                self.ctx.db.update_step(b.id, i, status=B.SKIPPED)
+        b.note(f"build errored: {reason}")
+
+    async def _run_steps(self) -> None:
+        b, spec, db = self.build, self.spec, self.ctx.db
+        self.base = await trio.to_thread.run_sync(
+            functools.partial(
+                resolve_base, self.ctx.store, db, str(spec.base), uid=b.uid, gid=b.gid
+            )
+        )
+        tree = await self._lay_out()
+        if tree is None:
+            return  # a source failed verification: the build failed before any step
+        key = initial_key(
+            base_key=self.base.key,
+            initial_tree=tree.hex(),
+            workdir=spec.workdir,
+            salt=spec.key_salt,
+        )
+        db.update_build(b.id, base_tree=tree.hex())
+        for index, step in enumerate(spec.steps):
+            definition = step.definition()
+            env = spec.step_env(step)
+            key = step_key(key, definition, env, spec.key_salt)
+            db.update_step(b.id, index, key=key)
+            hit = await self._cached(index, key)
+            if hit is not None:
+                tree = from_hex(hit.after_tree)
+                if hit.status == "failed":
+                    await self._replay_failure(index, hit)
+                    return
+                self._step_done(index, B.CACHED, hit, from_hex(hit.before_tree), tree)
+                continue
+            tree, failed = await self._run_step(index, key, tree)
+            if failed:
+                return
+        b.status = "success"
+        db.update_build(b.id, final_tree=tree.hex())
+        await self.ctx.on_success(b, tree)
+
+    async def _lay_out(self) -> bytes | None:
+        """The first step's tree: base, sources (fetched if need be), stamps put right.
+
+        What the stamp rules removed goes to the build's notes, kept for
+        ``amber log``. A source whose digest does not match is the spec's
+        fault, not the machine's: the build *fails* (not frozen, nothing
+        cached, every step skipped) and None is returned. A source nobody
+        could serve raises ``SourceError``: the build errors.
+        """
+        assert self.base is not None
+        b, ctx = self.build, self.ctx
+        gid = ctx.peer_gid(b)
+        try:
+            fetched = await fetch_sources(ctx.store, ctx.db, self.spec, mirrors=ctx.config.mirrors,
+                                          uid=b.uid, gid=gid, note=self.build.note)  # fmt: skip
+            layout = await trio.to_thread.run_sync(
+                functools.partial(lay_out, ctx.store, self.base.tree, self.spec, fetched, uid=b.uid, gid=gid)
+            )  # fmt: skip
+        except DigestMismatch as exc:
+            self.build.note(exc.message)
+            b.status, b.error = "failed", exc.message
+            for i, step in enumerate(b.steps):
+                step.status = B.SKIPPED
+                ctx.db.update_step(b.id, i, status=B.SKIPPED)
+                b.emit("step", {"index": i, "name": step.name, "status": B.SKIPPED, "exit_code": None,
+                                "seconds": None, "note": "not run: a source failed verification"})  # fmt: skip
+            return None
+        for finding in layout.findings:
+            self.build.note(finding.note())
+        return layout.tree
+
+    # -- cache ----------------------------------------------------------------
+
+    async def _cached(self, index: int, key: str) -> Result | None:
+        result = self.ctx.db.get_result(key)
+        # A step boundary: checkpoint what the build relies on so far (see
+        # roots.py) before anything is checked or used.
+        state = build_state(self.ctx.db, self.build.id)
+        if result is None:
+            await trio.to_thread.run_sync(self.hold.checkpoint, *state)
+            return None
+        name = self.spec.steps[index].name
+        if result.status == "failed" and self.build.retry_failed:
+            await trio.to_thread.run_sync(self.hold.checkpoint, *state)
+            self.build.note(f"step {name}: rerunning a cached failure (--retry-failed)")
+            return None
+        missing = await trio.to_thread.run_sync(self._missing, result, state)
+        if missing:
+            self.build.note(
+                f"step {name}: cached result of build {result.build_id} is incomplete in the store ({missing}); rerunning"
+            )
+            return None
+        return result
+
+    def _missing(self, result: Result, state: tuple[set[bytes], set[bytes]]) -> str | None:
+        """What a result needs that the store lacks (None: complete).
+
+        Holds the result (with the build's ``state``) first: once held, GC
+        leaves it alone, so what is found present here stays present.
+        """
+        trees, blobs = state
+        self.hold.checkpoint(
+            trees | {from_hex(result.before_tree), from_hex(result.after_tree)},
+            blobs | {from_hex(result.log)},
+        )
+        store = self.ctx.store
+        if not store.has_blob(from_hex(result.log)):
+            return f"log blob {result.log[:12]} is missing"
+        for name in ("before_tree", "after_tree"):
+            tree = from_hex(getattr(result, name))
+            if tree in self.verified:
+                continue
+            try:
+                _, blobs = store.closure(tree)
+            except StoreError as exc:
+                return str(exc)
+            for blob in blobs:
+                if not store.has_blob(blob):
+                    return f"blob {blob.hex()[:12]} of its {name.replace('_', '-')} is missing"
+            self.verified.add(tree)
+        return None
+
+    def _step_done(
+        self,
+        index: int,
+        status: str,
+        result: Result,
+        before: bytes,
+        after: bytes,
+        note: str | None = None,
+    ) -> None:
+        b = self.build
+        step = b.steps[index]
+        step.status = status
+        step.exit_code = result.exit_code
+        step.seconds = result.seconds if status != B.CACHED else 0.0
+        if step.started is None:  # a cache hit: it "ran" now, for no time (amber show's timeline)
+            step.started = time.time()
+        self.ctx.db.update_step(
+            b.id, index, status=status, exit_code=result.exit_code, signal=result.signal,
+            seconds=step.seconds, before_tree=before.hex(), after_tree=after.hex(), log=result.log,
+            note=note, started=step.started,
+        )  # fmt: skip
+        b.emit("step", {"index": index, "name": step.name, "status": status, "exit_code": result.exit_code,
+                        "seconds": step.seconds, "note": note})  # fmt: skip
+
+    async def _replay_failure(self, index: int, hit: Result) -> None:
+        b = self.build
+        name = self.spec.steps[index].name
+        data = await trio.to_thread.run_sync(self.ctx.store.read_blob, from_hex(hit.log))
+        b.emit("log", {"step": name, "data": data})
+        note = f"from build {hit.build_id}; --retry-failed runs it again"
+        self._step_done(
+            index, B.CACHED_FAILURE, hit, from_hex(hit.before_tree), from_hex(hit.after_tree), note
+        )
+        self._freeze(index)
+
+    def _freeze(self, index: int) -> None:
+        b = self.build
+        b.status = "failed"
+        b.frozen = True
+        b.failed_step = self.spec.steps[index].name
+        for i in range(index + 1, len(b.steps)):
+            b.steps[i].status = B.SKIPPED
+            self.ctx.db.update_step(b.id, i, status=B.SKIPPED)
+            b.emit("step", {"index": i, "name": b.steps[i].name, "status": B.SKIPPED, "exit_code": None,
+                            "seconds": None, "note": f"not run: step {b.failed_step} failed"})  # fmt: skip
+
+    # -- running a step --------------------------------------------------------
+
+    async def _ensure_mount(self, tree: bytes) -> OverlayMount:
+        if self.mount is not None and self.mount_tree == tree:
+            return self.mount
+        if self.mount is not None:
+            # A later cache hit moved the state: start over on its tree.
+            await self._close_mount()
+        work = self.ctx.work_dir("", self.build.id)
+        cm = open_overlay(
+            self.ctx.store.state_dir, tree, work, ids=self.ctx.ids, pool=self.ctx.fs_pool
+        )
+        self.mount = await cm.__aenter__()
+        self._mount_cm = cm
+        self.mount_tree = tree
+        return self.mount
+
+    async def _close_mount(self) -> None:
+        """Stop the filesystem process and unmount (safe to call when none)."""
+        cm, self._mount_cm, self.mount = self._mount_cm, None, None
+        if cm is not None:
+            await cm.__aexit__(None, None, None)
+
+    async def _run_step(self, index: int, key: str, before: bytes) -> tuple[bytes, bool]:
+        b, spec = self.build, self.spec
+        step = spec.steps[index]
+        if self.ctx.stopping:
+            raise BuildErrored("the daemon is stopping")
+        mount = await self._ensure_mount(before)
+        state = b.steps[index]
+        state.status = B.RUNNING
+        state.started = time.time()
+        self.ctx.db.update_step(
+            b.id, index, status=B.RUNNING, before_tree=before.hex(), started=state.started
+        )
+        b.emit("step", {"index": index, "name": step.name, "status": B.RUNNING, "exit_code": None,
+                        "seconds": None, "note": None})  # fmt: skip
+        log_path = self.ctx.step_log_path(b.id, index)
+        step_log = StepLog(log_path, lambda data: b.emit("log", {"step": step.name, "data": data}))
+        assert self.base is not None
+        try:
+            outcome = await run_sandboxed(
+                mount.root,
+                step=step,
+                env=spec.step_env(step),
+                binds=self.base.binds,
+                ids=self.ctx.ids,
+                output=step_log,
+            )
+        finally:
+            step_log.close()
+        state.seconds = outcome.seconds
+        if outcome.timed_out:
+            step_log.discard()
+            raise BuildErrored(f"step {step.name} timed out after {step.timeout:g} s")
+        snap = await mount.snapshot()
+        self.mount_tree = snap.tree
+        log_digest = await trio.to_thread.run_sync(step_log.store, self.ctx.store)
+        failed = outcome.exit_code != 0
+        result = Result(
+            key=key,
+            status="failed" if failed else "success",
+            exit_code=outcome.exit_code,
+            signal=outcome.signal,
+            before_tree=before.hex(),
+            after_tree=snap.tree.hex(),
+            log=log_digest.hex(),
+            started=state.started,
+            seconds=outcome.seconds,
+            host=HOST,
+            build_id=b.id,
+            step=step.name,
+        )
+        self.ctx.db.put_result(result)
+        self.verified.add(snap.tree)
+        self._step_done(index, B.FAILED if failed else B.RAN, result, before, snap.tree)
+        if failed:
+            self._freeze(index)
+        return snap.tree, failed
+
+
+def new_build_records(build: Build, seq: int) -> tuple[BuildRecord, list[StepRecord]]:
+    spec = build.spec
+    record = BuildRecord(
+        id=build.id,
+        seq=seq,
+        uid=build.uid,
+        name=spec.name,
+        spec=json.dumps(spec.to_dict(), default=str),
+        spec_path=build.spec_path,
+        status="queued",
+        created=build.created,
+    )
+    steps = [
+        StepRecord(
+            build_id=build.id,
+            idx=i,
+            name=s.name,
+            key=None,
+            status=B.PENDING,
+            definition=json.dumps(
+                {**s.definition(), "env": spec.step_env(s), "workdir": spec.workdir}
+            ),
+        )
+        for i, s in enumerate(spec.steps)
+    ]
+    return record, steps

@@ -1,0 +1,119 @@
+"""Builds in flight: submission, the job limit, cancellation, lookup.
+
+Builds run in the daemon's own nursery under a capacity limiter, so a
+client's disconnect never stops one, and at most ``jobs`` run at once; the
+rest wait as ``queued``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import trio
+
+from amber.client.errors import AmberError
+from amber.daemon.build.build import Build
+from amber.daemon.build.buildid import make_build_id
+from amber.daemon.build.executor import Executor, new_build_records
+from amber.daemon.build.spec import Spec
+from amber.daemon.context import DaemonContext
+
+log = logging.getLogger("amber.manager")
+
+
+class BuildManager:
+    def __init__(self, ctx: DaemonContext, nursery: trio.Nursery):
+        self.ctx = ctx
+        self.nursery = nursery
+        self.limiter = trio.CapacityLimiter(ctx.config.jobs)
+        self.live: dict[str, Build] = {}
+        self.accepting = True
+
+    def submit(self, spec: Spec, spec_path: str, *, uid: int, gid: int, **options) -> Build:
+        if not self.accepting:
+            raise AmberError("busy", "amberd is shutting down; try again when it is back")
+        seq = self.ctx.db.next_seq()
+        build = Build(
+            id=make_build_id(spec.name, seq),
+            uid=uid,
+            gid=gid,
+            spec=spec,
+            spec_path=spec_path,
+            **options,
+        )
+        record, steps = new_build_records(build, seq)
+        self.ctx.db.insert_build(record, steps)
+        build.keep_note = functools.partial(self.ctx.db.add_build_note, build.id)
+        self.live[build.id] = build
+        self.nursery.start_soon(self._run, build)
+        log.info("build %s queued (uid %d, %d steps)", build.id, uid, len(spec.steps))
+        return build
+
+    async def _run(self, build: Build) -> None:
+        started = False
+        try:
+            with build.cancel_scope:
+                async with self.limiter:
+                    started = True
+                    log.info("build %s started", build.id)
+                    await Executor(self.ctx, build).run()
+        except Exception:
+            # A bug in one build must never take the daemon (and everyone
+            # else's builds) down: the executor has already marked it errored.
+            log.exception("build %s: internal error", build.id)
+        finally:
+            if not started:  # cancelled while queued
+                build.status = "errored"
+                build.error = "cancelled before it started" if build.cancelled else "daemon stopped"
+                self.ctx.db.update_build(
+                    build.id, status="errored", error=build.error, finished=time.time()
+                )
+                build.finish("errored")
+            log.info("build %s finished: %s", build.id, build.status)
+            # Keep it visible briefly for clients that reattach right away.
+            self.nursery.start_soon(self._forget, build.id)
+
+    async def _forget(self, build_id: str) -> None:
+        await trio.sleep(30)
+        self.live.pop(build_id, None)
+
+    def get(self, build_id: str) -> Build | None:
+        return self.live.get(build_id)
+
+    def cancel(self, build: Build) -> None:
+        build.cancelled = True
+        build.cancel_scope.cancel()
+
+    def running(self) -> list[Build]:
+        return [b for b in self.live.values() if b.status in ("queued", "running")]
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting; let running steps finish within ``grace``; cancel the rest.
+
+        With ``ctx.stopping`` set no build starts another step, so a build
+        ends when its running step does (``errored`` if steps were left).
+        Cancelled steps end ``errored`` and are never cached. Safe to call
+        again while a call is waiting, e.g. with ``grace=0`` to hurry it.
+        """
+        self.accepting = False
+        self.ctx.stopping = True
+        with trio.move_on_after(grace):
+            for build in list(self.live.values()):
+                if build.status == "queued":
+                    build.cancel_scope.cancel()
+            for build in list(self.live.values()):
+                await build.done.wait()
+        late = [b for b in self.live.values() if not b.done.is_set()]
+        if late:
+            log.warning(
+                "cancelling %d build(s) whose running step did not finish in %g s: %s",
+                len(late),
+                grace,
+                ", ".join(b.id for b in late),
+            )
+        for build in late:
+            build.cancel_scope.cancel()
+        for build in late:
+            await build.done.wait()

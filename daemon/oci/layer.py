@@ -1,0 +1,383 @@
+"""One OCI layer from two trees: the diff as a tar stream with whiteouts.
+
+Walks the two trees together (descending only where subtree digests
+differ, so a layer costs what the step changed) and writes:
+
+- added and modified entries as tar members, file content streamed from
+  blobs; hard-link groups of the layer as one file plus tar hard links;
+- deleted paths as ``.wh.<name>``;
+- a directory replacing a non-directory, or a directory none of whose old
+  names survive (``rm -rf d && mkdir d``), as the directory, an opaque
+  ``.wh..wh..opq`` marker and its whole new content.
+
+Exact metadata travels in PAX records: nanosecond mtimes, xattrs as
+``SCHILY.xattr.*``, and amber's hard-link group label as ``AMBER.link`` (other
+tools ignore vendor records), so importing an export gives back the very
+same tree digests, except for what is never written (counted in
+``skipped``): sockets; names starting with ``.wh.``, which would read as
+whiteouts; and device nodes. A 0:0 character device is overlayfs' own
+whiteout and must not leak into a layer, and the others are not needed:
+container runtimes and amber's sandbox both provide ``/dev``, and import
+refuses device nodes from untrusted layers, so an export that carried them
+(a debootstrap root has ``/dev/null``) could not be imported again.
+
+The uncompressed stream is hashed as it is made (the ``diff_id``), on a
+thread of its own so that hashing overlaps reading and writing (hashlib lets
+go of the GIL for big buffers), the compressed one as it is written (the
+blob digest); nothing is read twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO, Literal
+
+from amber.daemon.oci import tar as oci_tar
+from amber.daemon.oci.gzip import ParallelGzip
+from amber.daemon.oci.spec import OCI_LAYER, OCI_LAYER_GZIP, Descriptor
+from amber.sandbox import tree as treefmt
+from amber.sandbox.store import Store, StoreError
+from amber.sandbox.tree import Entry
+
+Compression = Literal["gzip", "none"]
+WHITEOUT = b".wh."
+OPAQUE = b".wh..wh..opq"
+LINK_RECORD = b"AMBER.link"
+XATTR_RECORD = b"SCHILY.xattr."
+_READ = 1 << 20
+_SMALL = 64 << 10
+_FLUSH = 1 << 20
+_QUEUE = 8  # chunks (of about 1 MiB: _READ, _FLUSH) waiting to be hashed
+_TAR_TYPE = {
+    treefmt.FILE: b"0",
+    treefmt.SYMLINK: b"2",
+    treefmt.FIFO: b"6",
+    treefmt.DIR: b"5",
+}
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What a manifest and a config need to know about a written layer."""
+
+    digest: str  # sha256 of the blob as stored (compressed)
+    diff_id: str  # sha256 of the uncompressed tar
+    size: int
+    media_type: str
+    entries: int = 0
+    skipped: int = 0  # sockets, device nodes and .wh. names left out
+
+    def descriptor(self) -> Descriptor:
+        return Descriptor(self.media_type, self.digest, self.size)
+
+
+class _Sink:
+    """The bytes of the blob: counted, hashed (unless told not to) and written."""
+
+    def __init__(self, out: Callable[[bytes], object], *, hash_it: bool):
+        self._out = out
+        self.hasher = hashlib.sha256() if hash_it else None
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.hasher is not None:
+            self.hasher.update(data)
+        self.size += len(data)
+        self._out(data)
+
+
+class _HashThread:
+    """SHA-256 of a stream of chunks, computed on a thread of its own.
+
+    Chunks are hashed in the order given; at most ``_QUEUE`` wait, so a slow
+    hash holds the writer back rather than memory growing. A chunk must not
+    change once given (bytes, never a reused buffer). An error of the hash
+    is raised by the next ``update`` or by ``hexdigest``.
+    """
+
+    def __init__(self) -> None:
+        self._hasher = hashlib.sha256()
+        self._queue: queue.Queue[bytes | None] = queue.Queue(_QUEUE)
+        self._error: BaseException | None = None
+        self._discard = False
+        self._thread = threading.Thread(target=self._run, name="layer-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        get = self._queue.get
+        update = self._hasher.update
+        while (data := get()) is not None:
+            if self._error is None and not self._discard:
+                try:
+                    update(data)
+                except BaseException as exc:  # raised on the writer's thread
+                    self._error = exc
+
+    def update(self, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(data)
+
+    def hexdigest(self) -> str:
+        self.close()
+        if self._error is not None:
+            raise self._error
+        return self._hasher.hexdigest()
+
+    def close(self, *, discard: bool = False) -> None:
+        """Wait for the thread to end; with ``discard``, hash nothing more."""
+        if not self._thread.is_alive():
+            return
+        self._discard = discard
+        self._queue.put(None)  # the thread keeps taking chunks: there is room soon
+        self._thread.join()
+
+
+class _TarStream:
+    """The uncompressed tar: small writes gathered, everything hashed."""
+
+    def __init__(self, down: Callable[[bytes], object]):
+        self._down = down
+        self._buf = bytearray()
+        self.hasher = _HashThread()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        if len(data) >= _SMALL:
+            self.flush()
+            self._emit(data)
+            return
+        self._buf += data
+        if len(self._buf) >= _FLUSH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buf:
+            self._emit(bytes(self._buf))
+            self._buf.clear()
+
+    def _emit(self, data: bytes) -> None:
+        if type(data) is not bytes:
+            data = bytes(data)  # the hash thread needs a chunk that stays as it is
+        self.hasher.update(data)
+        self.size += len(data)
+        self._down(data)
+
+
+def write_layer(
+    store: Store,
+    before: bytes | None,
+    after: bytes,
+    out: BinaryIO | Callable[[bytes], object],
+    *,
+    compression: Compression = "gzip",
+    level: int = 1,
+    threads: int | None = None,
+) -> LayerInfo:
+    """Write the layer turning ``before`` (None: nothing) into ``after`` to ``out``.
+
+    ``out`` is a binary file or a write function; it receives the blob bytes
+    exactly once, in order, and must use or copy them before it returns (the
+    buffer is reused).
+    """
+    write_out = out if callable(out) else out.write
+    gz: ParallelGzip | None = None
+    if compression == "gzip":
+        sink = _Sink(write_out, hash_it=True)
+        gz = ParallelGzip(sink.write, level=level, threads=threads)
+        tar = _TarStream(gz.write)
+    elif compression == "none":
+        sink = _Sink(write_out, hash_it=False)  # the blob is the tar: one hash
+        tar = _TarStream(sink.write)
+    else:
+        raise ValueError(f"unknown compression {compression!r}")
+    writer = _LayerWriter(store, tar)
+    try:
+        writer.diff_dir(before, after, b"")
+        tar.write(oci_tar.END_OF_ARCHIVE)
+        tar.flush()
+        if gz is not None:
+            gz.close()
+        diff_id = "sha256:" + tar.hasher.hexdigest()
+    except BaseException:
+        tar.hasher.close(discard=True)
+        if gz is not None:
+            gz.abort()
+        raise
+    digest = diff_id if sink.hasher is None else "sha256:" + sink.hasher.hexdigest()
+    return LayerInfo(
+        digest=digest,
+        diff_id=diff_id,
+        size=sink.size,
+        media_type=OCI_LAYER_GZIP if gz is not None else OCI_LAYER,
+        entries=writer.entries,
+        skipped=writer.skipped,
+    )
+
+
+def _dir_meta(e: Entry) -> tuple:
+    return (e.mode, e.uid, e.gid, e.mtime_ns, e.xattrs)
+
+
+class _LayerWriter:
+    def __init__(self, store: Store, tar: _TarStream):
+        self.store = store
+        self.tar = tar
+        self.entries = 0
+        self.skipped = 0
+        # hard-link group -> path of its first member in this layer
+        self._first: dict[tuple, bytes] = {}
+
+    def diff_dir(self, old: bytes | None, new: bytes, prefix: bytes) -> None:
+        if old == new:
+            return
+        olds = {e.name: e for e in self.store.get_tree(old)} if old is not None else {}
+        news = {e.name: e for e in self.store.get_tree(new)}
+        for name in sorted(olds.keys() | news.keys()):
+            a, b = olds.get(name), news.get(name)
+            path = prefix + name
+            if name.startswith(WHITEOUT):  # would read as a whiteout: never written
+                self.skipped += b is not None
+                continue
+            if b is None:
+                self._whiteout(prefix, name)
+            elif a is None:
+                self._add(path, b, opaque=False)
+            elif a.kind == treefmt.DIR and b.kind == treefmt.DIR:
+                self._diff_subdir(path, a, b)
+            elif not a.same_content(b):
+                self._add(path, b, opaque=b.kind == treefmt.DIR)
+
+    def _diff_subdir(self, path: bytes, a: Entry, b: Entry) -> None:
+        if a.ref == b.ref:
+            if _dir_meta(a) != _dir_meta(b):
+                self._member(path, b)
+            return
+        old_names = {e.name for e in self.store.get_tree(a.ref)}
+        new_names = {e.name for e in self.store.get_tree(b.ref)}
+        if old_names and not old_names & new_names:
+            self._add(path, b, opaque=True)  # everything below was replaced
+            return
+        if _dir_meta(a) != _dir_meta(b):
+            self._member(path, b)
+        self.diff_dir(a.ref, b.ref, path + b"/")
+
+    def _add(self, path: bytes, e: Entry, *, opaque: bool) -> None:
+        """``e`` and, for a directory, all it holds."""
+        self._member(path, e)
+        if e.kind != treefmt.DIR:
+            return
+        if opaque:
+            self._header(path + b"/" + OPAQUE, b"0")
+        for child in self.store.get_tree(e.ref):
+            if child.name.startswith(WHITEOUT):
+                self.skipped += 1
+                continue
+            self._add(path + b"/" + child.name, child, opaque=False)
+
+    def _whiteout(self, prefix: bytes, name: bytes) -> None:
+        self._header(prefix + WHITEOUT + name, b"0")
+
+    def _header(self, name: bytes, type_: bytes) -> None:
+        self.tar.write(oci_tar.header(name, type_))
+        self.entries += 1
+
+    def _entry_header(
+        self,
+        name: bytes,
+        type_: bytes,
+        e: Entry,
+        pax: dict[bytes, bytes],
+        linkname: bytes = b"",
+        size: int = 0,
+    ) -> None:
+        self.tar.write(
+            oci_tar.header(
+                name,
+                type_,
+                mode=e.mode,
+                uid=e.uid,
+                gid=e.gid,
+                mtime_ns=e.mtime_ns,
+                size=size,
+                linkname=linkname,
+                pax=pax,
+            )
+        )
+        self.entries += 1
+
+    def _member(self, path: bytes, e: Entry) -> None:
+        kind = e.kind
+        if kind in (treefmt.SOCK, treefmt.CHR, treefmt.BLK):
+            self.skipped += 1
+            return
+        pax = {XATTR_RECORD + k: v for k, v in e.xattrs} if e.xattrs else {}
+        if kind == treefmt.FILE:
+            self._file(path, e, pax)
+        elif kind == treefmt.DIR:
+            self._entry_header(path + b"/", b"5", e, pax)
+        elif kind == treefmt.SYMLINK:
+            self._entry_header(path, b"2", e, pax, linkname=e.ref)
+        else:
+            self._entry_header(path, _TAR_TYPE[kind], e, pax)
+
+    def _file(self, path: bytes, e: Entry, pax: dict[bytes, bytes]) -> None:
+        if e.link is not None:
+            pax[LINK_RECORD] = e.link
+            group = treefmt.link_group(e)
+            first = self._first.get(group)
+            if first is not None:
+                self._entry_header(path, b"1", e, pax, linkname=first)
+                return
+            self._first[group] = path
+        self._entry_header(path, b"0", e, pax, size=e.size)
+        if e.size:
+            self._copy_blob(e.ref, e.size, path)
+            self.tar.write(oci_tar.padding(e.size))
+
+    def _copy_blob(self, digest: bytes, size: int, path: bytes) -> None:
+        # A new bytes object per read: the hash thread may still hold the last.
+        fd = self.store.open_blob(digest)
+        try:
+            left = size
+            while left:
+                data = os.read(fd, min(left, _READ))
+                if not data:
+                    raise StoreError(f"blob of {path!r} is shorter than its entry says")
+                self.tar.write(data)
+                left -= len(data)
+        finally:
+            os.close(fd)
+
+
+class _Count:
+    """A tar stream that only counts: what ``layer_size`` walks into."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+
+
+class _SizeWalker(_LayerWriter):
+    def _copy_blob(self, digest: bytes, size: int, path: bytes) -> None:
+        self.tar.size += size  # the writer copies exactly an entry's size, or fails
+
+
+def layer_size(store: Store, before: bytes | None, after: bytes) -> int:
+    """The bytes of the uncompressed layer ``write_layer`` would write, without reading a blob.
+
+    A tar member's header carries its size, so an archive streamed to a pipe
+    (which cannot seek back to fill a header in) must know each layer's size
+    before writing it. Tree metadata alone decides it; the walk reads only
+    the trees that differ.
+    """
+    count = _Count()
+    _SizeWalker(store, count).diff_dir(before, after, b"")  # type: ignore[arg-type]
+    return count.size + len(oci_tar.END_OF_ARCHIVE)

@@ -1,0 +1,476 @@
+"""The daemon's metadata: results, builds, images, pins, out-links (SQLite, WAL).
+
+Objects live in the CAS (``amber.sandbox.store``); this database holds what
+refers to them. SQLite gives atomic, crash-safe updates for free. Every
+write is a short transaction; the daemon is one process and calls in from
+the trio thread, so no locking beyond SQLite's own is needed. GC and fsck,
+which read everything, open their own connection in their worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    key TEXT PRIMARY KEY,          -- step key (hex)
+    status TEXT NOT NULL,          -- success | failed
+    exit_code INTEGER,
+    signal INTEGER,
+    before_tree TEXT NOT NULL,
+    after_tree TEXT NOT NULL,
+    log TEXT NOT NULL,             -- blob digest of the step's output
+    started REAL NOT NULL,
+    seconds REAL NOT NULL,
+    host TEXT NOT NULL,
+    build_id TEXT NOT NULL,
+    step TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS builds (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    spec TEXT NOT NULL,            -- JSON of the parsed spec
+    spec_path TEXT NOT NULL,
+    status TEXT NOT NULL,          -- queued | running | success | failed | errored
+    frozen INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    finished REAL,
+    failed_step TEXT,
+    base_tree TEXT,
+    final_tree TEXT,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS builds_seq ON builds(seq);
+CREATE TABLE IF NOT EXISTS build_steps (
+    build_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    key TEXT,
+    status TEXT NOT NULL,          -- pending | running | ran | cached | cached-failure | failed | errored | skipped
+    exit_code INTEGER,
+    signal INTEGER,
+    seconds REAL,
+    before_tree TEXT,
+    after_tree TEXT,
+    log TEXT,
+    definition TEXT NOT NULL,      -- JSON: run, cwd, env, ... as the step ran
+    note TEXT,
+    started REAL,                  -- epoch: when the step ran, or was found cached, in this build
+    PRIMARY KEY (build_id, idx)
+);
+CREATE TABLE IF NOT EXISTS images (
+    name TEXT PRIMARY KEY,
+    tree TEXT NOT NULL,
+    source TEXT NOT NULL,
+    created REAL NOT NULL,
+    uid INTEGER                    -- who imported it (NULL: before amber recorded it; root's)
+);
+-- Content fetched for url sources, so that a later build names it by digest
+-- and never downloads it again (daemon/build/fetch.py). The blob may have been
+-- collected since (GC then drops the row): check the store before trusting a row.
+CREATE TABLE IF NOT EXISTS downloads (
+    blob TEXT PRIMARY KEY,         -- BLAKE3 hex: the blob in the store
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    url TEXT NOT NULL,             -- where it was fetched from (first time)
+    fetched REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS downloads_sha256 ON downloads(sha256);
+-- Notes a build made outside its steps' output (e.g. what the stamp rules
+-- removed from its initial tree), replayed by `amber log`.
+CREATE TABLE IF NOT EXISTS build_notes (
+    build_id TEXT NOT NULL,
+    created REAL NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS build_notes_build ON build_notes(build_id);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pins (
+    name TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,            -- build | step | result | tree
+    target TEXT NOT NULL,          -- as the user named it, normalised
+    uid INTEGER NOT NULL,
+    created REAL NOT NULL,
+    roots TEXT NOT NULL            -- JSON: {"trees": [...], "blobs": [...], "results": [...], "builds": [...]}
+);
+CREATE TABLE IF NOT EXISTS out_links (
+    path TEXT PRIMARY KEY,         -- absolute; a root while it is still the checkout we made
+    build_id TEXT NOT NULL,
+    tree TEXT NOT NULL,
+    uid INTEGER NOT NULL,
+    dev INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+"""
+
+#: (table, column, type) added after the first release, in order.
+_ADDED_COLUMNS = (("build_steps", "started", "REAL"), ("images", "uid", "INTEGER"))
+
+
+@dataclass
+class Result:
+    key: str
+    status: str
+    exit_code: int | None
+    signal: int | None
+    before_tree: str
+    after_tree: str
+    log: str
+    started: float
+    seconds: float
+    host: str
+    build_id: str
+    step: str
+
+
+@dataclass
+class BuildRecord:
+    id: str
+    seq: int
+    uid: int
+    name: str
+    spec: str
+    spec_path: str
+    status: str
+    frozen: int = 0
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+    failed_step: str | None = None
+    base_tree: str | None = None
+    final_tree: str | None = None
+    error: str | None = None
+
+    @property
+    def base(self) -> str:
+        """The base as the spec spells it (``spec`` is ``Spec.to_dict()`` as JSON)."""
+        return json.loads(self.spec).get("build", {}).get("base", "host")
+
+
+@dataclass
+class Pin:
+    name: str
+    kind: str
+    target: str
+    uid: int
+    created: float
+    roots: str  # JSON, see pins.PinRoots
+
+    def roots_dict(self) -> dict:
+        return json.loads(self.roots)
+
+
+@dataclass
+class OutLink:
+    path: str
+    build_id: str
+    tree: str
+    uid: int
+    dev: int
+    ino: int
+    created: float
+
+
+@dataclass
+class StepRecord:
+    build_id: str
+    idx: int
+    name: str
+    key: str | None
+    status: str
+    exit_code: int | None = None
+    signal: int | None = None
+    seconds: float | None = None
+    before_tree: str | None = None
+    after_tree: str | None = None
+    log: str | None = None
+    definition: str = "{}"
+    note: str | None = None
+    started: float | None = None
+
+
+class Database:
+    def __init__(self, path: Path):
+        self.path = path
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        self._conn.executescript(SCHEMA)
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        """Columns newer than a database made by an older amberd (CREATE TABLE IF NOT EXISTS skips them)."""
+        for table, column, kind in _ADDED_COLUMNS:
+            have = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    # -- results ----------------------------------------------------------
+
+    def get_result(self, key: str) -> Result | None:
+        row = self._conn.execute("SELECT * FROM results WHERE key = ?", (key,)).fetchone()
+        return Result(**dict(row)) if row else None
+
+    def put_result(self, result: Result) -> None:
+        # Everything a result names was made durable by the store before we
+        # get here, so a result that survives a crash never dangles.
+        values = asdict(result)
+        cols = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        self._conn.execute(
+            f"INSERT OR REPLACE INTO results ({cols}) VALUES ({marks})", list(values.values())
+        )
+
+    # -- builds -----------------------------------------------------------
+
+    def next_seq(self) -> int:
+        row = self._conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM builds").fetchone()
+        return int(row[0])
+
+    def insert_build(self, build: BuildRecord, steps: list[StepRecord]) -> None:
+        with self.transaction() as conn:
+            values = asdict(build)
+            conn.execute(
+                f"INSERT INTO builds ({', '.join(values)}) VALUES ({', '.join('?' for _ in values)})",
+                list(values.values()),
+            )
+            for step in steps:
+                sv = asdict(step)
+                conn.execute(
+                    f"INSERT INTO build_steps ({', '.join(sv)}) VALUES ({', '.join('?' for _ in sv)})",
+                    list(sv.values()),
+                )
+
+    def update_build(self, build_id: str, **fields) -> None:
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self._conn.execute(f"UPDATE builds SET {sets} WHERE id = ?", [*fields.values(), build_id])
+
+    def update_step(self, build_id: str, idx: int, **fields) -> None:
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self._conn.execute(
+            f"UPDATE build_steps SET {sets} WHERE build_id = ? AND idx = ?",
+            [*fields.values(), build_id, idx],
+        )
+
+    def get_build(self, build_id: str) -> BuildRecord | None:
+        row = self._conn.execute("SELECT * FROM builds WHERE id = ?", (build_id,)).fetchone()
+        return BuildRecord(**dict(row)) if row else None
+
+    def get_steps(self, build_id: str) -> list[StepRecord]:
+        rows = self._conn.execute(
+            "SELECT * FROM build_steps WHERE build_id = ? ORDER BY idx", (build_id,)
+        ).fetchall()
+        return [StepRecord(**dict(r)) for r in rows]
+
+    def list_builds(self, limit: int = 50, uid: int | None = None) -> list[BuildRecord]:
+        if uid is None:
+            rows = self._conn.execute("SELECT * FROM builds ORDER BY seq DESC LIMIT ?", (limit,))
+        else:
+            rows = self._conn.execute(
+                "SELECT * FROM builds WHERE uid = ? ORDER BY seq DESC LIMIT ?", (uid, limit)
+            )
+        return [BuildRecord(**dict(r)) for r in rows.fetchall()]
+
+    def builds_with_status(self, *statuses: str) -> list[BuildRecord]:
+        marks = ", ".join("?" for _ in statuses)
+        rows = self._conn.execute(f"SELECT * FROM builds WHERE status IN ({marks})", statuses)
+        return [BuildRecord(**dict(r)) for r in rows.fetchall()]
+
+    def delete_build(self, build_id: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM build_steps WHERE build_id = ?", (build_id,))
+            conn.execute("DELETE FROM build_notes WHERE build_id = ?", (build_id,))
+            conn.execute("DELETE FROM builds WHERE id = ?", (build_id,))
+
+    # -- images -----------------------------------------------------------
+
+    def put_image(self, name: str, tree: str, source: str, uid: int | None = None) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO images (name, tree, source, created, uid) VALUES (?, ?, ?, ?, ?)",
+            (name, tree, source, time.time(), uid),
+        )
+
+    def delete_image(self, name: str) -> None:
+        self._conn.execute("DELETE FROM images WHERE name = ?", (name,))
+
+    def get_image(self, name: str) -> dict | None:
+        row = self._conn.execute("SELECT * FROM images WHERE name = ?", (name,)).fetchone()
+        return dict(row) if row else None
+
+    def list_images(self) -> list[dict]:
+        return [
+            dict(r) for r in self._conn.execute("SELECT * FROM images ORDER BY name").fetchall()
+        ]
+
+    # -- downloads and build notes ------------------------------------------
+
+    def put_download(self, blob: str, sha256: str, size: int, url: str) -> None:
+        """Remember fetched content (the first URL it came from is kept)."""
+        self._conn.execute(
+            "INSERT OR IGNORE INTO downloads (blob, sha256, size, url, fetched) VALUES (?, ?, ?, ?, ?)",
+            (blob, sha256, size, url, time.time()),
+        )
+
+    def find_download(self, *, sha256: str | None = None, blob: str | None = None) -> dict | None:
+        """The download row with that sha256 (or blob digest), if any."""
+        if sha256 is not None:
+            row = self._conn.execute(
+                "SELECT * FROM downloads WHERE sha256 = ? ORDER BY fetched LIMIT 1", (sha256,)
+            ).fetchone()
+        else:
+            row = self._conn.execute("SELECT * FROM downloads WHERE blob = ?", (blob,)).fetchone()
+        return dict(row) if row else None
+
+    def download_blobs(self) -> list[str]:
+        return [row[0] for row in self._conn.execute("SELECT blob FROM downloads")]
+
+    def delete_downloads(self, blobs: list[str]) -> None:
+        """Forget downloads whose content GC collected (a later build fetches again)."""
+        with self.transaction() as conn:
+            conn.executemany("DELETE FROM downloads WHERE blob = ?", [(b,) for b in blobs])
+
+    def add_build_note(self, build_id: str, message: str) -> None:
+        self._conn.execute(
+            "INSERT INTO build_notes (build_id, created, message) VALUES (?, ?, ?)",
+            (build_id, time.time(), message),
+        )
+
+    def get_build_notes(self, build_id: str) -> list[str]:
+        rows = self._conn.execute(
+            "SELECT message FROM build_notes WHERE build_id = ? ORDER BY rowid", (build_id,)
+        )
+        return [r[0] for r in rows.fetchall()]
+
+    # -- meta -------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    # -- pins and out-links (see pins.py) ---------------------------------
+
+    def put_pin(self, pin: Pin) -> None:
+        values = asdict(pin)
+        self._conn.execute(
+            f"INSERT OR REPLACE INTO pins ({', '.join(values)}) VALUES ({', '.join('?' for _ in values)})",
+            list(values.values()),
+        )
+
+    def get_pin(self, name: str) -> Pin | None:
+        row = self._conn.execute("SELECT * FROM pins WHERE name = ?", (name,)).fetchone()
+        return Pin(**dict(row)) if row else None
+
+    def delete_pin(self, name: str) -> None:
+        self._conn.execute("DELETE FROM pins WHERE name = ?", (name,))
+
+    def list_pins(self) -> list[Pin]:
+        rows = self._conn.execute("SELECT * FROM pins ORDER BY name").fetchall()
+        return [Pin(**dict(r)) for r in rows]
+
+    def put_out_link(self, link: OutLink) -> None:
+        values = asdict(link)
+        self._conn.execute(
+            f"INSERT OR REPLACE INTO out_links ({', '.join(values)}) VALUES ({', '.join('?' for _ in values)})",
+            list(values.values()),
+        )
+
+    def get_out_link(self, path: str) -> OutLink | None:
+        row = self._conn.execute("SELECT * FROM out_links WHERE path = ?", (path,)).fetchone()
+        return OutLink(**dict(row)) if row else None
+
+    def list_out_links(self) -> list[OutLink]:
+        rows = self._conn.execute("SELECT * FROM out_links ORDER BY path").fetchall()
+        return [OutLink(**dict(r)) for r in rows]
+
+    def delete_out_link(self, path: str) -> None:
+        self._conn.execute("DELETE FROM out_links WHERE path = ?", (path,))
+
+    # -- what garbage collection reads and trims (see gc.py) ----------------
+
+    def results_rowid_max(self) -> int:
+        return int(self._conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM results").fetchone()[0])
+
+    def result_refs(self) -> Iterator[tuple[int, str, str, str, str]]:
+        """``(rowid, key, before_tree, after_tree, log)`` of every result."""
+        yield from self._conn.execute(
+            "SELECT rowid, key, before_tree, after_tree, log FROM results"
+        )
+
+    def results_by_keys(self, keys: list[str]) -> list[Result]:
+        found: list[Result] = []
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            rows = self._conn.execute(
+                f"SELECT * FROM results WHERE key IN ({', '.join('?' for _ in chunk)})", chunk
+            ).fetchall()
+            found += [Result(**dict(r)) for r in rows]
+        return found
+
+    def delete_results(self, keys: list[str], *, max_rowid: int) -> int:
+        """Delete results by key, only rows that existed when GC looked (rowid <= max_rowid)."""
+        deleted = 0
+        with self.transaction() as conn:
+            for i in range(0, len(keys), 500):
+                chunk = keys[i : i + 500]
+                cur = conn.execute(
+                    f"DELETE FROM results WHERE rowid <= ? AND key IN ({', '.join('?' for _ in chunk)})",
+                    [max_rowid, *chunk],
+                )
+                deleted += cur.rowcount
+        return deleted
+
+    def all_builds(self) -> list[BuildRecord]:
+        rows = self._conn.execute("SELECT * FROM builds ORDER BY seq DESC").fetchall()
+        return [BuildRecord(**dict(r)) for r in rows]
+
+    def step_refs(
+        self, build_ids: list[str]
+    ) -> list[tuple[str, str | None, str | None, str | None, str | None]]:
+        """``(build_id, key, before_tree, after_tree, log)`` of these builds' steps."""
+        out: list = []
+        for i in range(0, len(build_ids), 500):
+            chunk = build_ids[i : i + 500]
+            out += self._conn.execute(
+                "SELECT build_id, key, before_tree, after_tree, log FROM build_steps"
+                f" WHERE build_id IN ({', '.join('?' for _ in chunk)})",
+                chunk,
+            ).fetchall()
+        return [tuple(r) for r in out]
+
+    def delete_builds(self, build_ids: list[str]) -> None:
+        with self.transaction() as conn:
+            for i in range(0, len(build_ids), 500):
+                chunk = build_ids[i : i + 500]
+                marks = ", ".join("?" for _ in chunk)
+                conn.execute(f"DELETE FROM build_steps WHERE build_id IN ({marks})", chunk)
+                conn.execute(f"DELETE FROM build_notes WHERE build_id IN ({marks})", chunk)
+                conn.execute(f"DELETE FROM builds WHERE id IN ({marks})", chunk)

@@ -1,0 +1,312 @@
+"""Pins and out-links: the named and the path-shaped GC roots.
+
+A pin's TARGET (``amber pin add NAME TARGET``) is one of:
+
+- ``BUILD``, a build id (``amber builds``): its base, every step's state
+  before and after, every step's log and cached result, so that building
+  the same spec again stays all cache hits however much GC collects;
+- ``BUILD:STEP``: one step of a build, the same for that step only;
+- ``result:KEY``, or a bare ``KEY`` (64 hex digits) that names a result: a
+  cached step result, with its states and log;
+- ``tree:DIGEST``, or a bare ``DIGEST`` that is not a result key: a tree.
+
+A pin records the digests its target resolved to when it was made, so it
+keeps holding them even if the build record it came from is dropped later.
+Adding a pin under an existing NAME moves it; only the uid that made a pin,
+or root, may move or remove it.
+
+``amber build --pin NAME`` pins the build (as ``BUILD`` above) when it
+succeeds, whether its steps ran or were all cache hits. A build that fails
+or errors is not pinned, and NAME keeps pointing where it did (a CI branch
+pin stays on the last good build); frozen failures are kept by the
+retention policy, and ``amber pin add NAME BUILD`` pins one explicitly.
+
+``amber build --out-link PATH`` checks the final state (or the spec's
+``output`` directory in it) out at PATH, as the user who asked, without
+set-id bits, file capabilities or other ``security.*`` and ``trusted.*``
+xattrs, or device nodes (root may ask for all but ``trusted.*`` with
+``--out-link-privileged``), and records
+PATH as a root. PATH holds the checkout while it is the directory amber made
+(same device and inode, and the ``user.amber.out-link`` attribute naming
+the build); once it is deleted or replaced, the next GC drops the record and
+releases what it held. Building again with the same PATH replaces an
+out-link amber made; anything else at PATH is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
+
+from amber.client.errors import AmberError
+from amber.daemon.storage.db import BuildRecord, Database, OutLink, Pin
+from amber.sandbox import tree as treefmt
+from amber.sandbox.checkout import FOR_USER, PRIVILEGED, CheckoutError, checkout
+from amber.sandbox.fsidentity import filesystem_identity
+from amber.sandbox.store import Store
+
+if TYPE_CHECKING:
+    from amber.daemon.build.build import Build
+    from amber.daemon.context import DaemonContext
+
+TARGET_FORMS = (
+    "BUILD (a build id), BUILD:STEP (a step of it), result:KEY or KEY (a step key), "
+    "tree:DIGEST or DIGEST (a tree)"
+)
+OUT_LINK_XATTR = "user.amber.out-link"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
+
+
+@dataclass
+class PinRoots:
+    """What a pin holds, as hex digests and keys."""
+
+    trees: set[str] = field(default_factory=set)
+    blobs: set[str] = field(default_factory=set)
+    results: set[str] = field(default_factory=set)
+    builds: set[str] = field(default_factory=set)
+
+    def to_json(self) -> str:
+        return json.dumps({k: sorted(v) for k, v in asdict(self).items()})
+
+    def digests(self) -> tuple[set[bytes], set[bytes]]:
+        return {bytes.fromhex(t) for t in self.trees}, {bytes.fromhex(b) for b in self.blobs}
+
+
+def check_pin_name(name: str) -> str:
+    if not _NAME.fullmatch(name) or name != name.strip():
+        raise AmberError(
+            "bad-args",
+            "a pin name is 1 to 200 printable characters, without leading or trailing blanks",
+        )
+    return name
+
+
+def build_roots(db: Database, build_id: str) -> PinRoots:
+    """Everything a build's record names: base and final trees, every step's states, logs, results."""
+    roots = PinRoots(builds={build_id})
+    record = db.get_build(build_id)
+    if record is not None:
+        for value in (record.base_tree, record.final_tree):
+            if value:
+                roots.trees.add(value)
+    for _bid, key, before, after, log_digest in db.step_refs([build_id]):
+        _add_step(roots, db, key, before, after, log_digest)
+    return roots
+
+
+def _add_step(
+    roots: PinRoots,
+    db: Database,
+    key: str | None,
+    before: str | None,
+    after: str | None,
+    log_digest: str | None,
+) -> None:
+    roots.trees.update(t for t in (before, after) if t)
+    if log_digest:
+        roots.blobs.add(log_digest)
+    if key and after and db.get_result(key) is not None:
+        roots.results.add(key)
+
+
+def resolve_target(
+    db: Database, store: Store, target: str
+) -> tuple[str, str, BuildRecord | None, PinRoots]:
+    """``(kind, target, build record or None, roots)`` for a pin target.
+
+    Raises:
+        AmberError: ``bad-args`` for a target of no known form, ``not-found``
+            for one that names nothing, ``busy`` for a build still running.
+    """
+    text = target.strip()
+    prefix, _, rest = text.partition(":")
+    if prefix == "result" and _HEX64.fullmatch(rest):
+        return _result_target(db, rest)
+    if prefix == "tree" and _HEX64.fullmatch(rest):
+        return _tree_target(store, rest)
+    if _HEX64.fullmatch(text):
+        if db.get_result(text) is not None:
+            return _result_target(db, text)
+        return _tree_target(store, text)
+    build_id, _, step = text.partition(":")
+    record = db.get_build(build_id) if build_id else None
+    if record is None:
+        if prefix in ("result", "tree") or ":" in step:
+            raise AmberError("bad-args", f"pin target {target!r}: expected {TARGET_FORMS}")
+        raise AmberError(
+            "not-found",
+            f"pin target {target!r} names no build, result or tree (accepted: {TARGET_FORMS})",
+        )
+    if record.status in ("queued", "running"):
+        raise AmberError(
+            "busy",
+            f"build {record.id} is still {record.status}; pin it when it is done "
+            "(or build with --pin)",
+        )
+    if not step:
+        return "build", record.id, record, build_roots(db, record.id)
+    records = db.get_steps(record.id)
+    chosen = next((s for s in records if s.name == step), None)
+    if chosen is None:
+        names = ", ".join(s.name for s in records)
+        raise AmberError("not-found", f"build {record.id} has no step {step!r} (steps: {names})")
+    if not chosen.after_tree:
+        raise AmberError("not-found", f"step {step} of build {record.id} never finished")
+    roots = PinRoots(builds={record.id})
+    _add_step(roots, db, chosen.key, chosen.before_tree, chosen.after_tree, chosen.log)
+    return "step", f"{record.id}:{step}", record, roots
+
+
+def _result_target(db: Database, key: str) -> tuple[str, str, None, PinRoots]:
+    result = db.get_result(key)
+    if result is None:
+        raise AmberError("not-found", f"no cached result with key {key}")
+    roots = PinRoots(
+        trees={result.before_tree, result.after_tree}, blobs={result.log}, results={key}
+    )
+    return "result", f"result:{key}", None, roots
+
+
+def _tree_target(store: Store, digest: str) -> tuple[str, str, None, PinRoots]:
+    if not store.has_tree(bytes.fromhex(digest)):
+        raise AmberError("not-found", f"no tree {digest} in the store, nor a result with that key")
+    return "tree", f"tree:{digest}", None, PinRoots(trees={digest})
+
+
+def new_pin(name: str, kind: str, target: str, uid: int, roots: PinRoots) -> Pin:
+    return Pin(name=name, kind=kind, target=target, uid=uid, created=time.time(),
+               roots=roots.to_json())  # fmt: skip
+
+
+def check_pin_owner(db: Database, name: str, uid: int) -> None:
+    existing = db.get_pin(name)
+    if existing is not None and uid != 0 and existing.uid != uid:
+        raise AmberError("permission-denied", f"pin {name} belongs to uid {existing.uid}")
+
+
+def pin_summary(pin: Pin) -> dict:
+    return {"name": pin.name, "target": pin.target, "kind": pin.kind, "uid": pin.uid,
+            "created": pin.created}  # fmt: skip
+
+
+# -- after a successful build ------------------------------------------------------------
+
+
+async def on_success(ctx: DaemonContext, build: Build, tree: bytes) -> None:
+    """``--pin`` and ``--out-link`` of a build that succeeded (cache hits or not)."""
+    if not (build.pin or build.out_link):
+        return
+    roots = build_roots(ctx.db, build.id)
+    trees, blobs = roots.digests()
+    hold = ctx.roots.of_build(build.id)
+    with ctx.roots.hold(f"build {build.id} finishing") as extra:
+        # The build's own writer hold takes a checkpoint: what it just wrote
+        # is held (and back from quarantine) before anything is recorded.
+        if hold is not None:
+            await trio.to_thread.run_sync(hold.checkpoint, trees, blobs)
+        complete = await trio.to_thread.run_sync(extra.complete, trees, blobs)
+        if not complete:
+            raise AmberError(
+                "not-found",
+                f"build {build.id} succeeded but its states are not complete in the store "
+                "(objects removed behind amber's back?); not pinned, no out-link",
+            )
+        if build.pin:
+            check_pin_owner(ctx.db, build.pin, build.uid)
+            ctx.db.put_pin(new_pin(build.pin, "build", build.id, build.uid, roots))
+            build.note(f"pinned as {build.pin}")
+        if build.out_link:
+            await _out_link(ctx, build, tree)
+
+
+async def _out_link(ctx: DaemonContext, build: Build, tree: bytes) -> None:
+    path = os.path.normpath(build.out_link or "")
+    if not os.path.isabs(path) or path == "/":
+        raise AmberError("bad-args", f"--out-link must be an absolute path, got {path!r}")
+    output = build.spec.output
+    target = tree
+    if output and output != "/":
+        entry = await trio.to_thread.run_sync(
+            ctx.store.lookup_path, tree, output.strip("/").encode()
+        )
+        if entry is None or entry.kind != treefmt.DIR:
+            raise AmberError(
+                "not-found", f"the spec's output {output} is not a directory in the final state"
+            )
+        target = entry.ref
+    previous = ctx.db.get_out_link(path)
+    replaceable = previous is not None and out_link_alive(previous)
+    dev, ino = await trio.to_thread.run_sync(
+        _checkout_out_link, ctx.store, target, path, build, replaceable
+    )
+    ctx.db.put_out_link(
+        OutLink(path=path, build_id=build.id, tree=target.hex(), uid=build.uid, dev=dev,
+                ino=ino, created=time.time())
+    )  # fmt: skip
+    shown = f"{output} of the result" if target != tree else "the result"
+    build.note(f"checked {shown} out at {path}; gc keeps it while that directory exists")
+
+
+def _checkout_out_link(
+    store: Store, digest: bytes, path: str, build: Build, replaceable: bool
+) -> tuple[int, int]:
+    """Check ``digest`` out at ``path`` as the build's user; returns the directory's (dev, ino).
+
+    The checkout is made next to PATH and renamed into place, so PATH is
+    never half-written, and an out-link made earlier is replaced whole.
+    """
+    parent, name = os.path.split(path)
+    temp = os.path.join(parent, f".{name}.amber-{secrets.token_hex(4)}")
+    with filesystem_identity(build.uid, build.gid):
+        if os.path.lexists(path) and not replaceable:
+            raise AmberError(
+                "bad-args",
+                f"--out-link {path} exists and is not an out-link amber made; remove it or pick another path",
+            )
+        try:
+            # Root's own out-link too: a step's `chmod 4755` is no setuid-root file unless asked.
+            trust = PRIVILEGED if build.uid == 0 and build.out_link_privileged else FOR_USER
+            checkout(store, digest, temp, owners=False, trust=trust)
+            with contextlib.suppress(OSError):  # no user xattrs here: the inode alone tells
+                os.setxattr(temp, OUT_LINK_XATTR, build.id.encode())
+            if os.path.lexists(path):
+                old = f"{temp}.old"
+                os.rename(path, old)
+                os.rename(temp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(temp, path)
+        except (OSError, CheckoutError) as exc:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise AmberError("permission-denied" if isinstance(exc, PermissionError) else "not-found",
+                             f"--out-link {path}: {exc}") from None  # fmt: skip
+        st = os.lstat(path)
+    return st.st_dev, st.st_ino
+
+
+def out_link_alive(link: OutLink) -> bool:
+    """True while ``link.path`` is still the checkout amber made there."""
+    try:
+        st = os.lstat(link.path)
+    except OSError:
+        return False
+    if (st.st_dev, st.st_ino) != (link.dev, link.ino):
+        return False
+    try:
+        marker = os.getxattr(link.path, OUT_LINK_XATTR, follow_symlinks=False)
+    except OSError as exc:
+        # Made where user xattrs are not supported: the inode alone tells.
+        return exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP)
+    return marker == link.build_id.encode()
