@@ -31,6 +31,8 @@ class ErrorCode(StrEnum):
     INTERNAL = "internal"  # a bug in amberd; the details are in its log only
     PROTOCOL_VERSION = "protocol-version"  # no protocol version in common
     SANDBOX_FAILED = "sandbox-failed"  # a sandbox did not start (bwrap's message says why)
+    BAD_IMAGE = "bad-image"  # an image to import that amber cannot read
+    EXPORT_FAILED = "export-failed"  # an export that could not be written or sent
 
     # Framing errors: the connection is closed after one of these.
     FRAME_TOO_LARGE = "frame-too-large"

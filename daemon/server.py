@@ -3,8 +3,10 @@
 Each connection is read with ``recvmsg`` so that file descriptors passed
 with SCM_RIGHTS (``amber shell`` sends its terminal) are collected as they
 arrive. The peer's identity comes from SO_PEERCRED, never from the request.
-This module is the one place where exceptions become wire replies:
-``AmberError`` is sent as it is, a malformed frame closes that connection
+This module is the one place where exceptions become wire replies: a
+``DaemonError`` goes through ``errors.to_wire`` (the one table of wire
+codes), an ``AmberError`` from code not converted yet is sent as it is, a
+malformed frame closes that connection
 only, and anything unexpected is logged and answered with an opaque
 ``internal`` error; other clients never notice.
 """
@@ -38,6 +40,7 @@ from amber.client.protocol import (
     result_reply,
 )
 from amber.daemon.api.registry import Api
+from amber.daemon.errors import BadRequest, DaemonError, Internal, NotFound, to_wire
 from amber.sandbox.store import MissingObject
 
 log = logging.getLogger("amber.server")
@@ -79,8 +82,7 @@ class Connection:
 
     def take_fds(self, count: int) -> list[int]:
         if count > len(self.fds):
-            raise AmberError(
-                "bad-request",
+            raise BadRequest(
                 f"request announced {count} file descriptors, {len(self.fds)} arrived",
             )
         return [self.fds.popleft() for _ in range(count)]
@@ -157,11 +159,14 @@ async def serve_connection(api: Api, sock: trio.socket.SocketType, max_frame: in
 async def _hello(conn: Connection, message: dict) -> bool:
     try:
         if message.get("op") != "hello":
-            raise AmberError("bad-request", "the first message must be a hello")
+            raise BadRequest("the first message must be a hello")
         versions, _client = parse_hello(message)
         version = pick_version(versions)
     except AmberError as exc:
         await _send_quietly(conn, error_reply(request_id(message), exc))
+        return False
+    except DaemonError as exc:
+        await _send_quietly(conn, error_reply(request_id(message), to_wire(exc)))
         return False
     await conn.send(hello_reply(version, f"amberd/{__version__}"))
     return True
@@ -172,6 +177,8 @@ async def _dispatch(api: Api, conn: Connection, message: dict) -> None:
     try:
         request = parse_request(message)
         result = await api.handle(conn, request)
+    except DaemonError as exc:
+        await conn.send(error_reply(rid, to_wire(exc)))
     except AmberError as exc:
         await conn.send(error_reply(rid, exc))
     except ConnectionGone:
@@ -179,14 +186,12 @@ async def _dispatch(api: Api, conn: Connection, message: dict) -> None:
     except MissingObject as exc:
         # Collected by GC or deleted behind amber's back: the user's answer,
         # not amberd's bug.
-        await conn.send(
-            error_reply(rid, AmberError("not-found", f"{exc}; it was garbage-collected or removed"))
-        )
+        gone = NotFound(f"{exc}; it was garbage-collected or removed")
+        await conn.send(error_reply(rid, to_wire(gone)))
     except Exception:
         log.exception("request %r from uid %d failed", message.get("op"), conn.peer.uid)
-        await conn.send(
-            error_reply(rid, AmberError("internal", "amberd hit an internal error; see its log"))
-        )
+        bug = Internal("amberd hit an internal error; see its log")
+        await conn.send(error_reply(rid, to_wire(bug)))
     else:
         await conn.send(result_reply(request.id, result))
     finally:

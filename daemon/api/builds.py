@@ -1,6 +1,6 @@
 """Builds: ``build``, ``ps``, ``builds``, ``log``, ``cancel``, ``delete``, and the daemon's ``status``.
 
-Handlers raise ``AmberError`` for anything the user should see; a build is
+Handlers raise ``errors.DaemonError`` for anything the user should see; a build is
 acted on only by the uid that started it, or root (``Api.record``).
 """
 
@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from amber.client import __version__
-from amber.client.errors import AmberError
 from amber.daemon.api.operation import operation
 from amber.daemon.build.build import Build
 from amber.daemon.build.spec import Spec, SpecError, parse_spec
 from amber.daemon.context import DaemonContext
+from amber.daemon.errors import BadArgs, Busy, InvalidSpec, NotFound, PermissionDenied
 from amber.sandbox.digest import from_hex
 
 if TYPE_CHECKING:
@@ -30,11 +30,11 @@ if TYPE_CHECKING:
 def parse_spec_request(text: str, path: str) -> Spec:
     """A spec sent by a client, with errors as replies."""
     if not os.path.isabs(path):
-        raise AmberError("bad-args", f"spec_path must be absolute, got {path!r}")
+        raise BadArgs(f"spec_path must be absolute, got {path!r}")
     try:
         return parse_spec(text, path, Path(path).parent)
     except SpecError as exc:
-        raise AmberError("spec-error", str(exc)) from None
+        raise InvalidSpec(str(exc)) from None
 
 
 @operation(
@@ -52,22 +52,19 @@ def parse_spec_request(text: str, path: str) -> Spec:
 async def build(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
     how = args["export_on_failure"]
     if how not in (None, "oci", "docker-archive", "registry"):
-        raise AmberError(
-            "bad-args", f"export_on_failure must be oci, docker-archive or registry, not {how!r}"
-        )
+        raise BadArgs(f"export_on_failure must be oci, docker-archive or registry, not {how!r}")
     if how == "registry" and not args["export_ref"]:
-        raise AmberError("bad-args", "--export-on-failure registry needs --export-ref REF")
+        raise BadArgs("--export-on-failure registry needs --export-ref REF")
     if args["export_path"] is not None and not os.path.isabs(args["export_path"]):
-        raise AmberError("bad-args", f"export_path must be absolute, got {args['export_path']!r}")
+        raise BadArgs(f"export_path must be absolute, got {args['export_path']!r}")
     if args["out_link_privileged"]:
         if not conn.peer.is_root:
-            raise AmberError(
-                "permission-denied",
+            raise PermissionDenied(
                 "--out-link-privileged is for root only: an out-link for anyone else never "
                 "carries set-id bits, file capabilities or devices",
             )
         if not args["out_link"]:
-            raise AmberError("bad-args", "--out-link-privileged goes with --out-link PATH")
+            raise BadArgs("--out-link-privileged goes with --out-link PATH")
     spec = parse_spec_request(args["spec_text"], args["spec_path"])
     build = api.manager.submit(
         spec,
@@ -145,7 +142,7 @@ async def log(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any
             await api.send_event(conn, "note", {"message": message})
     steps = api.ctx.db.get_steps(record.id)
     if args["step"] is not None and args["step"] not in {s.name for s in steps}:
-        raise AmberError("not-found", f"build {record.id} has no step {args['step']!r}")
+        raise NotFound(f"build {record.id} has no step {args['step']!r}")
     for step in steps:
         if args["step"] is not None and step.name != args["step"]:
             continue
@@ -169,13 +166,11 @@ def read_partial_log(path: Path) -> bytes:
     except (FileNotFoundError, NotADirectoryError):
         return b""
     except OSError as exc:
-        raise AmberError(
-            "not-found", f"the log {path.name} cannot be read: {exc.strerror}"
-        ) from None
+        raise NotFound(f"the log {path.name} cannot be read: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-            raise AmberError("not-found", f"the log {path.name} is not a file amberd wrote")
+            raise NotFound(f"the log {path.name} is not a file amberd wrote")
         return f.read()
 
 
@@ -232,6 +227,6 @@ async def delete(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, 
     record = api.record(conn, args["build"])
     live = api.manager.get(record.id)
     if live is not None and not live.done.is_set():
-        raise AmberError("busy", f"build {record.id} is still {live.status}; cancel it first")
+        raise Busy(f"build {record.id} is still {live.status}; cancel it first")
     api.ctx.db.delete_build(record.id)
     return {"build": record.id, "deleted": True}

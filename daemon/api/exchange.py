@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from amber.client.errors import AmberError
 from amber.daemon.api.operation import operation
 from amber.daemon.build.buildid import make_build_id, safe_name
 from amber.daemon.build.frozen import FrozenState, resolve_state
 from amber.daemon.context import DaemonContext
+from amber.daemon.errors import BadArgs, ExportFailed, ImageError, NotFound, PermissionDenied
 from amber.daemon.oci.image import export_image, read_image
 from amber.daemon.oci.registry import push_image
 from amber.daemon.oci.spec import (
@@ -55,14 +55,12 @@ def image_layers(
     upto = state.step.idx if state.before else state.step.idx + 1
     base = state.build.base_tree or (steps[0].before_tree if steps else None)
     if base is None:
-        raise AmberError("not-found", f"build {state.build.id} never laid out its initial tree")
+        raise NotFound(f"build {state.build.id} never laid out its initial tree")
     layers: list[tuple[bytes | None, bytes]] = [(None, from_hex(base))]
     history = [f"amber: base {state.build.base} and sources"]
     for step in steps[:upto]:
         if not (step.before_tree and step.after_tree):
-            raise AmberError(
-                "not-found", f"step {step.name} of {state.build.id} has no recorded state"
-            )
+            raise NotFound(f"step {step.name} of {state.build.id} has no recorded state")
         layers.append((from_hex(step.before_tree), from_hex(step.after_tree)))
         history.append(f"amber: step {step.name} ({step.status})")
     return layers, history
@@ -114,19 +112,16 @@ async def _export_with(
     record = api.record(conn, args["build"])
     wanted = [args["output"] is not None, args["push"] is not None, args["stream"]]
     if sum(wanted) != 1:
-        raise AmberError(
-            "bad-args",
+        raise BadArgs(
             "give exactly one of an output file (-o), a registry reference (--push) "
             "or a stream (--to-engine)",
         )
     stream_fd = _stream_fd(fds) if args["stream"] else None
     tag = _engine_tag(args["tag"]) if args["tag"] is not None else None
     if tag is not None and stream_fd is None:
-        raise AmberError("bad-args", "a tag goes with a stream (--to-engine)")
+        raise BadArgs("a tag goes with a stream (--to-engine)")
     if args["format"] not in ("oci", "docker-archive"):
-        raise AmberError(
-            "bad-args", f"format must be oci or docker-archive, not {args['format']!r}"
-        )
+        raise BadArgs(f"format must be oci or docker-archive, not {args['format']!r}")
     state = resolve_state(api.ctx.db, record, step=args["step"], before=args["before"])
     result = await export_state(api.ctx, state, uid=conn.peer.uid, gid=conn.peer.gid, output=args["output"],
                                 fmt=args["format"], push=args["push"], insecure=args["insecure"],
@@ -141,10 +136,10 @@ def _stream_fd(fds: list[int]) -> int:
     the client could not reach itself.
     """
     if len(fds) != 1:
-        raise AmberError("bad-args", f"a stream export needs one descriptor, {len(fds)} came")
+        raise BadArgs(f"a stream export needs one descriptor, {len(fds)} came")
     mode = os.fstat(fds[0]).st_mode
     if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
-        raise AmberError("bad-args", "a stream export writes to a pipe or a socket only")
+        raise BadArgs("a stream export writes to a pipe or a socket only")
     return fds[0]
 
 
@@ -153,9 +148,9 @@ def _engine_tag(tag: str) -> str:
     try:
         ref = parse_reference(tag)
     except OciError as exc:
-        raise AmberError("bad-args", str(exc)) from None
+        raise BadArgs(str(exc)) from None
     if ref.digest:
-        raise AmberError("bad-args", f"{tag!r}: a tag names an image, a digest cannot")
+        raise BadArgs(f"{tag!r}: a tag names an image, a digest cannot")
     return tag if ref.tag else f"{tag}:latest"
 
 
@@ -176,9 +171,7 @@ async def export_state(
         # a GC running meanwhile cannot take a layer from under the writer.
         with ctx.roots.hold(f"export of {state.build.id}") as hold:
             if not hold.complete([after for _, after in layers]):
-                raise AmberError(
-                    "not-found", f"the state of {state.label} is no longer complete in the store"
-                )
+                raise NotFound(f"the state of {state.label} is no longer complete in the store")
             return write()
 
     def write() -> dict[str, Any]:
@@ -196,19 +189,17 @@ async def export_state(
                         "size": streamed.size}  # fmt: skip
             assert output is not None
             if not os.path.isabs(output):
-                raise AmberError("bad-args", f"output must be an absolute path, got {output!r}")
+                raise BadArgs(f"output must be an absolute path, got {output!r}")
             with filesystem_identity(uid, gid):
                 result = export_image(ctx.store, layers, config, Path(output), fmt, ref=ref)  # type: ignore[arg-type]
             return {"path": str(result.path), "digest": result.manifest_digest, "layers": len(layers),
                     "size": result.size, "name": result.name}  # fmt: skip
         except BrokenPipeError:
-            raise AmberError("export-failed", "the reader of the stream went away") from None
+            raise ExportFailed("the reader of the stream went away") from None
         except PermissionError as exc:
-            raise AmberError(
-                "permission-denied", f"cannot write {output}: {exc.strerror}"
-            ) from None
+            raise PermissionDenied(f"cannot write {output}: {exc.strerror}") from None
         except (OciError, OSError) as exc:
-            raise AmberError("export-failed", str(exc)) from None
+            raise ExportFailed(str(exc)) from None
 
     result = await trio.to_thread.run_sync(work)
     if note:
@@ -227,16 +218,16 @@ async def import_image(api: Api, conn: Connection, args: dict[str, Any]) -> dict
             hold.checkpoint(image.trees)  # held before the build record refers to them
             return image
         except PermissionError as exc:
-            raise AmberError("permission-denied", f"cannot read {source}: {exc.strerror}") from None
+            raise PermissionDenied(f"cannot read {source}: {exc.strerror}") from None
         except FileNotFoundError:
-            raise AmberError("not-found", f"no image at {source}") from None
+            raise NotFound(f"no image at {source}") from None
         except (OciError, OSError, ValueError) as exc:
-            raise AmberError("bad-image", f"{source}: {exc}") from None
+            raise ImageError(f"{source}: {exc}") from None
 
     with api.ctx.roots.writer(f"import of {source}") as hold:
         image = await trio.to_thread.run_sync(work)
         if len(image.trees) < 1:
-            raise AmberError("bad-image", f"{source} has no layers")
+            raise ImageError(f"{source} has no layers")
         record, steps = _frozen_records(api, image, source, conn.peer.uid)
         api.ctx.db.insert_build(record, steps)
     return {"build": record.id, "steps": [s.name for s in steps], "failed_step": record.failed_step}

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from amber.client.errors import AmberError, ErrorCode
 from amber.daemon.api.operation import operation
 from amber.daemon.build.bases import host_binds
 from amber.daemon.build.frozen import FrozenState, resolve_state
+from amber.daemon.errors import BadArgs, NotFound, SandboxFailed
 from amber.sandbox import tree as treefmt
 from amber.sandbox.beneath import exists_in_root, write_beneath
 from amber.sandbox.fscontrol import open_overlay
@@ -86,11 +86,9 @@ async def _run_shell(
     api: Api, conn: Connection, args: dict[str, Any], fds: list[int]
 ) -> dict[str, Any]:
     if len(fds) != 3:
-        raise AmberError(
-            "bad-args", "shell needs the terminal's stdin, stdout and stderr (3 descriptors)"
-        )
+        raise BadArgs("shell needs the terminal's stdin, stdout and stderr (3 descriptors)")
     if args["argv"] == []:
-        raise AmberError("bad-args", "argv must name a command (leave it out for a shell)")
+        raise BadArgs("argv must name a command (leave it out for a shell)")
     record = api.record(conn, args["build"])
     state = resolve_state(api.ctx.db, record, step=args["step"], before=args["before"])
     # A temp root for the shell's life, taken before the presence check: a GC
@@ -124,9 +122,7 @@ async def _run_shell(
             )
             await checked.wait()
             if not complete[0]:
-                raise AmberError(
-                    "not-found", f"the state of {state.label} is no longer complete in the store"
-                )
+                raise NotFound(f"the state of {state.label} is no longer complete in the store")
             user_uid = ids.to_host(0 if state.user == "root" else BUILD_UID)
             await trio.to_thread.run_sync(_seed_history, str(mnt.root), state, user_uid)
             interactive = args["argv"] is None
@@ -150,9 +146,7 @@ async def _run_shell(
             except CommandError as exc:
                 return _not_started(exc, state, fds[2])
             except SandboxError as exc:
-                raise AmberError(
-                    ErrorCode.SANDBOX_FAILED, f"the shell in {state.label} did not start: {exc}"
-                ) from exc
+                raise SandboxFailed(f"the shell in {state.label} did not start: {exc}") from exc
     return {"exit_code": code}
 
 

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from amber.client.errors import AmberError
 from amber.daemon.api.operation import operation
 from amber.daemon.build.bases import resolve_base
+from amber.daemon.errors import BadArgs, Busy, NotFound, PermissionDenied
 
 if TYPE_CHECKING:
     from amber.daemon.api.registry import Api
@@ -26,12 +26,11 @@ if TYPE_CHECKING:
 async def image_import(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
     name, source = args["name"], args["source"]
     if not name or name.startswith(("dir:", "oci:", "tree:")) or name == "host" or "\0" in name:
-        raise AmberError("bad-args", f"image name {name!r} is reserved or empty")
+        raise BadArgs(f"image name {name!r} is reserved or empty")
     existing = api.ctx.db.get_image(name)
     if existing is not None and not conn.peer.is_root and existing.get("uid") != conn.peer.uid:
         owner = existing.get("uid")
-        raise AmberError(
-            "permission-denied",
+        raise PermissionDenied(
             f"image {name} belongs to {'root' if owner is None else f'uid {owner}'}; "
             "import yours under another name",
         )
@@ -63,20 +62,17 @@ async def image_rm(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str
     db, name = api.ctx.db, args["name"]
     image = db.get_image(name)
     if image is None:
-        raise AmberError("not-found", f"no image {name!r} (see `amber image ls`)")
+        raise NotFound(f"no image {name!r} (see `amber image ls`)")
     owner = image.get("uid")
     if not conn.peer.is_root and owner != conn.peer.uid:
         who = "root" if owner is None else f"uid {owner}"
-        raise AmberError("permission-denied", f"image {name} belongs to {who}")
+        raise PermissionDenied(f"image {name} belongs to {who}")
     for build in api.manager.running():
         if str(build.spec.base) == name:
-            raise AmberError(
-                "busy", f"image {name} is the base of build {build.id}, which is {build.status}"
-            )
+            raise Busy(f"image {name} is the base of build {build.id}, which is {build.status}")
     pin = _pin_using(api, name, image["tree"])
     if pin is not None:
-        raise AmberError(
-            "busy",
+        raise Busy(
             f"image {name} is used by pin {pin[0]} ({pin[1]}); `amber pin rm {pin[0]}` first",
         )
     db.delete_image(name)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from amber.client.errors import AmberError
 from amber.client.protocol import Request, event
 from amber.client.validate import validate_args
 from amber.daemon.api import builds, exchange, frozen, images, show, sources, store
 from amber.daemon.api.operation import Operation
+from amber.daemon.errors import NotFound, PermissionDenied, UnknownOperation
 
 if TYPE_CHECKING:
     from amber.daemon.build.manager import BuildManager
@@ -64,7 +64,7 @@ class Api:
     async def handle(self, conn: Connection, request: Request) -> dict[str, Any]:
         op = OPERATIONS.get(request.op)
         if op is None:
-            raise AmberError("unknown-op", f"unknown operation {request.op!r}")
+            raise UnknownOperation(f"unknown operation {request.op!r}")
         args = validate_args(request.args, op.schema)
         conn.request_id = request.id
         conn.request_fds = request.fds
@@ -76,9 +76,9 @@ class Api:
         """The build named ``build_id``, if the caller may act on it."""
         record = self.ctx.db.get_build(build_id)
         if record is None:
-            raise AmberError("not-found", f"no build {build_id!r} (see `amber builds`)")
+            raise NotFound(f"no build {build_id!r} (see `amber builds`)")
         if not conn.peer.is_root and record.uid != conn.peer.uid:
-            raise AmberError("permission-denied", f"build {build_id} belongs to uid {record.uid}")
+            raise PermissionDenied(f"build {build_id} belongs to uid {record.uid}")
         return record
 
     async def send_event(self, conn: Connection, name: str, data: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ from amber.daemon.build.frozen import resolve_state
 from amber.daemon.build.sources import lay_out
 from amber.daemon.build.spec import Spec, SpecError, spec_from_dict
 from amber.daemon.build.stamps import check_tree
+from amber.daemon.errors import BadArgs, DaemonError, Internal, NotFound
 from amber.daemon.storage.db import BuildRecord
 from amber.sandbox.digest import from_hex
 
@@ -46,10 +47,10 @@ async def verify(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, 
     spec_text, spec_path, build = args["spec_text"], args["spec_path"], args["build"]
     if build is not None:
         if spec_text is not None or spec_path is not None:
-            raise AmberError("bad-args", "verify takes a build or a spec, not both")
+            raise BadArgs("verify takes a build or a spec, not both")
         return await _verify_build(api, api.record(conn, build))
     if spec_text is None or spec_path is None:
-        raise AmberError("bad-args", "verify needs build, or spec_text and spec_path")
+        raise BadArgs("verify needs build, or spec_text and spec_path")
     result = await _verify_spec(api, conn, parse_spec_request(spec_text, spec_path), spec_path)
     for message in result["notes"]:
         await api.send_event(conn, "note", {"message": message})
@@ -98,8 +99,7 @@ async def _verify_build(api: Api, record: BuildRecord) -> dict[str, Any]:
     tree, label = _state_of(api, record)
     document = json.loads(record.spec)
     if "imported_from" in document:
-        raise AmberError(
-            "not-found",
+        raise NotFound(
             f"build {record.id} was imported from an image: its spec (sources and stamp "
             "rules) did not come with it, so there is nothing to verify it against",
         )
@@ -111,18 +111,14 @@ async def _verify_build(api: Api, record: BuildRecord) -> dict[str, Any]:
             Path(record.spec_path).parent,
         )
     except SpecError as exc:
-        raise AmberError(
-            "internal", f"the spec of build {record.id} no longer reads: {exc}"
-        ) from None
+        raise Internal(f"the spec of build {record.id} no longer reads: {exc}") from None
     keep = [s.get("dest") for s in document.get("source", [])]
     keep += [s["stamp"] for s in document.get("source", []) if s.get("stamp")]
     store = api.ctx.store
 
     def work() -> list[dict[str, Any]]:
         if not store.has_tree(tree):
-            raise AmberError(
-                "not-found", f"the {label} of build {record.id} is no longer in the store"
-            )
+            raise NotFound(f"the {label} of build {record.id} is no longer in the store")
         findings = check_tree(store, tree, spec.workdir, spec.stamps, keep=[k for k in keep if k])
         return [finding.to_dict() for finding in findings]
 
@@ -142,7 +138,7 @@ def _state_of(api: Api, record: BuildRecord) -> tuple[bytes, str]:
         return from_hex(record.final_tree), "final state"
     try:
         state = resolve_state(api.ctx.db, record, step=None, before=False)
-    except AmberError:
+    except (AmberError, DaemonError):  # build/frozen.py raises either until phase B
         if record.base_tree:
             return from_hex(record.base_tree), "initial state"
         raise

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from amber.client.errors import AmberError
 from amber.daemon.api.operation import operation
+from amber.daemon.errors import BadArgs, NotFound, PermissionDenied
 from amber.daemon.storage.gc import GcOptions
 from amber.daemon.storage.pins import (
     check_pin_name,
@@ -41,8 +41,7 @@ async def pin_add(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str,
     # between the completeness check and the pin's record.
     with ctx.roots.hold(f"pin {name}") as hold:
         if not await trio.to_thread.run_sync(hold.complete, trees, blobs):
-            raise AmberError(
-                "not-found",
+            raise NotFound(
                 f"{target} is no longer complete in the store (collected, or removed behind "
                 "amber's back); rebuild it, then pin the new build",
             )
@@ -55,7 +54,7 @@ async def pin_add(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str,
 async def pin_rm(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
     pin = api.ctx.db.get_pin(args["name"])
     if pin is None:
-        raise AmberError("not-found", f"no pin {args['name']!r} (see `amber pin ls`)")
+        raise NotFound(f"no pin {args['name']!r} (see `amber pin ls`)")
     check_pin_owner(api.ctx.db, pin.name, conn.peer.uid)
     api.ctx.db.delete_pin(pin.name)
     return pin_summary(pin)
@@ -75,10 +74,9 @@ async def gc(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]
     config = api.ctx.config
     keep = config.keep_failed_days if args["keep_failed_days"] is None else args["keep_failed_days"]
     if keep < 0 or (args["max_freed"] is not None and args["max_freed"] < 0):
-        raise AmberError("bad-args", "--keep-failed and --max-freed cannot be negative")
+        raise BadArgs("--keep-failed and --max-freed cannot be negative")
     if keep < config.keep_failed_days and not conn.peer.is_root:
-        raise AmberError(
-            "permission-denied",
+        raise PermissionDenied(
             f"only root may keep frozen failures for less than the configured "
             f"{config.keep_failed_days:g} days",
         )

@@ -34,6 +34,7 @@ from amber.daemon.build.keys import initial_key, step_key
 from amber.daemon.build.sources import lay_out
 from amber.daemon.build.stepio import StepLog, run_sandboxed
 from amber.daemon.context import DaemonContext
+from amber.daemon.errors import DaemonError
 from amber.daemon.storage.db import BuildRecord, Result, StepRecord
 from amber.daemon.storage.roots import build_state
 from amber.sandbox.digest import from_hex
@@ -81,7 +82,7 @@ class Executor:
         except trio.Cancelled:
             self._errored("cancelled" if b.cancelled else "the daemon is stopping")
             raise
-        except AmberError as exc:
+        except (AmberError, DaemonError) as exc:
             self._errored(exc.message)
         except (FilesystemError, StoreError, SandboxError, OSError) as exc:
             log.exception("build %s: infrastructure failure", b.id)

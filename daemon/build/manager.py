@@ -13,12 +13,12 @@ import time
 
 import trio
 
-from amber.client.errors import AmberError
 from amber.daemon.build.build import Build
 from amber.daemon.build.buildid import make_build_id
 from amber.daemon.build.executor import Executor, new_build_records
 from amber.daemon.build.spec import Spec
 from amber.daemon.context import DaemonContext
+from amber.daemon.errors import Busy
 
 log = logging.getLogger("amber.manager")
 
@@ -33,7 +33,7 @@ class BuildManager:
 
     def submit(self, spec: Spec, spec_path: str, *, uid: int, gid: int, **options) -> Build:
         if not self.accepting:
-            raise AmberError("busy", "amberd is shutting down; try again when it is back")
+            raise Busy("amberd is shutting down; try again when it is back")
         seq = self.ctx.db.next_seq()
         build = Build(
             id=make_build_id(spec.name, seq),
