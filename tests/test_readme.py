@@ -88,18 +88,20 @@ def usage_lines() -> dict[tuple[str, ...], str]:
     return out
 
 
+def _in_repository(name: str) -> bool:
+    """A file or folder, or a module named without its .py (``sandbox/runner``,
+    ``sandbox/fscontrol.open_overlay``)."""
+    name = name.rstrip(".")
+    module = name.split(".", 1)[0]
+    return any((REPO / n).exists() for n in (name, name + ".py", module + ".py"))
+
+
 def test_every_file_the_readme_names_exists() -> None:
     linked = re.findall(r"\]\(([^)#]+)\)", README)
     named = re.findall(
         r"(?<![\w/.-])((?:scripts|systemd|examples|tests|client|daemon|sandbox)/[\w./-]+)", README
     )
-    missing = sorted(
-        {
-            p.rstrip(".")
-            for p in linked + named
-            if "://" not in p and not (REPO / p.rstrip(".")).exists()
-        }
-    )
+    missing = sorted({p for p in linked + named if "://" not in p and not _in_repository(p)})
     assert not missing, f"the README names files that are not in the repository: {missing}"
 
 
