@@ -331,18 +331,13 @@ def _check_state_filesystem(config: Config) -> Check:
     from the group's start, on every file it creates. amberd deletes each
     build's upper directory when the build ends, in the same inode groups
     the next build's upper gets, so a step creating 20,000 files after one
-    that did took 15 s instead of 1 s here (issue 14; README "Performance").
+    that did took 15 s instead of 1 s here (issue 14; README "Benchmarks").
     """
     where = _existing_ancestor(config.state_dir)
-    device = _block_device_name(where)
-    ext4 = Path("/sys/fs/ext4") / device if device else None
-    if ext4 is None or not ext4.is_dir():
+    device, journal = ext4_journal(where)
+    if device is None:
         return Check("state-fs", True, f"{where} is not on ext4 (no ext4 no-journal slowdown)")
-    try:
-        task = (ext4 / "journal_task").read_text().strip()
-    except OSError:  # older kernels: jbd2 lists the journals it runs
-        task = "" if any(Path("/proc/fs/jbd2").glob(f"{device}-*")) else "<none>"
-    if task != "<none>":
+    if journal:
         return Check("state-fs", True, f"{where} is on ext4 ({device}) with a journal")
     return Check(
         "state-fs",
@@ -353,6 +348,18 @@ def _check_state_filesystem(config: Config) -> Check:
         "unmounted) or put the state directory on another filesystem",
         warn=True,
     )
+
+
+def ext4_journal(path: Path) -> tuple[str | None, bool]:
+    """(block device name, has a journal) when ``path`` is on ext4; (None, False) if not."""
+    device = _block_device_name(path)
+    ext4 = Path("/sys/fs/ext4") / device if device else None
+    if device is None or ext4 is None or not ext4.is_dir():
+        return None, False
+    try:
+        return device, (ext4 / "journal_task").read_text().strip() != "<none>"
+    except OSError:  # older kernels: jbd2 lists the journals it runs
+        return device, any(Path("/proc/fs/jbd2").glob(f"{device}-*"))
 
 
 def _block_device_name(path: Path) -> str | None:
