@@ -313,7 +313,7 @@ def _hints(pairs: list[tuple[str, str]]) -> list[str]:
 def build_json(result: Mapping[str, Any]) -> dict[str, Any]:
     """The ``--json`` object for one build: the documented keys, steps normalised."""
     steps = [
-        {k: s.get(k) for k in ("name", "status", "exit_code", "seconds")}
+        {k: s.get(k) for k in ("name", "status", "exit_code", "seconds", "snapshot_seconds")}
         for s in result.get("steps") or []
         if isinstance(s, dict)
     ]

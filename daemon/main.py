@@ -322,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
         first = report.failures[0]
         notifier.status(f"preflight failed: {first.name}: {first.message}")
         fail("\n".join(f"cannot start: {c.name}: {c.message}" for c in report.failures), EX_CONFIG)
+    for check in report.warnings:
+        log.warning("preflight: %s: %s", check.name, check.message)
     log.info("preflight passed; build roots: mode %s", report.root_mode)
     try:
         trio.run(functools.partial(run_daemon, config, notifier=notifier))

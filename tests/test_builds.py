@@ -74,6 +74,21 @@ def test_rebuild_runs_nothing_and_changing_step_3_reruns_3_to_5(amberd: Daemon):
     assert statuses(changed) == ["cached", "cached", "ran", "ran", "ran"]
 
 
+def test_json_reports_the_snapshot_apart_from_the_step(amberd: Daemon):
+    """What a step cost in the sandbox and what snapshotting its files cost are two numbers."""
+    spec = write_spec(
+        amberd.root / "snap", FIVE_STEPS.format(s3="seq 1 300 | xargs touch", extra="")
+    )
+    code, first = amberd.build_json(spec)
+    assert code == 0 and statuses(first) == ["ran"] * 5
+    for step in first["steps"]:
+        assert isinstance(step["seconds"], float) and isinstance(step["snapshot_seconds"], float)
+        assert step["snapshot_seconds"] > 0
+    code, again = amberd.build_json(spec)
+    assert code == 0 and statuses(again) == ["cached"] * 5
+    assert [s["snapshot_seconds"] for s in again["steps"]] == [None] * 5  # nothing snapshotted
+
+
 def test_real_c_project_on_the_host_base(amberd: Daemon):
     tarball = source_tarball("zlib")
     directory = amberd.root / "zlib"

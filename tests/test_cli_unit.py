@@ -169,7 +169,10 @@ def steps_result(build: str, status: str, steps: list[tuple[str, str, int | None
         "frozen": status == "failed",
         "failed_step": failed,
         "error": None,
-        "steps": [{"name": n, "status": s, "exit_code": c, "seconds": 0.5} for n, s, c in steps],
+        "steps": [
+            {"name": n, "status": s, "exit_code": c, "seconds": 0.5, "snapshot_seconds": 0.25}
+            for n, s, c in steps
+        ],
     }
 
 
@@ -485,8 +488,20 @@ def test_build_json_prints_one_object_per_build_and_nothing_else(capsys, daemon,
     first, second = (json.loads(line) for line in lines)
     assert first["build"] == "b1" and first["status"] == "failed"
     assert first["steps"] == [
-        {"name": "extract", "status": "ran", "exit_code": 0, "seconds": 0.5},
-        {"name": "make", "status": "failed", "exit_code": 2, "seconds": 0.5},
+        {
+            "name": "extract",
+            "status": "ran",
+            "exit_code": 0,
+            "seconds": 0.5,
+            "snapshot_seconds": 0.25,
+        },
+        {
+            "name": "make",
+            "status": "failed",
+            "exit_code": 2,
+            "seconds": 0.5,
+            "snapshot_seconds": 0.25,
+        },
     ]
     assert second["status"] == "success"
     assert "[zlib] step make: failed" in err  # progress goes to stderr
@@ -780,7 +795,9 @@ def test_build_json_keeps_only_the_documented_step_keys():
     result["steps"][0]["extra"] = "x"
     shaped = build_json(result)
     assert shaped["build"] == "b1" and shaped["status"] == "success"
-    assert shaped["steps"] == [{"name": "a", "status": "ran", "exit_code": 0, "seconds": 0.5}]
+    assert shaped["steps"] == [
+        {"name": "a", "status": "ran", "exit_code": 0, "seconds": 0.5, "snapshot_seconds": 0.25}
+    ]
 
 
 def test_render_diff():

@@ -3,11 +3,13 @@ with the real amberd."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,10 +28,10 @@ def amberd(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
 
 
 def check_lines(out: str) -> dict[str, tuple[str, str]]:
-    """``amberd --check``'s lines: check name -> (ok or FAIL, sentence)."""
+    """``amberd --check``'s lines: check name -> (ok, warn or FAIL, sentence)."""
     found = {}
     for line in out.splitlines():
-        m = re.match(r"^(ok|FAIL) +([^:]+): (.*)$", line)
+        m = re.match(r"^(ok|warn|FAIL) +([^:]+): (.*)$", line)
         assert m, f"not a check line: {line!r}"
         found[m.group(2)] = (m.group(1), m.group(3))
     return found
@@ -111,6 +113,42 @@ def test_too_little_free_space_is_refused(daemon_root: Path):
     config.write_text("preflight-min-free = 0\n")
     check = amberd("--check", "--config", str(config), "--state-dir", str(d.state))
     assert check.returncode == 0, check.stdout
+
+
+@contextlib.contextmanager
+def ext4_image(where: Path, *mkfs_options: str) -> Iterator[Path]:
+    """A small ext4 filesystem made with ``mkfs.ext4 OPTIONS``, loop-mounted at ``where``."""
+    image = where.with_suffix(".img")
+    with open(image, "wb") as f:
+        f.truncate(1536 << 20)  # sparse; above preflight-min-free (1G)
+    subprocess.run(["mkfs.ext4", "-q", "-F", *mkfs_options, str(image)], check=True)
+    where.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+        image.unlink()
+
+
+def test_a_state_dir_on_ext4_without_a_journal_is_a_warning(daemon_root: Path):
+    """Builds creating many files crawl there after deletions; the admin is told, not refused."""
+    with ext4_image(daemon_root / "nojournal", "-O", "^has_journal") as fs:
+        check = amberd("--check", "--state-dir", str(fs / "state"))
+        assert check.returncode == 0, check.stdout
+        status, sentence = check_lines(check.stdout)["state-fs"]
+        assert status == "warn" and "without a journal" in sentence
+        assert "tune2fs -O has_journal" in sentence
+        d = Daemon(fs)
+        d.start()
+        d.stop()
+        log = d.log.read_text()
+        assert re.search(r"WARNING amber: preflight: state-fs: .* without a journal", log), log
+    with ext4_image(daemon_root / "journal") as fs:
+        check = amberd("--check", "--state-dir", str(fs / "state"))
+        assert check.returncode == 0, check.stdout
+        status, sentence = check_lines(check.stdout)["state-fs"]
+        assert status == "ok" and "with a journal" in sentence
 
 
 def test_check_as_another_user_fails_on_root_and_print_config_works(daemon_root: Path):

@@ -38,6 +38,8 @@ class StepState:
     exit_code: int | None = None
     seconds: float | None = None
     started: float | None = None
+    #: The snapshot after the step, apart from ``seconds`` (the step's own run).
+    snapshot_seconds: float | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -45,7 +47,12 @@ class StepState:
             "status": self.status,
             "exit_code": self.exit_code,
             "seconds": None if self.seconds is None else round(self.seconds, 3),
+            "snapshot_seconds": _rounded(self.snapshot_seconds),
         }
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 @dataclass

@@ -285,7 +285,8 @@ class Executor:
             note=note, started=step.started,
         )  # fmt: skip
         b.emit("step", {"index": index, "name": step.name, "status": status, "exit_code": result.exit_code,
-                        "seconds": step.seconds, "note": note})  # fmt: skip
+                        "seconds": step.seconds, "snapshot_seconds": step.snapshot_seconds,
+                        "note": note})  # fmt: skip
 
     async def _replay_failure(self, index: int, hit: Result) -> None:
         b = self.build
@@ -365,6 +366,7 @@ class Executor:
             step_log.discard()
             raise BuildErrored(f"step {step.name} timed out after {step.timeout:g} s")
         snap = await mount.snapshot()
+        state.snapshot_seconds = snap.stats.seconds
         self.mount_tree = snap.tree
         log_digest = await trio.to_thread.run_sync(step_log.store, self.ctx.store)
         failed = outcome.exit_code != 0

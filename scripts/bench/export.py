@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 
 from amberd_process import Daemon, cleanup_root, make_root  # noqa: E402
+from common import Session  # noqa: E402
 from rootfs import make_busybox_root  # noqa: E402
 
 from amber.sandbox.checkout import checkout  # noqa: E402
@@ -199,6 +200,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     root = make_root()
     daemon = Daemon(root, jobs=2)
+    session = Session("export.py").begin()
     try:
         print(f"state root {root}", flush=True)
         daemon.start()
@@ -248,9 +250,7 @@ def main() -> None:
         ratio = statistics.median(e[0] / t[0] for e, t in pairs)
         cpu_ratio = statistics.median(e[1] / t[1] for e, t in pairs)
         print()
-        print(
-            f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs"
-        )
+        session.end()
         print(
             f"amber export  median {export_med:.2f} s  {export_size} bytes "
             f"({export_size / MiB:.0f} MiB, {export_size / MiB / export_med:.0f} MiB/s)"
@@ -272,7 +272,7 @@ def main() -> None:
             f"min {min(shell_wall):.3f} s  max {max(shell_wall):.3f} s  over {len(shells)} runs, "
             f"cpu median {statistics.median(c for _, c in shells):.3f} s  (target < 0.3 s)"
         )
-        print(f"RESULT export_ratio {ratio:.3f}")
+        session.ratio("export_ratio", ratio, "tar -cf", [t[0] for _, t in pairs])
     finally:
         # Cleanup must not be cut short by a second Ctrl-C.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -284,6 +284,7 @@ def main() -> None:
             left = cleanup_root(root)
             if left:
                 print(f"unmounted leftovers: {left}", file=sys.stderr)
+    session.finish()
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
+from common import Session
 
 from amber.sandbox import tree as treefmt
 from amber.sandbox.fscontrol import Snapshot, open_overlay
@@ -487,7 +488,7 @@ def load_note() -> str:
     return f"load average {load:.2f} on {cores} CPUs{busy}"
 
 
-def print_summary(results: Results, big: BigTreeRun, load_before: str) -> float:
+def print_summary(results: Results, big: BigTreeRun, load_before: str) -> tuple[float, list[float]]:
     plain, amber = results.plain, results.amber
     med = statistics.median
     ratio = med(results.ratios())
@@ -528,7 +529,7 @@ def print_summary(results: Results, big: BigTreeRun, load_before: str) -> float:
         f"stat of {big.files_statted} files {big.stat_seconds:.2f} s)"
     )
     print_cost_breakdown(results)
-    return ratio
+    return ratio, [p.total for p in plain]
 
 
 def print_cost_breakdown(results: Results) -> None:
@@ -577,7 +578,9 @@ def print_fuse_ops(results: Results) -> None:
 # -- main --------------------------------------------------------------------------------
 
 
-async def benchmark(args: argparse.Namespace, rootfs: Path, tarball: Path, work: Path) -> float:
+async def benchmark(
+    args: argparse.Namespace, rootfs: Path, tarball: Path, work: Path
+) -> tuple[float, list[float]]:
     load_before = load_note()
     store, tree, seconds = await trio.to_thread.run_sync(import_rootfs, work / "state", rootfs)
     print(f"import of the rootfs into a fresh store: {seconds:.2f} s ({tree.hex()[:16]})")
@@ -599,9 +602,9 @@ async def benchmark(args: argparse.Namespace, rootfs: Path, tarball: Path, work:
 
 async def run_until_signal(
     args: argparse.Namespace, rootfs: Path, tarball: Path, work: Path
-) -> float | None:
+) -> tuple[float, list[float]] | None:
     """The benchmark, cancelled cleanly (mounts undone) on SIGINT/SIGTERM."""
-    outcome: list[float] = []
+    outcome: list[tuple[float, list[float]]] = []
 
     async def watch_signals(scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -633,17 +636,20 @@ def main() -> None:
     rootfs, tarball = ensure_fixtures()
     work = Path(tempfile.mkdtemp(prefix="amber-bench-fs-", dir=args.work_dir))
     print(f"rootfs {rootfs}\ntarball {tarball}\nwork {work}", flush=True)
+    session = Session("fs.py").begin()
     try:
-        ratio = trio.run(run_until_signal, args, rootfs, tarball, work)
+        outcome = trio.run(run_until_signal, args, rootfs, tarball, work)
     finally:
         if args.keep:
             unmount_all_under(work)
             print(f"kept {work}", file=sys.stderr)
         else:
             remove_tree(work)
-    if ratio is None:
+    if outcome is None:
         sys.exit(130)
-    print(f"RESULT fs_build_ratio {ratio:.3f}")
+    session.end()
+    session.ratio("fs_build_ratio", outcome[0], "plain build", outcome[1])
+    session.finish()
 
 
 if __name__ == "__main__":

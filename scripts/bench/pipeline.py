@@ -1,23 +1,32 @@
 #!/usr/bin/env python3
 """Benchmark: the same zlib build as a plain script, as `amber build` cold and fully cached.
 
-    python scripts/bench/pipeline.py [--runs N] [--concurrent 20]
+    python scripts/bench/pipeline.py [--runs N] [--cached-runs N] [--concurrent 20]
 
-All in one run, alternating, on this machine's tools (the ``host`` base):
+All in one run, alternating, on two bases: this machine's tools (``host``)
+and the Debian buildd rootfs of ``scripts/make-rootfs`` imported as an
+image (``amber image import bench-buildd dir:PATH``, as a user would):
 
 1. plain: ``tar xf; ./configure; make -j2`` in a fresh directory;
 2. amber cold: ``amber build`` of a spec with the same three steps, with a
    fresh key salt each run so nothing is cached (mount, sandbox, snapshots
-   and result recording are all in the time);
+   and result recording are all in the time), on the host base, then on
+   the rootfs image (another toolchain: printed beside the plain script,
+   not a RESULT);
 3. amber cached: ``amber build`` of an unchanged spec, end to end (a new
-   `amber` process each time, as a user types it);
-4. podman build of the same steps, when podman and the benchmark rootfs
-   (scripts/make-rootfs) are there: one layer per step, cold.
+   `amber` process each time, as a user types it), on each base;
+4. client start: ``amber --version`` beside ``python -S -c pass`` (the
+   interpreter's own start, the floor for a Python command), alternating;
+5. podman build of the same steps, when podman and the rootfs are there:
+   one layer per step, cold.
 
 Then 20 builds at once, sampling amberd's peak memory (VmHWM of the daemon
-process only; filesystem processes are separate processes). The last two
-lines are ``RESULT cold_ratio <x>`` and ``RESULT cached_seconds <s>``.
-Targets: cold at most 1.10 of the plain script, cached at most 0.15 s.
+process only; filesystem processes are separate processes). The load
+average is printed before and after (common.py). The RESULT lines:
+``cold_ratio`` (host base vs the plain script; refused, NORESULT, when the
+plain script's runs spread by more than 25 %), ``cached_seconds_rootfs``,
+``cached_seconds_host`` and ``client_start_seconds`` (medians). Targets:
+cold at most 1.10 of the plain script, cached at most 0.15 s.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ sys.path.insert(0, str(REPO / "tests"))
 BIN = Path(sys.executable).parent
 
 from amberd_process import Daemon  # noqa: E402
+from common import Session  # noqa: E402
 from sources import cache_dir, source_tarball  # noqa: E402
 
 STEPS = [
@@ -48,9 +58,12 @@ STEPS = [
 ]
 
 
-def spec_text(salt: str) -> str:
+ROOTFS_IMAGE = "bench-buildd"
+
+
+def spec_text(salt: str, base: str = "host") -> str:
     steps = "".join(f'\n[[step]]\nname = "{n}"\nrun = "{r}"\n' for n, r in STEPS)
-    return f'[build]\nname = "zlib-bench"\nbase = "host"\nkey_salt = "{salt}"\n\n[[source]]\npath = "zlib.tar.bz2"\n{steps}'
+    return f'[build]\nname = "zlib-bench"\nbase = "{base}"\nkey_salt = "{salt}"\n\n[[source]]\npath = "zlib.tar.bz2"\n{steps}'
 
 
 def timed(cmd: list[str], **kwargs) -> float:
@@ -109,69 +122,134 @@ def concurrent_builds(daemon: Daemon, root: Path, tarball: Path, count: int) -> 
     return time.perf_counter() - started, peak_rss(daemon.process.pid)
 
 
+def buildd_rootfs() -> Path | None:
+    """Whichever release scripts/make-rootfs made, if it made one."""
+    made = sorted((cache_dir() / "rootfs").glob("*-buildd/.amber-rootfs-complete"))
+    return made[0].parent if made else None
+
+
+def client_start(runs: int) -> tuple[list[float], list[float]]:
+    """``amber --version`` and ``python -S -c pass``, alternating: seconds of each."""
+    amber, python = [], []
+    for _ in range(runs):
+        python.append(timed([sys.executable, "-S", "-c", "pass"]))
+        amber.append(timed([str(BIN / "amber"), "--version"]))
+    return amber, python
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--cached-runs", type=int, default=10)
-    parser.add_argument("--concurrent", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=3, help="cold pairs (default 3)")
+    parser.add_argument("--cached-runs", type=int, default=10,
+                        help="cached rebuilds and client starts per base (default 10)")  # fmt: skip
+    parser.add_argument("--concurrent", type=int, default=20,
+                        help="builds at once for the memory figure (default 20; 0 skips)")  # fmt: skip
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root")
+    if args.runs < 1 or args.cached_runs < 1:
+        raise SystemExit("pipeline.py: --runs and --cached-runs must be at least 1")
 
     tarball = source_tarball("zlib")
+    rootfs = buildd_rootfs()
     root = Path(tempfile.mkdtemp(prefix="amber-bench-", dir="/var/tmp"))
     os.chmod(root, 0o755)
     daemon = Daemon(root, jobs=4)
-    daemon.start()
-    try:
-        spec_dir = root / "spec"
-        spec_dir.mkdir()
-        os.link(tarball, spec_dir / "zlib.tar.bz2")
-        spec = spec_dir / "spec.toml"
-        rows = []
-        for run in range(args.runs):
-            p = plain_run(tarball)
-            spec.write_text(spec_text(f"cold-{uuid.uuid4()}"))
-            a = amber_run(daemon, spec)
-            rows.append((p, a))
-            print(
-                f"pair {run + 1}: plain {p:.2f} s, amber cold {a:.2f} s, ratio {a / p:.3f}",
-                flush=True,
-            )
-        cached = [amber_run(daemon, spec) for _ in range(args.cached_runs)]
-        podman = None
-        made = sorted((cache_dir() / "rootfs").glob("*-buildd/.amber-rootfs-complete"))
-        rootfs = made[0].parent if made else None  # whichever release make-rootfs made
-        if shutil.which("podman") and rootfs is not None:
-            podman = podman_cold(rootfs, tarball, root)
-        wall, rss = concurrent_builds(daemon, root, tarball, args.concurrent)
+    with Session("pipeline.py") as session:
+        daemon.start()
+        try:
+            measure(session, args, daemon, root, tarball, rootfs)
+        finally:
+            daemon.stop()
+            from amberd_process import cleanup_root
 
-        plain_med = statistics.median(p for p, _ in rows)
-        cold_med = statistics.median(a for _, a in rows)
-        ratio = statistics.median(a / p for p, a in rows)
-        cached_med = statistics.median(cached)
-        print()
-        print(f"plain script        median {plain_med:.2f} s")
-        print(f"amber build cold    median {cold_med:.2f} s   ratio {ratio:.3f}  (target <= 1.10)")
-        print(
-            f"amber build cached  median {cached_med:.3f} s  min {min(cached):.3f} s  (target <= 0.15 s)"
-        )
-        if podman is not None:
-            print(
-                f"podman build cold   {podman:.2f} s   ratio {podman / plain_med:.3f}  (on the buildd rootfs)"
-            )
-        else:
-            print("podman build        skipped (no podman or no rootfs from scripts/make-rootfs)")
-        print(
-            f"{args.concurrent} concurrent builds {wall:.1f} s; amberd peak RSS {rss / 2**20:.0f} MiB (target < 300 MiB)"
-        )
-        print(f"RESULT cold_ratio {ratio:.3f}")
-        print(f"RESULT cached_seconds {cached_med:.3f}")
-    finally:
-        daemon.stop()
-        from amberd_process import cleanup_root
+            cleanup_root(root)
+    session.finish()
 
-        cleanup_root(root)
+
+def measure(session: Session, args, daemon: Daemon, root: Path, tarball: Path,
+            rootfs: Path | None) -> None:  # fmt: skip
+    spec_dir = root / "spec"
+    spec_dir.mkdir()
+    os.link(tarball, spec_dir / "zlib.tar.bz2")
+    spec = spec_dir / "spec.toml"
+    rootfs_spec = spec_dir / "rootfs.toml"
+    if rootfs is not None:
+        started = time.perf_counter()
+        run_checked(daemon, "image", "import", ROOTFS_IMAGE, f"dir:{rootfs}")
+        print(
+            f"amber image import {ROOTFS_IMAGE} dir:{rootfs}: {time.perf_counter() - started:.2f} s"
+        )
+    else:
+        print("no buildd rootfs (run scripts/make-rootfs): the rootfs case is skipped")
+    rows, rootfs_cold = [], []
+    for run in range(args.runs):
+        p = plain_run(tarball)
+        spec.write_text(spec_text(f"cold-{uuid.uuid4()}"))
+        a = amber_run(daemon, spec)
+        rows.append((p, a))
+        line = f"pair {run + 1}: plain {p:.2f} s, amber cold {a:.2f} s, ratio {a / p:.3f}"
+        if rootfs is not None:
+            rootfs_spec.write_text(spec_text(f"cold-{uuid.uuid4()}", ROOTFS_IMAGE))
+            rootfs_cold.append(amber_run(daemon, rootfs_spec))
+            line += f"; rootfs base cold {rootfs_cold[-1]:.2f} s"
+        print(f"{line}  (load {os.getloadavg()[0]:.1f})", flush=True)
+    cached = [amber_run(daemon, spec) for _ in range(args.cached_runs)]
+    cached_rootfs = (
+        [amber_run(daemon, rootfs_spec) for _ in range(args.cached_runs)] if rootfs else []
+    )
+    client, python = client_start(args.cached_runs)
+    podman = None
+    if shutil.which("podman") and rootfs is not None:
+        podman = podman_cold(rootfs, tarball, root)
+    wall, rss = (
+        concurrent_builds(daemon, root, tarball, args.concurrent) if args.concurrent else (0.0, 0)
+    )
+
+    med = statistics.median
+    plain_med = med(p for p, _ in rows)
+    ratio = med(a / p for p, a in rows)
+    print()
+    print(f"plain script        median {plain_med:.2f} s")
+    print(
+        f"amber build cold    median {med(a for _, a in rows):.2f} s   ratio {ratio:.3f}  (target <= 1.10)"
+    )
+    if rootfs_cold:
+        print(f"  on the rootfs     median {med(rootfs_cold):.2f} s   ({med(rootfs_cold) / plain_med:.3f} "
+              "of the plain script on the host's toolchain)")  # fmt: skip
+    for name, runs in (("host", cached), ("rootfs", cached_rootfs)):
+        if runs:
+            print(f"amber build cached  {name:<6} median {med(runs):.3f} s  min {min(runs):.3f} s  "
+                  "(target <= 0.15 s)")  # fmt: skip
+    print(
+        f"amber --version     median {med(client):.3f} s  beside python -S -c pass {med(python):.3f} s"
+    )
+    if podman is not None:
+        print(
+            f"podman build cold   {podman:.2f} s   ratio {podman / plain_med:.3f}  (on the buildd rootfs)"
+        )
+    else:
+        print(
+            "podman build        skipped (no podman, no rootfs from scripts/make-rootfs, or it failed)"
+        )
+    if args.concurrent:
+        print(f"{args.concurrent} concurrent builds {wall:.1f} s; amberd peak RSS {rss / 2**20:.0f} MiB "
+              "(target < 300 MiB)")  # fmt: skip
+    session.ratio("cold_ratio", ratio, "plain script", [p for p, _ in rows])
+    if cached_rootfs:
+        session.result("cached_seconds_rootfs", med(cached_rootfs))
+    else:
+        session.refuse("cached_seconds_rootfs", "no buildd rootfs: run scripts/make-rootfs")
+    session.result("cached_seconds_host", med(cached))
+    session.result("client_start_seconds", med(client))
+
+
+def run_checked(daemon: Daemon, *args: str) -> None:
+    proc = daemon.amber(*args)
+    if proc.returncode != 0:
+        raise SystemExit(
+            f"amber {' '.join(args)} failed:\n{proc.stdout.decode()}{proc.stderr.decode()}"
+        )
 
 
 def podman_cold(rootfs: Path, tarball: Path, root: Path) -> float | None:
