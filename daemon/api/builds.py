@@ -18,6 +18,7 @@ from amber.client import __version__
 from amber.daemon.api.operation import operation
 from amber.daemon.build.build import Build
 from amber.daemon.build.spec import Spec, SpecError, parse_spec
+from amber.daemon.build.state import BuildStatus
 from amber.daemon.context import DaemonContext
 from amber.daemon.errors import BadArgs, Busy, InvalidSpec, NotFound, PermissionDenied
 from amber.sandbox.digest import from_hex
@@ -193,8 +194,8 @@ async def status(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, 
     return {
         "version": __version__,
         "uptime": round(time.time() - ctx.started, 1),
-        "running": sum(1 for b in running if b.status == "running"),
-        "queued": sum(1 for b in running if b.status == "queued"),
+        "running": sum(1 for b in running if b.status == BuildStatus.RUNNING),
+        "queued": sum(1 for b in running if b.status == BuildStatus.QUEUED),
         "store_bytes": await api_store_size(api),
         "free_bytes": st.f_bavail * st.f_frsize,
         "last_gc": ctx.db.get_meta("last_gc"),

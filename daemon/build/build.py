@@ -17,34 +17,36 @@ from typing import Any
 import trio
 
 from amber.daemon.build.spec import Spec
+from amber.daemon.build.state import BuildStatus, StepStatus
 
-#: Step statuses a client sees.
+#: Step statuses a client sees (kept as names here for the modules that read them).
 RUNNING, RAN, CACHED, CACHED_FAILURE, FAILED, ERRORED, SKIPPED, PENDING = (
-    "running",
-    "ran",
-    "cached",
-    "cached-failure",
-    "failed",
-    "errored",
-    "skipped",
-    "pending",
+    StepStatus.RUNNING,
+    StepStatus.RAN,
+    StepStatus.CACHED,
+    StepStatus.CACHED_FAILURE,
+    StepStatus.FAILED,
+    StepStatus.ERRORED,
+    StepStatus.SKIPPED,
+    StepStatus.PENDING,
 )
 
 
 @dataclass
 class StepState:
     name: str
-    status: str = PENDING
+    status: StepStatus = StepStatus.PENDING
     exit_code: int | None = None
     seconds: float | None = None
     started: float | None = None
     #: The snapshot after the step, apart from ``seconds`` (the step's own run).
     snapshot_seconds: float | None = None
+    log: str | None = None  # the log blob's digest, once the step has one
 
     def summary(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "status": self.status,
+            "status": str(self.status),
             "exit_code": self.exit_code,
             "seconds": None if self.seconds is None else round(self.seconds, 3),
             "snapshot_seconds": _rounded(self.snapshot_seconds),
@@ -70,7 +72,7 @@ class Build:
     export_on_failure: str | None = None  # oci | docker-archive | registry
     export_path: str | None = None
     export_ref: str | None = None
-    status: str = "queued"  # queued | running | success | failed | errored
+    status: BuildStatus = BuildStatus.QUEUED
     frozen: bool = False
     failed_step: str | None = None
     error: str | None = None
@@ -103,7 +105,7 @@ class Build:
         if self.keep_note is not None:
             self.keep_note(message)
 
-    def finish(self, status: str) -> None:
+    def finish(self, status: BuildStatus) -> None:
         self.status = status
         self.finished = time.time()
         self.done.set()
@@ -144,7 +146,7 @@ class Build:
         return {
             "build": self.id,
             "name": self.spec.name,
-            "status": self.status,
+            "status": str(self.status),
             "frozen": self.frozen,
             "failed_step": self.failed_step,
             "error": self.error,

@@ -21,17 +21,16 @@ import functools
 import json
 import logging
 import socket
-import time
 
 import trio
 
 from amber.client.errors import AmberError
-from amber.daemon.build import build as B
 from amber.daemon.build.bases import ResolvedBase, resolve_base
 from amber.daemon.build.build import Build
 from amber.daemon.build.fetch import DigestMismatch, fetch_sources
 from amber.daemon.build.keys import initial_key, step_key
 from amber.daemon.build.sources import lay_out
+from amber.daemon.build.state import BuildState, BuildStatus, StepStatus
 from amber.daemon.build.stepio import StepLog, run_sandboxed
 from amber.daemon.context import DaemonContext
 from amber.daemon.errors import DaemonError
@@ -60,14 +59,14 @@ class Executor:
         self.mount_tree: bytes | None = None
         self.base: ResolvedBase | None = None
         self.verified: set[bytes] = set()  # trees known complete during this build
+        self.state = BuildState(ctx.db, build)
 
     # -- the whole build ----------------------------------------------------
 
     async def run(self) -> None:
         b = self.build
         db = self.ctx.db
-        b.status = "running"
-        db.update_build(b.id, status="running")
+        self.state.start()
         # A writer hold from here to the end: GC keeps what this build holds
         # and quarantines, rather than deletes, what it might reuse unheld.
         self.hold = self.ctx.roots.writer(f"build {b.id}", build_id=b.id)
@@ -88,7 +87,7 @@ class Executor:
             log.exception("build %s: infrastructure failure", b.id)
             self._errored(f"infrastructure failure: {exc}")
         finally:
-            if b.status in ("running", "queued"):
+            if BuildStatus(b.status).live:
                 # Cancellation may arrive wrapped in an exception group (trio's
                 # strict groups), so name the reason by what is true, not by
                 # the exception's shape.
@@ -98,14 +97,6 @@ class Executor:
                     self._errored("the daemon is stopping")
                 else:
                     self._errored("internal error")
-            db.update_build(
-                b.id,
-                status=b.status,
-                frozen=int(b.frozen),
-                finished=time.time(),
-                failed_step=b.failed_step,
-                error=b.error,
-            )
             try:
                 with trio.CancelScope(shield=True):
                     # A last checkpoint before anything reads what the build
@@ -118,31 +109,15 @@ class Executor:
                     except Exception as exc:  # an export problem never changes the build's result
                         log.exception("build %s: export on failure", b.id)
                         self.build.note(f"export on failure did not complete: {exc}")
-                if b.pin and b.status != "success":
+                if b.pin and b.status != BuildStatus.SUCCESS:
                     why = f"the build {b.status}; `amber pin add {b.pin} {b.id}` pins it anyway"
                     b.note(f"not pinned as {b.pin}: {why}")
             finally:
                 self.hold.release()
-            b.finish(b.status)
+            self.state.finish()
 
     def _errored(self, reason: str) -> None:
-        b = self.build
-        b.status = "errored"
-        b.error = reason
-        for i, step in enumerate(b.steps):
-            if step.status == B.RUNNING:
-                step.status = B.ERRORED
-                if step.seconds is None and step.started is not None:
-                    step.seconds = time.time() - step.started  # until it was stopped
-                self.ctx.db.update_step(
-                    b.id, i, status=B.ERRORED, note=reason, seconds=step.seconds
-                )
-                b.emit("step", {"index": i, "name": step.name, "status": B.ERRORED, "note": reason,
-                                "exit_code": None, "seconds": step.seconds})  # fmt: skip
-            elif step.status == B.PENDING:
-                step.status = B.SKIPPED
-                self.ctx.db.update_step(b.id, i, status=B.SKIPPED)
-        b.note(f"build errored: {reason}")
+        self.state.errored(reason)
 
     async def _run_steps(self) -> None:
         b, spec, db = self.build, self.spec, self.ctx.db
@@ -169,16 +144,15 @@ class Executor:
             hit = await self._cached(index, key)
             if hit is not None:
                 tree = from_hex(hit.after_tree)
-                if hit.status == "failed":
+                if hit.status == BuildStatus.FAILED:
                     await self._replay_failure(index, hit)
                     return
-                self._step_done(index, B.CACHED, hit, from_hex(hit.before_tree), tree)
+                self.state.step_done(index, StepStatus.CACHED, hit, from_hex(hit.before_tree), tree)
                 continue
             tree, failed = await self._run_step(index, key, tree)
             if failed:
                 return
-        b.status = "success"
-        db.update_build(b.id, final_tree=tree.hex())
+        self.state.succeeded(tree)
         await self.ctx.on_success(b, tree)
 
     async def _lay_out(self) -> bytes | None:
@@ -201,12 +175,7 @@ class Executor:
             )  # fmt: skip
         except DigestMismatch as exc:
             self.build.note(exc.message)
-            b.status, b.error = "failed", exc.message
-            for i, step in enumerate(b.steps):
-                step.status = B.SKIPPED
-                ctx.db.update_step(b.id, i, status=B.SKIPPED)
-                b.emit("step", {"index": i, "name": step.name, "status": B.SKIPPED, "exit_code": None,
-                                "seconds": None, "note": "not run: a source failed verification"})  # fmt: skip
+            self.state.failed(exc.message, "not run: a source failed verification")
             return None
         for finding in layout.findings:
             self.build.note(finding.note())
@@ -223,7 +192,7 @@ class Executor:
             await trio.to_thread.run_sync(self.hold.checkpoint, *state)
             return None
         name = self.spec.steps[index].name
-        if result.status == "failed" and self.build.retry_failed:
+        if result.status == BuildStatus.FAILED and self.build.retry_failed:
             await trio.to_thread.run_sync(self.hold.checkpoint, *state)
             self.build.note(f"step {name}: rerunning a cached failure (--retry-failed)")
             return None
@@ -263,52 +232,21 @@ class Executor:
             self.verified.add(tree)
         return None
 
-    def _step_done(
-        self,
-        index: int,
-        status: str,
-        result: Result,
-        before: bytes,
-        after: bytes,
-        note: str | None = None,
-    ) -> None:
-        b = self.build
-        step = b.steps[index]
-        step.status = status
-        step.exit_code = result.exit_code
-        step.seconds = result.seconds if status != B.CACHED else 0.0
-        if step.started is None:  # a cache hit: it "ran" now, for no time (amber show's timeline)
-            step.started = time.time()
-        self.ctx.db.update_step(
-            b.id, index, status=status, exit_code=result.exit_code, signal=result.signal,
-            seconds=step.seconds, before_tree=before.hex(), after_tree=after.hex(), log=result.log,
-            note=note, started=step.started,
-        )  # fmt: skip
-        b.emit("step", {"index": index, "name": step.name, "status": status, "exit_code": result.exit_code,
-                        "seconds": step.seconds, "snapshot_seconds": step.snapshot_seconds,
-                        "note": note})  # fmt: skip
-
     async def _replay_failure(self, index: int, hit: Result) -> None:
         b = self.build
         name = self.spec.steps[index].name
         data = await trio.to_thread.run_sync(self.ctx.store.read_blob, from_hex(hit.log))
         b.emit("log", {"step": name, "data": data})
         note = f"from build {hit.build_id}; --retry-failed runs it again"
-        self._step_done(
-            index, B.CACHED_FAILURE, hit, from_hex(hit.before_tree), from_hex(hit.after_tree), note
+        self.state.step_done(
+            index,
+            StepStatus.CACHED_FAILURE,
+            hit,
+            from_hex(hit.before_tree),
+            from_hex(hit.after_tree),
+            note,
         )
-        self._freeze(index)
-
-    def _freeze(self, index: int) -> None:
-        b = self.build
-        b.status = "failed"
-        b.frozen = True
-        b.failed_step = self.spec.steps[index].name
-        for i in range(index + 1, len(b.steps)):
-            b.steps[i].status = B.SKIPPED
-            self.ctx.db.update_step(b.id, i, status=B.SKIPPED)
-            b.emit("step", {"index": i, "name": b.steps[i].name, "status": B.SKIPPED, "exit_code": None,
-                            "seconds": None, "note": f"not run: step {b.failed_step} failed"})  # fmt: skip
+        self.state.freeze(index)
 
     # -- running a step --------------------------------------------------------
 
@@ -340,13 +278,7 @@ class Executor:
             raise BuildErrored("the daemon is stopping")
         mount = await self._ensure_mount(before)
         state = b.steps[index]
-        state.status = B.RUNNING
-        state.started = time.time()
-        self.ctx.db.update_step(
-            b.id, index, status=B.RUNNING, before_tree=before.hex(), started=state.started
-        )
-        b.emit("step", {"index": index, "name": step.name, "status": B.RUNNING, "exit_code": None,
-                        "seconds": None, "note": None})  # fmt: skip
+        self.state.step_running(index, before)
         log_path = self.ctx.step_log_path(b.id, index)
         step_log = StepLog(log_path, lambda data: b.emit("log", {"step": step.name, "data": data}))
         assert self.base is not None
@@ -372,7 +304,7 @@ class Executor:
         failed = outcome.exit_code != 0
         result = Result(
             key=key,
-            status="failed" if failed else "success",
+            status=(BuildStatus.FAILED if failed else BuildStatus.SUCCESS).value,
             exit_code=outcome.exit_code,
             signal=outcome.signal,
             before_tree=before.hex(),
@@ -386,9 +318,10 @@ class Executor:
         )
         self.ctx.db.put_result(result)
         self.verified.add(snap.tree)
-        self._step_done(index, B.FAILED if failed else B.RAN, result, before, snap.tree)
+        status = StepStatus.FAILED if failed else StepStatus.RAN
+        self.state.step_done(index, status, result, before, snap.tree)
         if failed:
-            self._freeze(index)
+            self.state.freeze(index)
         return snap.tree, failed
 
 
@@ -401,7 +334,7 @@ def new_build_records(build: Build, seq: int) -> tuple[BuildRecord, list[StepRec
         name=spec.name,
         spec=json.dumps(spec.to_dict(), default=str),
         spec_path=build.spec_path,
-        status="queued",
+        status=BuildStatus.QUEUED.value,
         created=build.created,
     )
     steps = [
@@ -410,7 +343,7 @@ def new_build_records(build: Build, seq: int) -> tuple[BuildRecord, list[StepRec
             idx=i,
             name=s.name,
             key=None,
-            status=B.PENDING,
+            status=StepStatus.PENDING.value,
             definition=json.dumps(
                 {**s.definition(), "env": spec.step_env(s), "workdir": spec.workdir}
             ),

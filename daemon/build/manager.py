@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 
 import trio
 
@@ -17,6 +16,7 @@ from amber.daemon.build.build import Build
 from amber.daemon.build.buildid import make_build_id
 from amber.daemon.build.executor import Executor, new_build_records
 from amber.daemon.build.spec import Spec
+from amber.daemon.build.state import BuildState, BuildStatus
 from amber.daemon.context import DaemonContext
 from amber.daemon.errors import Busy
 
@@ -65,12 +65,11 @@ class BuildManager:
             log.exception("build %s: internal error", build.id)
         finally:
             if not started:  # cancelled while queued
-                build.status = "errored"
-                build.error = "cancelled before it started" if build.cancelled else "daemon stopped"
-                self.ctx.db.update_build(
-                    build.id, status="errored", error=build.error, finished=time.time()
+                state = BuildState(self.ctx.db, build)
+                state.errored(
+                    "cancelled before it started" if build.cancelled else "daemon stopped"
                 )
-                build.finish("errored")
+                state.finish()
             log.info("build %s finished: %s", build.id, build.status)
             # Keep it visible briefly for clients that reattach right away.
             self.nursery.start_soon(self._forget, build.id)
@@ -87,7 +86,7 @@ class BuildManager:
         build.cancel_scope.cancel()
 
     def running(self) -> list[Build]:
-        return [b for b in self.live.values() if b.status in ("queued", "running")]
+        return [b for b in self.live.values() if BuildStatus(b.status).live]
 
     async def stop(self, grace: float) -> None:
         """Stop accepting; let running steps finish within ``grace``; cancel the rest.
@@ -101,7 +100,7 @@ class BuildManager:
         self.ctx.stopping = True
         with trio.move_on_after(grace):
             for build in list(self.live.values()):
-                if build.status == "queued":
+                if build.status == BuildStatus.QUEUED:
                     build.cancel_scope.cancel()
             for build in list(self.live.values()):
                 await build.done.wait()

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 
 from amber.client.errors import AmberError
+from amber.daemon.build.state import BuildStatus, recover_interrupted
 from amber.daemon.context import DaemonContext
 from amber.sandbox.mounts import mounts_under, unmount_all_under
 
@@ -75,24 +76,9 @@ def recover(ctx: DaemonContext) -> dict[str, int]:
             shutil.rmtree(child, ignore_errors=True)
             removed += 1
     temps = ctx.store.remove_temp_files()
-    interrupted = ctx.db.builds_with_status("queued", "running")
+    interrupted = ctx.db.builds_with_status(BuildStatus.QUEUED.value, BuildStatus.RUNNING.value)
     for record in interrupted:
-        ctx.db.update_build(
-            record.id,
-            status="errored",
-            error="interrupted: amberd stopped or crashed",
-            finished=time.time(),
-        )
-        for step in ctx.db.get_steps(record.id):
-            if step.status == "running":
-                ctx.db.update_step(
-                    record.id,
-                    step.idx,
-                    status="errored",
-                    log=_keep_partial_log(ctx, record.id, step.idx),
-                )
-            elif step.status == "pending":
-                ctx.db.update_step(record.id, step.idx, status="skipped")
+        recover_interrupted(ctx.db, record.id, functools.partial(_keep_partial_log, ctx, record.id))
         log.warning("build %s was interrupted by a previous amberd: marked errored", record.id)
     return {
         "unmounted": len(unmounted),
