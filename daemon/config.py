@@ -61,6 +61,16 @@ class Config:
     min_free: int = 0
     max_free: int = 0
     preflight_min_free: int = 1 << 30
+    step_log_max: int = 1 << 30
+    step_memory_max: int = 0
+    step_pids_max: int = 4096
+    step_timeout_max: float = 24 * 3600.0
+    jobs_per_user: int = 0
+
+    @property
+    def user_jobs(self) -> int:
+        """Job slots one uid may hold at once (``jobs-per-user``, 0: half of ``jobs``)."""
+        return self.jobs_per_user or -(-self.jobs // 2)
 
     @property
     def mount_dir(self) -> Path:
@@ -110,6 +120,30 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
         "least free space on the state directory's filesystem for amberd to start (below it "
         "amberd exits with status 78 and `amberd --check` fails; 0: no check)",
     ),
+    "step-log-max": (
+        "step_log_max",
+        parse_size,
+        "most output kept of one step; the rest is dropped and the log ends with "
+        "'log truncated at N bytes'",
+    ),
+    "step-memory-max": (
+        "step_memory_max",
+        parse_size,
+        "memory one step may use (its cgroup's limit); a step the OOM killer stops is errored, "
+        "never cached (0: half the machine's memory)",
+    ),
+    "step-pids-max": ("step_pids_max", int, "processes and threads one step may have at once"),
+    "step-timeout-max": (
+        "step_timeout_max",
+        parse_seconds,
+        "longest timeout a step may ask for; a spec asking for more is refused",
+    ),
+    "jobs-per-user": (
+        "jobs_per_user",
+        int,
+        "job slots one user's builds may hold at once, so that one user cannot starve another "
+        "(0: half of jobs, rounded up)",
+    ),
 }
 
 
@@ -125,7 +159,7 @@ def _convert(name: str, value: Any) -> Any:
         raise ConfigError(f"option {name!r}: {exc}") from None
     if attr == "mirrors" and not all(isinstance(m, str) for m in converted):
         raise ConfigError(f"option {name!r}: expected a list of URL strings")
-    if attr in ("jobs", "id_count") and converted < 1:
+    if attr in ("jobs", "id_count", "step_pids_max") and converted < 1:
         raise ConfigError(f"option {name!r}: must be at least 1")
     if attr == "id_base" and converted < 1:
         raise ConfigError(
@@ -150,6 +184,10 @@ def _out_of_range(attr: str, value: Any) -> str | None:
             grp.getgrnam(value)
         except KeyError:
             return f"no group {value!r} on this host (create it: groupadd --system {value})"
+    if attr == "step_log_max" and value < 4 << 10:
+        return "must be at least 4K"
+    if attr == "step_timeout_max" and value <= 0:
+        return "must be more than 0"
     if attr == "max_frame" and value < 64 << 10:
         return "must be at least 64K (a spec has to fit in a frame)"
     non_negative = (
@@ -159,6 +197,8 @@ def _out_of_range(attr: str, value: Any) -> str | None:
         "min_free",
         "max_free",
         "preflight_min_free",
+        "step_memory_max",
+        "jobs_per_user",
     )
     if attr in non_negative and value < 0:
         return "must not be negative"

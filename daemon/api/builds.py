@@ -7,8 +7,8 @@ acted on only by the uid that started it, or root (``Api.record``).
 from __future__ import annotations
 
 import os
-import stat
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ import trio
 from amber.client import __version__
 from amber.daemon.api.operation import operation
 from amber.daemon.build.build import Build
+from amber.daemon.build.logs import blob_chunks, file_chunks
 from amber.daemon.build.spec import Spec, SpecError, parse_spec
 from amber.daemon.build.state import BuildStatus
 from amber.daemon.context import DaemonContext
@@ -137,7 +138,7 @@ async def log(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any
                 await api.send_event(conn, "note", {"message": data["message"]})
             else:
                 await api.send_event(conn, "log", {"step": data["step"], "data": data["data"]})
-        return {"build": record.id, "status": live.status}
+        return {"build": record.id, "status": str(live.status)}
     if args["step"] is None:  # what amber noted outside the steps (e.g. stamp removals)
         for message in api.ctx.db.get_build_notes(record.id):
             await api.send_event(conn, "note", {"message": message})
@@ -147,32 +148,17 @@ async def log(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any
     for step in steps:
         if args["step"] is not None and step.name != args["step"]:
             continue
-        data = await trio.to_thread.run_sync(_step_log, api.ctx, record.id, step)
-        if data:
+        async for data in _step_log(api.ctx, record.id, step):
             await api.send_event(conn, "log", {"step": step.name, "data": data})
     status = live.status if live is not None else record.status
-    return {"build": record.id, "status": status}
+    return {"build": record.id, "status": str(status)}
 
 
-def _step_log(ctx: DaemonContext, build_id: str, step) -> bytes:
+def _step_log(ctx: DaemonContext, build_id: str, step) -> AsyncIterator[bytes]:
+    """A step's log in bounded chunks: its blob, or the file of a step still running."""
     if step.log:
-        return ctx.store.read_blob(from_hex(step.log))
-    return read_partial_log(ctx.step_log_path(build_id, step.idx))
-
-
-def read_partial_log(path: Path) -> bytes:
-    """A running step's log file: a regular file of root's log directory, never a link."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError):
-        return b""
-    except OSError as exc:
-        raise NotFound(f"the log {path.name} cannot be read: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-            raise NotFound(f"the log {path.name} is not a file amberd wrote")
-        return f.read()
+        return blob_chunks(ctx.store, from_hex(step.log))
+    return file_chunks(ctx.step_log_path(build_id, step.idx))
 
 
 @operation(build=str)

@@ -1,8 +1,10 @@
 """A build while it lives in the daemon: its state and its event history.
 
-Events (step started/finished, log output, notes) are appended to a history
-that any number of followers replay and then follow, so a client that
-disconnects and comes back with ``amber log -f`` sees everything. The build
+Events (step started/finished, notes, and where a step's log is) are
+appended to a history that any number of followers replay and then follow,
+so a client that disconnects and comes back with ``amber log -f`` sees
+everything. The history holds no log bytes: a follower reaching a step's
+log reads it from the step's log file (or blob) in bounded chunks. The build
 itself runs in the daemon's nursery, never in a connection's, so it goes on
 when its client leaves.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -30,6 +32,14 @@ RUNNING, RAN, CACHED, CACHED_FAILURE, FAILED, ERRORED, SKIPPED, PENDING = (
     StepStatus.SKIPPED,
     StepStatus.PENDING,
 )
+
+
+#: The history entry that says where a step's log is (never sent as such).
+_LOG_SOURCE = "log-source"
+
+
+class LogSource(Protocol):
+    def chunks(self) -> AsyncIterator[bytes]: ...
 
 
 @dataclass
@@ -99,6 +109,12 @@ class Build:
         self._changed.set()
         self._changed = trio.Event()
 
+    def emit_log(self, step: str, source: LogSource) -> None:
+        """Step ``step``'s output is ``source``: followers stream it from there."""
+        self._history.append((_LOG_SOURCE, {"step": step, "source": source}))
+        self._changed.set()
+        self._changed = trio.Event()
+
     def note(self, message: str) -> None:
         """A note for the clients following now, and for ``amber log`` later."""
         self.emit("note", {"message": message})
@@ -124,11 +140,16 @@ class Build:
             while index < len(self._history):
                 name, data = self._history[index]
                 index += 1
-                if only is not None and name not in only:
+                shown = "log" if name == _LOG_SOURCE else name
+                if only is not None and shown not in only:
                     continue
                 if step is not None and data.get("step") != step:
                     continue
-                yield name, data
+                if name == _LOG_SOURCE:
+                    async for chunk in data["source"].chunks():
+                        yield "log", {"build": self.id, "step": data["step"], "data": chunk}
+                else:
+                    yield name, data
             if self.done.is_set():
                 return
             await self._changed.wait()

@@ -29,6 +29,7 @@ from amber.daemon.build.bases import ResolvedBase, resolve_base
 from amber.daemon.build.build import Build
 from amber.daemon.build.fetch import DigestMismatch, fetch_sources
 from amber.daemon.build.keys import initial_key, step_key
+from amber.daemon.build.logs import BlobLog
 from amber.daemon.build.sources import lay_out
 from amber.daemon.build.state import BuildState, BuildStatus, StepStatus
 from amber.daemon.build.stepio import StepLog, run_sandboxed
@@ -235,8 +236,7 @@ class Executor:
     async def _replay_failure(self, index: int, hit: Result) -> None:
         b = self.build
         name = self.spec.steps[index].name
-        data = await trio.to_thread.run_sync(self.ctx.store.read_blob, from_hex(hit.log))
-        b.emit("log", {"step": name, "data": data})
+        b.emit_log(name, BlobLog(self.ctx.store, from_hex(hit.log)))
         note = f"from build {hit.build_id}; --retry-failed runs it again"
         self.state.step_done(
             index,
@@ -280,7 +280,8 @@ class Executor:
         state = b.steps[index]
         self.state.step_running(index, before)
         log_path = self.ctx.step_log_path(b.id, index)
-        step_log = StepLog(log_path, lambda data: b.emit("log", {"step": step.name, "data": data}))
+        step_log = StepLog(log_path, self.ctx.store, self.ctx.config.step_log_max)
+        b.emit_log(step.name, step_log)
         assert self.base is not None
         try:
             outcome = await run_sandboxed(
@@ -301,6 +302,8 @@ class Executor:
         state.snapshot_seconds = snap.stats.seconds
         self.mount_tree = snap.tree
         log_digest = await trio.to_thread.run_sync(step_log.store, self.ctx.store)
+        if step_log.truncated:
+            b.note(f"step {step.name}: log truncated at {step_log.limit} bytes (step-log-max)")
         failed = outcome.exit_code != 0
         result = Result(
             key=key,
