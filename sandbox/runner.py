@@ -214,6 +214,7 @@ async def run_step(
     id_map: IdMap = DEFAULT_ID_MAP,
     extra_binds: Sequence[Bind] = (),
     private_tmp: bool = True,
+    on_start: Callable[[list[int]], None] | None = None,
 ) -> StepOutcome:
     """Run ``/bin/sh -ec script`` in a sandbox rooted at ``root``.
 
@@ -224,6 +225,9 @@ async def run_step(
     ``TMPDIR`` and ``env`` (which may override them), plus what the shell
     itself sets (``PWD``). ``cwd`` must exist in the root. With
     ``private_tmp`` /tmp is a fresh tmpfs, kept out of the root.
+    ``on_start`` gets the sandbox's first pids while they are held before
+    the command runs (e.g. to move them into a cgroup that every later
+    process of the step inherits); what it raises ends the sandbox.
 
     Returns:
         How the step ended. It is over when this returns: no process of it
@@ -259,8 +263,9 @@ async def run_step(
         else:
             stdout = output
         async with _open_sandbox(
-            spec, id_map=id_map, env=step_env, stdin=subprocess.DEVNULL, stdout=stdout
-        ) as sandbox:
+            spec, id_map=id_map, env=step_env, stdin=subprocess.DEVNULL, stdout=stdout,
+            on_start=on_start,
+        ) as sandbox:  # fmt: skip
             if write_fd is not None:
                 os.close(write_fd)  # the sandbox holds the only write end now
                 write_fd = None
@@ -506,7 +511,13 @@ class _Sandbox:
         self._destroyed = False
         self._stuck = False
 
-    async def handshake(self, info_fd: int, block_fd: int, id_map: IdMap) -> None:
+    async def handshake(
+        self,
+        info_fd: int,
+        block_fd: int,
+        id_map: IdMap,
+        on_start: Callable[[list[int]], None] | None = None,
+    ) -> None:
         """Give bwrap's new user namespace its id map and let bwrap go on.
 
         Takes ownership of both fds. Until the map is written the
@@ -524,6 +535,8 @@ class _Sandbox:
                 raise SandboxError(
                     "id-map-failed", f"cannot map ids of the sandbox: {exc}"
                 ) from exc
+            if on_start is not None:
+                on_start([self._popen.pid, pid])
             os.write(block_fd, b"\0")
         finally:
             os.close(block_fd)
@@ -601,6 +614,7 @@ async def _open_sandbox(
     stdin: int,
     stdout: int,
     stderr: int | None = None,
+    on_start: Callable[[list[int]], None] | None = None,
 ) -> AsyncIterator[_Sandbox]:
     """Start a sandbox; nothing of it outlives the block.
 
@@ -608,7 +622,9 @@ async def _open_sandbox(
     (the command must then redirect its own stderr, as the step wrapper does).
     """
     _check_host(spec)
-    sandbox = await _start(spec, id_map=id_map, env=env, stdin=stdin, stdout=stdout, stderr=stderr)
+    sandbox = await _start(
+        spec, id_map=id_map, env=env, stdin=stdin, stdout=stdout, stderr=stderr, on_start=on_start
+    )
     try:
         yield sandbox
     finally:
@@ -631,6 +647,7 @@ async def _start(
     stdin: int,
     stdout: int,
     stderr: int | None,
+    on_start: Callable[[list[int]], None] | None = None,
 ) -> _Sandbox:
     """Spawn bwrap and take it through the id-map handshake.
 
@@ -673,7 +690,7 @@ async def _start(
     with trio.CancelScope(shield=True):
         try:
             with trio.fail_after(SETUP_TIMEOUT):
-                await sandbox.handshake(info_r, block_w, id_map)
+                await sandbox.handshake(info_r, block_w, id_map, on_start)
         except BaseException as exc:
             await sandbox.destroy()
             if isinstance(exc, trio.TooSlowError):

@@ -39,6 +39,16 @@ def parse_spec_request(text: str, path: str) -> Spec:
         raise InvalidSpec(str(exc)) from None
 
 
+def check_limits(spec: Spec, timeout_max: float) -> None:
+    """Refuse a spec asking for more than this amberd allows, naming the limit."""
+    for step in spec.steps:
+        if step.timeout > timeout_max:
+            raise InvalidSpec(
+                f"step {step.name!r} asks for timeout {step.timeout:g}s; this amberd allows at "
+                f"most {timeout_max:g}s (step-timeout-max)"
+            )
+
+
 @operation(
     spec_text=str,
     spec_path=str,
@@ -68,6 +78,7 @@ async def build(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, A
         if not args["out_link"]:
             raise BadArgs("--out-link-privileged goes with --out-link PATH")
     spec = parse_spec_request(args["spec_text"], args["spec_path"])
+    check_limits(spec, api.ctx.config.step_timeout_max)
     build = api.manager.submit(
         spec,
         args["spec_path"],

@@ -11,7 +11,8 @@ After a step the mount is snapshotted: that tree is the step's after-tree
 and the next step's before-tree.
 
 ``success`` and ``failed`` (non-zero exit, or a signal the build raised) are
-cached; a step that was cancelled, timed out or cut off by a daemon stop is
+cached; a step that was cancelled, timed out, cut off by a daemon stop,
+stopped by the OOM killer or failed on a full state directory is
 ``errored`` and never cached.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import socket
 
 import trio
@@ -29,6 +31,7 @@ from amber.daemon.build.bases import ResolvedBase, resolve_base
 from amber.daemon.build.build import Build
 from amber.daemon.build.fetch import DigestMismatch, fetch_sources
 from amber.daemon.build.keys import initial_key, step_key
+from amber.daemon.build.limits import Limits, StepLimits
 from amber.daemon.build.logs import BlobLog
 from amber.daemon.build.sources import lay_out
 from amber.daemon.build.state import BuildState, BuildStatus, StepStatus
@@ -51,7 +54,7 @@ class BuildErrored(Exception):
 
 
 class Executor:
-    def __init__(self, ctx: DaemonContext, build: Build):
+    def __init__(self, ctx: DaemonContext, build: Build, limits: Limits | None = None):
         self.ctx = ctx
         self.build = build
         self.spec = build.spec
@@ -61,6 +64,7 @@ class Executor:
         self.base: ResolvedBase | None = None
         self.verified: set[bytes] = set()  # trees known complete during this build
         self.state = BuildState(ctx.db, build)
+        self.limits = limits
 
     # -- the whole build ----------------------------------------------------
 
@@ -271,6 +275,11 @@ class Executor:
         if cm is not None:
             await cm.__aexit__(None, None, None)
 
+    def _store_full(self) -> bool:
+        """Whether the store and the steps' upper layers (one filesystem) are out of space."""
+        st = os.statvfs(self.ctx.store.state_dir)
+        return st.f_bavail * st.f_frsize < FULL_BELOW
+
     async def _run_step(self, index: int, key: str, before: bytes) -> tuple[bytes, bool]:
         b, spec = self.build, self.spec
         step = spec.steps[index]
@@ -283,6 +292,7 @@ class Executor:
         step_log = StepLog(log_path, self.ctx.store, self.ctx.config.step_log_max)
         b.emit_log(step.name, step_log)
         assert self.base is not None
+        limited = StepLimits(self.limits, f"{b.id}.{index}")
         try:
             outcome = await run_sandboxed(
                 mount.root,
@@ -291,13 +301,27 @@ class Executor:
                 binds=self.base.binds,
                 ids=self.ctx.ids,
                 output=step_log,
+                on_start=limited.apply,
             )
         finally:
             step_log.close()
+            oom_kills = limited.close()
         state.seconds = outcome.seconds
         if outcome.timed_out:
             step_log.discard()
             raise BuildErrored(f"step {step.name} timed out after {step.timeout:g} s")
+        if oom_kills:
+            step_log.discard()
+            raise BuildErrored(
+                f"step {step.name} was stopped by the OOM killer: it used more memory than "
+                f"step-memory-max ({limited.memory_max} bytes); not cached"
+            )
+        if outcome.exit_code != 0 and self._store_full():
+            step_log.discard()
+            raise BuildErrored(
+                f"step {step.name} failed while the state directory's filesystem was full "
+                "(ENOSPC): not cached; free space and build again"
+            )
         snap = await mount.snapshot()
         state.snapshot_seconds = snap.stats.seconds
         self.mount_tree = snap.tree
@@ -326,6 +350,10 @@ class Executor:
         if failed:
             self.state.freeze(index)
         return snap.tree, failed
+
+
+#: Free space under which a failed step is taken to have failed for want of it.
+FULL_BELOW = 64 << 20
 
 
 def new_build_records(build: Build, seq: int) -> tuple[BuildRecord, list[StepRecord]]:

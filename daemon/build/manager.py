@@ -1,8 +1,8 @@
 """Builds in flight: submission, the job limit, cancellation, lookup.
 
 Builds run in the daemon's own nursery under a capacity limiter, so a
-client's disconnect never stops one, and at most ``jobs`` run at once; the
-rest wait as ``queued``.
+client's disconnect never stops one, and at most ``jobs`` run at once, at
+most ``jobs-per-user`` of them one uid's; the rest wait as ``queued``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import trio
 from amber.daemon.build.build import Build
 from amber.daemon.build.buildid import make_build_id
 from amber.daemon.build.executor import Executor, new_build_records
+from amber.daemon.build.limits import Limits
 from amber.daemon.build.spec import Spec
 from amber.daemon.build.state import BuildState, BuildStatus
 from amber.daemon.context import DaemonContext
@@ -28,6 +29,9 @@ class BuildManager:
         self.ctx = ctx
         self.nursery = nursery
         self.limiter = trio.CapacityLimiter(ctx.config.jobs)
+        #: Each uid's share of the job slots: one user's queue never fills them all.
+        self.user_limiters: dict[int, trio.CapacityLimiter] = {}
+        self.limits = Limits(ctx.config.step_memory_max, ctx.config.step_pids_max)
         self.live: dict[str, Build] = {}
         self.accepting = True
 
@@ -54,11 +58,16 @@ class BuildManager:
     async def _run(self, build: Build) -> None:
         started = False
         try:
+            share = self.user_limiters.setdefault(
+                build.uid, trio.CapacityLimiter(self.ctx.config.user_jobs)
+            )
             with build.cancel_scope:
-                async with self.limiter:
+                # The uid's share first: its builds beyond it wait without
+                # holding (or queueing ahead for) a slot another uid could use.
+                async with share, self.limiter:
                     started = True
                     log.info("build %s started", build.id)
-                    await Executor(self.ctx, build).run()
+                    await Executor(self.ctx, build, limits=self.limits).run()
         except Exception:
             # A bug in one build must never take the daemon (and everyone
             # else's builds) down: the executor has already marked it errored.
@@ -116,3 +125,4 @@ class BuildManager:
             build.cancel_scope.cancel()
         for build in late:
             await build.done.wait()
+        self.limits.close()

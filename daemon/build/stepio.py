@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import trio
@@ -117,6 +117,7 @@ async def run_sandboxed(
     binds: list[tuple[str, str]],
     ids: IdMap,
     output: StepLog,
+    on_start: Callable[[list[int]], None] | None = None,
 ) -> StepOutcome:
     return await run_step(
         root,
@@ -129,4 +130,5 @@ async def run_sandboxed(
         output=output,
         id_map=ids,
         extra_binds=[Bind(Path(src), dest) for src, dest in binds],
+        on_start=on_start,
     )
