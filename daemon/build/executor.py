@@ -275,6 +275,24 @@ class Executor:
         if cm is not None:
             await cm.__aexit__(None, None, None)
 
+    def _not_a_result(
+        self, name: str, timeout: float, outcome, oom_kills: int, memory_max: int
+    ) -> str | None:
+        """Why a step's end says nothing about the step (errored, not cached), if it does not."""
+        if outcome.timed_out:
+            return f"step {name} timed out after {timeout:g} s"
+        if oom_kills:
+            return (
+                f"step {name} was stopped by the OOM killer: it used more memory than "
+                f"step-memory-max ({memory_max} bytes); not cached"
+            )
+        if outcome.exit_code != 0 and self._store_full():
+            return (
+                f"step {name} failed while the state directory's filesystem was full "
+                "(ENOSPC): not cached; free space and build again"
+            )
+        return None
+
     def _store_full(self) -> bool:
         """Whether the store and the steps' upper layers (one filesystem) are out of space."""
         st = os.statvfs(self.ctx.store.state_dir)
@@ -307,21 +325,10 @@ class Executor:
             step_log.close()
             oom_kills = limited.close()
         state.seconds = outcome.seconds
-        if outcome.timed_out:
+        why = self._not_a_result(step.name, step.timeout, outcome, oom_kills, limited.memory_max)
+        if why is not None:
             step_log.discard()
-            raise BuildErrored(f"step {step.name} timed out after {step.timeout:g} s")
-        if oom_kills:
-            step_log.discard()
-            raise BuildErrored(
-                f"step {step.name} was stopped by the OOM killer: it used more memory than "
-                f"step-memory-max ({limited.memory_max} bytes); not cached"
-            )
-        if outcome.exit_code != 0 and self._store_full():
-            step_log.discard()
-            raise BuildErrored(
-                f"step {step.name} failed while the state directory's filesystem was full "
-                "(ENOSPC): not cached; free space and build again"
-            )
+            raise BuildErrored(why)
         snap = await mount.snapshot()
         state.snapshot_seconds = snap.stats.seconds
         self.mount_tree = snap.tree
