@@ -82,8 +82,7 @@ class BuildState:
         """A step ran (``ran``/``failed``) or was taken from the cache."""
         step = self.build.steps[index]
         step.exit_code = result.exit_code
-        cached = status in (StepStatus.CACHED, StepStatus.CACHED_FAILURE)
-        step.seconds = 0.0 if cached else result.seconds
+        step.seconds = 0.0 if status == StepStatus.CACHED else result.seconds
         step.log = result.log
         if step.started is None:  # a cache hit: it "ran" now, for no time (amber show's timeline)
             step.started = time.time()
