@@ -208,12 +208,15 @@ class Activated:
         self.notifications = Notifications(notify, self.at_ready)
         self.log.touch()
         st = self.log.stat()
+        # One uid runs all these builds: let it hold every slot (jobs-per-user).
+        config = self.root / "activated.toml"
+        config.write_text(f"jobs-per-user = {self.jobs}\n")
         cmd = [
             "systemd-socket-activate", "-l", str(self.socket), "--fdname=amberd.sock",
             "-E", "PATH", "-E", f"NOTIFY_SOCKET={notify}",
             "-E", f"JOURNAL_STREAM={st.st_dev}:{st.st_ino}",
             str(BIN / "amberd"), "--state-dir", str(self.state), "--socket", str(self.unused_socket),
-            "--jobs", str(self.jobs), "--stop-grace", str(self.grace),
+            "--jobs", str(self.jobs), "--stop-grace", str(self.grace), "--config", str(config),
         ]  # fmt: skip
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
