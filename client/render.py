@@ -445,6 +445,8 @@ def render_status(result: Mapping[str, Any], socket_path: str) -> str:
         ("last gc", "never" if last_gc in (None, "") else format_time(last_gc)),
         ("state", result.get("state_dir", "-")),
     ]
+    if result.get("fs_mode"):
+        rows.append(("fs mode", f"{result['fs_mode']} ({result.get('fs_mode_reason') or '-'})"))
     return "\n".join(f"{k + ':':<8} {v}" for k, v in rows)
 
 

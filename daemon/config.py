@@ -44,6 +44,15 @@ def parse_seconds(text: str | int | float) -> float:
     return h * 3600 + mi * 60 + s
 
 
+def parse_fs_mode(text: str) -> str:
+    """One of ``fsmode.CHOICES``: how build roots are mounted (see sandbox/fsmode.py)."""
+    from amber.sandbox.fsmode import CHOICES
+
+    if not isinstance(text, str) or text not in CHOICES:
+        raise ValueError(f"expected one of {', '.join(CHOICES)}, got {text!r}")
+    return text
+
+
 @dataclass
 class Config:
     state_dir: Path = field(default_factory=lambda: Path("/var/lib/amber"))
@@ -66,6 +75,7 @@ class Config:
     step_pids_max: int = 4096
     step_timeout_max: float = 24 * 3600.0
     jobs_per_user: int = 0
+    fs_mode: str = "auto"
 
     @property
     def user_jobs(self) -> int:
@@ -143,6 +153,14 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
         int,
         "job slots one user's builds may hold at once, so that one user cannot starve another "
         "(0: half of jobs, rounded up)",
+    ),
+    "fs-mode": (
+        "fs_mode",
+        parse_fs_mode,
+        'how build roots are mounted: "datalower" (Linux 6.5+: overlayfs reads file data '
+        'straight from the store), "fuse-data" (any kernel: the FUSE lower serves file data, '
+        'slower) or "auto" (probe the kernel at start-up); AMBER_FS_MODE in amberd\'s '
+        "environment overrides it, and `amber status` shows the mode in use",
     ),
 }
 

@@ -16,6 +16,7 @@ from amber.daemon.storage.db import Database
 from amber.daemon.storage.gc import Collector
 from amber.daemon.storage.roots import Roots
 from amber.sandbox.fscontrol import FilesystemPool
+from amber.sandbox.fsmode import FsMode, detect_fs_mode
 from amber.sandbox.store import Store
 from amber.sandbox.userns import IdMap
 
@@ -25,6 +26,8 @@ class DaemonContext:
     config: Config
     store: Store
     db: Database
+    #: How build roots are mounted on this kernel (sandbox/fsmode.py).
+    fs_mode: FsMode
     started: float = field(default_factory=time.time)
     #: Set on SIGTERM: running steps may finish, no new step starts.
     stopping: bool = False
@@ -81,7 +84,7 @@ class DaemonContext:
         await pins.on_success(self, build, tree)
 
 
-def open_context(config: Config) -> DaemonContext:
+def open_context(config: Config, fs_mode: FsMode | None = None) -> DaemonContext:
     config.state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(config.state_dir, 0o755)
     # Sandboxes start as the mapped host uid and must traverse to their root.
@@ -92,6 +95,8 @@ def open_context(config: Config) -> DaemonContext:
     os.chmod(config.log_dir, 0o700)
     store = Store.open(config.state_dir)
     db = Database(config.state_dir / "amber.db")
-    ctx = DaemonContext(config, store, db)
+    if fs_mode is None:
+        fs_mode = detect_fs_mode(config.fs_mode)
+    ctx = DaemonContext(config, store, db, fs_mode)
     ctx.roots.recover()
     return ctx

@@ -36,6 +36,7 @@ from amber.daemon.config import DEFAULT_CONFIG, Config, ConfigError, current_con
 from amber.daemon.context import DaemonContext, open_context
 from amber.daemon.server import listen, serve
 from amber.daemon.storage.gc import serve_auto_gc
+from amber.sandbox.fsmode import FsMode, FsModeError, detect_fs_mode
 
 log = logging.getLogger("amber")
 
@@ -86,6 +87,7 @@ async def run_daemon(
     config: Config,
     *,
     notifier: systemd.Notifier | None = None,
+    fs_mode: FsMode | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Recover, serve until SIGTERM or SIGINT, stop cleanly.
@@ -101,7 +103,8 @@ async def run_daemon(
     config.state_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_state_dir(config.state_dir)
     try:
-        ctx = open_context(config)
+        ctx = open_context(config, fs_mode)
+        log.info("build roots: %s mode (%s)", ctx.fs_mode.name, ctx.fs_mode.reason)
         ctx.export_hook = functools.partial(export_on_failure, ctx)
         try:
             report = await trio.to_thread.run_sync(recover, ctx)
@@ -307,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
                 "stop_grace": args.stop_grace,
             },
         )
-    except ConfigError as exc:
+        fs_mode = detect_fs_mode(config.fs_mode)
+    except (ConfigError, FsModeError) as exc:
         notifier.status(f"configuration error: {exc}")
         fail(str(exc), EX_CONFIG)
     if args.print_config:
@@ -326,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
         log.warning("preflight: %s: %s", check.name, check.message)
     log.info("preflight passed; build roots: mode %s", report.root_mode)
     try:
-        trio.run(functools.partial(run_daemon, config, notifier=notifier))
+        trio.run(functools.partial(run_daemon, config, notifier=notifier, fs_mode=fs_mode))
     except OSError as exc:
         notifier.status(f"failed: {exc}")
         fail(str(exc))

@@ -29,6 +29,10 @@ Being a lower layer, none of this enters a snapshot, and a step may change
 or delete any of it as usual. An entry tmpfs cannot hold exactly (an xattr
 it refuses, the layer's size cap reached) is left to the FUSE lower, which
 serves everything anyway.
+
+In the ``fuse-data`` mode (kernels without data-only layers, ``fsmode.py``)
+there is no blob layer for a stub to redirect into, so executables are left
+to the FUSE lower: ``EagerLayer(..., executables=False)``.
 """
 
 from __future__ import annotations
@@ -95,12 +99,18 @@ def belongs(kind: int, mode: int) -> bool:
     )
 
 
+def belongs_without_executables(kind: int, mode: int) -> bool:
+    """The same, when executables cannot be stubs (no data-only layer)."""
+    return kind == treefmt.DIR or kind == treefmt.SYMLINK
+
+
 class EagerLayer:
     """Writes a tree's directories, symlinks and executable stubs under a directory."""
 
-    def __init__(self, store: Store, ids: IdMap):
+    def __init__(self, store: Store, ids: IdMap, *, executables: bool = True):
         self.store = store
         self.ids = ids
+        self._belongs = belongs if executables else belongs_without_executables
         self.stats = EagerStats()
         self._link_groups: dict[tuple, bytes] = {}
 
@@ -113,7 +123,7 @@ class EagerLayer:
         prefix = path + b"/"
         # Every tree of the root is read, but only the entries made here are
         # decoded: the FUSE lower decodes (and caches) the trees it serves.
-        for entry in self.store.get_tree_entries(tree, belongs):
+        for entry in self.store.get_tree_entries(tree, self._belongs):
             if entry.kind == treefmt.DIR:
                 self._directory(entry, prefix + entry.name)
             else:

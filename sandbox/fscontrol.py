@@ -20,6 +20,7 @@ from pathlib import Path
 
 import trio
 
+from . import fsmode
 from .mounts import mounts_under, unmount_all_under
 from .snapshot import SnapshotStats
 from .userns import IDENTITY, IdMap
@@ -165,12 +166,16 @@ async def open_overlay(
     ids: IdMap | None = None,
     keep_work: bool = False,
     pool: FilesystemPool | None = None,
+    fs_mode: str | None = None,
 ) -> AsyncIterator[OverlayMount]:
     """Mount ``tree`` writable at ``work/root`` for the duration of the block.
 
     ``work`` must not exist yet (or be empty); it is removed afterwards
     unless ``keep_work``. With a ``pool``, a warm spare process is used.
+    ``fs_mode`` is a mode of ``fsmode.py``; without one, this process's
+    default (probed once; ``AMBER_FS_MODE`` overrides it).
     """
+    fs_mode = fsmode.check_mode(fs_mode or fsmode.default_fs_mode().name)
     work.mkdir(mode=0o755, parents=True, exist_ok=True)
     process, parent_end = await (pool.take() if pool is not None else _spawn())
     parent_end.setblocking(False)
@@ -183,6 +188,7 @@ async def open_overlay(
         "work": str(work),
         "id_base": ids.host_base if ids is not None else 0,
         "id_count": ids.count if ids is not None else IDENTITY.count,
+        "fs_mode": fs_mode,
     }
     try:
         handle = OverlayMount(process, control, work / "root", work)

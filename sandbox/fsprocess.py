@@ -5,13 +5,16 @@ pyfuse3 serves one filesystem per process, so every mount is a process::
     python -m amber.sandbox.fsprocess --control-fd FD
 
 Its first control line says what to mount (``{"op": "mount", "state_dir",
-"tree", "work", "id_base", "id_count"}``), so a process can be started and
-imported ahead of need. It makes the tree's eager layer on a tmpfs at
-``W/eager`` (directories, symlinks, executables: ``eagerlayer.py``), mounts
-the whole tree read-only at ``W/lower`` (FUSE, metadata only: ``lowerfs.py``)
-and stacks a kernel overlayfs at ``W/root`` over both, with a writable upper
-``W/upper`` and the store's blobs as a data-only layer. Then it answers JSON
-lines on the control socket (``--control-fd``)::
+"tree", "work", "id_base", "id_count", "fs_mode"}``), so a process can be
+started and imported ahead of need. It makes the tree's eager layer on a
+tmpfs at ``W/eager`` (directories, symlinks, executables: ``eagerlayer.py``),
+mounts the whole tree read-only at ``W/lower`` (FUSE, metadata only:
+``lowerfs.py``) and stacks a kernel overlayfs at ``W/root`` over both, with a
+writable upper ``W/upper`` and the store's blobs as a data-only layer. In
+the ``fuse-data`` mode (``fsmode.py``: kernels before 6.5) there is no
+data-only layer: the FUSE lower serves file data too, and the eager layer
+holds no executables. Then it answers JSON lines on the control socket
+(``--control-fd``)::
 
     -> {"op": "snapshot"}   <- {"ok": true, "tree": HEX, "stats": {...}}
     -> {"op": "stop"}       <- {"ok": true}   (then unmounts and exits)
@@ -39,6 +42,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from . import fsmode
 from .digest import from_hex
 from .eagerlayer import EagerLayer
 from .fuseops import LowerOperations
@@ -49,29 +53,35 @@ from .store import Store
 from .userns import IdMap
 
 
-def overlay_options(eager: Path, lower: Path, data: Path, upper: Path, work: Path) -> str:
+def overlay_options(eager: Path, lower: Path, data: Path | None, upper: Path, work: Path) -> str:
     # metacopy + redirect_dir: metadata-only copy-up and renames of lower
-    # directories, both understood by the snapshot. index/xino off: no
-    # persistent inode index to keep consistent across mounts.
+    # directories, both understood by the snapshot (Linux 4.19+). index/xino
+    # off: no persistent inode index to keep consistent across mounts.
     # eager: directories, symlinks and executables on tmpfs, above the FUSE
-    # lower (eagerlayer.py); data: the blobs, a data-only layer (lowerfs.py).
+    # lower (eagerlayer.py); data: the blobs, a data-only layer (lowerfs.py),
+    # None in the fuse-data mode.
+    layers = f"{eager}:{lower}" + (f"::{data}" if data is not None else "")
     return (
-        f"lowerdir={eager}:{lower}::{data},upperdir={upper},workdir={work},"
+        f"lowerdir={layers},upperdir={upper},workdir={work},"
         "metacopy=on,redirect_dir=on,index=off,xino=off"
     )
 
 
 class FilesystemProcess:
-    def __init__(self, store: Store, tree: bytes, work: Path, ids: IdMap):
+    def __init__(
+        self, store: Store, tree: bytes, work: Path, ids: IdMap, fs_mode: str = fsmode.DATALOWER
+    ):
         self.store = store
         self.tree = tree
         self.ids = ids
+        self.fs_mode = fsmode.check_mode(fs_mode)
+        self.data_layer = fs_mode == fsmode.DATALOWER
         self.lower = work / "lower"
         self.upper = work / "upper"
         self.eager = work / "eager"
         self.overlay_work = work / "work"
         self.root = work / "root"
-        self.model = LowerModel(store, tree, ids=ids)
+        self.model = LowerModel(store, tree, ids=ids, serve_data=not self.data_layer)
         self.snapshotter = Snapshotter(store, tree, self.upper, ids)
         self._overlay_mounted = False
         self._eager_mounted = False
@@ -84,7 +94,9 @@ class FilesystemProcess:
         os.chmod(self.upper, 0o755)
         mount("amber-eager", self.eager, "tmpfs", "mode=0755,size=64m")
         self._eager_mounted = True
-        EagerLayer(self.store, self.ids).fill(self.tree, os.fsencode(self.eager))
+        EagerLayer(self.store, self.ids, executables=self.data_layer).fill(
+            self.tree, os.fsencode(self.eager)
+        )
 
     async def serve(self, control: trio.SocketStream) -> None:
         ops = LowerOperations(self.model, str(self.store.root))
@@ -109,9 +121,8 @@ class FilesystemProcess:
             self.model.close()
 
     def _mount_overlay(self) -> None:
-        options = overlay_options(
-            self.eager, self.lower, self.store.blob_dir, self.upper, self.overlay_work
-        )
+        data = self.store.blob_dir if self.data_layer else None
+        options = overlay_options(self.eager, self.lower, data, self.upper, self.overlay_work)
         mount("amber", self.root, "overlay", options)
         self._overlay_mounted = True
 
@@ -176,7 +187,11 @@ def main(argv: list[str] | None = None) -> None:
         return  # the controller closed us before we were needed
     ids = IdMap(request["id_base"], request["id_count"])
     fs = FilesystemProcess(
-        Store.open(request["state_dir"]), from_hex(request["tree"]), Path(request["work"]), ids
+        Store.open(request["state_dir"]),
+        from_hex(request["tree"]),
+        Path(request["work"]),
+        ids,
+        request.get("fs_mode", fsmode.DATALOWER),
     )
     fs.prepare()
     sock.setblocking(False)
@@ -184,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _read_mount_request(sock: socket.socket) -> dict | None:
-    """The first control line: ``{"op": "mount", "state_dir", "tree", "work", "id_base", "id_count"}``."""
+    """The first control line: ``{"op": "mount", "state_dir", "tree", "work", "id_base", ...}``."""
     data = b""
     while not data.endswith(b"\n"):
         chunk = sock.recv(1)  # byte by byte: nothing after the line may be consumed here

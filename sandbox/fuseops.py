@@ -1,17 +1,23 @@
 """pyfuse3 adapter for ``LowerModel``: decode, one model call, encode.
 
-The only place model errors become ``FUSEError``; any other exception is a
-bug and is left to fail loudly.
+The only place model errors become ``FUSEError`` (``_replies``, which
+every handler that calls the model wears); any other exception is a bug and
+is left to fail loudly.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import os
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import pyfuse3
 
 from .lowerfs import FOREVER, Attr, LowerError, LowerModel
+
+T = TypeVar("T")
 
 
 def _attrs(a: Attr) -> pyfuse3.EntryAttributes:
@@ -40,6 +46,24 @@ def _negative() -> pyfuse3.EntryAttributes:
     return out
 
 
+def _fuse_error(exc: LowerError) -> pyfuse3.FUSEError:
+    """The one mapping of a model refusal to the errno the kernel is given."""
+    return pyfuse3.FUSEError(pyfuse3.ENOATTR if exc.errno == errno.ENODATA else exc.errno)
+
+
+def _replies(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """pyfuse3 replies an errno only for FUSEError: turn the model's refusals into one."""
+
+    @functools.wraps(handler)
+    async def wrapped(*args):
+        try:
+            return await handler(*args)
+        except LowerError as exc:
+            raise _fuse_error(exc) from None
+
+    return wrapped
+
+
 class LowerOperations(pyfuse3.Operations):
     enable_writeback_cache = False
 
@@ -48,33 +72,25 @@ class LowerOperations(pyfuse3.Operations):
         self.model = model
         self.statfs_path = statfs_path
 
+    @_replies
     async def lookup(self, parent_inode, name, ctx=None):
-        try:
-            found = self.model.lookup(parent_inode, name)
-        except LowerError as exc:
-            raise pyfuse3.FUSEError(exc.errno) from None
+        found = self.model.lookup(parent_inode, name)
         return _negative() if found is None else _attrs(found)
 
+    @_replies
     async def getattr(self, inode, ctx=None):
-        try:
-            return _attrs(self.model.getattr(inode))
-        except LowerError as exc:
-            raise pyfuse3.FUSEError(exc.errno) from None
+        return _attrs(self.model.getattr(inode))
 
+    @_replies
     async def readlink(self, inode, ctx):
-        try:
-            return self.model.readlink(inode)
-        except LowerError as exc:
-            raise pyfuse3.FUSEError(exc.errno) from None
+        return self.model.readlink(inode)
 
     async def opendir(self, inode, ctx):
         return inode
 
+    @_replies
     async def readdir(self, fh, start_id, token):
-        try:
-            rows = self.model.readdir(fh, start_id)
-        except LowerError as exc:
-            raise pyfuse3.FUSEError(exc.errno) from None
+        rows = self.model.readdir(fh, start_id)
         for name, attr, next_id in rows:
             if not pyfuse3.readdir_reply(token, name, _attrs(attr), next_id):
                 break
@@ -82,13 +98,14 @@ class LowerOperations(pyfuse3.Operations):
     async def releasedir(self, fh):
         pass
 
+    @_replies
     async def open(self, inode, flags, ctx):
-        try:
-            self.model.check_open(inode, flags)
-        except LowerError as exc:
-            raise pyfuse3.FUSEError(exc.errno) from None
+        self.model.check_open(inode, flags)
+        # keep_cache: the tree never changes, so pages read through one open
+        # serve every later one (the fuse-data mode reads all data this way).
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
+    @_replies
     async def read(self, fh, off, size):
         return self.model.read(fh, off, size)
 
@@ -99,14 +116,11 @@ class LowerOperations(pyfuse3.Operations):
     async def release(self, fh):
         pass
 
+    @_replies
     async def getxattr(self, inode, name, ctx):
-        try:
-            return self.model.getxattr(inode, name)
-        except LowerError as exc:
-            raise pyfuse3.FUSEError(
-                pyfuse3.ENOATTR if exc.errno == errno.ENODATA else exc.errno
-            ) from None
+        return self.model.getxattr(inode, name)
 
+    @_replies
     async def listxattr(self, inode, ctx):
         return self.model.listxattr(inode)
 

@@ -12,6 +12,10 @@ attributes from us, once per inode thanks to infinite entry/attr timeouts,
 and opens and reads the blob directly from the store's filesystem. Opens,
 reads, releases and flushes, the bulk of a build's filesystem traffic, never
 reach Python. The tree is immutable, so nothing is ever invalidated.
+
+On kernels without data-only layers (before 6.5; ``fsmode.py``) the model
+is made with ``serve_data=True``: no stubs, files are opened and read here,
+from their blobs, and overlayfs sees them as ordinary lower files.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import tree as treefmt
-from .store import Store
+from .store import MissingObject, Store
 from .tree import Entry
 from .userns import IDENTITY, IdMap
 
@@ -79,9 +83,12 @@ class LowerModel:
         root: bytes,
         *,
         ids: IdMap = IDENTITY,
+        serve_data: bool = False,
     ):
         self.store = store
         self.ids = ids
+        #: Files are ordinary files whose data is read here, not metacopy stubs.
+        self.serve_data = serve_data
         self._entries: list[Entry] = [_ROOT_ENTRY._replace(ref=root)]  # index = ino - 1
         self._children: dict[int, dict[bytes, int]] = {}
         self._order: dict[int, list[bytes]] = {}
@@ -159,7 +166,7 @@ class LowerModel:
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         e = self.entry(ino)
-        if e.kind == treefmt.FILE:
+        if e.kind == treefmt.FILE and not self.serve_data:
             if name == METACOPY:
                 return b""
             if name == REDIRECT:
@@ -179,15 +186,24 @@ class LowerModel:
             raise LowerError(errno.EINVAL)
 
     def read(self, ino: int, offset: int, size: int) -> bytes:
-        """File content, for direct readers of the lower (overlayfs reads blobs)."""
+        """File content: every read in ``serve_data`` mode, else only direct readers'.
+
+        A blob that cannot be read (lost from the store, an I/O error) is
+        EIO to the reader, never a short file.
+        """
         e = self.entry(ino)
-        fd = self._fds.get(e.ref)
-        if fd is None:
-            if len(self._fds) >= 256:
-                for old in list(self._fds)[:64]:
-                    os.close(self._fds.pop(old))
-            fd = self._fds[e.ref] = self.store.open_blob(e.ref)
-        return os.pread(fd, size, offset)
+        if e.kind != treefmt.FILE:
+            raise LowerError(errno.EINVAL)
+        try:
+            fd = self._fds.get(e.ref)
+            if fd is None:
+                if len(self._fds) >= 256:
+                    for old in list(self._fds)[:64]:
+                        os.close(self._fds.pop(old))
+                fd = self._fds[e.ref] = self.store.open_blob(e.ref)
+            return os.pread(fd, size, offset)
+        except (OSError, MissingObject):
+            raise LowerError(errno.EIO) from None
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -72,3 +72,30 @@ def test_lower_is_read_only(model: LowerModel):
         model.check_open(f.ino, os.O_WRONLY)
     assert err.value.errno == errno.EROFS
     assert model.read(f.ino, 2, 3) == b"nte"
+
+
+def test_serving_data_the_files_are_plain_and_read_from_their_blobs(
+    store: Store, model: LowerModel
+):
+    """The fuse-data mode (kernels without data-only layers): no stubs."""
+    plain = LowerModel(store, model.entry(ROOT_INODE).ref, serve_data=True)
+    f = plain.lookup(plain.lookup(ROOT_INODE, b"dir").ino, b"file")
+    for name in (METACOPY, REDIRECT):
+        with pytest.raises(LowerError) as err:
+            plain.getxattr(f.ino, name)
+        assert err.value.errno == errno.ENODATA
+    assert plain.getxattr(f.ino, b"user.k") == b"v"
+    assert plain.read(f.ino, 0, 100) == b"content"
+    with pytest.raises(LowerError) as err:
+        plain.read(plain.lookup(ROOT_INODE, b"dir").ino, 0, 1)
+    assert err.value.errno == errno.EINVAL
+
+
+def test_a_blob_lost_from_the_store_reads_as_eio_not_as_a_short_file(
+    store: Store, model: LowerModel
+):
+    f = model.lookup(model.lookup(ROOT_INODE, b"dir").ino, b"file")
+    os.unlink(store.blob_path(model.entry(f.ino).ref))
+    with pytest.raises(LowerError) as err:
+        model.read(f.ino, 0, 100)
+    assert err.value.errno == errno.EIO

@@ -197,6 +197,8 @@ async def status(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, 
         "free_bytes": st.f_bavail * st.f_frsize,
         "last_gc": ctx.db.get_meta("last_gc"),
         "state_dir": str(ctx.config.state_dir),
+        "fs_mode": ctx.fs_mode.name,
+        "fs_mode_reason": ctx.fs_mode.reason,
     }
 
 

@@ -117,7 +117,12 @@ async def _run_shell(
             nursery.start_soon(check)  # runs while the filesystem starts
             mnt = await stack.enter_async_context(
                 open_overlay(
-                    api.ctx.store.state_dir, state.tree, work, ids=ids, pool=api.ctx.fs_pool
+                    api.ctx.store.state_dir,
+                    state.tree,
+                    work,
+                    ids=ids,
+                    pool=api.ctx.fs_pool,
+                    fs_mode=api.ctx.fs_mode.name,
                 )
             )
             await checked.wait()

@@ -262,7 +262,12 @@ class Executor:
             await self._close_mount()
         work = self.ctx.work_dir("", self.build.id)
         cm = open_overlay(
-            self.ctx.store.state_dir, tree, work, ids=self.ctx.ids, pool=self.ctx.fs_pool
+            self.ctx.store.state_dir,
+            tree,
+            work,
+            ids=self.ctx.ids,
+            pool=self.ctx.fs_pool,
+            fs_mode=self.ctx.fs_mode.name,
         )
         self.mount = await cm.__aenter__()
         self._mount_cm = cm
