@@ -2,7 +2,8 @@
 
 Usage (as root)::
 
-    /work/venv/bin/python scripts/bench/fs.py [--runs N] [--keep] [--work-dir DIR]
+    /work/venv/bin/python scripts/bench/fs.py [--runs N] [--mode MODE[,MODE...]]
+        [--keep] [--work-dir DIR]
 
 What it measures. A Debian buildd root filesystem (``scripts/make-rootfs``)
 is the build root; zlib's orig tarball (``scripts/fetch-sources zlib``) is
@@ -10,8 +11,17 @@ extracted, configured and built with ``make -j2`` inside it, in two setups:
 
 * **plain**: the rootfs copied with ``cp -a`` into a fresh directory;
 * **amber**: the rootfs imported into a fresh amber store once, then, for
-  every run, mounted with ``open_overlay`` (FUSE metadata lower + kernel
-  overlayfs, blobs as a data-only layer) and snapshotted after the build.
+  every run, mounted with ``open_overlay`` in each ``--mode`` and
+  snapshotted after the build. ``datalower`` (Linux 6.5+): FUSE metadata
+  lower + kernel overlayfs, blobs as a data-only layer; ``fuse-data`` (the
+  fallback for older kernels, ``sandbox/fsmode.py``): the FUSE lower serves
+  file data too. Default: the mode amberd would pick here.
+* ``--mode linkfarm`` (an estimate, not a mode amber has): the base as a
+  hard-link farm under a kernel overlayfs, the way ostree checks out. The
+  tree is checked out once (in a real farm these inodes, one per distinct
+  content and metadata, would live in the store); every run links a farm
+  from it with ``cp -al`` (its "mount" time) and builds on an overlay over
+  that. No snapshot is taken (it would be the same walk of the upper).
 
 Both builds run under ``chroot`` so that *every* file the build touches, the
 compiler, headers, libraries and the shell included, comes from the root
@@ -25,7 +35,7 @@ Runs alternate (plain, amber, plain, amber, ...) with fresh directories and
 mounts each time, so drift on the machine (page cache, other load) hits both
 alike; caches are deliberately not dropped, but dirty data is synced before
 each build so neither pays for the other's writeback. The RESULT is the
-median of the per-pair wall-clock ratios. Because other work on a shared
+median of the per-pair wall-clock ratios, per mode. Because other work on a shared
 machine makes wall time noisy, the CPU-time ratio (the build's processes,
 plus the filesystem process for amber) is printed beside it.
 
@@ -41,7 +51,8 @@ Finally a separate mount of a synthetic 100,000-file tree is walked
 measure the filesystem process's memory on a large tree.
 
 Targets: build ratio <= 1.10 (aim 1.05); filesystem process peak RSS
-< 150 MiB. The last line is ``RESULT fs_build_ratio <ratio>``.
+< 150 MiB. One line ``RESULT fs_build_ratio_<mode> <ratio>`` per mode,
+then ``RESULT fs_build_ratio <ratio>`` for the first mode.
 
 Everything lives in one temporary work directory (default under /var/tmp,
 the same filesystem as the rootfs cache here) and is removed on every way
@@ -71,10 +82,13 @@ from pathlib import Path
 import trio
 from common import Session
 
+from amber.sandbox import fsmode
 from amber.sandbox import tree as treefmt
+from amber.sandbox.checkout import checkout
 from amber.sandbox.fscontrol import Snapshot, open_overlay
 from amber.sandbox.importer import import_directory
-from amber.sandbox.mounts import mounts_under, unmount_all_under
+from amber.sandbox.mounts import mount, mounts_under, umount, unmount_all_under
+from amber.sandbox.snapshot import SnapshotStats
 from amber.sandbox.store import Store
 from amber.sandbox.tree import Entry
 
@@ -90,6 +104,7 @@ RSS_TARGET_MIB = 150
 BIG_TREE_DIRS, BIG_TREE_FILES_PER_DIR = 100, 1000  # 100,000 files
 MTIME = 1_600_000_000_123_456_789
 MIB = 1 << 20
+LINKFARM = "linkfarm"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -356,11 +371,15 @@ async def plain_run(rootfs: Path, tarball: Path, work: Path, keep: bool) -> Plai
             remove_tree(work)
 
 
-async def amber_run(store: Store, tree: bytes, tarball: Path, work: Path, keep: bool) -> AmberRun:
+async def amber_run(
+    store: Store, tree: bytes, tarball: Path, work: Path, keep: bool, mode: str
+) -> AmberRun:
     work.mkdir()
     try:
         start = time.perf_counter()
-        async with open_overlay(store.state_dir, tree, work / "fs", keep_work=keep) as mnt:
+        async with open_overlay(
+            store.state_dir, tree, work / "fs", keep_work=keep, fs_mode=mode
+        ) as mnt:
             mount_seconds = time.perf_counter() - start
             before = ProcessUsage.of(mnt.pid)
             with FuseTrace(mnt.work / "lower", f"amber-bench-fs-{os.getpid()}") as trace:
@@ -372,6 +391,32 @@ async def amber_run(store: Store, tree: bytes, tarball: Path, work: Path, keep: 
         return AmberRun(
             mount_seconds, phases, snapshot, usage, trace.phases, rss_build, rss_snapshot
         )
+    finally:
+        if not keep:
+            remove_tree(work)
+
+
+async def linkfarm_run(farm_base: Path, tarball: Path, work: Path, keep: bool) -> AmberRun:
+    """The estimate of a hard-link farm: ``cp -al`` of a checkout, an overlay on top."""
+    work.mkdir()
+    dirs = {name: work / name for name in ("lower", "upper", "work", "root")}
+    try:
+        start = time.perf_counter()
+        await run_timed(["cp", "-al", str(farm_base), str(dirs["lower"])], work / "log")
+        for name in ("upper", "work", "root"):
+            dirs[name].mkdir()
+        options = (
+            f"lowerdir={dirs['lower']},upperdir={dirs['upper']},workdir={dirs['work']},"
+            "metacopy=on,redirect_dir=on,index=off,xino=off"
+        )
+        mount("amber-bench", dirs["root"], "overlay", options)
+        try:
+            mount_seconds = time.perf_counter() - start
+            phases = await build_in_chroot(dirs["root"], tarball, work / "log")
+        finally:
+            umount(dirs["root"], lazy=True)
+        none = ProcessUsage(0.0, 0)
+        return AmberRun(mount_seconds, phases, Snapshot(b"", SnapshotStats()), none, {}, 0, 0)
     finally:
         if not keep:
             remove_tree(work)
@@ -422,8 +467,8 @@ def stat_every_file(root: Path) -> int:
     return count
 
 
-async def big_tree_run(store: Store, tree: bytes, work: Path, keep: bool) -> BigTreeRun:
-    async with open_overlay(store.state_dir, tree, work, keep_work=keep) as mnt:
+async def big_tree_run(store: Store, tree: bytes, work: Path, keep: bool, mode: str) -> BigTreeRun:
+    async with open_overlay(store.state_dir, tree, work, keep_work=keep, fs_mode=mode) as mnt:
         start = time.perf_counter()
         found = await trio.run_process(
             ["sh", "-c", f"find '{mnt.root}' -type f | wc -l"],
@@ -453,7 +498,8 @@ def remove_tree(path: Path) -> None:
 
 @dataclass
 class Results:
-    plain: list[PlainRun] = field(default_factory=list)
+    mode: str
+    plain: list[PlainRun] = field(default_factory=list)  # shared by every mode's Results
     amber: list[AmberRun] = field(default_factory=list)
 
     def ratios(self) -> list[float]:
@@ -464,13 +510,13 @@ def mib(n: int) -> str:
     return f"{n / MIB:.1f} MiB"
 
 
-def print_pair(n: int, plain: PlainRun, amber: AmberRun) -> None:
+def print_pair(n: int, plain: PlainRun, amber: AmberRun, mode: str) -> None:
     snap = amber.snapshot.stats
     phases = " ".join(
         f"{ph} {plain.phases[ph].wall:.2f}/{amber.phases[ph].wall:.2f}" for ph in PHASES
     )
     print(
-        f"pair {n}: plain {plain.total:5.2f} s  amber {amber.total:5.2f} s  "
+        f"pair {n} {mode}: plain {plain.total:5.2f} s  amber {amber.total:5.2f} s  "
         f"ratio {amber.total / plain.total:.3f}  (CPU {amber.cpu / plain.cpu:.3f})  "
         f"plain/amber: {phases}\n"
         f"        cp -a {plain.copy_seconds:.2f} s; mount {amber.mount_seconds:.3f} s; "
@@ -488,12 +534,14 @@ def load_note() -> str:
     return f"load average {load:.2f} on {cores} CPUs{busy}"
 
 
-def print_summary(results: Results, big: BigTreeRun, load_before: str) -> tuple[float, list[float]]:
+def print_summary(
+    results: Results, big: BigTreeRun | None, load_before: str
+) -> tuple[float, list[float]]:
     plain, amber = results.plain, results.amber
     med = statistics.median
     ratio = med(results.ratios())
     med_plain, med_amber = med(p.total for p in plain), med(a.total for a in amber)
-    print("\n== summary ==")
+    print(f"\n== summary: {results.mode} ==")
     print(f"machine                       before: {load_before}\n{'':30}after:  {load_note()}")
     print(f"median plain build            {med_plain:.2f} s")
     print(f"median amber build            {med_amber:.2f} s")
@@ -510,6 +558,8 @@ def print_summary(results: Results, big: BigTreeRun, load_before: str) -> tuple[
     )
     print(f"median mount time             {med(a.mount_seconds for a in amber):.3f} s")
     print(f"median cp -a of the rootfs    {med(p.copy_seconds for p in plain):.2f} s")
+    if big is None:  # the link-farm estimate: no FUSE process, no snapshot
+        return ratio, [p.total for p in plain]
     first = amber[0].snapshot.stats
     print(
         f"snapshot after the build      {med(a.snapshot.stats.seconds for a in amber):.3f} s "
@@ -580,31 +630,57 @@ def print_fuse_ops(results: Results) -> None:
 
 async def benchmark(
     args: argparse.Namespace, rootfs: Path, tarball: Path, work: Path
-) -> tuple[float, list[float]]:
+) -> tuple[dict[str, float], list[float]]:
+    """Every mode's median ratio, pairs interleaved: plain, mode 1, mode 2, ...; plain totals."""
     load_before = load_note()
     store, tree, seconds = await trio.to_thread.run_sync(import_rootfs, work / "state", rootfs)
     print(f"import of the rootfs into a fresh store: {seconds:.2f} s ({tree.hex()[:16]})")
-    results = Results()
+    if LINKFARM in args.modes:
+        farm_base = work / "farm-base"
+        await trio.to_thread.run_sync(checkout, store, tree, farm_base)
+    plain_runs: list[PlainRun] = []
+    results = {mode: Results(mode, plain_runs) for mode in args.modes}
     for n in range(1, args.runs + 1):
         plain = await plain_run(rootfs, tarball, work / f"plain-{n}", args.keep)
-        amber = await amber_run(store, tree, tarball, work / f"amber-{n}", args.keep)
-        results.plain.append(plain)
-        results.amber.append(amber)
-        print_pair(n, plain, amber)
+        plain_runs.append(plain)
+        for mode in args.modes:
+            run_dir = work / f"{mode}-{n}"
+            if mode == LINKFARM:
+                amber = await linkfarm_run(farm_base, tarball, run_dir, args.keep)
+            else:
+                amber = await amber_run(store, tree, tarball, run_dir, args.keep, mode)
+            results[mode].amber.append(amber)
+            print_pair(n, plain, amber, mode)
     start = time.perf_counter()
     big_tree = await trio.to_thread.run_sync(
         synthetic_tree, store, BIG_TREE_DIRS, BIG_TREE_FILES_PER_DIR
     )
     print(f"\nsynthetic 100,000-file tree written in {time.perf_counter() - start:.2f} s")
-    big = await big_tree_run(store, big_tree, work / "big", args.keep)
-    return print_summary(results, big, load_before)
+    ratios = {}
+    for mode in args.modes:
+        big = None
+        if mode != LINKFARM:
+            big = await big_tree_run(store, big_tree, work / f"big-{mode}", args.keep, mode)
+        ratios[mode], plain_totals = print_summary(results[mode], big, load_before)
+    return ratios, plain_totals
+
+
+def parse_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    known = (*fsmode.MODES, LINKFARM)
+    for mode in modes:
+        if mode not in known:
+            raise argparse.ArgumentTypeError(f"unknown mode {mode!r} (known: {', '.join(known)})")
+    if not modes or len(set(modes)) != len(modes):
+        raise argparse.ArgumentTypeError("give each mode once")
+    return modes
 
 
 async def run_until_signal(
     args: argparse.Namespace, rootfs: Path, tarball: Path, work: Path
-) -> tuple[float, list[float]] | None:
+) -> tuple[dict[str, float], list[float]] | None:
     """The benchmark, cancelled cleanly (mounts undone) on SIGINT/SIGTERM."""
-    outcome: list[tuple[float, list[float]]] = []
+    outcome: list[tuple[dict[str, float], list[float]]] = []
 
     async def watch_signals(scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -626,6 +702,14 @@ async def run_until_signal(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="pairs of builds (default 5)")
+    parser.add_argument(
+        "--mode",
+        dest="modes",
+        type=parse_modes,
+        help="comma-separated: datalower (Linux 6.5+), fuse-data (the fallback), linkfarm "
+        "(an estimate of a hard-link farm); each pair runs plain then every mode "
+        "(default: the mode amberd would pick here)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--work-dir", type=Path, default=Path("/var/tmp"), help="parent of it")
     args = parser.parse_args()
@@ -633,9 +717,12 @@ def main() -> None:
         sys.exit("fs.py: must run as root (chroot, mounts)")
     if args.runs < 1:
         sys.exit("fs.py: --runs must be at least 1")
+    if args.modes is None:
+        args.modes = [fsmode.default_fs_mode().name]
     rootfs, tarball = ensure_fixtures()
     work = Path(tempfile.mkdtemp(prefix="amber-bench-fs-", dir=args.work_dir))
-    print(f"rootfs {rootfs}\ntarball {tarball}\nwork {work}", flush=True)
+    print(f"rootfs {rootfs}\ntarball {tarball}\nwork {work}\nmodes {', '.join(args.modes)}")
+    sys.stdout.flush()
     session = Session("fs.py").begin()
     try:
         outcome = trio.run(run_until_signal, args, rootfs, tarball, work)
@@ -648,7 +735,12 @@ def main() -> None:
     if outcome is None:
         sys.exit(130)
     session.end()
-    session.ratio("fs_build_ratio", outcome[0], "plain build", outcome[1])
+    ratios, plain_totals = outcome
+    for mode, ratio in ratios.items():
+        session.ratio(
+            f"fs_build_ratio_{mode.replace('-', '_')}", ratio, "plain build", plain_totals
+        )
+    session.ratio("fs_build_ratio", ratios[args.modes[0]], "plain build", plain_totals)
     session.finish()
 
 
