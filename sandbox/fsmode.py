@@ -141,7 +141,7 @@ def detect_fs_mode(
             raise FsModeError(f"{source} asks for {DATALOWER}, but {problem}")
         return FsMode(DATALOWER, f"set by {source}")
     if problem is None:
-        return FsMode(DATALOWER, "overlayfs takes data-only lower layers (probed)")
+        return FsMode(DATALOWER, "probed: overlayfs here takes data-only lower layers")
     return FsMode(FUSE_DATA, f"{problem}; data-only layers need Linux 6.5")
 
 

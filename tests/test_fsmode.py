@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from amberd_process import BIN, Daemon
 
 from amber.daemon.config import ConfigError, load_config
 from amber.sandbox.checkout import checkout
@@ -79,6 +80,35 @@ def test_the_probe_finds_data_only_layers_on_this_kernel_and_leaves_nothing(tmp_
     assert release >= (6, 5)  # the machine these tests run on
     assert probe_datalower(tmp_path) is None
     assert mounts_under(tmp_path) == [] and list(tmp_path.iterdir()) == []
+
+
+def test_amberd_probes_by_default_and_takes_the_mode_its_configuration_sets(daemon_root: Path):
+    def status_line(daemon: Daemon) -> bytes:
+        out = daemon.amber("status")
+        assert out.returncode == 0, out.stderr
+        daemon.stop()
+        return next(line for line in out.stdout.splitlines() if line.startswith(b"fs mode:"))
+
+    probed = Daemon(daemon_root / "a", extra_env={"AMBER_FS_MODE": ""})
+    (daemon_root / "a").mkdir()
+    assert status_line(probed.start()) == (
+        b"fs mode: datalower (probed: overlayfs here takes data-only lower layers)"
+    )
+    config = daemon_root / "amberd.toml"
+    config.write_text('fs-mode = "fuse-data"\n')
+    configured = Daemon(daemon_root / "b", extra_env={"AMBER_FS_MODE": ""})
+    (daemon_root / "b").mkdir()
+    assert status_line(configured.start("--config", str(config))) == (
+        b"fs mode: fuse-data (set by fs-mode in the configuration)"
+    )
+    config.write_text('fs-mode = "datalower"\n')
+    refused = subprocess.run(
+        [BIN / "amberd", "--config", str(config), "--state-dir", str(daemon_root / "c"),
+         "--socket", str(daemon_root / "c.sock")],
+        env={**configured.env, "AMBER_FS_MODE": "nonsense"}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert refused.returncode == 78
+    assert "AMBER_FS_MODE in the environment: unknown filesystem mode 'nonsense'" in refused.stderr
 
 
 # -- the fuse-data mode on a real mount ------------------------------------------------
