@@ -136,9 +136,14 @@ async def test_fuse_data_mount_serves_data_from_fuse_and_snapshots_copy_ups(
         ran = subprocess.run([mnt.root / "bin/tool"], capture_output=True, text=True)
         assert ran.stdout == "tool ran\n"
         assert (await mnt.snapshot()).tree == base
-        os.chmod(mnt.root / "mode-only", 0o600)  # metadata-only copy-up
-        with open(mnt.root / "data", "ab") as f:  # full copy-up
+        os.chmod(mnt.root / "mode-only", 0o600)
+        with open(mnt.root / "data", "ab") as f:
             f.write(b"+")
+        upper = mnt.work / "upper"
+        os.getxattr(upper / "mode-only", "trusted.overlay.metacopy")  # metadata-only copy-up
+        assert os.stat(upper / "data").st_size == 200_001  # a full copy, no metacopy
+        with pytest.raises(OSError):
+            os.getxattr(upper / "data", "trusted.overlay.metacopy")
         snap = await mnt.snapshot()
     out = tmp_path / "checkout"
     checkout(store, snap.tree, out)
