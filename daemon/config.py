@@ -158,9 +158,11 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
         "fs_mode",
         parse_fs_mode,
         'how build roots are mounted: "datalower" (Linux 6.5+: overlayfs reads file data '
-        'straight from the store), "fuse-data" (any kernel: the FUSE lower serves file data, '
-        'slower) or "auto" (probe the kernel at start-up); AMBER_FS_MODE in amberd\'s '
-        "environment overrides it, and `amber status` shows the mode in use",
+        'straight from the store, a data-only layer), "hidden-data" (the same speed: the '
+        'store as a plain layer hidden by whiteouts), "fuse-data" (any kernel: the FUSE lower '
+        'serves file data, slower) or "auto" (the first that a probe at start-up finds '
+        "working); AMBER_FS_MODE in amberd's environment overrides it, and `amber status` "
+        "shows the mode in use",
     ),
 }
 

@@ -30,7 +30,9 @@ or delete any of it as usual. An entry tmpfs cannot hold exactly (an xattr
 it refuses, the layer's size cap reached) is left to the FUSE lower, which
 serves everything anyway.
 
-In the ``fuse-data`` mode (kernels without data-only layers, ``fsmode.py``)
+In the ``hidden-data`` mode (``fsmode.py``) the layer also carries a
+whiteout for each of the blob directory's shards, which is then a plain
+layer below. In the ``fuse-data`` mode (kernels without either)
 there is no blob layer for a stub to redirect into, so executables are left
 to the FUSE lower: ``EagerLayer(..., executables=False)``.
 """
@@ -42,6 +44,7 @@ import dataclasses
 import errno
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -118,6 +121,15 @@ class EagerLayer:
         """Fill ``root`` (an empty directory: the layer's root) from ``tree``."""
         self._fill(tree, root)
         return self.stats
+
+    def hide(self, root: bytes, names: list[bytes]) -> None:
+        """Whiteouts at the layer's root: names of a layer below that the build must not see.
+
+        The hidden-data mode's data layer is the blob directory; these hide
+        its shards. The caller has checked the tree's root holds none of them.
+        """
+        for name in names:
+            os.mknod(root + b"/" + name, stat.S_IFCHR | 0o600, os.makedev(0, 0))
 
     def _fill(self, tree: bytes, path: bytes) -> None:
         prefix = path + b"/"

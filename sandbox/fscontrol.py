@@ -47,6 +47,8 @@ class OverlayMount:
         self.root = root
         self.work = work
         self._control = control
+        #: The mode it was mounted in (hidden-data may fall back to fuse-data).
+        self.fs_mode = ""
         self._buffer = b""
         self._lock = trio.Lock()
 
@@ -202,6 +204,7 @@ async def open_overlay(
             ) from None
         if not ready.get("ready"):
             raise FilesystemError(f"filesystem process did not start: {ready}")
+        handle.fs_mode = ready.get("fs_mode", fs_mode)
         mount = handle
         yield mount
     finally:

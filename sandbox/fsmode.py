@@ -1,11 +1,19 @@
 """How build roots are mounted on this kernel: chosen once, at start-up.
 
-Two modes, the same to a build and to a snapshot:
+Three modes, the same to a build and to a snapshot:
 
 * ``datalower`` (Linux 6.5+): the FUSE lower serves metadata only; every
   file is a metacopy stub redirecting into the store's blob directory,
   which overlayfs takes as a *data-only lower layer* (``lowerdir=A::B``) and
   reads without Python. The fast mode (``lowerfs.py``).
+* ``hidden-data``: the same stubs, with the blob directory as an ordinary
+  bottom lower layer (``lowerdir=eager:lower:blobs``), its 256 shard
+  directories hidden from the build by whiteouts on the eager layer. A
+  stub's redirect is looked up in the layers *below* it, which no whiteout
+  above reaches: overlayfs' metacopy composition ("data from a file in
+  another lower layer") that predates data-only layers (Linux 4.19). As
+  fast as ``datalower``; a tree with a top-level entry named like a shard
+  (two hex digits) is mounted in ``fuse-data`` instead.
 * ``fuse-data`` (any kernel with overlayfs and FUSE: Debian 12's 6.1,
   Ubuntu 22.04's 5.15, RHEL 9's 5.14): no stubs; the FUSE lower opens and
   reads files itself from their blobs (with FOPEN_KEEP_CACHE, so the page
@@ -13,8 +21,9 @@ Two modes, the same to a build and to a snapshot:
   Executables are left out of the eager layer, which could only hold them
   as stubs.
 
-``auto`` probes the kernel by mounting a tiny overlay with a data-only layer
-(a version number would lie about backports and custom kernels). The
+``auto`` probes the kernel by mounting a tiny overlay in each arrangement
+(a version number would lie about backports and custom kernels) and takes
+the first that works, in that order. The
 ``fs-mode`` option of amberd.toml chooses, and ``AMBER_FS_MODE`` in the
 environment overrides it (the tests force ``fuse-data`` with it).
 """
@@ -25,6 +34,7 @@ import contextlib
 import functools
 import os
 import platform
+import stat
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -33,9 +43,13 @@ from pathlib import Path
 from .mounts import MountError, mount, umount
 
 DATALOWER = "datalower"
+HIDDEN_DATA = "hidden-data"
 FUSE_DATA = "fuse-data"
 AUTO = "auto"
-MODES = (DATALOWER, FUSE_DATA)
+MODES = (DATALOWER, HIDDEN_DATA, FUSE_DATA)
+#: What stands in the hidden-data mode's data layer at its root: the blob
+#: directory's shards (store.py makes all 256), each hidden by a whiteout.
+SHARDS = tuple(f"{i:02x}" for i in range(256))
 CHOICES = (AUTO, *MODES)
 ENV = "AMBER_FS_MODE"
 
@@ -59,73 +73,139 @@ def probe_datalower(parent: str | os.PathLike | None = None) -> str | None:
     only file is a metacopy stub redirected into a data-only layer, and
     reads the file through it.
     """
+    return _probing(parent, _probe_datalower, version_needed=(6, 5))
+
+
+def probe_hidden_data(parent: str | os.PathLike | None = None) -> str | None:
+    """Why overlayfs here cannot read stubs' data from a hidden plain lower; None if it can.
+
+    The arrangement of the ``hidden-data`` mode, on a private tmpfs: a
+    whiteout in the top layer hides the data layer's shard directory, a
+    stub in the middle layer redirects into it. Checked as builds use it:
+    the shard is invisible, the data reads, a chmod copies up metadata only
+    and a write copies up the data.
+    """
+    return _probing(parent, _probe_hidden_data, version_needed=None)
+
+
+def _probing(
+    parent: str | os.PathLike | None,
+    probe: Callable[[Path], str | None],
+    version_needed: tuple[int, int] | None,
+) -> str | None:
     try:
         top = Path(tempfile.mkdtemp(prefix="amber-fsprobe-", dir=parent))
     except OSError as exc:
         return f"cannot make a probe directory: {exc.strerror}"
     try:
-        return _probe_in(top)
+        try:
+            mount("amber-fsprobe", top, "tmpfs", "mode=0700,size=1m")
+        except MountError as exc:
+            return _version_guess(f"cannot mount to probe ({exc.strerror})", version_needed)
+        try:
+            return probe(top)
+        except OSError as exc:
+            return f"probe failed: {exc}"
+        finally:
+            umount(top, lazy=True)
     finally:
         with contextlib.suppress(OSError):
             os.rmdir(top)
 
 
-def _probe_in(top: Path) -> str | None:
+def _make_stub(path: Path, redirect: bytes) -> None:
+    with open(path, "wb") as f:
+        f.truncate(5)
+    os.setxattr(path, "trusted.overlay.metacopy", b"")
+    os.setxattr(path, "trusted.overlay.redirect", redirect)
+
+
+def _probe_datalower(top: Path) -> str | None:
+    for sub in ("lower", "data", "root"):
+        (top / sub).mkdir()
+    (top / "data" / "blob").write_bytes(b"amber")
+    _make_stub(top / "lower" / "file", b"/blob")
+    options = f"lowerdir={top / 'lower'}::{top / 'data'},metacopy=on,redirect_dir=follow"
     try:
-        mount("amber-fsprobe", top, "tmpfs", "mode=0700,size=1m")
+        mount("amber-fsprobe", top / "root", "overlay", options)
     except MountError as exc:
-        return _version_guess(f"cannot mount to probe ({exc.strerror})")
+        return f"overlayfs refused a data-only lower layer ({exc.strerror})"
     try:
-        for sub in ("lower", "data", "root"):
-            (top / sub).mkdir()
-        (top / "data" / "blob").write_bytes(b"amber")
-        stub = top / "lower" / "file"
-        with open(stub, "wb") as f:
-            f.truncate(5)
-        os.setxattr(stub, "trusted.overlay.metacopy", b"")
-        os.setxattr(stub, "trusted.overlay.redirect", b"/blob")
-        options = f"lowerdir={top / 'lower'}::{top / 'data'},metacopy=on,redirect_dir=follow"
-        try:
-            mount("amber-fsprobe", top / "root", "overlay", options)
-        except MountError as exc:
-            return f"overlayfs refused a data-only lower layer ({exc.strerror})"
-        try:
-            if (top / "root" / "file").read_bytes() != b"amber":
-                return "overlayfs did not read a metacopy stub's data from its data-only layer"
-        finally:
-            umount(top / "root")
-        return None
-    except OSError as exc:
-        return f"probe failed: {exc}"
+        if (top / "root" / "file").read_bytes() != b"amber":
+            return "overlayfs did not read a metacopy stub's data from its data-only layer"
     finally:
-        umount(top, lazy=True)
+        umount(top / "root")
+    return None
 
 
-def _version_guess(why: str) -> str | None:
+def _probe_hidden_data(top: Path) -> str | None:
+    for sub in ("eager", "lower", "data/ab", "upper", "work", "root"):
+        (top / sub).mkdir(parents=True)
+    (top / "data/ab/blob").write_bytes(b"amber")
+    os.mknod(top / "eager/ab", stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    _make_stub(top / "lower" / "file", b"/ab/blob")
+    options = (
+        f"lowerdir={top / 'eager'}:{top / 'lower'}:{top / 'data'},upperdir={top / 'upper'},"
+        f"workdir={top / 'work'},metacopy=on,redirect_dir=on,index=off,xino=off"
+    )
+    try:
+        mount("amber-fsprobe", top / "root", "overlay", options)
+    except MountError as exc:
+        return f"overlayfs refused a metacopy overlay ({exc.strerror})"
+    root = top / "root"
+    try:
+        if os.listdir(root) != ["file"]:
+            return "a whiteout in a lower layer did not hide the data layer"
+        if (root / "file").read_bytes() != b"amber":
+            return "overlayfs did not read a lower metacopy stub's data from a layer below"
+        os.chmod(root / "file", 0o600)
+        if (root / "file").read_bytes() != b"amber":
+            return "a metadata-only copy-up of a lower stub lost its data"
+        with open(root / "file", "ab") as f:
+            f.write(b"!")
+        if (root / "file").read_bytes() != b"amber!":
+            return "a copy-up of a lower stub's data did not copy the data"
+    finally:
+        umount(root)
+    return None
+
+
+def _version_guess(why: str, needed: tuple[int, int] | None) -> str | None:
     """Without the right to mount, the kernel's version is the best guess."""
+    if needed is None:
+        return f"{why}; no kernel version says this works"
     release = platform.release()
     try:
         major, minor = (int(part) for part in release.split(".")[:2])
     except ValueError:
         return f"{why}; kernel version {release!r} unreadable"
-    if (major, minor) >= (6, 5):
+    if (major, minor) >= needed:
         return None
-    return f"{why}; Linux {release} predates 6.5"
+    return f"{why}; Linux {release} predates {needed[0]}.{needed[1]}"
+
+
+#: The probe of each mode that needs one, in the order ``auto`` tries them.
+PROBES: dict[str, Callable[[], str | None]] = {
+    DATALOWER: probe_datalower,
+    HIDDEN_DATA: probe_hidden_data,
+}
 
 
 def detect_fs_mode(
     configured: str = AUTO,
     *,
     env: Mapping[str, str] | None = None,
-    probe: Callable[[], str | None] = probe_datalower,
+    probes: Mapping[str, Callable[[], str | None]] | None = None,
 ) -> FsMode:
     """The mode to use: ``AMBER_FS_MODE``, else ``configured``; ``auto`` probes.
 
-    Raises ``FsModeError`` for an unknown name, or for ``datalower`` forced
-    on a kernel without data-only layers (better refused at start-up than
-    failing every mount).
+    ``auto`` takes the first mode whose probe passes, in the order of
+    ``PROBES``, else ``fuse-data``. Raises ``FsModeError`` for an unknown
+    name, or for a mode forced on a kernel that cannot do it (better refused
+    at start-up than failing every mount).
     """
     env = os.environ if env is None else env
+    probes = PROBES if probes is None else probes
     requested, source = configured, "fs-mode in the configuration"
     if env.get(ENV):
         requested, source = env[ENV], f"{ENV} in the environment"
@@ -135,14 +215,24 @@ def detect_fs_mode(
         )
     if requested == FUSE_DATA:
         return FsMode(FUSE_DATA, f"set by {source}")
-    problem = probe()
-    if requested == DATALOWER:
+    if requested != AUTO:
+        problem = probes[requested]()
         if problem is not None:
-            raise FsModeError(f"{source} asks for {DATALOWER}, but {problem}")
-        return FsMode(DATALOWER, f"set by {source}")
-    if problem is None:
-        return FsMode(DATALOWER, "probed: overlayfs here takes data-only lower layers")
-    return FsMode(FUSE_DATA, f"{problem}; data-only layers need Linux 6.5")
+            raise FsModeError(f"{source} asks for {requested}, but {problem}")
+        return FsMode(requested, f"set by {source}")
+    problems = []
+    for mode, probe in probes.items():
+        problem = probe()
+        if problem is None:
+            return FsMode(mode, f"probed: {_WORKS[mode]}" + "".join(f"; {p}" for p in problems))
+        problems.append(f"no {mode}: {problem}")
+    return FsMode(FUSE_DATA, "probed: " + "; ".join(problems))
+
+
+_WORKS = {
+    DATALOWER: "overlayfs here takes data-only lower layers",
+    HIDDEN_DATA: "overlayfs here reads lower stubs' data from a layer below",
+}
 
 
 @functools.cache

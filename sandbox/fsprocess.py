@@ -53,14 +53,19 @@ from .store import Store
 from .userns import IdMap
 
 
-def overlay_options(eager: Path, lower: Path, data: Path | None, upper: Path, work: Path) -> str:
+def overlay_options(
+    eager: Path, lower: Path, data: Path | None, upper: Path, work: Path, *, data_only: bool = True
+) -> str:
     # metacopy + redirect_dir: metadata-only copy-up and renames of lower
     # directories, both understood by the snapshot (Linux 4.19+). index/xino
     # off: no persistent inode index to keep consistent across mounts.
     # eager: directories, symlinks and executables on tmpfs, above the FUSE
     # lower (eagerlayer.py); data: the blobs, a data-only layer (lowerfs.py),
-    # None in the fuse-data mode.
-    layers = f"{eager}:{lower}" + (f"::{data}" if data is not None else "")
+    # or with data_only=False a plain bottom layer (the hidden-data mode),
+    # or None (fuse-data).
+    layers = f"{eager}:{lower}"
+    if data is not None:
+        layers += f"{'::' if data_only else ':'}{data}"
     return (
         f"lowerdir={layers},upperdir={upper},workdir={work},"
         "metacopy=on,redirect_dir=on,index=off,xino=off"
@@ -75,7 +80,10 @@ class FilesystemProcess:
         self.tree = tree
         self.ids = ids
         self.fs_mode = fsmode.check_mode(fs_mode)
-        self.data_layer = fs_mode == fsmode.DATALOWER
+        if self.fs_mode == fsmode.HIDDEN_DATA and _names_a_shard(store, tree):
+            self.fs_mode = fsmode.FUSE_DATA  # a whiteout would hide the tree's own entry
+        #: Files are stubs whose data overlayfs reads from the blob directory.
+        self.data_layer = self.fs_mode != fsmode.FUSE_DATA
         self.lower = work / "lower"
         self.upper = work / "upper"
         self.eager = work / "eager"
@@ -94,9 +102,10 @@ class FilesystemProcess:
         os.chmod(self.upper, 0o755)
         mount("amber-eager", self.eager, "tmpfs", "mode=0755,size=64m")
         self._eager_mounted = True
-        EagerLayer(self.store, self.ids, executables=self.data_layer).fill(
-            self.tree, os.fsencode(self.eager)
-        )
+        eager = EagerLayer(self.store, self.ids, executables=self.data_layer)
+        eager.fill(self.tree, os.fsencode(self.eager))
+        if self.fs_mode == fsmode.HIDDEN_DATA:
+            eager.hide(os.fsencode(self.eager), [name.encode() for name in fsmode.SHARDS])
 
     async def serve(self, control: trio.SocketStream) -> None:
         ops = LowerOperations(self.model, str(self.store.root))
@@ -111,7 +120,8 @@ class FilesystemProcess:
                 nursery.start_soon(pyfuse3.main, 1, 1)
                 nursery.start_soon(self._watch_signals, nursery.cancel_scope)
                 await trio.to_thread.run_sync(self._mount_overlay)
-                await _send(control, {"ready": True, "root": str(self.root), "pid": os.getpid()})
+                ready = {"root": str(self.root), "pid": os.getpid(), "fs_mode": self.fs_mode}
+                await _send(control, {"ready": True, **ready})
                 await self._control_loop(control)
                 nursery.cancel_scope.cancel()
         finally:
@@ -122,7 +132,14 @@ class FilesystemProcess:
 
     def _mount_overlay(self) -> None:
         data = self.store.blob_dir if self.data_layer else None
-        options = overlay_options(self.eager, self.lower, data, self.upper, self.overlay_work)
+        options = overlay_options(
+            self.eager,
+            self.lower,
+            data,
+            self.upper,
+            self.overlay_work,
+            data_only=self.fs_mode == fsmode.DATALOWER,
+        )
         mount("amber", self.root, "overlay", options)
         self._overlay_mounted = True
 
@@ -169,6 +186,12 @@ class FilesystemProcess:
                 return {"ok": False, "error": f"snapshot failed: {exc}"}, False
             return {"ok": True, "tree": digest.hex(), "stats": asdict(stats)}, False
         return {"ok": False, "error": f"unknown control op {op!r}"}, False
+
+
+def _names_a_shard(store: Store, tree: bytes) -> bool:
+    """Whether the tree's root holds a name the hidden-data mode hides."""
+    shards = {name.encode() for name in fsmode.SHARDS}
+    return any(entry.name in shards for entry in store.get_tree(tree))
 
 
 async def _send(control: trio.SocketStream, message: dict) -> None:

@@ -1,7 +1,7 @@
-"""Choosing how build roots are mounted, and the fuse-data mode on real mounts.
+"""Choosing how build roots are mounted, and the fallback modes on real mounts.
 
 The daemon-level tests of the fuse-data mode are in test_fuse_data.py; the
-whole suite runs in it with ``AMBER_FS_MODE=fuse-data`` in the environment.
+whole suite runs in a mode with ``AMBER_FS_MODE=MODE`` in the environment.
 """
 
 from __future__ import annotations
@@ -20,47 +20,62 @@ from amber.sandbox.fscontrol import open_overlay
 from amber.sandbox.fsmode import (
     DATALOWER,
     FUSE_DATA,
+    HIDDEN_DATA,
+    SHARDS,
     FsModeError,
     detect_fs_mode,
     probe_datalower,
+    probe_hidden_data,
 )
 from amber.sandbox.importer import import_directory
 from amber.sandbox.mounts import mounts_under
 from amber.sandbox.store import Store
 
 
-def no_datalower() -> str:
+def refused() -> str:
     return "overlayfs refused a data-only lower layer (Invalid argument)"
 
 
-def can_datalower() -> None:
+def works() -> None:
     return None
 
 
-# -- choosing (pure logic: the probe is passed in) ----------------------------
+def kernel(datalower, hidden_data) -> dict:
+    return {DATALOWER: datalower, HIDDEN_DATA: hidden_data}
 
 
-def test_auto_takes_datalower_where_the_kernel_has_it_and_falls_back_where_not():
-    assert detect_fs_mode("auto", env={}, probe=can_datalower).name == DATALOWER
-    fallback = detect_fs_mode("auto", env={}, probe=no_datalower)
-    assert fallback.name == FUSE_DATA
-    assert "refused a data-only lower layer" in fallback.reason and "6.5" in fallback.reason
+def test_auto_takes_the_first_mode_the_kernel_can_do():
+    assert detect_fs_mode("auto", env={}, probes=kernel(works, works)).name == DATALOWER
+    second = detect_fs_mode("auto", env={}, probes=kernel(refused, works))
+    assert second.name == HIDDEN_DATA and "no datalower: overlayfs refused" in second.reason
+    last = detect_fs_mode("auto", env={}, probes=kernel(refused, lambda: "no metacopy"))
+    assert last.name == FUSE_DATA
+    assert last.reason == (
+        "probed: no datalower: overlayfs refused a data-only lower layer (Invalid argument); "
+        "no hidden-data: no metacopy"
+    )
 
 
 def test_the_environment_overrides_the_configuration():
-    chosen = detect_fs_mode("datalower", env={"AMBER_FS_MODE": "fuse-data"}, probe=can_datalower)
+    chosen = detect_fs_mode("datalower", env={"AMBER_FS_MODE": "fuse-data"})
     assert chosen.name == FUSE_DATA and "AMBER_FS_MODE" in chosen.reason
-    assert detect_fs_mode("fuse-data", env={}, probe=can_datalower).name == FUSE_DATA
+    assert detect_fs_mode("fuse-data", env={}).name == FUSE_DATA
     assert detect_fs_mode("fuse-data", env={"AMBER_FS_MODE": ""}).name == FUSE_DATA
+    forced = detect_fs_mode(
+        "auto", env={"AMBER_FS_MODE": "hidden-data"}, probes=kernel(works, works)
+    )
+    assert forced.name == HIDDEN_DATA
 
 
-def test_datalower_forced_on_a_kernel_without_it_is_refused_at_start_up():
+def test_a_mode_forced_on_a_kernel_without_it_is_refused_at_start_up():
     with pytest.raises(FsModeError, match="fs-mode in the configuration asks for datalower, but"):
-        detect_fs_mode("datalower", env={}, probe=no_datalower)
+        detect_fs_mode("datalower", env={}, probes=kernel(refused, works))
+    with pytest.raises(FsModeError, match="asks for hidden-data, but no metacopy"):
+        detect_fs_mode("hidden-data", env={}, probes=kernel(works, lambda: "no metacopy"))
     with pytest.raises(
         FsModeError, match=r"^AMBER_FS_MODE in the environment: unknown filesystem mode 'fast'"
     ):
-        detect_fs_mode("auto", env={"AMBER_FS_MODE": "fast"}, probe=can_datalower)
+        detect_fs_mode("auto", env={"AMBER_FS_MODE": "fast"}, probes=kernel(works, works))
 
 
 def test_the_config_option_takes_only_known_modes(tmp_path: Path):
@@ -68,17 +83,20 @@ def test_the_config_option_takes_only_known_modes(tmp_path: Path):
     path.write_text('fs-mode = "fuse-data"\n')
     assert load_config(path).fs_mode == FUSE_DATA
     path.write_text('fs-mode = "overlay"\n')
-    with pytest.raises(ConfigError, match="'fs-mode': expected one of auto, datalower, fuse-data"):
+    with pytest.raises(
+        ConfigError, match="'fs-mode': expected one of auto, datalower, hidden-data, fuse-data"
+    ):
         load_config(path)
 
 
 # -- the probe, on this kernel ---------------------------------------------------
 
 
-def test_the_probe_finds_data_only_layers_on_this_kernel_and_leaves_nothing(tmp_path: Path):
+def test_the_probes_find_both_arrangements_on_this_kernel_and_leave_nothing(tmp_path: Path):
     release = tuple(int(p) for p in os.uname().release.split(".")[:2])
     assert release >= (6, 5)  # the machine these tests run on
     assert probe_datalower(tmp_path) is None
+    assert probe_hidden_data(tmp_path) is None
     assert mounts_under(tmp_path) == [] and list(tmp_path.iterdir()) == []
 
 
@@ -125,6 +143,7 @@ async def test_fuse_data_mount_serves_data_from_fuse_and_snapshots_copy_ups(
     (base_dir / "mode-only").write_text("same bytes\n")
     base = import_directory(store, base_dir)
     async with open_overlay(store.state_dir, base, tmp_path / "mnt", fs_mode=FUSE_DATA) as mnt:
+        assert mnt.fs_mode == FUSE_DATA
         options = _overlay_options(mnt.root)
         assert "lowerdir=" in options and "::" not in options  # no data-only layer
         lower = mnt.work / "lower"
@@ -151,6 +170,47 @@ async def test_fuse_data_mount_serves_data_from_fuse_and_snapshots_copy_ups(
     assert (out / "mode-only").read_text() == "same bytes\n"
     assert os.stat(out / "mode-only").st_mode & 0o777 == 0o600
     assert (out / "bin/tool").read_text() == "#!/bin/sh\necho tool ran\n"
+
+
+async def test_hidden_data_mount_hides_the_blobs_and_reads_stubs_from_them(
+    store: Store, tmp_path: Path
+):
+    base_dir = tmp_path / "base"
+    (base_dir / "usr").mkdir(parents=True)
+    (base_dir / "usr/data").write_bytes(b"d" * 100_000)
+    base = import_directory(store, base_dir)
+    async with open_overlay(store.state_dir, base, tmp_path / "mnt", fs_mode=HIDDEN_DATA) as mnt:
+        assert mnt.fs_mode == HIDDEN_DATA
+        options = _overlay_options(mnt.root)
+        assert f"lowerdir={mnt.work}/eager:{mnt.work}/lower:{store.blob_dir}," in options
+        assert os.listdir(mnt.root) == ["usr"]  # no shard of the blob directory
+        assert not (mnt.root / "ab").exists() and not (mnt.root / "00").exists()
+        lower = mnt.work / "lower"
+        assert os.getxattr(lower / "usr/data", "trusted.overlay.metacopy") == b""  # a stub
+        assert (mnt.root / "usr/data").read_bytes() == b"d" * 100_000
+        (mnt.root / "ab").mkdir()  # a build may still make one
+        (mnt.root / "ab/mine").write_text("mine\n")
+        assert os.listdir(mnt.root / "ab") == ["mine"]
+        os.chmod(mnt.root / "usr/data", 0o600)
+        snap = await mnt.snapshot()
+    out = tmp_path / "checkout"
+    checkout(store, snap.tree, out)
+    assert sorted(os.listdir(out)) == ["ab", "usr"] and os.listdir(out / "ab") == ["mine"]
+    assert (out / "usr/data").read_bytes() == b"d" * 100_000
+    assert os.stat(out / "usr/data").st_mode & 0o777 == 0o600
+
+
+async def test_a_tree_naming_a_shard_at_its_root_is_mounted_with_fuse_data(
+    store: Store, tmp_path: Path
+):
+    base_dir = tmp_path / "base"
+    (base_dir / SHARDS[0xAB]).mkdir(parents=True)
+    (base_dir / "ab/own").write_text("the tree's own\n")
+    base = import_directory(store, base_dir)
+    async with open_overlay(store.state_dir, base, tmp_path / "mnt", fs_mode=HIDDEN_DATA) as mnt:
+        assert mnt.fs_mode == FUSE_DATA
+        assert os.listdir(mnt.root / "ab") == ["own"]
+        assert (mnt.root / "ab/own").read_text() == "the tree's own\n"
 
 
 def _overlay_options(root: Path) -> str:

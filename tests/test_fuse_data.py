@@ -1,11 +1,12 @@
-"""The fuse-data mode end to end, always: what a CI host on Linux < 6.5 runs.
+"""The fallback modes end to end, always: what a CI host on Linux < 6.5 runs.
 
-This kernel has data-only overlayfs layers, so amberd is forced into the
-fallback with ``AMBER_FS_MODE=fuse-data``. A few scenarios that cross every
-part of the filesystem (a build and its cached rebuild, a frozen failure and
-a shell into it, an export read by umoci); the whole of test_builds.py,
-test_frozen.py, test_export.py and test_overlay.py runs in this mode with
-``AMBER_FS_MODE=fuse-data`` in pytest's environment.
+This kernel has data-only overlayfs layers, so amberd is forced into each
+fallback (``hidden-data``, then ``fuse-data`` where even that is missing)
+with ``AMBER_FS_MODE``. A few scenarios that cross every part of the
+filesystem (a build and its cached rebuild, a frozen failure and a shell
+into it, an export read by umoci); the whole of test_builds.py,
+test_frozen.py, test_export.py and test_overlay.py runs in a mode with
+``AMBER_FS_MODE=MODE`` in pytest's environment.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ run = "echo state > out/state && test {status} = pass"
 """
 
 
-@pytest.fixture
-def fallback(daemon_root: Path) -> Daemon:
-    daemon = Daemon(daemon_root, extra_env={"AMBER_FS_MODE": "fuse-data"}).start()
+@pytest.fixture(params=["hidden-data", "fuse-data"])
+def fallback(daemon_root: Path, request) -> Daemon:
+    daemon = Daemon(daemon_root, extra_env={"AMBER_FS_MODE": request.param}).start()
+    daemon.mode = request.param
     root = make_busybox_root(daemon_root / "bbroot")
     imported = daemon.amber("image", "import", "bb", f"dir:{root}")
     assert imported.returncode == 0, imported.stderr
@@ -58,9 +60,10 @@ def write_spec(daemon: Daemon, status: str, tail: str = "appended") -> Path:
 def test_status_names_the_mode_and_why(fallback: Daemon):
     out = fallback.amber("status")
     assert out.returncode == 0, out.stderr
-    assert b"fs mode: fuse-data (set by AMBER_FS_MODE in the environment)" in out.stdout
+    expected = f"fs mode: {fallback.mode} (set by AMBER_FS_MODE in the environment)"
+    assert expected.encode() in out.stdout
     reply = json.loads(fallback.amber("status", "--json").stdout)
-    assert reply["fs_mode"] == "fuse-data"
+    assert reply["fs_mode"] == fallback.mode
 
 
 def test_a_build_and_its_cached_rebuild(fallback: Daemon, tmp_path: Path):
@@ -74,9 +77,12 @@ def test_a_build_and_its_cached_rebuild(fallback: Daemon, tmp_path: Path):
     changed = write_spec(fallback, "pass", tail="other")
     code, third = fallback.build_json(changed)
     assert [s["status"] for s in third["steps"]] == ["cached", "ran", "ran"]
-    # The step's root was an overlay without a data-only layer ("A::B").
+    # The step's root was an overlay without a data-only layer ("A::B"),
+    # with the blobs as its bottom layer in hidden-data, without in fuse-data.
     root_line = (out / "build/mountinfo").read_text()
     assert " - overlay " in root_line and "lowerdir=" in root_line and "::" not in root_line
+    lowers = root_line.split("lowerdir=")[1].split(",")[0].split(":")
+    assert lowers[-1].endswith("/blobs") == (fallback.mode == "hidden-data")
     busybox = (fallback.root / "bbroot/bin/busybox").read_bytes()
     assert (out / "build/out/size").read_text() == f"{len(busybox)}\n"
     assert int((out / "build/out/applets").read_text()) > 100
