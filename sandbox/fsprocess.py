@@ -10,11 +10,12 @@ started and imported ahead of need. It makes the tree's eager layer on a
 tmpfs at ``W/eager`` (directories, symlinks, executables: ``eagerlayer.py``),
 mounts the whole tree read-only at ``W/lower`` (FUSE, metadata only:
 ``lowerfs.py``) and stacks a kernel overlayfs at ``W/root`` over both, with a
-writable upper ``W/upper`` and the store's blobs as a data-only layer. In
-the ``fuse-data`` mode (``fsmode.py``: kernels before 6.5) there is no
-data-only layer: the FUSE lower serves file data too, and the eager layer
-holds no executables. Then it answers JSON lines on the control socket
-(``--control-fd``)::
+writable upper ``W/upper`` and the store's blobs as a data-only layer.
+Kernels before 6.5 get one of two other modes (``fsmode.py``): in
+``hidden-data`` the blobs are a plain bottom layer whose shards the eager
+layer hides with whiteouts; in ``fuse-data`` there is no blob layer: the
+FUSE lower serves file data too, and the eager layer holds no executables.
+Then it answers JSON lines on the control socket (``--control-fd``)::
 
     -> {"op": "snapshot"}   <- {"ok": true, "tree": HEX, "stats": {...}}
     -> {"op": "stop"}       <- {"ok": true}   (then unmounts and exits)

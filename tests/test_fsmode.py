@@ -1,6 +1,6 @@
 """Choosing how build roots are mounted, and the fallback modes on real mounts.
 
-The daemon-level tests of the fuse-data mode are in test_fuse_data.py; the
+The daemon-level tests of the fuse-data mode are in test_fallback_modes.py; the
 whole suite runs in a mode with ``AMBER_FS_MODE=MODE`` in the environment.
 """
 
