@@ -310,14 +310,19 @@ def main(argv: list[str] | None = None) -> None:
                 "stop_grace": args.stop_grace,
             },
         )
-        fs_mode = detect_fs_mode(config.fs_mode)
-    except (ConfigError, FsModeError) as exc:
+    except ConfigError as exc:
         notifier.status(f"configuration error: {exc}")
         fail(str(exc), EX_CONFIG)
     if args.print_config:
         sys.stdout.write(current_config(config, _config_source(args.config)))
         return
-    report = preflight.run_checks(config)
+    found: FsMode | FsModeError | None = None
+    if os.geteuid() == 0:  # the probes mount; another user's --check says root is needed
+        try:
+            found = detect_fs_mode(config.fs_mode)
+        except FsModeError as exc:  # the kernel check says so, with the others
+            found = exc
+    report = preflight.run_checks(config, found)
     if args.check:
         for check in report.checks:
             print(check.line())
@@ -330,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         log.warning("preflight: %s: %s", check.name, check.message)
     log.info("preflight passed; build roots: mode %s", report.root_mode)
     try:
-        trio.run(functools.partial(run_daemon, config, notifier=notifier, fs_mode=fs_mode))
+        trio.run(functools.partial(run_daemon, config, notifier=notifier, fs_mode=report.fs_mode))
     except OSError as exc:
         notifier.status(f"failed: {exc}")
         fail(str(exc))

@@ -6,11 +6,11 @@ lacks something, with a sentence saying what and how to fix it, instead of
 starting fine and then erroring every build with a message from deep inside
 bwrap or the kernel.
 
-The kernel check asks which way build roots can be mounted here
-(`detect_root_mode`): today only ``datalower`` (overlayfs with a data-only
-lower layer holding the store's blobs, Linux 6.5 and later). A fallback for
-older kernels adds its mode to `ROOT_MODES`; the check then reports the mode
-it found instead of failing.
+The kernel check reports which way build roots are mounted here
+(``amber.sandbox.fsmode.detect_fs_mode``: ``datalower`` on Linux 6.5 and
+later, ``hidden-data`` or ``fuse-data`` before, as probed or as ``fs-mode``
+and ``AMBER_FS_MODE`` force), the same mode amberd then uses, and fails
+when there is none.
 
 Probes that mount or change identity run in a forked child: the mounts in a
 private mount namespace that dies with it, the identity changes never
@@ -19,24 +19,19 @@ touching the daemon.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from amber.daemon.config import Config
+from amber.sandbox.fsmode import FsMode, FsModeError, detect_fs_mode
 from amber.sandbox.runner import BUILD_UID
 
 #: The host programs the sandbox runner starts, and the package holding each.
 TOOLS = (("bwrap", "bubblewrap"), ("setpriv", "util-linux"), ("setsid", "util-linux"))
-
-_CLONE_NEWNS = 0x00020000
-_MS_REC = 0x4000
-_MS_PRIVATE = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -57,8 +52,10 @@ class Check:
 @dataclass(frozen=True)
 class Report:
     checks: list[Check]
-    #: How build roots are mounted on this kernel (see `detect_root_mode`); None: no way.
+    #: How build roots are mounted on this kernel (``fsmode.py``); None: no way.
     root_mode: str | None
+    #: The same, with the reason ``amber status`` shows.
+    fs_mode: FsMode | None = None
 
     @property
     def ok(self) -> bool:
@@ -73,10 +70,12 @@ class Report:
         return [c for c in self.checks if c.ok and c.warn]
 
 
-def run_checks(config: Config) -> Report:
+def run_checks(config: Config, fs_mode: FsMode | FsModeError | None = None) -> Report:
     """Every check, in the order ``amberd --check`` prints them.
 
-    Forks: call it before trio starts (or any thread does).
+    ``fs_mode``: what ``detect_fs_mode`` gave (its error included), if the
+    caller has asked already; else it is asked here. Forks: call it before
+    trio starts (or any thread does).
     """
     is_root = os.geteuid() == 0
     checks = [
@@ -89,14 +88,18 @@ def run_checks(config: Config) -> Report:
             "user namespaces)",
         )
     ]
-    mode, why = detect_root_mode() if is_root else (None, "needs root to try a mount")
-    checks.append(Check("kernel", mode is not None, why))
+    mode = None
+    if is_root:
+        kernel, mode = _check_kernel(config, fs_mode)
+        checks.append(kernel)
+    else:
+        checks.append(_needs_root("kernel"))
     checks.append(_check_fuse())
     checks += [_check_tool(name, package) for name, package in TOOLS]
     checks.append(_check_traversable(config) if is_root else _needs_root("state-dir"))
     checks.append(_check_free_space(config))
     checks.append(_check_state_filesystem(config))
-    return Report(checks, mode)
+    return Report(checks, mode.name if mode is not None else None, mode)
 
 
 def _needs_root(name: str) -> Check:
@@ -106,60 +109,19 @@ def _needs_root(name: str) -> Check:
 # -- the kernel: how build roots can be mounted ------------------------------------
 
 
-def _probe_datalower(top: Path) -> None:
-    """Mount an overlay the way every build root is mounted (fsprocess.overlay_options)."""
-    from amber.sandbox.fsprocess import overlay_options
-    from amber.sandbox.mounts import mount
-
-    dirs = {name: top / name for name in ("eager", "lower", "data", "upper", "work", "root")}
-    for path in dirs.values():
-        path.mkdir()
-    options = overlay_options(
-        dirs["eager"], dirs["lower"], dirs["data"], dirs["upper"], dirs["work"]
-    )
-    mount("amber-check", dirs["root"], "overlay", options)
-
-
-#: Ways of mounting a build root, best first: (mode name, what it needs, probe).
-#: A probe mounts in a scratch tmpfs (in a private mount namespace) and raises
-#: OSError when this kernel cannot. A fallback mode for older kernels goes after
-#: ``datalower``.
-ROOT_MODES: list[tuple[str, str, Callable[[Path], None]]] = [
-    ("datalower", "overlayfs with data-only lower layers (Linux 6.5 or later)", _probe_datalower),
-]
-
-
-def detect_root_mode() -> tuple[str | None, str]:
-    """The first of `ROOT_MODES` this kernel can mount, and a sentence saying so.
-
-    Returns ``(None, why)`` when none works. Needs root.
-    """
+def _check_kernel(
+    config: Config, found: FsMode | FsModeError | None
+) -> tuple[Check, FsMode | None]:
+    """The kernel line: the mode amberd mounts build roots in, or why there is none."""
     kernel = f"Linux {os.uname().release}"
-    refusals = []
-    for name, needs, probe in ROOT_MODES:
-        error = _in_child(lambda probe=probe: _with_scratch_mount(probe))
-        if error is None:
-            return name, f"{kernel}: mode: {name}, build roots mount as {needs}"
-        refusals.append(f"{needs}: {error}")
-    return None, f"{kernel} cannot mount build roots: " + "; ".join(refusals)
-
-
-def _with_scratch_mount(probe: Callable[[Path], None]) -> None:
-    """Run ``probe`` on a tmpfs in a mount namespace of this (child) process's own."""
-    from amber.sandbox.mounts import mount, umount
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(_CLONE_NEWNS) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"cannot make a mount namespace to test in: {os.strerror(err)}")
-    mount("none", "/", "none", "", _MS_REC | _MS_PRIVATE)  # nothing propagates to the host
-    top = tempfile.mkdtemp(prefix="amberd-check-")
-    try:
-        mount("amber-check", top, "tmpfs", "mode=0755,size=1m")
-        probe(Path(top))
-    finally:
-        umount(top, lazy=True)  # the tmpfs and whatever the probe mounted on it
-        os.rmdir(top)
+    if found is None:
+        try:
+            found = detect_fs_mode(config.fs_mode)
+        except FsModeError as exc:
+            found = exc
+    if isinstance(found, FsModeError):
+        return Check("kernel", False, f"{kernel}: {found}"), None
+    return Check("kernel", True, f"{kernel}: mode: {found.name} ({found.reason})"), found
 
 
 def _in_child(work: Callable[[], object]) -> str | None:

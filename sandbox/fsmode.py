@@ -88,6 +88,15 @@ def probe_hidden_data(parent: str | os.PathLike | None = None) -> str | None:
     return _probing(parent, _probe_hidden_data, version_needed=None)
 
 
+def probe_overlay(parent: str | os.PathLike | None = None) -> str | None:
+    """Why overlayfs here cannot mount a ``fuse-data`` root's kind of overlay; None if it can.
+
+    Two plain lower layers, an upper, metacopy and redirect_dir: what every
+    mode needs (the FUSE lower itself is ``amberd --check``'s /dev/fuse check).
+    """
+    return _probing(parent, _probe_overlay, version_needed=None)
+
+
 def _probing(
     parent: str | os.PathLike | None,
     probe: Callable[[Path], str | None],
@@ -118,6 +127,26 @@ def _make_stub(path: Path, redirect: bytes) -> None:
         f.truncate(5)
     os.setxattr(path, "trusted.overlay.metacopy", b"")
     os.setxattr(path, "trusted.overlay.redirect", redirect)
+
+
+def _probe_overlay(top: Path) -> str | None:
+    for sub in ("eager", "lower", "upper", "work", "root"):
+        (top / sub).mkdir()
+    (top / "lower" / "file").write_bytes(b"amber")
+    options = (
+        f"lowerdir={top / 'eager'}:{top / 'lower'},upperdir={top / 'upper'},"
+        f"workdir={top / 'work'},metacopy=on,redirect_dir=on,index=off,xino=off"
+    )
+    try:
+        mount("amber-fsprobe", top / "root", "overlay", options)
+    except MountError as exc:
+        return f"overlayfs refused a metacopy overlay ({exc.strerror})"
+    try:
+        if (top / "root" / "file").read_bytes() != b"amber":
+            return "overlayfs did not show a lower file"
+    finally:
+        umount(top / "root")
+    return None
 
 
 def _probe_datalower(top: Path) -> str | None:
@@ -188,6 +217,7 @@ def _version_guess(why: str, needed: tuple[int, int] | None) -> str | None:
 PROBES: dict[str, Callable[[], str | None]] = {
     DATALOWER: probe_datalower,
     HIDDEN_DATA: probe_hidden_data,
+    FUSE_DATA: probe_overlay,
 }
 
 
@@ -200,9 +230,9 @@ def detect_fs_mode(
     """The mode to use: ``AMBER_FS_MODE``, else ``configured``; ``auto`` probes.
 
     ``auto`` takes the first mode whose probe passes, in the order of
-    ``PROBES``, else ``fuse-data``. Raises ``FsModeError`` for an unknown
-    name, or for a mode forced on a kernel that cannot do it (better refused
-    at start-up than failing every mount).
+    ``PROBES``. Raises ``FsModeError`` for an unknown name, for a mode
+    forced on a kernel that cannot do it, or when no mode works (better
+    refused at start-up than failing every mount).
     """
     env = os.environ if env is None else env
     probes = PROBES if probes is None else probes
@@ -213,8 +243,6 @@ def detect_fs_mode(
         raise FsModeError(
             f"{source}: unknown filesystem mode {requested!r} (choose from {', '.join(CHOICES)})"
         )
-    if requested == FUSE_DATA:
-        return FsMode(FUSE_DATA, f"set by {source}")
     if requested != AUTO:
         problem = probes[requested]()
         if problem is not None:
@@ -226,12 +254,13 @@ def detect_fs_mode(
         if problem is None:
             return FsMode(mode, f"probed: {_WORKS[mode]}" + "".join(f"; {p}" for p in problems))
         problems.append(f"no {mode}: {problem}")
-    return FsMode(FUSE_DATA, "probed: " + "; ".join(problems))
+    raise FsModeError("no way to mount build roots here: " + "; ".join(problems))
 
 
 _WORKS = {
     DATALOWER: "overlayfs here takes data-only lower layers",
     HIDDEN_DATA: "overlayfs here reads lower stubs' data from a layer below",
+    FUSE_DATA: "overlayfs here mounts over a plain lower",
 }
 
 

@@ -26,6 +26,7 @@ from amber.sandbox.fsmode import (
     detect_fs_mode,
     probe_datalower,
     probe_hidden_data,
+    probe_overlay,
 )
 from amber.sandbox.importer import import_directory
 from amber.sandbox.mounts import mounts_under
@@ -40,8 +41,8 @@ def works() -> None:
     return None
 
 
-def kernel(datalower, hidden_data) -> dict:
-    return {DATALOWER: datalower, HIDDEN_DATA: hidden_data}
+def kernel(datalower, hidden_data, fuse_data=works) -> dict:
+    return {DATALOWER: datalower, HIDDEN_DATA: hidden_data, FUSE_DATA: fuse_data}
 
 
 def test_auto_takes_the_first_mode_the_kernel_can_do():
@@ -51,16 +52,20 @@ def test_auto_takes_the_first_mode_the_kernel_can_do():
     last = detect_fs_mode("auto", env={}, probes=kernel(refused, lambda: "no metacopy"))
     assert last.name == FUSE_DATA
     assert last.reason == (
-        "probed: no datalower: overlayfs refused a data-only lower layer (Invalid argument); "
+        "probed: overlayfs here mounts over a plain lower; "
+        "no datalower: overlayfs refused a data-only lower layer (Invalid argument); "
         "no hidden-data: no metacopy"
     )
+    with pytest.raises(FsModeError, match=r"^no way to mount build roots here: no datalower: "):
+        detect_fs_mode("auto", env={}, probes=kernel(refused, refused, lambda: "no overlayfs"))
 
 
 def test_the_environment_overrides_the_configuration():
-    chosen = detect_fs_mode("datalower", env={"AMBER_FS_MODE": "fuse-data"})
+    probes = kernel(works, works)
+    chosen = detect_fs_mode("datalower", env={"AMBER_FS_MODE": "fuse-data"}, probes=probes)
     assert chosen.name == FUSE_DATA and "AMBER_FS_MODE" in chosen.reason
-    assert detect_fs_mode("fuse-data", env={}).name == FUSE_DATA
-    assert detect_fs_mode("fuse-data", env={"AMBER_FS_MODE": ""}).name == FUSE_DATA
+    assert detect_fs_mode("fuse-data", env={}, probes=probes).name == FUSE_DATA
+    assert detect_fs_mode("fuse-data", env={"AMBER_FS_MODE": ""}, probes=probes).name == FUSE_DATA
     forced = detect_fs_mode(
         "auto", env={"AMBER_FS_MODE": "hidden-data"}, probes=kernel(works, works)
     )
@@ -97,6 +102,7 @@ def test_the_probes_find_both_arrangements_on_this_kernel_and_leave_nothing(tmp_
     assert release >= (6, 5)  # the machine these tests run on
     assert probe_datalower(tmp_path) is None
     assert probe_hidden_data(tmp_path) is None
+    assert probe_overlay(tmp_path) is None
     assert mounts_under(tmp_path) == [] and list(tmp_path.iterdir()) == []
 
 
@@ -127,6 +133,23 @@ def test_amberd_probes_by_default_and_takes_the_mode_its_configuration_sets(daem
     )  # fmt: skip
     assert refused.returncode == 78
     assert "AMBER_FS_MODE in the environment: unknown filesystem mode 'nonsense'" in refused.stderr
+
+
+def test_amberd_check_reports_the_mode_amberd_would_use(daemon_root: Path):
+    def check(mode: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [BIN / "amberd", "--check", "--state-dir", str(daemon_root / "state")],
+            env={**os.environ, "AMBER_FS_MODE": mode}, capture_output=True, text=True,
+        )  # fmt: skip
+
+    ok = check("hidden-data")
+    assert ok.returncode == 0, ok.stdout
+    assert "ok    kernel: Linux " in ok.stdout
+    assert ": mode: hidden-data (set by AMBER_FS_MODE in the environment)\n" in ok.stdout
+    bad = check("fastest")
+    assert bad.returncode == 78
+    assert "FAIL  kernel: Linux " in bad.stdout
+    assert "AMBER_FS_MODE in the environment: unknown filesystem mode 'fastest'" in bad.stdout
 
 
 # -- the fuse-data mode on a real mount ------------------------------------------------
