@@ -65,6 +65,7 @@ class Config:
     stop_grace: float = 30.0
     max_frame: int = 16 << 20
     mirrors: list[str] = field(default_factory=list)
+    import_max_size: int = 256 << 30
     keep_failed_days: float = 14.0
     keep_failed_per_spec: int = 5
     min_free: int = 0
@@ -119,6 +120,12 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
         "a candidate is the prefix, '/' and the source URL's file name (the last segment of its "
         "path): https://m.example/pkgs + https://zlib.net/zlib-1.2.13.tar.gz -> "
         "https://m.example/pkgs/zlib-1.2.13.tar.gz",
+    ),
+    "import-max-size": (
+        "import_max_size",
+        parse_size,
+        "largest image an import may unpack: a compressed archive decompressed, and all its "
+        "layers' uncompressed bytes together",
     ),
     "keep-failed-days": ("keep_failed_days", float, "frozen failures are kept from GC this long"),
     "keep-failed-per-spec": ("keep_failed_per_spec", int, "and at least this many per spec name"),
@@ -210,6 +217,8 @@ def _out_of_range(attr: str, value: Any) -> str | None:
         return "must be more than 0"
     if attr == "max_frame" and value < 64 << 10:
         return "must be at least 64K (a spec has to fit in a frame)"
+    if attr == "import_max_size" and value <= 0:
+        return "must be more than 0"
     non_negative = (
         "stop_grace",
         "keep_failed_days",

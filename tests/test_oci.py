@@ -698,3 +698,84 @@ def test_references():
     parse_reference(make_reference("__x__", "..y"))
     with pytest.raises(OciError):
         parse_reference("UPPER/case:tag")
+
+
+# -- one index walk for layouts and registries ---------------------------------------
+
+
+def nested_index_image() -> tuple[dict[str, bytes], bytes, dict[str, tuple[bytes, str]]]:
+    """An image whose top index names, with a *manifest* media type (as some tools
+    write it), a multi-platform index of two images: this machine's and another's.
+
+    Returns the blobs by digest, the top index, and the documents to put in a
+    registry: digest -> (bytes, media type), in an order a registry accepts.
+    """
+    from amber.daemon.oci.spec import machine_architecture
+
+    def sha(data: bytes) -> str:
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+
+    def desc(data: bytes, media_type: str, **more) -> dict:
+        return {"mediaType": media_type, "digest": sha(data), "size": len(data), **more}
+
+    blobs: dict[str, bytes] = {}
+    documents: dict[str, tuple[bytes, str]] = {}
+    entries = []
+    host = machine_architecture()
+    for arch in (host, "arm64" if host != "arm64" else "amd64"):
+        layer = layer_tar((member(f"{arch}.txt", mode=0o644), f"the {arch} image\n".encode()))
+        config = json.dumps({"architecture": arch, "os": "linux",
+                             "rootfs": {"type": "layers", "diff_ids": [sha(layer)]}}).encode()  # fmt: skip
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": desc(config, "application/vnd.oci.image.config.v1+json"),
+            "layers": [desc(layer, "application/vnd.oci.image.layer.v1.tar")],
+        }).encode()  # fmt: skip
+        blobs.update({sha(layer): layer, sha(config): config, sha(manifest): manifest})
+        documents[sha(manifest)] = (manifest, "application/vnd.oci.image.manifest.v1+json")
+        entries.append(desc(manifest, "application/vnd.oci.image.manifest.v1+json",
+                            platform={"architecture": arch, "os": "linux"}))  # fmt: skip
+    nested = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                         "manifests": entries}).encode()  # fmt: skip
+    blobs[sha(nested)] = nested
+    documents[sha(nested)] = (nested, "application/vnd.oci.image.index.v1+json")
+    mislabelled = desc(nested, "application/vnd.oci.image.manifest.v1+json",
+                       annotations={"org.opencontainers.image.ref.name": "latest"})  # fmt: skip
+    top = json.dumps({"schemaVersion": 2, "manifests": [mislabelled]}).encode()
+    return blobs, top, documents
+
+
+def test_a_layout_and_a_registry_walk_a_nested_index_alike(registry: str, tmp_path: Path):
+    """The same image in a layout and in a registry gives the same tree: this
+    machine's, found through an index entry whose media type calls the nested
+    multi-platform index a manifest. (The layout went by the entry's media
+    type and refused "an index" where the registry went by the document.)"""
+    from amber.daemon.oci.registry import RegistryClient
+    from amber.daemon.oci.spec import OCI_INDEX, machine_architecture
+
+    blobs, top, documents = nested_index_image()
+    layout = tmp_path / "layout"
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+    for digest, data in blobs.items():
+        (layout / "blobs" / "sha256" / digest[7:]).write_bytes(data)
+    (layout / "index.json").write_bytes(top)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+
+    client = RegistryClient(registry)
+    try:
+        for digest, data in blobs.items():
+            if digest not in documents:
+                client.upload("nested/img", digest, data, len(data))
+        for digest, (data, media_type) in documents.items():
+            client.put_manifest("nested/img", digest, data, media_type)
+        client.put_manifest("nested/img", "latest", top, OCI_INDEX)
+    finally:
+        client.close()
+
+    store = Store.open(tmp_path / "s")
+    from_layout = read_image(layout, store).trees[-1]
+    from_registry = read_image(f"{registry}/nested/img:latest", store).trees[-1]
+    assert from_layout == from_registry
+    host = machine_architecture()
+    assert set(listing(store, from_layout)) == {f"{host}.txt"}
+    assert listing(store, from_layout)[f"{host}.txt"] == f"the {host} image\n".encode()

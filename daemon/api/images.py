@@ -39,7 +39,10 @@ async def image_import(api: Api, conn: Connection, args: dict[str, Any]) -> dict
 
     def work() -> bytes:
         uid, gid = conn.peer.uid, conn.peer.gid
-        return resolve_base(api.ctx.store, api.ctx.db, source, uid=uid, gid=gid).tree
+        limit = api.ctx.config.import_max_size
+        return resolve_base(
+            api.ctx.store, api.ctx.db, source, uid=uid, gid=gid, import_max_size=limit
+        ).tree
 
     tree = await trio.to_thread.run_sync(work)
     api.ctx.db.put_image(name, tree.hex(), source, uid=conn.peer.uid)

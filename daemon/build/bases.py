@@ -19,8 +19,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from amber.client.errors import AmberError
 from amber.daemon.build.sandbox_users import identity_binds
+from amber.daemon.errors import ImageError, InvalidSpec, NotFound, PermissionDenied
+from amber.daemon.oci.limits import MAX_IMPORT
 from amber.daemon.storage.db import Database
 from amber.sandbox import tree as treefmt
 from amber.sandbox.digest import from_hex, hash_bytes
@@ -49,15 +50,24 @@ def _as_user(base: str, uid: int, gid: int) -> Iterator[None]:
             yield
         except PermissionError as exc:
             where = os.fsdecode(exc.filename) if exc.filename else "a file"
-            raise AmberError("permission-denied", f"base {base!r}: cannot read {where}") from None
+            raise PermissionDenied(f"base {base!r}: cannot read {where}") from None
 
 
-def resolve_base(store: Store, db: Database, base: str, *, uid: int, gid: int) -> ResolvedBase:
+def resolve_base(
+    store: Store,
+    db: Database,
+    base: str,
+    *,
+    uid: int,
+    gid: int,
+    import_max_size: int = MAX_IMPORT,
+) -> ResolvedBase:
     """Blocking (imports may read a lot): call from a worker thread.
 
     dir: and oci: bases are read as ``uid``/``gid``, the user asking: the
     daemon's root rights must not put a file into a build its user could not
     read (like a local source). The host base is every user's to build on.
+    An oci: image may unpack to at most ``import_max_size`` bytes.
     """
     kind, _, ref = base.partition(":")
     if base == "host":
@@ -66,29 +76,32 @@ def resolve_base(store: Store, db: Database, base: str, *, uid: int, gid: int) -
         path = Path(ref)
         with _as_user(base, uid, gid):
             if not path.is_dir():
-                raise AmberError("spec-error", f"base {base!r}: {ref} is not a directory")
+                raise InvalidSpec(f"base {base!r}: {ref} is not a directory")
             tree = import_directory(store, path)
         return ResolvedBase(tree, "dir")
     if kind == "tree" and ref:
         try:
             tree = from_hex(ref)
         except ValueError as exc:
-            raise AmberError("spec-error", f"base {base!r}: {exc}") from None
+            raise InvalidSpec(f"base {base!r}: {exc}") from None
         if not store.has_tree(tree):
-            raise AmberError("not-found", f"base tree {ref} is not in the store")
+            raise NotFound(f"base tree {ref} is not in the store")
         return ResolvedBase(tree, "tree")
     if kind == "oci" and ref:
         from amber.daemon.oci.base import import_oci_base
+        from amber.daemon.oci.spec import OciError
 
-        with _as_user(base, uid, gid):
-            tree = import_oci_base(store, Path(ref))
+        try:
+            with _as_user(base, uid, gid):
+                tree = import_oci_base(store, Path(ref), max_size=import_max_size)
+        except FileNotFoundError:
+            raise InvalidSpec(f"base {base!r}: {ref} does not exist") from None
+        except OciError as exc:
+            raise ImageError(f"base {base!r}: {exc}") from None
         return ResolvedBase(tree, "oci")
     image = db.get_image(base)
     if image is None:
-        raise AmberError(
-            "not-found",
-            f"base {base!r}: no such image (see `amber image ls`, `amber image import`)",
-        )
+        raise NotFound(f"base {base!r}: no such image (see `amber image ls`, `amber image import`)")
     return ResolvedBase(from_hex(image["tree"]), "image")
 
 

@@ -128,7 +128,13 @@ class Executor:
         b, spec, db = self.build, self.spec, self.ctx.db
         self.base = await trio.to_thread.run_sync(
             functools.partial(
-                resolve_base, self.ctx.store, db, str(spec.base), uid=b.uid, gid=b.gid
+                resolve_base,
+                self.ctx.store,
+                db,
+                str(spec.base),
+                uid=b.uid,
+                gid=b.gid,
+                import_max_size=self.ctx.config.import_max_size,
             )
         )
         tree = await self._lay_out()

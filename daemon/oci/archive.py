@@ -3,7 +3,13 @@
 Archives are read in place: one pass over the tar headers records where each
 member's data lies, then config and layers are read from those offsets.
 Nothing is unpacked. A compressed archive (``podman save | gzip``) is first
-decompressed into an anonymous temporary file so it can be read the same way.
+decompressed into an anonymous temporary file in the state directory (never
+the host's ``/tmp``), counted against the import's ``Budget``, so it can be
+read the same way. Only regular files and directories are opened: a FIFO or
+a device where an archive or blob should be is refused, not read.
+
+An OCI layout (directory or archive) is an ``ImageSource``: ``source.resolve``
+walks its index, as it walks a registry's.
 
 Every name an archive gives (digests in an index, paths in
 ``manifest.json``, symlink targets inside the archive) is checked before it
@@ -22,6 +28,7 @@ import os
 import posixpath
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -32,22 +39,21 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from amber.daemon.oci import tar as oci_tar
+from amber.daemon.oci.limits import Budget
+from amber.daemon.oci.source import ImageSource, resolve
 from amber.daemon.oci.spec import (
-    ANNOTATION_IMAGE_NAME,
-    ANNOTATION_REF_NAME,
     DOCKER_LAYER,
-    INDEX_TYPES,
     MAX_DOCUMENT,
+    OCI_INDEX,
     Descriptor,
     ImageParts,
     LayerBlob,
-    Manifest,
     OciError,
     digest_hex,
-    parse_index,
-    pick_manifest,
     qualified_name,
 )
+from amber.daemon.userfiles import NotRegularFile, open_regular
+from amber.sandbox.fsidentity import as_store_owner
 
 _MAX_LINK_HOPS = 16
 _HEX_NAME = re.compile(r"(?:.*/)?(?:sha256[/:])?([0-9a-f]{64})(?:\.json)?")
@@ -71,12 +77,23 @@ def read_limited(files: _Files, name: str, limit: int = MAX_DOCUMENT) -> bytes:
         return f.read(size)
 
 
-def read_blob(files: _Files, desc: Descriptor) -> bytes:
-    """A small blob (manifest, config, index), checked against its descriptor."""
-    data = read_limited(files, blob_name(desc.digest))
-    if len(data) != desc.size or "sha256:" + hashlib.sha256(data).hexdigest() != desc.digest:
-        raise OciError(f"blob {desc.digest} does not match its digest or size")
-    return data
+class LayoutSource(ImageSource):
+    """An OCI layout's files (a directory's or an archive's) as an image source."""
+
+    def __init__(self, files: _Files):
+        self.files = files
+
+    def top(self) -> tuple[bytes, str, str | None]:
+        return read_limited(self.files, "index.json"), OCI_INDEX, None
+
+    def document(self, desc: Descriptor) -> tuple[bytes, str]:
+        return read_limited(self.files, blob_name(desc.digest)), desc.media_type
+
+    def blob(self, desc: Descriptor) -> AbstractContextManager[BinaryIO]:
+        return self.files.open(blob_name(desc.digest))
+
+    def has_blob(self, desc: Descriptor) -> bool:
+        return self.files.has(blob_name(desc.digest))
 
 
 class DirFiles:
@@ -101,9 +118,11 @@ class DirFiles:
 
     def open(self, name: str) -> AbstractContextManager[BinaryIO]:
         try:
-            return open(self._path(name), "rb")
+            return os.fdopen(open_regular(self._path(name), follow_symlinks=True), "rb")
         except FileNotFoundError:
             raise OciError(f"{name} is missing from {self.root}") from None
+        except NotRegularFile as exc:
+            raise OciError(str(exc)) from None
 
 
 class _Slice:
@@ -189,54 +208,52 @@ def _normal(name: str) -> str:
 
 
 @contextlib.contextmanager
-def open_local(path: Path, tag: str | None = None) -> Iterator[ImageParts]:
+def open_local(
+    path: Path, tag: str | None = None, budget: Budget | None = None
+) -> Iterator[ImageParts]:
     """The image in an OCI layout directory or an OCI or docker archive file."""
-    if path.is_dir():
+    budget = budget if budget is not None else Budget()
+    try:
+        fd = open_regular(path, follow_symlinks=True, allow_dir=True)
+    except NotRegularFile as exc:
+        raise OciError(f"{exc}: not an image archive or layout") from None
+    # A missing or unreadable file is an OSError, not an image problem.
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.close(fd)
         if not (path / "index.json").is_file():
             raise OciError(f"{path} is a directory but not an OCI layout (no index.json)")
-        yield from_layout(DirFiles(path), tag)
+        yield resolve(LayoutSource(DirFiles(path)), tag)
         return
     with contextlib.ExitStack() as stack:
-        # A missing or unreadable file is an OSError, not an image problem.
-        f = stack.enter_context(open(path, "rb"))
+        f = stack.enter_context(os.fdopen(fd, "rb"))
         magic = f.read(6)
         f.seek(0)
         if _compressed(magic):
-            plain = stack.enter_context(tempfile.TemporaryFile())
-            with decompressed(f, magic) as src:
-                shutil.copyfileobj(src, plain, 1 << 20)
-            f = plain
+            f = stack.enter_context(_spooled(f, magic, budget))
         try:
             files = TarFiles(f)
         except OciError as exc:
             raise OciError(f"{path} is not a readable tar archive: {exc}") from None
         if files.has("index.json"):
-            yield from_layout(files, tag)
+            yield resolve(LayoutSource(files), tag)
         elif files.has("manifest.json"):
             yield from_docker_archive(files, tag)
         else:
             raise OciError(f"{path} is neither an OCI archive nor a docker archive")
 
 
-def from_layout(files: _Files, tag: str | None) -> ImageParts:
-    """The image an OCI layout's ``index.json`` points at (by tag or platform)."""
-    entry = pick_manifest(parse_index(read_limited(files, "index.json")), tag)
-    name = entry.annotations.get(ANNOTATION_IMAGE_NAME) or entry.annotations.get(
-        ANNOTATION_REF_NAME
-    )
-    for _ in range(4):  # an index may point at a multi-platform index
-        if entry.media_type not in INDEX_TYPES:
-            break
-        entry = pick_manifest(parse_index(read_blob(files, entry)))
-    manifest = Manifest.from_json(read_blob(files, entry), entry.media_type)
-    config = read_blob(files, manifest.config)
-    layers = []
-    for desc in manifest.layers:
-        blob = blob_name(desc.digest)
-        if not files.has(blob):
-            raise OciError(f"layer {desc.digest} is missing from the image")
-        layers.append(LayerBlob(desc.media_type, desc.digest, desc.size, partial(files.open, blob)))
-    return ImageParts(config, layers, name, entry.digest)
+@contextlib.contextmanager
+def _spooled(f: BinaryIO, magic: bytes, budget: Budget) -> Iterator[BinaryIO]:
+    """``f`` decompressed into an anonymous file in the state directory, within ``budget``."""
+    with as_store_owner():  # the state directory is root's; the file has no name
+        plain = tempfile.TemporaryFile(dir=budget.tmp_dir)  # noqa: SIM115  (closed below)
+    with plain:
+        with decompressed(f, magic) as src:
+            while chunk := src.read(1 << 20):
+                budget.spend(len(chunk))
+                plain.write(chunk)
+        plain.flush()
+        yield plain  # type: ignore[misc]
 
 
 def from_docker_archive(files: _Files, tag: str | None) -> ImageParts:

@@ -10,11 +10,17 @@ from pathlib import Path
 
 from amber.daemon.oci.apply import Devices
 from amber.daemon.oci.image import read_image
+from amber.daemon.oci.limits import MAX_IMPORT
 from amber.sandbox.store import Store
 
 
 def import_oci_base(
-    store: Store, path: Path | str, *, tag: str | None = None, devices: Devices = "refuse"
+    store: Store,
+    path: Path | str,
+    *,
+    tag: str | None = None,
+    devices: Devices = "refuse",
+    max_size: int = MAX_IMPORT,
 ) -> bytes:
     """The root tree digest of the image at ``path`` (layout, OCI or docker archive).
 
@@ -23,4 +29,5 @@ def import_oci_base(
     device nodes instead of refusing the image (``podman import`` of a
     debootstrap root has ``/dev/null``; steps get amber's ``/dev`` anyway).
     """
-    return read_image(Path(path), store, tag=tag, devices=devices).trees[-1]
+    image = read_image(Path(path), store, tag=tag, devices=devices, max_size=max_size)
+    return image.trees[-1]

@@ -13,7 +13,8 @@ load``, skopeo and umoci all take it. ``docker-archive`` is the classic
 Import (``read_image``) finds the image in a layout, an archive or a
 registry, then applies its layers one by one onto a tree in the store,
 checking every blob against its digest and every layer against the config's
-``diff_ids`` as it streams by.
+``diff_ids`` as it streams by, and every uncompressed byte against the
+import's ``Budget`` (``import-max-size``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from amber.daemon.oci import tar as oci_tar
 from amber.daemon.oci.apply import Devices, TreeBuilder
 from amber.daemon.oci.archive import compression_of, decompressed, open_local
 from amber.daemon.oci.layer import Compression, LayerInfo, write_layer
+from amber.daemon.oci.limits import MAX_IMPORT, Budget
 from amber.daemon.oci.spec import (
     ANNOTATION_IMAGE_NAME,
     ANNOTATION_REF_NAME,
@@ -263,6 +265,7 @@ def read_image(
     insecure: bool = False,
     tag: str | None = None,
     devices: Devices = "refuse",
+    max_size: int = MAX_IMPORT,
 ) -> ImportedImage:
     """Import the image at ``source`` into ``store``: one tree per layer.
 
@@ -272,16 +275,19 @@ def read_image(
     Nothing is written anywhere but the store, and nothing is committed to
     the store unless every layer was accepted. Device nodes are refused, or
     left out with ``devices="drop"`` (for images one trusts that were made
-    from a root with ``/dev`` filled in).
+    from a root with ``/dev`` filled in). The image may unpack to at most
+    ``max_size`` bytes; a compressed archive is decompressed into the
+    store's ``tmp``.
     """
+    budget = Budget(max_size, store.tmp_dir)
     opened: AbstractContextManager[ImageParts]
     if is_local_source(source):
         path = Path(str(source).removeprefix("oci-archive:").removeprefix("docker-archive:"))
-        opened = open_local(path, tag)
+        opened = open_local(path, tag, budget)
     else:
         opened = oci_registry.open_remote(str(source), insecure=insecure)
     with opened as parts:
-        return apply_image(store, parts, devices=devices)
+        return apply_image(store, parts, devices=devices, budget=budget)
 
 
 def is_local_source(source: Path | str) -> bool:
@@ -301,8 +307,11 @@ def is_local_source(source: Path | str) -> bool:
     return not (slash and ("." in first or ":" in first or first == "localhost"))
 
 
-def apply_image(store: Store, parts: ImageParts, *, devices: Devices = "refuse") -> ImportedImage:
+def apply_image(
+    store: Store, parts: ImageParts, *, devices: Devices = "refuse", budget: Budget | None = None
+) -> ImportedImage:
     """Apply every layer of ``parts`` in order; trees are committed together."""
+    budget = budget if budget is not None else Budget()
     config, diff_ids = ImageConfig.from_json(parts.config)
     if diff_ids and len(diff_ids) != len(parts.layers):
         raise OciError(f"config lists {len(diff_ids)} layers, the manifest {len(parts.layers)}")
@@ -311,7 +320,7 @@ def apply_image(store: Store, parts: ImageParts, *, devices: Devices = "refuse")
         builder = TreeBuilder(store, batch, devices=devices)
         for i, layer in enumerate(parts.layers):
             try:
-                apply_layer(builder, layer, diff_ids[i] if diff_ids else None)
+                apply_layer(builder, layer, diff_ids[i] if diff_ids else None, budget)
             except OciError as exc:
                 what = f"layer {i + 1} of {len(parts.layers)}"
                 raise OciError(f"{what} ({layer.digest or 'no digest'}): {exc}") from None
@@ -322,8 +331,11 @@ def apply_image(store: Store, parts: ImageParts, *, devices: Devices = "refuse")
     return ImportedImage(trees, config, diff_ids, parts.name, parts.manifest_digest)
 
 
-def apply_layer(builder: TreeBuilder, layer: LayerBlob, diff_id: str | None) -> None:
-    """Stream one layer blob through decompression into ``builder``, verified."""
+def apply_layer(
+    builder: TreeBuilder, layer: LayerBlob, diff_id: str | None, budget: Budget | None = None
+) -> None:
+    """Stream one layer blob through decompression into ``builder``, verified,
+    its uncompressed bytes counted against ``budget``."""
     with layer.open() as raw:
         blob = HashingReader(raw, limit=layer.size)
         magic = blob.peek(6)
@@ -331,6 +343,7 @@ def apply_layer(builder: TreeBuilder, layer: LayerBlob, diff_id: str | None) -> 
         try:
             with decompressed(blob, magic) as stream:  # type: ignore[arg-type]
                 plain = blob if kind == "none" else HashingReader(stream)
+                plain.count_against(budget)
                 builder.apply(plain)  # type: ignore[arg-type]
                 plain.drain()  # whatever follows the end-of-archive blocks
         except (gzip.BadGzipFile, EOFError, zlib.error, lzma.LZMAError) as exc:
@@ -350,6 +363,7 @@ class HashingReader:
     def __init__(self, raw: BinaryIO, *, limit: int | None = None):
         self._raw = raw
         self._limit = limit
+        self._budget: Budget | None = None
         self._hasher = hashlib.sha256()
         self._pending = b""
         self.count = 0
@@ -361,7 +375,15 @@ class HashingReader:
             self.count += len(data)
             if self._limit is not None and self.count > self._limit:
                 raise OciError(f"blob is longer than the {self._limit} bytes its descriptor says")
+            if self._budget is not None:
+                self._budget.spend(len(data))
         return data
+
+    def count_against(self, budget: Budget | None) -> None:
+        """Spend on ``budget`` what has passed through, and all that will."""
+        if budget is not None:
+            budget.spend(self.count)
+        self._budget = budget
 
     def peek(self, n: int) -> bytes:
         while len(self._pending) < n:

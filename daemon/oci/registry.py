@@ -8,25 +8,30 @@ Push builds each layer into a temporary file (its digest must be known
 before the registry can be asked whether it has it), asks with ``HEAD`` and
 uploads only what is missing, in one ``PUT`` or in ``PATCH`` chunks. An
 optional ``layer_cache`` remembers the digest of a (before, after) layer so
-a repeated push of the same base skips even building it.
+a repeated push of the same base skips even building it. Every blob goes
+through ``_send_unless_present`` and ``RegistryClient.upload``.
+
+Pull is ``RegistrySource``: a registry as an ``ImageSource``, walked by
+``source.resolve`` exactly as a local layout is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import io
 import json
-import os
 import ssl
 import tempfile
 import urllib.parse
 from collections.abc import Iterator, MutableMapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
 from amber.daemon.oci.layer import Compression, LayerInfo, write_layer
+from amber.daemon.oci.source import ImageSource, resolve
 from amber.daemon.oci.spec import (
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -35,15 +40,11 @@ from amber.daemon.oci.spec import (
     Descriptor,
     ImageConfig,
     ImageParts,
-    LayerBlob,
-    Manifest,
     OciError,
     Reference,
     check_digest,
     image_manifest,
-    parse_index,
     parse_reference,
-    pick_manifest,
     rfc3339,
     sha256_digest,
 )
@@ -218,52 +219,56 @@ class RegistryClient:
             return False
         raise _error(answer.status, answer.body, f"HEAD blob {digest}")
 
-    def upload_blob(
-        self, name: str, digest: str, path: Path, size: int, *, chunk_size: int | None = None
+    def upload(
+        self,
+        name: str,
+        digest: str,
+        body: bytes | Path,
+        size: int,
+        *,
+        chunk_size: int | None = None,
     ) -> None:
-        """Upload the blob in the file at ``path``: one PUT, or PATCH chunks."""
+        """Upload a blob (bytes, or the file at a path): POST, then one PUT, or
+        PATCH chunks and a closing PUT."""
         answer = self.request("POST", f"/v2/{name}/blobs/uploads/", headers={"Content-Length": "0"})
         if answer.status != 202:
             raise _error(answer.status, answer.body, f"start upload of {digest}")
         location = _location(answer)
         octets = {"Content-Type": "application/octet-stream"}
-        with open(path, "rb") as f:
+        with io.BytesIO(body) if isinstance(body, bytes) else open(body, "rb") as f:
             if chunk_size is None:
                 target = _with_query(location, digest=digest)
-                answer = self.request(
-                    "PUT", target, body=f, headers={**octets, "Content-Length": str(size)}
-                )
+                headers = {**octets, "Content-Length": str(size)}
+                answer = self.request("PUT", target, body=f, headers=headers)
             else:
-                offset = 0
-                while offset < size:
-                    n = min(chunk_size, size - offset)
-                    chunk = os.pread(f.fileno(), n, offset)
-                    headers = {
-                        **octets,
-                        "Content-Length": str(n),
-                        "Content-Range": f"{offset}-{offset + n - 1}",
-                    }
-                    answer = self.request("PATCH", location, body=chunk, headers=headers)
-                    if answer.status != 202:
-                        raise _error(answer.status, answer.body, f"upload chunk of {digest}")
-                    location = _location(answer)
-                    offset += n
+                location = self._patch_chunks(location, digest, f, size, chunk_size)
                 target = _with_query(location, digest=digest)
                 answer = self.request("PUT", target, body=b"", headers={"Content-Length": "0"})
         if answer.status != 201:
             raise _error(answer.status, answer.body, f"finish upload of {digest}")
 
-    def upload_bytes(self, name: str, data: bytes) -> str:
-        digest = sha256_digest(data)
-        answer = self.request("POST", f"/v2/{name}/blobs/uploads/", headers={"Content-Length": "0"})
-        if answer.status != 202:
-            raise _error(answer.status, answer.body, f"start upload of {digest}")
-        target = _with_query(_location(answer), digest=digest)
-        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(data))}
-        answer = self.request("PUT", target, body=data, headers=headers)
-        if answer.status != 201:
-            raise _error(answer.status, answer.body, f"finish upload of {digest}")
-        return digest
+    def _patch_chunks(
+        self, location: str, digest: str, f: BinaryIO, size: int, chunk_size: int
+    ) -> str:
+        """Send ``size`` bytes of ``f`` in PATCH requests; the location to finish at."""
+        offset = 0
+        while offset < size:
+            f.seek(offset)
+            chunk = f.read(min(chunk_size, size - offset))
+            n = len(chunk)
+            if n == 0:
+                raise OciError(f"blob {digest} ended after {offset} of {size} bytes")
+            headers = {
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(n),
+                "Content-Range": f"{offset}-{offset + n - 1}",
+            }
+            answer = self.request("PATCH", location, body=chunk, headers=headers)
+            if answer.status != 202:
+                raise _error(answer.status, answer.body, f"upload chunk of {digest}")
+            location = _location(answer)
+            offset += n
+        return location
 
     def put_manifest(self, name: str, reference: str, data: bytes, media_type: str) -> str:
         digest = sha256_digest(data)
@@ -290,15 +295,6 @@ class RegistryClient:
             raise OciError(f"manifest {reference} does not match its digest")
         media_type = answer.headers.get("Content-Type", "").split(";")[0].strip()
         return answer.body, media_type, digest
-
-    def get_blob_bytes(self, name: str, desc: Descriptor) -> bytes:
-        if desc.size > MAX_DOCUMENT:
-            raise OciError(f"blob {desc.digest} is too large to be a config ({desc.size} bytes)")
-        with self.stream(f"/v2/{name}/blobs/{desc.digest}") as body:
-            data = body.read(MAX_DOCUMENT + 1)
-        if len(data) != desc.size or sha256_digest(data) != desc.digest:
-            raise OciError(f"blob {desc.digest} does not match its digest or size")
-        return data
 
 
 def _location(answer: _Answer) -> str:
@@ -382,12 +378,8 @@ def push_image(
         manifest, manifest_blob = image_manifest(
             config_blob, [i.descriptor() for i in infos], config.created
         )
-        if client.has_blob(target.name, manifest.config.digest):
-            stats.blobs_skipped += 1
-        else:
-            client.upload_bytes(target.name, config_blob)
-            stats.blobs_uploaded += 1
-            stats.bytes_uploaded += len(config_blob)
+        digest = manifest.config.digest
+        _send_unless_present(client, target.name, digest, config_blob, len(config_blob), stats)
         return client.put_manifest(target.name, target.tag or "latest", manifest_blob, OCI_MANIFEST)
     finally:
         client.close()
@@ -412,15 +404,48 @@ def _build_and_send(
                 store, before, after, f, compression=compression, level=level, threads=threads
             )
         stats.layers_built += 1
-        if client.has_blob(name, info.digest):
-            stats.blobs_skipped += 1
-        else:
-            client.upload_blob(name, info.digest, path, info.size, chunk_size=chunk_size)
-            stats.blobs_uploaded += 1
-            stats.bytes_uploaded += info.size
+        _send_unless_present(client, name, info.digest, path, info.size, stats, chunk_size)
         return info
     finally:
         path.unlink(missing_ok=True)
+
+
+def _send_unless_present(
+    client: RegistryClient,
+    name: str,
+    digest: str,
+    body: bytes | Path,
+    size: int,
+    stats: PushStats,
+    chunk_size: int | None = None,
+) -> None:
+    """Upload a blob the registry does not have yet; count what was done."""
+    if client.has_blob(name, digest):
+        stats.blobs_skipped += 1
+        return
+    client.upload(name, digest, body, size, chunk_size=chunk_size)
+    stats.blobs_uploaded += 1
+    stats.bytes_uploaded += size
+
+
+class RegistrySource(ImageSource):
+    """One repository of a registry as an image source: manifests by
+    reference or digest, blobs streamed on connections of their own."""
+
+    def __init__(self, client: RegistryClient, target: Reference):
+        self.client = client
+        self.target = target
+        self.name = str(target)
+
+    def top(self) -> tuple[bytes, str, str | None]:
+        return self.client.get_manifest(self.target.name, self.target.reference)
+
+    def document(self, desc: Descriptor) -> tuple[bytes, str]:
+        data, media_type, _ = self.client.get_manifest(self.target.name, desc.digest)
+        return data, media_type
+
+    def blob(self, desc: Descriptor) -> AbstractContextManager[BinaryIO]:
+        return self.client.stream(f"/v2/{self.target.name}/blobs/{check_digest(desc.digest)}")
 
 
 @contextlib.contextmanager
@@ -429,31 +454,6 @@ def open_remote(ref: str, *, insecure: bool = False) -> Iterator[ImageParts]:
     target = _target(ref)
     client = RegistryClient(target.registry, insecure=insecure)
     try:
-        data, media_type, digest = client.get_manifest(target.name, target.reference)
-        for _ in range(4):  # a multi-platform index: pick this machine's image
-            if media_type not in INDEX_TYPES and "manifests" not in _peek_keys(data):
-                break
-            entry = pick_manifest(parse_index(data))
-            data, media_type, digest = client.get_manifest(target.name, entry.digest)
-        manifest = Manifest.from_json(data, media_type or None)
-        config = client.get_blob_bytes(target.name, manifest.config)
-        layers = [
-            LayerBlob(
-                d.media_type,
-                d.digest,
-                d.size,
-                partial(client.stream, f"/v2/{target.name}/blobs/{d.digest}"),
-            )
-            for d in manifest.layers
-        ]
-        yield ImageParts(config, layers, str(target), digest)
+        yield resolve(RegistrySource(client, target))
     finally:
         client.close()
-
-
-def _peek_keys(data: bytes) -> set[str]:
-    with contextlib.suppress(ValueError, UnicodeDecodeError):
-        doc = json.loads(data)
-        if isinstance(doc, dict):
-            return set(doc)
-    return set()

@@ -272,6 +272,23 @@ def parse_index(data: bytes) -> list[Descriptor]:
     ]
 
 
+def is_index(data: bytes, media_type: str = "") -> bool:
+    """Whether ``data`` is an image index (or docker manifest list).
+
+    Decided by the document itself, the same for every source: one with a
+    ``manifests`` list is an index, one with ``layers`` or ``config`` is a
+    manifest, whatever media type its descriptor or the server gave it;
+    only a document with neither goes by its ``mediaType``, then by
+    ``media_type`` (what the source called it).
+    """
+    doc = parse_json(data, "manifest or index")
+    if "manifests" in doc:
+        return True
+    if "layers" in doc or "config" in doc:
+        return False
+    return (doc.get("mediaType") or media_type) in INDEX_TYPES
+
+
 def pick_manifest(entries: list[Descriptor], tag: str | None = None) -> Descriptor:
     """The entry an import should use: by tag, else this machine's platform."""
     if tag is not None:

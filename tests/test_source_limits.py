@@ -1,0 +1,183 @@
+"""Sources and imports a member of the amber group could turn against amberd.
+
+Each test drives the real `amber` as uid 4242 (``setpriv``) against the real
+amberd running as root: an image that decompresses to far more than it
+weighs. Each checks what the user (or the admin) would look at: the
+build's error, the state directory's size and leftovers, who got served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import os
+import subprocess
+import tarfile
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from amberd_process import BIN, Daemon
+
+from amber.sandbox.store import Store
+
+MAL = 4242
+AS_MAL = ["setpriv", f"--reuid={MAL}", f"--regid={MAL}", "--clear-groups"]
+#: A guard against a hang on a broken amberd, not a bound on how fast it is.
+HANG = 300
+
+
+class Mal:
+    """uid 4242 with a home of its own, talking to a daemon whose socket it may reach."""
+
+    def __init__(self, daemon: Daemon, home: Path):
+        self.daemon = daemon
+        self.home = home
+
+    def popen(self, *args: str | Path) -> subprocess.Popen:
+        env = dict(self.daemon.env, HOME=str(self.home))
+        argv = [*AS_MAL, str(BIN / "amber"), *map(str, args)]
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                cwd=self.home)  # fmt: skip
+
+    def amber(self, *args: str | Path) -> tuple[int, str]:
+        proc = self.popen(*args)
+        out, _ = proc.communicate(timeout=HANG)
+        return proc.returncode, out.decode(errors="replace")
+
+    def write(self, name: str, data: str | bytes) -> Path:
+        path = self.home / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.chown(path, MAL, MAL)
+        return path
+
+
+@contextlib.contextmanager
+def mal_daemon(root: Path, config: str = "") -> Iterator[Mal]:
+    path = root / "amberd.toml"
+    path.write_text("socket-mode = 0o666\n" + config)
+    daemon = Daemon(root).start("--config", str(path))
+    home = root / "home-mal"
+    home.mkdir(mode=0o755)
+    os.chown(home, MAL, MAL)
+    try:
+        yield Mal(daemon, home)
+    finally:
+        assert daemon.stop() == 0
+
+
+def du(path: Path) -> int:
+    total = 0
+    for dirpath, _, names in os.walk(path):
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
+
+
+def leftovers(daemon: Daemon) -> list[str]:
+    """Files in the state directory's temporary places."""
+    out = []
+    for tmp in (Path(Store(daemon.state).tmp_dir), daemon.state / "tmp"):
+        if tmp.is_dir():
+            out += [str(tmp / name) for name in os.listdir(tmp)]
+    return out
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def serve(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 with ``handler``; yields its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class Quiet(BaseHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def spec(body: str, run: str = "true") -> str:
+    return f'[build]\nname = "t"\n\n{body}\n[[step]]\nname = "s"\nrun = "{run}"\n'
+
+
+# --------------------------------------------------------------------------- imports
+
+
+def oci_archive_bytes(layer: bytes, *, gzip_layer: bool) -> bytes:
+    """An OCI archive holding one layer (gzip-compressed, or not)."""
+
+    def sha(data: bytes) -> str:
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+
+    blob = gzip.compress(layer, 1) if gzip_layer else layer
+    media = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if gzip_layer else "")
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": [sha(layer)]}}).encode()  # fmt: skip
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(config), "size": len(config)},
+        "layers": [{"mediaType": media, "digest": sha(blob), "size": len(blob)}],
+    }).encode()  # fmt: skip
+    index = json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": sha(manifest), "size": len(manifest)}
+    ]}).encode()  # fmt: skip
+    files = {"oci-layout": b'{"imageLayoutVersion":"1.0.0"}', "index.json": index}
+    for data in (manifest, config, blob):
+        files[f"blobs/sha256/{sha(data)[7:]}"] = data
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def zeros_layer(size: int) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        info = tarfile.TarInfo("zeros")
+        info.size = size
+        tar.addfile(info, io.BytesIO(bytes(size)))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("how", "command"),
+    [("gzip-layer", "import"), ("gzip-archive", "import"), ("gzip-layer", "image-import")],
+)
+def test_an_image_that_unpacks_past_the_cap_is_refused(daemon_root: Path, how: str, command: str):
+    """64 MiB of zeros in a gzip layer, or an uncompressed layer in a gzipped
+    archive: a few hundred KiB to send, refused under a 16 MiB import-max-size,
+    with nothing left behind in the state directory's tmp."""
+    layer = zeros_layer(64 << 20)
+    archive = oci_archive_bytes(layer, gzip_layer=how == "gzip-layer")
+    if how == "gzip-archive":
+        archive = gzip.compress(archive, 1)
+    assert len(archive) < 1 << 20
+    with mal_daemon(daemon_root, 'import-max-size = "16M"\n') as mal:
+        path = mal.write("big.tar", archive)
+        args = (
+            ("import", path) if command == "import" else ("image", "import", "big", f"oci:{path}")
+        )
+        code, out = mal.amber(*args)
+        assert code != 0
+        assert "more than 16 MiB (import-max-size)" in out, out
+        assert leftovers(mal.daemon) == []
+        assert mal.amber("image", "ls")[1].count("big") == 0
