@@ -65,6 +65,8 @@ class Config:
     stop_grace: float = 30.0
     max_frame: int = 16 << 20
     mirrors: list[str] = field(default_factory=list)
+    fetch_timeout: float = 30.0
+    source_max_size: int = 64 << 30
     import_max_size: int = 256 << 30
     keep_failed_days: float = 14.0
     keep_failed_per_spec: int = 5
@@ -120,6 +122,18 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
         "a candidate is the prefix, '/' and the source URL's file name (the last segment of its "
         "path): https://m.example/pkgs + https://zlib.net/zlib-1.2.13.tar.gz -> "
         "https://m.example/pkgs/zlib-1.2.13.tar.gz",
+    ),
+    "fetch-timeout": (
+        "fetch_timeout",
+        parse_seconds,
+        "a download that sends nothing for this long is given up (a stall, not a total time); "
+        "a build waiting for another build's download of the same content waits half as long "
+        "for it to make progress, then fetches on its own",
+    ),
+    "source-max-size": (
+        "source_max_size",
+        parse_size,
+        "largest source (url download or local file) a build may bring in",
     ),
     "import-max-size": (
         "import_max_size",
@@ -217,7 +231,7 @@ def _out_of_range(attr: str, value: Any) -> str | None:
         return "must be more than 0"
     if attr == "max_frame" and value < 64 << 10:
         return "must be at least 64K (a spec has to fit in a frame)"
-    if attr == "import_max_size" and value <= 0:
+    if attr in ("fetch_timeout", "source_max_size", "import_max_size") and value <= 0:
         return "must be more than 0"
     non_negative = (
         "stop_grace",

@@ -1,8 +1,11 @@
 """Sources and imports a member of the amber group could turn against amberd.
 
 Each test drives the real `amber` as uid 4242 (``setpriv``) against the real
-amberd running as root: an image that decompresses to far more than it
-weighs. Each checks what the user (or the admin) would look at: the
+amberd running as root: a never-ending ``/dev/zero`` source, a local source
+swapped for a FIFO after the spec was read, an image that decompresses to
+far more than it weighs, a download that stalls while another user needs
+the same content, and the question of whether a file exists where the user
+cannot look. Each checks what the user (or the admin) would look at: the
 build's error, the state directory's size and leftovers, who got served.
 """
 
@@ -114,6 +117,120 @@ class Quiet(BaseHTTPRequestHandler):
 
 def spec(body: str, run: str = "true") -> str:
     return f'[build]\nname = "t"\n\n{body}\n[[step]]\nname = "s"\nrun = "{run}"\n'
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def test_a_dev_zero_url_is_refused_and_the_disk_does_not_fill(daemon_root: Path):
+    with mal_daemon(daemon_root, 'source-max-size = "2G"\n') as mal:
+        before = du(mal.daemon.state)
+        zero = spec(f'[[source]]\nurl = "file:///dev/zero"\nsha256 = "{"0" * 64}"\ndest = "z"\n')
+        code, out = mal.amber("build", mal.write("zero.toml", zero))
+        assert code != 0
+        assert "/dev/zero is a character device, not a regular file" in out, out
+        assert du(mal.daemon.state) - before < 64 << 20
+        assert leftovers(mal.daemon) == []
+
+
+def test_a_source_swapped_for_a_fifo_after_parsing_is_refused(daemon_root: Path):
+    """The local source is a file when the spec is read; while the build fetches
+    its url source (the server does the swap), it becomes a FIFO nobody writes."""
+    data = b"downloaded\n"
+    with mal_daemon(daemon_root) as mal:
+        local = mal.write("src/local.txt", "a file, for now\n")
+
+        class Swapping(Quiet):
+            def do_GET(self) -> None:
+                local.unlink()
+                os.mkfifo(local)
+                os.chown(local, MAL, MAL)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        with serve(Swapping) as url:
+            body = (
+                f'[[source]]\nurl = "{url}/d.txt"\nsha256 = "{sha256(data)}"\ndest = "d.txt"\n\n'
+                '[[source]]\npath = "src/local.txt"\ndest = "local.txt"\n'
+            )
+            try:
+                code, out = mal.amber("build", mal.write("fifo.toml", spec(body)))
+            finally:
+                if local.exists():  # wake a reader a broken amberd left blocked on it
+                    os.close(os.open(local, os.O_RDWR | os.O_NONBLOCK))
+        assert code != 0
+        assert "local.txt is a FIFO, not a regular file" in out, out
+
+
+def test_a_stalled_download_does_not_hold_another_users_fetch_hostage(daemon_root: Path):
+    """uid 4242's build fetches a package from a server that sends headers and
+    then nothing; root's build needs the same content from a server that
+    works. Root's is served while 4242's download is still stuck (it used to
+    wait for it to give up), and 4242's errors after fetch-timeout."""
+    data = os.urandom(100_000)
+    connected, closed = threading.Event(), threading.Event()
+    served_while_stuck: list[bool] = []
+
+    class Stalled(Quiet):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.flush()
+            connected.set()
+            self.rfile.read(1)  # returns when amberd hangs up
+            closed.set()
+
+    class Working(Quiet):
+        def do_GET(self) -> None:
+            served_while_stuck.append(connected.is_set() and not closed.is_set())
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    def url_spec(url: str) -> str:
+        return spec(f'[[source]]\nurl = "{url}"\nsha256 = "{sha256(data)}"\ndest = "pkg.tgz"\n')
+
+    with (
+        mal_daemon(daemon_root, 'fetch-timeout = "20s"\n') as mal,
+        serve(Stalled) as stalled,
+        serve(Working) as working,
+    ):
+        stuck = mal.popen("build", mal.write("b.toml", url_spec(f"{stalled}/b/pkg.tgz")))
+        try:
+            assert connected.wait(HANG)
+            root_spec = daemon_root / "root-spec" / "a.toml"
+            root_spec.parent.mkdir()
+            root_spec.write_text(url_spec(f"{working}/a/pkg.tgz"))
+            proc = mal.daemon.amber("build", str(root_spec), timeout=HANG)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            assert served_while_stuck == [True]
+            out, _ = stuck.communicate(timeout=HANG)
+        finally:
+            stuck.kill()
+        assert stuck.returncode != 0
+        assert "stalled: nothing arrived for 20s after 0 B (fetch-timeout)" in out.decode()
+        assert closed.is_set()
+
+
+def test_whether_a_file_exists_where_the_user_cannot_look_stays_unknown(daemon_root: Path):
+    """Spec paths are looked at as the user: a file in root's 0700 directory and
+    a name that is not there give the user the same answer."""
+    hidden = daemon_root / "root-only"
+    hidden.mkdir(mode=0o700)
+    (hidden / "exists.txt").write_text("secret\n")
+    with mal_daemon(daemon_root) as mal:
+        answers = []
+        for name in ("exists.txt", "missing.txt"):
+            body = f'[[source]]\npath = "{hidden / name}"\ndest = "x"\n'
+            code, out = mal.amber("build", mal.write(f"{name}.toml", spec(body)))
+            assert code != 0
+            answers.append(out.replace(name, "NAME"))
+        assert answers[0] == answers[1]
+        assert "Permission denied" in answers[0], answers[0]
 
 
 # --------------------------------------------------------------------------- imports

@@ -23,18 +23,22 @@ from amber.daemon.build.state import BuildStatus
 from amber.daemon.context import DaemonContext
 from amber.daemon.errors import BadArgs, Busy, InvalidSpec, NotFound, PermissionDenied
 from amber.sandbox.digest import from_hex
+from amber.sandbox.fsidentity import filesystem_identity
 
 if TYPE_CHECKING:
     from amber.daemon.api.registry import Api
     from amber.daemon.server import Connection
 
 
-def parse_spec_request(text: str, path: str) -> Spec:
-    """A spec sent by a client, with errors as replies."""
+def parse_spec_request(text: str, path: str, *, uid: int = 0, gid: int = 0) -> Spec:
+    """A spec sent by a client, with errors as replies. Its local paths are
+    looked at as the client: root's ``stat`` would tell whether a file the
+    client cannot reach exists."""
     if not os.path.isabs(path):
         raise BadArgs(f"spec_path must be absolute, got {path!r}")
     try:
-        return parse_spec(text, path, Path(path).parent)
+        with filesystem_identity(uid, gid):  # no await inside: the loop's thread is back at once
+            return parse_spec(text, path, Path(path).parent)
     except SpecError as exc:
         raise InvalidSpec(str(exc)) from None
 
@@ -77,7 +81,9 @@ async def build(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, A
             )
         if not args["out_link"]:
             raise BadArgs("--out-link-privileged goes with --out-link PATH")
-    spec = parse_spec_request(args["spec_text"], args["spec_path"])
+    spec = parse_spec_request(
+        args["spec_text"], args["spec_path"], uid=conn.peer.uid, gid=conn.peer.gid
+    )
     check_limits(spec, api.ctx.config.step_timeout_max)
     build = api.manager.submit(
         spec,

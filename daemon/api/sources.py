@@ -51,7 +51,8 @@ async def verify(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, 
         return await _verify_build(api, api.record(conn, build))
     if spec_text is None or spec_path is None:
         raise BadArgs("verify needs build, or spec_text and spec_path")
-    result = await _verify_spec(api, conn, parse_spec_request(spec_text, spec_path), spec_path)
+    spec = parse_spec_request(spec_text, spec_path, uid=conn.peer.uid, gid=conn.peer.gid)
+    result = await _verify_spec(api, conn, spec, spec_path)
     for message in result["notes"]:
         await api.send_event(conn, "note", {"message": message})
     return result

@@ -29,7 +29,7 @@ import trio
 from amber.client.errors import AmberError
 from amber.daemon.build.bases import ResolvedBase, resolve_base
 from amber.daemon.build.build import Build
-from amber.daemon.build.fetch import DigestMismatch, fetch_sources
+from amber.daemon.build.fetch import DigestMismatch, FetchLimits, fetch_sources
 from amber.daemon.build.keys import initial_key, step_key
 from amber.daemon.build.limits import Limits, StepLimits
 from amber.daemon.build.logs import BlobLog
@@ -179,10 +179,12 @@ class Executor:
         b, ctx = self.build, self.ctx
         gid = ctx.peer_gid(b)
         try:
+            limits = FetchLimits.of(ctx.config)
             fetched = await fetch_sources(ctx.store, ctx.db, self.spec, mirrors=ctx.config.mirrors,
-                                          uid=b.uid, gid=gid, note=self.build.note)  # fmt: skip
+                                          uid=b.uid, gid=gid, note=self.build.note, limits=limits)  # fmt: skip
             layout = await trio.to_thread.run_sync(
-                functools.partial(lay_out, ctx.store, self.base.tree, self.spec, fetched, uid=b.uid, gid=gid)
+                functools.partial(lay_out, ctx.store, self.base.tree, self.spec, fetched, uid=b.uid, gid=gid,
+                                  max_size=limits.max_size)
             )  # fmt: skip
         except DigestMismatch as exc:
             self.build.note(exc.message)

@@ -30,9 +30,19 @@ not help) rather than *errors*; a source nobody could serve (network down,
 404 everywhere) raises ``SourceError`` and the build errors, since that is
 outside the build and may pass.
 
-Downloads run in worker threads (stdlib ``urllib``, blocking) with a
-socket timeout and a size cap; a cancelled build stops its download at the
-next chunk. Large downloads report progress as build notes.
+Downloads run in worker threads (stdlib ``urllib``, blocking) under
+``FetchLimits``: a stall timeout (``fetch-timeout``: no byte for that long
+and the candidate is given up, however long the whole download takes) and a
+size cap (``source-max-size``). ``file://`` URLs must name regular files
+(``/dev/zero`` or a FIFO is refused before a byte is read). A cancelled
+build stops its download at the next chunk. Large downloads report progress
+as build notes.
+
+Builds that need the same content at once wait for one download rather than
+each fetching it, but only while that download makes progress: a waiter
+whose holder has sent nothing for half the stall timeout fetches on its own
+into its own temporary file (the store's rename makes the first to finish
+win), so one user's stuck download never holds another's build hostage.
 """
 
 from __future__ import annotations
@@ -46,15 +56,17 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import trio
 
 from amber.client import __version__
-from amber.client.errors import AmberError
 from amber.daemon.build.spec import Source, Spec
+from amber.daemon.config import Config
+from amber.daemon.errors import NotFound
 from amber.daemon.storage.db import Database
+from amber.daemon.userfiles import NotRegularFile, open_regular
 from amber.sandbox.digest import CHUNK, from_hex, new_hasher
 from amber.sandbox.fsidentity import filesystem_identity
 from amber.sandbox.store import Batch, Store
@@ -63,6 +75,7 @@ __all__ = [
     "MAX_DOWNLOAD",
     "TIMEOUT",
     "DigestMismatch",
+    "FetchLimits",
     "Fetched",
     "Progress",
     "SourceError",
@@ -72,20 +85,30 @@ __all__ = [
     "open_url",
 ]
 
-#: Socket timeout (connecting, and each read) for one candidate, in seconds.
+#: Default stall timeout (connecting, and each read) for one candidate, in seconds.
 TIMEOUT = 30.0
-#: A download larger than this is refused (a runaway or hostile server).
-MAX_DOWNLOAD = 16 << 30
+#: Default size cap: a download larger than this is refused (a runaway or hostile server).
+MAX_DOWNLOAD = 64 << 30
 _READ = 4 * CHUNK
 
 Note = Callable[[str], None]
 
 
-class SourceError(AmberError):
-    """A source could not be had (no candidate reachable, too large, unreadable)."""
+@dataclass(frozen=True)
+class FetchLimits:
+    """How long a source may send nothing, and how large it may be (config options
+    ``fetch-timeout`` and ``source-max-size``)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__("source-error", message)
+    stall_timeout: float = TIMEOUT
+    max_size: int = MAX_DOWNLOAD
+
+    @classmethod
+    def of(cls, config: Config) -> FetchLimits:
+        return cls(config.fetch_timeout, config.source_max_size)
+
+
+class SourceError(NotFound):
+    """A source could not be had (no candidate reachable, too large, unreadable)."""
 
 
 class DigestMismatch(SourceError):
@@ -226,24 +249,47 @@ def _size(n: int) -> str:
 # --------------------------------------------------------------------------- fetching
 
 
-# Builds running at once that need the same content wait for one download.
-# Keyed by the expected digest; entries go when nobody holds them.
-_inflight: dict[str, tuple[trio.Lock, int]] = {}
+@dataclass
+class _Download:
+    """A download under way that other builds may wait for."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    #: time.monotonic() of its last sign of life (start, a candidate, a chunk)
+    alive: float = field(default_factory=time.monotonic)
 
 
-@contextlib.asynccontextmanager
-async def _one_download(key: str):
-    lock, users = _inflight.get(key, (trio.Lock(), 0))
-    _inflight[key] = (lock, users + 1)
+# The download of each expected digest under way, if any.
+_inflight: dict[str, _Download] = {}
+
+
+async def _wait_for_other(key: str, patience: float) -> None:
+    """Wait while another build's download of ``key`` makes progress.
+
+    Returns when there is none (any more), or when the one there has shown
+    no sign of life for ``patience`` seconds: the caller then fetches on its
+    own rather than share its stall.
+    """
+    while (other := _inflight.get(key)) is not None:
+        left = other.alive + patience - time.monotonic()
+        if left <= 0:
+            return
+        with trio.move_on_after(left):
+            await other.done.wait()
+
+
+@contextlib.contextmanager
+def _holding(key: str) -> Iterator[_Download]:
+    """Announce this download of ``key`` to waiters (unless a stuck one already is)."""
+    mine = _Download()
+    registered = key not in _inflight
+    if registered:
+        _inflight[key] = mine
     try:
-        async with lock:
-            yield
+        yield mine
     finally:
-        lock, users = _inflight[key]
-        if users == 1:
+        mine.done.set()
+        if registered:
             del _inflight[key]
-        else:
-            _inflight[key] = (lock, users - 1)
 
 
 async def fetch_sources(
@@ -255,6 +301,7 @@ async def fetch_sources(
     uid: int,
     gid: int,
     note: Note,
+    limits: FetchLimits = FetchLimits(),
 ) -> dict[int, Fetched]:
     """Every ``url`` source of ``spec`` in the store, by its index in ``spec.sources``.
 
@@ -270,7 +317,7 @@ async def fetch_sources(
         if source.url is None:
             continue
         out[index] = await fetch_one(
-            store, db, index, source, mirrors=mirrors, uid=uid, gid=gid, note=note
+            store, db, index, source, mirrors=mirrors, uid=uid, gid=gid, note=note, limits=limits
         )
     return out
 
@@ -285,6 +332,7 @@ async def fetch_one(
     uid: int,
     gid: int,
     note: Note,
+    limits: FetchLimits = FetchLimits(),
 ) -> Fetched:
     """One url source (see ``fetch_sources``)."""
     assert source.url is not None
@@ -292,10 +340,12 @@ async def fetch_one(
     known = known_source(store, db, source, label)
     if known is not None:
         return known
-    async with _one_download(source.sha256 or source.blake3 or source.url):
-        known = known_source(store, db, source, label)  # another build may have fetched it
-        if known is not None:
-            return known
+    key = source.sha256 or source.blake3 or source.url
+    await _wait_for_other(key, limits.stall_timeout / 2)
+    known = known_source(store, db, source, label)  # another build may have fetched it
+    if known is not None:
+        return known
+    with _holding(key) as mine:
         mismatch: DigestMismatch | None = None
         failures: list[str] = []
         candidates = candidate_urls(source.url, mirrors)
@@ -303,8 +353,12 @@ async def fetch_one(
             mirror = "" if url == source.url else f" from {url}"
             note(f"{label}: fetching{mirror}")
             more = "; trying the next place" if number < len(candidates) else ""
+            mine.alive = time.monotonic()
             try:
-                fetched = await _in_thread(store, label, source, url, uid=uid, gid=gid, note=note)
+                fetched = await _in_thread(
+                    store, label, source, url, uid=uid, gid=gid, note=note, limits=limits,
+                    alive=mine,
+                )  # fmt: skip
             except DigestMismatch as exc:
                 mismatch = mismatch or exc  # reported unless another candidate has it right
                 note(f"{label}: {url} has other content ({exc.algorithm} {exc.actual}){more}")
@@ -323,7 +377,16 @@ async def fetch_one(
 
 
 async def _in_thread(
-    store: Store, label: str, source: Source, url: str, *, uid: int, gid: int, note: Note
+    store: Store,
+    label: str,
+    source: Source,
+    url: str,
+    *,
+    uid: int,
+    gid: int,
+    note: Note,
+    limits: FetchLimits,
+    alive: _Download,
 ) -> Fetched:
     """Run one download in a worker thread; cancelling the caller stops it."""
     stop = threading.Event()
@@ -334,12 +397,19 @@ async def _in_thread(
 
     def work() -> Fetched:
         own = url == source.url  # a file:// mirror is the admin's, read as the daemon
-        with open_url(url, uid=uid if own else 0, gid=gid if own else 0) as (stream, total):
+        ids = {"uid": uid if own else 0, "gid": gid if own else 0}
+        with open_url(url, **ids, limits=limits) as (stream, total):
             progress = Progress(say, label, total)
+
+            def update(done: int) -> None:
+                alive.alive = time.monotonic()  # a float store: safe from this thread
+                progress.update(done)
+
             with store.batch() as batch:
                 return ingest(
-                    store, stream, source, url, label, total, progress.update, batch, stop
-                )
+                    store, stream, source, url, label, total, update, batch, stop,
+                    max_size=limits.max_size, stall_timeout=limits.stall_timeout,
+                )  # fmt: skip
 
     try:
         return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
@@ -372,8 +442,14 @@ def _opener() -> urllib.request.OpenerDirector:
 
 
 @contextlib.contextmanager
-def open_url(url: str, *, uid: int, gid: int) -> Iterator[tuple[BinaryIO, int | None]]:
-    """A readable stream on ``url`` and its size when known. Blocking."""
+def open_url(
+    url: str, *, uid: int, gid: int, limits: FetchLimits = FetchLimits()
+) -> Iterator[tuple[BinaryIO, int | None]]:
+    """A readable stream on ``url`` and its size when known. Blocking.
+
+    A ``file://`` URL must name a regular file (a link to one is followed,
+    as the user: a URL is not a path in the spec's directory).
+    """
 
     parts = urllib.parse.urlsplit(url)
     try:
@@ -382,11 +458,12 @@ def open_url(url: str, *, uid: int, gid: int) -> Iterator[tuple[BinaryIO, int | 
                 raise SourceError(f"file:// url on another host: {url}")
             path = urllib.request.url2pathname(parts.path)
             with filesystem_identity(uid, gid):
-                stream: BinaryIO = open(path, "rb")  # noqa: SIM115  (closed below)
+                fd = open_regular(path, follow_symlinks=True)
+            stream: BinaryIO = os.fdopen(fd, "rb")
             total: int | None = os.fstat(stream.fileno()).st_size
         else:
             request = urllib.request.Request(url, headers={"User-Agent": f"amber/{__version__}"})
-            stream = _opener().open(request, timeout=TIMEOUT)
+            stream = _opener().open(request, timeout=limits.stall_timeout)
             length = stream.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
     except urllib.error.HTTPError as exc:
@@ -395,11 +472,15 @@ def open_url(url: str, *, uid: int, gid: int) -> Iterator[tuple[BinaryIO, int | 
         raise SourceError(str(exc.reason)) from None
     except PermissionError:
         raise SourceError("permission denied") from None
+    except NotRegularFile as exc:
+        raise SourceError(f"{exc}: only regular files can be sources") from None
+    except TimeoutError:
+        raise SourceError(_stalled(limits.stall_timeout, 0)) from None
     except (OSError, ValueError) as exc:
         raise SourceError(getattr(exc, "strerror", None) or str(exc)) from None
     try:
-        if total is not None and total > MAX_DOWNLOAD:
-            raise SourceError(f"{_size(total)} is more than the {_size(MAX_DOWNLOAD)} allowed")
+        if total is not None and total > limits.max_size:
+            raise SourceError(_too_large(total, limits.max_size))
         yield stream, total
     finally:
         stream.close()
@@ -415,6 +496,9 @@ def ingest(
     progress: Callable[[int], None],
     batch: Batch,
     stop: threading.Event | None = None,
+    *,
+    max_size: int = MAX_DOWNLOAD,
+    stall_timeout: float = TIMEOUT,
 ) -> Fetched:
     """Copy ``stream`` into ``batch``, hashing as it goes, if it has the source's digests.
 
@@ -437,15 +521,17 @@ def ingest(
                 if stop is not None and stop.is_set():
                     raise SourceError("cancelled")
                 size += len(chunk)
-                if size > MAX_DOWNLOAD:
-                    raise SourceError(f"more than the {_size(MAX_DOWNLOAD)} allowed")
+                if size > max_size:
+                    raise SourceError(_too_large(size, max_size, more=True))
                 sha.update(chunk)
                 b3.update(chunk)
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view) :]
                 progress(size)
-        except (OSError, ValueError) as exc:  # timeouts and resets are OSErrors
+        except TimeoutError:
+            raise SourceError(_stalled(stall_timeout, size)) from None
+        except (OSError, ValueError) as exc:  # resets are OSErrors
             raise SourceError(f"reading failed after {_size(size)}: {exc}") from None
         finally:
             os.close(fd)
@@ -463,3 +549,12 @@ def ingest(
         raise
     batch.adopt_blob(temp, blob, size)
     return Fetched(blob, size, sha256, where)
+
+
+def _too_large(size: int, limit: int, *, more: bool = False) -> str:
+    what = f"more than {_size(size - 1)}" if more else _size(size)
+    return f"{what}: larger than the {_size(limit)} a source may be (source-max-size)"
+
+
+def _stalled(timeout: float, size: int) -> str:
+    return f"stalled: nothing arrived for {timeout:g}s after {_size(size)} (fetch-timeout)"

@@ -4,6 +4,9 @@ Sources are read by the daemon, never by the sandbox. Files and directories
 named by ``path`` (and ``file://`` urls) are read with the *client's*
 filesystem identity (``setfsuid``/``setfsgid`` on the worker thread), so a
 user cannot make a root daemon copy a file they could not read themselves.
+What is read is checked on the opened descriptor (``userfiles``): a regular
+file no larger than ``source-max-size``, or a directory; a path that became
+a FIFO, a device or a symbolic link since the spec was parsed is refused.
 ``url`` sources are fetched beforehand (``fetch.py``) and arrive here as
 verified blobs.
 
@@ -34,10 +37,11 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from amber.client.errors import AmberError
-from amber.daemon.build.fetch import Fetched, ingest, source_label
+from amber.daemon.build.fetch import MAX_DOWNLOAD, Fetched, ingest, source_label
 from amber.daemon.build.spec import Source, Spec
 from amber.daemon.build.stamps import Finding, apply_rules, remove_paths
+from amber.daemon.errors import Internal, InvalidSpec, PermissionDenied
+from amber.daemon.userfiles import NotRegularFile, open_regular
 from amber.sandbox import tree as treefmt
 from amber.sandbox.digest import EMPTY
 from amber.sandbox.fsidentity import filesystem_identity
@@ -76,16 +80,18 @@ def lay_out(
     uid: int,
     gid: int,
     missing_ok: bool = False,
+    max_size: int = MAX_DOWNLOAD,
 ) -> Layout:
     """``base`` + the work directory + every source + stamps put right. Blocking: run in a thread.
 
     ``fetched`` holds the url sources by index (``fetch.fetch_sources``);
     with ``missing_ok``, url sources not in it get an empty stand-in
-    (``amber verify`` does not download).
+    (``amber verify`` does not download). A local file larger than
+    ``max_size`` is refused.
 
     Raises:
         DigestMismatch: a local file source does not have its digest.
-        AmberError: a source cannot be read or placed.
+        InvalidSpec, PermissionDenied: a source cannot be read or placed.
     """
     layout = Layout(base)
     with store.batch() as batch:
@@ -96,7 +102,7 @@ def lay_out(
                 if source.url is not None:
                     got = fetched.get(index)
                     if got is None and not missing_ok:
-                        raise AmberError("internal", f"{source.url} was not fetched")
+                        raise Internal(f"{source.url} was not fetched")
                     if got is None:
                         # Stand-in content, so that its stamp and the rules
                         # see what a build would see. The tree is not built.
@@ -107,7 +113,9 @@ def lay_out(
                     )
                     digest = got.sha256 or source.blake3 or got.blob.hex()
                 else:
-                    entry, digest = _read_local(store, index, source, batch, uid=uid, gid=gid)
+                    entry, digest = _read_local(
+                        store, index, source, batch, uid=uid, gid=gid, max_size=max_size
+                    )
                 tree = _place(store, tree, source.dest, entry, batch, spec.workdir)
                 placed[index] = (entry, digest)
             tree, layout.findings = _source_stamps(store, tree, spec, placed, batch)
@@ -115,7 +123,7 @@ def lay_out(
             tree, found = apply_rules(store, tree, spec.workdir, spec.stamps, batch, keep=keep)
             layout.findings += found
         except TreeEditError as exc:
-            raise AmberError("spec-error", str(exc)) from None
+            raise InvalidSpec(str(exc)) from None
     layout.tree = tree
     return layout
 
@@ -143,39 +151,53 @@ def _place(store: Store, tree: bytes, dest: str, entry: Entry, batch: Batch, wor
 
 
 def _read_local(
-    store: Store, index: int, source: Source, batch: Batch, *, uid: int, gid: int
+    store: Store, index: int, source: Source, batch: Batch, *, uid: int, gid: int, max_size: int
 ) -> tuple[Entry, str]:
-    """A local source's entry, and the digest its stamp names (its tree's, for a directory)."""
+    """A local source's entry, and the digest its stamp names (its tree's, for a directory).
+
+    The file is opened without following a link or blocking, as the user,
+    and what was opened is what is read (see the module docstring).
+    """
     assert source.path is not None
+    label = source_label(index, source)
     with filesystem_identity(uid, gid):
         try:
-            st = os.stat(source.path)
-            if stat.S_ISDIR(st.st_mode):
+            fd = open_regular(source.path, allow_dir=True)
+        except PermissionError:
+            raise PermissionDenied(f"source {source.path}: permission denied") from None
+        except FileNotFoundError:
+            raise InvalidSpec(f"source {source.path} does not exist") from None
+        except NotRegularFile as exc:
+            raise InvalidSpec(
+                f"{label}: {exc}: only files and directories can be sources"
+            ) from None
+        except OSError as exc:
+            raise InvalidSpec(f"source {source.path}: {exc.strerror or exc}") from None
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            os.close(fd)  # the walk opens what it reads itself, as the user too
+            try:
                 ref = import_directory(store, source.path, batch=batch)
-                return BUILD_DIR._replace(ref=ref, mtime_ns=st.st_mtime_ns), ref.hex()
+            except PermissionError as exc:
+                where = os.fsdecode(exc.filename) if exc.filename else source.path
+                raise PermissionDenied(f"source {where}: permission denied") from None
+            return BUILD_DIR._replace(ref=ref, mtime_ns=st.st_mtime_ns), ref.hex()
+        with os.fdopen(fd, "rb") as stream:
+            if st.st_size > max_size:
+                raise InvalidSpec(
+                    f"{label}: {st.st_size} bytes, larger than the {max_size} a source may be "
+                    "(source-max-size)"
+                )
             mode = 0o755 if st.st_mode & 0o111 else 0o644
             entry = BUILD_FILE._replace(mode=mode, mtime_ns=DOWNLOAD_MTIME_NS)
             if source.sha256 is None and source.blake3 is None:
-                digest, size = store.put_blob_file(source.path, batch)
-                return entry._replace(size=size, ref=digest), digest.hex()
-            with open(source.path, "rb") as stream:
-                got = ingest(
-                    store,
-                    stream,
-                    source,
-                    str(source.path),
-                    source_label(index, source),
-                    st.st_size,
-                    lambda _: None,
-                    batch,
-                )
+                digest = store.put_blob_fd(fd, st.st_size, batch)
+                return entry._replace(size=st.st_size, ref=digest), digest.hex()
+            got = ingest(
+                store, stream, source, str(source.path), label, st.st_size, lambda _: None,
+                batch, max_size=max_size,
+            )  # fmt: skip
             return entry._replace(size=got.size, ref=got.blob), got.sha256 or got.blob.hex()
-        except PermissionError:
-            raise AmberError(
-                "permission-denied", f"source {source.path}: permission denied"
-            ) from None
-        except FileNotFoundError:
-            raise AmberError("spec-error", f"source {source.path} does not exist") from None
 
 
 def _source_stamps(
