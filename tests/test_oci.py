@@ -779,3 +779,12 @@ def test_a_layout_and_a_registry_walk_a_nested_index_alike(registry: str, tmp_pa
     host = machine_architecture()
     assert set(listing(store, from_layout)) == {f"{host}.txt"}
     assert listing(store, from_layout)[f"{host}.txt"] == f"the {host} image\n".encode()
+
+
+def test_an_image_with_too_many_entries_is_refused(store: Store):
+    """The tree being built is in memory: its entry count is bounded."""
+    many = layer_tar(*[(member(f"f{i}", mode=0o644), b"") for i in range(11)])
+    with store.batch() as batch:
+        TreeBuilder(store, batch, max_entries=11).apply(io.BytesIO(many))
+    with store.batch() as batch, pytest.raises(OciError, match="more entries than amber keeps"):
+        TreeBuilder(store, batch, max_entries=10).apply(io.BytesIO(many))

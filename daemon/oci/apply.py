@@ -36,6 +36,10 @@ from amber.sandbox.tree import Entry
 
 Devices = Literal["refuse", "drop"]
 MAX_DEPTH = 256
+#: Members one image may have, over all its layers: the builder keeps the
+#: whole tree in memory (a few hundred bytes an entry), so this bounds it
+#: (large distribution images have a few hundred thousand).
+MAX_ENTRIES = 4_000_000
 NAME_MAX = 255
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 64 << 10
@@ -108,6 +112,7 @@ class TreeBuilder:
         root: bytes = treefmt.EMPTY_TREE,
         *,
         devices: Devices = "refuse",
+        max_entries: int = MAX_ENTRIES,
     ):
         if devices not in ("refuse", "drop"):
             raise ValueError(f"devices must be 'refuse' or 'drop', not {devices!r}")
@@ -117,6 +122,7 @@ class TreeBuilder:
         self.root = _Dir(None, root)
         self._layer = _Layer()
         self._pending: dict[bytes, list[Entry]] = {}  # digest -> entries not yet stored
+        self._entries_left = max_entries
 
     # -- public ----------------------------------------------------------------
 
@@ -143,6 +149,9 @@ class TreeBuilder:
         parts = split_path(m.name)
         path = b"/".join(parts)
         layer = self._layer
+        self._entries_left -= 1
+        if self._entries_left < 0:
+            raise OciError("the image has more entries than amber keeps in memory for one import")
         if path in layer.members:
             raise OciError(f"duplicate entry {_show(path)} in one layer")
         layer.members.add(path)
