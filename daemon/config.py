@@ -8,40 +8,18 @@ silently falls back to a default.
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-DEFAULT_CONFIG = Path("/etc/amber/amberd.toml")
+from amber.client.units import format_duration, format_size, parse_duration, parse_size
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+DEFAULT_CONFIG = Path("/etc/amber/amberd.toml")
 
 
 class ConfigError(ValueError):
     pass
-
-
-def parse_size(text: str | int) -> int:
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    m = _SIZE.match(str(text))
-    if not m:
-        raise ValueError(f"expected a size like 10G or 500M, got {text!r}")
-    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
-    return int(float(m.group(1)) * scale)
-
-
-def parse_seconds(text: str | int | float) -> float:
-    if isinstance(text, int | float) and not isinstance(text, bool):
-        return float(text)
-    m = _DURATION.match(str(text).strip())
-    if not m or not any(m.groups()):
-        raise ValueError(f"expected a duration like 30s, 10m or 1h, got {text!r}")
-    h, mi, s = (float(g) if g else 0.0 for g in m.groups())
-    return h * 3600 + mi * 60 + s
 
 
 def parse_fs_mode(text: str) -> str:
@@ -107,7 +85,7 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "id-count": ("id_count", int, "size of that range"),
     "stop-grace": (
         "stop_grace",
-        parse_seconds,
+        parse_duration,
         "how long running steps may finish on SIGTERM before they are cancelled "
         "(errored, not cached)",
     ),
@@ -145,7 +123,7 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "step-pids-max": ("step_pids_max", int, "processes and threads one step may have at once"),
     "step-timeout-max": (
         "step_timeout_max",
-        parse_seconds,
+        parse_duration,
         "longest timeout a step may ask for; a spec asking for more is refused",
     ),
     "jobs-per-user": (
@@ -261,7 +239,8 @@ EXAMPLE_HEADER = """\
 # /etc/amber/amberd.toml: amberd's configuration (TOML).
 #
 # Every option is listed with its default value, commented out: uncomment a
-# line to change it. Sizes take K, M, G, T (10G), durations s, m, h (90s, 10m).
+# line to change it. Sizes take K, M, G, T, P (10G, 512KiB), durations d, h, m or
+# min, s (90s, 10min, 1h30m).
 # An unknown option or a value of the wrong type stops amberd at start-up with
 # an error naming the option. Flags given to amberd override this file.
 #
@@ -301,7 +280,8 @@ CURRENT_HEADER = """\
 # Config file: {source}
 #
 # Valid as /etc/amber/amberd.toml: amberd reads this back unchanged.
-# Sizes take K, M, G, T (10G), durations s, m, h (90s, 10m).
+# Sizes take K, M, G, T, P (10G, 512KiB), durations d, h, m or min, s (90s,
+# 10min, 1h30m).
 """
 
 
@@ -340,13 +320,10 @@ def current_config(config: Config, source: str) -> str:
 def _toml_value(name: str, conv: Any, value: Any) -> str:
     import json
 
-    if conv is parse_seconds:
-        return f'"{value:g}s"'
+    if conv is parse_duration:
+        return f'"{format_duration(value)}"'
     if conv is parse_size:
-        for unit, scale in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-            if value and value % scale == 0:
-                return f'"{value // scale}{unit}"'
-        return str(value)
+        return f'"{format_size(value)}"' if value % 1024 == 0 and value else str(value)
     if name == "socket-mode":
         return f"0o{value:o}"
     if isinstance(value, Path | str | list):

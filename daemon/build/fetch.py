@@ -53,6 +53,7 @@ import trio
 
 from amber.client import __version__
 from amber.client.errors import AmberError
+from amber.client.units import human_bytes
 from amber.daemon.build.spec import Source, Spec
 from amber.daemon.storage.db import Database
 from amber.sandbox.digest import CHUNK, from_hex, new_hasher
@@ -206,21 +207,13 @@ class Progress:
             if tenth < self.next_tenth:
                 return
             self.next_tenth = tenth + 1
-            text = f"{tenth * 10}% of {_size(self.total)}"
+            text = f"{tenth * 10}% of {human_bytes(self.total)}"
         elif now - self.last < 5.0:
             return
         else:
-            text = f"{_size(done)} so far"
+            text = f"{human_bytes(done)} so far"
         self.last = now
-        self.say(f"{self.label}: {text} ({_size(int(rate))}/s)")
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    raise AssertionError("unreachable")
+        self.say(f"{self.label}: {text} ({human_bytes(int(rate))}/s)")
 
 
 # --------------------------------------------------------------------------- fetching
@@ -315,7 +308,7 @@ async def fetch_one(
                 continue
             assert fetched.sha256 is not None
             db.put_download(fetched.blob.hex(), fetched.sha256, fetched.size, url)
-            note(f"{label}: fetched {_size(fetched.size)}{mirror}, verified")
+            note(f"{label}: fetched {human_bytes(fetched.size)}{mirror}, verified")
             return fetched
     if mismatch is not None:
         raise mismatch
@@ -399,7 +392,9 @@ def open_url(url: str, *, uid: int, gid: int) -> Iterator[tuple[BinaryIO, int | 
         raise SourceError(getattr(exc, "strerror", None) or str(exc)) from None
     try:
         if total is not None and total > MAX_DOWNLOAD:
-            raise SourceError(f"{_size(total)} is more than the {_size(MAX_DOWNLOAD)} allowed")
+            raise SourceError(
+                f"{human_bytes(total)} is more than the {human_bytes(MAX_DOWNLOAD)} allowed"
+            )
         yield stream, total
     finally:
         stream.close()
@@ -438,7 +433,7 @@ def ingest(
                     raise SourceError("cancelled")
                 size += len(chunk)
                 if size > MAX_DOWNLOAD:
-                    raise SourceError(f"more than the {_size(MAX_DOWNLOAD)} allowed")
+                    raise SourceError(f"more than the {human_bytes(MAX_DOWNLOAD)} allowed")
                 sha.update(chunk)
                 b3.update(chunk)
                 view = memoryview(chunk)
@@ -446,7 +441,7 @@ def ingest(
                     view = view[os.write(fd, view) :]
                 progress(size)
         except (OSError, ValueError) as exc:  # timeouts and resets are OSErrors
-            raise SourceError(f"reading failed after {_size(size)}: {exc}") from None
+            raise SourceError(f"reading failed after {human_bytes(size)}: {exc}") from None
         finally:
             os.close(fd)
         if total is not None and size != total:
