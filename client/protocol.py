@@ -343,15 +343,14 @@ class Event:
 class Reply:
     """A final reply, as the client sees it: ``error`` is None on success."""
 
-    __slots__ = ("error", "id", "msg", "result")
+    __slots__ = ("error", "id", "result")
 
     def __init__(
-        self, id: int | None, result: dict[str, Any] | None, error: AmberError | None, msg: dict
+        self, id: int | None, result: dict[str, Any] | None, error: AmberError | None
     ) -> None:
         self.id = id
         self.result = result
         self.error = error
-        self.msg = msg  # the whole message, for replies with extra keys (hello)
 
     def __repr__(self) -> str:
         if self.error is None:
@@ -378,7 +377,7 @@ def parse_server_message(untrusted: Mapping[str, Any]) -> Event | Reply:
         result = untrusted.get("result", {})
         if id_ is None or not isinstance(result, dict):
             raise ProtocolError(ErrorCode.BAD_REPLY, "malformed result reply")
-        return Reply(id_, result, None, dict(untrusted))
+        return Reply(id_, result, None)
     if ok is False:
         error = untrusted.get("error")
         if not isinstance(error, dict):
@@ -386,7 +385,7 @@ def parse_server_message(untrusted: Mapping[str, Any]) -> Event | Reply:
         code, message = error.get("code"), error.get("message", "")
         if not isinstance(code, str) or not isinstance(message, str):
             raise ProtocolError(ErrorCode.BAD_REPLY, "error reply with a malformed error map")
-        return Reply(id_, None, AmberError(code, message), dict(untrusted))
+        return Reply(id_, None, AmberError(code, message))
     raise ProtocolError(ErrorCode.BAD_REPLY, "server message is neither an event nor a reply")
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from amber.client.protocol import Request, event
-from amber.client.validate import validate_args
 from amber.daemon.api import builds, exchange, frozen, images, show, sources, store
 from amber.daemon.api.operation import Operation
+from amber.daemon.api.validate import validate_args
 from amber.daemon.errors import NotFound, PermissionDenied, UnknownOperation
 
 if TYPE_CHECKING:
