@@ -42,6 +42,10 @@ class Config:
     id_count: int = 65_536
     stop_grace: float = 30.0
     max_frame: int = 16 << 20
+    max_request_frame: int = 1 << 20
+    max_connections: int = 512
+    max_connections_per_uid: int = 64
+    hello_timeout: float = 10.0
     mirrors: list[str] = field(default_factory=list)
     keep_failed_days: float = 14.0
     keep_failed_per_spec: int = 5
@@ -89,7 +93,30 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
         "how long running steps may finish on SIGTERM before they are cancelled "
         "(errored, not cached)",
     ),
-    "max-frame": ("max_frame", parse_size, "largest protocol frame accepted"),
+    "max-frame": ("max_frame", parse_size, "largest protocol frame amberd sends (a reply)"),
+    "max-request-frame": (
+        "max_request_frame",
+        parse_size,
+        "largest request frame amberd accepts from a client (at most max-frame); it bounds "
+        "the memory one request can cost while it is decoded",
+    ),
+    "max-connections": (
+        "max_connections",
+        int,
+        "connections open at once, all users together; more are refused with 'busy' "
+        "(root's are never refused)",
+    ),
+    "max-connections-per-uid": (
+        "max_connections_per_uid",
+        int,
+        "connections one non-root uid may have open at once; more are refused with 'busy'",
+    ),
+    "hello-timeout": (
+        "hello_timeout",
+        parse_duration,
+        "how long a new connection may take to send its hello, and a client the rest of a "
+        "frame it started; amberd then hangs up (and closes descriptors sent with it)",
+    ),
     "mirrors": (
         "mirrors",
         list,
@@ -157,7 +184,14 @@ def _convert(name: str, value: Any) -> Any:
         raise ConfigError(f"option {name!r}: {exc}") from None
     if attr == "mirrors" and not all(isinstance(m, str) for m in converted):
         raise ConfigError(f"option {name!r}: expected a list of URL strings")
-    if attr in ("jobs", "id_count", "step_pids_max") and converted < 1:
+    at_least_one = (
+        "jobs",
+        "id_count",
+        "step_pids_max",
+        "max_connections",
+        "max_connections_per_uid",
+    )
+    if attr in at_least_one and converted < 1:
         raise ConfigError(f"option {name!r}: must be at least 1")
     if attr == "id_base" and converted < 1:
         raise ConfigError(
@@ -186,8 +220,10 @@ def _out_of_range(attr: str, value: Any) -> str | None:
         return "must be at least 4K"
     if attr == "step_timeout_max" and value <= 0:
         return "must be more than 0"
-    if attr == "max_frame" and value < 64 << 10:
+    if attr in ("max_frame", "max_request_frame") and value < 64 << 10:
         return "must be at least 64K (a spec has to fit in a frame)"
+    if attr == "hello_timeout" and not value > 0:
+        return "must be more than 0s"
     non_negative = (
         "stop_grace",
         "keep_failed_days",
