@@ -7,10 +7,12 @@ by what the victim sees: amberd's peak memory (VmHWM), its open descriptors
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,72 @@ def test_a_connection_that_sends_no_hello_is_closed(daemon: Daemon):
         proc.kill()
         proc.wait()
     assert daemon.amber("status").returncode == 0
+
+
+FAILING = """
+[build]
+name = "stuck-stderr"
+base = "host"
+
+[[step]]
+name = "fail"
+run = "exit 3"
+"""
+
+
+def holders(link: str) -> set[int]:
+    """The processes with a descriptor on ``link`` (``pipe:[INODE]``)."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == link:
+                        found.add(int(pid))
+                        break
+    return found
+
+
+def full_pipe() -> tuple[int, int]:
+    """A pipe filled to capacity: one more byte written to it blocks."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(w, b"x" * 65536)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(w, b"x")
+    os.set_blocking(w, True)
+    return r, w
+
+
+def test_a_shell_whose_stderr_is_a_full_pipe_does_not_stop_amberd(daemon: Daemon):
+    """issue 12 #9: the banner went to fd 2 with a blocking write on amberd's loop."""
+    (daemon.root / "spec.toml").write_text(FAILING)
+    code, report = daemon.build_json(daemon.root / "spec.toml")
+    assert code == 1 and report["frozen"], report
+    r, w = full_pipe()
+    shell = subprocess.Popen(
+        [str(BIN / "amber"), "shell", report["build"]],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=w, env=daemon.env,
+    )  # fmt: skip
+    os.close(w)
+    try:
+        # Until the shell's own command holds the pipe, amberd is between
+        # taking the pipe and running it: the banner. Others are answered.
+        pipe = f"pipe:[{os.fstat(r).st_ino}]"
+        answered = 0
+        while not holders(pipe) - {os.getpid(), daemon.process.pid, shell.pid}:
+            assert shell.poll() is None, "amber shell ended"
+            other = daemon.amber("status", timeout=60)
+            assert other.returncode == 0, other.stderr
+            answered += daemon.process.pid in holders(pipe)
+        assert answered > 0  # some answers came while amberd held the stuck pipe
+    finally:
+        drained = threading.Thread(target=lambda: list(iter(lambda: os.read(r, 65536), b"")))
+        drained.start()
+        shell.kill()
+        shell.wait()
+        drained.join(timeout=60)
+        os.close(r)
