@@ -7,7 +7,8 @@ program so that the attack comes from another uid::
 
 ``frames`` sends every frame of ``FRAMES`` on a connection of its own and
 prints one line per frame: ``NAME replied CODE`` or ``NAME closed``.
-``idle N`` opens N connections, says hello on each, prints ``accepted A
+``storm N`` sends N of those frames and the attacks below in turn and
+prints ``survived S of N``. ``idle N`` opens N connections, says hello on each, prints ``accepted A
 refused R`` and holds them until stdin closes. ``fds`` starts a frame with
 descriptors and sends more descriptors in its middle; ``fds-stall`` only
 starts it; both print ``sent`` and, once amberd hangs up, ``closed``, then
@@ -167,11 +168,46 @@ def fds_in_partial_frame(path: str, more: bool) -> socket.socket:
     return sock
 
 
+def _survived(outcome: str) -> bool:
+    """amberd refused the attack: an error reply or a hang-up, never a success."""
+    return outcome == "closed" or (outcome.startswith("replied ") and outcome != "replied ok")
+
+
+def _fds_mid_frame(path: str) -> str:
+    with fds_in_partial_frame(path, more=True) as sock:
+        answer = read_message(sock)
+        while read_message(sock):
+            pass
+    return f"replied {answer['error']['code']}" if answer else "closed"
+
+
+def storm(path: str, count: int) -> int:
+    """``count`` attacks, each kind in turn on a connection of its own; how many amberd refused."""
+    kinds = [*FRAMES, "fds-mid-frame", "no-hello"]
+    no_hello = frame(msgpack.packb({"op": "status", "id": 1, "args": {}}))
+    survived = 0
+    for i in range(count):
+        kind = kinds[i % len(kinds)]
+        try:
+            if kind == "fds-mid-frame":
+                outcome = _fds_mid_frame(path)
+            elif kind == "no-hello":
+                outcome = send_frame(path, no_hello, greet=False)
+            else:
+                outcome = send_frame(path, FRAMES[kind])
+        except OSError as exc:  # amberd gone, or silent past the timeout
+            outcome = f"error {exc}"
+        survived += _survived(outcome)
+    return survived
+
+
 def main(argv: list[str]) -> None:
     path, mode = argv[0], argv[1]
     if mode == "frames":
         for name, data in FRAMES.items():
             print(name, send_frame(path, data), flush=True)
+    elif mode == "storm":
+        print(f"survived {storm(path, int(argv[2]))} of {argv[2]}", flush=True)
     elif mode == "idle":
         held, refused = idle_connections(path, int(argv[2]))
         print(f"accepted {len(held)} refused {refused}", flush=True)

@@ -6,7 +6,9 @@ import msgpack
 import pytest
 
 from amber.client.protocol import (
+    MAX_DEPTH,
     MAX_FRAME,
+    MAX_ITEMS,
     AmberError,
     ErrorCode,
     Event,
@@ -146,6 +148,36 @@ def test_body_must_be_a_map_with_str_keys(value):
 
 def encode_frame_raw(value: object) -> bytes:
     return frame_of(msgpack.packb(value, use_bin_type=True))
+
+
+def _nested(depth: int) -> dict:
+    value: dict = {}
+    for _ in range(depth - 1):
+        value = {"k": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        ({"xs": [{} for _ in range(MAX_ITEMS)]}, "too many items"),
+        ({"xs": [[{}] * 1000 for _ in range(MAX_ITEMS // 1000)]}, "too many items"),
+        ({"xs": list(range(MAX_ITEMS + 1))}, "exceeds max_array_len"),
+        (_nested(MAX_DEPTH), "nested deeper than"),
+    ],
+)
+def test_bounded_decoder_refuses_what_would_cost_memory_or_recursion(args, why):
+    data = encode_frame({"op": "x", "id": 1, "args": args})
+    with pytest.raises(ProtocolError, match=why) as info:
+        FrameDecoder(max_items=MAX_ITEMS).feed(data)
+    assert info.value.code == ErrorCode.MALFORMED_FRAME
+    assert FrameDecoder().feed(data)[0]["args"] == args  # a client reading its daemon: no bound
+
+
+def test_bounded_decoder_takes_what_fits():
+    args = {"xs": [{"a": [1, 2]}] * 1000, "deep": _nested(MAX_DEPTH - 2)}
+    data = encode_frame({"op": "x", "id": 1, "args": args})
+    assert FrameDecoder(max_items=MAX_ITEMS).feed(data)[0]["args"] == args
 
 
 # --- hello ---------------------------------------------------------------------
