@@ -161,7 +161,10 @@ class FrameDecoder:
                 )
                 pos = end
         except ProtocolError as exc:
-            self._error = exc
+            # A copy without a traceback: the raised one's frames hold this
+            # decoder, a cycle that kept every refused frame's objects alive
+            # until the cyclic GC ran.
+            self._error = ProtocolError(exc.code, exc.message)
             self._buf.clear()
             raise
         del self._buf[:pos]
@@ -192,13 +195,17 @@ class FrameDecoder:
             if max_items is not None:
                 _check_depth(msg, MAX_DEPTH)
         except _TooMany as exc:
-            raise ProtocolError(ErrorCode.MALFORMED_FRAME, str(exc)) from None
+            problem = str(exc)
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             # ValueError covers ExtraData, FormatError, StackError and invalid
             # UTF-8; TypeError covers unhashable map keys.
-            raise ProtocolError(
-                ErrorCode.MALFORMED_FRAME, f"invalid msgpack: {str(exc) or type(exc).__name__}"
-            ) from None
+            problem = f"invalid msgpack: {str(exc) or type(exc).__name__}"
+        else:
+            problem = None
+        if problem is not None:
+            # Raised outside the except: chained to the original, the error
+            # would keep its traceback, and with it the half-decoded objects.
+            raise ProtocolError(ErrorCode.MALFORMED_FRAME, problem)
         if not isinstance(msg, dict):
             raise ProtocolError(
                 ErrorCode.NOT_A_MAP, f"frame holds a {type(msg).__name__}, not a map"

@@ -5,8 +5,9 @@ program so that the attack comes from another uid::
 
     setpriv --reuid 4242 ... python tests/hostile.py SOCKET frames|idle N|fds|silent
 
-``frames`` sends every frame of ``FRAMES`` on a connection of its own and
-prints one line per frame: ``NAME replied CODE`` or ``NAME closed``.
+``frames [N]`` sends every frame of ``FRAMES`` (N times) on a connection of
+its own each and prints one line per frame: ``NAME replied CODE`` or ``NAME
+closed`` (comma-separated when they differ).
 ``storm N`` sends N of those frames and the attacks below in turn and
 prints ``survived S of N``. ``idle N`` opens N connections, says hello on each, prints ``accepted A
 refused R`` and holds them until stdin closes. ``fds`` starts a frame with
@@ -204,8 +205,10 @@ def storm(path: str, count: int) -> int:
 def main(argv: list[str]) -> None:
     path, mode = argv[0], argv[1]
     if mode == "frames":
+        repeat = int(argv[2]) if len(argv) > 2 else 1
         for name, data in FRAMES.items():
-            print(name, send_frame(path, data), flush=True)
+            outcomes = {send_frame(path, data) for _ in range(repeat)}
+            print(name, ",".join(sorted(outcomes)), flush=True)
     elif mode == "storm":
         print(f"survived {storm(path, int(argv[2]))} of {argv[2]}", flush=True)
     elif mode == "idle":

@@ -65,15 +65,16 @@ def daemon(daemon_root: Path):
 
 
 def test_huge_frames_get_an_error_or_a_hang_up_and_memory_stays_bounded(daemon: Daemon):
-    proc = hostile(daemon, "frames")
+    proc = hostile(daemon, "frames", "3")
     out, _ = proc.communicate(timeout=600)
     results = dict(line.split(" ", 1) for line in out.decode().splitlines())
     from hostile import FRAMES
 
     assert set(results) == set(FRAMES)
-    for name, outcome in results.items():
-        assert outcome == "closed" or outcome.startswith("replied "), (name, outcome)
-        assert outcome != "replied ok", name
+    for name, outcomes in results.items():
+        for outcome in outcomes.split(","):
+            assert outcome == "closed" or outcome.startswith("replied "), (name, outcome)
+            assert outcome != "replied ok", name
     assert status(daemon, "VmHWM") < PEAK_RSS_BOUND
     assert daemon.amber("status").returncode == 0
 

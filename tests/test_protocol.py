@@ -1,5 +1,6 @@
 """The wire protocol as pure logic: framing, message shapes, argument checks."""
 
+import gc
 import struct
 
 import msgpack
@@ -172,6 +173,22 @@ def test_bounded_decoder_refuses_what_would_cost_memory_or_recursion(args, why):
         FrameDecoder(max_items=MAX_ITEMS).feed(data)
     assert info.value.code == ErrorCode.MALFORMED_FRAME
     assert FrameDecoder().feed(data)[0]["args"] == args  # a client reading its daemon: no bound
+
+
+def test_a_refused_frame_leaves_no_garbage_cycle():
+    """Its error must not keep the decoder, and what it half decoded, alive
+    until the cyclic GC runs: in amberd that was 5 MB per refused request."""
+    data = encode_frame({"op": "x", "id": 1, "args": {"xs": [[[1]] for _ in range(MAX_ITEMS)]}})
+    gc.collect()
+    gc.disable()
+    try:
+        decoder = FrameDecoder(max_items=MAX_ITEMS)
+        with pytest.raises(ProtocolError, match="too many items"):
+            decoder.feed(data)
+        del decoder
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 def test_bounded_decoder_takes_what_fits():
