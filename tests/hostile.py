@@ -13,7 +13,9 @@ prints ``survived S of N``. ``idle N`` opens N connections, says hello on each, 
 refused R`` and holds them until stdin closes. ``fds`` starts a frame with
 descriptors and sends more descriptors in its middle; ``fds-stall`` only
 starts it; both print ``sent`` and, once amberd hangs up, ``closed``, then
-wait for stdin to close. ``silent`` connects, says nothing, and prints
+wait for stdin to close. ``fds-unasked`` passes two descriptors with a ``status`` request, prints
+``replied CODE`` and holds the connection until stdin closes. ``silent``
+connects, says nothing, and prints
 ``closed CODE`` when amberd hangs up.
 """
 
@@ -223,6 +225,17 @@ def main(argv: list[str]) -> None:
             pass
         print("closed", flush=True)
         sys.stdin.read()
+    elif mode == "fds-unasked":
+        with connect(path) as sock:
+            hello(sock)
+            r, w = os.pipe()
+            request = {"op": "status", "id": 1, "args": {}, "fds": 2}
+            socket.send_fds(sock, [frame(msgpack.packb(request))], [r, w])
+            os.close(r)
+            os.close(w)
+            answer = read_message(sock)
+            print("replied", answer.get("error", {}).get("code", "ok"), flush=True)
+            sys.stdin.read()
     elif mode == "silent":
         with connect(path, timeout=None) as sock:
             answer = read_message(sock)

@@ -124,6 +124,18 @@ def test_descriptors_sent_with_a_partial_frame_are_closed(daemon: Daemon, mode: 
         proc.wait()
 
 
+def test_descriptors_passed_to_an_operation_that_takes_none_are_refused(daemon: Daemon):
+    """Closed at once, not held for as long as the request (a build: hours) runs."""
+    before = open_fds(daemon)
+    proc = hostile(daemon, "fds-unasked")
+    try:
+        assert line_of(proc) == "replied bad-args"
+        assert open_fds(daemon) <= before + 1  # the connection, still open
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_a_connection_that_sends_no_hello_is_closed(daemon: Daemon):
     proc = hostile(daemon, "silent")
     try:

@@ -65,6 +65,7 @@ def _seed_history(root: str, state: FrozenState, uid: int) -> None:
 
 
 @operation(
+    takes_fds=True,
     build=str,
     before=(bool, False),
     step=(str | None, None),
