@@ -283,26 +283,26 @@ async def _dispatch(api: Api, conn: Connection, message: dict) -> None:
         # Descriptors the request did not announce are closed now, not when it ends.
         while len(conn.fds) > request.fds:
             os.close(conn.fds.pop())
-        result = await api.handle(conn, request)
+        reply = result_reply(request.id, await api.handle(conn, request))
     except DaemonError as exc:
-        await conn.send(error_reply(rid, to_wire(exc)))
+        reply = error_reply(rid, to_wire(exc))
     except AmberError as exc:
-        await conn.send(error_reply(rid, exc))
+        reply = error_reply(rid, exc)
     except ConnectionGone:
         raise
     except MissingObject as exc:
         # Collected by GC or deleted behind amber's back: the user's answer,
         # not amberd's bug.
         gone = NotFound(f"{exc}; it was garbage-collected or removed")
-        await conn.send(error_reply(rid, to_wire(gone)))
+        reply = error_reply(rid, to_wire(gone))
     except Exception:
         log.exception("request %r from uid %d failed", message.get("op"), conn.peer.uid)
-        bug = Internal("amberd hit an internal error; see its log")
-        await conn.send(error_reply(rid, to_wire(bug)))
-    else:
-        await conn.send(result_reply(request.id, result))
+        reply = error_reply(rid, to_wire(Internal("amberd hit an internal error; see its log")))
     finally:
-        conn.close_fds()  # descriptors nobody took are closed, not leaked
+        # Descriptors nobody took are closed, not leaked, and before the
+        # reply: a client that has it may count on them being gone.
+        conn.close_fds()
+    await conn.send(reply)
 
 
 async def _send_quietly(conn: Connection, message: dict) -> None:
