@@ -25,7 +25,6 @@ from .render import (
     PlainBuildView,
     build_json,
     describe_item,
-    parse_size,
     render_builds,
     render_diff,
     render_gc,
@@ -36,6 +35,7 @@ from .render import (
     render_status,
     to_json,
 )
+from .units import parse_size
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -188,11 +188,8 @@ class Connection:
         """Agree on a protocol version with the daemon; return it."""
         versions = tuple(versions)
         self._send(encode_frame(hello_request(versions, client), self._max_frame))
-        reply = self._receive()
-        if not isinstance(reply, Reply):
-            raise self._fail(ProtocolError(ErrorCode.BAD_REPLY, "expected the reply to hello"))
         try:
-            self.version, self.server = parse_hello_reply(reply.msg, versions)
+            self.version, self.server = parse_hello_reply(self._receive_raw(), versions)
         except ProtocolError as exc:
             raise self._fail(exc) from None
         return self.version
@@ -273,6 +270,13 @@ class Connection:
 
     def _receive(self) -> Event | Reply:
         """The next message from the daemon, whichever request it is for."""
+        try:
+            return parse_server_message(self._receive_raw())
+        except ProtocolError as exc:
+            raise self._fail(exc) from None
+
+    def _receive_raw(self) -> dict[str, Any]:
+        """The next message from the daemon, as decoded, before any checks."""
         while not self._inbox:
             if self._dead is not None:
                 raise self._dead
@@ -289,10 +293,7 @@ class Connection:
                 self._inbox.extend(self._decoder.feed(data))
             except ProtocolError as exc:
                 raise self._fail(exc) from None
-        try:
-            return parse_server_message(self._inbox.popleft())
-        except ProtocolError as exc:
-            raise self._fail(exc) from None
+        return self._inbox.popleft()
 
     def _receive_for(self, id_: int) -> Event | Reply:
         """The next message for request ``id_``, dropping those of abandoned ones."""

@@ -40,7 +40,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLIENT_NAME",
+    "MAX_DEPTH",
     "MAX_FRAME",
+    "MAX_ITEMS",
+    "MAX_REQUEST_FRAME",
     "SUPPORTED_VERSIONS",
     "AmberError",
     "ConnectionLost",
@@ -72,6 +75,17 @@ CLIENT_NAME = f"amber/{__version__}"
 MAX_FRAME = 16 * 1024 * 1024
 """Default limit on a frame's body. Large data (blobs, images) never goes
 through frames; they carry paths, digests and log lines."""
+
+MAX_REQUEST_FRAME = 1024 * 1024
+"""Default limit on a request's body, which amberd decodes from anyone: a
+spec's worth of arguments. One byte of msgpack can become a 64-byte Python
+object, so the frame limit is what bounds the memory a request costs."""
+
+MAX_ITEMS = 100_000
+"""Most containers plus their entries in one request (``FrameDecoder(max_items=)``)."""
+
+MAX_DEPTH = 32
+"""Deepest nesting of containers in one request."""
 
 _HEADER = struct.Struct(">I")
 
@@ -110,8 +124,12 @@ class FrameDecoder:
     sync: the decoder refuses further input and the connection must close.
     """
 
-    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = MAX_FRAME, *, max_items: int | None = None) -> None:
+        """``max_items`` (amberd's side) also bounds what one frame decodes to:
+        containers and their entries counted as they are built, and nesting
+        depth; without it (the client, reading its daemon) only the size."""
         self.max_frame = max_frame
+        self.max_items = max_items
         self._buf = bytearray()
         self._error: ProtocolError | None = None
 
@@ -138,10 +156,15 @@ class FrameDecoder:
                 end = pos + _HEADER.size + length
                 if len(self._buf) < end:
                     break
-                messages.append(self._decode(bytes(self._buf[pos + _HEADER.size : end])))
+                messages.append(
+                    self._decode(bytes(self._buf[pos + _HEADER.size : end]), self.max_items)
+                )
                 pos = end
         except ProtocolError as exc:
-            self._error = exc
+            # A copy without a traceback: the raised one's frames hold this
+            # decoder, a cycle that kept every refused frame's objects alive
+            # until the cyclic GC ran.
+            self._error = ProtocolError(exc.code, exc.message)
             self._buf.clear()
             raise
         del self._buf[:pos]
@@ -153,19 +176,36 @@ class FrameDecoder:
         return len(self._buf)
 
     @staticmethod
-    def _decode(body: bytes) -> dict[str, Any]:
+    def _decode(body: bytes, max_items: int | None = None) -> dict[str, Any]:
         if not body:
             raise ProtocolError(ErrorCode.MALFORMED_FRAME, "empty frame")
+        bounds: dict[str, Any] = {}
+        if max_items is not None:
+            counter = _ItemCounter(max_items)
+            bounds = dict(
+                max_array_len=max_items,
+                max_map_len=max_items,
+                object_hook=counter.container,
+                list_hook=counter.container,
+            )
         try:
             msg = msgpack.unpackb(
-                body, raw=False, strict_map_key=True, use_list=True, ext_hook=_reject_ext
+                body, raw=False, strict_map_key=True, use_list=True, ext_hook=_reject_ext, **bounds
             )
+            if max_items is not None:
+                _check_depth(msg, MAX_DEPTH)
+        except _TooMany as exc:
+            problem = str(exc)
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             # ValueError covers ExtraData, FormatError, StackError and invalid
             # UTF-8; TypeError covers unhashable map keys.
-            raise ProtocolError(
-                ErrorCode.MALFORMED_FRAME, f"invalid msgpack: {exc or type(exc).__name__}"
-            ) from None
+            problem = f"invalid msgpack: {str(exc) or type(exc).__name__}"
+        else:
+            problem = None
+        if problem is not None:
+            # Raised outside the except: chained to the original, the error
+            # would keep its traceback, and with it the half-decoded objects.
+            raise ProtocolError(ErrorCode.MALFORMED_FRAME, problem)
         if not isinstance(msg, dict):
             raise ProtocolError(
                 ErrorCode.NOT_A_MAP, f"frame holds a {type(msg).__name__}, not a map"
@@ -173,6 +213,37 @@ class FrameDecoder:
         if not all(isinstance(key, str) for key in msg):
             raise ProtocolError(ErrorCode.NOT_A_MAP, "message keys must be strings")
         return msg
+
+
+class _TooMany(Exception):
+    """A frame that decodes to more than its bounds allow."""
+
+
+class _ItemCounter:
+    """Counts containers and entries as msgpack builds them, and stops it early."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def container(self, value: Any) -> Any:
+        self.left -= 1 + len(value)
+        if self.left < 0:
+            raise _TooMany("too many items in one message")
+        return value
+
+
+def _check_depth(msg: object, limit: int) -> None:
+    """Refuse containers nested deeper than ``limit`` (handlers recurse on them)."""
+    stack: list[tuple[object, int]] = [(msg, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value
+        if isinstance(value, dict | list):
+            if depth > limit:
+                raise _TooMany(f"containers nested deeper than {limit}")
+            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))  # type: ignore[union-attr]
 
 
 # --- hello ---------------------------------------------------------------------
@@ -343,15 +414,14 @@ class Event:
 class Reply:
     """A final reply, as the client sees it: ``error`` is None on success."""
 
-    __slots__ = ("error", "id", "msg", "result")
+    __slots__ = ("error", "id", "result")
 
     def __init__(
-        self, id: int | None, result: dict[str, Any] | None, error: AmberError | None, msg: dict
+        self, id: int | None, result: dict[str, Any] | None, error: AmberError | None
     ) -> None:
         self.id = id
         self.result = result
         self.error = error
-        self.msg = msg  # the whole message, for replies with extra keys (hello)
 
     def __repr__(self) -> str:
         if self.error is None:
@@ -378,7 +448,7 @@ def parse_server_message(untrusted: Mapping[str, Any]) -> Event | Reply:
         result = untrusted.get("result", {})
         if id_ is None or not isinstance(result, dict):
             raise ProtocolError(ErrorCode.BAD_REPLY, "malformed result reply")
-        return Reply(id_, result, None, dict(untrusted))
+        return Reply(id_, result, None)
     if ok is False:
         error = untrusted.get("error")
         if not isinstance(error, dict):
@@ -386,7 +456,7 @@ def parse_server_message(untrusted: Mapping[str, Any]) -> Event | Reply:
         code, message = error.get("code"), error.get("message", "")
         if not isinstance(code, str) or not isinstance(message, str):
             raise ProtocolError(ErrorCode.BAD_REPLY, "error reply with a malformed error map")
-        return Reply(id_, None, AmberError(code, message), dict(untrusted))
+        return Reply(id_, None, AmberError(code, message))
     raise ProtocolError(ErrorCode.BAD_REPLY, "server message is neither an event nor a reply")
 
 

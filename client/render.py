@@ -12,6 +12,8 @@ import codecs
 import time
 from collections import deque
 
+from .units import human_bytes, human_seconds
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
@@ -21,55 +23,6 @@ if TYPE_CHECKING:
 FINISHED = frozenset({"ran", "cached", "cached-failure", "failed", "errored", "skipped"})
 #: Step statuses that make the build fail.
 FAILING = frozenset({"cached-failure", "failed", "errored"})
-
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
-
-
-# --- units -----------------------------------------------------------------------
-
-
-def human_bytes(n: int | float | None) -> str:
-    """``1536`` -> ``1.5 KiB``: binary units, as ``parse_size`` reads them."""
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-def parse_size(text: str) -> int:
-    """``10G``, ``500M``, ``1.5GiB``, ``4096`` -> bytes (binary units, case-insensitive).
-
-    Raises:
-        ValueError: with a message fit for the user.
-    """
-    s = text.strip().lower().removesuffix("ib").removesuffix("b")
-    unit = s[-1:] if s[-1:].isalpha() else ""
-    number = s[: len(s) - len(unit)]
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1.0
-    if unit not in _UNITS or value < 0 or value != value:  # value != value: NaN
-        raise ValueError(f"invalid size {text!r}: use a number with K, M, G or T (e.g. 10G, 500M)")
-    return int(value * _UNITS[unit])
-
-
-def human_seconds(seconds: float | None) -> str:
-    """``75.2`` -> ``1m15s``: short, for tables and step lines."""
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    whole = int(seconds)
-    if whole < 3600:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    if whole < 86400:
-        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
-    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
 
 
 def format_time(value: object) -> str:

@@ -8,40 +8,18 @@ silently falls back to a default.
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-DEFAULT_CONFIG = Path("/etc/amber/amberd.toml")
+from amber.client.units import format_duration, format_size, parse_duration, parse_size
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+DEFAULT_CONFIG = Path("/etc/amber/amberd.toml")
 
 
 class ConfigError(ValueError):
     pass
-
-
-def parse_size(text: str | int) -> int:
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    m = _SIZE.match(str(text))
-    if not m:
-        raise ValueError(f"expected a size like 10G or 500M, got {text!r}")
-    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
-    return int(float(m.group(1)) * scale)
-
-
-def parse_seconds(text: str | int | float) -> float:
-    if isinstance(text, int | float) and not isinstance(text, bool):
-        return float(text)
-    m = _DURATION.match(str(text).strip())
-    if not m or not any(m.groups()):
-        raise ValueError(f"expected a duration like 30s, 10m or 1h, got {text!r}")
-    h, mi, s = (float(g) if g else 0.0 for g in m.groups())
-    return h * 3600 + mi * 60 + s
 
 
 def parse_fs_mode(text: str) -> str:
@@ -64,6 +42,10 @@ class Config:
     id_count: int = 65_536
     stop_grace: float = 30.0
     max_frame: int = 16 << 20
+    max_request_frame: int = 1 << 20
+    max_connections: int = 512
+    max_connections_per_uid: int = 64
+    hello_timeout: float = 10.0
     mirrors: list[str] = field(default_factory=list)
     fetch_timeout: float = 30.0
     source_max_size: int = 64 << 30
@@ -110,11 +92,34 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "id-count": ("id_count", int, "size of that range"),
     "stop-grace": (
         "stop_grace",
-        parse_seconds,
+        parse_duration,
         "how long running steps may finish on SIGTERM before they are cancelled "
         "(errored, not cached)",
     ),
-    "max-frame": ("max_frame", parse_size, "largest protocol frame accepted"),
+    "max-frame": ("max_frame", parse_size, "largest protocol frame amberd sends (a reply)"),
+    "max-request-frame": (
+        "max_request_frame",
+        parse_size,
+        "largest request frame amberd accepts from a client (at most max-frame); it bounds "
+        "the memory one request can cost while it is decoded",
+    ),
+    "max-connections": (
+        "max_connections",
+        int,
+        "connections open at once, all users together; more are refused with 'busy' "
+        "(root's are never refused)",
+    ),
+    "max-connections-per-uid": (
+        "max_connections_per_uid",
+        int,
+        "connections one non-root uid may have open at once; more are refused with 'busy'",
+    ),
+    "hello-timeout": (
+        "hello_timeout",
+        parse_duration,
+        "how long a new connection may take to send its hello, and a client the rest of a "
+        "frame it started; amberd then hangs up (and closes descriptors sent with it)",
+    ),
     "mirrors": (
         "mirrors",
         list,
@@ -125,7 +130,7 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     ),
     "fetch-timeout": (
         "fetch_timeout",
-        parse_seconds,
+        parse_duration,
         "a download that sends nothing for this long is given up (a stall, not a total time); "
         "a build waiting for another build's download of the same content waits half as long "
         "for it to make progress, then fetches on its own",
@@ -166,7 +171,7 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "step-pids-max": ("step_pids_max", int, "processes and threads one step may have at once"),
     "step-timeout-max": (
         "step_timeout_max",
-        parse_seconds,
+        parse_duration,
         "longest timeout a step may ask for; a spec asking for more is refused",
     ),
     "jobs-per-user": (
@@ -200,7 +205,14 @@ def _convert(name: str, value: Any) -> Any:
         raise ConfigError(f"option {name!r}: {exc}") from None
     if attr == "mirrors" and not all(isinstance(m, str) for m in converted):
         raise ConfigError(f"option {name!r}: expected a list of URL strings")
-    if attr in ("jobs", "id_count", "step_pids_max") and converted < 1:
+    at_least_one = (
+        "jobs",
+        "id_count",
+        "step_pids_max",
+        "max_connections",
+        "max_connections_per_uid",
+    )
+    if attr in at_least_one and converted < 1:
         raise ConfigError(f"option {name!r}: must be at least 1")
     if attr == "id_base" and converted < 1:
         raise ConfigError(
@@ -229,10 +241,12 @@ def _out_of_range(attr: str, value: Any) -> str | None:
         return "must be at least 4K"
     if attr == "step_timeout_max" and value <= 0:
         return "must be more than 0"
-    if attr == "max_frame" and value < 64 << 10:
+    if attr in ("max_frame", "max_request_frame") and value < 64 << 10:
         return "must be at least 64K (a spec has to fit in a frame)"
     if attr in ("fetch_timeout", "source_max_size", "import_max_size") and value <= 0:
         return "must be more than 0"
+    if attr == "hello_timeout" and not value > 0:
+        return "must be more than 0s"
     non_negative = (
         "stop_grace",
         "keep_failed_days",
@@ -284,7 +298,8 @@ EXAMPLE_HEADER = """\
 # /etc/amber/amberd.toml: amberd's configuration (TOML).
 #
 # Every option is listed with its default value, commented out: uncomment a
-# line to change it. Sizes take K, M, G, T (10G), durations s, m, h (90s, 10m).
+# line to change it. Sizes take K, M, G, T, P (10G, 512KiB), durations d, h, m or
+# min, s (90s, 10min, 1h30m).
 # An unknown option or a value of the wrong type stops amberd at start-up with
 # an error naming the option. Flags given to amberd override this file.
 #
@@ -324,7 +339,8 @@ CURRENT_HEADER = """\
 # Config file: {source}
 #
 # Valid as /etc/amber/amberd.toml: amberd reads this back unchanged.
-# Sizes take K, M, G, T (10G), durations s, m, h (90s, 10m).
+# Sizes take K, M, G, T, P (10G, 512KiB), durations d, h, m or min, s (90s,
+# 10min, 1h30m).
 """
 
 
@@ -363,13 +379,10 @@ def current_config(config: Config, source: str) -> str:
 def _toml_value(name: str, conv: Any, value: Any) -> str:
     import json
 
-    if conv is parse_seconds:
-        return f'"{value:g}s"'
+    if conv is parse_duration:
+        return f'"{format_duration(value)}"'
     if conv is parse_size:
-        for unit, scale in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-            if value and value % scale == 0:
-                return f'"{value // scale}{unit}"'
-        return str(value)
+        return f'"{format_size(value)}"' if value % 1024 == 0 and value else str(value)
     if name == "socket-mode":
         return f"0o{value:o}"
     if isinstance(value, Path | str | list):

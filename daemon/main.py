@@ -34,7 +34,7 @@ from amber.daemon.build.manager import BuildManager
 from amber.daemon.build.recovery import lock_state_dir, recover, unlock_state_dir, unmount_leftovers
 from amber.daemon.config import DEFAULT_CONFIG, Config, ConfigError, current_config, load_config
 from amber.daemon.context import DaemonContext, open_context
-from amber.daemon.server import listen, serve
+from amber.daemon.server import Limits, listen, serve
 from amber.daemon.storage.gc import serve_auto_gc
 from amber.sandbox.fsmode import FsMode, FsModeError, detect_fs_mode
 
@@ -179,7 +179,7 @@ async def _run_until_stopped(
         status = _Status(notifier, manager)
         api = Api(ctx, manager)
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve, api, listener, config.max_frame, connections)
+            await nursery.start(serve, api, listener, Limits.from_config(config), connections)
             nursery.start_soon(serve_auto_gc, ctx)
             status.send_ready()
             builds_nursery.start_soon(status.keep_current)

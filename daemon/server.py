@@ -17,18 +17,23 @@ import array
 import contextlib
 import errno
 import logging
+import math
 import os
 import socket
 import struct
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from amber.client import __version__
-from amber.client.errors import AmberError, ProtocolError
+from amber.client.errors import AmberError, ErrorCode, ProtocolError
 from amber.client.protocol import (
+    MAX_FRAME,
+    MAX_ITEMS,
+    MAX_REQUEST_FRAME,
     FrameDecoder,
     encode_frame,
     error_reply,
@@ -40,12 +45,16 @@ from amber.client.protocol import (
     result_reply,
 )
 from amber.daemon.api.registry import Api
-from amber.daemon.errors import BadRequest, DaemonError, Internal, NotFound, to_wire
+from amber.daemon.errors import BadRequest, Busy, DaemonError, Internal, NotFound, to_wire
 from amber.sandbox.store import MissingObject
+
+if TYPE_CHECKING:
+    from amber.daemon.config import Config
 
 log = logging.getLogger("amber.server")
 _RECV = 256 * 1024
 _MAX_FDS = 16
+_LAST_WORD = 1.0  # seconds a client has to take an error before we hang up
 
 
 @dataclass
@@ -102,7 +111,62 @@ def peer_of(sock: trio.socket.SocketType) -> Peer:
     return Peer(pid, uid, gid)
 
 
-async def _receive(conn: Connection) -> bytes:
+@dataclass(frozen=True)
+class Limits:
+    """What one client may cost amberd (see the config options of the same names)."""
+
+    max_frame: int = MAX_FRAME  # replies
+    max_request_frame: int = MAX_REQUEST_FRAME
+    max_connections: int = 512
+    max_connections_per_uid: int = 64
+    hello_timeout: float = 10.0
+
+    @classmethod
+    def from_config(cls, config: Config) -> Limits:
+        return cls(
+            max_frame=config.max_frame,
+            max_request_frame=min(config.max_request_frame, config.max_frame),
+            max_connections=config.max_connections,
+            max_connections_per_uid=config.max_connections_per_uid,
+            hello_timeout=config.hello_timeout,
+        )
+
+
+class _Slots:
+    """Connections open, in all and per uid; root is never refused one."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.total = 0
+        self.by_uid: dict[int, int] = {}
+
+    def refusal(self, peer: Peer) -> str | None:
+        if peer.is_root:
+            return None
+        if self.total >= self.limits.max_connections:
+            return f"amberd has {self.total} connections open, its limit (max-connections)"
+        if self.by_uid.get(peer.uid, 0) >= self.limits.max_connections_per_uid:
+            return (
+                f"uid {peer.uid} has {self.by_uid[peer.uid]} connections open to amberd, "
+                "its limit (max-connections-per-uid); close some"
+            )
+        return None
+
+    def take(self, peer: Peer) -> None:
+        self.total += 1
+        self.by_uid[peer.uid] = self.by_uid.get(peer.uid, 0) + 1
+
+    def give_back(self, peer: Peer) -> None:
+        self.total -= 1
+        left = self.by_uid[peer.uid] - 1
+        if left:
+            self.by_uid[peer.uid] = left
+        else:
+            del self.by_uid[peer.uid]
+
+
+async def _receive(conn: Connection) -> tuple[bytes, list[int]]:
+    """Bytes and the descriptors that came with them (closed on exec, not kept yet)."""
     fds = array.array("i")
     data, ancdata, _flags, _addr = await conn.sock.recvmsg(
         _RECV, socket.CMSG_SPACE(_MAX_FDS * fds.itemsize)
@@ -113,47 +177,87 @@ async def _receive(conn: Connection) -> bytes:
             fds.frombytes(payload[:usable])
     for fd in fds:
         os.set_inheritable(fd, False)
-        conn.fds.append(fd)
-    return data
+    return data, list(fds)
 
 
-async def serve_connection(api: Api, sock: trio.socket.SocketType, max_frame: int) -> None:
-    try:
-        peer = peer_of(sock)
-    except OSError:
-        sock.close()
-        return
-    conn = Connection(sock, peer, max_frame)
-    decoder = FrameDecoder(max_frame)
+async def serve_connection(
+    api: Api, sock: trio.socket.SocketType, limits: Limits, peer: Peer
+) -> None:
+    """Serve one client until it hangs up, or breaks the protocol or its time limits.
+
+    The hello, and the rest of any frame once its first byte has arrived,
+    must come within ``hello_timeout``: a client that stops half-way holds
+    nothing for long (descriptors it sent included). Descriptors ride only
+    on the first byte of a request after the hello; any others close the
+    connection at once. Requests run outside those time limits.
+    """
+    conn = Connection(sock, peer, limits.max_frame)
+    decoder = FrameDecoder(limits.max_request_frame, max_items=MAX_ITEMS)
     greeted = False
+    deadline = trio.current_time() + limits.hello_timeout
     try:
         while not conn.closed:
-            try:
-                data = await _receive(conn)
-            except OSError:
-                return
-            if not data:
-                return
-            try:
-                messages = decoder.feed(data)
-            except ProtocolError as exc:
-                log.warning(
-                    "pid %d uid %d: closing connection: %s", peer.pid, peer.uid, exc.message
+            received = None
+            with trio.move_on_at(deadline):
+                received = await _receive(conn)
+            if received is None:
+                await _hang_up_late(
+                    conn, "a hello" if not greeted else "the rest of a frame", limits
                 )
-                await _send_quietly(conn, error_reply(None, exc))
                 return
-            for message in messages:
+            data, fds = received
+            if not data:
+                _close_all(fds)
+                return
+            problem = _misplaced_fds(fds, greeted, decoder, conn)
+            if problem:
+                _close_all(fds)
+                raise ProtocolError(ErrorCode.BAD_REQUEST, problem)
+            conn.fds.extend(fds)
+            for message in decoder.feed(data):
                 if not greeted:
                     greeted = await _hello(conn, message)
                     if not greeted:
                         return
                     continue
                 await _dispatch(api, conn, message)
-    except ConnectionGone:
+            if decoder.buffered == 0 and greeted:
+                deadline = math.inf
+            elif deadline == math.inf:
+                deadline = trio.current_time() + limits.hello_timeout
+    except ProtocolError as exc:
+        log.warning("pid %d uid %d: closing connection: %s", peer.pid, peer.uid, exc.message)
+        await _send_quietly(conn, error_reply(None, exc))
+    except (ConnectionGone, OSError):
         return
     finally:
         conn.close_fds()
         sock.close()
+
+
+async def _hang_up_late(conn: Connection, what: str, limits: Limits) -> None:
+    peer = conn.peer
+    log.warning("pid %d uid %d: closing connection: no %s in time", peer.pid, peer.uid, what)
+    late = AmberError(ErrorCode.TIMEOUT, f"no {what} within {limits.hello_timeout:g}s")
+    await _send_quietly(conn, error_reply(None, late))
+
+
+def _misplaced_fds(
+    fds: list[int], greeted: bool, decoder: FrameDecoder, conn: Connection
+) -> str | None:
+    """Why descriptors that just arrived cannot belong to a request, if they cannot."""
+    if not fds:
+        return None
+    if not greeted:
+        return "file descriptors sent before the hello"
+    if decoder.buffered or conn.fds:
+        return "file descriptors sent in the middle of a frame"
+    return None
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 async def _hello(conn: Connection, message: dict) -> bool:
@@ -176,30 +280,35 @@ async def _dispatch(api: Api, conn: Connection, message: dict) -> None:
     rid = request_id(message)
     try:
         request = parse_request(message)
-        result = await api.handle(conn, request)
+        # Descriptors the request did not announce are closed now, not when it ends.
+        while len(conn.fds) > request.fds:
+            os.close(conn.fds.pop())
+        reply = result_reply(request.id, await api.handle(conn, request))
     except DaemonError as exc:
-        await conn.send(error_reply(rid, to_wire(exc)))
+        reply = error_reply(rid, to_wire(exc))
     except AmberError as exc:
-        await conn.send(error_reply(rid, exc))
+        reply = error_reply(rid, exc)
     except ConnectionGone:
         raise
     except MissingObject as exc:
         # Collected by GC or deleted behind amber's back: the user's answer,
         # not amberd's bug.
         gone = NotFound(f"{exc}; it was garbage-collected or removed")
-        await conn.send(error_reply(rid, to_wire(gone)))
+        reply = error_reply(rid, to_wire(gone))
     except Exception:
         log.exception("request %r from uid %d failed", message.get("op"), conn.peer.uid)
-        bug = Internal("amberd hit an internal error; see its log")
-        await conn.send(error_reply(rid, to_wire(bug)))
-    else:
-        await conn.send(result_reply(request.id, result))
+        reply = error_reply(rid, to_wire(Internal("amberd hit an internal error; see its log")))
     finally:
-        conn.close_fds()  # descriptors nobody took are closed, not leaked
+        # Descriptors nobody took are closed, not leaked, and before the
+        # reply: a client that has it may count on them being gone.
+        conn.close_fds()
+    await conn.send(reply)
 
 
 async def _send_quietly(conn: Connection, message: dict) -> None:
-    with contextlib.suppress(ConnectionGone):
+    """A last word before hanging up, if the client takes it soon: one that
+    reads nothing must not keep the connection (and its slot) open."""
+    with contextlib.suppress(ConnectionGone, ProtocolError), trio.move_on_after(_LAST_WORD):
         await conn.send(message)
 
 
@@ -236,7 +345,7 @@ def listen(path: Path, *, mode: int, group: str | None) -> trio.socket.SocketTyp
 async def serve(
     api: Api,
     listener: trio.socket.SocketType,
-    max_frame: int,
+    limits: Limits,
     connections: trio.Nursery | None = None,
     *,
     task_status=trio.TASK_STATUS_IGNORED,
@@ -247,6 +356,7 @@ async def serve(
     the accept loop (a daemon stopping) leaves clients that follow a build
     connected until they have its outcome.
     """
+    slots = _Slots(limits)
     async with trio.open_nursery() as own:
         where = connections or own
         task_status.started()
@@ -259,4 +369,31 @@ async def serve(
                     await trio.sleep(0.1)
                     continue
                 raise
-            where.start_soon(serve_connection, api, sock, max_frame)
+            where.start_soon(_serve_counted, api, sock, limits, slots)
+
+
+async def _serve_counted(
+    api: Api, sock: trio.socket.SocketType, limits: Limits, slots: _Slots
+) -> None:
+    """Serve a connection in one of the slots its uid may have, or refuse it."""
+    try:
+        peer = peer_of(sock)
+    except OSError:
+        sock.close()
+        return
+    refusal = slots.refusal(peer)
+    if refusal is not None:
+        log.warning("pid %d uid %d: refused: %s", peer.pid, peer.uid, refusal)
+        conn = Connection(sock, peer, limits.max_frame)
+        # Read the hello first: closing on unread data resets the connection,
+        # and the client would never see why. Id 0 answers that hello.
+        with contextlib.suppress(OSError), trio.move_on_after(_LAST_WORD):
+            _close_all((await _receive(conn))[1])
+        await _send_quietly(conn, error_reply(0, to_wire(Busy(refusal))))
+        sock.close()
+        return
+    slots.take(peer)
+    try:
+        await serve_connection(api, sock, limits, peer)
+    finally:
+        slots.give_back(peer)

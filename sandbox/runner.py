@@ -821,7 +821,9 @@ def _raw_terminal(terminal: int) -> Iterator[None]:
     try:
         yield
     finally:
-        termios.tcsetattr(terminal, termios.TCSADRAIN, saved)
+        # TCSANOW: TCSADRAIN waits for the client's terminal to take its
+        # output, which a stopped or unread terminal never does, on the loop.
+        termios.tcsetattr(terminal, termios.TCSANOW, saved)
 
 
 @contextmanager

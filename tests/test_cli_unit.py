@@ -47,7 +47,6 @@ from amber.client.render import (
     build_json,
     human_bytes,
     human_seconds,
-    parse_size,
     render_builds,
     render_diff,
     render_ps,
@@ -220,27 +219,6 @@ def serve_build(
 
 
 # --- units and small pieces ------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "size"),
-    [
-        ("10G", 10 << 30),
-        ("500M", 500 << 20),
-        ("1.5g", 3 << 29),
-        ("4096", 4096),
-        ("2KiB", 2048),
-        ("1TB", 1 << 40),
-    ],
-)
-def test_parse_size(text, size):
-    assert parse_size(text) == size
-
-
-@pytest.mark.parametrize("text", ["", "G", "10X", "-1G", "ten", "nan"])
-def test_parse_size_refuses_nonsense(text):
-    with pytest.raises(ValueError, match="invalid size"):
-        parse_size(text)
 
 
 def test_human_units():

@@ -29,8 +29,9 @@ import pytest
 from amberd_process import BIN, Daemon
 from tools import need
 
+from amber.client.units import parse_duration
 from amber.daemon import systemd
-from amber.daemon.config import OPTIONS, Config, example_config, load_config, parse_seconds
+from amber.daemon.config import OPTIONS, Config, example_config, load_config
 from amber.sandbox.mounts import mounts_under
 from amber.sandbox.store import Store
 
@@ -309,7 +310,7 @@ def test_units_say_what_the_daemon_relies_on():
     assert get(service, "Restart") == ["on-failure"]
     assert get(service, "ExecStart") == ["/usr/local/bin/amberd"]
     assert get(service, "KillMode") == ["mixed"]  # SIGTERM to amberd alone
-    assert parse_seconds(get(service, "TimeoutStopSec")[0]) > Config().stop_grace
+    assert parse_duration(get(service, "TimeoutStopSec")[0]) > Config().stop_grace
     assert get(service, "RestartPreventExitStatus") == [str(EX_CONFIG)]
     assert get(service, "StateDirectory") == ["amber"] and get(service, "RuntimeDirectory") == [
         "amber"

@@ -85,6 +85,7 @@ def image_config(state: FrozenState, history: list[str]) -> ImageConfig:
 
 
 @operation(
+    takes_fds=True,
     build=str,
     before=(bool, False),
     step=(str | None, None),

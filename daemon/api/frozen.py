@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import stat
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 HISTORY = "tmp/.amber_history"
+CLIENT_WRITE_TIMEOUT = 5.0  # seconds a client's stderr has to take the banner
 
 
 def _binds_for(record: BuildRecord, state_dir: Path) -> list[Bind]:
@@ -63,6 +65,7 @@ def _seed_history(root: str, state: FrozenState, uid: int) -> None:
 
 
 @operation(
+    takes_fds=True,
     build=str,
     before=(bool, False),
     step=(str | None, None),
@@ -133,7 +136,7 @@ async def _run_shell(
             interactive = args["argv"] is None
             argv = _shell_argv(str(mnt.root), binds) if interactive else args["argv"]
             if interactive:
-                os.write(fds[2], _banner(state).encode())
+                await write_to_client(fds[2], _banner(state).encode())
             try:
                 code = await run_interactive(
                     mnt.root,
@@ -149,19 +152,50 @@ async def _run_shell(
                     private_tmp=False,
                 )
             except CommandError as exc:
-                return _not_started(exc, state, fds[2])
+                return await _not_started(exc, state, fds[2])
             except SandboxError as exc:
                 raise SandboxFailed(f"the shell in {state.label} did not start: {exc}") from exc
     return {"exit_code": code}
 
 
-def _not_started(exc: CommandError, state: FrozenState, stderr: int) -> dict[str, Any]:
+async def _not_started(exc: CommandError, state: FrozenState, stderr: int) -> dict[str, Any]:
     """A command the frozen tree lacks is the user's slip, answered as a shell would:
     the message on the command's stderr, and 127 (not found) or 126 (not executable)."""
     message = f"amber shell: {exc.command}: {exc.why} in build {state.label}"
-    with suppress(OSError):  # the client's stderr is gone; the reply still says it
-        os.write(stderr, (message + "\n").encode(errors="surrogateescape"))
+    # If the client's stderr is gone or stuck, the reply still says it.
+    await write_to_client(stderr, (message + "\n").encode(errors="surrogateescape"))
     return {"exit_code": exc.status, "message": message}
+
+
+async def write_to_client(fd: int, data: bytes, timeout: float = CLIENT_WRITE_TIMEOUT) -> bool:
+    """Write to a descriptor a client passed, never blocking amberd's loop.
+
+    A pipe nobody reads (or a stopped terminal) would block a plain
+    ``os.write`` and with it every client. The write waits on trio instead,
+    for ``timeout`` at most, and gives up; a descriptor trio cannot poll (a
+    regular file, which on a FUSE mount could block too) gets nothing.
+    Returns whether everything was written.
+    """
+    try:
+        kind = stat.S_IFMT(os.fstat(fd).st_mode)
+        if kind not in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR):
+            return False
+        blocking = os.get_blocking(fd)
+    except OSError:
+        return False
+    try:
+        # On a dup: FdStream closes its own descriptor, telling trio first.
+        async with trio.lowlevel.FdStream(os.dup(fd)) as stream:
+            with trio.move_on_after(timeout):
+                await stream.send_all(data)
+                return True
+        log.info("a client's descriptor took no output for %gs; skipped", timeout)
+        return False
+    except (OSError, trio.BrokenResourceError):
+        return False
+    finally:
+        with suppress(OSError):
+            os.set_blocking(fd, blocking)  # trio made the shared description non-blocking
 
 
 def _banner(state: FrozenState) -> str:

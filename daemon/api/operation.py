@@ -23,15 +23,21 @@ class Operation:
 
     handler: Handler
     schema: dict[str, Any]
+    takes_fds: bool = False  # whether a request may pass descriptors (SCM_RIGHTS)
 
     async def __call__(self, api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         return await self.handler(api, conn, args)
 
 
-def operation(**schema: Any) -> Callable[[Handler], Operation]:
-    """Declare a handler's argument schema; ``registry.OPERATIONS`` gives it its name."""
+def operation(*, takes_fds: bool = False, **schema: Any) -> Callable[[Handler], Operation]:
+    """Declare a handler's argument schema; ``registry.OPERATIONS`` gives it its name.
+
+    Only an operation declared ``takes_fds`` accepts descriptors: any other
+    request that brings some is refused, and they are closed at once rather
+    than held for as long as the operation runs.
+    """
 
     def declare(handler: Handler) -> Operation:
-        return Operation(handler, schema)
+        return Operation(handler, schema, takes_fds)
 
     return declare

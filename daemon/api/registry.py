@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from amber.client.protocol import Request, event
-from amber.client.validate import validate_args
 from amber.daemon.api import builds, exchange, frozen, images, show, sources, store
 from amber.daemon.api.operation import Operation
-from amber.daemon.errors import NotFound, PermissionDenied, UnknownOperation
+from amber.daemon.api.validate import validate_args
+from amber.daemon.errors import BadArgs, NotFound, PermissionDenied, UnknownOperation
 
 if TYPE_CHECKING:
     from amber.daemon.build.manager import BuildManager
@@ -65,6 +65,8 @@ class Api:
         op = OPERATIONS.get(request.op)
         if op is None:
             raise UnknownOperation(f"unknown operation {request.op!r}")
+        if request.fds and not op.takes_fds:
+            raise BadArgs(f"{request.op} takes no file descriptors")
         args = validate_args(request.args, op.schema)
         conn.request_id = request.id
         conn.request_fds = request.fds

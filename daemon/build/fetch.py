@@ -62,6 +62,7 @@ from typing import BinaryIO
 import trio
 
 from amber.client import __version__
+from amber.client.units import human_bytes
 from amber.daemon.build.spec import Source, Spec
 from amber.daemon.config import Config
 from amber.daemon.errors import NotFound
@@ -229,21 +230,13 @@ class Progress:
             if tenth < self.next_tenth:
                 return
             self.next_tenth = tenth + 1
-            text = f"{tenth * 10}% of {_size(self.total)}"
+            text = f"{tenth * 10}% of {human_bytes(self.total)}"
         elif now - self.last < 5.0:
             return
         else:
-            text = f"{_size(done)} so far"
+            text = f"{human_bytes(done)} so far"
         self.last = now
-        self.say(f"{self.label}: {text} ({_size(int(rate))}/s)")
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    raise AssertionError("unreachable")
+        self.say(f"{self.label}: {text} ({human_bytes(int(rate))}/s)")
 
 
 # --------------------------------------------------------------------------- fetching
@@ -369,7 +362,7 @@ async def fetch_one(
                 continue
             assert fetched.sha256 is not None
             db.put_download(fetched.blob.hex(), fetched.sha256, fetched.size, url)
-            note(f"{label}: fetched {_size(fetched.size)}{mirror}, verified")
+            note(f"{label}: fetched {human_bytes(fetched.size)}{mirror}, verified")
             return fetched
     if mismatch is not None:
         raise mismatch
@@ -532,7 +525,7 @@ def ingest(
         except TimeoutError:
             raise SourceError(_stalled(stall_timeout, size)) from None
         except (OSError, ValueError) as exc:  # resets are OSErrors
-            raise SourceError(f"reading failed after {_size(size)}: {exc}") from None
+            raise SourceError(f"reading failed after {human_bytes(size)}: {exc}") from None
         finally:
             os.close(fd)
         if total is not None and size != total:
@@ -552,9 +545,9 @@ def ingest(
 
 
 def _too_large(size: int, limit: int, *, more: bool = False) -> str:
-    what = f"more than {_size(size - 1)}" if more else _size(size)
-    return f"{what}: larger than the {_size(limit)} a source may be (source-max-size)"
+    what = f"more than {human_bytes(size - 1)}" if more else human_bytes(size)
+    return f"{what}: larger than the {human_bytes(limit)} a source may be (source-max-size)"
 
 
 def _stalled(timeout: float, size: int) -> str:
-    return f"stalled: nothing arrived for {timeout:g}s after {_size(size)} (fetch-timeout)"
+    return f"stalled: nothing arrived for {timeout:g}s after {human_bytes(size)} (fetch-timeout)"

@@ -62,6 +62,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
+from amber.client.units import parse_duration
+
 __all__ = [
     "Base",
     "Source",
@@ -81,7 +83,6 @@ DEFAULT_TIMEOUT = 3600.0
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 _IMAGE = re.compile(r"[A-Za-z0-9._/-]+")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
-_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
 _URL_SCHEMES = ("http", "https", "file")
 
 
@@ -352,22 +353,6 @@ def spec_from_dict(
         sources=sources,
         stamps=stamps,
     )
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in a duration such as "90s", "10m", "1h30m" or "1.5h".
-
-    Units are h, m and s, each at most once and in that order; a bare
-    number is not accepted, so that "10" is never silently ten seconds.
-
-    Raises:
-        ValueError: ``text`` is not such a duration.
-    """
-    match = _DURATION.fullmatch(text.strip())
-    if not text.strip() or match is None:
-        raise ValueError(f'expected a duration like "10m", got {json.dumps(text)}')
-    hours, minutes, seconds = (float(group or 0) for group in match.groups())
-    return hours * 3600 + minutes * 60 + seconds
 
 
 # --------------------------------------------------------------------------- reading tables

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import types
 
-from .errors import AmberError, ErrorCode
+from amber.daemon.errors import BadArgs
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import Any
 
+# Lives in the daemon: only amberd checks arguments; the client sends them.
 # Type names a peer sees in messages; msgpack only yields these kinds.
 _WIRE_NAMES = {
     type(None): "nil",
@@ -46,15 +47,15 @@ def validate_args(untrusted: object, schema: Mapping[str, Any]) -> dict[str, Any
     """Return the arguments as a fresh dict if ``untrusted`` matches ``schema``.
 
     Raises:
-        AmberError: code ``bad-args``, naming the first key that does not fit.
+        BadArgs: naming the first key that does not fit (``bad-args`` on the wire).
     """
     if not isinstance(untrusted, dict):
         got = _wire_name(untrusted)
-        raise AmberError(ErrorCode.BAD_ARGS, f"arguments must be a map, got {got}")
+        raise BadArgs(f"arguments must be a map, got {got}")
     for key in untrusted:
         if key not in schema:
             shown = _short_repr(key)
-            raise AmberError(ErrorCode.BAD_ARGS, f"unexpected argument {shown}")
+            raise BadArgs(f"unexpected argument {shown}")
     args: dict[str, Any] = {}
     for key, entry in schema.items():
         spec, optional, default = _split_entry(entry)
@@ -65,7 +66,7 @@ def validate_args(untrusted: object, schema: Mapping[str, Any]) -> dict[str, Any
 
             args[key] = copy.deepcopy(default)
         else:
-            raise AmberError(ErrorCode.BAD_ARGS, f"missing argument {key!r} ({_spec_name(spec)})")
+            raise BadArgs(f"missing argument {key!r} ({_spec_name(spec)})")
     return args
 
 
@@ -84,7 +85,7 @@ def _check(value: object, spec: Any, where: str) -> Any:
         for member in spec.__args__:
             try:
                 return _check(value, member, where)
-            except AmberError:
+            except BadArgs:
                 continue
         raise _bad(where, _spec_name(spec), value)
     if isinstance(spec, types.GenericAlias):
@@ -124,9 +125,9 @@ def _check_container(value: object, spec: types.GenericAlias, where: str) -> Any
     raise TypeError(f"unsupported schema spec {spec!r}")
 
 
-def _bad(where: str, expected: str, value: object) -> AmberError:
+def _bad(where: str, expected: str, value: object) -> BadArgs:
     got = _wire_name(value)
-    return AmberError(ErrorCode.BAD_ARGS, f"argument {where}: expected {expected}, got {got}")
+    return BadArgs(f"argument {where}: expected {expected}, got {got}")
 
 
 def _wire_name(value: object) -> str:
