@@ -36,7 +36,7 @@ _ZSH_FILES = "_files"
 
 def full_parser() -> argparse.ArgumentParser:
     """Every command's parser (``amber`` itself declares only the one it runs)."""
-    from .cli import build_parser
+    from .parser import build_parser
 
     parser = build_parser(None)
     for _path, sub in walk(parser):

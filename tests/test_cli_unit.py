@@ -27,6 +27,7 @@ from amber.client.autostart import (
     unreachable_hint,
     wait_for_daemon,
 )
+from amber.client.commands import frozen, local, store
 from amber.client.errors import AmberError, DaemonUnreachable
 from amber.client.live import LiveBuildView
 from amber.client.protocol import (
@@ -242,11 +243,11 @@ def test_line_splitter_keeps_characters_and_lines_whole_across_chunks():
 
 
 def test_exit_status_of_a_shell():
-    assert cli.exit_status(0) == 0
-    assert cli.exit_status(7) == 7
-    assert cli.exit_status(-9) == 137  # killed by SIGKILL, as a shell says
-    assert cli.exit_status(None) == 125  # no status from amberd: amber's failure, not CMD's
-    assert cli.exit_status(300) == 125
+    assert frozen.exit_status(0) == 0
+    assert frozen.exit_status(7) == 7
+    assert frozen.exit_status(-9) == 137  # killed by SIGKILL, as a shell says
+    assert frozen.exit_status(None) == 125  # no status from amberd: amber's failure, not CMD's
+    assert frozen.exit_status(300) == 125
 
 
 def test_exit_codes_of_errors():
@@ -265,9 +266,9 @@ def test_daemon_arguments_pass_through_untouched():
     head, rest = cli.split_passthrough(["--socket", "/s", "daemon", "--state-dir", "/x", "--help"])
     assert head == ["--socket", "/s", "daemon"]
     assert rest == ["--state-dir", "/x", "--help"]
-    assert cli.daemon_argv("/s", rest)[1:] == ["-m", "amber.daemon.main", "--socket", "/s", *rest]
-    assert cli.daemon_argv("/s", ["--socket=/t"])[3:] == ["--socket=/t"]
-    assert cli.daemon_argv(None, [])[0] == sys.executable
+    assert local.daemon_argv("/s", rest)[1:] == ["-m", "amber.daemon.main", "--socket", "/s", *rest]
+    assert local.daemon_argv("/s", ["--socket=/t"])[3:] == ["--socket=/t"]
+    assert local.daemon_argv(None, [])[0] == sys.executable
 
 
 def test_shell_command_after_double_dash():
@@ -761,8 +762,8 @@ def test_image_import_sends_an_absolute_source(capsys, daemon, tmp_path, monkeyp
     assert code == 0
     assert seen["req"].args == {"name": "bookworm", "source": f"dir:{tmp_path}/rootfs"}
     assert 'base = "bookworm"' in out
-    assert cli.local_source("docker://x/y:1") == "docker://x/y:1"
-    assert cli.local_source("img.tar") == str(tmp_path / "img.tar")
+    assert store.local_source("docker://x/y:1") == "docker://x/y:1"
+    assert store.local_source("img.tar") == str(tmp_path / "img.tar")
 
 
 # --- rendering ------------------------------------------------------------------------------
