@@ -26,7 +26,7 @@ from amber.sandbox.runner import (
     run_interactive,
     run_step,
 )
-from amber.sandbox.userns import IdMap
+from amber.sandbox.userns import DEFAULT_ID_BASE, IdMap
 
 
 class Output:
@@ -253,10 +253,11 @@ async def test_files_appear_on_the_host_with_shifted_ids(root: Path) -> None:
             ("build", root / "build" / "by-build"),
         ]
     }
+    base = DEFAULT_ID_BASE  # sandbox ids 0.. are host ids from here
     assert owners == {
-        "root": (100000, 100000),
-        "chowned": (101000, 101000),
-        "build": (101000, 101000),
+        "root": (base, base),
+        "chowned": (base + 1000, base + 1000),
+        "build": (base + 1000, base + 1000),
     }
 
 

@@ -368,10 +368,11 @@ def test_amberd_service_sets_nothing_that_breaks_sandboxes():
 
 
 def interrupted_by_kill(daemon_root: Path) -> tuple[str, list[str]]:
-    """A state directory as a crash leaves it: a build running, its mounts still there.
+    """A state directory as a crash leaves it: a build recorded as running.
 
     amberd and every process below it are frozen, then killed, so that not
-    even the filesystem processes can unmount anything.
+    even the filesystem processes can unmount anything; what was mounted
+    goes with amberd's mount namespace.
     """
     d = Daemon(daemon_root).start()
     spec = write_spec(daemon_root / "crashed", LONG_STEP.format(name="crashed"))
@@ -383,6 +384,10 @@ def interrupted_by_kill(daemon_root: Path) -> tuple[str, list[str]]:
             "the build to run its step",
         )
     assert d.process is not None
+    # The build's mounts, in amberd's own mount namespace.
+    mounted = mounts_under(daemon_root / "state" / "mnt", pid=d.process.pid)
+    assert mounted, "the build was meant to have its root mounted"
+    assert mounts_under(daemon_root) == []  # never in the host's
     victims = [d.process.pid, *descendants(d.process.pid)]
     for sig in (signal.SIGSTOP, signal.SIGKILL):
         for pid in victims:
@@ -391,9 +396,9 @@ def interrupted_by_kill(daemon_root: Path) -> tuple[str, list[str]]:
     d.process.wait()
     thread.join(30)
     wait_until(lambda: not any(alive(p) for p in victims), 10, "the killed processes to go")
-    left = mounts_under(daemon_root / "state" / "mnt")
-    assert left, "the crash was meant to leave mounts behind"
-    return build, left
+    # The namespace died with its last process: the crash left no mount behind.
+    assert mounts_under(daemon_root) == []
+    return build, mounted
 
 
 def test_ready_is_sent_only_after_recovery(daemon_root: Path, activated):
@@ -443,7 +448,7 @@ def test_a_build_through_the_activated_socket_and_sigterm_during_one(daemon_root
     assert d.process is not None
     amberd_pid = d.process.pid
     below = descendants(amberd_pid)
-    assert mounts_under(daemon_root)
+    assert mounts_under(daemon_root, pid=amberd_pid)
     started = time.monotonic()
     assert d.stop(signal.SIGTERM) == 0
     assert time.monotonic() - started < 2 + 20  # the grace, then cancelled: no hang

@@ -10,7 +10,8 @@ import logging
 import os
 import shlex
 import stat
-from contextlib import AsyncExitStack, suppress
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,12 +20,13 @@ import trio
 from amber.daemon.api.operation import operation
 from amber.daemon.build.bases import host_binds
 from amber.daemon.build.frozen import FrozenState, resolve_state
-from amber.daemon.errors import BadArgs, NotFound, SandboxFailed
+from amber.daemon.errors import BadArgs, Busy, NotFound, SandboxFailed
 from amber.sandbox import tree as treefmt
 from amber.sandbox.beneath import exists_in_root, write_beneath
 from amber.sandbox.fscontrol import open_overlay
 from amber.sandbox.runner import BUILD_UID, Bind, CommandError, SandboxError, run_interactive
 from amber.sandbox.treediff import diff_trees
+from amber.sandbox.userns import IdMap, IdPoolExhausted
 
 if TYPE_CHECKING:
     from amber.daemon.api.registry import Api
@@ -85,6 +87,19 @@ async def shell(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, A
             os.close(fd)
 
 
+@contextmanager
+def _id_range(api: Api) -> Iterator[IdMap]:
+    """The shell's own host id range, like a build's (see userns.IdPool)."""
+    try:
+        ids = api.ctx.id_pool.acquire()
+    except IdPoolExhausted as exc:
+        raise Busy(str(exc)) from None
+    try:
+        yield ids
+    finally:
+        api.ctx.id_pool.release(ids)
+
+
 async def _run_shell(
     api: Api, conn: Connection, args: dict[str, Any], fds: list[int]
 ) -> dict[str, Any]:
@@ -107,7 +122,6 @@ async def _run_shell(
             checked.set()
 
         binds = await trio.to_thread.run_sync(_binds_for, record, api.ctx.store.state_dir)
-        ids = api.ctx.ids
         env = dict(state.env)
         env.update(
             HISTFILE="/" + HISTORY, debian_chroot=f"amber:{record.id}", AMBER_BUILD=record.id
@@ -118,6 +132,7 @@ async def _run_shell(
         async with AsyncExitStack() as stack:
             nursery = await stack.enter_async_context(trio.open_nursery())
             nursery.start_soon(check)  # runs while the filesystem starts
+            ids = stack.enter_context(_id_range(api))  # released after the mount is gone
             mnt = await stack.enter_async_context(
                 open_overlay(
                     api.ctx.store.state_dir,
