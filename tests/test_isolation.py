@@ -289,3 +289,38 @@ def test_the_default_id_pool_is_clear_of_debian_allocations(daemon_root: Path):
     both = {"subuid": DEBIAN_SUBIDS, "subgid": DEBIAN_SUBIDS}
     checked = amberd_seeing(both, daemon_root, "--check")
     assert "ok    id-pool: sandbox ids 1879048192..1895825407" in checked.stdout, checked
+
+
+def test_with_every_id_range_held_a_build_errors_and_a_shell_is_refused(daemon_root: Path):
+    config = daemon_root / "amberd.toml"
+    config.write_text("id-ranges = 1\n")
+    d = Daemon(daemon_root).start("--config", str(config))
+    try:
+        quick = write_spec(
+            daemon_root / "q", '[build]\nname = "q"\n[[step]]\nname = "s"\nrun = "true"\n'
+        )
+        code, done = d.build_json(quick)
+        assert code == 0, done
+        holder = write_spec(
+            daemon_root / "h", SLEEPER.format(name="h", user="", prepare="", seconds=4105)
+        )
+        thread, _ = in_background([str(BIN / "amber"), "build", str(holder)], d.env)
+        find_sleep(4105)
+        shell = d.amber("shell", done["build"], "--", "true")
+        assert shell.returncode != 0
+        assert b"all 1 sandbox id ranges are in use" in shell.stderr, shell
+        other = write_spec(
+            daemon_root / "o", '[build]\nname = "o"\n[[step]]\nname = "s"\nrun = "echo o"\n'
+        )
+        code, refused = d.build_json(other)
+        assert refused["status"] == "errored", refused
+        assert "all 1 sandbox id ranges are in use" in refused["error"], refused
+        for pid in _sleepers(4105):
+            os.kill(pid, signal.SIGKILL)
+        thread.join(60)
+        # Released with the build: the range serves the next one.
+        assert d.amber("shell", done["build"], "--", "true").returncode == 0
+    finally:
+        for pid in _sleepers(4105):
+            os.kill(pid, signal.SIGKILL)
+        assert d.stop() == 0
