@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from amber.client.units import format_duration, format_size, parse_duration, parse_size
+from amber.sandbox.userns import DEFAULT_ID_BASE, RANGE_SIZE
 
 DEFAULT_CONFIG = Path("/etc/amber/amberd.toml")
 
@@ -38,8 +39,9 @@ class Config:
     socket_group: str | None = None
     socket_mode: int = 0o660
     jobs: int = field(default_factory=lambda: max(2, os.cpu_count() or 2))
-    id_base: int = 100_000
-    id_count: int = 65_536
+    id_base: int = DEFAULT_ID_BASE
+    id_count: int = RANGE_SIZE
+    id_ranges: int = 256
     stop_grace: float = 30.0
     max_frame: int = 16 << 20
     max_request_frame: int = 1 << 20
@@ -88,8 +90,20 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "socket-group": ("socket_group", str, "group owning the socket; members may use amber"),
     "socket-mode": ("socket_mode", int, "permissions of the socket"),
     "jobs": ("jobs", int, "builds running at once; more wait in a queue"),
-    "id-base": ("id_base", int, "first host uid/gid of the range sandbox ids map onto"),
-    "id-count": ("id_count", int, "size of that range"),
+    "id-base": (
+        "id_base",
+        int,
+        "first host uid/gid of the sandbox id pool; the pool must not overlap /etc/subuid or "
+        "/etc/subgid (amberd refuses to start if it does). The default, 0x70000000, is above "
+        "shadow's subordinate-id allocations and systemd-nspawn's container ranges",
+    ),
+    "id-count": ("id_count", int, "size of each range of the pool: ids one sandbox sees"),
+    "id-ranges": (
+        "id_ranges",
+        int,
+        "ranges in the pool: every running build and shell holds its own, so no two share a "
+        "host uid; one that finds none free errors (builds) or is refused as busy (shells)",
+    ),
     "stop-grace": (
         "stop_grace",
         parse_duration,
@@ -208,6 +222,7 @@ def _convert(name: str, value: Any) -> Any:
     at_least_one = (
         "jobs",
         "id_count",
+        "id_ranges",
         "step_pids_max",
         "max_connections",
         "max_connections_per_uid",
@@ -283,8 +298,10 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> C
                 setattr(config, OPTIONS[name][0], _convert(name, value))
             except ConfigError as exc:
                 raise ConfigError(f"{source}: {exc}") from None
-        if config.id_base + config.id_count > 1 << 32:
-            raise ConfigError(f"{source}: options 'id-base' + 'id-count' must end below 2^32")
+        if config.id_base + config.id_count * config.id_ranges > 1 << 32:
+            raise ConfigError(
+                f"{source}: options 'id-base' + 'id-count' * 'id-ranges' must end below 2^32"
+            )
     for attr, value in (overrides or {}).items():
         if value is not None:
             setattr(config, attr, value)

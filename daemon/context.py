@@ -18,7 +18,7 @@ from amber.daemon.storage.roots import Roots
 from amber.sandbox.fscontrol import FilesystemPool
 from amber.sandbox.fsmode import FsMode, detect_fs_mode
 from amber.sandbox.store import Store
-from amber.sandbox.userns import IdMap
+from amber.sandbox.userns import IdPool
 
 
 @dataclass
@@ -37,14 +37,13 @@ class DaemonContext:
     roots: Roots = field(init=False)
     #: Garbage collection and fsck, one at a time (see gc.py).
     gc: Collector = field(init=False)
+    #: Host id ranges, one per running build or shell (see userns.IdPool).
+    id_pool: IdPool = field(init=False)
 
     def __post_init__(self) -> None:
         self.roots = Roots(self.store)
         self.gc = Collector(self)
-
-    @property
-    def ids(self) -> IdMap:
-        return IdMap(self.config.id_base, self.config.id_count)
+        self.id_pool = IdPool(self.config.id_base, self.config.id_count, self.config.id_ranges)
 
     @property
     def mount_dir(self) -> Path:

@@ -37,6 +37,7 @@ from amber.daemon.context import DaemonContext, open_context
 from amber.daemon.server import Limits, listen, serve
 from amber.daemon.storage.gc import serve_auto_gc
 from amber.sandbox.fsmode import FsMode, FsModeError, detect_fs_mode
+from amber.sandbox.mounts import enter_private_namespace
 
 log = logging.getLogger("amber")
 
@@ -334,6 +335,10 @@ def main(argv: list[str] | None = None) -> None:
     for check in report.warnings:
         log.warning("preflight: %s: %s", check.name, check.message)
     log.info("preflight passed; build roots: mode %s", report.root_mode)
+    try:
+        enter_private_namespace()
+    except OSError as exc:
+        fail(f"cannot make a private mount namespace for build roots: {exc}")
     try:
         trio.run(functools.partial(run_daemon, config, notifier=notifier, fs_mode=report.fs_mode))
     except OSError as exc:

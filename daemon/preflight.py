@@ -96,6 +96,7 @@ def run_checks(config: Config, fs_mode: FsMode | FsModeError | None = None) -> R
         checks.append(_needs_root("kernel"))
     checks.append(_check_fuse())
     checks += [_check_tool(name, package) for name, package in TOOLS]
+    checks.append(check_subordinate_ids(config))
     checks.append(_check_traversable(config) if is_root else _needs_root("state-dir"))
     checks.append(_check_free_space(config))
     checks.append(_check_state_filesystem(config))
@@ -186,6 +187,43 @@ def _check_tool(name: str, package: str) -> Check:
     if done.returncode != 0:
         return Check(name, False, f"{path} --version failed: {done.stderr.strip()}")
     return Check(name, True, f"{path} ({done.stdout.strip()})")
+
+
+# -- the sandbox id pool ----------------------------------------------------------
+
+#: Files listing the host ids users may map with newuidmap/newgidmap.
+SUBID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
+
+
+def check_subordinate_ids(config: Config, files: tuple[Path, ...] = SUBID_FILES) -> Check:
+    """The sandbox id pool must not overlap any user's subordinate ids.
+
+    A user owning ids the sandboxes run as could enter them with newuidmap
+    and signal, ptrace or write into other users' build steps.
+    """
+    base, end = config.id_base, config.id_base + config.id_count * config.id_ranges
+    pool = f"{base}..{end - 1} (id-base {base}, id-count {config.id_count} x id-ranges {config.id_ranges})"
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            return Check("id-pool", False, f"cannot read {path}: {exc.strerror or exc}")
+        for number, line in enumerate(text.splitlines(), 1):
+            fields = line.strip().split(":")
+            if len(fields) != 3 or not (fields[1].isdigit() and fields[2].isdigit()):
+                continue  # blank, a comment, or not an allocation newuidmap would accept
+            start, count = int(fields[1]), int(fields[2])
+            if start < end and base < start + count:
+                return Check(
+                    "id-pool",
+                    False,
+                    f"{path} line {number} ({line.strip()}) overlaps the sandbox id pool {pool}: "
+                    f"user {fields[0]} could become a sandbox's host ids with newuidmap. Choose an "
+                    "id-base whose pool lies outside every subordinate id range",
+                )
+    return Check("id-pool", True, f"sandbox ids {pool} overlap no /etc/subuid or /etc/subgid range")
 
 
 # -- the state directory -----------------------------------------------------------

@@ -85,10 +85,13 @@ class FilesystemProcess:
             self.fs_mode = fsmode.FUSE_DATA  # a whiteout would hide the tree's own entry
         #: Files are stubs whose data overlayfs reads from the blob directory.
         self.data_layer = self.fs_mode != fsmode.FUSE_DATA
-        self.lower = work / "lower"
-        self.upper = work / "upper"
-        self.eager = work / "eager"
-        self.overlay_work = work / "work"
+        # Only root (the bwrap of every sandbox) need reach: the layers sit
+        # in a 0700 directory, seen by a step only through the overlay.
+        self.layers = work / "layers"
+        self.lower = self.layers / "lower"
+        self.upper = self.layers / "upper"
+        self.eager = self.layers / "eager"
+        self.overlay_work = self.layers / "work"
         self.root = work / "root"
         self.model = LowerModel(store, tree, ids=ids, serve_data=not self.data_layer)
         self.snapshotter = Snapshotter(store, tree, self.upper, ids)
@@ -96,6 +99,8 @@ class FilesystemProcess:
         self._eager_mounted = False
 
     def prepare(self) -> None:
+        self.layers.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.layers, 0o700)
         for path in (self.lower, self.eager, self.upper, self.overlay_work, self.root):
             path.mkdir(parents=True, exist_ok=True)
         # The build's root directory belongs to the sandbox's root user.
@@ -111,7 +116,7 @@ class FilesystemProcess:
     async def serve(self, control: trio.SocketStream) -> None:
         ops = LowerOperations(self.model, str(self.store.root))
         options = ["fsname=amber", "subtype=amber", "ro", "allow_other", "default_permissions"]
-        options += ["dev", "suid"] if os.geteuid() == 0 else []
+        options += ["nodev", "nosuid"]  # as every mount of a build root (mounts.SAFE_FLAGS)
         pyfuse3.init(ops, str(self.lower), options)
         try:
             async with trio.open_nursery() as nursery:

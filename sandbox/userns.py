@@ -10,6 +10,9 @@ files with the same shift for the sandbox to see them as its own.
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 # The kernel's id type is 32 bits wide and (uid_t)-1 means "no id".
@@ -18,6 +21,16 @@ _MAX_ID = 2**32 - 2
 
 #: The id the kernel shows for an id a namespace cannot map ("nobody").
 OVERFLOW_ID = 65534
+
+#: Where sandbox id ranges start by default: 0x70000000, the first id of the
+#: block systemd's UIDS-GIDS.md leaves unused (1879048192..2147352575). It is
+#: above shadow's default /etc/subuid allocations (SUB_UID_MIN 100000 ..
+#: SUB_UID_MAX 600100000, what Debian's useradd hands out), above the range
+#: systemd-nspawn picks container ranges from (524288..1879048191), below
+#: systemd's "foreign" range (0x7FFE0000) and below 2^31 (ids that look
+#: negative to signed code). Room for 4094 ranges of 65536 ids.
+DEFAULT_ID_BASE = 0x7000_0000
+RANGE_SIZE = 65_536
 
 
 @dataclass(frozen=True)
@@ -29,8 +42,8 @@ class IdMap:
     presents a tree's ids shifted (``to_host``).
     """
 
-    host_base: int = 100_000
-    count: int = 65_536
+    host_base: int = DEFAULT_ID_BASE
+    count: int = RANGE_SIZE
 
     def __post_init__(self) -> None:
         if self.host_base < 0:
@@ -64,6 +77,62 @@ class IdMap:
     def map_line(self) -> str:
         """The line for /proc/PID/uid_map and gid_map."""
         return f"0 {self.host_base} {self.count}\n"
+
+
+class IdPoolExhausted(Exception):
+    """Every range of the pool is held by a running build or shell."""
+
+
+class IdPool:
+    """``ranges`` disjoint id ranges of ``count`` ids from ``base``; one per running sandbox user.
+
+    Every running build and every shell holds its own range for as long as
+    it runs, so no two users' steps ever share a host uid: one cannot signal,
+    ptrace or write files of another. Trees record sandbox-view ids
+    (``IdMap.to_tree``), so which range a build ran in changes no digest.
+    Thread-safe: shells and builds take ranges from the trio loop and threads.
+    """
+
+    def __init__(self, base: int = DEFAULT_ID_BASE, count: int = RANGE_SIZE, ranges: int = 256):
+        if ranges < 1:
+            raise ValueError(f"an id pool needs at least one range, not {ranges}")
+        IdMap(base, count * ranges)  # the whole span must be a valid map
+        self.base, self.count, self.ranges = base, count, ranges
+        self._free = set(range(ranges))
+        self._lock = threading.Lock()
+
+    @property
+    def end(self) -> int:
+        """One past the last host id of the pool."""
+        return self.base + self.count * self.ranges
+
+    def acquire(self) -> IdMap:
+        """The lowest free range (raises `IdPoolExhausted` when none is)."""
+        with self._lock:
+            if not self._free:
+                raise IdPoolExhausted(
+                    f"all {self.ranges} sandbox id ranges are in use by running builds and "
+                    "shells (raise 'id-ranges' in the config, or wait)"
+                )
+            index = min(self._free)
+            self._free.remove(index)
+        return IdMap(self.base + index * self.count, self.count)
+
+    def release(self, ids: IdMap) -> None:
+        index, rest = divmod(ids.host_base - self.base, self.count)
+        if rest or not 0 <= index < self.ranges or ids.count != self.count:
+            raise ValueError(f"{ids} is not a range of this pool")
+        with self._lock:
+            self._free.add(index)
+
+    @contextmanager
+    def hold(self) -> Iterator[IdMap]:
+        """A range for the duration of the block."""
+        ids = self.acquire()
+        try:
+            yield ids
+        finally:
+            self.release(ids)
 
 
 #: Host ids as they are: imports and checkouts outside any sandbox.

@@ -169,7 +169,7 @@ async def test_fuse_data_mount_serves_data_from_fuse_and_snapshots_copy_ups(
         assert mnt.fs_mode == FUSE_DATA
         options = _overlay_options(mnt.root)
         assert "lowerdir=" in options and "::" not in options  # no data-only layer
-        lower = mnt.work / "lower"
+        lower = mnt.work / "layers" / "lower"
         with pytest.raises(OSError) as err:  # plain files, not metacopy stubs
             os.getxattr(lower / "data", "trusted.overlay.metacopy")
         assert err.value.errno == errno.ENODATA
@@ -181,7 +181,7 @@ async def test_fuse_data_mount_serves_data_from_fuse_and_snapshots_copy_ups(
         os.chmod(mnt.root / "mode-only", 0o600)
         with open(mnt.root / "data", "ab") as f:
             f.write(b"+")
-        upper = mnt.work / "upper"
+        upper = mnt.work / "layers" / "upper"
         os.getxattr(upper / "mode-only", "trusted.overlay.metacopy")  # metadata-only copy-up
         assert os.stat(upper / "data").st_size == 200_001  # a full copy, no metacopy
         with pytest.raises(OSError):
@@ -205,10 +205,11 @@ async def test_hidden_data_mount_hides_the_blobs_and_reads_stubs_from_them(
     async with open_overlay(store.state_dir, base, tmp_path / "mnt", fs_mode=HIDDEN_DATA) as mnt:
         assert mnt.fs_mode == HIDDEN_DATA
         options = _overlay_options(mnt.root)
-        assert f"lowerdir={mnt.work}/eager:{mnt.work}/lower:{store.blob_dir}," in options
+        layers = mnt.work / "layers"
+        assert f"lowerdir={layers}/eager:{layers}/lower:{store.blob_dir}," in options
         assert os.listdir(mnt.root) == ["usr"]  # no shard of the blob directory
         assert not (mnt.root / "ab").exists() and not (mnt.root / "00").exists()
-        lower = mnt.work / "lower"
+        lower = mnt.work / "layers" / "lower"
         assert os.getxattr(lower / "usr/data", "trusted.overlay.metacopy") == b""  # a stub
         assert (mnt.root / "usr/data").read_bytes() == b"d" * 100_000
         (mnt.root / "ab").mkdir()  # a build may still make one

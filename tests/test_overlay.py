@@ -15,6 +15,7 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -258,11 +259,25 @@ async def test_writes_fail_cleanly_when_the_process_dies_mid_write(store: Store,
     assert store.fsck().clean
 
 
-async def test_mount_outlives_the_thread_that_started_it(store: Store, tmp_path: Path):
+async def test_mount_outlives_the_thread_that_started_it(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     """trio forks from worker threads that retire after 10 idle seconds; the
-    filesystem must not die with that thread (steps run for hours)."""
+    filesystem must not die with that thread (steps run for hours). The
+    threads retire at once here, and the test waits for them to have ended."""
+    forked_from: list[threading.Thread] = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            forked_from.append(threading.current_thread())
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", Recorded)
+    monkeypatch.setattr(trio._core._thread_cache, "IDLE_TIMEOUT", 0.01)
     async with open_overlay(store.state_dir, treefmt.EMPTY_TREE, tmp_path / "mnt") as mnt:
-        await trio.sleep(11)
+        assert forked_from and forked_from[0] is not threading.main_thread()
+        forked_from[0].join()  # the thread that forked the filesystem has exited
+        await trio.sleep(0.2)  # a parent-death signal would have arrived by now
         (mnt.root / "still-here").write_text("yes")
         assert (await mnt.snapshot()).stats.blobs_written == 1
 
@@ -373,7 +388,7 @@ async def test_eager_entries_come_from_tmpfs_exactly_and_change_nothing(
     async with open_overlay(store.state_dir, base, tmp_path / "mnt") as mnt:
         assert differences(describe(mnt.root), describe(expected)) == []
         assert os.getxattr(mnt.root / "usr/bin/tool", "security.capability") == CAP_NET_RAW
-        eager = mnt.work / "eager"
+        eager = mnt.work / "layers" / "eager"  # in the 0700 directory (fsprocess.py)
         assert (eager / "usr/lib/x86/libz.so.1").is_symlink()
         if default_fs_mode().name != FUSE_DATA:
             assert os.stat(eager / "usr/bin/tool").st_blocks == 0  # a stub; data from the store
@@ -386,7 +401,10 @@ async def test_eager_entries_come_from_tmpfs_exactly_and_change_nothing(
         assert sorted(os.listdir(eager / "usr/share")) == []  # plain files stay lazy
         ran = subprocess.run([mnt.root / "usr/bin/tool"], capture_output=True, text=True)
         assert ran.stdout == "tool ran\n"
-        assert not (mnt.work / "upper/usr").exists()  # the upper holds only what steps change
+        assert (mnt.work / "layers/upper").is_dir()
+        assert not (
+            mnt.work / "layers/upper/usr"
+        ).exists()  # the upper holds only what steps change
         assert (await mnt.snapshot()).tree == base  # no change recorded
         with open(mnt.root / "usr/bin/tool", "a") as f:
             f.write("echo again\n")  # the kernel drops the capability on write

@@ -368,10 +368,11 @@ def test_amberd_service_sets_nothing_that_breaks_sandboxes():
 
 
 def interrupted_by_kill(daemon_root: Path) -> tuple[str, list[str]]:
-    """A state directory as a crash leaves it: a build running, its mounts still there.
+    """A state directory as a crash leaves it: a build recorded as running.
 
     amberd and every process below it are frozen, then killed, so that not
-    even the filesystem processes can unmount anything.
+    even the filesystem processes can unmount anything; what was mounted
+    goes with amberd's mount namespace.
     """
     d = Daemon(daemon_root).start()
     spec = write_spec(daemon_root / "crashed", LONG_STEP.format(name="crashed"))
@@ -383,6 +384,10 @@ def interrupted_by_kill(daemon_root: Path) -> tuple[str, list[str]]:
             "the build to run its step",
         )
     assert d.process is not None
+    # The build's mounts, in amberd's own mount namespace.
+    mounted = mounts_under(daemon_root / "state" / "mnt", pid=d.process.pid)
+    assert mounted, "the build was meant to have its root mounted"
+    assert mounts_under(daemon_root) == []  # never in the host's
     victims = [d.process.pid, *descendants(d.process.pid)]
     for sig in (signal.SIGSTOP, signal.SIGKILL):
         for pid in victims:
@@ -391,9 +396,9 @@ def interrupted_by_kill(daemon_root: Path) -> tuple[str, list[str]]:
     d.process.wait()
     thread.join(30)
     wait_until(lambda: not any(alive(p) for p in victims), 10, "the killed processes to go")
-    left = mounts_under(daemon_root / "state" / "mnt")
-    assert left, "the crash was meant to leave mounts behind"
-    return build, left
+    # The namespace died with its last process: the crash left no mount behind.
+    assert mounts_under(daemon_root) == []
+    return build, mounted
 
 
 def test_ready_is_sent_only_after_recovery(daemon_root: Path, activated):
@@ -443,10 +448,10 @@ def test_a_build_through_the_activated_socket_and_sigterm_during_one(daemon_root
     assert d.process is not None
     amberd_pid = d.process.pid
     below = descendants(amberd_pid)
-    assert mounts_under(daemon_root)
-    started = time.monotonic()
+    assert mounts_under(daemon_root, pid=amberd_pid)
+    # The grace, then cancelled: amberd exits by itself (stop() kills it, and
+    # fails this, if it is still there a minute later).
     assert d.stop(signal.SIGTERM) == 0
-    assert time.monotonic() - started < 2 + 20  # the grace, then cancelled: no hang
     thread.join(30)
 
     fields = d.notifications.fields()
@@ -484,14 +489,12 @@ run = "cat out"
 
 
 def test_sigterm_lets_a_running_step_finish_within_the_grace(daemon_root: Path, activated):
-    d = activated(grace=30)
+    d = activated(grace=600)  # longer than stop() waits: waiting all of it fails this
     spec = write_spec(daemon_root / "graceful", TWO_STEPS)
     thread, _ = in_background(lambda: d.amber("build", str(spec)))
     running = wait_until(lambda: [b for b in d.running() if b["step"] == "short"], 30, "step")
     build = running[0]["id"]
-    started = time.monotonic()
-    assert d.stop(signal.SIGTERM) == 0
-    assert time.monotonic() - started < 15  # it waited for the step, not for the whole grace
+    assert d.stop(signal.SIGTERM) == 0  # it waited for the step, not for the whole grace
     thread.join(30)
     # The running step finished and was cached; the next one never started.
     assert build_status(daemon_root / "state", build) == ("errored", ["ran", "skipped"])
@@ -509,9 +512,7 @@ def test_a_second_sigterm_cancels_at_once(daemon_root: Path, activated):
     assert d.process is not None and d.notifications is not None
     d.process.send_signal(signal.SIGTERM)
     d.notifications.wait_for("STOPPING=1")
-    started = time.monotonic()
-    assert d.stop(signal.SIGTERM) == 0
-    assert time.monotonic() - started < 20
+    assert d.stop(signal.SIGTERM) == 0  # at once: the grace (600 s) outlasts stop()'s wait
     thread.join(30)
     assert mounts_under(daemon_root) == []
 
@@ -561,8 +562,8 @@ def test_kill_9_during_five_builds_then_a_restart(daemon_root: Path, activated):
     assert len(after) == 5 and {b["status"] for b in after.values()} == {"errored"}, after
 
     fsck = d2.amber("store", "fsck", "--json")
-    if b"unknown operation" not in fsck.stderr:
-        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    assert json.loads(fsck.stdout)["problems"] == [], fsck.stdout
     report = Store.open(daemon_root / "state").fsck()
     assert report.clean and report.temp_files == 0, report
 
@@ -618,19 +619,19 @@ def device_rule(spec: str) -> str:
     return f"{kind} {os.major(rdev)}:{os.minor(rdev)} {access or 'rwm'}"
 
 
-def hardening_script(unit: Path, cgroup: Path | None) -> str:
+def hardening_script(unit: Path, cgroup: Path) -> str:
     """A shell script running its arguments confined the way ``unit`` confines amberd.
 
     Emulated: ProtectSystem (read-only bind mounts in a private mount
-    namespace, as systemd does), CapabilityBoundingSet (setpriv) and, with a
-    cgroup v1 devices controller at ``cgroup``, DevicePolicy and DeviceAllow.
+    namespace, as systemd does), CapabilityBoundingSet (setpriv), and
+    DevicePolicy and DeviceAllow in the cgroup v1 devices cgroup ``cgroup``.
     """
     service = dict(unit_entries(unit)["Service"])
     lines = ["set -e", "mount --make-rslave /"]
     for path in PROTECT_SYSTEM.get(service.get("ProtectSystem", "no"), ()):
         lines.append(f"if [ -d {path} ]; then mount --rbind {path} {path}; "
                      f"mount -o remount,bind,ro {path}; fi")  # fmt: skip
-    if cgroup is not None and service.get("DevicePolicy") == "closed":
+    if service.get("DevicePolicy") == "closed":
         rules = [device_rule(d) for d in CLOSED_DEVICES]
         rules += [device_rule(d) for d in unit_values(unit, "Service", "DeviceAllow")]
         lines.append(f"echo a > {cgroup}/devices.deny")
@@ -673,9 +674,10 @@ def test_amberd_confined_like_its_unit_builds_and_shells(daemon_root: Path):
     both sandbox users, a pty shell into the frozen failure."""
     cgroup = Path(f"/sys/fs/cgroup/devices/amber-test-{os.getpid()}")
     if not Path("/sys/fs/cgroup/devices/devices.allow").exists():
-        cgroup = None  # cgroup v2 only: DevicePolicy is not emulated here
-    else:
-        cgroup.mkdir(exist_ok=True)
+        # Under systemd on cgroup v2 the policy is a BPF program, not emulated
+        # here: fail rather than pass without the unit's device policy.
+        pytest.fail("emulating DevicePolicy needs the cgroup v1 devices controller")
+    cgroup.mkdir(exist_ok=True)
     wrapper = daemon_root / "confine.sh"
     wrapper.write_text(hardening_script(UNIT_DIR / "amberd.service", cgroup))
     d = Daemon(daemon_root)
@@ -702,8 +704,7 @@ def test_amberd_confined_like_its_unit_builds_and_shells(daemon_root: Path):
         assert b"answer=42" in pty_shell(d, build, b"echo answer=$((6*7)); exit\r")
     finally:
         code = d.stop()
-        if cgroup is not None:
-            wait_until(lambda: _rmdir(cgroup), 10, f"{cgroup} to empty")
+        wait_until(lambda: _rmdir(cgroup), 10, f"{cgroup} to empty")
     assert code == 0, d.log.read_text()[-3000:]
 
 

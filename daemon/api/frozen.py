@@ -10,7 +10,8 @@ import logging
 import os
 import shlex
 import stat
-from contextlib import AsyncExitStack, suppress
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,17 +20,19 @@ import trio
 from amber.daemon.api.operation import operation
 from amber.daemon.build.bases import host_binds
 from amber.daemon.build.frozen import FrozenState, resolve_state
-from amber.daemon.errors import BadArgs, NotFound, SandboxFailed
+from amber.daemon.errors import BadArgs, Busy, NotFound, SandboxFailed
 from amber.sandbox import tree as treefmt
 from amber.sandbox.beneath import exists_in_root, write_beneath
-from amber.sandbox.fscontrol import open_overlay
+from amber.sandbox.fscontrol import FilesystemError, OverlayMount, open_overlay
 from amber.sandbox.runner import BUILD_UID, Bind, CommandError, SandboxError, run_interactive
 from amber.sandbox.treediff import diff_trees
+from amber.sandbox.userns import IdMap, IdPoolExhausted
 
 if TYPE_CHECKING:
     from amber.daemon.api.registry import Api
     from amber.daemon.server import Connection
     from amber.daemon.storage.db import BuildRecord
+    from amber.daemon.storage.roots import Hold
 
 log = logging.getLogger(__name__)
 HISTORY = "tmp/.amber_history"
@@ -85,6 +88,57 @@ async def shell(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, A
             os.close(fd)
 
 
+@contextmanager
+def _id_range(api: Api) -> Iterator[IdMap]:
+    """The shell's own host id range, like a build's (see userns.IdPool)."""
+    try:
+        ids = api.ctx.id_pool.acquire()
+    except IdPoolExhausted as exc:
+        raise Busy(str(exc)) from None
+    try:
+        yield ids
+    finally:
+        api.ctx.id_pool.release(ids)
+
+
+async def _mount_whole(
+    api: Api, stack: AsyncExitStack, hold: Hold, state: FrozenState, work: Path, ids: IdMap
+) -> OverlayMount:
+    """Mount ``state`` for a shell (kept open by ``stack``), refused when it is not whole.
+
+    The presence check and the filesystem's start-up each take a few hundred
+    milliseconds on a large state: they run at once. The nursery ends before
+    anything is raised: an error raised inside it would reach the client
+    wrapped in a group, as an internal error.
+    """
+    complete: list[bool] = []
+
+    async def check() -> None:
+        complete.append(await trio.to_thread.run_sync(hold.complete, [state.tree]))
+
+    failed: FilesystemError | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(check)
+        try:
+            mnt = await stack.enter_async_context(
+                open_overlay(
+                    api.ctx.store.state_dir,
+                    state.tree,
+                    work,
+                    ids=ids,
+                    pool=api.ctx.fs_pool,
+                    fs_mode=api.ctx.fs_mode.name,
+                )
+            )
+        except FilesystemError as exc:  # e.g. a tree GC took: the check says which
+            failed = exc
+    if not complete[0]:
+        raise NotFound(f"the state of {state.label} is no longer complete in the store")
+    if failed is not None:
+        raise failed
+    return mnt
+
+
 async def _run_shell(
     api: Api, conn: Connection, args: dict[str, Any], fds: list[int]
 ) -> dict[str, Any]:
@@ -97,17 +151,7 @@ async def _run_shell(
     # A temp root for the shell's life, taken before the presence check: a GC
     # running meanwhile cannot take the frozen state from under the mount.
     with api.ctx.roots.hold(f"shell in {record.id}") as hold:
-        # The presence check and the filesystem's start-up each take a few
-        # hundred milliseconds on a large state: do them at once.
-        checked = trio.Event()
-        complete: list[bool] = []
-
-        async def check() -> None:
-            complete.append(await trio.to_thread.run_sync(hold.complete, [state.tree]))
-            checked.set()
-
         binds = await trio.to_thread.run_sync(_binds_for, record, api.ctx.store.state_dir)
-        ids = api.ctx.ids
         env = dict(state.env)
         env.update(
             HISTFILE="/" + HISTORY, debian_chroot=f"amber:{record.id}", AMBER_BUILD=record.id
@@ -116,21 +160,8 @@ async def _run_shell(
             env["TERM"] = args["term"]
         work = api.ctx.work_dir("shell-", record.id)
         async with AsyncExitStack() as stack:
-            nursery = await stack.enter_async_context(trio.open_nursery())
-            nursery.start_soon(check)  # runs while the filesystem starts
-            mnt = await stack.enter_async_context(
-                open_overlay(
-                    api.ctx.store.state_dir,
-                    state.tree,
-                    work,
-                    ids=ids,
-                    pool=api.ctx.fs_pool,
-                    fs_mode=api.ctx.fs_mode.name,
-                )
-            )
-            await checked.wait()
-            if not complete[0]:
-                raise NotFound(f"the state of {state.label} is no longer complete in the store")
+            ids = stack.enter_context(_id_range(api))  # released after the mount is gone
+            mnt = await _mount_whole(api, stack, hold, state, work, ids)
             user_uid = ids.to_host(0 if state.user == "root" else BUILD_UID)
             await trio.to_thread.run_sync(_seed_history, str(mnt.root), state, user_uid)
             interactive = args["argv"] is None

@@ -44,6 +44,7 @@ from amber.sandbox.digest import from_hex
 from amber.sandbox.fscontrol import FilesystemError, OverlayMount, open_overlay
 from amber.sandbox.runner import SandboxError
 from amber.sandbox.store import StoreError
+from amber.sandbox.userns import IdMap, IdPoolExhausted
 
 log = logging.getLogger("amber.build")
 HOST = socket.gethostname()
@@ -65,6 +66,8 @@ class Executor:
         self.verified: set[bytes] = set()  # trees known complete during this build
         self.state = BuildState(ctx.db, build)
         self.limits = limits
+        #: This build's own host id range, from its first mount until it ends.
+        self.ids: IdMap | None = None
 
     # -- the whole build ----------------------------------------------------
 
@@ -81,6 +84,8 @@ class Executor:
             finally:
                 with trio.CancelScope(shield=True):
                     await self._close_mount()
+                if self.ids is not None:  # its processes and mount are gone
+                    self.ctx.id_pool.release(self.ids)
         except BuildErrored as exc:
             self._errored(str(exc))
         except trio.Cancelled:
@@ -268,12 +273,17 @@ class Executor:
         if self.mount is not None:
             # A later cache hit moved the state: start over on its tree.
             await self._close_mount()
+        if self.ids is None:
+            try:
+                self.ids = self.ctx.id_pool.acquire()
+            except IdPoolExhausted as exc:
+                raise BuildErrored(str(exc)) from None
         work = self.ctx.work_dir("", self.build.id)
         cm = open_overlay(
             self.ctx.store.state_dir,
             tree,
             work,
-            ids=self.ctx.ids,
+            ids=self.ids,
             pool=self.ctx.fs_pool,
             fs_mode=self.ctx.fs_mode.name,
         )
@@ -330,7 +340,7 @@ class Executor:
                 step=step,
                 env=spec.step_env(step),
                 binds=self.base.binds,
-                ids=self.ctx.ids,
+                ids=self.ids,
                 output=step_log,
                 on_start=limited.apply,
             )
