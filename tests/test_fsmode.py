@@ -169,7 +169,7 @@ async def test_fuse_data_mount_serves_data_from_fuse_and_snapshots_copy_ups(
         assert mnt.fs_mode == FUSE_DATA
         options = _overlay_options(mnt.root)
         assert "lowerdir=" in options and "::" not in options  # no data-only layer
-        lower = mnt.work / "lower"
+        lower = mnt.work / "fs/lower"
         with pytest.raises(OSError) as err:  # plain files, not metacopy stubs
             os.getxattr(lower / "data", "trusted.overlay.metacopy")
         assert err.value.errno == errno.ENODATA
@@ -181,7 +181,7 @@ async def test_fuse_data_mount_serves_data_from_fuse_and_snapshots_copy_ups(
         os.chmod(mnt.root / "mode-only", 0o600)
         with open(mnt.root / "data", "ab") as f:
             f.write(b"+")
-        upper = mnt.work / "upper"
+        upper = mnt.work / "fs/upper"
         os.getxattr(upper / "mode-only", "trusted.overlay.metacopy")  # metadata-only copy-up
         assert os.stat(upper / "data").st_size == 200_001  # a full copy, no metacopy
         with pytest.raises(OSError):
@@ -208,7 +208,7 @@ async def test_hidden_data_mount_hides_the_blobs_and_reads_stubs_from_them(
         assert f"lowerdir={mnt.work}/eager:{mnt.work}/lower:{store.blob_dir}," in options
         assert os.listdir(mnt.root) == ["usr"]  # no shard of the blob directory
         assert not (mnt.root / "ab").exists() and not (mnt.root / "00").exists()
-        lower = mnt.work / "lower"
+        lower = mnt.work / "fs/lower"
         assert os.getxattr(lower / "usr/data", "trusted.overlay.metacopy") == b""  # a stub
         assert (mnt.root / "usr/data").read_bytes() == b"d" * 100_000
         (mnt.root / "ab").mkdir()  # a build may still make one

@@ -374,7 +374,7 @@ async def test_eager_entries_come_from_tmpfs_exactly_and_change_nothing(
     async with open_overlay(store.state_dir, base, tmp_path / "mnt") as mnt:
         assert differences(describe(mnt.root), describe(expected)) == []
         assert os.getxattr(mnt.root / "usr/bin/tool", "security.capability") == CAP_NET_RAW
-        eager = mnt.work / "eager"
+        eager = mnt.work / "fs/eager"
         assert (eager / "usr/lib/x86/libz.so.1").is_symlink()
         if default_fs_mode().name != FUSE_DATA:
             assert os.stat(eager / "usr/bin/tool").st_blocks == 0  # a stub; data from the store
@@ -387,7 +387,7 @@ async def test_eager_entries_come_from_tmpfs_exactly_and_change_nothing(
         assert sorted(os.listdir(eager / "usr/share")) == []  # plain files stay lazy
         ran = subprocess.run([mnt.root / "usr/bin/tool"], capture_output=True, text=True)
         assert ran.stdout == "tool ran\n"
-        assert not (mnt.work / "upper/usr").exists()  # the upper holds only what steps change
+        assert not (mnt.work / "fs/upper/usr").exists()  # the upper holds only what steps change
         assert (await mnt.snapshot()).tree == base  # no change recorded
         with open(mnt.root / "usr/bin/tool", "a") as f:
             f.write("echo again\n")  # the kernel drops the capability on write
@@ -475,7 +475,7 @@ async def test_a_store_object_deleted_under_a_live_mount_is_eio_and_the_mount_st
             await trio.to_thread.run_sync(os.listdir, mnt.root / "gone")
         assert caught.value.errno == errno.EIO
         # The FUSE lower itself (direct readers) answers EIO for the lost blob.
-        lower = mnt.work / "lower"
+        lower = mnt.work / "fs/lower"
         with pytest.raises(OSError) as caught:
             await trio.to_thread.run_sync((lower / "lost").read_bytes)
         assert caught.value.errno == errno.EIO
