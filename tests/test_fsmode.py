@@ -205,7 +205,7 @@ async def test_hidden_data_mount_hides_the_blobs_and_reads_stubs_from_them(
     async with open_overlay(store.state_dir, base, tmp_path / "mnt", fs_mode=HIDDEN_DATA) as mnt:
         assert mnt.fs_mode == HIDDEN_DATA
         options = _overlay_options(mnt.root)
-        assert f"lowerdir={mnt.work}/eager:{mnt.work}/lower:{store.blob_dir}," in options
+        assert f"lowerdir={mnt.work}/fs/eager:{mnt.work}/fs/lower:{store.blob_dir}," in options
         assert os.listdir(mnt.root) == ["usr"]  # no shard of the blob directory
         assert not (mnt.root / "ab").exists() and not (mnt.root / "00").exists()
         lower = mnt.work / "fs/lower"
