@@ -85,7 +85,9 @@ class DaemonContext:
 
 def open_context(config: Config, fs_mode: FsMode | None = None) -> DaemonContext:
     config.state_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(config.state_dir, 0o755)
+    # Traversable to mnt/ (below), listable by nobody: cas/, the database
+    # and logs are root's alone (store.py, db.py).
+    os.chmod(config.state_dir, 0o711)
     # Sandboxes start as the mapped host uid and must traverse to their root.
     config.mount_dir.mkdir(mode=0o711, exist_ok=True)
     os.chmod(config.mount_dir, 0o711)

@@ -247,7 +247,7 @@ def _prefixes(path: Path) -> Iterator[str]:
 def _check_traversable(config: Config) -> Check:
     """bwrap resolves each build's root (``STATE/mnt/...``) as the sandbox's host uid.
 
-    amberd makes the state directory 0755 and ``mnt`` 0711 itself; the
+    amberd makes the state directory and ``mnt`` 0711 itself; the
     directories above it are the admin's, and amberd does not loosen them.
     """
     state = Path(os.path.abspath(config.state_dir))

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import tree as treefmt
-from .store import Store, data_ranges
+from .fileio import data_ranges
+from .store import Store
 from .tree import Entry
 from .userns import IDENTITY, IdMap
 

@@ -9,6 +9,7 @@ left below the work directory, so nothing stays mounted.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -178,7 +179,9 @@ async def open_overlay(
     default (probed once; ``AMBER_FS_MODE`` overrides it).
     """
     fs_mode = fsmode.check_mode(fs_mode or fsmode.default_fs_mode().name)
-    work.mkdir(mode=0o755, parents=True, exist_ok=True)
+    # Traversable (the sandbox's host uids reach ``work/root``), not listable.
+    work.mkdir(mode=0o711, parents=True, exist_ok=True)
+    os.chmod(work, 0o711)
     process, parent_end = await (pool.take() if pool is not None else _spawn())
     parent_end.setblocking(False)
     control = trio.SocketStream(trio.socket.from_stdlib_socket(parent_end))

@@ -7,10 +7,13 @@ pyfuse3 serves one filesystem per process, so every mount is a process::
 Its first control line says what to mount (``{"op": "mount", "state_dir",
 "tree", "work", "id_base", "id_count", "fs_mode"}``), so a process can be
 started and imported ahead of need. It makes the tree's eager layer on a
-tmpfs at ``W/eager`` (directories, symlinks, executables: ``eagerlayer.py``),
-mounts the whole tree read-only at ``W/lower`` (FUSE, metadata only:
+tmpfs at ``W/fs/eager`` (directories, symlinks, executables: ``eagerlayer.py``),
+mounts the whole tree read-only at ``W/fs/lower`` (FUSE, metadata only:
 ``lowerfs.py``) and stacks a kernel overlayfs at ``W/root`` over both, with a
-writable upper ``W/upper`` and the store's blobs as a data-only layer.
+writable upper ``W/fs/upper`` and the store's blobs as a data-only layer.
+``W/fs`` is root's alone (0700; overlayfs reaches its layers as the mounter):
+the sandbox's host uids traverse ``W`` to their root, and nobody else reads a
+build's upper.
 Kernels before 6.5 get one of two other modes (``fsmode.py``): in
 ``hidden-data`` the blobs are a plain bottom layer whose shards the eager
 layer hides with whiteouts; in ``fuse-data`` there is no blob layer: the

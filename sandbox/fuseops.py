@@ -1,8 +1,10 @@
 """pyfuse3 adapter for ``LowerModel``: decode, one model call, encode.
 
-The only place model errors become ``FUSEError`` (``_replies``, which
-every handler that calls the model wears); any other exception is a bug and
-is left to fail loudly.
+The only place errors become ``FUSEError`` (``_replies``, which every
+handler that calls the model wears): a request the model refuses gets its
+errno; a store object missing or corrupt under a live mount (deleted or
+damaged behind amber's back) is EIO for that request, and the mount stays
+up. Any other exception is a bug and is left to fail loudly.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TypeVar
 import pyfuse3
 
 from .lowerfs import FOREVER, Attr, LowerError, LowerModel
+from .store import StoreError
 
 T = TypeVar("T")
 
@@ -60,6 +63,8 @@ def _replies(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]
             return await handler(*args)
         except LowerError as exc:
             raise _fuse_error(exc) from None
+        except StoreError:  # MissingObject, CorruptObject: from Store.get_tree in lookups
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapped
 

@@ -40,8 +40,7 @@ REDIRECT = b"trusted.overlay.redirect"
 
 def redirect_of(blob: bytes) -> bytes:
     """The absolute redirect that finds ``blob`` in the data-only layer (the blob directory)."""
-    hexd = blob.hex()
-    return f"/{hexd[:2]}/{hexd}".encode()
+    return Store.blob_redirect(blob)
 
 
 class LowerError(Exception):

@@ -5,6 +5,14 @@ Layout under ``<state>/cas``::
     blobs/ab/<hex>   file content, mode 0444 (also overlayfs' data-only layer)
     trees/ab/<hex>   canonical tree encodings (see ``tree.py``)
     tmp/             objects being written; never referenced
+    quarantine/{trees,blobs}/ab/<hex>   objects a GC cycle set aside
+
+This module is the only code that knows this layout (``shards``,
+``quarantine_path``, ``blob_redirect``) and the only one that answers "what
+is missing from this closure?" (``ClosureCheck``).
+
+Writing needs a lease when the store is *guarded* (see ``Lease``), so work
+that writes cannot forget to tell the garbage collector about itself.
 
 Crash safety: an object is written to ``tmp/``, all of a batch's temporary
 files are made durable with one ``syncfs``, and only then renamed to their
@@ -16,23 +24,22 @@ content, and one batch costs two syncs however many objects it writes.
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import copy
 import errno
 import os
 import secrets
 import shutil
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import tree as treefmt
-from .digest import CHUNK, hash_bytes, new_hasher
+from .digest import CHUNK, hash_bytes
+from .fileio import copy_and_hash, object_matches, read_small, syncfs, write_all
 from .fsidentity import as_store_owner
 from .tree import Entry
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_ZEROS = bytes(CHUNK * 16)
 _SMALL = CHUNK  # files up to this size are read with one read()
 
 
@@ -51,31 +58,27 @@ class CorruptObject(StoreError):
     pass
 
 
-def syncfs(fd: int) -> None:
-    if _libc.syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+class LeaseError(RuntimeError):
+    """A write to a guarded store without a live lease: a bug in the caller."""
 
 
-def _shard(base: Path, digest: bytes) -> Path:
-    hexd = digest.hex()
-    return base / hexd[:2] / hexd
+KINDS = ("trees", "blobs")  # the two kinds of object, as named in the layout
 
 
-def _read_small(path: str) -> bytes:
-    """A whole small file, without the cost of pathlib and buffered io."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        data = os.read(fd, size)
-        while len(data) < size:
-            more = os.read(fd, size - len(data))
-            if not more:
-                break
-            data += more
-        return data
-    finally:
-        os.close(fd)
+class Lease:
+    """What a writer shows the store: GC leaves alone what its holder relies on.
+
+    A store a GC works on is *guarded* (``Store.guard``, by the daemon's
+    ``Roots``): it writes only through a view carrying a live lease of its
+    guard (``Store.leased``; ``Roots.writer(...).store``), else ``LeaseError``.
+    A store nobody collects (the filesystem process, whose build's writer the
+    daemon holds; tests; tools) is not guarded.
+    """
+
+    lease_issuer: object = None
+
+    def lease_live(self) -> bool:
+        return True
 
 
 def _shard_str(base: str, digest: bytes) -> str:
@@ -129,6 +132,7 @@ class Batch:
     def commit(self) -> None:
         if not self._pending:
             return
+        self._store.check_lease()  # the renames are what a GC could race with
         with as_store_owner():
             fd = os.open(self._store.tmp_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
@@ -167,6 +171,7 @@ class FsckReport:
     blobs_checked: int = 0
     trees_checked: int = 0
     corrupt: list[str] = field(default_factory=list)  # object paths relative to cas/
+    bad: set[bytes] = field(default_factory=set)  # digests of the corrupt objects
     temp_files: int = 0
 
     @property
@@ -187,6 +192,8 @@ class Store:
         self._tree_dir_s = str(self.tree_dir)
         self._trees: OrderedDict[bytes, list[Entry]] = OrderedDict()
         self._tree_cache = tree_cache
+        self._guard: object = None
+        self._lease: Lease | None = None
 
     @classmethod
     def open(cls, state_dir: Path | str, **kwargs) -> Store:
@@ -194,18 +201,20 @@ class Store:
         store = cls(state_dir, **kwargs)
         if not (store.root / "tmp").is_dir():
             store._create_layout()
+        if store.root.stat().st_mode & 0o077 and store.root.stat().st_uid == os.geteuid():
+            os.chmod(store.root, 0o700)  # made by an amber that let everyone read it
         return store
 
     def _create_layout(self) -> None:
         for base in (self.blob_dir, self.tree_dir):
             for i in range(256):
                 (base / f"{i:02x}").mkdir(parents=True, exist_ok=True)
-        # The blob directory is overlayfs' data-only layer: world-traversable,
-        # objects world-readable, nothing writable but by us.
-        os.chmod(self.root, 0o755)
+        # Root's alone: users reach content only through amberd. overlayfs
+        # opens the blob directory (its data-only layer) as the mounter.
+        os.chmod(self.root, 0o700)
         os.chmod(self.blob_dir, 0o755)
         Path(self.tmp_dir).mkdir(mode=0o700, exist_ok=True)
-        with self.batch() as batch:
+        with Batch(self) as batch:  # before anyone guards it: no GC runs yet
             self.put_blob_bytes(b"", batch)
             if not self.has_tree(treefmt.EMPTY_TREE):
                 self._put_tree_bytes(treefmt.EMPTY_TREE, treefmt.EMPTY_TREE_BYTES, batch)
@@ -213,20 +222,79 @@ class Store:
     # -- paths and presence -------------------------------------------------
 
     def blob_path(self, digest: bytes) -> Path:
-        return _shard(self.blob_dir, digest)
+        return Path(_shard_str(self._blob_dir_s, digest))
 
     def tree_path(self, digest: bytes) -> Path:
-        return _shard(self.tree_dir, digest)
+        return Path(_shard_str(self._tree_dir_s, digest))
+
+    # Reads too run as the store's owner: cas/ is root's alone (0700), and
+    # importers read users' files as the user while checking the store.
 
     def has_blob(self, digest: bytes) -> bool:
-        return os.path.exists(_shard_str(self._blob_dir_s, digest))
+        with as_store_owner():
+            return os.path.exists(_shard_str(self._blob_dir_s, digest))
 
     def has_tree(self, digest: bytes) -> bool:
         """On disk, committed. (A tree a live batch wrote is readable with
         ``get_tree`` but not "had": its batch may still be aborted.)"""
-        return os.path.exists(_shard_str(self._tree_dir_s, digest))
+        with as_store_owner():
+            return os.path.exists(_shard_str(self._tree_dir_s, digest))
+
+    def object_path(self, kind: str, digest: bytes) -> Path:
+        return self.tree_path(digest) if kind == "trees" else self.blob_path(digest)
+
+    def quarantine_path(self, kind: str, digest: bytes) -> Path:
+        return Path(_shard_str(f"{self.root}/quarantine/{kind}", digest))
+
+    def quarantine_shard(self, kind: str, name: str) -> Path:
+        """The quarantine shard a GC moves objects of shard ``name`` into (created)."""
+        path = self.root / "quarantine" / kind / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @staticmethod
+    def blob_redirect(digest: bytes) -> bytes:
+        """Where ``digest`` is below the blob directory (overlayfs' data-only layer)."""
+        hexd = digest.hex()
+        return f"/{hexd[:2]}/{hexd}".encode()
+
+    def shards(self, kind: str, *, quarantined: bool = False) -> Iterator[tuple[str, Path]]:
+        """``(name, path)`` of each shard directory of ``kind``, sorted by name.
+
+        Objects are the digests (hex) a shard lists; ``digest_of_name`` reads
+        a listed name back (None for a stray file). Quarantine shards exist
+        only once something was quarantined into them.
+        """
+        base = (self.root / "quarantine" / kind) if quarantined else (self.root / kind)
+        if not base.is_dir():
+            return
+        for name in sorted(os.listdir(base)):
+            yield name, base / name
+
+    # -- leases -------------------------------------------------------------
+
+    def guard(self, issuer: object) -> None:
+        """From now on, write only under leases ``issuer`` hands out (see ``Lease``)."""
+        self._guard = issuer
+
+    def leased(self, lease: Lease) -> Store:
+        """This store (same objects, same tree cache) writing under ``lease``."""
+        view = copy.copy(self)
+        view._lease = lease
+        return view
+
+    def check_lease(self) -> None:
+        if self._guard is None:
+            return
+        lease = self._lease
+        if lease is None or lease.lease_issuer is not self._guard or not lease.lease_live():
+            raise LeaseError(
+                "writing to the store needs a live writer hold (Roots.writer(...).store): "
+                "a concurrent GC could collect what this write relies on"
+            )
 
     def batch(self) -> Batch:
+        self.check_lease()
         return Batch(self)
 
     # -- blobs --------------------------------------------------------------
@@ -236,7 +304,7 @@ class Store:
         if not batch.has_blob(digest):
             fd, temp = batch.new_temp()
             try:
-                _write_all(fd, data)
+                write_all(fd, data)
             finally:
                 os.close(fd)
             batch.adopt_blob(temp, digest, len(data))
@@ -249,7 +317,7 @@ class Store:
             return self.put_blob_bytes(data, batch)
         fd, temp = batch.new_temp()
         try:
-            digest, actual = _copy_and_hash(src, fd, size)
+            digest, actual = copy_and_hash(src, fd, size)
         except BaseException:
             os.close(fd)
             batch.discard(temp)
@@ -269,14 +337,16 @@ class Store:
 
     def read_blob(self, digest: bytes) -> bytes:
         try:
-            return self.blob_path(digest).read_bytes()
+            with as_store_owner():
+                return self.blob_path(digest).read_bytes()
         except FileNotFoundError:
             raise MissingObject("blob", digest) from None
 
     def open_blob(self, digest: bytes) -> int:
         """A read-only fd on a blob; the caller closes it."""
         try:
-            return os.open(_shard_str(self._blob_dir_s, digest), os.O_RDONLY | os.O_CLOEXEC)
+            with as_store_owner():
+                return os.open(_shard_str(self._blob_dir_s, digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise MissingObject("blob", digest) from None
 
@@ -298,7 +368,7 @@ class Store:
     def _put_tree_bytes(self, digest: bytes, data: bytes, batch: Batch) -> None:
         fd, temp = batch.new_temp()
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
         finally:
             os.close(fd)
         batch.add(temp, self.tree_path(digest), len(data))
@@ -322,7 +392,8 @@ class Store:
         entries ``select`` wants are decoded, when it is given (for one pass
         over every tree of a large root that needs a few kinds of entry)."""
         try:
-            data = _read_small(_shard_str(self._tree_dir_s, digest))
+            with as_store_owner():
+                data = read_small(_shard_str(self._tree_dir_s, digest))
         except FileNotFoundError:
             raise MissingObject("tree", digest) from None
         if hash_bytes(data) != digest:
@@ -373,46 +444,53 @@ class Store:
             if entry.kind == treefmt.DIR:
                 yield from self.walk(entry.ref, path + b"/")
 
-    def closure(self, root: bytes) -> tuple[set[bytes], set[bytes]]:
-        """All tree and blob digests reachable from ``root``."""
-        trees: set[bytes] = set()
-        blobs: set[bytes] = set()
-        stack = [root]
-        while stack:
-            digest = stack.pop()
-            if digest in trees:
-                continue
-            trees.add(digest)
-            for e in self.get_tree(digest):
-                if e.kind == treefmt.DIR:
-                    stack.append(e.ref)
-                elif e.kind == treefmt.FILE:
-                    blobs.add(e.ref)
-        return trees, blobs
+    def tree_refs(self, digest: bytes, *, verify: bool = False) -> tuple[list[bytes], list[bytes]]:
+        """``(subtrees, blobs)`` tree ``digest`` refers to, without building entries.
 
-    def is_complete(self, root: bytes) -> bool:
-        """True when every tree and blob ``root`` needs is present."""
+        Raises ``MissingObject``, or ``CorruptObject`` for bytes that do not
+        read as a tree (or, with ``verify``, do not hash to ``digest``).
+        """
         try:
-            _, blobs = self.closure(root)
-        except StoreError:
-            return False
-        return all(self.has_blob(b) for b in blobs)
+            with as_store_owner():
+                data = read_small(_shard_str(self._tree_dir_s, digest))
+        except FileNotFoundError:
+            raise MissingObject("tree", digest) from None
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            raise CorruptObject(f"tree {digest.hex()}: {exc.strerror}") from None
+        if verify and hash_bytes(data) != digest:
+            raise CorruptObject(f"tree {digest.hex()} does not match its digest")
+        try:
+            return treefmt.refs(data)
+        except treefmt.TreeFormatError as exc:
+            raise CorruptObject(f"tree {digest.hex()}: {exc}") from None
+
+    def closure_check(
+        self, *, bad: Set[bytes] = frozenset(), settled: bool = False
+    ) -> ClosureCheck:
+        return ClosureCheck(self, bad=bad, settled=settled)
 
     # -- checking -----------------------------------------------------------
 
     def fsck(self, *, remove_corrupt: bool = False) -> FsckReport:
         """Rehash every object; optionally move corrupt ones out of the way."""
         report = FsckReport()
-        for kind, base in (("blob", self.blob_dir), ("tree", self.tree_dir)):
-            for shard in sorted(os.scandir(base), key=lambda d: d.name):
-                for obj in os.scandir(shard.path):
-                    ok = _object_matches(obj.path, obj.name)
-                    if kind == "blob":
+        for kind in ("blobs", "trees"):
+            for _name, shard in self.shards(kind):
+                for obj in os.scandir(shard):
+                    ok = object_matches(obj.path, obj.name)
+                    if kind == "blobs":
                         report.blobs_checked += 1
                     else:
                         report.trees_checked += 1
                     if not ok:
                         report.corrupt.append(os.path.relpath(obj.path, self.root))
+                        digest = digest_of_name(obj.name)
+                        if digest is not None:
+                            report.bad.add(digest)
+                            if kind == "trees":
+                                self.forget_tree(digest)
                         if remove_corrupt:
                             os.unlink(obj.path)
         report.temp_files = len(os.listdir(self.tmp_dir))
@@ -431,78 +509,89 @@ class Store:
         return len(names)
 
 
-def _object_matches(path: str, name: str) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        size = os.fstat(fd).st_size
-        digest, _ = _copy_and_hash(fd, None, size)
-    finally:
-        os.close(fd)
-    return digest.hex() == name
+class ClosureCheck:
+    """What is missing from closures: the one answer for the executor (a
+    cache hit's trees), roots (a shell's), GC (results to drop) and fsck.
 
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """``(start, end)`` of each region of ``fd`` holding data, up to ``size``.
-
-    Found with SEEK_DATA/SEEK_HOLE, so holes of sparse files are skipped
-    rather than read; a filesystem without hole support reports one region.
+    Remembers the trees and blobs it found complete, so many closures that
+    share subtrees cost one walk; a caller relying on that must hold them
+    (``roots.py``). With ``settled`` (nothing is written meanwhile: fsck) it
+    remembers what is missing too. ``bad`` digests count as corrupt.
     """
-    pos = 0
-    while pos < size:
+
+    def __init__(self, store: Store, *, bad: Set[bytes] = frozenset(), settled: bool = False):
+        self.store = store
+        self.bad = bad
+        self._settled = settled
+        self._blobs: set[bytes] = set()
+        self._trees: set[bytes] = set()
+        self._missing: dict[bytes, str] = {}
+
+    def known_complete(self, tree: bytes) -> None:
+        """``tree`` is complete (this caller just wrote it and holds it)."""
+        self._trees.add(tree)
+
+    def blob(self, digest: bytes) -> str | None:
+        """Why blob ``digest`` is not usable (None: it is)."""
+        if digest in self._blobs:
+            return None
+        if digest in self.bad:
+            return f"blob {digest.hex()[:12]} is corrupt"
+        if not self.store.has_blob(digest):
+            return f"blob {digest.hex()[:12]} is missing"
+        self._blobs.add(digest)
+        return None
+
+    def tree(self, digest: bytes) -> str | None:
+        """Why the closure of tree ``digest`` is not complete (None: it is)."""
+        if digest in self._trees:
+            return None
+        why = self._missing.get(digest)
+        if why is not None:
+            return why
+        why = self._walk(digest)
+        if why is None:
+            self._trees.add(digest)
+        elif self._settled:
+            self._missing[digest] = why
+        return why
+
+    def _walk(self, digest: bytes) -> str | None:
+        if digest in self.bad:
+            return f"tree {digest.hex()[:12]} is corrupt"
         try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno != errno.ENXIO:
-                raise
-            return  # only a hole is left
-        if start >= size:
-            return
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        yield start, end
-        pos = end
+            subtrees, blobs = self.store.tree_refs(digest, verify=True)
+        except MissingObject:
+            return f"tree {digest.hex()[:12]} is missing"
+        except CorruptObject:
+            return f"tree {digest.hex()[:12]} is corrupt"
+        for blob in blobs:
+            why = self.blob(blob)
+            if why is not None:
+                return why
+        for sub in subtrees:
+            why = self.tree(sub)
+            if why is not None:
+                return why
+        return None
+
+    def missing(self, trees: Iterable[bytes], blobs: Iterable[bytes] = ()) -> str | None:
+        """What the first incomplete one of these lacks; None when all are complete."""
+        for blob in blobs:
+            why = self.blob(blob)
+            if why is not None:
+                return why
+        for tree in trees:
+            why = self.tree(tree)
+            if why is not None:
+                return why
+        return None
 
 
-def _copy_and_hash(src: int, dst: int | None, size: int) -> tuple[bytes, int]:
-    """Hash ``size`` bytes of ``src`` (and copy them to ``dst``), keeping holes.
-
-    Holes are hashed as zeros but not read or written, so a sparse 5 GiB
-    file costs what its data costs. A file shorter than ``size`` is taken as
-    it is.
-    """
-    hasher = new_hasher(size)
-    pos = 0
-    for start, end in data_ranges(src, size):
-        _hash_zeros(hasher, start - pos)
-        pos = start
-        while pos < end:
-            chunk = os.pread(src, min(CHUNK * 4, end - pos), pos)
-            if not chunk:
-                size = pos  # the file shrank under us
-                break
-            hasher.update(chunk)
-            if dst is not None:
-                os.pwrite(dst, chunk, pos)
-            pos += len(chunk)
-        if pos < end:
-            break
-    _hash_zeros(hasher, size - pos)
-    if dst is not None:
-        os.ftruncate(dst, size)
-    return hasher.digest(), size
-
-
-def _hash_zeros(hasher, count: int) -> None:
-    while count > 0:
-        n = min(count, len(_ZEROS))
-        hasher.update(memoryview(_ZEROS)[:n])
-        count -= n
+def digest_of_name(name: str) -> bytes | None:
+    """The digest a shard lists as ``name``; None for anything else."""
+    try:
+        digest = bytes.fromhex(name)
+    except ValueError:
+        return None
+    return digest if len(digest) == treefmt.DIGEST_SIZE else None

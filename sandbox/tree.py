@@ -154,6 +154,22 @@ def decode(data: bytes, select: Selector | None = None) -> list[Entry]:
     return entries
 
 
+def refs(data: bytes) -> tuple[list[bytes], list[bytes]]:
+    """``(subtrees, blobs)`` the tree encoded in ``data`` refers to.
+
+    For marking and presence walks over every tree of a large root: no
+    entry objects and no validation, a few times faster than ``decode``;
+    raises ``TreeFormatError`` on bytes it cannot read at all.
+    """
+    try:
+        _fmt, rows = msgpack.unpackb(data, raw=True, use_list=True)
+        subtrees = [row[7] for row in rows if row[1] == DIR]
+        blobs = [row[7] for row in rows if row[1] == FILE]
+    except Exception as exc:
+        raise TreeFormatError(f"undecodable tree: {exc}") from None
+    return subtrees, blobs
+
+
 #: overlayfs reads these on the layers amber builds from trees (it mounts
 #: without ``userxattr``): a tree must never carry them. Importers drop them;
 #: a hostile peer's tree is refused.

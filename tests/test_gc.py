@@ -14,17 +14,24 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import trio
 from amberd_process import BIN, Daemon
 
+from amber.daemon.api import images
+from amber.daemon.api.images import image_import
+from amber.daemon.api.registry import Api
+from amber.daemon.config import Config
+from amber.daemon.context import open_context
 from amber.daemon.storage.db import Database
 from amber.daemon.storage.gc import GcOptions, collect
 from amber.daemon.storage.roots import Roots
 from amber.sandbox import tree as treefmt
+from amber.sandbox.checkout import checkout
 from amber.sandbox.digest import EMPTY, hash_bytes
-from amber.sandbox.store import Store
+from amber.sandbox.store import KINDS, LeaseError, Store
 from amber.sandbox.tree import Entry
 
 # -- the protocol, without a daemon --------------------------------------------------------
@@ -55,10 +62,29 @@ def tree_of(store: Store, entries: list[tuple[str, bytes, int]]) -> bytes:
 
 @pytest.fixture
 def gc_env(tmp_path: Path):
+    """A store to write to (as the filesystem process does: its own, unguarded),
+    the daemon's roots over the same directory, and a database."""
     store = Store.open(tmp_path / "state")
     db = Database(tmp_path / "state" / "amber.db")
-    yield store, Roots(store), db
+    yield store, Roots(Store.open(tmp_path / "state")), db
     db.close()
+
+
+def test_the_daemons_store_writes_only_under_a_live_writer(gc_env):
+    _store, roots, _db = gc_env
+    with pytest.raises(LeaseError):
+        put_files(roots.store, {"f": b"no lease\n"})
+    with roots.hold("shell") as reader, pytest.raises(LeaseError):
+        put_files(reader.store, {"f": b"a reader's hold is no lease\n"})
+    with roots.writer("import") as writer:
+        tree = put_files(writer.store, {"f": b"leased\n"})
+        batch = writer.store.batch()
+        writer.store.put_blob_bytes(b"committed after the writer ended\n", batch)
+    with pytest.raises(LeaseError):
+        batch.commit()
+    batch.abort()
+    assert roots.complete([tree])
+    assert not roots.store.has_blob(hash_bytes(b"committed after the writer ended\n"))
 
 
 async def test_held_objects_stay_and_the_rest_goes(gc_env):
@@ -132,7 +158,8 @@ async def test_a_writer_keeps_what_it_deduplicated_while_gc_ran(gc_env):
     assert report.quarantined == 3
     assert store.has_blob(shared) and roots.complete([snapshot])
     assert not store.has_tree(garbage) and not store.has_blob(hash_bytes(b"only garbage\n"))
-    assert not [p for kind in ("trees", "blobs") for p in (roots.quarantine / kind).glob("*/*")]
+    assert not [p for kind in KINDS for _, shard in store.shards(kind, quarantined=True)
+                for p in shard.iterdir()]  # fmt: skip
 
 
 async def test_a_starting_writer_pauses_the_sweep(gc_env):
@@ -190,6 +217,53 @@ async def test_max_freed_stops_the_sweep(gc_env):
     report = await collect(store, roots, db.path, GcOptions(max_freed=20_000))
     assert not report.complete
     assert 20_000 <= report.freed_bytes < 40 * 2 * 8192
+
+
+async def test_gc_during_an_image_import_leaves_the_image_whole(tmp_path: Path, monkeypatch):
+    """Issue 13: an import reuses blobs already in the store; a GC between its
+    resolve and its image record took them (and its own new objects)."""
+    ctx = open_context(Config(state_dir=tmp_path / "state"))
+    api = Api(ctx, manager=None)  # type: ignore[arg-type]  # image-import needs no manager
+    root = SimpleNamespace(peer=SimpleNamespace(uid=0, gid=0, is_root=True))
+    for name, only in (("a", b"only in a\n"), ("b", b"only in b\n")):
+        (tmp_path / name / "sub").mkdir(parents=True)
+        (tmp_path / name / "shared").write_bytes(b"in both images\n" * 100)
+        (tmp_path / name / "sub" / "only").write_bytes(only)
+    await image_import(api, root, {"name": "a", "source": f"dir:{tmp_path / 'a'}"})
+    ctx.db.delete_image("a")  # `amber image rm a`: what b shares is now unreferenced
+
+    marked = trio.Event()
+    reports = []
+
+    async def run_gc() -> None:
+        async def progress(message: str) -> None:
+            if "objects are live" in message:
+                marked.set()
+
+        reports.append(await ctx.gc.collect(GcOptions(), progress=progress))
+
+    real_resolve = images.resolve_base
+
+    def resolve_then_gc(*args, **kwargs):
+        resolved = real_resolve(*args, **kwargs)
+        # A GC starts between b's resolve and its image record, and has
+        # marked everything the database and the holds keep before b goes on.
+        trio.from_thread.run_sync(nursery.start_soon, run_gc)
+        trio.from_thread.run(marked.wait)
+        return resolved
+
+    monkeypatch.setattr(images, "resolve_base", resolve_then_gc)
+    async with trio.open_nursery() as nursery:
+        reply = await image_import(api, root, {"name": "b", "source": f"dir:{tmp_path / 'b'}"})
+    assert reports and reports[0].objects > 0  # the gc ran and collected a's leftovers
+    tree = bytes.fromhex(reply["tree"])
+    assert ctx.store.closure_check().missing([tree]) is None
+    fsck = await ctx.gc.fsck(repair=False)
+    assert fsck["problems"] == [] and fsck["corrupt"] == []
+    checkout(ctx.store, tree, tmp_path / "out")  # what a build on it reads
+    assert (tmp_path / "out" / "shared").read_bytes() == b"in both images\n" * 100
+    assert (tmp_path / "out" / "sub" / "only").read_bytes() == b"only in b\n"
+    ctx.db.close()
 
 
 # -- the real daemon -----------------------------------------------------------------------

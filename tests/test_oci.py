@@ -145,7 +145,7 @@ def test_import_of_export_gives_the_same_trees(exports, image, tmp_path: Path, k
     store = Store.open(tmp_path / "other")
     imported = read_image(exports[kind], store)
     assert imported.trees == [t1, t2]
-    assert store.is_complete(t2)
+    assert store.closure_check().missing([t2]) is None
     assert imported.name == "localhost/amber/b1:step-2"
     assert imported.config.env == CONFIG.env
     assert imported.config.workdir == "/work"
@@ -542,7 +542,7 @@ def test_a_refused_layer_leaves_no_tree_behind_even_in_memory(tmp_path: Path, st
         read_image(oci_archive(tmp_path / "bad.tar", good, bad), store)
     tree = import_oci_base(store, oci_archive(tmp_path / "good.tar", good))
     assert store.tree_path(tree).exists()
-    assert Store.open(store.state_dir).is_complete(tree)
+    assert Store.open(store.state_dir).closure_check().missing([tree]) is None
 
 
 def test_a_symlink_from_a_lower_layer_is_never_followed(store: Store):

@@ -7,6 +7,7 @@ the live mount with that checkout, mtimes included to the nanosecond).
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import shutil
@@ -471,3 +472,35 @@ async def test_a_snapshot_hashes_a_hard_link_group_once_and_stores_equal_content
     assert snap.stats.files_hashed == 2  # a (b is its inode), c
     assert snap.stats.blobs_written == 1
     assert store.lookup_path(snap.tree, b"c").ref == hash_bytes(data)
+
+
+async def test_a_store_object_deleted_under_a_live_mount_is_eio_and_the_mount_stays_up(
+    store: Store, tmp_path: Path
+):
+    base_dir = tmp_path / "base"
+    (base_dir / "gone/sub").mkdir(parents=True)
+    (base_dir / "gone/sub/f").write_text("in a deleted tree\n")
+    (base_dir / "lost").write_text("a deleted blob\n")
+    (base_dir / "kept").write_text("still here\n")
+    base = import_directory(store, base_dir)
+    gone = store.lookup_path(base, b"gone")
+    lost = store.lookup_path(base, b"lost")
+    assert gone is not None and lost is not None
+    async with open_overlay(store.state_dir, base, tmp_path / "mnt") as mnt:
+        os.unlink(store.tree_path(gone.ref))
+        os.unlink(store.blob_path(lost.ref))
+        with pytest.raises(OSError) as caught:
+            await trio.to_thread.run_sync(os.listdir, mnt.root / "gone")
+        assert caught.value.errno == errno.EIO
+        # The FUSE lower itself (direct readers) answers EIO for the lost blob.
+        lower = mnt.work / "layers/lower"
+        with pytest.raises(OSError) as caught:
+            await trio.to_thread.run_sync((lower / "lost").read_bytes)
+        assert caught.value.errno == errno.EIO
+        # ... and the mount is still up: other names still read, a snapshot still works.
+        assert (mnt.root / "kept").read_text() == "still here\n"
+        assert await trio.to_thread.run_sync(os.listdir, lower) != []
+        (mnt.root / "new").write_text("written after the errors\n")
+        snap = await mnt.snapshot()
+    entry = store.lookup_path(snap.tree, b"new")
+    assert entry is not None and store.read_blob(entry.ref) == b"written after the errors\n"

@@ -215,7 +215,7 @@ async def import_image(api: Api, conn: Connection, args: dict[str, Any]) -> dict
     def work():
         try:
             with filesystem_identity(conn.peer.uid, conn.peer.gid):
-                image = read_image(source, api.ctx.store, insecure=args["insecure"],
+                image = read_image(source, hold.store, insecure=args["insecure"],
                                    max_size=api.ctx.config.import_max_size)  # fmt: skip
             hold.checkpoint(image.trees)  # held before the build record refers to them
             return image

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from amber.daemon.api.registry import Api
     from amber.daemon.server import Connection
     from amber.daemon.storage.db import BuildRecord
+    from amber.daemon.storage.roots import Hold
 
 
 @operation(name=str, source=str)
@@ -37,15 +38,24 @@ async def image_import(api: Api, conn: Connection, args: dict[str, Any]) -> dict
     if ":" not in source.split("/", 1)[0]:
         source = ("dir:" if os.path.isdir(source) else "oci:") + source
 
-    def work() -> bytes:
+    def work(writer: Hold) -> bytes:
         uid, gid = conn.peer.uid, conn.peer.gid
         limit = api.ctx.config.import_max_size
-        return resolve_base(
-            api.ctx.store, api.ctx.db, source, uid=uid, gid=gid, import_max_size=limit
+        tree = resolve_base(
+            writer.store, api.ctx.db, source, uid=uid, gid=gid, import_max_size=limit
         ).tree
+        # Held before the image record refers to it, and checked whole
+        # (``tree:`` and image names are reused, not written).
+        if not writer.complete([tree]):
+            raise NotFound(f"{source}: tree {tree.hex()[:12]} is not complete in the store")
+        writer.checkpoint([tree])
+        return tree
 
-    tree = await trio.to_thread.run_sync(work)
-    api.ctx.db.put_image(name, tree.hex(), source, uid=conn.peer.uid)
+    # A writer from before the import reuses (deduplicates against) what the
+    # store has until the image record keeps it: a GC meanwhile leaves it.
+    with api.ctx.roots.writer(f"image import {name}") as writer:
+        tree = await trio.to_thread.run_sync(work, writer)
+        api.ctx.db.put_image(name, tree.hex(), source, uid=conn.peer.uid)
     return {"name": name, "tree": tree.hex()}
 
 

@@ -36,6 +36,7 @@ from amber.sandbox.digest import from_hex
 if TYPE_CHECKING:
     from amber.daemon.api.registry import Api
     from amber.daemon.server import Connection
+    from amber.sandbox.store import Store
 
 
 @operation(
@@ -72,7 +73,7 @@ async def _verify_spec(api: Api, conn: Connection, spec: Spec, spec_path: str) -
     except DigestMismatch as exc:
         return {"target": spec_path, "problems": [_mismatch(exc)], "notes": []}
 
-    def work() -> dict[str, Any]:
+    def work(store: Store) -> dict[str, Any]:
         base = resolve_base(store, db, str(spec.base), uid=uid, gid=gid)
         try:
             layout = lay_out(store, base.tree, spec, known, uid=uid, gid=gid, missing_ok=True)
@@ -89,7 +90,9 @@ async def _verify_spec(api: Api, conn: Connection, spec: Spec, spec_path: str) -
             result["tree"] = layout.tree.hex()
         return result
 
-    return await trio.to_thread.run_sync(work)
+    # Laying out writes the trees of local sources (and reuses what is there).
+    with api.ctx.roots.writer(f"verify of {spec_path}") as writer:
+        return await trio.to_thread.run_sync(work, writer.store)
 
 
 def _mismatch(exc: DigestMismatch) -> dict[str, Any]:

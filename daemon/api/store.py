@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 async def pin_add(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
     ctx = api.ctx
     name = check_pin_name(args["name"])
-    kind, target, record, roots = resolve_target(ctx.db, ctx.store, args["target"])
+    kind, target, record, roots = resolve_target(
+        ctx.db, ctx.store, args["target"], uid=conn.peer.uid
+    )
     if record is not None:
         api.record(conn, record.id)  # the build's owner or root only
     check_pin_owner(ctx.db, name, conn.peer.uid)

@@ -84,8 +84,12 @@ def resolve_base(
             tree = from_hex(ref)
         except ValueError as exc:
             raise InvalidSpec(f"base {base!r}: {exc}") from None
-        if not store.has_tree(tree):
-            raise NotFound(f"base tree {ref} is not in the store")
+        # Another user's tree reads as absent: only root, or whoever built it
+        # or may use an image of it, builds on a tree named by digest.
+        if not store.has_tree(tree) or not db.tree_visible_to(tree.hex(), uid):
+            raise NotFound(
+                f"base tree {ref} is not in the store, or not a state of your builds or an image"
+            )
         return ResolvedBase(tree, "tree")
     if kind == "oci" and ref:
         from amber.daemon.oci.base import import_oci_base

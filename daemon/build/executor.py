@@ -63,7 +63,8 @@ class Executor:
         self._mount_cm = None
         self.mount_tree: bytes | None = None
         self.base: ResolvedBase | None = None
-        self.verified: set[bytes] = set()  # trees known complete during this build
+        # Remembers the trees found complete during this build (all held).
+        self.presence = ctx.store.closure_check()
         self.state = BuildState(ctx.db, build)
         self.limits = limits
         #: This build's own host id range, from its first mount until it ends.
@@ -134,7 +135,7 @@ class Executor:
         self.base = await trio.to_thread.run_sync(
             functools.partial(
                 resolve_base,
-                self.ctx.store,
+                self.hold.store,
                 db,
                 str(spec.base),
                 uid=b.uid,
@@ -185,10 +186,10 @@ class Executor:
         gid = ctx.peer_gid(b)
         try:
             limits = FetchLimits.of(ctx.config)
-            fetched = await fetch_sources(ctx.store, ctx.db, self.spec, mirrors=ctx.config.mirrors,
+            fetched = await fetch_sources(self.hold.store, ctx.db, self.spec, mirrors=ctx.config.mirrors,
                                           uid=b.uid, gid=gid, note=self.build.note, limits=limits)  # fmt: skip
             layout = await trio.to_thread.run_sync(
-                functools.partial(lay_out, ctx.store, self.base.tree, self.spec, fetched, uid=b.uid, gid=gid,
+                functools.partial(lay_out, self.hold.store, self.base.tree, self.spec, fetched, uid=b.uid, gid=gid,
                                   max_size=limits.max_size)
             )  # fmt: skip
         except DigestMismatch as exc:
@@ -233,22 +234,9 @@ class Executor:
             trees | {from_hex(result.before_tree), from_hex(result.after_tree)},
             blobs | {from_hex(result.log)},
         )
-        store = self.ctx.store
-        if not store.has_blob(from_hex(result.log)):
-            return f"log blob {result.log[:12]} is missing"
-        for name in ("before_tree", "after_tree"):
-            tree = from_hex(getattr(result, name))
-            if tree in self.verified:
-                continue
-            try:
-                _, blobs = store.closure(tree)
-            except StoreError as exc:
-                return str(exc)
-            for blob in blobs:
-                if not store.has_blob(blob):
-                    return f"blob {blob.hex()[:12]} of its {name.replace('_', '-')} is missing"
-            self.verified.add(tree)
-        return None
+        return self.presence.missing(
+            [from_hex(result.before_tree), from_hex(result.after_tree)], [from_hex(result.log)]
+        )
 
     async def _replay_failure(self, index: int, hit: Result) -> None:
         b = self.build
@@ -355,7 +343,7 @@ class Executor:
         snap = await mount.snapshot()
         state.snapshot_seconds = snap.stats.seconds
         self.mount_tree = snap.tree
-        log_digest = await trio.to_thread.run_sync(step_log.store, self.ctx.store)
+        log_digest = await trio.to_thread.run_sync(step_log.store, self.hold.store)
         if step_log.truncated:
             b.note(f"step {step.name}: log truncated at {step_log.limit} bytes (step-log-max)")
         failed = outcome.exit_code != 0
@@ -374,7 +362,7 @@ class Executor:
             step=step.name,
         )
         self.ctx.db.put_result(result)
-        self.verified.add(snap.tree)
+        self.presence.known_complete(snap.tree)
         status = StepStatus.FAILED if failed else StepStatus.RAN
         self.state.step_done(index, status, result, before, snap.tree)
         if failed:

@@ -96,8 +96,9 @@ def _keep_partial_log(ctx: DaemonContext, build_id: str, idx: int) -> str | None
         return None
     if not os.path.isfile(path) or os.path.islink(path):
         return None
-    with ctx.store.batch() as batch:
-        digest, _ = ctx.store.put_blob_file(path, batch)
+    # Recovery runs before any GC can: the writer is for the store's guard.
+    with ctx.roots.writer(f"log of {build_id}") as writer, writer.store.batch() as batch:
+        digest, _ = writer.store.put_blob_file(path, batch)
     path.unlink()
     return digest.hex()
 

@@ -9,7 +9,9 @@ which read everything, open their own connection in their worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -200,12 +202,26 @@ class StepRecord:
     started: float | None = None
 
 
+def _root_only(path: Path) -> None:
+    """The database and its -wal/-shm files 0600: every spec and its env is in there."""
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if name.stat().st_mode & 0o077:
+                os.chmod(name, 0o600)
+
+
 class Database:
     def __init__(self, path: Path):
         self.path = path
+        _root_only(path)
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
+        _root_only(
+            path
+        )  # sqlite makes -wal and -shm with the database's mode, but an older file may be 0644
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA busy_timeout=5000")
         self._conn.executescript(SCHEMA)
@@ -322,6 +338,21 @@ class Database:
     def get_image(self, name: str) -> dict | None:
         row = self._conn.execute("SELECT * FROM images WHERE name = ?", (name,)).fetchone()
         return dict(row) if row else None
+
+    def tree_visible_to(self, tree: str, uid: int) -> bool:
+        """Whether ``uid`` may name tree ``tree`` (hex): root, or it is a state of
+        one of their builds, their out-link, or a named image (everyone's to use)."""
+        if uid == 0:
+            return True
+        row = self._conn.execute(
+            "SELECT 1 FROM builds WHERE uid = ?1 AND (base_tree = ?2 OR final_tree = ?2) "
+            "UNION ALL SELECT 1 FROM build_steps s JOIN builds b ON b.id = s.build_id "
+            "WHERE b.uid = ?1 AND (s.before_tree = ?2 OR s.after_tree = ?2) "
+            "UNION ALL SELECT 1 FROM images WHERE tree = ?2 "
+            "UNION ALL SELECT 1 FROM out_links WHERE uid = ?1 AND tree = ?2 LIMIT 1",
+            (uid, tree),
+        ).fetchone()
+        return row is not None
 
     def list_images(self) -> list[dict]:
         return [

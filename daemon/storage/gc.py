@@ -45,8 +45,8 @@ import trio
 
 from amber.daemon.storage.db import Database
 from amber.daemon.storage.pins import out_link_alive
-from amber.daemon.storage.roots import KINDS, Cycle, Roots, forget_tree, read_refs
-from amber.sandbox.store import Store
+from amber.daemon.storage.roots import Cycle, Roots
+from amber.sandbox.store import KINDS, ClosureCheck, Store, digest_of_name
 
 if TYPE_CHECKING:
     from amber.daemon.context import DaemonContext
@@ -290,13 +290,14 @@ def _sweep(store: Store, roots: Roots, cycle: Cycle, options: GcOptions, report:
     with ThreadPoolExecutor(REMOVERS, thread_name_prefix="amber-gc") as pool:
         for kind in KINDS:
             marked = cycle.trees if kind == "trees" else cycle.blobs
-            base = store.tree_dir if kind == "trees" else store.blob_dir
-            for shard in sorted(os.listdir(base)):
-                shard_fd = os.open(base / shard, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            for shard, path in store.shards(kind):
+                shard_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 try:
                     # Marks only grow: what is marked now stays marked; the
                     # rest is checked again under the lock.
-                    candidates = [n for n in os.listdir(shard_fd) if _digest(n) not in marked]
+                    candidates = [
+                        n for n in os.listdir(shard_fd) if digest_of_name(n) not in marked
+                    ]
                     for i in range(0, len(candidates), CHUNK):
                         chunk = candidates[i : i + CHUNK]
                         deadline = time.monotonic() + QUARANTINE_WAIT
@@ -313,13 +314,6 @@ def _sweep(store: Store, roots: Roots, cycle: Cycle, options: GcOptions, report:
                 finally:
                     os.close(shard_fd)
     return True
-
-
-def _digest(name: str) -> bytes | None:
-    try:
-        return bytes.fromhex(name)
-    except ValueError:
-        return None
 
 
 def _sweep_chunk(
@@ -349,10 +343,9 @@ def _sweep_chunk(
         try:
             if writers:
                 roots.note_quarantine_locked(writers)
-                qdir = roots.quarantine / kind / shard
-                qdir.mkdir(parents=True, exist_ok=True)
+                qdir = store.quarantine_shard(kind, shard)
                 quarantine_fd = os.open(qdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            doomed = [(n, d) for n, d in ((n, _digest(n)) for n in names)
+            doomed = [(n, d) for n, d in ((n, digest_of_name(n)) for n in names)
                       if d is not None and d not in marked]  # fmt: skip
             remove = functools.partial(_remove, shard_fd, quarantine_fd, cycle.started_ns, dry_run)
             # Removal (unlink frees blocks: slow on some disks) runs in
@@ -368,7 +361,7 @@ def _sweep_chunk(
                 else:
                     _count(report, kind, size)
                 if kind == "trees" and not dry_run:
-                    forget_tree(store, digest)
+                    store.forget_tree(digest)
         finally:
             if quarantine_fd is not None:
                 os.close(quarantine_fd)
@@ -408,18 +401,15 @@ def _purge(roots: Roots, cycle: Cycle, report: GcReport) -> None:
     with ThreadPoolExecutor(REMOVERS, thread_name_prefix="amber-gc") as pool:
         for kind in KINDS:
             marked = cycle.trees if kind == "trees" else cycle.blobs
-            base = roots.quarantine / kind
-            if not base.is_dir():
-                continue
-            for shard in sorted(os.listdir(base)):
-                shard_fd = os.open(base / shard, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            for _shard, path in roots.store.shards(kind, quarantined=True):
+                shard_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 try:
                     names = os.listdir(shard_fd)
                     for i in range(0, len(names), CHUNK):
                         with roots.lock:
                             doomed = []
                             for name in names[i : i + CHUNK]:
-                                digest = _digest(name)
+                                digest = digest_of_name(name)
                                 if digest is not None and digest in marked:
                                     roots.restore(kind, digest)  # held since: back it goes
                                 else:
@@ -444,6 +434,7 @@ def _trim_database(
     """Drop results whose objects are gone, old build records and downloads
     whose content is gone; returns the counts of the first two."""
     db = Database(db_path)
+    check = store.closure_check()
     try:
         doomed: list[str] = []
         for rowid, key, before, after, log_digest in db.result_refs():
@@ -454,7 +445,8 @@ def _trim_database(
             if complete:
                 alive = all(t in cycle.trees for t in trees) and blob in cycle.blobs
             else:
-                alive = store.has_blob(blob) and all(read_refs(store, t) is not None for t in trees)
+                # The sweep stopped early: ask the store what is still there.
+                alive = check.missing(trees, [blob]) is None
             if not alive:
                 doomed.append(key)
         results = db.delete_results(doomed, max_rowid=db_roots.max_rowid) if doomed else 0
@@ -471,53 +463,6 @@ def _trim_database(
 # -- fsck ---------------------------------------------------------------------------------
 
 
-class Presence:
-    """Whether objects are present and sound, remembered across many results."""
-
-    def __init__(self, store: Store, bad: set[bytes]):
-        self.store = store
-        self.bad = bad  # found corrupt (and left in place: no --repair)
-        self._blobs: dict[bytes, bool] = {}
-        self._trees: dict[bytes, str | None] = {}
-
-    def blob(self, digest: bytes) -> bool:
-        ok = self._blobs.get(digest)
-        if ok is None:
-            ok = digest not in self.bad and self.store.has_blob(digest)
-            self._blobs[digest] = ok
-        return ok
-
-    def tree(self, digest: bytes) -> str | None:
-        """Why ``digest`` is not complete (None: it is)."""
-        if digest in self._trees:
-            return self._trees[digest]
-        why: str | None = None
-        refs = None if digest in self.bad else read_refs(self.store, digest)
-        if refs is None:
-            why = f"tree {digest.hex()[:12]} is missing or corrupt"
-        else:
-            subtrees, files = refs
-            why = next((f"blob {b.hex()[:12]} is missing or corrupt" for b in files
-                        if not self.blob(b)), None)  # fmt: skip
-            for sub in subtrees:
-                if why is not None:
-                    break
-                why = self.tree(sub)
-        self._trees[digest] = why
-        return why
-
-    def problem(self, trees: list[str], blobs: list[str]) -> str | None:
-        for value in blobs:
-            if value and not self.blob(bytes.fromhex(value)):
-                return f"blob {value[:12]} is missing or corrupt"
-        for value in trees:
-            if value:
-                why = self.tree(bytes.fromhex(value))
-                if why:
-                    return why
-        return None
-
-
 def check_store(store: Store, db_path: Path, repair: bool) -> dict[str, Any]:
     """Rehash every object; find results, pins and out-links that need what is broken.
 
@@ -526,15 +471,7 @@ def check_store(store: Store, db_path: Path, repair: bool) -> dict[str, Any]:
     kept (and reported) since a rebuild can make them whole again.
     """
     scan = store.fsck(remove_corrupt=repair)
-    bad: set[bytes] = set()
-    for rel in scan.corrupt:
-        kind, _, name = rel.partition("/")
-        digest = _digest(os.path.basename(name))
-        if digest is not None:
-            bad.add(digest)
-            if kind == "trees":
-                forget_tree(store, digest)
-    presence = Presence(store, set() if repair else bad)
+    presence = _Problems(store.closure_check(bad=set() if repair else scan.bad, settled=True))
     db = Database(db_path)
     try:
         max_rowid = db.results_rowid_max()
@@ -555,6 +492,15 @@ def check_store(store: Store, db_path: Path, repair: bool) -> dict[str, Any]:
             if why:
                 problems.append({"message": f"pin {pin.name} ({pin.target}) is incomplete: {why}",
                                  "pin": pin.name})  # fmt: skip
+        for image in db.list_images():
+            why = presence.problem([image["tree"]], [])
+            if why:
+                problems.append(
+                    {
+                        "message": f"image {image['name']} is incomplete: {why}",
+                        "image": image["name"],
+                    }
+                )
         for link in db.list_out_links():
             why = presence.problem([link.tree], [])
             if why and out_link_alive(link):
@@ -573,6 +519,18 @@ def check_store(store: Store, db_path: Path, repair: bool) -> dict[str, Any]:
         "results_dropped": dropped,
         "temp_files": scan.temp_files,
     }
+
+
+class _Problems:
+    """Why a record's trees and blobs (hex, some empty) are not whole."""
+
+    def __init__(self, check: ClosureCheck):
+        self.check = check
+
+    def problem(self, trees: list[str], blobs: list[str]) -> str | None:
+        return self.check.missing(
+            [bytes.fromhex(t) for t in trees if t], [bytes.fromhex(b) for b in blobs if b]
+        )
 
 
 # -- automatic collection -------------------------------------------------------------------

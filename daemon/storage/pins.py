@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from amber.client.errors import AmberError
+from amber.daemon.errors import BadArgs, Busy, NotFound, PermissionDenied
 from amber.daemon.storage.db import BuildRecord, Database, OutLink, Pin
 from amber.sandbox import tree as treefmt
 from amber.sandbox.checkout import FOR_USER, PRIVILEGED, CheckoutError, checkout
@@ -86,8 +86,7 @@ class PinRoots:
 
 def check_pin_name(name: str) -> str:
     if not _NAME.fullmatch(name) or name != name.strip():
-        raise AmberError(
-            "bad-args",
+        raise BadArgs(
             "a pin name is 1 to 200 printable characters, without leading or trailing blanks",
         )
     return name
@@ -122,36 +121,34 @@ def _add_step(
 
 
 def resolve_target(
-    db: Database, store: Store, target: str
+    db: Database, store: Store, target: str, *, uid: int
 ) -> tuple[str, str, BuildRecord | None, PinRoots]:
     """``(kind, target, build record or None, roots)`` for a pin target.
 
     Raises:
-        AmberError: ``bad-args`` for a target of no known form, ``not-found``
-            for one that names nothing, ``busy`` for a build still running.
+        BadArgs: for a target of no known form; NotFound: for one that names
+            nothing (or a tree the caller may not see); Busy: for a build still running.
     """
     text = target.strip()
     prefix, _, rest = text.partition(":")
     if prefix == "result" and _HEX64.fullmatch(rest):
         return _result_target(db, rest)
     if prefix == "tree" and _HEX64.fullmatch(rest):
-        return _tree_target(store, rest)
+        return _tree_target(db, store, rest, uid)
     if _HEX64.fullmatch(text):
         if db.get_result(text) is not None:
             return _result_target(db, text)
-        return _tree_target(store, text)
+        return _tree_target(db, store, text, uid)
     build_id, _, step = text.partition(":")
     record = db.get_build(build_id) if build_id else None
     if record is None:
         if prefix in ("result", "tree") or ":" in step:
-            raise AmberError("bad-args", f"pin target {target!r}: expected {TARGET_FORMS}")
-        raise AmberError(
-            "not-found",
+            raise BadArgs(f"pin target {target!r}: expected {TARGET_FORMS}")
+        raise NotFound(
             f"pin target {target!r} names no build, result or tree (accepted: {TARGET_FORMS})",
         )
     if record.status in ("queued", "running"):
-        raise AmberError(
-            "busy",
+        raise Busy(
             f"build {record.id} is still {record.status}; pin it when it is done "
             "(or build with --pin)",
         )
@@ -161,9 +158,9 @@ def resolve_target(
     chosen = next((s for s in records if s.name == step), None)
     if chosen is None:
         names = ", ".join(s.name for s in records)
-        raise AmberError("not-found", f"build {record.id} has no step {step!r} (steps: {names})")
+        raise NotFound(f"build {record.id} has no step {step!r} (steps: {names})")
     if not chosen.after_tree:
-        raise AmberError("not-found", f"step {step} of build {record.id} never finished")
+        raise NotFound(f"step {step} of build {record.id} never finished")
     roots = PinRoots(builds={record.id})
     _add_step(roots, db, chosen.key, chosen.before_tree, chosen.after_tree, chosen.log)
     return "step", f"{record.id}:{step}", record, roots
@@ -172,16 +169,23 @@ def resolve_target(
 def _result_target(db: Database, key: str) -> tuple[str, str, None, PinRoots]:
     result = db.get_result(key)
     if result is None:
-        raise AmberError("not-found", f"no cached result with key {key}")
+        raise NotFound(f"no cached result with key {key}")
     roots = PinRoots(
         trees={result.before_tree, result.after_tree}, blobs={result.log}, results={key}
     )
     return "result", f"result:{key}", None, roots
 
 
-def _tree_target(store: Store, digest: str) -> tuple[str, str, None, PinRoots]:
-    if not store.has_tree(bytes.fromhex(digest)):
-        raise AmberError("not-found", f"no tree {digest} in the store, nor a result with that key")
+def _tree_target(
+    db: Database, store: Store, digest: str, uid: int
+) -> tuple[str, str, None, PinRoots]:
+    # Another user's tree is answered as one that is not there: its digest
+    # says nothing to whoever may not see it.
+    if not store.has_tree(bytes.fromhex(digest)) or not db.tree_visible_to(digest.lower(), uid):
+        raise NotFound(
+            f"no tree {digest} of yours in the store (a state of your builds or a named "
+            "image), nor a result with that key"
+        )
     return "tree", f"tree:{digest}", None, PinRoots(trees={digest})
 
 
@@ -193,7 +197,7 @@ def new_pin(name: str, kind: str, target: str, uid: int, roots: PinRoots) -> Pin
 def check_pin_owner(db: Database, name: str, uid: int) -> None:
     existing = db.get_pin(name)
     if existing is not None and uid != 0 and existing.uid != uid:
-        raise AmberError("permission-denied", f"pin {name} belongs to uid {existing.uid}")
+        raise PermissionDenied(f"pin {name} belongs to uid {existing.uid}")
 
 
 def pin_summary(pin: Pin) -> dict:
@@ -218,8 +222,7 @@ async def on_success(ctx: DaemonContext, build: Build, tree: bytes) -> None:
             await trio.to_thread.run_sync(hold.checkpoint, trees, blobs)
         complete = await trio.to_thread.run_sync(extra.complete, trees, blobs)
         if not complete:
-            raise AmberError(
-                "not-found",
+            raise NotFound(
                 f"build {build.id} succeeded but its states are not complete in the store "
                 "(objects removed behind amber's back?); not pinned, no out-link",
             )
@@ -234,7 +237,7 @@ async def on_success(ctx: DaemonContext, build: Build, tree: bytes) -> None:
 async def _out_link(ctx: DaemonContext, build: Build, tree: bytes) -> None:
     path = os.path.normpath(build.out_link or "")
     if not os.path.isabs(path) or path == "/":
-        raise AmberError("bad-args", f"--out-link must be an absolute path, got {path!r}")
+        raise BadArgs(f"--out-link must be an absolute path, got {path!r}")
     output = build.spec.output
     target = tree
     if output and output != "/":
@@ -242,9 +245,7 @@ async def _out_link(ctx: DaemonContext, build: Build, tree: bytes) -> None:
             ctx.store.lookup_path, tree, output.strip("/").encode()
         )
         if entry is None or entry.kind != treefmt.DIR:
-            raise AmberError(
-                "not-found", f"the spec's output {output} is not a directory in the final state"
-            )
+            raise NotFound(f"the spec's output {output} is not a directory in the final state")
         target = entry.ref
     previous = ctx.db.get_out_link(path)
     replaceable = previous is not None and out_link_alive(previous)
@@ -271,8 +272,7 @@ def _checkout_out_link(
     temp = os.path.join(parent, f".{name}.amber-{secrets.token_hex(4)}")
     with filesystem_identity(build.uid, build.gid):
         if os.path.lexists(path) and not replaceable:
-            raise AmberError(
-                "bad-args",
+            raise BadArgs(
                 f"--out-link {path} exists and is not an out-link amber made; remove it or pick another path",
             )
         try:
@@ -290,8 +290,8 @@ def _checkout_out_link(
                 os.rename(temp, path)
         except (OSError, CheckoutError) as exc:
             shutil.rmtree(temp, ignore_errors=True)
-            raise AmberError("permission-denied" if isinstance(exc, PermissionError) else "not-found",
-                             f"--out-link {path}: {exc}") from None  # fmt: skip
+            error = PermissionDenied if isinstance(exc, PermissionError) else NotFound
+            raise error(f"--out-link {path}: {exc}") from None
         st = os.lstat(path)
     return st.st_dev, st.st_ino
 

@@ -45,15 +45,15 @@ never takes what a pin, an existing out-link, a live build, a shell or an
 export uses; at worst a cached result whose objects were collected before
 anyone held them is a miss, and its step reruns.
 
-Work that writes to the store outside a build (an image import, say) must
-run as a writer too, or it can lose an object it deduplicated against to a
-concurrent GC.
+Work that writes to the store outside a build (an image import, verify)
+runs as a writer too, or it can lose an object it deduplicated against to a
+concurrent GC. This is enforced, not a convention: ``Roots`` guards its
+store (``Store.guard``), which then writes only through ``writer.store``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import threading
@@ -62,21 +62,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgpack
-
 from amber.daemon.storage.db import Database
 from amber.sandbox import tree as treefmt
 from amber.sandbox.digest import EMPTY
-from amber.sandbox.store import Store
+from amber.sandbox.store import KINDS, Lease, Store, StoreError, digest_of_name
 
 log = logging.getLogger("amber.roots")
 
-KINDS = ("trees", "blobs")
+__all__ = ["KINDS", "Cycle", "Hold", "Roots", "build_state"]
 
 
-class Hold:
+class Hold(Lease):
     """A temp root: trees and blobs GC keeps (with their closures) until released.
 
+    A writer's hold is also the lease its writes show the store (``store``).
     ``add`` and ``checkpoint`` may walk trees and move files while a GC cycle
     runs: call them from a worker thread, never from the trio thread.
     """
@@ -90,6 +89,15 @@ class Hold:
         self.blobs: set[bytes] = set()
         self.checkpoint_seq = 0
         self.released = False
+        self.lease_issuer = roots if writer else None
+
+    def lease_live(self) -> bool:
+        return self.writer and not self.released
+
+    @property
+    def store(self) -> Store:
+        """The store, writing under this writer's lease (a reader's refuses writes)."""
+        return self._roots.store.leased(self)
 
     def add(self, trees: Iterable[bytes] = (), blobs: Iterable[bytes] = ()) -> None:
         """Hold these too (blocking)."""
@@ -140,9 +148,9 @@ class Roots:
 
     def __init__(self, store: Store):
         self.store = store
+        store.guard(self)  # from now on it writes only under our writers' leases
         self.lock = threading.Lock()
         self._registry = threading.Lock()  # guards the two dicts below; taken after ``lock``
-        self.quarantine = Path(store.root) / "quarantine"
         self._holds: dict[int, Hold] = {}
         self._by_build: dict[str, Hold] = {}
         self._seq = 0
@@ -198,24 +206,7 @@ class Roots:
 
     def complete(self, trees: Iterable[bytes], blobs: Iterable[bytes] = ()) -> bool:
         """True when every tree and blob needed by these is in the store."""
-        store = self.store
-        if not all(store.has_blob(b) for b in blobs):
-            return False
-        seen: set[bytes] = set()
-        stack = list(trees)
-        while stack:
-            digest = stack.pop()
-            if digest in seen:
-                continue
-            seen.add(digest)
-            refs = read_refs(store, digest)
-            if refs is None:
-                return False
-            subtrees, files = refs
-            if not all(store.has_blob(b) for b in files):
-                return False
-            stack.extend(subtrees)
-        return True
+        return self.store.closure_check().missing(trees, blobs) is None
 
     # -- what a GC cycle calls ------------------------------------------------
 
@@ -274,10 +265,11 @@ class Roots:
             walked += 1
             if restore:
                 self.restore("trees", digest)
-            refs = read_refs(self.store, digest)
-            if refs is None:
+            try:
+                # No hash check: a corrupt tree can only make GC keep more.
+                subtrees, files = self.store.tree_refs(digest)
+            except StoreError:
                 continue  # missing or corrupt: whoever checks presence will say so
-            subtrees, files = refs
             for sub in subtrees:
                 if sub not in marked_trees:
                     stack.append(sub)
@@ -317,11 +309,10 @@ class Roots:
     # -- quarantine -------------------------------------------------------------
 
     def quarantine_path(self, kind: str, digest: bytes) -> Path:
-        hexd = digest.hex()
-        return self.quarantine / kind / hexd[:2] / hexd
+        return self.store.quarantine_path(kind, digest)
 
     def store_path(self, kind: str, digest: bytes) -> Path:
-        return self.store.tree_path(digest) if kind == "trees" else self.store.blob_path(digest)
+        return self.store.object_path(kind, digest)
 
     def restore(self, kind: str, digest: bytes) -> bool:
         """Put a quarantined object back (no-op when it is not quarantined)."""
@@ -341,14 +332,10 @@ class Roots:
         """Every quarantined object back into the store."""
         restored = 0
         for kind in KINDS:
-            base = self.quarantine / kind
-            if not base.is_dir():
-                continue
-            for shard in os.scandir(base):
-                for obj in os.scandir(shard.path):
-                    try:
-                        digest = bytes.fromhex(obj.name)
-                    except ValueError:
+            for _name, shard in self.store.shards(kind, quarantined=True):
+                for obj in os.scandir(shard):
+                    digest = digest_of_name(obj.name)
+                    if digest is None:
                         os.unlink(obj.path)
                         continue
                     if self.restore(kind, digest):
@@ -369,45 +356,6 @@ class Roots:
         if restored:
             log.info("restored %d objects left in quarantine by an interrupted gc", restored)
         return restored
-
-
-# -- reading trees quickly ------------------------------------------------------
-
-
-def read_refs(store: Store, digest: bytes) -> tuple[list[bytes], list[bytes]] | None:
-    """``(subtrees, blobs)`` a tree refers to; None when it is missing or unreadable.
-
-    Faster than ``Store.get_tree`` for marking: no hash check and no entry
-    objects. A corrupt tree can only make GC keep more than it needs.
-    """
-    hexd = digest.hex()
-    try:
-        fd = os.open(f"{store.tree_dir}/{hexd[:2]}/{hexd}", os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        chunks = [os.read(fd, 1 << 16)]
-        while len(chunks[-1]) == 1 << 16:
-            chunks.append(os.read(fd, 1 << 16))
-    except OSError as exc:
-        if exc.errno == errno.EIO:
-            return None
-        raise
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
-    try:
-        _fmt, rows = msgpack.unpackb(data, raw=True, use_list=True)
-        subtrees = [row[7] for row in rows if row[1] == treefmt.DIR]
-        blobs = [row[7] for row in rows if row[1] == treefmt.FILE]
-    except Exception:
-        return None
-    return subtrees, blobs
-
-
-def forget_tree(store: Store, digest: bytes) -> None:
-    """Drop a removed tree from the store's cache so reads see it is gone."""
-    store.forget_tree(digest)
 
 
 def build_state(db: Database, build_id: str) -> tuple[set[bytes], set[bytes]]:

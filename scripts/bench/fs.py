@@ -382,7 +382,7 @@ async def amber_run(
         ) as mnt:
             mount_seconds = time.perf_counter() - start
             before = ProcessUsage.of(mnt.pid)
-            with FuseTrace(mnt.work / "lower", f"amber-bench-fs-{os.getpid()}") as trace:
+            with FuseTrace(mnt.work / "layers/lower", f"amber-bench-fs-{os.getpid()}") as trace:
                 phases = await build_in_chroot(mnt.root, tarball, work / "log", trace.collect)
             usage = ProcessUsage.of(mnt.pid) - before
             rss_build = mnt.peak_rss()
