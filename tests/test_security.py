@@ -15,55 +15,25 @@ import os
 import re
 import stat
 import struct
-import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from amberd_process import BIN, Daemon
+from second_user import MAL, Mal, mal_daemon
 
 from amber.sandbox.beneath import write_beneath
 
-MAL = 4242
-AS_MAL = ["setpriv", f"--reuid={MAL}", f"--regid={MAL}", "--clear-groups"]
 SECRET = b"root-only secret 7f3a"
 BUILD_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}-[0-9]+")
 # struct vfs_cap_data, revision 2: effective, permitted = CAP_SETUID (7)
 CAP_SETUID_EP = struct.pack("<IIIII", 0x02000001, 1 << 7, 0, 0, 0)
 
 
-class Mal:
-    """uid 4242 with a home of its own, talking to a daemon whose socket it may reach."""
-
-    def __init__(self, daemon: Daemon, home: Path):
-        self.daemon = daemon
-        self.home = home
-
-    def run(self, *argv: str | Path, check: bool = False) -> subprocess.CompletedProcess:
-        env = dict(self.daemon.env, HOME=str(self.home))
-        proc = subprocess.run([*AS_MAL, *map(str, argv)], capture_output=True, env=env,
-                              cwd=self.home, timeout=600)  # fmt: skip
-        if check:
-            assert proc.returncode == 0, (argv, proc.stdout, proc.stderr)
-        return proc
-
-    def amber(self, *args: str | Path) -> subprocess.CompletedProcess:
-        return self.run(BIN / "amber", *args)
-
-
 @pytest.fixture
 def mal(daemon_root: Path) -> Iterator[Mal]:
-    config = daemon_root / "amberd.toml"
-    config.write_text("socket-mode = 0o666\n")
-    daemon = Daemon(daemon_root).start("--config", str(config))
-    home = daemon_root / "home-mal"
-    home.mkdir(mode=0o755)
-    os.chown(home, MAL, MAL)
-    try:
-        yield Mal(daemon, home)
-    finally:
-        assert daemon.stop() == 0
+    with mal_daemon(daemon_root) as mal:
+        yield mal
 
 
 def root_only_file(path: Path, data: bytes) -> Path:

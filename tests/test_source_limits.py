@@ -17,7 +17,6 @@ import hashlib
 import io
 import json
 import os
-import subprocess
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -25,54 +24,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from amberd_process import BIN, Daemon
+from amberd_process import Daemon
+from second_user import HANG, MAL, mal_daemon
 
 from amber.sandbox.store import Store
-
-MAL = 4242
-AS_MAL = ["setpriv", f"--reuid={MAL}", f"--regid={MAL}", "--clear-groups"]
-#: A guard against a hang on a broken amberd, not a bound on how fast it is.
-HANG = 300
-
-
-class Mal:
-    """uid 4242 with a home of its own, talking to a daemon whose socket it may reach."""
-
-    def __init__(self, daemon: Daemon, home: Path):
-        self.daemon = daemon
-        self.home = home
-
-    def popen(self, *args: str | Path) -> subprocess.Popen:
-        env = dict(self.daemon.env, HOME=str(self.home))
-        argv = [*AS_MAL, str(BIN / "amber"), *map(str, args)]
-        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                cwd=self.home)  # fmt: skip
-
-    def amber(self, *args: str | Path) -> tuple[int, str]:
-        proc = self.popen(*args)
-        out, _ = proc.communicate(timeout=HANG)
-        return proc.returncode, out.decode(errors="replace")
-
-    def write(self, name: str, data: str | bytes) -> Path:
-        path = self.home / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data.encode() if isinstance(data, str) else data)
-        os.chown(path, MAL, MAL)
-        return path
-
-
-@contextlib.contextmanager
-def mal_daemon(root: Path, config: str = "") -> Iterator[Mal]:
-    path = root / "amberd.toml"
-    path.write_text("socket-mode = 0o666\n" + config)
-    daemon = Daemon(root).start("--config", str(path))
-    home = root / "home-mal"
-    home.mkdir(mode=0o755)
-    os.chown(home, MAL, MAL)
-    try:
-        yield Mal(daemon, home)
-    finally:
-        assert daemon.stop() == 0
 
 
 def du(path: Path) -> int:
@@ -126,7 +81,7 @@ def test_a_dev_zero_url_is_refused_and_the_disk_does_not_fill(daemon_root: Path)
     with mal_daemon(daemon_root, 'source-max-size = "2G"\n') as mal:
         before = du(mal.daemon.state)
         zero = spec(f'[[source]]\nurl = "file:///dev/zero"\nsha256 = "{"0" * 64}"\ndest = "z"\n')
-        code, out = mal.amber("build", mal.write("zero.toml", zero))
+        code, out = mal.said("build", mal.write("zero.toml", zero))
         assert code != 0
         assert "/dev/zero is a character device, not a regular file" in out, out
         assert du(mal.daemon.state) - before < 64 << 20
@@ -156,7 +111,7 @@ def test_a_source_swapped_for_a_fifo_after_parsing_is_refused(daemon_root: Path)
                 '[[source]]\npath = "src/local.txt"\ndest = "local.txt"\n'
             )
             try:
-                code, out = mal.amber("build", mal.write("fifo.toml", spec(body)))
+                code, out = mal.said("build", mal.write("fifo.toml", spec(body)))
             finally:
                 if local.exists():  # wake a reader a broken amberd left blocked on it
                     os.close(os.open(local, os.O_RDWR | os.O_NONBLOCK))
@@ -226,7 +181,7 @@ def test_whether_a_file_exists_where_the_user_cannot_look_stays_unknown(daemon_r
         answers = []
         for name in ("exists.txt", "missing.txt"):
             body = f'[[source]]\npath = "{hidden / name}"\ndest = "x"\n'
-            code, out = mal.amber("build", mal.write(f"{name}.toml", spec(body)))
+            code, out = mal.said("build", mal.write(f"{name}.toml", spec(body)))
             assert code != 0
             answers.append(out.replace(name, "NAME"))
         assert answers[0] == answers[1]
@@ -293,8 +248,8 @@ def test_an_image_that_unpacks_past_the_cap_is_refused(daemon_root: Path, how: s
         args = (
             ("import", path) if command == "import" else ("image", "import", "big", f"oci:{path}")
         )
-        code, out = mal.amber(*args)
+        code, out = mal.said(*args)
         assert code != 0
         assert "more than 16 MiB (import-max-size)" in out, out
         assert leftovers(mal.daemon) == []
-        assert mal.amber("image", "ls")[1].count("big") == 0
+        assert mal.said("image", "ls")[1].count("big") == 0

@@ -16,40 +16,17 @@ from pathlib import Path
 
 import pytest
 from amberd_process import BIN, Daemon
+from second_user import MAL, Mal, mal_daemon
 
 from amber.daemon.storage.db import Database
 
-MAL = 4242
-AS_MAL = ["setpriv", f"--reuid={MAL}", f"--regid={MAL}", "--clear-groups"]
 SECRET = "root-only-secret-5e1d"
-
-
-class Mal:
-    def __init__(self, daemon: Daemon, home: Path):
-        self.daemon = daemon
-        self.home = home
-
-    def run(self, *argv: str | Path) -> subprocess.CompletedProcess:
-        env = dict(self.daemon.env, HOME=str(self.home))
-        return subprocess.run([*AS_MAL, *map(str, argv)], capture_output=True, env=env,
-                              cwd=self.home, timeout=600)  # fmt: skip
-
-    def amber(self, *args: str | Path) -> subprocess.CompletedProcess:
-        return self.run(BIN / "amber", *args)
 
 
 @pytest.fixture
 def mal(daemon_root: Path) -> Iterator[Mal]:
-    config = daemon_root / "amberd.toml"
-    config.write_text("socket-mode = 0o666\n")
-    daemon = Daemon(daemon_root).start("--config", str(config))
-    home = daemon_root / "home-mal"
-    home.mkdir(mode=0o755)
-    os.chown(home, MAL, MAL)
-    try:
-        yield Mal(daemon, home)
-    finally:
-        assert daemon.stop() == 0
+    with mal_daemon(daemon_root) as mal:
+        yield mal
 
 
 def spec(directory: Path, text: str, owner: int = 0) -> Path:
