@@ -10,7 +10,7 @@ What the daemon may use of it, by module; everything else is internal:
 - ``checkout``: ``checkout``, ``FOR_USER``, ``PRIVILEGED``, ``CheckoutError`` (out-links).
 - ``treediff``: ``diff_trees``; ``treeedit``: ``put_entry``, ``ensure_dir``, ``chown_dir``.
 - ``fscontrol``: ``FilesystemPool``, ``open_overlay``, ``OverlayMount``, ``FilesystemError``.
-- ``fsprocess``: ``overlay_options``; ``mounts``: ``mount``, ``umount``, ``mounts_under``,
+- ``fsmode``: ``detect_fs_mode``, ``overlay_options``; ``mounts``: ``mount``, ``umount``, ``mounts_under``,
   ``unmount_all_under``.
 - ``runner``: ``run_step``, ``run_interactive``, ``Bind``, ``StepOutcome``, ``SandboxError``,
   ``CommandError``, ``BUILD_UID``, ``BUILD_GID``, ``HOMES``; ``userns``: ``IdMap``.

@@ -122,6 +122,25 @@ def _probing(
             os.rmdir(top)
 
 
+def overlay_options(
+    eager: Path, lower: Path, data: Path | None, upper: Path, work: Path, *, data_only: bool = True
+) -> str:
+    # metacopy + redirect_dir: metadata-only copy-up and renames of lower
+    # directories, both understood by the snapshot (Linux 4.19+). index/xino
+    # off: no persistent inode index to keep consistent across mounts.
+    # eager: directories, symlinks and executables on tmpfs, above the FUSE
+    # lower (eagerlayer.py); data: the blobs, a data-only layer (lowerfs.py),
+    # or with data_only=False a plain bottom layer (the hidden-data mode),
+    # or None (fuse-data).
+    layers = f"{eager}:{lower}"
+    if data is not None:
+        layers += f"{'::' if data_only else ':'}{data}"
+    return (
+        f"lowerdir={layers},upperdir={upper},workdir={work},"
+        "metacopy=on,redirect_dir=on,index=off,xino=off"
+    )
+
+
 def _make_stub(path: Path, redirect: bytes) -> None:
     with open(path, "wb") as f:
         f.truncate(5)
@@ -129,73 +148,71 @@ def _make_stub(path: Path, redirect: bytes) -> None:
     os.setxattr(path, "trusted.overlay.redirect", redirect)
 
 
-def _probe_overlay(top: Path) -> str | None:
+def _mounted(
+    top: Path, data: Path | None, data_only: bool, refused: str, check: Callable[[Path], str | None]
+) -> str | None:
+    """Mount ``top``'s eager, lower and ``data`` layers with the options build
+    roots use, and run ``check`` on the root; why it failed, or None."""
     for sub in ("eager", "lower", "upper", "work", "root"):
-        (top / sub).mkdir()
-    (top / "lower" / "file").write_bytes(b"amber")
-    options = (
-        f"lowerdir={top / 'eager'}:{top / 'lower'},upperdir={top / 'upper'},"
-        f"workdir={top / 'work'},metacopy=on,redirect_dir=on,index=off,xino=off"
+        (top / sub).mkdir(exist_ok=True)
+    options = overlay_options(
+        top / "eager", top / "lower", data, top / "upper", top / "work", data_only=data_only
     )
     try:
         mount("amber-fsprobe", top / "root", "overlay", options)
     except MountError as exc:
-        return f"overlayfs refused a metacopy overlay ({exc.strerror})"
+        return f"{refused} ({exc.strerror})"
     try:
-        if (top / "root" / "file").read_bytes() != b"amber":
-            return "overlayfs did not show a lower file"
+        return check(top / "root")
     finally:
         umount(top / "root")
-    return None
+
+
+def _reads(wrong: str) -> Callable[[Path], str | None]:
+    def check(root: Path) -> str | None:
+        return None if (root / "file").read_bytes() == b"amber" else wrong
+
+    return check
+
+
+def _probe_overlay(top: Path) -> str | None:
+    (top / "lower").mkdir()
+    (top / "lower" / "file").write_bytes(b"amber")
+    return _mounted(top, None, True, "overlayfs refused a metacopy overlay",
+                    _reads("overlayfs did not show a lower file"))  # fmt: skip
 
 
 def _probe_datalower(top: Path) -> str | None:
-    for sub in ("lower", "data", "root"):
+    for sub in ("lower", "data"):
         (top / sub).mkdir()
     (top / "data" / "blob").write_bytes(b"amber")
     _make_stub(top / "lower" / "file", b"/blob")
-    options = f"lowerdir={top / 'lower'}::{top / 'data'},metacopy=on,redirect_dir=follow"
-    try:
-        mount("amber-fsprobe", top / "root", "overlay", options)
-    except MountError as exc:
-        return f"overlayfs refused a data-only lower layer ({exc.strerror})"
-    try:
-        if (top / "root" / "file").read_bytes() != b"amber":
-            return "overlayfs did not read a metacopy stub's data from its data-only layer"
-    finally:
-        umount(top / "root")
-    return None
+    return _mounted(top, top / "data", True, "overlayfs refused a data-only lower layer",
+                    _reads("overlayfs did not read a metacopy stub's data from its data-only layer"))  # fmt: skip
 
 
 def _probe_hidden_data(top: Path) -> str | None:
-    for sub in ("eager", "lower", "data/ab", "upper", "work", "root"):
+    for sub in ("eager", "lower", "data/ab"):
         (top / sub).mkdir(parents=True)
     (top / "data/ab/blob").write_bytes(b"amber")
     os.mknod(top / "eager/ab", stat.S_IFCHR | 0o600, os.makedev(0, 0))
     _make_stub(top / "lower" / "file", b"/ab/blob")
-    options = (
-        f"lowerdir={top / 'eager'}:{top / 'lower'}:{top / 'data'},upperdir={top / 'upper'},"
-        f"workdir={top / 'work'},metacopy=on,redirect_dir=on,index=off,xino=off"
-    )
-    try:
-        mount("amber-fsprobe", top / "root", "overlay", options)
-    except MountError as exc:
-        return f"overlayfs refused a metacopy overlay ({exc.strerror})"
-    root = top / "root"
-    try:
-        if os.listdir(root) != ["file"]:
-            return "a whiteout in a lower layer did not hide the data layer"
-        if (root / "file").read_bytes() != b"amber":
-            return "overlayfs did not read a lower metacopy stub's data from a layer below"
-        os.chmod(root / "file", 0o600)
-        if (root / "file").read_bytes() != b"amber":
-            return "a metadata-only copy-up of a lower stub lost its data"
-        with open(root / "file", "ab") as f:
-            f.write(b"!")
-        if (root / "file").read_bytes() != b"amber!":
-            return "a copy-up of a lower stub's data did not copy the data"
-    finally:
-        umount(root)
+    return _mounted(top, top / "data", False, "overlayfs refused a metacopy overlay",
+                    _hides_the_data_layer)  # fmt: skip
+
+
+def _hides_the_data_layer(root: Path) -> str | None:
+    if os.listdir(root) != ["file"]:
+        return "a whiteout in a lower layer did not hide the data layer"
+    if (root / "file").read_bytes() != b"amber":
+        return "overlayfs did not read a lower metacopy stub's data from a layer below"
+    os.chmod(root / "file", 0o600)
+    if (root / "file").read_bytes() != b"amber":
+        return "a metadata-only copy-up of a lower stub lost its data"
+    with open(root / "file", "ab") as f:
+        f.write(b"!")
+    if (root / "file").read_bytes() != b"amber!":
+        return "a copy-up of a lower stub's data did not copy the data"
     return None
 
 

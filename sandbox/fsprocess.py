@@ -57,25 +57,6 @@ from .store import Store
 from .userns import IdMap
 
 
-def overlay_options(
-    eager: Path, lower: Path, data: Path | None, upper: Path, work: Path, *, data_only: bool = True
-) -> str:
-    # metacopy + redirect_dir: metadata-only copy-up and renames of lower
-    # directories, both understood by the snapshot (Linux 4.19+). index/xino
-    # off: no persistent inode index to keep consistent across mounts.
-    # eager: directories, symlinks and executables on tmpfs, above the FUSE
-    # lower (eagerlayer.py); data: the blobs, a data-only layer (lowerfs.py),
-    # or with data_only=False a plain bottom layer (the hidden-data mode),
-    # or None (fuse-data).
-    layers = f"{eager}:{lower}"
-    if data is not None:
-        layers += f"{'::' if data_only else ':'}{data}"
-    return (
-        f"lowerdir={layers},upperdir={upper},workdir={work},"
-        "metacopy=on,redirect_dir=on,index=off,xino=off"
-    )
-
-
 class FilesystemProcess:
     def __init__(
         self, store: Store, tree: bytes, work: Path, ids: IdMap, fs_mode: str = fsmode.DATALOWER
@@ -141,7 +122,7 @@ class FilesystemProcess:
 
     def _mount_overlay(self) -> None:
         data = self.store.blob_dir if self.data_layer else None
-        options = overlay_options(
+        options = fsmode.overlay_options(
             self.eager,
             self.lower,
             data,
