@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from . import tree as treefmt
-from .importer import EntryMaker
+from .importer import EntryMaker, list_xattrs
 from .store import Store
 from .tree import Entry
 from .userns import IdMap
@@ -124,10 +124,14 @@ class Snapshotter:
                     maker, child_lower, child.path, child_rel + b"/", child_lower_path
                 )
                 merged[name] = maker.entry(child.path, child_rel, name, st, ref)
-            elif stat.S_ISREG(st.st_mode) and _xattr(child.path, METACOPY) is not None:
-                merged[name] = self._metacopy_entry(
-                    maker, child.path, child_rel, name, st, lower_path, merged.get(name)
-                )
+            elif stat.S_ISREG(st.st_mode):
+                names = list_xattrs(child.path)
+                if METACOPY in names:
+                    merged[name] = self._metacopy_entry(
+                        maker, child.path, child_rel, name, st, lower_path, merged.get(name)
+                    )
+                else:
+                    merged[name] = maker.entry(child.path, child_rel, name, st, xattr_names=names)
             else:
                 merged[name] = maker.entry(child.path, child_rel, name, st)
         entries = [merged[n] for n in sorted(merged)]
