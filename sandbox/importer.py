@@ -102,18 +102,19 @@ class EntryMaker:
             size = len(ref)
         elif kind in (treefmt.CHR, treefmt.BLK):
             rdev = st.st_rdev
-        return Entry(
-            name=name,
-            kind=kind,
-            mode=stat.S_IMODE(st.st_mode),
-            uid=self.ids.to_tree(st.st_uid),
-            gid=self.ids.to_tree(st.st_gid),
-            mtime_ns=st.st_mtime_ns,
-            size=size,
-            ref=ref,
-            rdev=rdev,
-            xattrs=read_xattrs(path, xattr_names),
-            link=link,
+        ids = self.ids
+        return Entry(  # positional: this runs once a file of every snapshot
+            name,
+            kind,
+            st.st_mode & 0o7777,
+            ids.to_tree(st.st_uid),
+            ids.to_tree(st.st_gid),
+            st.st_mtime_ns,
+            size,
+            ref,
+            rdev,
+            read_xattrs(path, xattr_names) if xattr_names != [] else (),
+            link,
         )
 
     def _file_digest(self, path: bytes, st: os.stat_result) -> bytes:

@@ -111,7 +111,7 @@ def encode(entries: list[Entry]) -> bytes:
     """Canonical bytes of a directory. ``entries`` must be sorted by name."""
     rows = [
         [e.name, e.kind, e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.ref, e.rdev,
-         [list(x) for x in e.xattrs], e.link]
+         [list(x) for x in e.xattrs] if e.xattrs else [], e.link]
         for e in entries
     ]  # fmt: skip
     return msgpack.packb([FORMAT, rows], use_bin_type=True)
