@@ -122,13 +122,15 @@ class TokenGate:
         body = req.rfile.read(length) if length else b""
         if req.path.startswith("/token"):
             return self.issue(req)
-        parts = req.path.split("/")
-        repo = "/".join(parts[2:-2]) if len(parts) > 4 else ""
+        parts = req.path.split("?", 1)[0].split("/")  # /v2/REPO.../(blobs|manifests|tags)/...
+        kind = next((i for i, p in enumerate(parts) if p in ("blobs", "manifests", "tags")), 0)
+        repo = "/".join(parts[2:kind]) if kind > 2 else ""
         granted = self.tokens.get(req.headers.get("Authorization", "").removeprefix("Bearer "))
         if repo and granted != f"repository:{repo}:pull,push":
             challenge = (f'Bearer realm="http://{self.address}/token",service="gate",'
                          f'scope="repository:{repo}:pull,push"')  # fmt: skip
-            return self.reply(req, 401, b"{}", {"WWW-Authenticate": challenge})
+            return self.reply(req, 401, b"{}", {"WWW-Authenticate": challenge},
+                              head=req.command == "HEAD")  # fmt: skip
         conn = http.client.HTTPConnection(self.backend)
         headers = {
             k: v for k, v in req.headers.items() if k.lower() not in ("authorization", "host")
