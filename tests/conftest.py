@@ -3,11 +3,13 @@ leave no mount behind below its temporary directory, even when it fails."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,6 +84,13 @@ def podman() -> Iterator[list[str]]:
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[str]:
     """A docker-registry on a free loopback port, stopped whatever happens."""
+    with serve_registry(tmp_path) as address:
+        yield address
+
+
+@contextlib.contextmanager
+def serve_registry(tmp_path: Path, extra: str = "") -> Iterator[str]:
+    """docker-registry with ``extra`` YAML (an ``auth:`` section, say) on a free port."""
     need("docker-registry")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -90,7 +99,7 @@ def registry(tmp_path: Path) -> Iterator[str]:
     config.write_text(
         "version: 0.1\nlog:\n  level: warn\n"
         f"storage:\n  filesystem:\n    rootdirectory: {tmp_path / 'registry-data'}\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n" + extra
     )
     log = open(tmp_path / "registry.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log)
@@ -101,6 +110,8 @@ def registry(tmp_path: Path) -> Iterator[str]:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1) as r:
                     if r.status == 200:
                         break
+            except urllib.error.HTTPError:
+                break  # 401: up, and asking for a login
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError((tmp_path / "registry.log").read_text()) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from ..cli import EXIT_FAILED, EXIT_OK, EXIT_SHELL_ERROR, UsageError
+from ..registry_auth import auth_for
 from ..render import describe_item, render_diff, to_json
 from . import absolute, print_result, printed_json, terminal_size
 from .build import read_spec
@@ -80,6 +81,9 @@ def cmd_export(ctx: Context, ns: argparse.Namespace) -> int:
         "push": ns.push,
         "insecure": ns.insecure,
     }
+    auth = auth_for(ns.push)
+    if auth:  # only then: older daemons refuse arguments they lack
+        args["auth"] = auth
     result = ctx.call("export", args)
     if printed_json(ctx, ns, {"build": ns.build, **result}):
         return EXIT_OK
@@ -113,7 +117,11 @@ def export_to_engine(
 
 def cmd_import(ctx: Context, ns: argparse.Namespace) -> int:
     source = os.path.abspath(ns.source) if os.path.exists(ns.source) else ns.source
-    result = ctx.call("import", {"source": source, "insecure": ns.insecure})
+    args = {"source": source, "insecure": ns.insecure}
+    auth = None if os.path.exists(ns.source) else auth_for(source)
+    if auth:
+        args["auth"] = auth
+    result = ctx.call("import", args)
     if printed_json(ctx, ns, result):
         return EXIT_OK
     bid = result.get("build")

@@ -26,7 +26,8 @@ from amber.daemon.build.buildid import make_build_id, safe_name
 from amber.daemon.build.frozen import FrozenState, resolve_state
 from amber.daemon.context import DaemonContext
 from amber.daemon.errors import BadArgs, ExportFailed, ImageError, NotFound, PermissionDenied
-from amber.daemon.oci.image import export_image, read_image
+from amber.daemon.oci.auth import Credentials, credentials_for, wire_credentials
+from amber.daemon.oci.image import export_image, is_local_source, read_image
 from amber.daemon.oci.registry import push_image
 from amber.daemon.oci.spec import (
     ImageConfig,
@@ -45,6 +46,19 @@ if TYPE_CHECKING:
     from amber.daemon.server import Connection
 
 LABEL = "org.amber."
+#: The ``auth`` argument: ``{registry host: {username, password}}``, the user's own.
+AUTH_ARG = (dict[str, dict[str, str]] | None, None)
+
+
+def request_credentials(auth: dict | None, ref: str) -> Credentials | None:
+    """The credentials the user sent for the registry ``ref`` names, else None."""
+    from amber.daemon.oci.registry import registry_target
+
+    try:
+        table = wire_credentials(auth)
+        return credentials_for(table, registry_target(ref).registry) if table else None
+    except (ValueError, OciError) as exc:
+        raise BadArgs(str(exc)) from None
 
 
 def image_layers(
@@ -95,6 +109,7 @@ def image_config(state: FrozenState, history: list[str]) -> ImageConfig:
     insecure=(bool, False),
     stream=(bool, False),
     tag=(str | None, None),
+    auth=AUTH_ARG,
 )
 async def export(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
     # The descriptor is ours from here on, whatever happens: a refused export
@@ -126,7 +141,8 @@ async def _export_with(
     state = resolve_state(api.ctx.db, record, step=args["step"], before=args["before"])
     result = await export_state(api.ctx, state, uid=conn.peer.uid, gid=conn.peer.gid, output=args["output"],
                                 fmt=args["format"], push=args["push"], insecure=args["insecure"],
-                                stream_fd=stream_fd, tag=tag)  # fmt: skip
+                                stream_fd=stream_fd, tag=tag,
+                                credentials=request_credentials(args["auth"], args["push"]) if args["push"] else None)  # fmt: skip
     return result
 
 
@@ -158,6 +174,7 @@ def _engine_tag(tag: str) -> str:
 async def export_state(
     ctx: DaemonContext, state: FrozenState, *, uid: int, gid: int, output: str | None, fmt: str, push: str | None,
     insecure: bool, stream_fd: int | None = None, tag: str | None = None,
+    credentials: Credentials | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Export, push or stream ``state``; shared by ``amber export`` and ``--export-on-failure``."""
     layers, history = image_layers(ctx, state)
@@ -180,7 +197,7 @@ async def export_state(
             if push is not None:
                 (ctx.config.state_dir / "tmp").mkdir(mode=0o700, exist_ok=True)
                 digest = push_image(ctx.store, layers, config, push, insecure=insecure,
-                                    tmp_dir=ctx.config.state_dir / "tmp")  # fmt: skip
+                                    tmp_dir=ctx.config.state_dir / "tmp", credentials=credentials)  # fmt: skip
                 return {"ref": push, "digest": digest, "layers": len(layers)}
             if stream_fd is not None:
                 name = tag or qualified_name(display_reference(ref))
@@ -208,15 +225,16 @@ async def export_state(
     return result
 
 
-@operation(source=str, insecure=(bool, False))
+@operation(source=str, insecure=(bool, False), auth=AUTH_ARG)
 async def import_image(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
     source = args["source"]
+    credentials = None if is_local_source(source) else request_credentials(args["auth"], source)
 
     def work():
         try:
             with filesystem_identity(conn.peer.uid, conn.peer.gid):
                 image = read_image(source, hold.store, insecure=args["insecure"],
-                                   max_size=api.ctx.config.import_max_size)  # fmt: skip
+                                   max_size=api.ctx.config.import_max_size, credentials=credentials)  # fmt: skip
             hold.checkpoint(image.trees)  # held before the build record refers to them
             return image
         except PermissionError as exc:

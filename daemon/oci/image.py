@@ -36,6 +36,7 @@ from amber.daemon.oci import registry as oci_registry
 from amber.daemon.oci import tar as oci_tar
 from amber.daemon.oci.apply import Devices, TreeBuilder
 from amber.daemon.oci.archive import compression_of, decompressed, open_local
+from amber.daemon.oci.auth import Credentials
 from amber.daemon.oci.layer import Compression, LayerInfo, write_layer
 from amber.daemon.oci.limits import MAX_IMPORT, Budget
 from amber.daemon.oci.spec import (
@@ -266,6 +267,7 @@ def read_image(
     tag: str | None = None,
     devices: Devices = "refuse",
     max_size: int = MAX_IMPORT,
+    credentials: Credentials | None = None,
 ) -> ImportedImage:
     """Import the image at ``source`` into ``store``: one tree per layer.
 
@@ -285,7 +287,7 @@ def read_image(
         path = Path(str(source).removeprefix("oci-archive:").removeprefix("docker-archive:"))
         opened = open_local(path, tag, budget)
     else:
-        opened = oci_registry.open_remote(str(source), insecure=insecure)
+        opened = oci_registry.open_remote(str(source), insecure=insecure, credentials=credentials)
     with opened as parts:
         return apply_image(store, parts, devices=devices, budget=budget)
 

@@ -1,8 +1,9 @@
 """Pushing and pulling images with the OCI distribution spec, on ``http.client``.
 
 Plain HTTP for ``localhost``, ``127.0.0.1`` and ``[::1]`` or when asked
-(``insecure``), HTTPS with certificate checks otherwise. Anonymous access
-only: a registry that asks for a token gets a clear error, not a login.
+(``insecure``), HTTPS with certificate checks otherwise. Anonymous, basic
+or bearer-token access: a 401 goes to ``auth.Authenticator``, which says
+what to send on the retry (see ``oci/auth.py``).
 
 Push builds each layer into a temporary file (its digest must be known
 before the registry can be asked whether it has it), asks with ``HEAD`` and
@@ -30,6 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
+from amber.daemon.oci.auth import MAX_TOKEN_ANSWER, Authenticator, Credentials
 from amber.daemon.oci.layer import Compression, LayerInfo, write_layer
 from amber.daemon.oci.source import ImageSource, resolve
 from amber.daemon.oci.spec import (
@@ -83,12 +85,20 @@ def is_plain_http(registry: str) -> bool:
 class RegistryClient:
     """One registry; one kept-alive connection for small requests."""
 
-    def __init__(self, registry: str, *, insecure: bool = False, timeout: float = 120.0):
+    def __init__(
+        self,
+        registry: str,
+        *,
+        insecure: bool = False,
+        timeout: float = 120.0,
+        credentials: Credentials | None = None,
+    ):
         host = _ALIASES.get(registry, registry)
         self.scheme = "http" if insecure or is_plain_http(host) else "https"
         self.base = f"{self.scheme}://{host}"
         self.timeout = timeout
         self._conn: http.client.HTTPConnection | None = None
+        self.auth = Authenticator(registry, credentials, self._fetch_token)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -122,11 +132,43 @@ class RegistryClient:
         headers: dict[str, str] | None = None,
         limit: int = MAX_DOCUMENT,
     ) -> _Answer:
-        """One request on the kept-alive connection (retried once if it went stale)."""
+        """One request, with the authorization the registry asked for (learnt on a 401)."""
         url = self._url(target)
-        if not url.startswith(self.base + "/"):
+        if not url.startswith(self.base + "/"):  # credentials go to the registry only
             return self._request_elsewhere(method, url, body, headers or {}, limit)
         path = url[len(self.base) :]
+        for _ in range(3):  # anonymous, then with credentials or a token, then a renewed token
+            sent = {**(headers or {}), **self.auth.header(path)}
+            answer = self._send(method, path, body, sent, limit)
+            if answer.status != 401:
+                return answer
+            self.auth.answer(answer.headers.get("WWW-Authenticate"), path, sent)
+        return answer
+
+    def _fetch_token(self, url: str, headers: dict[str, str]) -> tuple[int, bytes]:
+        """GET a token server's answer on a connection of its own (no redirects)."""
+        parts = urllib.parse.urlsplit(url)
+        conn = self._connect(url)
+        try:
+            conn.request(
+                "GET", parts.path + (f"?{parts.query}" if parts.query else ""), headers=headers
+            )
+            resp = conn.getresponse()
+            return resp.status, resp.read(MAX_TOKEN_ANSWER + 1)
+        except OSError as exc:
+            raise OciError(f"cannot reach the token server {parts.netloc}: {exc}") from None
+        finally:
+            conn.close()
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        body: bytes | BinaryIO | None,
+        headers: dict[str, str],
+        limit: int,
+    ) -> _Answer:
+        """One request on the kept-alive connection (retried once if it went stale)."""
         retryable = body is None or isinstance(body, bytes) or hasattr(body, "seek")
         for attempt in (1, 2):
             if self._conn is None:
@@ -134,7 +176,7 @@ class RegistryClient:
             try:
                 if body is not None and not isinstance(body, bytes):
                     body.seek(0)
-                self._conn.request(method, path, body=body, headers=headers or {})
+                self._conn.request(method, path, body=body, headers=headers)
                 resp = self._conn.getresponse()
                 data = resp.read(limit + 1)
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
@@ -184,14 +226,21 @@ class RegistryClient:
         """GET ``target`` on a connection of its own, following redirects
         (registries often serve blobs from object storage); yields the body."""
         url = self._url(target)
-        for _ in range(_MAX_REDIRECTS + 1):
+        for _ in range(_MAX_REDIRECTS + 3):
             conn = self._connect(url)
             try:
                 try:
                     parts = urllib.parse.urlsplit(url)
                     path = parts.path + (f"?{parts.query}" if parts.query else "")
-                    conn.request("GET", path, headers=headers or {})
+                    # Never the registry's credentials to where it redirects (object storage).
+                    ours = url.startswith(self.base + "/")
+                    sent = {**(headers or {}), **(self.auth.header(path) if ours else {})}
+                    conn.request("GET", path, headers=sent)
                     resp = conn.getresponse()
+                    if resp.status == 401 and ours:
+                        resp.read(MAX_DOCUMENT)
+                        self.auth.answer(resp.getheader("WWW-Authenticate"), path, sent)
+                        continue
                     if resp.status in _REDIRECTS:
                         location = resp.getheader("Location")
                         resp.read(MAX_DOCUMENT)
@@ -312,7 +361,9 @@ def _with_query(url: str, **params: str) -> str:
 
 def _error(status: int, body: bytes, what: str) -> OciError:
     if status == 401:
-        return OciError(f"{what}: the registry requires authentication (not supported)")
+        return OciError(f"{what}: the registry refused the request (authentication)")
+    if status == 403:
+        return OciError(f"{what}: the registry denied access (HTTP 403)")
     detail = ""
     with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError, TypeError):
         errors = json.loads(body).get("errors") or []
@@ -320,7 +371,8 @@ def _error(status: int, body: bytes, what: str) -> OciError:
     return OciError(f"{what}: HTTP {status}" + (f" ({detail})" if detail else ""))
 
 
-def _target(ref: str) -> Reference:
+def registry_target(ref: str) -> Reference:
+    """``ref`` (``docker://`` or not) with Docker Hub's defaults filled in."""
     parsed = parse_reference(ref.removeprefix("docker://"))
     if not parsed.registry:
         parsed = replace(parsed, registry="docker.io")
@@ -343,6 +395,7 @@ def push_image(
     layer_cache: MutableMapping[tuple, LayerInfo] | None = None,
     stats: PushStats | None = None,
     threads: int | None = None,
+    credentials: Credentials | None = None,
 ) -> str:
     """Push the image made of ``layers`` to ``ref``; returns the manifest digest.
 
@@ -350,14 +403,14 @@ def push_image(
     layer being built (one at a time). Layers are gzip level 1 by default:
     over a network the bytes saved pay for the compression.
     """
-    target = _target(ref)
+    target = registry_target(ref)
     if target.digest:
         raise OciError(f"push to a tag, not a digest: {ref}")
     if not layers:
         raise ValueError("an image needs at least one layer")
     stats = stats if stats is not None else PushStats()
     config = replace(config, created=config.created or rfc3339())
-    client = RegistryClient(target.registry, insecure=insecure)
+    client = RegistryClient(target.registry, insecure=insecure, credentials=credentials)
     try:
         infos: list[LayerInfo] = []
         with tempfile.TemporaryDirectory(prefix="amber-push-", dir=tmp_dir) as tmp:
@@ -449,10 +502,12 @@ class RegistrySource(ImageSource):
 
 
 @contextlib.contextmanager
-def open_remote(ref: str, *, insecure: bool = False) -> Iterator[ImageParts]:
+def open_remote(
+    ref: str, *, insecure: bool = False, credentials: Credentials | None = None
+) -> Iterator[ImageParts]:
     """The image at ``ref`` in a registry, layers streamed when applied."""
-    target = _target(ref)
-    client = RegistryClient(target.registry, insecure=insecure)
+    target = registry_target(ref)
+    client = RegistryClient(target.registry, insecure=insecure, credentials=credentials)
     try:
         yield resolve(RegistrySource(client, target))
     finally:
