@@ -86,3 +86,14 @@ def test_the_cache_table_is_read_and_mistakes_name_the_option(tmp_path):
         path.write_text(bad)
         with pytest.raises(ConfigError, match=says):
             load_config(path)
+
+
+def test_the_example_cache_tables_uncommented_are_valid(tmp_path):
+    from amber.daemon.config import example_config
+
+    text = example_config()
+    block = text[text.index("# [[cache.remote]]") :]
+    path = tmp_path / "amberd.toml"
+    path.write_text("\n".join(line.removeprefix("# ") for line in block.splitlines()))
+    cache = load_config(path).cache
+    assert cache.remotes[0].trust == ("ci-trunk-1", "ci-trunk-2") and cache.pull == "lazy"

@@ -128,15 +128,16 @@ EXAMPLE = """\
 # The step cache shared with other hosts through an OCI registry (README:
 # "Sharing a cache between hosts"). Remotes are asked in order after a local
 # miss; results are pushed in the background to those with push = true.
-#[[cache.remote]]
-#url = "http://127.0.0.1:5000/amber/trunk"   # registry + repository
-#push = true                                  # this host writes here
-#trust = ["ci-trunk-1", "ci-trunk-2"]         # key names whose signatures count (default: any trusted key)
-#[cache]
-#signing-key = "/etc/amber/signing-key"       # ed25519 private key (amber key generate); none: push nothing
-#trusted-keys = "/etc/amber/trusted-keys"     # lines of NAME PUBLIC-KEY (amber key trust)
-#pull = "lazy"                                # "eager" is accepted; both pull a hit's closure today
-#remote-failures = "replay"                   # or "retry": rebuild a failure found remotely
+# To use it, remove the "# " before each line of the tables below.
+# [[cache.remote]]
+# url = "http://127.0.0.1:5000/amber/trunk"   # registry + repository
+# push = true                                  # this host writes here
+# trust = ["ci-trunk-1", "ci-trunk-2"]         # key names whose signatures count (default: any trusted key)
+# [cache]
+# signing-key = "/etc/amber/signing-key"       # ed25519 private key (amber key generate); none: push nothing
+# trusted-keys = "/etc/amber/trusted-keys"     # lines of NAME PUBLIC-KEY (amber key trust)
+# pull = "lazy"                                # "eager" is accepted; both pull a hit's closure today
+# remote-failures = "replay"                   # or "retry": rebuild a failure found remotely
 """
 
 
