@@ -7,6 +7,7 @@ registry. What a user checks: step statuses, logs, files, `amber shell`.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 import urllib.request
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from amberd_process import BIN, Daemon
+
+from amber.daemon.oci.registry import RegistryClient
 
 SPEC = """
 [build]
@@ -191,29 +194,54 @@ def test_a_tampered_blob_is_refused_and_the_step_reruns(hosts, daemon_root, regi
 def test_untrusted_or_unsigned_results_are_misses(daemon_root, registry):
     a = host(daemon_root, "ci-a", registry, sign=True, trusted={})
     stranger = host(daemon_root, "ci-x", registry, sign=False, trusted={}, push=False)
-    spec = write_spec(daemon_root, FAILING.replace("exit 3", "true"))
-    assert a.build_json(spec)[0] == 0
-    wait_pushed(registry, 2)
-    code, report = stranger.build_json(spec)
-    assert code == 0 and statuses(report) == ["ran", "ran"]
-    assert "is not a trusted key" in notes(stranger, report["build"])
-
-    # The same manifests with their signature stripped, by someone who can write the registry.
-    from amber.daemon.oci.registry import RegistryClient
-
-    client = RegistryClient(registry)
-    for tag in tags(registry):
-        body, media_type, _ = client.get_manifest("amber/trunk", tag)
-        doc = json.loads(body)
-        del doc["annotations"]["org.amber.signature"]
-        client.put_manifest("amber/trunk", tag, json.dumps(doc).encode(), media_type)
-    client.close()
     b = host(daemon_root, "ci-b", registry, sign=False, trusted={"ci-a": public(a)}, push=False)
-    code, report = b.build_json(spec)
-    assert code == 0 and statuses(report) == ["ran", "ran"]
-    assert "it is not signed" in notes(b, report["build"])
-    for d in (a, stranger, b):
-        d.stop()
+    try:
+        spec = write_spec(daemon_root, FAILING.replace("exit 3", "true"))
+        assert a.build_json(spec)[0] == 0
+        wait_pushed(registry, 2)
+        code, report = stranger.build_json(spec)
+        assert code == 0 and statuses(report) == ["ran", "ran"]
+        assert "is not a trusted key" in notes(stranger, report["build"])
+
+        # The same manifests with their signature stripped, by someone who can write the registry.
+        client = RegistryClient(registry)
+        for tag in tags(registry):
+            body, media_type, _ = client.get_manifest("amber/trunk", tag)
+            doc = json.loads(body)
+            del doc["annotations"]["org.amber.signature"]
+            client.put_manifest("amber/trunk", tag, json.dumps(doc).encode(), media_type)
+        client.close()
+        code, report = b.build_json(spec)
+        assert code == 0 and statuses(report) == ["ran", "ran"]
+        assert "it is not signed" in notes(b, report["build"])
+    finally:
+        for d in (a, stranger, b):
+            d.stop()
+
+
+def test_a_dead_registry_never_fails_a_build_and_a_restart_finishes_the_queue(
+    daemon_root, tmp_path
+):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    later = f"127.0.0.1:{port}"  # nothing listens here yet
+    a = host(daemon_root, "ci-a", later, sign=True, trusted={})
+    code, report = a.build_json(write_spec(daemon_root, SPEC.format(three="3")))
+    assert code == 0 and statuses(report) == ["ran"] * 4  # the build never waited for it
+    assert a.stop() == 0
+    config = tmp_path / "late.yml"
+    config.write_text(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"
+                      f"    rootdirectory: {tmp_path / 'late'}\nhttp:\n  addr: {later}\n")  # fmt: skip
+    proc = subprocess.Popen(["docker-registry", "serve", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        a.start("--config", str(a.root / "amberd.toml"))
+        assert len(wait_pushed(later, 4)) == 4  # the queue outlived the daemon
+        a.stop()
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def test_skopeo_reads_a_pushed_result(hosts, daemon_root, registry):
