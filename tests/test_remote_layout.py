@@ -64,6 +64,9 @@ def test_a_manifest_for_100000_files_stays_far_under_4_mib():
     with pytest.raises(LayoutError, match="another step key"):
         layout.parse_manifest(doc, "cd" * 32)
     assert json.loads(doc)["artifactType"] == layout.ARTIFACT_TYPE
+    huge = [layout.descriptor(layout.PACK_TYPE, "sha256:" + "0" * 64, 1 << 40)]
+    with pytest.raises(LayoutError, match="a pack of"):  # never read into memory
+        layout.parse_manifest(layout.manifest("ab" * 32, b"{}", huge, "h", "s"), "ab" * 32)
 
 
 def test_the_cache_table_is_read_and_mistakes_name_the_option(tmp_path):

@@ -46,6 +46,9 @@ FORMAT = 1
 BIG = 1 << 20
 #: A pack is cut when it reaches this size, whatever the digests say.
 PACK_MAX = 16 << 20
+#: The largest pack a puller reads into memory: a pack passes PACK_MAX by at
+#: most one small object and the headers (layers are not signed: bound them).
+PACK_LIMIT = PACK_MAX + BIG + (1 << 20)
 #: A pack is cut after an object whose digest's first two bytes are 0 modulo
 #: this: about one object in 512, so a pack holds a few hundred small files.
 _CUT = 512
@@ -201,6 +204,8 @@ def _layer(d: dict) -> Layer:
     if media_type not in (PACK_TYPE, BLOB_TYPE):
         raise LayoutError(f"a layer of unknown type {media_type!r}")
     blake = None
+    if media_type == PACK_TYPE and not 0 < int(d["size"]) <= PACK_LIMIT:
+        raise LayoutError(f"a pack of {d['size']} bytes (amber's are at most {PACK_LIMIT})")
     if media_type == BLOB_TYPE:
         text = (d.get("annotations") or {}).get(A_BLAKE3, "")
         if len(text) != HEX_SIZE:
