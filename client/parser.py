@@ -92,6 +92,30 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "Run amberd in this terminal; every argument goes to it (see `amber daemon --help`).",
         add_help=False,
     )
+    keys = commands.group_of("key", "signing keys for a remote cache: generate, trust")
+    sub = keys.add(
+        "generate",
+        "keys.cmd_key_generate",
+        "write an ed25519 key pair",
+        "Write NAME.key (the private key, 0600: amberd.toml's signing-key) and NAME.pub\n"
+        "in DIR, and print the public key line to give to `amber key trust` on other hosts.",
+    )
+    sub.add_argument("name", metavar="NAME")
+    sub.add_argument("--dir", default=".", metavar="DIR", help="where to write (default: .)")
+    sub = keys.add(
+        "trust",
+        "keys.cmd_key_trust",
+        "trust a host's public key",
+        "Add NAME PUBKEY to the trusted-keys file (amberd.toml's trusted-keys).",
+    )
+    sub.add_argument("name", metavar="NAME")
+    sub.add_argument("pubkey", metavar="PUBKEY")
+    sub.add_argument(
+        "--file",
+        default="/etc/amber/trusted-keys",
+        metavar="PATH",
+        help="the trusted-keys file (default: /etc/amber/trusted-keys)",
+    )
     sub = commands.add(
         "completion",
         "local.cmd_completion",
@@ -126,6 +150,7 @@ _COMMAND_NAMES = frozenset(
         "gc",
         "store",
         "daemon",
+        "key",
         "completion",
     ]
 )
@@ -213,6 +238,18 @@ def _add_build(commands: _Commands) -> None:
         "--retry-failed",
         action="store_true",
         help="rerun cached failures instead of failing at once",
+    )
+    sub.add_argument(
+        "--cache-from",
+        metavar="URL",
+        help="ask this remote cache (http(s)://REGISTRY/REPOSITORY) instead of amberd's "
+        "[[cache.remote]] list",
+    )
+    sub.add_argument(
+        "--cache-to", metavar="URL", help="push this build's results to this remote cache only"
+    )
+    sub.add_argument(
+        "--no-remote", action="store_true", help="use no remote cache: neither ask nor push"
     )
     sub.add_argument(
         "--on-error",

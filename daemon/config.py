@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from amber.client.units import format_duration, format_size, parse_duration, parse_size
+from amber.daemon.remote.config import EXAMPLE as CACHE_EXAMPLE
+from amber.daemon.remote.config import CacheConfig, CacheConfigError, parse_cache, to_toml
 from amber.sandbox.userns import DEFAULT_ID_BASE, RANGE_SIZE
 
 DEFAULT_CONFIG = Path("/etc/amber/amberd.toml")
@@ -63,6 +65,8 @@ class Config:
     step_timeout_max: float = 24 * 3600.0
     jobs_per_user: int = 0
     fs_mode: str = "auto"
+    #: The ``[cache]`` table: remotes shared with other hosts (daemon/remote/config.py).
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     @property
     def user_jobs(self) -> int:
@@ -291,6 +295,12 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> C
         except OSError as exc:
             raise ConfigError(f"{source}: cannot read it: {exc.strerror or exc}") from None
         for name, value in data.items():
+            if name == "cache":
+                try:
+                    config.cache = parse_cache(value)
+                except CacheConfigError as exc:
+                    raise ConfigError(f"{source}: {exc}") from None
+                continue
             if name not in OPTIONS:
                 known = ", ".join(sorted(OPTIONS))
                 raise ConfigError(f"{source}: unknown option {name!r} (known: {known})")
@@ -347,6 +357,7 @@ def example_config() -> str:
         else:
             value = _toml_value(name, conv, getattr(defaults, attr))
         parts.append("\n".join(f"# {line}" for line in lines) + f"\n#{name} = {value}\n")
+    parts.append(CACHE_EXAMPLE)
     return "\n".join(parts)
 
 
@@ -390,6 +401,7 @@ def current_config(config: Config, source: str) -> str:
                 )
                 lines.append(f"Default: {shown}.")
         parts.append("\n".join(f"# {line}" for line in lines) + f"\n{setting}\n")
+    parts.append(to_toml(config.cache))  # a table: after every plain option
     return "\n".join(parts)
 
 

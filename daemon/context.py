@@ -72,6 +72,8 @@ class DaemonContext:
     #: Exports a frozen build for ``--export-on-failure`` (set by main: the
     #: exporter lives above the executor in the import graph).
     export_hook: Callable[[Any], Awaitable[None]] | None = None
+    #: The remote caches (daemon/remote/service.py; set by main, None in tools and tests).
+    remote: Any = None
 
     async def on_frozen(self, build) -> None:
         """What follows a failure: ``--export-on-failure``."""

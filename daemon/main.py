@@ -34,6 +34,7 @@ from amber.daemon.build.manager import BuildManager
 from amber.daemon.build.recovery import lock_state_dir, recover, unlock_state_dir, unmount_leftovers
 from amber.daemon.config import DEFAULT_CONFIG, Config, ConfigError, current_config, load_config
 from amber.daemon.context import DaemonContext, open_context
+from amber.daemon.remote.service import RemoteCache
 from amber.daemon.server import Limits, listen, serve
 from amber.daemon.storage.gc import serve_auto_gc
 from amber.sandbox.fsmode import FsMode, FsModeError, detect_fs_mode
@@ -107,6 +108,7 @@ async def run_daemon(
         ctx = open_context(config, fs_mode)
         log.info("build roots: %s mode (%s)", ctx.fs_mode.name, ctx.fs_mode.reason)
         ctx.export_hook = functools.partial(export_on_failure, ctx)
+        ctx.remote = RemoteCache(ctx)
         try:
             report = await trio.to_thread.run_sync(recover, ctx)
             if any(report.values()):
@@ -182,6 +184,7 @@ async def _run_until_stopped(
         async with trio.open_nursery() as nursery:
             await nursery.start(serve, api, listener, Limits.from_config(config), connections)
             nursery.start_soon(serve_auto_gc, ctx)
+            nursery.start_soon(ctx.remote.serve_pushes)
             status.send_ready()
             builds_nursery.start_soon(status.keep_current)
             task_status.started(ctx)

@@ -83,6 +83,11 @@ def build_args(ns: argparse.Namespace, path: str, text: str) -> dict[str, Any]:
         "out_link": absolute(ns.out_link),
         "detach": ns.detach,
     }
+    for name in ("cache_from", "cache_to"):
+        if getattr(ns, name, None):
+            args[name] = getattr(ns, name)
+    if getattr(ns, "no_remote", False):
+        args["no_remote"] = True
     if ns.out_link_privileged:  # only when asked: older daemons refuse arguments they lack
         args["out_link_privileged"] = True
     if ns.export_on_failure and ns.export_on_failure != "engine":  # engine: see build_one

@@ -53,6 +53,20 @@ def check_limits(spec: Spec, timeout_max: float) -> None:
             )
 
 
+def remote_options(args: dict[str, Any]) -> dict[str, Any]:
+    """``--cache-from``/``--cache-to``/``--no-remote``, URLs checked like the config's."""
+    from amber.daemon.remote.config import CacheConfigError, parse_remote_url
+
+    for name in ("cache_from", "cache_to"):
+        if args[name] is not None:
+            try:
+                parse_remote_url(args[name])
+            except CacheConfigError as exc:
+                raise BadArgs(f"--{name.replace('_', '-')}: {exc}") from None
+    return {"cache_from": args["cache_from"], "cache_to": args["cache_to"],
+            "no_remote": args["no_remote"]}  # fmt: skip
+
+
 @operation(
     spec_text=str,
     spec_path=str,
@@ -64,6 +78,9 @@ def check_limits(spec: Spec, timeout_max: float) -> None:
     export_on_failure=(str | None, None),
     export_path=(str | None, None),
     export_ref=(str | None, None),
+    cache_from=(str | None, None),
+    cache_to=(str | None, None),
+    no_remote=(bool, False),
 )
 async def build(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
     how = args["export_on_failure"]
@@ -97,6 +114,7 @@ async def build(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, A
         export_on_failure=args["export_on_failure"],
         export_path=args["export_path"],
         export_ref=args["export_ref"],
+        **remote_options(args),
     )
     await api.send_event(
         conn,

@@ -82,6 +82,10 @@ class Build:
     export_on_failure: str | None = None  # oci | docker-archive | registry
     export_path: str | None = None
     export_ref: str | None = None
+    #: Per build (``--cache-from``/``--cache-to``/``--no-remote``): overrides [[cache.remote]].
+    cache_from: str | None = None
+    cache_to: str | None = None
+    no_remote: bool = False
     status: BuildStatus = BuildStatus.QUEUED
     frozen: bool = False
     failed_step: str | None = None

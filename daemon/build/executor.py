@@ -69,6 +69,8 @@ class Executor:
         self.limits = limits
         #: This build's own host id range, from its first mount until it ends.
         self.ids: IdMap | None = None
+        #: Step index -> where its remote hit came from (the step's note).
+        self._remote_notes: dict[int, str] = {}
 
     # -- the whole build ----------------------------------------------------
 
@@ -164,7 +166,10 @@ class Executor:
                 if hit.status == BuildStatus.FAILED:
                     await self._replay_failure(index, hit)
                     return
-                self.state.step_done(index, StepStatus.CACHED, hit, from_hex(hit.before_tree), tree)
+                note = self._remote_notes.pop(index, None)
+                self.state.step_done(
+                    index, StepStatus.CACHED, hit, from_hex(hit.before_tree), tree, note
+                )
                 continue
             tree, failed = await self._run_step(index, key, tree)
             if failed:
@@ -209,7 +214,9 @@ class Executor:
         state = build_state(self.ctx.db, self.build.id)
         if result is None:
             await trio.to_thread.run_sync(self.hold.checkpoint, *state)
-            return None
+            result = await self._remote_hit(index, key)
+            if result is None:
+                return None
         name = self.spec.steps[index].name
         if result.status == BuildStatus.FAILED and self.build.retry_failed:
             await trio.to_thread.run_sync(self.hold.checkpoint, *state)
@@ -221,6 +228,16 @@ class Executor:
                 f"step {name}: cached result of build {result.build_id} is incomplete in the store ({missing}); rerunning"
             )
             return None
+        return result
+
+    async def _remote_hit(self, index: int, key: str) -> Result | None:
+        """After a local miss: a remote result, its closure pulled into the store (or None)."""
+        if self.ctx.remote is None:
+            return None
+        found = await self.ctx.remote.find(self.build, key, self.hold.store)
+        if found is None:
+            return None
+        result, self._remote_notes[index] = found
         return result
 
     def _missing(self, result: Result, state: tuple[set[bytes], set[bytes]]) -> str | None:
@@ -242,7 +259,9 @@ class Executor:
         b = self.build
         name = self.spec.steps[index].name
         b.emit_log(name, BlobLog(self.ctx.store, from_hex(hit.log)))
-        note = f"from build {hit.build_id}; --retry-failed runs it again"
+        where = self._remote_notes.pop(index, None)
+        origin = f"{where}" if where else f"from build {hit.build_id}"
+        note = f"{origin}; --retry-failed runs it again"
         self.state.step_done(
             index,
             StepStatus.CACHED_FAILURE,
@@ -362,6 +381,8 @@ class Executor:
             step=step.name,
         )
         self.ctx.db.put_result(result)
+        if self.ctx.remote is not None:  # pushed in the background, never waited for
+            self.ctx.remote.enqueue(b, key)
         self.presence.known_complete(snap.tree)
         status = StepStatus.FAILED if failed else StepStatus.RAN
         self.state.step_done(index, status, result, before, snap.tree)

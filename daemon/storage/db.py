@@ -106,6 +106,15 @@ CREATE TABLE IF NOT EXISTS pins (
     created REAL NOT NULL,
     roots TEXT NOT NULL            -- JSON: {"trees": [...], "blobs": [...], "results": [...], "builds": [...]}
 );
+-- Results waiting to be pushed to a remote cache (daemon/remote/queue.py):
+-- kept here so that a restart finishes what a stop interrupted.
+CREATE TABLE IF NOT EXISTS remote_pushes (
+    key TEXT NOT NULL,
+    url TEXT NOT NULL,
+    queued REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (key, url)
+);
 CREATE TABLE IF NOT EXISTS out_links (
     path TEXT PRIMARY KEY,         -- absolute; a root while it is still the checkout we made
     build_id TEXT NOT NULL,
@@ -444,6 +453,30 @@ class Database:
 
     def delete_out_link(self, path: str) -> None:
         self._conn.execute("DELETE FROM out_links WHERE path = ?", (path,))
+
+    # -- the remote push queue (daemon/remote/queue.py) ------------------------
+
+    def queue_push(self, key: str, url: str) -> None:
+        self._conn.execute(
+            "INSERT OR IGNORE INTO remote_pushes (key, url, queued) VALUES (?, ?, ?)",
+            (key, url, time.time()),
+        )
+
+    def pending_pushes(self, limit: int = 100) -> list[tuple[str, str, int]]:
+        """``(key, url, attempts)``, oldest first."""
+        rows = self._conn.execute(
+            "SELECT key, url, attempts FROM remote_pushes ORDER BY queued LIMIT ?", (limit,)
+        )
+        return [tuple(r) for r in rows.fetchall()]
+
+    def push_done(self, key: str, url: str) -> None:
+        self._conn.execute("DELETE FROM remote_pushes WHERE key = ? AND url = ?", (key, url))
+
+    def push_failed(self, key: str, url: str) -> None:
+        self._conn.execute(
+            "UPDATE remote_pushes SET attempts = attempts + 1, queued = ? WHERE key = ? AND url = ?",
+            (time.time(), key, url),
+        )
 
     # -- what garbage collection reads and trims (see gc.py) ----------------
 

@@ -1,0 +1,6 @@
+"""A step cache shared through an OCI registry (see the README's "Sharing a cache between hosts").
+
+``layout`` turns a result and its closure into registry objects and back
+(pure), ``trust`` signs and checks them, ``push`` and ``pull`` move them,
+``queue`` pushes in the background, ``remotes`` is what the executor asks.
+"""

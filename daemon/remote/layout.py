@@ -1,0 +1,240 @@
+"""How a step result lies in a registry (pure: no I/O, unit-tested).
+
+One OCI manifest per result, tagged ``step-<key>`` (a BLAKE3 hex key is 64
+characters; the tag grammar allows 128), ``artifactType``
+``application/vnd.amber.step.v1``. Its config blob is the result's metadata
+(JSON: status, exit code, before/after trees and log by BLAKE3, host, build
+id, time, amber version). Its layers carry the closure of the before and
+after trees and the log:
+
+- *packs*: many trees and small blobs in one registry blob (a 13,000-file
+  tree is a handful of uploads, not 13,000). Objects are sorted by BLAKE3
+  digest and cut after an object whose digest starts with a rare pattern,
+  so two closures that differ by one file share all packs but one or two
+  (content-defined: the cuts do not move when an object is added).
+- big files: a registry blob of their own, so they dedupe across results.
+
+BLAKE3 is amber's identity inside (every object in a pack carries its
+digest; a big blob's descriptor names it in an annotation), sha256 only how
+the registry addresses blobs. A puller checks both. The manifest stays far
+under the registry's 4 MiB: descriptors only for packs and big files.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from amber.daemon.oci.spec import OCI_MANIFEST, canonical_json, check_digest, sha256_digest
+from amber.sandbox.digest import DIGEST_SIZE, HEX_SIZE, hash_bytes
+
+ARTIFACT_TYPE = "application/vnd.amber.step.v1"
+CONFIG_TYPE = "application/vnd.amber.step.config.v1+json"
+PACK_TYPE = "application/vnd.amber.pack.v1"
+BLOB_TYPE = "application/vnd.amber.blob.v1"
+A_KEY = "org.amber.key"
+A_SIGNER = "org.amber.signer"
+A_SIGNATURE = "org.amber.signature"
+A_BLAKE3 = "org.amber.blake3"
+TAG_PREFIX = "step-"
+FORMAT = 1
+
+#: Files at least this large are blobs of their own.
+BIG = 1 << 20
+#: A pack is cut when it reaches this size, whatever the digests say.
+PACK_MAX = 16 << 20
+#: The largest pack a puller reads into memory: a pack passes PACK_MAX by at
+#: most one small object and the headers (layers are not signed: bound them).
+PACK_LIMIT = PACK_MAX + BIG + (1 << 20)
+#: A pack is cut after an object whose digest's first two bytes are 0 modulo
+#: this: about one object in 512, so a pack holds a few hundred small files.
+_CUT = 512
+_MAGIC = b"AMBERPK1"
+_HEAD = struct.Struct(">BQ")  # kind, size; then the digest
+TREE, BLOB = 1, 2
+
+
+class LayoutError(ValueError):
+    """A manifest, config or pack that is not what amber pushes."""
+
+
+def tag_for(key: str) -> str:
+    """The tag naming a step key's result: ``step-`` and the 64 hex digits."""
+    if len(key) != HEX_SIZE or any(c not in "0123456789abcdef" for c in key):
+        raise LayoutError(f"not a step key: {key!r}")
+    return TAG_PREFIX + key
+
+
+@dataclass(frozen=True)
+class Obj:
+    """One object of a closure: a tree or a blob, by BLAKE3 digest."""
+
+    kind: int
+    digest: bytes
+    size: int
+
+
+@dataclass
+class LayerPlan:
+    """One layer to push: a pack of objects, or one big blob."""
+
+    objects: list[Obj] = field(default_factory=list)
+    big: bool = False
+
+    @property
+    def size(self) -> int:
+        return sum(o.size for o in self.objects)
+
+
+def plan_layers(objects: Iterable[Obj]) -> list[LayerPlan]:
+    """Split a closure into layers (see the module notes); deterministic."""
+    plans: list[LayerPlan] = []
+    pack = LayerPlan()
+    for obj in sorted(set(objects), key=lambda o: (o.digest, o.kind)):
+        if obj.kind == BLOB and obj.size >= BIG:
+            plans.append(LayerPlan([obj], big=True))
+            continue
+        pack.objects.append(obj)
+        cut = int.from_bytes(obj.digest[:2], "big") % _CUT == 0
+        if cut or pack.size >= PACK_MAX:
+            plans.append(pack)
+            pack = LayerPlan()
+    if pack.objects:
+        plans.append(pack)
+    return plans
+
+
+def encode_pack(items: Iterable[tuple[int, bytes, bytes]]) -> bytes:
+    """``(kind, digest, data)`` objects as one pack blob."""
+    out = [_MAGIC]
+    for kind, digest, data in items:
+        out += [_HEAD.pack(kind, len(data)), digest, data]
+    return b"".join(out)
+
+
+def decode_pack(data: bytes) -> Iterator[tuple[int, bytes, bytes]]:
+    """The objects of a pack, each checked against its BLAKE3 digest."""
+    if not data.startswith(_MAGIC):
+        raise LayoutError("not an amber pack")
+    at = len(_MAGIC)
+    while at < len(data):
+        if at + _HEAD.size + DIGEST_SIZE > len(data):
+            raise LayoutError("pack ends inside an object header")
+        kind, size = _HEAD.unpack_from(data, at)
+        at += _HEAD.size
+        digest = data[at : at + DIGEST_SIZE]
+        at += DIGEST_SIZE
+        body = data[at : at + size]
+        at += size
+        if len(body) != size or kind not in (TREE, BLOB):
+            raise LayoutError("pack object truncated or of no known kind")
+        if hash_bytes(body) != digest:
+            raise LayoutError(f"pack object {digest.hex()[:12]} does not match its BLAKE3 digest")
+        yield kind, digest, body
+
+
+def config_blob(result: dict[str, Any], amber_version: str) -> bytes:
+    """The config blob: the result's metadata, canonical JSON."""
+    return canonical_json({"format": FORMAT, "amber": amber_version, "result": result})
+
+
+def descriptor(media_type: str, data_digest: str, size: int, **annotations: str) -> dict:
+    desc: dict[str, Any] = {"mediaType": media_type, "digest": data_digest, "size": size}
+    if annotations:
+        desc["annotations"] = dict(annotations)
+    return desc
+
+
+def manifest(key: str, config: bytes, layers: list[dict], signer: str, signature: str) -> bytes:
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": ARTIFACT_TYPE,
+        "config": descriptor(CONFIG_TYPE, sha256_digest(config), len(config)),
+        "layers": layers,
+        "annotations": {A_KEY: key, A_SIGNER: signer, A_SIGNATURE: signature},
+    }
+    return canonical_json(doc)
+
+
+@dataclass(frozen=True)
+class Layer:
+    media_type: str
+    digest: str  # sha256, as the registry names it
+    size: int
+    blake3: bytes | None  # a big blob's BLAKE3 (packs carry their own)
+
+
+@dataclass(frozen=True)
+class StepManifest:
+    key: str
+    config_digest: str
+    config_size: int
+    layers: tuple[Layer, ...]
+    signer: str | None
+    signature: str | None
+
+
+def parse_manifest(untrusted: bytes, key: str) -> StepManifest:
+    """A manifest read from a registry, checked for shape (not yet for trust)."""
+    try:
+        doc = json.loads(untrusted)
+        if doc.get("artifactType") != ARTIFACT_TYPE:
+            raise LayoutError("not an amber step result (artifactType)")
+        notes = doc.get("annotations") or {}
+        if notes.get(A_KEY) != key:
+            raise LayoutError("its annotation names another step key")
+        config = doc["config"]
+        if config.get("mediaType") != CONFIG_TYPE:
+            raise LayoutError("its config is not an amber step config")
+        layers = tuple(_layer(d) for d in doc.get("layers") or [])
+        return StepManifest(key, check_digest(config["digest"]), int(config["size"]), layers,
+                            notes.get(A_SIGNER), notes.get(A_SIGNATURE))  # fmt: skip
+    except LayoutError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise LayoutError(f"malformed manifest: {exc}") from None
+
+
+def _layer(d: dict) -> Layer:
+    media_type = d["mediaType"]
+    if media_type not in (PACK_TYPE, BLOB_TYPE):
+        raise LayoutError(f"a layer of unknown type {media_type!r}")
+    blake = None
+    if media_type == PACK_TYPE and not 0 < int(d["size"]) <= PACK_LIMIT:
+        raise LayoutError(f"a pack of {d['size']} bytes (amber's are at most {PACK_LIMIT})")
+    if media_type == BLOB_TYPE:
+        text = (d.get("annotations") or {}).get(A_BLAKE3, "")
+        if len(text) != HEX_SIZE:
+            raise LayoutError("a big blob layer without its BLAKE3 digest")
+        blake = bytes.fromhex(text)
+    return Layer(media_type, check_digest(d["digest"]), int(d["size"]), blake)
+
+
+RESULT_FIELDS = {"key": str, "status": str, "exit_code": (int, type(None)), "signal": (int, type(None)),
+                 "before_tree": str, "after_tree": str, "log": str, "started": (int, float),
+                 "seconds": (int, float), "host": str, "build_id": str, "step": str}  # fmt: skip
+
+
+def parse_config(untrusted: bytes, key: str) -> dict[str, Any]:
+    """The result a config blob describes, every field checked."""
+    try:
+        doc = json.loads(untrusted)
+        result = doc["result"]
+        if doc.get("format") != FORMAT or not isinstance(result, dict):
+            raise LayoutError(f"config format {doc.get('format')!r} is not {FORMAT}")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LayoutError(f"malformed config: {exc}") from None
+    for name, kind in RESULT_FIELDS.items():
+        if not isinstance(result.get(name), kind) or isinstance(result.get(name), bool):
+            raise LayoutError(f"config field {name!r} is missing or of the wrong type")
+    if result["key"] != key or result["status"] not in ("success", "failed"):
+        raise LayoutError("config names another key, or a status that is not a result")
+    for name in ("before_tree", "after_tree", "log"):
+        if len(result[name]) != HEX_SIZE:
+            raise LayoutError(f"config field {name!r} is not a digest")
+        bytes.fromhex(result[name])
+    return {n: result[n] for n in RESULT_FIELDS}
