@@ -153,3 +153,35 @@ def test_another_users_tree_cannot_be_named_by_digest(mal: Mal):
     ]
     # root may: it sees every tree.
     assert daemon.amber("pin", "add", "roots", f"tree:{own_tree}").returncode == 0
+
+
+def step_key(daemon: Daemon, build_id: str) -> str:
+    db = Database(daemon.state / "amber.db")
+    try:
+        (step,) = db.get_steps(build_id)
+        return step.key
+    finally:
+        db.close()
+
+
+def test_another_users_result_cannot_be_pinned_by_key(mal: Mal):
+    daemon = mal.daemon
+    code, result = daemon.build_json(
+        spec(daemon.root / "root-result", SIMPLE.replace("WHO", "root"))
+    )
+    assert code == 0, result
+    roots_key = step_key(daemon, result["build"])
+
+    # Mal's own result may be pinned both ways: the refusal below is about whose result it is.
+    built = mal.amber("build", "--json", spec(mal.home / "mine", SIMPLE, owner=MAL))
+    assert built.returncode == 0, built.stderr
+    own_key = step_key(daemon, json.loads(built.stdout)["build"])
+    assert own_key != roots_key
+    assert mal.amber("pin", "add", "own", f"result:{own_key}").returncode == 0
+    assert mal.amber("pin", "add", "own-bare", own_key).returncode == 0
+
+    for target in (f"result:{roots_key}", roots_key):
+        pinned = mal.amber("pin", "add", "stolen", target)
+        assert pinned.returncode != 0, target
+        assert b"stolen" not in daemon.amber("pin", "ls").stdout
+    assert daemon.amber("pin", "add", "roots", f"result:{roots_key}").returncode == 0

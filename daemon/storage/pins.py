@@ -132,12 +132,12 @@ def resolve_target(
     text = target.strip()
     prefix, _, rest = text.partition(":")
     if prefix == "result" and _HEX64.fullmatch(rest):
-        return _result_target(db, rest)
+        return _result_target(db, rest, uid)
     if prefix == "tree" and _HEX64.fullmatch(rest):
         return _tree_target(db, store, rest, uid)
     if _HEX64.fullmatch(text):
         if db.get_result(text) is not None:
-            return _result_target(db, text)
+            return _result_target(db, text, uid)
         return _tree_target(db, store, text, uid)
     build_id, _, step = text.partition(":")
     record = db.get_build(build_id) if build_id else None
@@ -166,10 +166,12 @@ def resolve_target(
     return "step", f"{record.id}:{step}", record, roots
 
 
-def _result_target(db: Database, key: str) -> tuple[str, str, None, PinRoots]:
+def _result_target(db: Database, key: str, uid: int) -> tuple[str, str, None, PinRoots]:
+    # As with trees: a result none of the caller's builds reached (ran or hit)
+    # is answered as absent, or any user could hold anyone's states from GC.
     result = db.get_result(key)
-    if result is None:
-        raise NotFound(f"no cached result with key {key}")
+    if result is None or not db.tree_visible_to(result.after_tree, uid):
+        raise NotFound(f"no cached result with key {key} from your builds")
     roots = PinRoots(
         trees={result.before_tree, result.after_tree}, blobs={result.log}, results={key}
     )
