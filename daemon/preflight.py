@@ -28,7 +28,7 @@ from pathlib import Path
 
 from amber.daemon.config import Config
 from amber.sandbox.fsmode import FsMode, FsModeError, detect_fs_mode
-from amber.sandbox.runner import BUILD_UID
+from amber.sandbox.sandboxspec import BUILD_UID
 
 #: The host programs the sandbox runner starts, and the package holding each.
 TOOLS = (("bwrap", "bubblewrap"), ("setpriv", "util-linux"), ("setsid", "util-linux"))

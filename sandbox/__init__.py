@@ -12,10 +12,12 @@ What the daemon may use of it, by module; everything else is internal:
 - ``fscontrol``: ``FilesystemPool``, ``open_overlay``, ``OverlayMount``, ``FilesystemError``.
 - ``fsmode``: ``detect_fs_mode``, ``overlay_options``; ``mounts``: ``mount``, ``umount``, ``mounts_under``,
   ``unmount_all_under``.
-- ``runner``: ``run_step``, ``run_interactive``, ``Bind``, ``StepOutcome``, ``SandboxError``,
-  ``CommandError``, ``BUILD_UID``, ``BUILD_GID``, ``HOMES``; ``userns``: ``IdMap``.
+- ``runner``: ``run_step``, ``run_interactive``, ``StepOutcome``; ``sandboxspec``: ``Bind``,
+  ``BUILD_UID``, ``BUILD_GID``, ``HOMES``; ``sandboxerror``: ``SandboxError``, ``CommandError``;
+  ``userns``: ``IdMap``.
 - ``fsidentity``: ``filesystem_identity`` (reading a user's files with the user's rights).
 - ``beneath``: ``exists_in_root``, ``write_beneath`` (root inside a tree a user controls).
 
-Internal: ``lowerfs``, ``fuseops``, ``eagerlayer``, ``snapshot``, ``command``.
+Internal: ``lowerfs``, ``fuseops``, ``eagerlayer``, ``snapshot``, ``command``, ``bwrap``,
+``ptyproxy``.
 """

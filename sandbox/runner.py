@@ -4,154 +4,54 @@ The sandbox is bubblewrap (``bwrap``) with new user, mount, pid, ipc, uts,
 cgroup and (unless asked otherwise) network namespaces, whose ``/`` is a
 given directory.
 
-How the user namespace gets a full id map
-    bwrap maps a single id by itself. Started by root with ``--userns``, it
-    keeps host root's identity for ``--uid 0`` and drops its capabilities
-    before mounting for ``--uid 1000``; started as root inside ``unshare
-    --map-users``, it can reach uid 1000 only through a nested single-id
-    namespace. So bwrap is started (through ``setpriv``) as the host uid the
-    sandbox user maps to, creates the user namespace itself and, told so by
-    ``--userns-block-fd``, waits: the daemon reads the namespace's first
-    process from ``--info-fd``, writes the whole ``0..count-1`` map (only a
-    privileged process may map a range), and lets bwrap go on. bwrap never
-    runs with host privileges. The price: bwrap resolves the root and bind
-    sources as that host uid, so their parent directories must be searchable
-    by it (a FUSE root needs ``allow_other``).
-
-How every process of a step ends with it
-    The step runs under bwrap's init in a fresh pid namespace (not
-    ``--as-pid-1``: the script keeps ordinary signal handling, and orphans
-    are reaped during long builds). The init's
-    pidfd is opened while bwrap waits for its id map, so it cannot name a
-    recycled pid. When the step ends, times out or is cancelled the init is
-    killed and waited for, and the kernel empties a pid namespace before it
-    reports its init dead: when ``run_step`` returns, nothing of the step
-    runs any more. ``--die-with-parent`` covers a daemon crash. The kernel
-    sends that signal when the *thread* that forked bwrap exits, so bwrap is
-    spawned from the calling trio thread with ``subprocess.Popen`` (vfork,
-    well under a millisecond), not with ``trio.lowlevel.open_process``, whose
-    worker threads retire after 10 s idle and would kill every sandbox they
-    had started.
-
-bwrap's own complaints (a missing cwd, no ``/bin/sh`` in the root) go to a
-separate pipe and become a `SandboxError`; ``--json-status-fd`` tells whether
-the command was started at all, so a step that fails is never mistaken for a
-sandbox that did not start.
+How the sandbox starts and ends (the id-map handshake, the pid namespace
+that takes every process of a step with it) is in bwrap.py; what it is and
+the bwrap command line in sandboxspec.py; the pty of a shell in ptyproxy.py.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
-import logging
 import os
-import shutil
 import signal
 import subprocess
-import termios
 import time
-import tty
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import trio
 
+from .bwrap import READ_SIZE, check_host, open_sandbox
 from .command import Identity, Missing, NotExecutable, find_command
-from .userns import IdMap, write_id_maps
+from .ptyproxy import run_on_pty
+from .sandboxerror import CommandError
+from .sandboxspec import (
+    BUILD_GID,
+    BUILD_UID,
+    Bind,
+    SandboxSpec,
+    User,
+    make_spec,
+    sandbox_environment,
+)
+from .userns import IdMap
 
 __all__ = [
-    "BUILD_GID",
-    "BUILD_UID",
     "DEFAULT_ID_MAP",
-    "DEFAULT_PATH",
-    "Bind",
-    "CommandError",
-    "IdMap",
     "OutputCallback",
-    "SandboxError",
     "StepOutcome",
-    "User",
     "run_interactive",
     "run_step",
 ]
 
-log = logging.getLogger(__name__)
-
-User = Literal["build", "root"]
 OutputCallback = Callable[[bytes], Awaitable[object]]
 
-BUILD_UID = 1000
-BUILD_GID = 1000
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# The build user's home is the private /tmp: dotfiles and caches written there
-# stay out of the snapshot, and no /etc/passwd entry is needed.
-HOMES: Mapping[str, str] = {"root": "/root", "build": "/tmp"}
-HOSTNAME = "amber"
 DEFAULT_ID_MAP = IdMap()
-# Root inside a step gets Docker's default set, namespaced: enough to install
-# packages and chown, without CAP_SYS_ADMIN's kernel surface (mounts, more
-# namespaces). The build user gets none.
-ROOT_CAPS = (
-    "CAP_AUDIT_WRITE",
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_MKNOD",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_RAW",
-    "CAP_SETFCAP",
-    "CAP_SETGID",
-    "CAP_SETPCAP",
-    "CAP_SETUID",
-    "CAP_SYS_CHROOT",
-)
-# bwrap needs milliseconds to start and to die; these only bound a kernel
-# or filesystem gone wrong (a process stuck in uninterruptible sleep).
-SETUP_TIMEOUT = 30.0
-CLEANUP_TIMEOUT = 30.0
 
 # The step's stderr joins its stdout here rather than at bwrap, so that
 # bwrap's own error messages stay out of the step's log. SHLVL is unset so the
 # script sees the same value as without the wrapper.
 _STEP_WRAPPER = 'unset SHLVL; exec 2>&1; exec /bin/sh -ec "$1"'
-_READ_SIZE = 65536
-_ERRORS_KEPT = 65536
-_WINSIZE_POLL = 0.25
-
-
-class SandboxError(Exception):
-    """The sandbox could not run the command: infrastructure trouble.
-
-    Never raised for a command that ran and failed. ``reason`` is stable and
-    machine-readable: ``tool-missing``, ``not-root``, ``root-missing``,
-    ``setup-failed`` (bwrap refused: missing cwd, no ``/bin/sh``, a root its
-    host uid cannot reach), ``id-map-failed``, ``stuck`` (processes that
-    would not die).
-    """
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class CommandError(SandboxError):
-    """The sandbox is fine but holds no command by that name it could run.
-
-    ``status`` is what a shell exits with: 127 when nothing by that name is
-    found, 126 when it is found but cannot be executed (``why`` says how).
-    """
-
-    def __init__(self, command: str, status: int, why: str) -> None:
-        reason = "command-not-found" if status == 127 else "command-not-executable"
-        super().__init__(reason, f"{command}: {why}")
-        self.command = command
-        self.status = status
-        self.why = why
 
 
 @dataclass(frozen=True)
@@ -175,30 +75,6 @@ class StepOutcome:
         """The outcome of a step that ended by itself with ``status``."""
         signum = status - 128 if 128 < status <= 128 + signal.SIGRTMAX else None
         return cls(exit_code=status, signal=signum, timed_out=False, seconds=seconds)
-
-
-@dataclass(frozen=True)
-class Bind:
-    """A host path shown inside the sandbox (read-only unless ``writable``)."""
-
-    source: Path
-    dest: str
-    writable: bool = False
-
-
-@dataclass(frozen=True)
-class _Spec:
-    """Everything bwrap needs to know about one sandbox."""
-
-    root: Path
-    command: tuple[str, ...]
-    cwd: str
-    user: User
-    network: bool
-    new_session: bool
-    controlling_tty: bool
-    private_tmp: bool
-    binds: tuple[Bind, ...]
 
 
 async def run_step(
@@ -243,7 +119,7 @@ async def run_step(
     Cancellation kills the whole sandbox, waits until it is gone, and
     re-raises. A timeout does the same and returns ``timed_out=True``.
     """
-    spec = _spec(
+    spec = make_spec(
         root,
         ("/bin/sh", "-c", _STEP_WRAPPER, "/bin/sh", script),
         cwd=cwd,
@@ -253,7 +129,7 @@ async def run_step(
         private_tmp=private_tmp,
         binds=extra_binds,
     )
-    step_env = _sandbox_env(user, env)
+    step_env = sandbox_environment(user, env)
     started = time.monotonic()
     read_fd = write_fd = None
     try:
@@ -262,7 +138,7 @@ async def run_step(
             stdout = write_fd
         else:
             stdout = output
-        async with _open_sandbox(
+        async with open_sandbox(
             spec, id_map=id_map, env=step_env, stdin=subprocess.DEVNULL, stdout=stdout,
             on_start=on_start,
         ) as sandbox:  # fmt: skip
@@ -326,7 +202,7 @@ async def run_interactive(
     if not argv:
         raise ValueError("argv must name a command")
     on_tty = os.isatty(stdin)
-    spec = _spec(
+    spec = make_spec(
         root,
         tuple(argv),
         cwd=cwd,
@@ -336,12 +212,12 @@ async def run_interactive(
         private_tmp=private_tmp,
         binds=extra_binds,
     )
-    sandbox_env = _sandbox_env(user, env)
-    _check_host(spec)  # before the lookup: a missing root is no missing command
+    sandbox_env = sandbox_environment(user, env)
+    check_host(spec)  # before the lookup: a missing root is no missing command
     await trio.to_thread.run_sync(_check_command, spec, id_map, sandbox_env["PATH"])
     if on_tty:
-        return await _run_on_pty(spec, id_map, sandbox_env, terminal_in=stdin, terminal_out=stdout)
-    async with _open_sandbox(
+        return await run_on_pty(spec, id_map, sandbox_env, terminal_in=stdin, terminal_out=stdout)
+    async with open_sandbox(
         spec, id_map=id_map, env=sandbox_env, stdin=stdin, stdout=stdout, stderr=stderr
     ) as sandbox:
         await sandbox.wait()
@@ -349,7 +225,7 @@ async def run_interactive(
     return sandbox.result()
 
 
-def _check_command(spec: _Spec, id_map: IdMap, search_path: str) -> None:
+def _check_command(spec: SandboxSpec, id_map: IdMap, search_path: str) -> None:
     """Raise `CommandError` where bwrap's ``execvp`` would fail (see command.py)."""
     uid = 0 if spec.user == "root" else BUILD_UID
     who = Identity(
@@ -373,500 +249,8 @@ def _check_command(spec: _Spec, id_map: IdMap, search_path: str) -> None:
         raise CommandError(spec.command[0], 126, f"cannot be executed: {found.why}")
 
 
-def _spec(
-    root: Path,
-    command: tuple[str, ...],
-    *,
-    cwd: str,
-    user: User,
-    network: bool,
-    new_session: bool,
-    private_tmp: bool,
-    binds: Sequence[Bind],
-) -> _Spec:
-    """Check the caller's arguments and bundle them."""
-    if user not in HOMES:
-        raise ValueError(f"user must be 'build' or 'root', not {user!r}")
-    if not cwd.startswith("/"):
-        raise ValueError(f"cwd must be absolute: {cwd!r}")
-    for bind in binds:
-        if not bind.dest.startswith("/"):
-            raise ValueError(f"bind destination must be absolute: {bind.dest!r}")
-    return _Spec(
-        root=Path(root),
-        command=command,
-        cwd=cwd,
-        user=user,
-        network=network,
-        new_session=new_session,
-        controlling_tty=not new_session,
-        private_tmp=private_tmp,
-        binds=tuple(binds),
-    )
-
-
-def _sandbox_env(user: User, env: Mapping[str, str]) -> dict[str, str]:
-    """The whole environment of a sandboxed command: nothing of the host's."""
-    result = {"PATH": DEFAULT_PATH, "HOME": HOMES[user], "TMPDIR": "/tmp"}
-    for name, value in env.items():
-        if not name or "=" in name or "\0" in name or "\0" in value:
-            raise ValueError(f"not a valid environment variable: {name!r}")
-        result[name] = value
-    return result
-
-
-def _tool(name: str) -> str:
-    """The absolute path of a host program the sandbox needs."""
-    path = shutil.which(name)
-    if path is None:
-        raise SandboxError("tool-missing", f"{name} is not installed (looked in PATH)")
-    return path
-
-
-def _launch_argv(
-    spec: _Spec, id_map: IdMap, *, info_fd: int, block_fd: int, status_fd: int
-) -> list[str]:
-    """The command line that starts bwrap as the sandbox user's host uid."""
-    uid, gid = (0, 0) if spec.user == "root" else (BUILD_UID, BUILD_GID)
-    argv = [
-        _tool("setpriv"),
-        f"--reuid={id_map.host_id(uid)}",
-        f"--regid={id_map.host_id(gid)}",
-        "--clear-groups",
-        "--",
-    ]
-    if spec.controlling_tty:
-        # setsid(2), then TIOCSCTTY on stdin: the pty becomes the session's
-        # controlling terminal, and bwrap runs without --new-session.
-        argv += [_tool("setsid"), "--ctty", "--wait", "--"]
-    argv.append(_tool("bwrap"))
-    argv += _bwrap_options(spec, info_fd=info_fd, block_fd=block_fd, status_fd=status_fd)
-    return [*argv, "--", *spec.command]
-
-
-def _bwrap_options(spec: _Spec, *, info_fd: int, block_fd: int, status_fd: int) -> list[str]:
-    """bwrap's options for ``spec``, with the fds of the start-up handshake."""
-    options = ["--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-uts"]
-    options += ["--unshare-cgroup-try"]
-    if not spec.network:
-        options.append("--unshare-net")
-    options += ["--userns-block-fd", str(block_fd), "--info-fd", str(info_fd)]
-    options += ["--json-status-fd", str(status_fd), "--die-with-parent"]
-    if spec.new_session:
-        options.append("--new-session")  # no controlling terminal, so no TIOCSTI
-    options += ["--hostname", HOSTNAME, "--bind", str(spec.root), "/"]
-    options += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/dev/shm"]
-    if spec.private_tmp:
-        options += ["--perms", "1777", "--tmpfs", "/tmp"]
-    for bind in spec.binds:
-        options += ["--bind" if bind.writable else "--ro-bind", str(bind.source), bind.dest]
-    options += ["--chdir", spec.cwd]
-    if spec.user == "root":
-        for cap in ROOT_CAPS:
-            options += ["--cap-add", cap]
-    else:
-        options += ["--cap-drop", "ALL"]
-    return options
-
-
-class _PidFd:
-    """A handle on a process that cannot name a recycled pid."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self._fd: int | None = os.pidfd_open(pid)
-
-    def kill(self) -> None:
-        """SIGKILL the process, if it still runs."""
-        if self._fd is None:
-            return
-        with suppress(ProcessLookupError):
-            signal.pidfd_send_signal(self._fd, signal.SIGKILL)
-
-    async def wait(self) -> None:
-        """Return once the process has exited (it may not be reaped yet)."""
-        assert self._fd is not None
-        await trio.lowlevel.wait_readable(self._fd)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            trio.lowlevel.notify_closing(self._fd)
-            os.close(self._fd)
-            self._fd = None
-
-
-class _Sandbox:
-    """One running bwrap: its monitor process, the namespace's init, and the
-    pipes on which bwrap reports."""
-
-    def __init__(self, popen: subprocess.Popen[bytes], status_fd: int, errors_fd: int | None):
-        self._popen = popen
-        self._monitor = _PidFd(popen.pid)
-        self._init: _PidFd | None = None
-        self._status_fd: int | None = status_fd
-        self._errors_fd = errors_fd
-        self._errors_captured = errors_fd is not None
-        self._errors = b""
-        self._exit_code: int | None = None
-        self._destroyed = False
-        self._stuck = False
-
-    async def handshake(
-        self,
-        info_fd: int,
-        block_fd: int,
-        id_map: IdMap,
-        on_start: Callable[[list[int]], None] | None = None,
-    ) -> None:
-        """Give bwrap's new user namespace its id map and let bwrap go on.
-
-        Takes ownership of both fds. Until the map is written the
-        namespace's first process waits, so its pid is still its own.
-        """
-        try:
-            info = await _read_all(info_fd)
-            if not info:
-                return  # bwrap gave up before creating the namespace
-            pid = _child_pid(info)
-            self._init = _PidFd(pid)
-            try:
-                write_id_maps(pid, id_map)
-            except OSError as exc:
-                raise SandboxError(
-                    "id-map-failed", f"cannot map ids of the sandbox: {exc}"
-                ) from exc
-            if on_start is not None:
-                on_start([self._popen.pid, pid])
-            os.write(block_fd, b"\0")
-        finally:
-            os.close(block_fd)
-
-    async def wait(self) -> None:
-        """Return once the sandboxed command has ended (its background
-        processes may still run until `destroy`)."""
-        await self._monitor.wait()
-        self._popen.wait()  # exited already: reaps without blocking
-
-    async def destroy(self) -> None:
-        """Kill whatever is left and wait until the pid namespace is empty.
-
-        Idempotent; shielded from cancellation, since a half-killed sandbox
-        is worse than a late one.
-        """
-        if self._destroyed:
-            return
-        self._destroyed = True
-        with trio.CancelScope(shield=True):
-            if self._init is not None:
-                self._init.kill()
-            self._monitor.kill()
-            with trio.move_on_after(CLEANUP_TIMEOUT) as scope:
-                await self.wait()
-                if self._init is not None:
-                    await self._init.wait()
-            if scope.cancelled_caught:
-                self._stuck = True
-                log.error("sandbox processes did not exit; bwrap pid %d", self._popen.pid)
-        self._read_reports()
-        for pidfd in (self._monitor, self._init):
-            if pidfd is not None:
-                pidfd.close()
-
-    def result(self) -> int:
-        """The exit status of the sandboxed command, once destroyed.
-
-        Raises:
-            SandboxError: the command never started, or outlived its sandbox.
-        """
-        assert self._destroyed
-        if self._stuck:
-            raise SandboxError("stuck", "processes of the sandbox did not exit")
-        if self._exit_code is None:
-            if self._errors_captured:
-                message = self._errors.decode(errors="replace").strip() or "bwrap said nothing"
-            else:
-                message = "bwrap's message went to the command's stderr"
-            raise SandboxError("setup-failed", f"the sandbox did not start: {message}")
-        return self._exit_code
-
-    def _read_reports(self) -> None:
-        """Collect what bwrap wrote on the status and error pipes."""
-        if self._status_fd is not None:
-            for line in _read_available(self._status_fd).splitlines():
-                with suppress(ValueError):
-                    report = json.loads(line)
-                    if "exit-code" in report:  # written only once the command started
-                        self._exit_code = int(report["exit-code"])
-            os.close(self._status_fd)
-            self._status_fd = None
-        if self._errors_fd is not None:
-            self._errors = _read_available(self._errors_fd)[-_ERRORS_KEPT:]
-            os.close(self._errors_fd)
-            self._errors_fd = None
-
-
-@asynccontextmanager
-async def _open_sandbox(
-    spec: _Spec,
-    *,
-    id_map: IdMap,
-    env: Mapping[str, str],
-    stdin: int,
-    stdout: int,
-    stderr: int | None = None,
-    on_start: Callable[[list[int]], None] | None = None,
-) -> AsyncIterator[_Sandbox]:
-    """Start a sandbox; nothing of it outlives the block.
-
-    With ``stderr`` None bwrap's messages are captured for `SandboxError`
-    (the command must then redirect its own stderr, as the step wrapper does).
-    """
-    _check_host(spec)
-    sandbox = await _start(
-        spec, id_map=id_map, env=env, stdin=stdin, stdout=stdout, stderr=stderr, on_start=on_start
-    )
-    try:
-        yield sandbox
-    finally:
-        await sandbox.destroy()
-
-
-def _check_host(spec: _Spec) -> None:
-    """Fail early, and clearly, where bwrap's message would be obscure."""
-    if os.geteuid() != 0:
-        raise SandboxError("not-root", "the sandbox maps a range of ids, which needs root")
-    if not spec.root.is_dir():
-        raise SandboxError("root-missing", f"sandbox root {spec.root} is not a directory")
-
-
-async def _start(
-    spec: _Spec,
-    *,
-    id_map: IdMap,
-    env: Mapping[str, str],
-    stdin: int,
-    stdout: int,
-    stderr: int | None,
-    on_start: Callable[[list[int]], None] | None = None,
-) -> _Sandbox:
-    """Spawn bwrap and take it through the id-map handshake.
-
-    The handshake is shielded: it takes milliseconds, and a sandbox left
-    half-started could not be killed reliably.
-    """
-    info_r, info_w = os.pipe()
-    block_r, block_w = os.pipe()
-    status_r, status_w = os.pipe()
-    errors_r, errors_w = os.pipe() if stderr is None else (None, None)
-    try:
-        argv = _launch_argv(spec, id_map, info_fd=info_w, block_fd=block_r, status_fd=status_w)
-        popen = _spawn(
-            argv,
-            env=env,
-            stdin=stdin,
-            stdout=stdout,
-            stderr=errors_w if stderr is None else stderr,
-            pass_fds=(info_w, block_r, status_w),
-            new_session=not spec.controlling_tty,
-        )
-    except BaseException:
-        for fd in (info_r, block_w, status_r, errors_r):
-            if fd is not None:
-                os.close(fd)
-        raise
-    finally:
-        for fd in (info_w, block_r, status_w, errors_w):
-            if fd is not None:
-                os.close(fd)
-    try:
-        sandbox = _Sandbox(popen, status_r, errors_r)
-    except OSError as exc:  # no pidfd: out of fds, say
-        popen.kill()
-        popen.wait()
-        for fd in (info_r, block_w, status_r, errors_r):
-            if fd is not None:
-                os.close(fd)
-        raise SandboxError("setup-failed", f"cannot watch bwrap: {exc}") from exc
-    with trio.CancelScope(shield=True):
-        try:
-            with trio.fail_after(SETUP_TIMEOUT):
-                await sandbox.handshake(info_r, block_w, id_map, on_start)
-        except BaseException as exc:
-            await sandbox.destroy()
-            if isinstance(exc, trio.TooSlowError):
-                raise SandboxError("setup-failed", "bwrap did not start in time") from exc
-            raise
-    return sandbox
-
-
-def _spawn(
-    argv: list[str],
-    *,
-    env: Mapping[str, str],
-    stdin: int,
-    stdout: int,
-    stderr: int,
-    pass_fds: tuple[int, ...],
-    new_session: bool,
-) -> subprocess.Popen[bytes]:
-    """Fork bwrap's launcher from this very thread (see the module notes).
-
-    A new session keeps the daemon's terminal signals (^C) from reaching
-    bwrap, whose end the daemon decides.
-    """
-    try:
-        return subprocess.Popen(
-            argv,
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-            pass_fds=pass_fds,
-            env=dict(env),
-            cwd="/",
-            start_new_session=new_session,
-        )
-    except OSError as exc:
-        raise SandboxError("tool-missing", f"cannot start {argv[0]}: {exc}") from exc
-
-
-def _child_pid(info: bytes) -> int:
-    """The host pid of the namespace's first process, from --info-fd."""
-    try:
-        return int(json.loads(info)["child-pid"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise SandboxError("setup-failed", f"unreadable report from bwrap: {info!r}") from exc
-
-
-async def _read_all(fd: int) -> bytes:
-    """Read a pipe to its end; takes ownership of ``fd``."""
-    chunks = []
-    async with trio.lowlevel.FdStream(fd) as stream:
-        while chunk := await stream.receive_some(_READ_SIZE):
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _read_available(fd: int) -> bytes:
-    """Read what a pipe holds, without blocking on a writer that lingers."""
-    os.set_blocking(fd, False)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(fd, _READ_SIZE)
-        except BlockingIOError:
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def _pump(fd: int, output: OutputCallback) -> None:
     """Hand the step's output to ``output`` chunk by chunk, to its end."""
     async with trio.lowlevel.FdStream(fd) as stream:
-        while chunk := await stream.receive_some(_READ_SIZE):
+        while chunk := await stream.receive_some(READ_SIZE):
             await output(chunk)
-
-
-async def _run_on_pty(
-    spec: _Spec,
-    id_map: IdMap,
-    env: Mapping[str, str],
-    *,
-    terminal_in: int,
-    terminal_out: int,
-) -> int:
-    """Run the sandbox on a pty of its own, proxied to the caller's terminal."""
-    master, slave = os.openpty()
-    try:
-        _copy_terminal_settings(terminal_in, slave)
-        with _raw_terminal(terminal_in), _kept_blocking_modes(terminal_in, terminal_out):
-            async with _open_sandbox(
-                spec, id_map=id_map, env=env, stdin=slave, stdout=slave, stderr=slave
-            ) as sandbox:
-                os.close(slave)
-                slave = -1  # only the sandbox holds it: its end reads as EIO
-                async with trio.open_nursery() as nursery:
-                    drained = trio.Event()
-                    nursery.start_soon(_copy_pty_output, master, terminal_out, drained)
-                    nursery.start_soon(_copy_bytes, terminal_in, master)
-                    nursery.start_soon(_follow_window_size, terminal_in, master)
-                    await sandbox.wait()
-                    await sandbox.destroy()
-                    await drained.wait()
-                    nursery.cancel_scope.cancel()
-    finally:
-        for fd in (master, slave):
-            if fd >= 0:
-                os.close(fd)
-    return sandbox.result()
-
-
-def _copy_terminal_settings(terminal: int, pty: int) -> None:
-    """Start the pty with the caller's line settings and size."""
-    termios.tcsetattr(pty, termios.TCSANOW, termios.tcgetattr(terminal))
-    fcntl.ioctl(pty, termios.TIOCSWINSZ, _window_size(terminal))
-
-
-def _window_size(terminal: int) -> bytes:
-    return fcntl.ioctl(terminal, termios.TIOCGWINSZ, b"\0" * 8)
-
-
-@contextmanager
-def _raw_terminal(terminal: int) -> Iterator[None]:
-    """Let keystrokes through untouched: the pty inside does the line editing
-    and turns ^C into a signal for the sandbox, not for the caller."""
-    saved = termios.tcgetattr(terminal)
-    tty.setraw(terminal, termios.TCSANOW)
-    try:
-        yield
-    finally:
-        # TCSANOW: TCSADRAIN waits for the client's terminal to take its
-        # output, which a stopped or unread terminal never does, on the loop.
-        termios.tcsetattr(terminal, termios.TCSANOW, saved)
-
-
-@contextmanager
-def _kept_blocking_modes(*fds: int) -> Iterator[None]:
-    """Restore O_NONBLOCK, which trio sets on the open file description the
-    caller shares with us."""
-    saved = [(fd, os.get_blocking(fd)) for fd in fds]
-    try:
-        yield
-    finally:
-        for fd, blocking in saved:
-            os.set_blocking(fd, blocking)
-
-
-async def _copy_bytes(source: int, dest: int) -> None:
-    """Copy ``source`` to ``dest`` until either end goes away (on dups)."""
-    async with (
-        trio.lowlevel.FdStream(os.dup(source)) as reader,
-        trio.lowlevel.FdStream(os.dup(dest)) as writer,
-    ):
-        try:
-            while chunk := await reader.receive_some(_READ_SIZE):
-                await writer.send_all(chunk)
-        except trio.BrokenResourceError:
-            pass
-
-
-async def _copy_pty_output(master: int, terminal_out: int, drained: trio.Event) -> None:
-    """Copy the sandbox's terminal output until its last holder is gone."""
-    try:
-        await _copy_bytes(master, terminal_out)
-    finally:
-        drained.set()
-
-
-async def _follow_window_size(terminal: int, pty: int) -> None:
-    """Pass size changes of the caller's terminal on to the pty (and so
-    SIGWINCH to the sandbox). Polled: SIGWINCH goes to the caller's session,
-    not to the daemon."""
-    size = _window_size(terminal)
-    while True:
-        await trio.sleep(_WINSIZE_POLL)
-        current = _window_size(terminal)
-        if current != size:
-            fcntl.ioctl(pty, termios.TIOCSWINSZ, current)
-            size = current

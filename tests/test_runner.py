@@ -18,13 +18,9 @@ import pytest
 import trio
 from rootfs import make_busybox_root, sandbox_tmpdir
 
-from amber.sandbox.runner import (
-    Bind,
-    SandboxError,
-    StepOutcome,
-    run_interactive,
-    run_step,
-)
+from amber.sandbox.runner import StepOutcome, run_interactive, run_step
+from amber.sandbox.sandboxerror import SandboxError
+from amber.sandbox.sandboxspec import Bind
 from amber.sandbox.userns import DEFAULT_ID_BASE, IdMap
 
 

@@ -39,7 +39,7 @@ from amber.daemon.build.fetch import (
 )
 from amber.daemon.build.sources import lay_out
 from amber.daemon.build.spec import Source, parse_spec
-from amber.sandbox.runner import BUILD_UID
+from amber.sandbox.sandboxspec import BUILD_UID
 from amber.sandbox.store import Store
 from amber.sandbox.tree import EMPTY_TREE
 

@@ -24,7 +24,9 @@ from amber.daemon.errors import BadArgs, Busy, NotFound, SandboxFailed
 from amber.sandbox import tree as treefmt
 from amber.sandbox.beneath import exists_in_root, write_beneath
 from amber.sandbox.fscontrol import FilesystemError, OverlayMount, open_overlay
-from amber.sandbox.runner import BUILD_UID, Bind, CommandError, SandboxError, run_interactive
+from amber.sandbox.runner import run_interactive
+from amber.sandbox.sandboxerror import CommandError, SandboxError
+from amber.sandbox.sandboxspec import BUILD_UID, Bind
 from amber.sandbox.treediff import diff_trees
 from amber.sandbox.userns import IdMap, IdPoolExhausted
 

@@ -42,7 +42,7 @@ from amber.daemon.storage.db import BuildRecord, Result, StepRecord
 from amber.daemon.storage.roots import build_state
 from amber.sandbox.digest import from_hex
 from amber.sandbox.fscontrol import FilesystemError, OverlayMount, open_overlay
-from amber.sandbox.runner import SandboxError
+from amber.sandbox.sandboxerror import SandboxError
 from amber.sandbox.store import StoreError
 from amber.sandbox.userns import IdMap, IdPoolExhausted
 

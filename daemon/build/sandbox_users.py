@@ -23,7 +23,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from amber.sandbox.runner import BUILD_GID, BUILD_UID, HOMES
+from amber.sandbox.sandboxspec import BUILD_GID, BUILD_UID, HOMES
 
 DIRECTORY = "sandbox-etc"
 _OWN_NAMES = ("root", "build")

@@ -46,7 +46,7 @@ from amber.sandbox import tree as treefmt
 from amber.sandbox.digest import EMPTY
 from amber.sandbox.fsidentity import filesystem_identity
 from amber.sandbox.importer import import_directory
-from amber.sandbox.runner import BUILD_GID, BUILD_UID
+from amber.sandbox.sandboxspec import BUILD_GID, BUILD_UID
 from amber.sandbox.store import Batch, Store
 from amber.sandbox.tree import Entry
 from amber.sandbox.treeedit import TreeEditError, chown_dir, ensure_dir, put_entry

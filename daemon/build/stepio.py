@@ -16,8 +16,10 @@ import trio
 
 from amber.daemon.build.logs import blob_chunks, fd_chunks, open_log_file
 from amber.daemon.build.spec import Step
-from amber.sandbox.runner import Bind, IdMap, StepOutcome, run_step
+from amber.sandbox.runner import StepOutcome, run_step
+from amber.sandbox.sandboxspec import Bind
 from amber.sandbox.store import Store
+from amber.sandbox.userns import IdMap
 
 
 class StepLog:
