@@ -110,6 +110,8 @@ ROOT_CAPS = (
     "CAP_SETUID",
     "CAP_SYS_CHROOT",
 )
+# What a step's files get on a workstation (0644, 0755), not amberd's 0077.
+STEP_UMASK = 0o022
 # bwrap needs milliseconds to start and to die; these only bound a kernel
 # or filesystem gone wrong (a process stuck in uninterruptible sleep).
 SETUP_TIMEOUT = 30.0
@@ -712,11 +714,13 @@ def _spawn(
     """Fork bwrap's launcher from this very thread (see the module notes).
 
     A new session keeps the daemon's terminal signals (^C) from reaching
-    bwrap, whose end the daemon decides.
+    bwrap, whose end the daemon decides. The umask is a workstation's,
+    whatever amberd's own (0077 under its unit): steps inherit it.
     """
     try:
         return subprocess.Popen(
             argv,
+            umask=STEP_UMASK,
             stdin=stdin,
             stdout=stdout,
             stderr=stderr,
