@@ -65,6 +65,10 @@ READ_SIZE = 65536
 _ERRORS_KEPT = 65536
 
 
+# What a step's files get on a workstation (0644, 0755), not amberd's 0077.
+STEP_UMASK = 0o022
+
+
 class _PidFd:
     """A handle on a process that cannot name a recycled pid."""
 
@@ -308,11 +312,13 @@ def _spawn(
     """Fork bwrap's launcher from this very thread (see the module notes).
 
     A new session keeps the daemon's terminal signals (^C) from reaching
-    bwrap, whose end the daemon decides.
+    bwrap, whose end the daemon decides. The umask is a workstation's,
+    whatever amberd's own (0077 under its unit): steps inherit it.
     """
     try:
         return subprocess.Popen(
             argv,
+            umask=STEP_UMASK,
             stdin=stdin,
             stdout=stdout,
             stderr=stderr,

@@ -14,7 +14,17 @@ from tools import need, run
 
 TOP_COMMANDS = ["build", "ps", "builds", "show", "log", "cancel", "status", "shell", "diff", "export",
                 "import", "verify", "delete", "image", "pin", "gc", "store", "daemon", "key", "completion"]  # fmt: skip
-NESTED = ["image import", "image ls", "image rm", "pin add", "pin rm", "pin ls", "store fsck", "key generate", "key trust"]
+NESTED = [
+    "image import",
+    "image ls",
+    "image rm",
+    "pin add",
+    "pin rm",
+    "pin ls",
+    "store fsck",
+    "key generate",
+    "key trust",
+]
 
 
 def amber(*args: str) -> str:

@@ -14,6 +14,7 @@ import json
 import os
 import pty
 import re
+import resource
 import select
 import signal
 import socket
@@ -623,11 +624,19 @@ def hardening_script(unit: Path, cgroup: Path) -> str:
     """A shell script running its arguments confined the way ``unit`` confines amberd.
 
     Emulated: ProtectSystem (read-only bind mounts in a private mount
-    namespace, as systemd does), CapabilityBoundingSet (setpriv), and
-    DevicePolicy and DeviceAllow in the cgroup v1 devices cgroup ``cgroup``.
+    namespace, as systemd does), CapabilityBoundingSet (setpriv), UMask,
+    LimitNOFILE, and DevicePolicy and DeviceAllow in the cgroup v1 devices
+    cgroup ``cgroup``.
     """
     service = dict(unit_entries(unit)["Service"])
     lines = ["set -e", "mount --make-rslave /"]
+    if "UMask" in service:
+        lines.append(f"umask {service['UMask']}")
+    if "LimitNOFILE" in service:
+        # Raising the hard limit takes CAP_SYS_RESOURCE, which a container
+        # may lack: at most what this host allows.
+        limit = min(int(service["LimitNOFILE"]), resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+        lines.append(f"ulimit -n {limit}")
     for path in PROTECT_SYSTEM.get(service.get("ProtectSystem", "no"), ()):
         lines.append(f"if [ -d {path} ]; then mount --rbind {path} {path}; "
                      f"mount -o remount,bind,ro {path}; fi")  # fmt: skip
@@ -668,6 +677,27 @@ name = "fails"
 run = "test ! -e data.txt && echo 'the compiler said no' && exit 3"
 """
 
+# What a user finds in an out-link: the modes a workstation's umask gives.
+MADE_FILES = """
+[build]
+name = "made-files"
+base = "host"
+
+[[step]]
+name = "make"
+run = "mkdir -p out/bin && echo hello > out/made && cp /bin/true out/bin/tool"
+
+[[step]]
+name = "give-a-capability"
+user = "root"
+run = "setcap cap_net_raw+ep out/bin/tool"
+
+[[step]]
+name = "copy-it-up"
+user = "root"
+run = "chmod 0755 out/bin/tool && getcap out/bin/tool | grep -q cap_net_raw"
+"""
+
 
 def test_amberd_confined_like_its_unit_builds_and_shells(daemon_root: Path):
     """Under amberd.service's hardening: FUSE, overlayfs (a whiteout: a base file removed),
@@ -691,6 +721,15 @@ def test_amberd_confined_like_its_unit_builds_and_shells(daemon_root: Path):
         assert d.process.poll() is None, d.log.read_text()
         status = Path(f"/proc/{d.process.pid}/status").read_text()
         assert "CapBnd:\t000001ffffffffff" not in status  # the bounding set took effect
+        assert "Umask:\t0077" in status  # and the unit's umask
+        code, made = d.build_json(write_spec(daemon_root / "made", MADE_FILES),
+                                  "--out-link", str(daemon_root / "result"))  # fmt: skip
+        assert code == 0, (made, d.log.read_text()[-3000:])
+        workdir = daemon_root / "result" / "build"
+        modes = {p.relative_to(workdir).as_posix(): oct(p.lstat().st_mode & 0o7777)
+                 for p in (workdir / "out", *(workdir / "out").rglob("*"))}  # fmt: skip
+        assert modes == {"out": "0o755", "out/made": "0o644", "out/bin": "0o755",
+                         "out/bin/tool": "0o755"}, modes  # fmt: skip
         spec_dir = daemon_root / "hardened"
         spec_dir.mkdir()
         (spec_dir / "data.txt").write_text("from the spec\n")
