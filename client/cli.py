@@ -19,7 +19,6 @@ import contextlib
 import os
 import sys
 
-from .autostart import open_connection
 from .errors import AmberError, ErrorCode
 from .parser import build_parser
 
@@ -79,6 +78,8 @@ class Context:
         stuck daemon is the user's to interrupt, a slow one is not an error.
         """
         if self.conn is None:
+            from .autostart import open_connection  # socket, msgpack: only commands that connect
+
             self.conn = open_connection(self.ns.socket, timeout=HELLO_TIMEOUT, say=self.say)
         set_timeout(self.conn, None)
         return self.conn
