@@ -48,8 +48,10 @@ from contextlib import asynccontextmanager, suppress
 
 import trio
 
+from .pasta import Pasta, check_pasta, open_netns, start_pasta
 from .sandboxerror import SandboxError
-from .sandboxspec import SandboxSpec, launch_argv
+from .sandboxspec import SandboxSpec, host_ids, launch_argv
+from .seccomp import filter_fd
 from .userns import IdMap, write_id_maps
 
 __all__ = ["READ_SIZE", "Sandbox", "check_host", "open_sandbox"]
@@ -110,6 +112,7 @@ class Sandbox:
         self._exit_code: int | None = None
         self._destroyed = False
         self._stuck = False
+        self._pasta: Pasta | None = None
 
     async def handshake(
         self,
@@ -117,8 +120,10 @@ class Sandbox:
         block_fd: int,
         id_map: IdMap,
         on_start: Callable[[list[int]], None] | None = None,
+        network_ids: tuple[int, int] | None = None,
     ) -> None:
-        """Give bwrap's new user namespace its id map and let bwrap go on.
+        """Give bwrap's new user namespace its id map (and, for a
+        network = true step, pasta, for bwrap's host ``network_ids``) and let bwrap go on.
 
         Takes ownership of both fds. Until the map is written the
         namespace's first process waits, so its pid is still its own.
@@ -135,6 +140,9 @@ class Sandbox:
                 raise SandboxError(
                     "id-map-failed", f"cannot map ids of the sandbox: {exc}"
                 ) from exc
+            if network_ids is not None:
+                netns = open_netns(self._popen.pid, *network_ids)
+                self._pasta = await start_pasta(netns)
             if on_start is not None:
                 on_start([self._popen.pid, pid])
             os.write(block_fd, b"\0")
@@ -167,6 +175,9 @@ class Sandbox:
             if scope.cancelled_caught:
                 self._stuck = True
                 log.error("sandbox processes did not exit; bwrap pid %d", self._popen.pid)
+        if self._pasta is not None:
+            with trio.move_on_after(CLEANUP_TIMEOUT):
+                await self._pasta.stop()  # after the step: nothing of it is left to use the network
         self._read_reports()
         for pidfd in (self._monitor, self._init):
             if pidfd is not None:
@@ -237,6 +248,8 @@ def check_host(spec: SandboxSpec) -> None:
         raise SandboxError("not-root", "the sandbox maps a range of ids, which needs root")
     if not spec.root.is_dir():
         raise SandboxError("root-missing", f"sandbox root {spec.root} is not a directory")
+    if spec.network:
+        check_pasta()
 
 
 async def _start(
@@ -258,15 +271,17 @@ async def _start(
     block_r, block_w = os.pipe()
     status_r, status_w = os.pipe()
     errors_r, errors_w = os.pipe() if stderr is None else (None, None)
+    seccomp = filter_fd()
     try:
-        argv = launch_argv(spec, id_map, info_fd=info_w, block_fd=block_r, status_fd=status_w)
+        argv = launch_argv(spec, id_map, info_fd=info_w, block_fd=block_r, status_fd=status_w,
+                           seccomp_fd=seccomp)  # fmt: skip
         popen = _spawn(
             argv,
             env=env,
             stdin=stdin,
             stdout=stdout,
             stderr=errors_w if stderr is None else stderr,
-            pass_fds=(info_w, block_r, status_w),
+            pass_fds=(info_w, block_r, status_w, *([seccomp] if seccomp is not None else [])),
             new_session=not spec.controlling_tty,
         )
     except BaseException:
@@ -275,7 +290,7 @@ async def _start(
                 os.close(fd)
         raise
     finally:
-        for fd in (info_w, block_r, status_w, errors_w):
+        for fd in (info_w, block_r, status_w, errors_w, seccomp):
             if fd is not None:
                 os.close(fd)
     try:
@@ -290,7 +305,8 @@ async def _start(
     with trio.CancelScope(shield=True):
         try:
             with trio.fail_after(SETUP_TIMEOUT):
-                await sandbox.handshake(info_r, block_w, id_map, on_start)
+                ids = host_ids(spec, id_map) if spec.network else None
+                await sandbox.handshake(info_r, block_w, id_map, on_start, ids)
         except BaseException as exc:
             await sandbox.destroy()
             if isinstance(exc, trio.TooSlowError):

@@ -20,6 +20,7 @@ __all__ = [
     "Bind",
     "SandboxSpec",
     "User",
+    "host_ids",
     "launch_argv",
     "make_spec",
     "sandbox_environment",
@@ -129,15 +130,29 @@ def _tool(name: str) -> str:
     return path
 
 
+def host_ids(spec: SandboxSpec, id_map: IdMap) -> tuple[int, int]:
+    """The host uid and gid bwrap runs as: its user namespace's owner."""
+    uid, gid = (0, 0) if spec.user == "root" else (BUILD_UID, BUILD_GID)
+    return id_map.host_id(uid), id_map.host_id(gid)
+
+
 def launch_argv(
-    spec: SandboxSpec, id_map: IdMap, *, info_fd: int, block_fd: int, status_fd: int
+    spec: SandboxSpec,
+    id_map: IdMap,
+    *,
+    info_fd: int,
+    block_fd: int,
+    status_fd: int,
+    seccomp_fd: int | None = None,
 ) -> list[str]:
     """The command line that starts bwrap as the sandbox user's host uid."""
-    uid, gid = (0, 0) if spec.user == "root" else (BUILD_UID, BUILD_GID)
-    argv = [
+    uid, gid = host_ids(spec, id_map)
+    # A network = true step's namespace, the host's user namespace's (pasta.py).
+    argv = [_tool("unshare"), "--net", "--"] if spec.network else []
+    argv += [
         _tool("setpriv"),
-        f"--reuid={id_map.host_id(uid)}",
-        f"--regid={id_map.host_id(gid)}",
+        f"--reuid={uid}",
+        f"--regid={gid}",
         "--clear-groups",
         "--",
     ]
@@ -147,6 +162,8 @@ def launch_argv(
         argv += [_tool("setsid"), "--ctty", "--wait", "--"]
     argv.append(_tool("bwrap"))
     argv += _bwrap_options(spec, info_fd=info_fd, block_fd=block_fd, status_fd=status_fd)
+    if seccomp_fd is not None:  # no nested user namespaces (seccomp.py)
+        argv += ["--seccomp", str(seccomp_fd)]
     return [*argv, "--", *spec.command]
 
 

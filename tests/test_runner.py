@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import signal
+import socket
 import struct
 import sys
 import termios
@@ -333,10 +334,24 @@ async def test_network_is_off_unless_asked(root: Path) -> None:
         _, text = await step(root, "ip link 2>/dev/null || ifconfig -a")
         assert "eth" not in text
 
+        # With network = true the step has a namespace of its own (pasta's):
+        # its 127.0.0.1 is its own, the host's loopback is at the gateway.
         outcome, text = await step(root, f"wget -q -O - {url}", network=True)
+        assert outcome.exit_code != 0 and "hello" not in text, text
+        host_url = f"http://{gateway()}:{port}/"
+        outcome, text = await step(root, f"wget -q -O - {host_url}", network=True)
         assert outcome.exit_code == 0, text
         assert text == "hello from the host\n"
         nursery.cancel_scope.cancel()
+
+
+def gateway() -> str:
+    """The host's default gateway, where pasta maps the host's loopback."""
+    for line in Path("/proc/net/route").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == "00000000":
+            return socket.inet_ntoa(struct.pack("<I", int(fields[2], 16)))
+    pytest.fail("the host has no default route")
 
 
 async def test_cannot_write_outside_its_root(root: Path) -> None:

@@ -673,6 +673,11 @@ user = "root"
 run = "test $(id -u) = 0 && rm data.txt && chown 1000 copy && ls /proc/1"
 
 [[step]]
+name = "on-the-network"
+network = true
+run = "grep -q '^[a-z0-9]*[[:space:]]00000000[[:space:]]' /proc/net/route"
+
+[[step]]
 name = "fails"
 run = "test ! -e data.txt && echo 'the compiler said no' && exit 3"
 """
@@ -735,7 +740,8 @@ def test_amberd_confined_like_its_unit_builds_and_shells(daemon_root: Path):
         (spec_dir / "data.txt").write_text("from the spec\n")
         code, report = d.build_json(write_spec(spec_dir, HARDENED))
         assert report["status"] == "failed", (report, d.log.read_text()[-3000:])
-        assert [s["status"] for s in report["steps"]] == ["ran", "ran", "failed"], report
+        # pasta connects the network step under the unit's capabilities and devices.
+        assert [s["status"] for s in report["steps"]] == ["ran", "ran", "ran", "failed"], report
         build = report["build"]
         shell = d.amber("shell", build, "--", "sh", "-c", "cat copy; ls -n copy")
         assert shell.returncode == 0 and shell.stdout.startswith(b"from the spec\n"), shell
