@@ -2,9 +2,7 @@
 
 - ``host``: this machine's system directories, bound read-only into each
   step; the tree holds only their mount points. Its key part fingerprints
-  the host cheaply: the package database's digest plus the change times of
-  the system directories and their immediate subdirectories, which any
-  package install or manual change under them touches.
+  the package databases and every entry of those directories (hostprint.py).
 - ``dir:PATH``: a root filesystem directory, imported into the store (a
   hash cache keeps re-imports to a walk of ``stat`` calls).
 - ``tree:DIGEST`` and named images (``amber image import``).
@@ -19,12 +17,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from amber.daemon.build.hostprint import host_fingerprint
 from amber.daemon.build.sandbox_users import identity_binds
 from amber.daemon.errors import ImageError, InvalidSpec, NotFound, PermissionDenied
 from amber.daemon.oci.limits import MAX_IMPORT
 from amber.daemon.storage.db import Database
 from amber.sandbox import tree as treefmt
-from amber.sandbox.digest import from_hex, hash_bytes
+from amber.sandbox.digest import from_hex
 from amber.sandbox.fsidentity import filesystem_identity
 from amber.sandbox.importer import import_directory
 from amber.sandbox.store import Store
@@ -109,17 +108,22 @@ def resolve_base(
     return ResolvedBase(from_hex(image["tree"]), "image")
 
 
+def _bound_dirs() -> list[str]:
+    """The host's system directories that are directories (not merged-/usr links)."""
+    return [
+        f"/{name}"
+        for name in HOST_DIRS
+        if os.path.isdir(f"/{name}") and not os.path.islink(f"/{name}")
+    ]
+
+
 def host_binds(state_dir: Path) -> list[tuple[str, str]]:
     """The host's system directories a ``host``-based sandbox sees read-only, then the
     sandbox's own /etc/passwd and /etc/group over the host's (sandbox_users.py).
 
     Blocking (small file writes): call from a worker thread.
     """
-    binds = [
-        (f"/{name}", f"/{name}")
-        for name in HOST_DIRS
-        if os.path.isdir(f"/{name}") and not os.path.islink(f"/{name}")
-    ]
+    binds = [(path, path) for path in _bound_dirs()]
     if ("/etc", "/etc") in binds:
         binds += identity_binds(state_dir)
     return binds
@@ -148,33 +152,5 @@ def _host_base(store: Store) -> ResolvedBase:
     # "users": steps see the sandbox's own passwd and group (sandbox_users.py), so
     # results from before, which saw the host's, are not hits.
     binds = host_binds(store.state_dir)
-    return ResolvedBase(tree, "host:users:" + host_fingerprint(), binds)
-
-
-def host_fingerprint() -> str:
-    """Changes when packages or files under the system directories change."""
-    parts: list[bytes] = []
-    for status in ("/var/lib/dpkg/status", "/var/lib/rpm/rpmdb.sqlite"):
-        try:
-            with open(status, "rb") as f:
-                parts.append(hash_bytes(f.read()))
-        except OSError:
-            continue
-    for name in HOST_DIRS:
-        top = f"/{name}"
-        if os.path.islink(top) or not os.path.isdir(top):
-            continue
-        parts.append(_stamp(top))
-        try:
-            with os.scandir(top) as it:
-                for child in sorted(it, key=lambda d: d.name):
-                    if child.is_dir(follow_symlinks=False):
-                        parts.append(_stamp(child.path))
-        except OSError:
-            continue
-    return hash_bytes(b"\0".join(parts)).hex()
-
-
-def _stamp(path: str) -> bytes:
-    st = os.stat(path)
-    return f"{path}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}".encode()
+    # "deep": the fingerprint covers every entry (hostprint.py), not two levels.
+    return ResolvedBase(tree, "host:users:deep:" + host_fingerprint(_bound_dirs()), binds)
