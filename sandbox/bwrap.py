@@ -285,22 +285,16 @@ async def _start(
             new_session=not spec.controlling_tty,
         )
     except BaseException:
-        for fd in (info_r, block_w, status_r, errors_r):
-            if fd is not None:
-                os.close(fd)
+        _close(info_r, block_w, status_r, errors_r)
         raise
     finally:
-        for fd in (info_w, block_r, status_w, errors_w, seccomp):
-            if fd is not None:
-                os.close(fd)
+        _close(info_w, block_r, status_w, errors_w, seccomp)
     try:
         sandbox = Sandbox(popen, status_r, errors_r)
     except OSError as exc:  # no pidfd: out of fds, say
         popen.kill()
         popen.wait()
-        for fd in (info_r, block_w, status_r, errors_r):
-            if fd is not None:
-                os.close(fd)
+        _close(info_r, block_w, status_r, errors_r)
         raise SandboxError("setup-failed", f"cannot watch bwrap: {exc}") from exc
     with trio.CancelScope(shield=True):
         try:
@@ -313,6 +307,12 @@ async def _start(
                 raise SandboxError("setup-failed", "bwrap did not start in time") from exc
             raise
     return sandbox
+
+
+def _close(*fds: int | None) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
 
 
 def _spawn(

@@ -130,6 +130,18 @@ async def run_step(
         binds=extra_binds,
     )
     step_env = sandbox_environment(user, env)
+    return await _supervise(spec, id_map, step_env, output, timeout, on_start)
+
+
+async def _supervise(
+    spec: SandboxSpec,
+    id_map: IdMap,
+    env: Mapping[str, str],
+    output: int | OutputCallback,
+    timeout: float,
+    on_start: Callable[[list[int]], None] | None,
+) -> StepOutcome:
+    """`run_step`'s sandbox: start it, pump its output, end it by ``timeout``."""
     started = time.monotonic()
     read_fd = write_fd = None
     try:
@@ -139,7 +151,7 @@ async def run_step(
         else:
             stdout = output
         async with open_sandbox(
-            spec, id_map=id_map, env=step_env, stdin=subprocess.DEVNULL, stdout=stdout,
+            spec, id_map=id_map, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
             on_start=on_start,
         ) as sandbox:  # fmt: skip
             if write_fd is not None:
