@@ -38,6 +38,7 @@ sandbox that did not start.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -48,7 +49,7 @@ from contextlib import asynccontextmanager, suppress
 
 import trio
 
-from .pasta import Pasta, check_pasta, open_netns, start_pasta
+from .pasta import Pasta, check_pasta, has_default_route, open_netns, start_pasta
 from .sandboxerror import SandboxError
 from .sandboxspec import SandboxSpec, host_ids, launch_argv
 from .seccomp import filter_fd
@@ -233,6 +234,9 @@ async def open_sandbox(
     (the command must then redirect its own stderr, as the step wrapper does).
     """
     check_host(spec)
+    if spec.network and not has_default_route():
+        log.info("the host has no default route: a network = true step gets a loopback only")
+        spec = dataclasses.replace(spec, network=False)
     sandbox = await _start(
         spec, id_map=id_map, env=env, stdin=stdin, stdout=stdout, stderr=stderr, on_start=on_start
     )

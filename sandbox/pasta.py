@@ -44,7 +44,7 @@ import trio
 from .fsidentity import filesystem_identity
 from .sandboxerror import SandboxError
 
-__all__ = ["Pasta", "check_pasta", "open_netns", "start_pasta"]
+__all__ = ["Pasta", "check_pasta", "has_default_route", "open_netns", "start_pasta"]
 
 # No port forwarding either way.
 _OPTIONS = ("--runas", "0", "--foreground", "--quiet", "--config-net")
@@ -61,6 +61,26 @@ def check_pasta() -> str:
             "(Debian package passt); steps never share the host's network namespace",
         )
     return path
+
+
+def has_default_route() -> bool:
+    """Whether the host has a way out (an IPv4 or IPv6 default route).
+
+    pasta copies the host's default route and will not start without one: on
+    an offline host a network = true step gets what the host has, a loopback.
+    """
+    try:
+        with open("/proc/net/route") as f:
+            if any(line.split()[1:2] == ["00000000"] for line in f.readlines()[1:]):
+                return True
+        with open("/proc/net/ipv6_route") as f:
+            for line in f:
+                fields = line.split()
+                if fields[:2] == ["0" * 32, "00"] and fields[9:] != ["lo"]:
+                    return True
+    except OSError:
+        pass
+    return False
 
 
 def open_netns(pid: int, uid: int, gid: int) -> int:

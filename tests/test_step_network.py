@@ -180,6 +180,39 @@ def _netns_of(pid: str) -> str | None:
         return None
 
 
+OFFLINE_SCRIPT = """python3 -c '
+import socket
+s = socket.create_server(("127.0.0.1", 0)); c = socket.create_connection(s.getsockname())
+print("loopback works")
+'; grep -c . /proc/net/route"""
+
+OFFLINE_DAEMON = """
+import sys, trio
+from pathlib import Path
+from amber.sandbox.runner import run_step
+from amber.sandbox.sandboxspec import Bind
+
+async def main():
+    async def out(chunk):
+        sys.stdout.buffer.write(chunk)
+    outcome = await run_step(Path(sys.argv[1]), script=sys.argv[2], cwd="/", env={}, network=True,
+                             user="build", timeout=60, output=out,
+                             extra_binds=[Bind(Path("/usr"), "/usr"), Bind(Path("/etc"), "/etc")])
+    print("exit", outcome.exit_code)
+
+trio.run(main)
+"""
+
+
+async def test_on_an_offline_host_a_network_step_gets_a_loopback(root: Path) -> None:
+    """A host with no default route (here: amber in an empty network namespace)."""
+    result = await trio.run_process(
+        ["unshare", "--net", "--", sys.executable, "-c", OFFLINE_DAEMON, str(root), OFFLINE_SCRIPT],
+        check=False, capture_stdout=True, capture_stderr=True,
+    )  # fmt: skip
+    assert result.stdout.decode().split("\n") == ["loopback works", "1", "exit 0", ""], result
+
+
 async def test_without_pasta_a_network_step_is_a_clear_error(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
