@@ -19,16 +19,20 @@ How pasta reaches the namespace
     Opening another uid's ``/proc/PID/ns/net`` needs CAP_SYS_PTRACE, which
     amberd's unit takes away, so the daemon opens bwrap's with bwrap's own
     uid as filesystem uid (same ids, same user namespace: no capability
-    needed). pasta, run as root because ``/dev/net/tun`` may be root's only,
-    joins the namespace through that descriptor (``--netns
-    /proc/self/fd/N``); it drops its capabilities, pivots into an empty
-    mount namespace and confines itself with its own seccomp filter before
-    it handles traffic.
+    needed). pasta, run as root because ``/dev/net/tun`` may be root's only
+    and the namespace is the host user namespace's (so amberd keeps
+    CAP_NET_ADMIN, and its unit allows the tun device), joins the namespace
+    through that descriptor (``--netns /proc/self/fd/N``). Before it handles
+    traffic it drops every capability but CAP_SYS_ADMIN and
+    CAP_NET_BIND_SERVICE, pivots into an empty mount namespace and confines
+    itself with its own seccomp filter; as a non-root uid it could not
+    enter the namespace at all.
 
 pasta writes its pid file once the namespace's interface is configured: a
 pipe as pid file tells the daemon when the step may start. pasta does not
 notice the namespace ending; the sandbox kills it once its processes are
-gone, and with pasta the last reference to the namespace goes.
+gone (and a keeper, `_keeper`, if the daemon dies), and with pasta the last
+reference to the namespace goes.
 """
 
 from __future__ import annotations
