@@ -4,11 +4,13 @@ that binds the host's /usr and /etc, like the ``host`` base."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 from rootfs import sandbox_tmpdir
+from second_user import mal_daemon
 from test_runner import Output, gateway, serve_http
 
 from amber.sandbox import pasta
@@ -263,3 +266,58 @@ async def test_threads_and_forks_work_but_keyrings_do_not(root: Path) -> None:
         "child exited 7",
         "keyctl -1 Operation not permitted",
     ], text
+
+
+MAL_SPEC = """
+[build]
+name = "reach"
+base = "host"
+
+[[step]]
+name = "reach"
+network = true
+run = '''
+if python3 -c 'import socket; s = socket.socket(socket.AF_UNIX); s.connect("\\0{name}"); print(s.recv(99))'
+then echo abstract reached; else echo abstract refused; fi
+if unshare -U true; then echo userns made; else echo userns refused; fi
+'''
+"""
+
+
+def test_a_second_users_network_step_reaches_no_host_socket_and_makes_no_namespace(
+    daemon_root: Path,
+) -> None:
+    """uid 4242's build, through the real amberd, against a host socket of root's."""
+    name = f"amber-test-{uuid.uuid4().hex}"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind("\0" + name)
+    listener.listen()
+    listener.settimeout(0.2)
+    done = threading.Event()
+
+    def answer() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.sendall(b"the host's secret socket")
+            conn.close()
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    try:
+        with mal_daemon(daemon_root) as mal:
+            spec = mal.write("reach/spec.toml", MAL_SPEC.format(name=name))
+            built = mal.amber("build", "--json", spec)
+            report = json.loads(built.stdout)
+            assert report["status"] == "success", (report, built.stderr)
+            log = mal.amber("log", report["build"], "--step", "reach").stdout.decode()
+    finally:
+        done.set()
+        thread.join()
+        listener.close()
+    assert "secret" not in log
+    lines = log.splitlines()
+    assert "abstract refused" in lines and "userns refused" in lines, log
+    assert "ConnectionRefusedError: [Errno 111] Connection refused" in lines, log

@@ -344,7 +344,7 @@ BREAKS_SANDBOXES = {
     "SystemCallFilter": "seccomp filters are inherited by every build step",
     "RestrictSUIDSGID": "seccomp filters are inherited by every build step",
     "MemoryDenyWriteExecute": "seccomp filters are inherited by every build step",
-    "PrivateNetwork": "steps with network = true use the host's network",
+    "PrivateNetwork": "pasta connects network = true steps through the host's network",
 }
 
 
