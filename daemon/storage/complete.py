@@ -17,14 +17,20 @@ rest of that tree).
 - GC (``gc.py``), once marking has finished and before the sweep removes
   anything, deletes every row whose tree is not marked. The sweep and the
   purge remove only unmarked objects, and a marked tree's closure is marked,
-  so a row that survives names a closure GC does not touch. A row added
-  later in the cycle is for a tree its adder holds: a hold taken during the
-  cycle marks its closure (and restores it from quarantine) under
-  ``Roots.lock``, so nothing of it goes either; a snapshot's fresh objects
-  are younger than the cycle, and what it reused is quarantined at worst,
-  kept until its writer's next checkpoint holds the snapshot (``roots.py``).
-  The lookup itself is made after the hold: a row that is there then names
-  a closure that stays for as long as the hold lasts.
+  so a row that survives names a closure GC does not touch.
+- A row added after that step, while the cycle still runs, is safe too. A
+  walk's adder took its hold first, and a hold taken during a cycle marks
+  its closure (bringing it back from quarantine) under ``Roots.lock``, so
+  nothing of it goes; a hold taken before the cycle is one of its roots. A
+  snapshot's objects, fresh or reused, are at worst quarantined (its writer
+  is live), and come back when anyone holds the snapshot, and for good at
+  the writer's next checkpoint, which holds it before any purge may run
+  (``roots.py``).
+- So the race of a GC against a hit about to trust a row is settled by the
+  order of the hit: hold, then look the row up. A row present then names a
+  closure that is in the store (or is brought back by that hold) and stays
+  for as long as the hold lasts; a row GC deleted makes the hit walk, find
+  what the cycle removed, and rerun the step saying why.
 - fsck (``fsck.py``) re-proves every row after its scan, and deletes the
   rows it cannot prove (a missing object, or one it found corrupt); with
   ``--repair``, it first starts a new *epoch*, so that a walk that began
