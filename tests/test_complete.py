@@ -21,6 +21,7 @@ from rootfs import make_busybox_root
 
 from amber.daemon.storage.complete import CompleteTrees
 from amber.daemon.storage.db import Database
+from amber.daemon.storage.fsck import check_store
 from amber.daemon.storage.gc import GcOptions, collect
 from amber.daemon.storage.roots import Roots
 from amber.sandbox import tree as treefmt
@@ -113,6 +114,32 @@ def test_gc_forgets_a_tree_whose_deep_blob_it_removed_and_keeps_its_kept_sibling
                 assert why is not None and "missing" in why, why
                 assert later.tree(kept) is None
             assert record.has(kept)  # GC forgot nothing else: a hit on it still checks a row
+    finally:
+        record.close()
+        db.close()
+
+
+def test_a_walk_begun_before_fsck_repair_removed_its_blob_cannot_record(tmp_path: Path):
+    """A hit's walk and an ``fsck --repair`` interleaved: the walk reads the
+    epoch and finds the tree whole, the repair removes a corrupt blob of it,
+    and only then does the walk record its (now stale) answer."""
+    state = tmp_path / "state"
+    store = Store.open(state)
+    db = Database(state / "amber.db")
+    record = CompleteTrees(db.path)
+    try:
+        tree = put_big(store, DEEPEST)
+        epoch = record.epoch()  # the walk starts
+        assert store.closure_check().missing([tree]) is None  # and finds it whole
+        deepest = store.blob_path(hash_bytes(DEEPEST))
+        os.chmod(deepest, 0o644)
+        deepest.write_bytes(DEEPEST.upper())
+        report = check_store(store, db.path, repair=True)
+        assert report["corrupt"] and not deepest.exists()
+        record.add(tree, epoch)  # the walk ends
+        assert not record.has(tree)
+        why = store.closure_check(record=record).tree(tree)
+        assert why is not None and "missing" in why, why
     finally:
         record.close()
         db.close()
