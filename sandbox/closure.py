@@ -74,7 +74,7 @@ class ClosureCheck:
         """``tree`` is complete: this caller just wrote it and holds it.
 
         A snapshot writes only what changed and names the rest of ``over``
-        (the tree it was taken over) by digest, so ``tree`` is proved whole,
+        (the tree its mount was opened on) by digest, so ``tree`` is proved whole,
         and recorded, only when ``over`` is; otherwise it is taken as whole
         for this check's life alone, as before there was a record.
         """

@@ -62,6 +62,8 @@ class Executor:
         self.mount: OverlayMount | None = None
         self._mount_cm = None
         self.mount_tree: bytes | None = None
+        #: The tree the mount was opened on: every snapshot is it plus the upper.
+        self.mount_lower: bytes | None = None
         self.base: ResolvedBase | None = None
         # Remembers the trees found complete during this build (all held),
         # and asks the daemon's record before walking one (complete.py).
@@ -298,7 +300,7 @@ class Executor:
         )
         self.mount = await cm.__aenter__()
         self._mount_cm = cm
-        self.mount_tree = tree
+        self.mount_tree = self.mount_lower = tree
         return self.mount
 
     async def _close_mount(self) -> None:
@@ -385,7 +387,7 @@ class Executor:
         self.ctx.db.put_result(result)
         if self.ctx.remote is not None:  # pushed in the background, never waited for
             self.ctx.remote.enqueue(b, key)
-        self.presence.known_complete(snap.tree, over=before)
+        self.presence.known_complete(snap.tree, over=self.mount_lower)
         status = StepStatus.FAILED if failed else StepStatus.RAN
         self.state.step_done(index, status, result, before, snap.tree)
         if failed:

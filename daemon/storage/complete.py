@@ -8,9 +8,10 @@ it). A row means: every object of that tree's closure is in the store, or in
 GC's quarantine from which the holder's hold brings it back.
 
 **Rows are added** only by a ``ClosureCheck`` of a holder, for a tree it
-holds: after a walk found the closure whole, or for a snapshot taken over a
-tree that is itself recorded (the snapshot wrote what changed and names the
-rest of that tree).
+holds: after a walk found the closure whole, or for a snapshot of a mount
+opened on a tree that is itself recorded or proved (the snapshot is that
+tree plus the upper layer: it wrote what changed and names the rest of that
+tree by digest).
 
 **Rows are deleted** before anything of their closure leaves the store:
 
