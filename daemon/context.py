@@ -12,6 +12,7 @@ from typing import Any
 from amber.daemon.build.buildid import check_build_id
 from amber.daemon.config import Config
 from amber.daemon.storage import pins
+from amber.daemon.storage.complete import CompleteTrees
 from amber.daemon.storage.db import Database
 from amber.daemon.storage.gc import Collector
 from amber.daemon.storage.roots import Roots
@@ -39,11 +40,14 @@ class DaemonContext:
     gc: Collector = field(init=False)
     #: Host id ranges, one per running build or shell (see userns.IdPool).
     id_pool: IdPool = field(init=False)
+    #: Trees proved whole, so a cache hit need not walk them (see complete.py).
+    complete: CompleteTrees = field(init=False)
 
     def __post_init__(self) -> None:
         self.roots = Roots(self.store)
         self.gc = Collector(self)
         self.id_pool = IdPool(self.config.id_base, self.config.id_count, self.config.id_ranges)
+        self.complete = CompleteTrees(self.db.path)
 
     @property
     def mount_dir(self) -> Path:

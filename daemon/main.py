@@ -122,6 +122,7 @@ async def run_daemon(
                     config.socket.unlink(missing_ok=True)
                 await trio.to_thread.run_sync(unmount_leftovers, ctx.mount_dir)
         finally:
+            ctx.complete.close()
             ctx.db.close()
     finally:
         unlock_state_dir(lock)

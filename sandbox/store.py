@@ -8,8 +8,8 @@ Layout under ``<state>/cas``::
     quarantine/{trees,blobs}/ab/<hex>   objects a GC cycle set aside
 
 This module is the only code that knows this layout (``shards``,
-``quarantine_path``, ``blob_redirect``) and the only one that answers "what
-is missing from this closure?" (``ClosureCheck``).
+``quarantine_path``, ``blob_redirect``); ``closure.py``, through it, is the
+only one that answers "what is missing from this closure?" (``ClosureCheck``).
 
 Writing needs a lease when the store is *guarded* (see ``Lease``), so work
 that writes cannot forget to tell the garbage collector about itself.
@@ -30,15 +30,19 @@ import os
 import secrets
 import shutil
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Set
+from collections.abc import Iterator, Set
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import tree as treefmt
 from .digest import CHUNK, hash_bytes
 from .fileio import copy_and_hash, object_matches, read_small, syncfs, write_all
 from .fsidentity import as_store_owner
 from .tree import Entry
+
+if TYPE_CHECKING:
+    from .closure import ClosureCheck, CompletenessRecord
 
 _SMALL = CHUNK  # files up to this size are read with one read()
 
@@ -475,9 +479,16 @@ class Store:
             raise CorruptObject(f"tree {digest.hex()}: {exc}") from None
 
     def closure_check(
-        self, *, bad: Set[bytes] = frozenset(), settled: bool = False
+        self,
+        *,
+        bad: Set[bytes] = frozenset(),
+        settled: bool = False,
+        record: CompletenessRecord | None = None,
     ) -> ClosureCheck:
-        return ClosureCheck(self, bad=bad, settled=settled)
+        """What is missing from closures (see ``closure.py``)."""
+        from .closure import ClosureCheck  # closure.py reads trees through this module
+
+        return ClosureCheck(self, bad=bad, settled=settled, record=record)
 
     # -- checking -----------------------------------------------------------
 
@@ -515,85 +526,6 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         return len(names)
-
-
-class ClosureCheck:
-    """What is missing from closures: the one answer for the executor (a
-    cache hit's trees), roots (a shell's), GC (results to drop) and fsck.
-
-    Remembers the trees and blobs it found complete, so many closures that
-    share subtrees cost one walk; a caller relying on that must hold them
-    (``roots.py``). With ``settled`` (nothing is written meanwhile: fsck) it
-    remembers what is missing too. ``bad`` digests count as corrupt.
-    """
-
-    def __init__(self, store: Store, *, bad: Set[bytes] = frozenset(), settled: bool = False):
-        self.store = store
-        self.bad = bad
-        self._settled = settled
-        self._blobs: set[bytes] = set()
-        self._trees: set[bytes] = set()
-        self._missing: dict[bytes, str] = {}
-
-    def known_complete(self, tree: bytes) -> None:
-        """``tree`` is complete (this caller just wrote it and holds it)."""
-        self._trees.add(tree)
-
-    def blob(self, digest: bytes) -> str | None:
-        """Why blob ``digest`` is not usable (None: it is)."""
-        if digest in self._blobs:
-            return None
-        if digest in self.bad:
-            return f"blob {digest.hex()[:12]} is corrupt"
-        if not self.store.has_blob(digest):
-            return f"blob {digest.hex()[:12]} is missing"
-        self._blobs.add(digest)
-        return None
-
-    def tree(self, digest: bytes) -> str | None:
-        """Why the closure of tree ``digest`` is not complete (None: it is)."""
-        if digest in self._trees:
-            return None
-        why = self._missing.get(digest)
-        if why is not None:
-            return why
-        why = self._walk(digest)
-        if why is None:
-            self._trees.add(digest)
-        elif self._settled:
-            self._missing[digest] = why
-        return why
-
-    def _walk(self, digest: bytes) -> str | None:
-        if digest in self.bad:
-            return f"tree {digest.hex()[:12]} is corrupt"
-        try:
-            subtrees, blobs = self.store.tree_refs(digest, verify=True)
-        except MissingObject:
-            return f"tree {digest.hex()[:12]} is missing"
-        except CorruptObject:
-            return f"tree {digest.hex()[:12]} is corrupt"
-        for blob in blobs:
-            why = self.blob(blob)
-            if why is not None:
-                return why
-        for sub in subtrees:
-            why = self.tree(sub)
-            if why is not None:
-                return why
-        return None
-
-    def missing(self, trees: Iterable[bytes], blobs: Iterable[bytes] = ()) -> str | None:
-        """What the first incomplete one of these lacks; None when all are complete."""
-        for blob in blobs:
-            why = self.blob(blob)
-            if why is not None:
-                return why
-        for tree in trees:
-            why = self.tree(tree)
-            if why is not None:
-                return why
-        return None
 
 
 def digest_of_name(name: str) -> bytes | None:

@@ -62,9 +62,12 @@ class Executor:
         self.mount: OverlayMount | None = None
         self._mount_cm = None
         self.mount_tree: bytes | None = None
+        #: The tree the mount was opened on: every snapshot is it plus the upper.
+        self.mount_lower: bytes | None = None
         self.base: ResolvedBase | None = None
-        # Remembers the trees found complete during this build (all held).
-        self.presence = ctx.store.closure_check()
+        # Remembers the trees found complete during this build (all held),
+        # and asks the daemon's record before walking one (complete.py).
+        self.presence = ctx.store.closure_check(record=ctx.complete)
         self.state = BuildState(ctx.db, build)
         self.limits = limits
         #: This build's own host id range, from its first mount until it ends.
@@ -244,7 +247,8 @@ class Executor:
         """What a result needs that the store lacks (None: complete).
 
         Holds the result (with the build's ``state``) first: once held, GC
-        leaves it alone, so what is found present here stays present.
+        leaves it alone, so what is found present here stays present, and a
+        row of the completeness record found then stays true (complete.py).
         """
         trees, blobs = state
         self.hold.checkpoint(
@@ -296,7 +300,7 @@ class Executor:
         )
         self.mount = await cm.__aenter__()
         self._mount_cm = cm
-        self.mount_tree = tree
+        self.mount_tree = self.mount_lower = tree
         return self.mount
 
     async def _close_mount(self) -> None:
@@ -383,7 +387,7 @@ class Executor:
         self.ctx.db.put_result(result)
         if self.ctx.remote is not None:  # pushed in the background, never waited for
             self.ctx.remote.enqueue(b, key)
-        self.presence.known_complete(snap.tree)
+        self.presence.known_complete(snap.tree, over=self.mount_lower)
         status = StepStatus.FAILED if failed else StepStatus.RAN
         self.state.step_done(index, status, result, before, snap.tree)
         if failed:

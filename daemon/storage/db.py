@@ -115,6 +115,12 @@ CREATE TABLE IF NOT EXISTS remote_pushes (
     attempts INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (key, url)
 );
+-- Trees whose whole closure is in the store (daemon/storage/complete.py): a
+-- cache hit on them checks a row, not the closure. GC and fsck delete a row
+-- before anything of its closure leaves the store.
+CREATE TABLE IF NOT EXISTS complete_trees (
+    tree TEXT PRIMARY KEY
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS out_links (
     path TEXT PRIMARY KEY,         -- absolute; a root while it is still the checkout we made
     build_id TEXT NOT NULL,
@@ -477,6 +483,36 @@ class Database:
             "UPDATE remote_pushes SET attempts = attempts + 1, queued = ? WHERE key = ? AND url = ?",
             (time.time(), key, url),
         )
+
+    # -- the completeness record (see complete.py) ----------------------------
+
+    def tree_complete(self, tree: str) -> bool:
+        row = self._conn.execute("SELECT 1 FROM complete_trees WHERE tree = ?", (tree,))
+        return row.fetchone() is not None
+
+    def complete_epoch(self) -> int:
+        return int(self.get_meta("complete_epoch") or 0)
+
+    def add_complete_tree(self, tree: str, epoch: int) -> None:
+        """Record ``tree`` complete, unless fsck removed objects since ``epoch`` was read."""
+        self._conn.execute(
+            "INSERT OR IGNORE INTO complete_trees (tree) SELECT ?1 WHERE"
+            " COALESCE((SELECT value FROM meta WHERE key = 'complete_epoch'), '0') = ?2",
+            (tree, str(epoch)),
+        )
+
+    def complete_trees(self) -> list[str]:
+        return [row[0] for row in self._conn.execute("SELECT tree FROM complete_trees")]
+
+    def forget_complete_trees(self, trees: list[str], *, new_epoch: bool = False) -> None:
+        """Delete these rows; with ``new_epoch``, also refuse inserts of walks begun before."""
+        with self.transaction() as conn:
+            conn.executemany("DELETE FROM complete_trees WHERE tree = ?", [(t,) for t in trees])
+            if new_epoch:
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('complete_epoch', ?)",
+                    (str(self.complete_epoch() + 1),),
+                )
 
     # -- what garbage collection reads and trims (see gc.py) ----------------
 

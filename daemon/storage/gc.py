@@ -10,7 +10,8 @@ A cycle, one at a time (``Collector.lock``; ``fsck`` takes it too):
    name. Everything reachable from them is marked; holds taken during the
    cycle mark themselves. The logs of every build record that stays are
    kept too (not its states), so ``amber log`` works for every build
-   ``amber builds`` lists.
+   ``amber builds`` lists. Then, before anything is removed, the
+   completeness rows of unmarked trees are deleted (``complete.py``).
 2. **Sweep** (worker thread), one store shard at a time, in chunks under
    ``Roots.lock``: unmarked objects older than the cycle are deleted, or
    quarantined while builds are live, and nothing is removed while a build
@@ -43,10 +44,12 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from amber.daemon.storage.complete import forget_unmarked
 from amber.daemon.storage.db import Database
+from amber.daemon.storage.fsck import check_store
 from amber.daemon.storage.pins import out_link_alive
 from amber.daemon.storage.roots import Cycle, Roots
-from amber.sandbox.store import KINDS, ClosureCheck, Store, digest_of_name
+from amber.sandbox.store import KINDS, Store, digest_of_name
 
 if TYPE_CHECKING:
     from amber.daemon.context import DaemonContext
@@ -102,6 +105,13 @@ class DatabaseRoots:
     dropped_out_links: list[str] = field(default_factory=list)
     max_rowid: int = 0
 
+    def tree(self, *values: str | None) -> None:
+        """Keep these trees (hex digests; empty and None are skipped)."""
+        self.trees.update(bytes.fromhex(v) for v in values if v)
+
+    def blob(self, *values: str | None) -> None:
+        self.blobs.update(bytes.fromhex(v) for v in values if v)
+
 
 class Collector:
     """Runs GC cycles and fsck for one daemon, one at a time."""
@@ -149,28 +159,15 @@ async def collect(
             _mark, roots, held_trees | db_roots.trees, held_blobs | db_roots.blobs
         )
         report.kept_objects = len(cycle.trees) + len(cycle.blobs)
+        if not options.dry_run:
+            # Before anything is removed: see complete.py for why this is enough.
+            await trio.to_thread.run_sync(_forget_complete, db_path, cycle)
         await say(f"gc: {report.kept_objects} objects are live; sweeping the rest")
         report.complete = await trio.to_thread.run_sync(
             _sweep, store, roots, cycle, options, report
         )
-        if cycle.quarantined:
-            waiting = await trio.to_thread.run_sync(roots.waiting_for)
-            if waiting:
-                report.waited_for = waiting
-                await say(f"gc: waiting for {', '.join(waiting)} to reach a step boundary")
-            with trio.move_on_after(QUARANTINE_WAIT):
-                while waiting:
-                    await trio.sleep(0.1)
-                    waiting = await trio.to_thread.run_sync(roots.waiting_for)
-            if waiting:
-                # A step that runs for hours: give the quarantine back (end_cycle
-                # below); the next cycle collects it.
-                report.complete = False
-                await say(
-                    f"gc: gave up waiting for {', '.join(waiting)}; the next gc frees the rest"
-                )
-            else:
-                await trio.to_thread.run_sync(_purge, roots, cycle, report)
+        if cycle.quarantined and await _quarantine_released(roots, report, say):
+            await trio.to_thread.run_sync(_purge, roots, cycle, report)
         if not options.dry_run:
             dropped = await trio.to_thread.run_sync(
                 _trim_database, store, db_path, cycle, db_roots, report.complete
@@ -191,6 +188,25 @@ async def collect(
     return report
 
 
+async def _quarantine_released(roots: Roots, report: GcReport, say: Progress) -> bool:
+    """Wait for the writers a quarantined chunk blocks; False when they took too long."""
+    waiting = await trio.to_thread.run_sync(roots.waiting_for)
+    if waiting:
+        report.waited_for = waiting
+        await say(f"gc: waiting for {', '.join(waiting)} to reach a step boundary")
+    with trio.move_on_after(QUARANTINE_WAIT):
+        while waiting:
+            await trio.sleep(0.1)
+            waiting = await trio.to_thread.run_sync(roots.waiting_for)
+    if waiting:
+        # A step that runs for hours: give the quarantine back (end_cycle in
+        # collect); the next cycle collects it.
+        report.complete = False
+        await say(f"gc: gave up waiting for {', '.join(waiting)}; the next gc frees the rest")
+        return False
+    return True
+
+
 async def _quiet(_message: str) -> None:
     return None
 
@@ -209,33 +225,30 @@ def _database_roots(db_path: Path, options: GcOptions) -> DatabaseRoots:
 
 def database_roots(db: Database, options: GcOptions, now: float) -> DatabaseRoots:
     out = DatabaseRoots(max_rowid=db.results_rowid_max())
-
-    def tree(value: str | None) -> None:
-        if value:
-            out.trees.add(bytes.fromhex(value))
-
-    def blob(value: str | None) -> None:
-        if value:
-            out.blobs.add(bytes.fromhex(value))
-
     for pin in db.list_pins():
         pinned = pin.roots_dict()
-        for value in pinned.get("trees", ()):
-            tree(value)
-        for value in pinned.get("blobs", ()):
-            blob(value)
+        out.tree(*pinned.get("trees", ()))
+        out.blob(*pinned.get("blobs", ()))
         out.results.update(pinned.get("results", ()))
         out.builds.update(pinned.get("builds", ()))
     for link in db.list_out_links():
         if out_link_alive(link):
-            tree(link.tree)
+            out.tree(link.tree)
         else:
             if not options.dry_run:
                 db.delete_out_link(link.path)
             out.dropped_out_links.append(link.path)
     for image in db.list_images():
-        tree(image["tree"])
+        out.tree(image["tree"])
+    _build_roots(db, out, options, now)
+    for result in db.results_by_keys(sorted(out.results)):
+        out.tree(result.before_tree, result.after_tree)
+        out.blob(result.log)
+    return out
 
+
+def _build_roots(db: Database, out: DatabaseRoots, options: GcOptions, now: float) -> None:
+    """What build records keep: live and retained builds' states, every kept record's logs."""
     builds = db.all_builds()  # newest first
     cutoff = now - options.keep_failed_days * 86400
     per_spec: dict[str, int] = {}
@@ -252,34 +265,37 @@ def database_roots(db: Database, options: GcOptions, now: float) -> DatabaseRoot
                 continue
         if b.id not in out.builds and (b.finished or b.created) < cutoff:
             out.old_builds.append(b.id)
-    # Pins hold what they resolved to (already above); live and retained
-    # builds hold everything their records name; every build record that
-    # stays keeps its logs, so `amber log` works for all of `amber builds`.
+    # Pins hold what they resolved to (already in ``out``); live and
+    # retained builds hold everything their records name; every build
+    # record that stays keeps its logs, so `amber log` works for all of
+    # `amber builds`.
     out.builds.update(keep)
     out.old_builds = [b for b in out.old_builds if b not in out.builds]
     kept, old = set(keep), set(out.old_builds)
     for b in builds:
         if b.id in kept:
-            tree(b.base_tree)
-            tree(b.final_tree)
+            out.tree(b.base_tree, b.final_tree)
     for bid, key, before, after, log_digest in db.step_refs([b.id for b in builds]):
         if bid in old:
             continue
-        blob(log_digest)
+        out.blob(log_digest)
         if bid in kept:
-            tree(before)
-            tree(after)
+            out.tree(before, after)
             if key and (before or after):
                 out.results.add(key)
-    for result in db.results_by_keys(sorted(out.results)):
-        tree(result.before_tree)
-        tree(result.after_tree)
-        blob(result.log)
-    return out
 
 
 def _mark(roots: Roots, trees: set[bytes], blobs: set[bytes]) -> None:
     roots.mark(trees, blobs)
+
+
+def _forget_complete(db_path: Path, cycle: Cycle) -> None:
+    """Delete completeness rows of unmarked trees (own connection: a worker thread)."""
+    db = Database(db_path)
+    try:
+        forget_unmarked(db, cycle.trees)
+    finally:
+        db.close()
 
 
 # -- sweep and purge ---------------------------------------------------------------------
@@ -458,79 +474,6 @@ def _trim_database(
         return results, len(db_roots.old_builds)
     finally:
         db.close()
-
-
-# -- fsck ---------------------------------------------------------------------------------
-
-
-def check_store(store: Store, db_path: Path, repair: bool) -> dict[str, Any]:
-    """Rehash every object; find results, pins and out-links that need what is broken.
-
-    With ``repair``: corrupt objects are removed and the results that need a
-    missing or corrupt object are dropped, so those steps rerun; pins are
-    kept (and reported) since a rebuild can make them whole again.
-    """
-    scan = store.fsck(remove_corrupt=repair)
-    presence = _Problems(store.closure_check(bad=set() if repair else scan.bad, settled=True))
-    db = Database(db_path)
-    try:
-        max_rowid = db.results_rowid_max()
-        missing: list[dict[str, str]] = []
-        for rowid, key, before, after, log_digest in db.result_refs():
-            if rowid > max_rowid:
-                continue
-            why = presence.problem([before, after], [log_digest])
-            if why:
-                missing.append({"message": f"cached result {key[:12]}: {why}", "key": key})
-        dropped = 0
-        if repair and missing:
-            dropped = db.delete_results([m["key"] for m in missing], max_rowid=max_rowid)
-        problems: list[dict[str, str]] = []
-        for pin in db.list_pins():
-            held = pin.roots_dict()
-            why = presence.problem(held.get("trees", []), held.get("blobs", []))
-            if why:
-                problems.append({"message": f"pin {pin.name} ({pin.target}) is incomplete: {why}",
-                                 "pin": pin.name})  # fmt: skip
-        for image in db.list_images():
-            why = presence.problem([image["tree"]], [])
-            if why:
-                problems.append(
-                    {
-                        "message": f"image {image['name']} is incomplete: {why}",
-                        "image": image["name"],
-                    }
-                )
-        for link in db.list_out_links():
-            why = presence.problem([link.tree], [])
-            if why and out_link_alive(link):
-                problems.append(
-                    {"message": f"out-link {link.path} is incomplete: {why}", "path": link.path}
-                )
-    finally:
-        db.close()
-    return {
-        "blobs_checked": scan.blobs_checked,
-        "trees_checked": scan.trees_checked,
-        "corrupt": scan.corrupt,
-        "missing": missing,
-        "problems": problems,
-        "repaired": repair,
-        "results_dropped": dropped,
-        "temp_files": scan.temp_files,
-    }
-
-
-class _Problems:
-    """Why a record's trees and blobs (hex, some empty) are not whole."""
-
-    def __init__(self, check: ClosureCheck):
-        self.check = check
-
-    def problem(self, trees: list[str], blobs: list[str]) -> str | None:
-        return self.check.missing(
-            [bytes.fromhex(t) for t in trees if t], [bytes.fromhex(b) for b in blobs if b]
-        )
 
 
 # -- automatic collection -------------------------------------------------------------------

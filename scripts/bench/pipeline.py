@@ -17,8 +17,8 @@ image (``amber image import bench-buildd dir:PATH``, as a user would):
    `amber` process each time, as a user types it), on each base;
 4. client start: ``amber --version`` beside ``python -S -c pass`` (the
    interpreter's own start, the floor for a Python command), alternating;
-5. podman build of the same steps, when podman and the rootfs are there:
-   one layer per step, cold.
+5. podman build of the same steps, when podman and the rootfs are there
+   (and no ``--no-podman``): one layer per step, cold.
 
 Then 20 builds at once, sampling amberd's peak memory (VmHWM of the daemon
 process only; filesystem processes are separate processes). The load
@@ -144,6 +144,7 @@ def main() -> None:
                         help="cached rebuilds and client starts per base (default 10)")  # fmt: skip
     parser.add_argument("--concurrent", type=int, default=20,
                         help="builds at once for the memory figure (default 20; 0 skips)")  # fmt: skip
+    parser.add_argument("--no-podman", action="store_true", help="skip the podman build")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root")
@@ -200,7 +201,7 @@ def measure(session: Session, args, daemon: Daemon, root: Path, tarball: Path,
     )
     client, python = client_start(args.cached_runs)
     podman = None
-    if shutil.which("podman") and rootfs is not None:
+    if shutil.which("podman") and rootfs is not None and not args.no_podman:
         podman = podman_cold(rootfs, tarball, root)
     wall, rss = (
         concurrent_builds(daemon, root, tarball, args.concurrent) if args.concurrent else (0.0, 0)
@@ -230,7 +231,7 @@ def measure(session: Session, args, daemon: Daemon, root: Path, tarball: Path,
         )
     else:
         print(
-            "podman build        skipped (no podman, no rootfs from scripts/make-rootfs, or it failed)"
+            "podman build        skipped (--no-podman, no podman, no rootfs from scripts/make-rootfs, or it failed)"
         )
     if args.concurrent:
         print(f"{args.concurrent} concurrent builds {wall:.1f} s; amberd peak RSS {rss / 2**20:.0f} MiB "
