@@ -307,7 +307,9 @@ def _add_following(commands: _Commands) -> None:
         "--limit", type=int, default=20, metavar="N", help="show N builds (default 20)"
     )
     sub.add_argument(
-        "--all", action="store_true", help="every user's builds, not only yours (adds USER)"
+        "--all",
+        action="store_true",
+        help="every user's builds if you are root (adds USER); others see only their own",
     )
     _add_show(commands)
     sub = commands.add(
