@@ -476,7 +476,8 @@ def _add_store(commands: _Commands) -> None:
         "store.cmd_gc",
         "delete what nothing needs any more",
         "Collect garbage: keep what pins, out-links, running builds, shells and\n"
-        "exports use, and recent frozen failures; delete the rest.",
+        "exports use, and recent frozen failures; delete the rest. Root and the\n"
+        "admin-group of amberd.toml only; anyone may --dry-run.",
         json=True,
     )
     sub.add_argument(
@@ -501,7 +502,11 @@ def _add_store(commands: _Commands) -> None:
         "become cache misses. Exit 1 if anything was wrong.",
         json=True,
     )
-    sub.add_argument("--repair", action="store_true", help="drop what is broken, so it is rebuilt")
+    sub.add_argument(
+        "--repair",
+        action="store_true",
+        help="drop what is broken, so it is rebuilt (root and the admin-group only)",
+    )
 
 
 class _Parser(argparse.ArgumentParser):
