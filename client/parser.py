@@ -307,7 +307,9 @@ def _add_following(commands: _Commands) -> None:
         "--limit", type=int, default=20, metavar="N", help="show N builds (default 20)"
     )
     sub.add_argument(
-        "--all", action="store_true", help="every user's builds, not only yours (adds USER)"
+        "--all",
+        action="store_true",
+        help="every user's builds if you are root (adds USER); others see only their own",
     )
     _add_show(commands)
     sub = commands.add(
@@ -474,7 +476,8 @@ def _add_store(commands: _Commands) -> None:
         "store.cmd_gc",
         "delete what nothing needs any more",
         "Collect garbage: keep what pins, out-links, running builds, shells and\n"
-        "exports use, and recent frozen failures; delete the rest.",
+        "exports use, and recent frozen failures; delete the rest. Root and the\n"
+        "admin-group of amberd.toml only; anyone may --dry-run.",
         json=True,
     )
     sub.add_argument(
@@ -499,7 +502,11 @@ def _add_store(commands: _Commands) -> None:
         "become cache misses. Exit 1 if anything was wrong.",
         json=True,
     )
-    sub.add_argument("--repair", action="store_true", help="drop what is broken, so it is rebuilt")
+    sub.add_argument(
+        "--repair",
+        action="store_true",
+        help="drop what is broken, so it is rebuilt (root and the admin-group only)",
+    )
 
 
 class _Parser(argparse.ArgumentParser):

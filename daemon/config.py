@@ -40,6 +40,7 @@ class Config:
     socket: Path = field(default_factory=lambda: Path("/run/amber/amberd.sock"))
     socket_group: str | None = None
     socket_mode: int = 0o660
+    admin_group: str | None = None
     jobs: int = field(default_factory=lambda: max(2, os.cpu_count() or 2))
     id_base: int = DEFAULT_ID_BASE
     id_count: int = RANGE_SIZE
@@ -93,6 +94,12 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     ),
     "socket-group": ("socket_group", str, "group owning the socket; members may use amber"),
     "socket-mode": ("socket_mode", int, "permissions of the socket"),
+    "admin-group": (
+        "admin_group",
+        str,
+        "group whose members may, like root, run `amber gc` (other than --dry-run) and "
+        "`amber store fsck --repair`; unset: root only",
+    ),
     "jobs": ("jobs", int, "builds running at once; more wait in a queue"),
     "id-base": (
         "id_base",
@@ -249,7 +256,7 @@ def _out_of_range(attr: str, value: Any) -> str | None:
         return f"must be an absolute path, got {str(value)!r}"
     if attr == "socket_mode" and not 0 <= value <= 0o777:
         return f"must be permission bits between 0o000 and 0o777, got {value:#o}"
-    if attr == "socket_group":
+    if attr in ("socket_group", "admin_group"):
         import grp
 
         try:
@@ -337,6 +344,7 @@ EXAMPLE_HEADER = """\
 # Options whose default cannot be written as a value: an illustration instead.
 _EXAMPLE_STANDINS = {
     "socket-group": ('"amber"', "none (the socket keeps root's group)"),
+    "admin-group": ('"amber-admin"', "none (only root collects and repairs)"),
     "jobs": ("4", "the number of CPUs, at least 2"),
 }
 

@@ -62,10 +62,15 @@ class Peer:
     pid: int
     uid: int
     gid: int
+    #: Supplementary groups when it connected (SO_PEERGROUPS), for ``admin-group``.
+    groups: tuple[int, ...] = ()
 
     @property
     def is_root(self) -> bool:
         return self.uid == 0
+
+    def in_group(self, gid: int) -> bool:
+        return gid == self.gid or gid in self.groups
 
 
 @dataclass
@@ -108,7 +113,30 @@ class ConnectionGone(Exception):
 def peer_of(sock: trio.socket.SocketType) -> Peer:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
-    return Peer(pid, uid, gid)
+    return Peer(pid, uid, gid, peer_groups(sock))
+
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+; Python names it from 3.14
+
+
+def peer_groups(sock: trio.socket.SocketType) -> tuple[int, ...]:
+    """The peer's supplementary groups as the kernel recorded them at connect.
+
+    Read from the socket, never asked of the client; none on a kernel without
+    SO_PEERGROUPS (then only the primary gid counts for ``admin-group``).
+    """
+    size = 256 * 4
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE and size < (1 << 20):
+                size *= 16  # NGROUPS_MAX is 65536: 256 KiB is the most it can need
+                continue
+            if exc.errno in (errno.ENOPROTOOPT, errno.EINVAL):
+                return ()
+            raise
+        return tuple(array.array("I", raw[: len(raw) // 4 * 4]))
 
 
 @dataclass(frozen=True)

@@ -170,7 +170,7 @@ def test_print_config_lists_every_option_and_round_trips(tmp_path: Path):
     given = tmp_path / "given.toml"
     given.write_text(
         'jobs = 3\nstop-grace = "90s"\nmirrors = ["file:///srv/mirror"]\n'
-        'socket-group = "root"\nmin-free = "5G"\nkeep-failed-days = 2.5\n'
+        'socket-group = "root"\nmin-free = "5G"\nkeep-failed-days = 2.5\nadmin-group = "root"\n'
     )
     first = amberd("--print-config", "--config", str(given), "--state-dir", "/srv/amber")
     assert first.returncode == 0, first.stderr
@@ -200,6 +200,7 @@ def test_print_config_of_the_defaults_loads_as_the_defaults(tmp_path: Path):
     proc = amberd("--print-config", "--config", str(empty))
     assert proc.returncode == 0, proc.stderr
     assert "\n#socket-group = " in proc.stdout  # unset: no TOML value, so commented out
+    assert "\n#admin-group = " in proc.stdout
     assert "# Default:" not in proc.stdout.replace("# Default: the number of CPUs", "")
     printed = tmp_path / "printed.toml"
     printed.write_text(proc.stdout)

@@ -842,11 +842,15 @@ def test_the_example_config_documents_every_option_and_is_current(tmp_path: Path
     )
     assert len(uncommented.splitlines()) == len(OPTIONS)
     config_file = tmp_path / "amberd.toml"
-    config_file.write_text(uncommented.replace('socket-group = "amber"', 'socket-group = "root"'))
+    illustrated = {'socket-group = "amber"': 'socket-group = "root"',
+                   'admin-group = "amber-admin"': 'admin-group = "root"'}  # fmt: skip
+    for example, existing in illustrated.items():
+        uncommented = uncommented.replace(example, existing)
+    config_file.write_text(uncommented)
     loaded = load_config(config_file)
     defaults = Config()
     for name, (attr, _, _) in OPTIONS.items():
-        if name not in ("jobs", "socket-group"):
+        if name not in ("jobs", "socket-group", "admin-group"):
             assert getattr(loaded, attr) == getattr(defaults, attr), name
 
 

@@ -1,7 +1,8 @@
 """Builds: ``build``, ``ps``, ``builds``, ``log``, ``cancel``, ``delete``, and the daemon's ``status``.
 
 Handlers raise ``errors.DaemonError`` for anything the user should see; a build is
-acted on only by the uid that started it, or root (``Api.record``).
+acted on only by the uid that started it, or root (``Api.record``), and listed
+(``ps``, ``builds``) only to them.
 """
 
 from __future__ import annotations
@@ -140,14 +141,15 @@ async def ps(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]
         "builds": [
             {"id": b.id, "name": b.spec.name, "uid": b.uid, "status": b.status, "step": b.current_step,
              "created": b.created, "elapsed": round(now - b.created, 1)}
-            for b in api.manager.running()
+            for b in api.manager.running() if api.owns(conn, b.uid)
         ]
     }  # fmt: skip
 
 
 @operation(limit=(int, 50), all=(bool, False))
 async def list_builds(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-    uid = None if conn.peer.is_root or args["all"] else conn.peer.uid
+    # ``--all`` is every user's for root; anyone else sees their own builds only.
+    uid = None if conn.peer.is_root else conn.peer.uid
     rows = api.ctx.db.list_builds(max(1, min(args["limit"], 10_000)), uid=uid)
     return {
         "builds": [

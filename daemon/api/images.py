@@ -3,6 +3,8 @@
 A name belongs to the uid that imported it (or root, for images imported
 before amber recorded who did); only that uid or root may replace or forget
 it. Forgetting keeps the tree in the store until GC finds nothing else uses it.
+Names are one namespace: any user may build on any image they can name, but
+``image-ls`` lists another user's only to root.
 """
 
 from __future__ import annotations
@@ -61,7 +63,10 @@ async def image_import(api: Api, conn: Connection, args: dict[str, Any]) -> dict
 
 @operation()
 async def image_ls(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-    return {"images": api.ctx.db.list_images()}
+    """Every image for root; for anyone else theirs and root's (the shared ones, which
+    every user builds on), not another user's."""
+    images = api.ctx.db.list_images()
+    return {"images": [i for i in images if i.get("uid") in (None, 0) or api.owns(conn, i["uid"])]}
 
 
 @operation(name=str)

@@ -2,11 +2,15 @@
 
 Arguments are checked against each operation's declared schema before its
 handler runs (``untrusted`` until then). Ownership: a build belongs to the
-uid that started it, and only that uid or root may act on it.
+uid that started it, and only that uid or root may act on it; each handler
+that names a build asks ``Api.record`` itself, so no check covers two
+operations. Deleting what nothing else protects (``gc``, ``fsck --repair``)
+is for root and the ``admin-group`` (``Api.require_admin``).
 """
 
 from __future__ import annotations
 
+import grp
 from typing import TYPE_CHECKING, Any
 
 from amber.client.protocol import Request, event
@@ -82,6 +86,34 @@ class Api:
         if not conn.peer.is_root and record.uid != conn.peer.uid:
             raise PermissionDenied(f"build {build_id} belongs to uid {record.uid}")
         return record
+
+    def is_admin(self, conn: Connection) -> bool:
+        """Root, or a member (primary or supplementary) of the configured ``admin-group``."""
+        if conn.peer.is_root:
+            return True
+        name = self.ctx.config.admin_group
+        if name is None:
+            return False
+        try:
+            gid = grp.getgrnam(name).gr_gid
+        except KeyError:  # removed since amberd started: nobody is a member
+            return False
+        return conn.peer.in_group(gid)
+
+    def require_admin(self, conn: Connection, what: str, others: str) -> None:
+        """Refuse ``what`` to anyone but root and the ``admin-group``; ``others``: what they may."""
+        if not self.is_admin(conn):
+            group = self.ctx.config.admin_group
+            if group is None:
+                who = "root may"
+                how = " (admin-group in amberd.toml lets a group's members too)"
+            else:
+                who, how = f"root and members of group {group} may", ""
+            raise PermissionDenied(f"only {who} {what}{how}; {others}")
+
+    def owns(self, conn: Connection, uid: int | None) -> bool:
+        """Whether the caller sees an object of ``uid`` in a listing: theirs, or they are root."""
+        return conn.peer.is_root or uid == conn.peer.uid
 
     async def send_event(self, conn: Connection, name: str, data: dict[str, Any]) -> None:
         await conn.send(event(conn.request_id, name, data))

@@ -1,9 +1,9 @@
 """Operations on GC roots and the store: ``pin-add``, ``pin-rm``, ``pin-ls``, ``gc``, ``fsck``.
 
-Anyone who may use amberd may pin, collect and check: GC only ever removes
-what nothing keeps. Moving or removing a pin takes its owner or root, and so
-does collecting with a shorter ``keep-failed`` than the configured one
-(other users' frozen failures would go).
+Anyone who may use amberd may pin and check. Moving or removing a pin takes
+its owner or root; ``pin-ls`` shows a non-root caller their own pins only.
+Collecting (anything but a dry run: it deletes other users' unpinned builds
+and frozen failures) and ``fsck --repair`` take root or the ``admin-group``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from amber.daemon.api.operation import operation
-from amber.daemon.errors import BadArgs, NotFound, PermissionDenied
+from amber.daemon.errors import BadArgs, NotFound
 from amber.daemon.storage.gc import GcOptions
 from amber.daemon.storage.pins import (
     check_pin_name,
@@ -64,7 +64,7 @@ async def pin_rm(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, 
 
 @operation()
 async def pin_ls(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-    return {"pins": [pin_summary(p) for p in api.ctx.db.list_pins()]}
+    return {"pins": [pin_summary(p) for p in api.ctx.db.list_pins() if api.owns(conn, p.uid)]}
 
 
 @operation(
@@ -77,11 +77,8 @@ async def gc(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]
     keep = config.keep_failed_days if args["keep_failed_days"] is None else args["keep_failed_days"]
     if keep < 0 or (args["max_freed"] is not None and args["max_freed"] < 0):
         raise BadArgs("--keep-failed and --max-freed cannot be negative")
-    if keep < config.keep_failed_days and not conn.peer.is_root:
-        raise PermissionDenied(
-            f"only root may keep frozen failures for less than the configured "
-            f"{config.keep_failed_days:g} days",
-        )
+    if not args["dry_run"]:
+        api.require_admin(conn, "collect garbage", "anyone may `amber gc --dry-run`")
     options = GcOptions(
         max_freed=args["max_freed"],
         keep_failed_days=keep,
@@ -98,4 +95,6 @@ async def gc(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]
 
 @operation(repair=(bool, False))
 async def fsck(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    if args["repair"]:
+        api.require_admin(conn, "repair the store", "anyone may check it (without --repair)")
     return await api.ctx.gc.fsck(args["repair"])
