@@ -33,6 +33,7 @@ class ErrorCode(StrEnum):
     SANDBOX_FAILED = "sandbox-failed"  # a sandbox did not start (bwrap's message says why)
     BAD_IMAGE = "bad-image"  # an image to import that amber cannot read
     EXPORT_FAILED = "export-failed"  # an export that could not be written or sent
+    TIMEOUT = "timeout"  # no hello in time (and on the client side: no answer in time)
 
     # Framing errors: the connection is closed after one of these.
     FRAME_TOO_LARGE = "frame-too-large"
@@ -43,7 +44,6 @@ class ErrorCode(StrEnum):
     BAD_REPLY = "bad-reply"  # a well-framed message of the wrong shape
     UNREACHABLE = "unreachable"  # nobody listens on the socket
     CONNECTION_LOST = "connection-lost"  # the daemon hung up mid-conversation
-    TIMEOUT = "timeout"
     ENGINE_FAILED = "engine-failed"  # the container engine refused an image amber sent it
 
 

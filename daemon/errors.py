@@ -3,8 +3,9 @@
 Handlers raise these; they know nothing of the wire. ``WIRE_CODES`` is the
 one place that says which ``ErrorCode`` a client receives for each (see
 ``to_wire``, used by server.py at the API boundary), so every code a client
-can get is a member of ``ErrorCode``. Modules not converted yet still raise
-``AmberError`` with a code, which the server sends as it is.
+can get is a member of ``ErrorCode``. Only the protocol's own checks
+(``client/protocol.py``: a malformed hello or request) raise ``AmberError``,
+and only server.py turns those into replies.
 """
 
 from __future__ import annotations

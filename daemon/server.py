@@ -5,10 +5,10 @@ with SCM_RIGHTS (``amber shell`` sends its terminal) are collected as they
 arrive. The peer's identity comes from SO_PEERCRED, never from the request.
 This module is the one place where exceptions become wire replies: a
 ``DaemonError`` goes through ``errors.to_wire`` (the one table of wire
-codes), an ``AmberError`` from code not converted yet is sent as it is, a
-malformed frame closes that connection
-only, and anything unexpected is logged and answered with an opaque
-``internal`` error; other clients never notice.
+codes), an ``AmberError`` from the protocol's checks of a hello or request
+is sent as it is, a malformed frame closes that connection only, and
+anything unexpected is logged and answered with an opaque ``internal``
+error; other clients never notice.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
+
 from amber.client.errors import ErrorCode
 from amber.daemon import errors
 
@@ -39,3 +41,39 @@ def test_a_subclass_takes_its_nearest_mapped_base_code():
         "code": "not-found",
         "message": "blob gone",
     }
+
+
+def test_every_error_code_is_documented_in_the_readme():
+    """A client can receive any of them: the README's table says what each means."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    documented = set(re.findall(r"`([a-z]+(?:-[a-z]+)*)`", readme))
+    assert sorted(c.value for c in ErrorCode if c.value not in documented) == []
+
+
+def test_only_the_boundary_builds_wire_errors():
+    """Daemon code raises its own errors; only errors.py and server.py make an ``AmberError``."""
+    import ast
+    from pathlib import Path
+
+    daemon = Path(errors.__file__).parent
+    builders = []
+    for path in sorted(daemon.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "AmberError"
+            ):
+                builders.append(f"{path.relative_to(daemon)}:{node.lineno}")
+    assert {b.split(":")[0] for b in builders} <= {"errors.py", "server.py"}, builders
+
+
+def test_frozen_state_and_build_id_errors_are_domain_errors():
+    from amber.daemon.build.buildid import check_build_id
+
+    with pytest.raises(errors.PermissionDenied) as refused:
+        check_build_id("../etc")
+    assert errors.to_wire(refused.value).code == "permission-denied"

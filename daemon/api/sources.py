@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from amber.client.errors import AmberError
 from amber.daemon.api.builds import parse_spec_request
 from amber.daemon.api.operation import operation
 from amber.daemon.build.bases import resolve_base
@@ -29,7 +28,7 @@ from amber.daemon.build.frozen import resolve_state
 from amber.daemon.build.sources import lay_out
 from amber.daemon.build.spec import Spec, SpecError, spec_from_dict
 from amber.daemon.build.stamps import check_tree
-from amber.daemon.errors import BadArgs, DaemonError, Internal, NotFound
+from amber.daemon.errors import BadArgs, Internal, NotFound
 from amber.daemon.storage.db import BuildRecord
 from amber.sandbox.digest import from_hex
 
@@ -142,7 +141,7 @@ def _state_of(api: Api, record: BuildRecord) -> tuple[bytes, str]:
         return from_hex(record.final_tree), "final state"
     try:
         state = resolve_state(api.ctx.db, record, step=None, before=False)
-    except (AmberError, DaemonError):  # build/frozen.py raises either until phase B
+    except NotFound:  # no step finished: the state it started from
         if record.base_tree:
             return from_hex(record.base_tree), "initial state"
         raise

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from amber.client.errors import AmberError
+from amber.daemon.errors import PermissionDenied
 
 NAME_MAX = 100
 BUILD_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{NAME_MAX - 1}}}-[0-9]+")
@@ -33,7 +33,5 @@ def make_build_id(name: str, seq: int) -> str:
 def check_build_id(build_id: str) -> str:
     """``build_id`` if it is one amberd could have made; fit to put into a path."""
     if not BUILD_ID.fullmatch(build_id):
-        raise AmberError(
-            "permission-denied", f"{build_id!r} is not a build id amberd makes; refusing to use it"
-        )
+        raise PermissionDenied(f"{build_id!r} is not a build id amberd makes; refusing to use it")
     return build_id

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from amber.client.errors import AmberError
+from amber.daemon.errors import NotFound
 from amber.daemon.storage.db import BuildRecord, Database, StepRecord
 from amber.sandbox.digest import from_hex
 
@@ -41,29 +41,23 @@ def resolve_state(
 ) -> FrozenState:
     steps = db.get_steps(record.id)
     if not steps:
-        raise AmberError("not-found", f"build {record.id} has no steps")
+        raise NotFound(f"build {record.id} has no steps")
     if step is not None:
         chosen = next((s for s in steps if s.name == step), None)
         if chosen is None:
             names = ", ".join(s.name for s in steps)
-            raise AmberError(
-                "not-found", f"build {record.id} has no step {step!r} (steps: {names})"
-            )
+            raise NotFound(f"build {record.id} has no step {step!r} (steps: {names})")
     elif record.failed_step is not None:
         chosen = next(s for s in steps if s.name == record.failed_step)
     else:
         done = [s for s in steps if s.after_tree]
         if not done:
-            raise AmberError(
-                "not-found", f"build {record.id} has no step that finished ({record.status})"
-            )
+            raise NotFound(f"build {record.id} has no step that finished ({record.status})")
         chosen = done[-1]
     tree_hex = chosen.before_tree if before else chosen.after_tree
     if not tree_hex:
         state = "started" if before else "finished"
-        raise AmberError(
-            "not-found", f"step {chosen.name} of build {record.id} never {state}; no state to show"
-        )
+        raise NotFound(f"step {chosen.name} of build {record.id} never {state}; no state to show")
     definition = json.loads(chosen.definition)
     return FrozenState(
         build=record,

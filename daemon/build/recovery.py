@@ -20,9 +20,9 @@ import os
 import shutil
 from pathlib import Path
 
-from amber.client.errors import AmberError
 from amber.daemon.build.state import BuildStatus, recover_interrupted
 from amber.daemon.context import DaemonContext
+from amber.daemon.errors import PermissionDenied
 from amber.sandbox.mounts import mounts_under, unmount_all_under
 
 log = logging.getLogger("amber.recovery")
@@ -92,7 +92,7 @@ def _keep_partial_log(ctx: DaemonContext, build_id: str, idx: int) -> str | None
     """What an interrupted step printed, moved into the store."""
     try:
         path = ctx.step_log_path(build_id, idx)
-    except AmberError:  # a record from before ids were checked: not a path to follow
+    except PermissionDenied:  # a record from before ids were checked: not a path to follow
         return None
     if not os.path.isfile(path) or os.path.islink(path):
         return None
