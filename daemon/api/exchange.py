@@ -24,6 +24,7 @@ import trio
 from amber.daemon.api.operation import operation
 from amber.daemon.build.buildid import make_build_id, safe_name
 from amber.daemon.build.frozen import FrozenState, resolve_state
+from amber.daemon.build.state import BuildStatus, StepStatus
 from amber.daemon.context import DaemonContext
 from amber.daemon.errors import BadArgs, ExportFailed, ImageError, NotFound, PermissionDenied
 from amber.daemon.oci.auth import Credentials, credentials_for, wire_credentials
@@ -277,20 +278,20 @@ def _frozen_records(api: Api, image, source: str, uid: int) -> tuple[BuildRecord
             if title.startswith("amber: step ")
             else f"layer{i}"
         )
-        steps.append(StepRecord(build_id=build_id, idx=i - 1, name=step_name, key=None, status="ran",
+        steps.append(StepRecord(build_id=build_id, idx=i - 1, name=step_name, key=None, status=StepStatus.RAN,
                                 before_tree=trees[i - 1], after_tree=trees[i], definition=definition))  # fmt: skip
     if not steps:  # a single-layer image: a state with nothing before it
-        steps.append(StepRecord(build_id=build_id, idx=0, name="image", key=None, status="ran",
+        steps.append(StepRecord(build_id=build_id, idx=0, name="image", key=None, status=StepStatus.RAN,
                                 before_tree=trees[0], after_tree=trees[0], definition=definition))  # fmt: skip
     last = steps[-1]
     exit_code = labels.get(LABEL + "exit-code")
-    last.status = labels.get(LABEL + "status", "failed")
+    last.status = labels.get(LABEL + "status", StepStatus.FAILED)
     last.exit_code = int(exit_code) if exit_code and exit_code.lstrip("-").isdigit() else None
     record = BuildRecord(
         id=build_id, seq=seq, uid=uid, name=name,
         spec=json.dumps({"build": {"name": name, "base": f"imported:{source}"},
                          "imported_from": labels.get(LABEL + "build")}),
-        spec_path=source, status="failed", frozen=1, created=time.time(), finished=time.time(),
+        spec_path=source, status=BuildStatus.FAILED, frozen=1, created=time.time(), finished=time.time(),
         failed_step=last.name, base_tree=trees[0], final_tree=trees[-1],
     )  # fmt: skip
     return record, steps

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from amber.daemon.api.operation import operation
+from amber.daemon.build.state import StepStatus
 from amber.sandbox.digest import from_hex
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from amber.daemon.storage.db import StepRecord
 
 #: Step statuses whose result came from the cache, not from running here.
-_CACHED = frozenset({"cached", "cached-failure"})
+_CACHED = frozenset({StepStatus.CACHED, StepStatus.CACHED_FAILURE})
 
 
 @operation(build=str)
@@ -94,7 +95,7 @@ def _rounded(seconds: float | None) -> float | None:
 def _log_size(ctx: DaemonContext, build_id: str, step: StepRecord) -> int | None:
     """The step's output in bytes: its log blob, or the file a running step writes."""
     path = ctx.store.blob_path(from_hex(step.log)) if step.log else None
-    if path is None and step.status == "running":
+    if path is None and step.status == StepStatus.RUNNING:
         path = ctx.step_log_path(build_id, step.idx)
     if path is None:
         return None

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from amber.daemon.build.state import BuildStatus
 from amber.daemon.errors import BadArgs, Busy, NotFound, PermissionDenied
 from amber.daemon.storage.db import BuildRecord, Database, OutLink, Pin
 from amber.sandbox import tree as treefmt
@@ -147,7 +148,7 @@ def resolve_target(
         raise NotFound(
             f"pin target {target!r} names no build, result or tree (accepted: {TARGET_FORMS})",
         )
-    if record.status in ("queued", "running"):
+    if BuildStatus(record.status).live:
         raise Busy(
             f"build {record.id} is still {record.status}; pin it when it is done "
             "(or build with --pin)",
