@@ -32,6 +32,7 @@ from amber.daemon.api.exchange import export_on_failure
 from amber.daemon.api.registry import Api
 from amber.daemon.build.manager import BuildManager
 from amber.daemon.build.recovery import lock_state_dir, recover, unlock_state_dir, unmount_leftovers
+from amber.daemon.build.state import BuildStatus
 from amber.daemon.config import DEFAULT_CONFIG, Config, ConfigError, current_config, load_config
 from amber.daemon.context import DaemonContext, open_context
 from amber.daemon.remote.service import RemoteCache
@@ -231,7 +232,7 @@ class _Status:
     def counts(self) -> tuple[int, int]:
         """Builds running a step (or between two), builds waiting for a job slot."""
         builds = self.manager.running()
-        running = sum(1 for b in builds if b.status == "running")
+        running = sum(1 for b in builds if b.status == BuildStatus.RUNNING)
         return running, len(builds) - running
 
     def line(self) -> str:

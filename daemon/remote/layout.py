@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from amber.daemon.build.state import BuildStatus
 from amber.daemon.oci.spec import OCI_MANIFEST, canonical_json, check_digest, sha256_digest
 from amber.sandbox.digest import DIGEST_SIZE, HEX_SIZE, hash_bytes
 
@@ -231,7 +232,7 @@ def parse_config(untrusted: bytes, key: str) -> dict[str, Any]:
     for name, kind in RESULT_FIELDS.items():
         if not isinstance(result.get(name), kind) or isinstance(result.get(name), bool):
             raise LayoutError(f"config field {name!r} is missing or of the wrong type")
-    if result["key"] != key or result["status"] not in ("success", "failed"):
+    if result["key"] != key or result["status"] not in (BuildStatus.SUCCESS, BuildStatus.FAILED):
         raise LayoutError("config names another key, or a status that is not a result")
     for name in ("before_tree", "after_tree", "log"):
         if len(result[name]) != HEX_SIZE:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from amber.client import __version__
+from amber.daemon.build.state import BuildStatus
 from amber.daemon.oci.registry import RegistryClient
 from amber.daemon.oci.spec import OciError
 from amber.daemon.remote import pull, push, trust
@@ -91,7 +92,7 @@ class RemoteCache:
             if found is None:
                 return None
             result, manifest = found
-            if result["status"] == "failed" and (
+            if result["status"] == BuildStatus.FAILED and (
                 retry_failed or self.config.remote_failures == "retry"
             ):
                 return None
