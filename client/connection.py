@@ -109,7 +109,25 @@ def default_socket_path(environ: Mapping[str, str] | None = None, euid: int | No
     return user if os.path.lexists(user) else system
 
 
-class Connection:
+class _Closing:
+    """``with`` closes it, whatever happened inside."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Connection(_Closing):
     """One conversation with amberd. Not thread-safe; one request at a time."""
 
     def __init__(self, sock: socket.socket, *, max_frame: int = MAX_FRAME) -> None:
@@ -236,17 +254,6 @@ class Connection:
             self._dead = ConnectionLost("the connection is closed")
         self._sock.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     # --- internals, used by Stream -------------------------------------------
 
     def _send(self, frame: bytes, fds: Sequence[int] = ()) -> None:
@@ -328,7 +335,7 @@ class Connection:
         return exc
 
 
-class Stream:
+class Stream(_Closing):
     """The events and final reply of one request.
 
     Iterating yields each event as its message dict (``{"id", "event",
@@ -384,17 +391,6 @@ class Stream:
         if not self.done:
             self.done = True
             self._conn._abandon(self)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _connect(path: str, timeout: float | None) -> socket.socket:
