@@ -351,14 +351,10 @@ _EXAMPLE_STANDINS = {
 
 def example_config() -> str:
     """A config file documenting every option in ``OPTIONS``, each commented out."""
-    import textwrap
-
     defaults = Config()
     parts = [EXAMPLE_HEADER]
     for name, (attr, conv, text) in OPTIONS.items():
-        lines = textwrap.wrap(
-            text[:1].upper() + text[1:] + ".", 76, break_long_words=False, break_on_hyphens=False
-        )
+        lines = _help_lines(text)
         if name in _EXAMPLE_STANDINS:
             value, default = _EXAMPLE_STANDINS[name]
             lines.append(f"Default: {default}.")
@@ -386,14 +382,10 @@ def current_config(config: Config, source: str) -> str:
     Each is set (uncommented) unless its value has no TOML form (an unset
     ``socket-group``); the default follows the help where the value differs.
     """
-    import textwrap
-
     defaults = Config()
     parts = [CURRENT_HEADER.format(source=source)]
     for name, (attr, conv, text) in OPTIONS.items():
-        lines = textwrap.wrap(
-            text[:1].upper() + text[1:] + ".", 76, break_long_words=False, break_on_hyphens=False
-        )
+        lines = _help_lines(text)
         value = getattr(config, attr)
         default = getattr(defaults, attr)
         if value is None:
@@ -411,6 +403,14 @@ def current_config(config: Config, source: str) -> str:
         parts.append("\n".join(f"# {line}" for line in lines) + f"\n{setting}\n")
     parts.append(to_toml(config.cache))  # a table: after every plain option
     return "\n".join(parts)
+
+
+def _help_lines(text: str) -> list[str]:
+    """An option's help as a sentence, wrapped for a ``#`` comment."""
+    import textwrap
+
+    sentence = text[:1].upper() + text[1:] + "."
+    return textwrap.wrap(sentence, 76, break_long_words=False, break_on_hyphens=False)
 
 
 def _toml_value(name: str, conv: Any, value: Any) -> str:

@@ -152,14 +152,5 @@ def spec_from_dict(
         raise doc.error(_Where("step"), None, "at least one [[step]] is required")
     _check_unique_names(steps, doc)
     stamps = tuple(_parse_stamp_rule(t, doc, build.workdir) for t in top.array("stamp"))
-    return Spec(
-        name=build.name,
-        steps=steps,
-        base=build.base,
-        workdir=build.workdir,
-        env=build.env,
-        output=build.output,
-        key_salt=build.key_salt,
-        sources=sources,
-        stamps=stamps,
-    )
+    # [build]'s fields are Spec's own: name, base, workdir, env, output, key_salt.
+    return Spec(**vars(build), steps=steps, sources=sources, stamps=stamps)

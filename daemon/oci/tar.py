@@ -385,14 +385,7 @@ def _ustar(
 ) -> bytes:
     # Joined from pieces, the checksum summed over the parts that vary: a
     # struct and a sum over all 512 bytes cost several times as much.
-    if type_ in (b"3", b"4"):  # tarfile and GNU tar leave the fields empty otherwise
-        if not (0 <= devmajor < _OCTAL_8 and 0 <= devminor < _OCTAL_8):
-            return _ustar_packed(
-                name, type_, mode, uid, gid, size, mtime, linkname, devmajor, devminor
-            )
-        device = b"%07o\0%07o\0" % (devmajor, devminor)
-    else:
-        device = _NO_DEVICE
+    is_device = type_ in (b"3", b"4")  # tarfile and GNU tar leave the fields empty otherwise
     if not (
         0 <= mode < _OCTAL_8
         and 0 <= uid < _OCTAL_8
@@ -402,8 +395,11 @@ def _ustar(
         and len(name) <= 100
         and len(linkname) <= 100
         and len(type_) == 1
+        and (not is_device or (0 <= devmajor < _OCTAL_8 and 0 <= devminor < _OCTAL_8))
     ):
-        return _ustar_packed(name, type_, mode, uid, gid, size, mtime, linkname, devmajor, devminor)
+        values = (mode, uid, gid, size, mtime)
+        return _ustar_packed(name, type_, linkname, values, (devmajor, devminor), is_device)
+    device = b"%07o\0%07o\0" % (devmajor, devminor) if is_device else _NO_DEVICE
     numbers = b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (mode, uid, gid, size, mtime)
     check = _CHECK_BASE + sum(name) + sum(numbers) + type_[0] + sum(linkname) + sum(device)
     return b"".join(
@@ -424,23 +420,20 @@ def _ustar(
 def _ustar_packed(
     name: bytes,
     type_: bytes,
-    mode: int,
-    uid: int,
-    gid: int,
-    size: int,
-    mtime: int,
     linkname: bytes,
-    devmajor: int,
-    devminor: int,
+    numbers: tuple[int, int, int, int, int],
+    devices: tuple[int, int],
+    is_device: bool,
 ) -> bytes:
     """``_ustar`` for values its fields do not hold (cut to the field's width)."""
-    device = type_ in (b"3", b"4")
+    mode, uid, gid, size, mtime = numbers
+    devmajor, devminor = devices
     block = bytearray(
         _USTAR.pack(
             name, b"%07o\0" % mode, b"%07o\0" % uid, b"%07o\0" % gid,
             b"%011o\0" % size, b"%011o\0" % mtime, b" " * 8, type_, linkname,
             b"ustar\0", b"00", b"", b"",
-            b"%07o\0" % devmajor if device else b"", b"%07o\0" % devminor if device else b"",
+            b"%07o\0" % devmajor if is_device else b"", b"%07o\0" % devminor if is_device else b"",
             b"",
         )
     )  # fmt: skip
