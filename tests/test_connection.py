@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 import pytest
 
@@ -445,11 +446,53 @@ def test_daemon_unreachable_without_a_socket(tmp_path):
     assert "absent" in info.value.message
 
 
-def test_daemon_unreachable_gives_up_after_retry_for(tmp_path):
-    start = time.monotonic()
-    with pytest.raises(DaemonUnreachable):
+class VirtualClock:
+    """``time`` for the connection module: sleeping moves the clock, nothing waits."""
+
+    def __init__(self, at: dict[float, Callable[[], None]] | None = None) -> None:
+        self.now = 0.0
+        self.at = dict(at or {})  # virtual time -> what happens then
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        for when in sorted(w for w in self.at if w <= self.now):
+            self.at.pop(when)()
+
+
+def test_daemon_unreachable_gives_up_after_retry_for(tmp_path, monkeypatch):
+    import amber.client.connection as connection
+
+    clock = VirtualClock()
+    monkeypatch.setattr(connection, "time", clock)
+    with pytest.raises(DaemonUnreachable, match="cannot reach amberd"):
         Connection.open(tmp_path / "absent", retry_for=0.3)
-    assert 0.3 <= time.monotonic() - start < 2
+    assert clock.now == pytest.approx(0.3)  # tried until the deadline, and no longer
+
+
+def test_retry_for_connects_to_a_socket_that_appears_before_the_deadline(tmp_path, monkeypatch):
+    import amber.client.connection as connection
+
+    path = tmp_path / "s"
+    listener: list[socket.socket] = []
+
+    def daemon_starts() -> None:
+        listener.append(listen(path))
+        threading.Thread(target=answer, daemon=True).start()
+
+    def answer() -> None:
+        Peer(listener[0].accept()[0]).accept_hello("amberd/late")
+
+    clock = VirtualClock(at={0.25: daemon_starts})
+    monkeypatch.setattr(connection, "time", clock)
+    try:
+        with Connection.open(path, timeout=SERVER_TIMEOUT, retry_for=0.3) as conn:
+            assert conn.server == "amberd/late"
+    finally:
+        for sock in listener:
+            sock.close()
 
 
 def test_stale_socket_file_is_unreachable(tmp_path):
