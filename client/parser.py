@@ -85,48 +85,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_following(commands)
     _add_frozen(commands)
     _add_store(commands)
-    commands.add(
-        "daemon",
-        "local.cmd_daemon",
-        "run amberd in the foreground (arguments go to amberd)",
-        "Run amberd in this terminal; every argument goes to it (see `amber daemon --help`).",
-        add_help=False,
-    )
-    keys = commands.group_of("key", "signing keys for a remote cache: generate, trust")
-    sub = keys.add(
-        "generate",
-        "keys.cmd_key_generate",
-        "write an ed25519 key pair",
-        "Write NAME.key (the private key, 0600: amberd.toml's signing-key) and NAME.pub\n"
-        "in DIR, and print the public key line to give to `amber key trust` on other hosts.",
-    )
-    sub.add_argument("name", metavar="NAME")
-    sub.add_argument("--dir", default=".", metavar="DIR", help="where to write (default: .)")
-    sub = keys.add(
-        "trust",
-        "keys.cmd_key_trust",
-        "trust a host's public key",
-        "Add NAME PUBKEY to the trusted-keys file (amberd.toml's trusted-keys).",
-    )
-    sub.add_argument("name", metavar="NAME")
-    sub.add_argument("pubkey", metavar="PUBKEY")
-    sub.add_argument(
-        "--file",
-        default="/etc/amber/trusted-keys",
-        metavar="PATH",
-        help="the trusted-keys file (default: /etc/amber/trusted-keys)",
-    )
-    sub = commands.add(
-        "completion",
-        "local.cmd_completion",
-        "print a shell completion script",
-        "Print the completion script for SHELL, e.g. for bash:\n"
-        "  amber completion bash > ~/.local/share/bash-completion/completions/amber\n"
-        "(scripts/setup installs them for all users, and the man page amber(1)).",
-    )
-    sub.add_argument(
-        "shell", choices=("bash", "zsh", "fish"), metavar="SHELL", help="bash, zsh or fish"
-    )
+    _add_local(commands)
     return parser
 
 
@@ -275,13 +234,18 @@ def _add_build(commands: _Commands) -> None:
         "(security.* xattrs) and device nodes, which are otherwise left out",
     )
     sub.add_argument("--detach", action="store_true", help="start the build and return at once")
+    _add_export_on_failure(sub)
+
+
+def _add_export_on_failure(sub: Any) -> None:
+    """``amber build``'s options that export the frozen state as soon as a step fails."""
     sub.add_argument(
         "--export-on-failure",
         choices=("oci", "docker-archive", "registry", "engine"),
         help="export the frozen state as soon as a step fails (engine: load it into "
         "Docker or podman, see amber export --to-engine)",
     )
-    sub.add_argument("--engine-socket", metavar="PATH", help="the engine's socket (engine)")
+    _add_engine_socket(sub)
     where = sub.add_mutually_exclusive_group()
     where.add_argument(
         "--export-path", metavar="FILE", help="file to export to (oci, docker-archive)"
@@ -377,43 +341,7 @@ def _add_frozen(commands: _Commands) -> None:
     sub.add_argument("build", metavar="BUILD")
     sub.add_argument("--step", metavar="NAME", help="this step instead of the failing one")
     sub.add_argument("--stat", action="store_true", help="sizes and totals")
-    sub = commands.add(
-        "export",
-        "frozen.cmd_export",
-        "export a build's state as an OCI image",
-        "Export a build's state as an image: the base and one layer per step,\n"
-        "loadable with podman load and docker load, or pushed to a registry.",
-        json=True,
-    )
-    sub.add_argument("build", metavar="BUILD")
-    which = sub.add_mutually_exclusive_group()
-    which.add_argument("--before", action="store_true", help="the state before the failing step")
-    which.add_argument("--step", metavar="NAME", help="the state after step NAME")
-    dest = sub.add_mutually_exclusive_group(required=True)
-    dest.add_argument("-o", "--output", metavar="FILE", help="write an image archive to FILE")
-    dest.add_argument("--push", metavar="REF", help="push to a registry, e.g. localhost:5000/dbg:1")
-    dest.add_argument(
-        "--to-engine",
-        action="store_true",
-        help="load into Docker or podman through its API socket, opened with your permissions",
-    )
-    sub.add_argument(
-        "--engine-socket",
-        metavar="PATH",
-        help="the engine's socket (default: $DOCKER_HOST if unix://, else "
-        "/var/run/docker.sock, else /run/podman/podman.sock)",
-    )
-    sub.add_argument(
-        "--tag",
-        metavar="NAME:TAG",
-        help="the loaded image's name (default localhost/amber/BUILD:STEP)",
-    )
-    sub.add_argument(
-        "--format",
-        choices=("oci", "docker-archive"),
-        help="archive format for -o (default oci: an OCI layout with manifest.json, which both load)",
-    )
-    sub.add_argument("--insecure", action="store_true", help="push over plain HTTP")
+    _add_export(commands)
     sub = commands.add(
         "import", "frozen.cmd_import", "turn an exported image into a frozen build here", json=True
     )
@@ -471,6 +399,46 @@ def _add_store(commands: _Commands) -> None:
     sub.add_argument("name", metavar="NAME")
     pins.add("ls", "store.cmd_pin_ls", "list pins", json=True)
 
+    _add_gc(commands)
+
+
+def _add_export(commands: _Commands) -> None:
+    sub = commands.add(
+        "export",
+        "frozen.cmd_export",
+        "export a build's state as an OCI image",
+        "Export a build's state as an image: the base and one layer per step,\n"
+        "loadable with podman load and docker load, or pushed to a registry.",
+        json=True,
+    )
+    sub.add_argument("build", metavar="BUILD")
+    which = sub.add_mutually_exclusive_group()
+    which.add_argument("--before", action="store_true", help="the state before the failing step")
+    which.add_argument("--step", metavar="NAME", help="the state after step NAME")
+    dest = sub.add_mutually_exclusive_group(required=True)
+    dest.add_argument("-o", "--output", metavar="FILE", help="write an image archive to FILE")
+    dest.add_argument("--push", metavar="REF", help="push to a registry, e.g. localhost:5000/dbg:1")
+    dest.add_argument(
+        "--to-engine",
+        action="store_true",
+        help="load into Docker or podman through its API socket, opened with your permissions",
+    )
+    _add_engine_socket(sub)
+    sub.add_argument(
+        "--tag",
+        metavar="NAME:TAG",
+        help="the loaded image's name (default localhost/amber/BUILD:STEP)",
+    )
+    sub.add_argument(
+        "--format",
+        choices=("oci", "docker-archive"),
+        help="archive format for -o (default oci: an OCI layout with manifest.json, which both load)",
+    )
+    sub.add_argument("--insecure", action="store_true", help="push over plain HTTP")
+
+
+def _add_gc(commands: _Commands) -> None:
+    """GC and store maintenance."""
     sub = commands.add(
         "gc",
         "store.cmd_gc",
@@ -506,6 +474,65 @@ def _add_store(commands: _Commands) -> None:
         "--repair",
         action="store_true",
         help="drop what is broken, so it is rebuilt (root and the admin-group only)",
+    )
+
+
+def _add_local(commands: _Commands) -> None:
+    """Commands that run here, not in amberd: daemon, key, completion."""
+    commands.add(
+        "daemon",
+        "local.cmd_daemon",
+        "run amberd in the foreground (arguments go to amberd)",
+        "Run amberd in this terminal; every argument goes to it (see `amber daemon --help`).",
+        add_help=False,
+    )
+    _add_keys(commands)
+    sub = commands.add(
+        "completion",
+        "local.cmd_completion",
+        "print a shell completion script",
+        "Print the completion script for SHELL, e.g. for bash:\n"
+        "  amber completion bash > ~/.local/share/bash-completion/completions/amber\n"
+        "(scripts/setup installs them for all users, and the man page amber(1)).",
+    )
+    sub.add_argument(
+        "shell", choices=("bash", "zsh", "fish"), metavar="SHELL", help="bash, zsh or fish"
+    )
+
+
+def _add_keys(commands: _Commands) -> None:
+    keys = commands.group_of("key", "signing keys for a remote cache: generate, trust")
+    sub = keys.add(
+        "generate",
+        "keys.cmd_key_generate",
+        "write an ed25519 key pair",
+        "Write NAME.key (the private key, 0600: amberd.toml's signing-key) and NAME.pub\n"
+        "in DIR, and print the public key line to give to `amber key trust` on other hosts.",
+    )
+    sub.add_argument("name", metavar="NAME")
+    sub.add_argument("--dir", default=".", metavar="DIR", help="where to write (default: .)")
+    sub = keys.add(
+        "trust",
+        "keys.cmd_key_trust",
+        "trust a host's public key",
+        "Add NAME PUBKEY to the trusted-keys file (amberd.toml's trusted-keys).",
+    )
+    sub.add_argument("name", metavar="NAME")
+    sub.add_argument("pubkey", metavar="PUBKEY")
+    sub.add_argument(
+        "--file",
+        default="/etc/amber/trusted-keys",
+        metavar="PATH",
+        help="the trusted-keys file (default: /etc/amber/trusted-keys)",
+    )
+
+
+def _add_engine_socket(sub: Any) -> None:
+    sub.add_argument(
+        "--engine-socket",
+        metavar="PATH",
+        help="the engine's socket (default: $DOCKER_HOST if unix://, else "
+        "/var/run/docker.sock, else /run/podman/podman.sock)",
     )
 
 
