@@ -14,11 +14,8 @@ only one that answers "what is missing from this closure?" (``ClosureCheck``).
 Writing needs a lease when the store is *guarded* (see ``Lease``), so work
 that writes cannot forget to tell the garbage collector about itself.
 
-Crash safety: an object is written to ``tmp/``, all of a batch's temporary
-files are made durable with one ``syncfs``, and only then renamed to their
-digest; a second ``syncfs`` makes the renames durable before the caller
-records anything that refers to them. So a digest path never holds partial
-content, and one batch costs two syncs however many objects it writes.
+Objects are written in a ``Batch`` (batch.py), which makes them durable
+together: a digest path never holds partial content.
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ import contextlib
 import copy
 import errno
 import os
-import secrets
 import shutil
 from collections import OrderedDict
 from collections.abc import Iterator, Set
@@ -36,8 +32,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import tree as treefmt
+from .batch import Batch
 from .digest import CHUNK, hash_bytes
-from .fileio import copy_and_hash, object_matches, read_small, syncfs, write_all
+from .fileio import copy_and_hash, object_matches, read_small, write_all
 from .fsidentity import as_store_owner
 from .tree import Entry
 
@@ -90,92 +87,6 @@ def _shard_str(base: str, digest: bytes) -> str:
     # build state, and pathlib costs several times the stat itself.
     hexd = digest.hex()
     return f"{base}/{hexd[:2]}/{hexd}"
-
-
-class Batch:
-    """Objects written together and made durable together (see module doc)."""
-
-    def __init__(self, store: Store):
-        self._store = store
-        self._pending: list[tuple[str, str]] = []
-        self.pending_trees: set[bytes] = set()  # readable through this store, not yet on disk
-        self.pending_blobs: set[bytes] = set()  # written to temp files, not yet renamed
-        # Blobs seen in the store by this batch: its lease keeps GC from taking
-        # them, so a snapshot of 20,000 equal files asks the disk once, not 20,000 times.
-        self._present: set[bytes] = set()
-        self.written = 0  # objects this batch added to the store
-        self.bytes_written = 0
-
-    # The store is root's even while this thread reads a user's files as
-    # that user (fsidentity.py): every write to it goes through as_store_owner.
-
-    def new_temp(self) -> tuple[int, str]:
-        path = os.path.join(self._store.tmp_dir, secrets.token_hex(12))
-        with as_store_owner():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-        return fd, path
-
-    def add(self, temp_path: str, final: Path, size: int) -> None:
-        self._pending.append((temp_path, str(final)))
-        self.written += 1
-        self.bytes_written += size
-
-    def has_blob(self, digest: bytes) -> bool:
-        """In the store, or on its way there in this batch."""
-        if digest in self.pending_blobs or digest in self._present:
-            return True
-        if self._store.has_blob(digest):
-            self._present.add(digest)
-            return True
-        return False
-
-    def adopt_blob(self, temp_path: str, digest: bytes, size: int) -> None:
-        """Keep the temp file as blob ``digest``, unless the store or this batch has it."""
-        if self.has_blob(digest):
-            self.discard(temp_path)
-        else:
-            self.add(temp_path, self._store.blob_path(digest), size)
-            self.pending_blobs.add(digest)
-
-    def discard(self, temp_path: str) -> None:
-        with as_store_owner():
-            os.unlink(temp_path)
-
-    def commit(self) -> None:
-        if not self._pending:
-            return
-        self._store.check_lease()  # the renames are what a GC could race with
-        with as_store_owner():
-            fd = os.open(self._store.tmp_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                syncfs(fd)
-                for temp, final in self._pending:
-                    os.rename(temp, final)
-                syncfs(fd)
-            finally:
-                os.close(fd)
-        self._pending.clear()
-        self.pending_trees.clear()
-        self.pending_blobs.clear()
-
-    def abort(self) -> None:
-        self._store._forget(self.pending_trees)
-        self.pending_trees.clear()
-        self.pending_blobs.clear()
-        with as_store_owner():
-            for temp, _ in self._pending:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temp)
-        self._pending.clear()
-
-    def __enter__(self) -> Batch:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
 
 
 @dataclass
