@@ -26,7 +26,6 @@ import socket
 
 import trio
 
-from amber.client.errors import AmberError
 from amber.daemon.build.bases import ResolvedBase, resolve_base
 from amber.daemon.build.build import Build
 from amber.daemon.build.fetch import DigestMismatch, FetchLimits, fetch_sources
@@ -35,7 +34,7 @@ from amber.daemon.build.limits import Limits, StepLimits
 from amber.daemon.build.logs import BlobLog
 from amber.daemon.build.sources import lay_out
 from amber.daemon.build.state import BuildState, BuildStatus, StepStatus
-from amber.daemon.build.stepio import StepLog, run_sandboxed
+from amber.daemon.build.stepio import StepLog, StepOutcome, run_sandboxed
 from amber.daemon.context import DaemonContext
 from amber.daemon.errors import DaemonError
 from amber.daemon.storage.db import BuildRecord, Result, StepRecord
@@ -97,7 +96,7 @@ class Executor:
         except trio.Cancelled:
             self._errored("cancelled" if b.cancelled else "the daemon is stopping")
             raise
-        except (AmberError, DaemonError) as exc:
+        except DaemonError as exc:
             self._errored(exc.message)
         except (FilesystemError, StoreError, SandboxError, OSError) as exc:
             log.exception("build %s: infrastructure failure", b.id)
@@ -343,26 +342,7 @@ class Executor:
         log_path = self.ctx.step_log_path(b.id, index)
         step_log = StepLog(log_path, self.ctx.store, self.ctx.config.step_log_max)
         b.emit_log(step.name, step_log)
-        assert self.base is not None
-        limited = StepLimits(self.limits, f"{b.id}.{index}")
-        try:
-            outcome = await run_sandboxed(
-                mount.root,
-                step=step,
-                env=spec.step_env(step),
-                binds=self.base.binds,
-                ids=self.ids,
-                output=step_log,
-                on_start=limited.apply,
-            )
-        finally:
-            step_log.close()
-            oom_kills = limited.close()
-        state.seconds = outcome.seconds
-        why = self._not_a_result(step.name, step.timeout, outcome, oom_kills, limited.memory_max)
-        if why is not None:
-            step_log.discard()
-            raise BuildErrored(why)
+        outcome = await self._sandboxed(index, mount, step_log)
         snap = await mount.snapshot()
         state.snapshot_seconds = snap.stats.seconds
         self.mount_tree = snap.tree
@@ -393,6 +373,32 @@ class Executor:
         if failed:
             self.state.freeze(index)
         return snap.tree, failed
+
+    async def _sandboxed(self, index: int, mount: OverlayMount, step_log: StepLog) -> StepOutcome:
+        """Run step ``index`` in its sandbox, under its limits; a run that is no result errors."""
+        b, spec = self.build, self.spec
+        step = spec.steps[index]
+        assert self.base is not None
+        limited = StepLimits(self.limits, f"{b.id}.{index}")
+        try:
+            outcome = await run_sandboxed(
+                mount.root,
+                step=step,
+                env=spec.step_env(step),
+                binds=self.base.binds,
+                ids=self.ids,
+                output=step_log,
+                on_start=limited.apply,
+            )
+        finally:
+            step_log.close()
+            oom_kills = limited.close()
+        b.steps[index].seconds = outcome.seconds
+        why = self._not_a_result(step.name, step.timeout, outcome, oom_kills, limited.memory_max)
+        if why is not None:
+            step_log.discard()
+            raise BuildErrored(why)
+        return outcome
 
 
 #: Free space under which a failed step is taken to have failed for want of it.
