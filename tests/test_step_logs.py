@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import signal
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 from amberd_process import Daemon
 
+BIN = Path(sys.executable).parent
 MIB = 1 << 20
 BIG = 40 * MIB
 #: A line of 32 bytes, repeated: 40 MiB of it is what the step prints.
@@ -81,3 +88,59 @@ def test_the_step_log_cap_truncates_with_a_note(daemon_root: Path):
         assert shown_json["status"] == "success"
     finally:
         assert amberd.stop() == 0
+
+
+HUGE = 200 * MIB
+
+
+def process_running(argv: list[str]) -> int | None:
+    """The pid of a process (in any pid namespace) whose command line is ``argv``."""
+    wanted = "\0".join(argv).encode() + b"\0"
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if Path(entry.path, "cmdline").read_bytes() == wanted:
+                    return int(entry.name)
+            except OSError:  # ended meanwhile
+                continue
+    return None
+
+
+def test_a_follower_attaching_mid_step_gets_the_whole_log_and_amberd_holds_none_of_it(
+    amberd: Daemon,
+):
+    """``amber log -f`` started after a step printed 200 MiB, while it still runs, shows
+    all of it; amberd streams it from the log file, so its memory does not grow by it."""
+    # The step holds in a sleep of its own after printing, until the test ends it.
+    hold = ["sleep", f"{3000 + os.getpid() % 1000}.5"]
+    spec = big_spec(amberd.root / "late", "late", f"yes {LINE} | head -c {HUGE}; "
+                    f"{' '.join(hold)} || echo released; echo THE-END")  # fmt: skip
+    assert amberd.process is not None
+    before = peak_rss(amberd.process.pid)
+    started = amberd.amber("build", "--detach", "--json", str(spec))
+    assert started.returncode == 0, started.stderr
+    build = json.loads(started.stdout)["build"]
+    deadline = time.monotonic() + 300
+    while (sleeper := process_running(hold)) is None:  # then all 200 MiB are printed
+        assert time.monotonic() < deadline, amberd.log.read_text()[-2000:]
+        time.sleep(0.05)
+    follow = subprocess.Popen(
+        [str(BIN / "amber"), "log", "-f", build], stdout=subprocess.PIPE, env=amberd.env
+    )
+    # Should the follower never print, the step still ends (and the test fails).
+    unstick = threading.Timer(300, os.kill, (sleeper, signal.SIGTERM))
+    unstick.start()
+    try:
+        assert follow.stdout is not None
+        header = follow.stdout.readline()  # attached: the replay has begun
+        assert header == b"==> step loud <==\n", header
+    finally:
+        unstick.cancel()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(sleeper, signal.SIGTERM)  # the step goes on
+    shown = follow.stdout.read()
+    assert follow.wait(120) == 0
+    assert len(shown) >= HUGE
+    assert hashlib.sha256(shown[:HUGE]).digest() == hashlib.sha256(expected(HUGE)).digest()
+    assert b"released\nTHE-END\n" in shown[HUGE:], shown[HUGE : HUGE + 200]  # the step went on
+    assert peak_rss(amberd.process.pid) - before < 100 * MIB
