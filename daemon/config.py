@@ -1,15 +1,17 @@
 """amberd's configuration: ``/etc/amber/amberd.toml``, then command-line flags.
 
-Every option is documented in ``OPTIONS`` and validated on load; a wrong
-type or an unknown option is an error naming the option, so a typo never
-silently falls back to a default.
+Every option is declared once, as a field of ``Config`` carrying its
+default, converter and help (``_option``); ``OPTIONS`` lists them by their
+names in the file. Each is validated on load: a wrong type or an unknown
+option is an error naming the option, so a typo never silently falls back
+to a default.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,38 +36,162 @@ def parse_fs_mode(text: str) -> str:
     return text
 
 
+def _option(conv: Any, help: str, *, default: Any = MISSING, factory: Any = MISSING) -> Any:
+    """A field that is an option of the file: its default, how a TOML value becomes it
+    (``conv``), and the help that ``example_config`` and ``--print-config`` show."""
+    return field(default=default, default_factory=factory, metadata={"option": (conv, help)})
+
+
 @dataclass
 class Config:
-    state_dir: Path = field(default_factory=lambda: Path("/var/lib/amber"))
-    socket: Path = field(default_factory=lambda: Path("/run/amber/amberd.sock"))
-    socket_group: str | None = None
-    socket_mode: int = 0o660
-    admin_group: str | None = None
-    jobs: int = field(default_factory=lambda: max(2, os.cpu_count() or 2))
-    id_base: int = DEFAULT_ID_BASE
-    id_count: int = RANGE_SIZE
-    id_ranges: int = 256
-    stop_grace: float = 30.0
-    max_frame: int = 16 << 20
-    max_request_frame: int = 1 << 20
-    max_connections: int = 512
-    max_connections_per_uid: int = 64
-    hello_timeout: float = 10.0
-    mirrors: list[str] = field(default_factory=list)
-    fetch_timeout: float = 30.0
-    source_max_size: int = 64 << 30
-    import_max_size: int = 256 << 30
-    keep_failed_days: float = 14.0
-    keep_failed_per_spec: int = 5
-    min_free: int = 0
-    max_free: int = 0
-    preflight_min_free: int = 1 << 30
-    step_log_max: int = 1 << 30
-    step_memory_max: int = 0
-    step_pids_max: int = 4096
-    step_timeout_max: float = 24 * 3600.0
-    jobs_per_user: int = 0
-    fs_mode: str = "auto"
+    state_dir: Path = _option(  # noqa: RUF009 (it returns a field)
+        Path, "where the store, database and mounts live", default=Path("/var/lib/amber")
+    )
+    socket: Path = _option(  # noqa: RUF009 (it returns a field)
+        Path,
+        "the Unix socket clients connect to (under systemd amberd.socket decides the socket: "
+        "its path, group and mode, and this option and the next two are not used)",
+        default=Path("/run/amber/amberd.sock"),
+    )
+    socket_group: str | None = _option(
+        str, "group owning the socket; members may use amber", default=None
+    )
+    socket_mode: int = _option(int, "permissions of the socket", default=0o660)
+    admin_group: str | None = _option(
+        str,
+        "group whose members may, like root, run `amber gc` (other than --dry-run) and "
+        "`amber store fsck --repair`; unset: root only",
+        default=None,
+    )
+    jobs: int = _option(
+        int,
+        "builds running at once; more wait in a queue",
+        factory=lambda: max(2, os.cpu_count() or 2),
+    )
+    id_base: int = _option(
+        int,
+        "first host uid/gid of the sandbox id pool; the pool must not overlap /etc/subuid or "
+        "/etc/subgid (amberd refuses to start if it does). The default, 0x70000000, is above "
+        "shadow's subordinate-id allocations and systemd-nspawn's container ranges",
+        default=DEFAULT_ID_BASE,
+    )
+    id_count: int = _option(
+        int, "size of each range of the pool: ids one sandbox sees", default=RANGE_SIZE
+    )
+    id_ranges: int = _option(
+        int,
+        "ranges in the pool: every running build and shell holds its own, so no two share a "
+        "host uid; one that finds none free errors (builds) or is refused as busy (shells)",
+        default=256,
+    )
+    stop_grace: float = _option(
+        parse_duration,
+        "how long running steps may finish on SIGTERM before they are cancelled "
+        "(errored, not cached)",
+        default=30.0,
+    )
+    max_frame: int = _option(
+        parse_size, "largest protocol frame amberd sends (a reply)", default=16 << 20
+    )
+    max_request_frame: int = _option(
+        parse_size,
+        "largest request frame amberd accepts from a client (at most max-frame); it bounds "
+        "the memory one request can cost while it is decoded",
+        default=1 << 20,
+    )
+    max_connections: int = _option(
+        int,
+        "connections open at once, all users together; more are refused with 'busy' "
+        "(root's are never refused)",
+        default=512,
+    )
+    max_connections_per_uid: int = _option(
+        int,
+        "connections one non-root uid may have open at once; more are refused with 'busy'",
+        default=64,
+    )
+    hello_timeout: float = _option(
+        parse_duration,
+        "how long a new connection may take to send its hello, and a client the rest of a "
+        "frame it started; amberd then hangs up (and closes descriptors sent with it)",
+        default=10.0,
+    )
+    mirrors: list[str] = _option(  # noqa: RUF009 (it returns a field)
+        list,
+        "URL prefixes (http, https or file) tried in order before an http(s) source's own URL; "
+        "a candidate is the prefix, '/' and the source URL's file name (the last segment of its "
+        "path): https://m.example/pkgs + https://zlib.net/zlib-1.2.13.tar.gz -> "
+        "https://m.example/pkgs/zlib-1.2.13.tar.gz",
+        factory=list,
+    )
+    fetch_timeout: float = _option(
+        parse_duration,
+        "a download that sends nothing for this long is given up (a stall, not a total time); "
+        "a build waiting for another build's download of the same content waits half as long "
+        "for it to make progress, then fetches on its own",
+        default=30.0,
+    )
+    source_max_size: int = _option(
+        parse_size,
+        "largest source (url download or local file) a build may bring in",
+        default=64 << 30,
+    )
+    import_max_size: int = _option(
+        parse_size,
+        "largest image an import may unpack: a compressed archive decompressed, and all its "
+        "layers' uncompressed bytes together",
+        default=256 << 30,
+    )
+    keep_failed_days: float = _option(
+        float, "frozen failures are kept from GC this long", default=14.0
+    )
+    keep_failed_per_spec: int = _option(int, "and at least this many per spec name", default=5)
+    min_free: int = _option(
+        parse_size, "run GC when free space drops below this (0: never)", default=0
+    )
+    max_free: int = _option(parse_size, "automatic GC frees space up to this", default=0)
+    preflight_min_free: int = _option(
+        parse_size,
+        "least free space on the state directory's filesystem for amberd to start (below it "
+        "amberd exits with status 78 and `amberd --check` fails; 0: no check)",
+        default=1 << 30,
+    )
+    step_log_max: int = _option(
+        parse_size,
+        "most output kept of one step; the rest is dropped and the log ends with "
+        "'log truncated at N bytes'",
+        default=1 << 30,
+    )
+    step_memory_max: int = _option(
+        parse_size,
+        "memory one step may use (its cgroup's limit); a step the OOM killer stops is errored, "
+        "never cached (0: half the machine's memory)",
+        default=0,
+    )
+    step_pids_max: int = _option(
+        int, "processes and threads one step may have at once", default=4096
+    )
+    step_timeout_max: float = _option(
+        parse_duration,
+        "longest timeout a step may ask for; a spec asking for more is refused",
+        default=24 * 3600.0,
+    )
+    jobs_per_user: int = _option(
+        int,
+        "job slots one user's builds may hold at once, so that one user cannot starve another "
+        "(0: half of jobs, rounded up)",
+        default=0,
+    )
+    fs_mode: str = _option(
+        parse_fs_mode,
+        'how build roots are mounted: "datalower" (Linux 6.5+: overlayfs reads file data '
+        'straight from the store, a data-only layer), "hidden-data" (the same speed: the '
+        'store as a plain layer hidden by whiteouts), "fuse-data" (any kernel: the FUSE lower '
+        'serves file data, slower) or "auto" (the first that a probe at start-up finds '
+        "working); AMBER_FS_MODE in amberd's environment overrides it, and `amber status` "
+        "shows the mode in use",
+        default="auto",
+    )
     #: The ``[cache]`` table: remotes shared with other hosts (daemon/remote/config.py).
     cache: CacheConfig = field(default_factory=CacheConfig)
 
@@ -83,138 +209,11 @@ class Config:
         return self.state_dir / "logs"
 
 
-# option name in the file -> (attribute, converter, help)
+#: Every option by its name in the file -> (attribute, converter, help).
 OPTIONS: dict[str, tuple[str, Any, str]] = {
-    "state-dir": ("state_dir", Path, "where the store, database and mounts live"),
-    "socket": (
-        "socket",
-        Path,
-        "the Unix socket clients connect to (under systemd amberd.socket decides the socket: "
-        "its path, group and mode, and this option and the next two are not used)",
-    ),
-    "socket-group": ("socket_group", str, "group owning the socket; members may use amber"),
-    "socket-mode": ("socket_mode", int, "permissions of the socket"),
-    "admin-group": (
-        "admin_group",
-        str,
-        "group whose members may, like root, run `amber gc` (other than --dry-run) and "
-        "`amber store fsck --repair`; unset: root only",
-    ),
-    "jobs": ("jobs", int, "builds running at once; more wait in a queue"),
-    "id-base": (
-        "id_base",
-        int,
-        "first host uid/gid of the sandbox id pool; the pool must not overlap /etc/subuid or "
-        "/etc/subgid (amberd refuses to start if it does). The default, 0x70000000, is above "
-        "shadow's subordinate-id allocations and systemd-nspawn's container ranges",
-    ),
-    "id-count": ("id_count", int, "size of each range of the pool: ids one sandbox sees"),
-    "id-ranges": (
-        "id_ranges",
-        int,
-        "ranges in the pool: every running build and shell holds its own, so no two share a "
-        "host uid; one that finds none free errors (builds) or is refused as busy (shells)",
-    ),
-    "stop-grace": (
-        "stop_grace",
-        parse_duration,
-        "how long running steps may finish on SIGTERM before they are cancelled "
-        "(errored, not cached)",
-    ),
-    "max-frame": ("max_frame", parse_size, "largest protocol frame amberd sends (a reply)"),
-    "max-request-frame": (
-        "max_request_frame",
-        parse_size,
-        "largest request frame amberd accepts from a client (at most max-frame); it bounds "
-        "the memory one request can cost while it is decoded",
-    ),
-    "max-connections": (
-        "max_connections",
-        int,
-        "connections open at once, all users together; more are refused with 'busy' "
-        "(root's are never refused)",
-    ),
-    "max-connections-per-uid": (
-        "max_connections_per_uid",
-        int,
-        "connections one non-root uid may have open at once; more are refused with 'busy'",
-    ),
-    "hello-timeout": (
-        "hello_timeout",
-        parse_duration,
-        "how long a new connection may take to send its hello, and a client the rest of a "
-        "frame it started; amberd then hangs up (and closes descriptors sent with it)",
-    ),
-    "mirrors": (
-        "mirrors",
-        list,
-        "URL prefixes (http, https or file) tried in order before an http(s) source's own URL; "
-        "a candidate is the prefix, '/' and the source URL's file name (the last segment of its "
-        "path): https://m.example/pkgs + https://zlib.net/zlib-1.2.13.tar.gz -> "
-        "https://m.example/pkgs/zlib-1.2.13.tar.gz",
-    ),
-    "fetch-timeout": (
-        "fetch_timeout",
-        parse_duration,
-        "a download that sends nothing for this long is given up (a stall, not a total time); "
-        "a build waiting for another build's download of the same content waits half as long "
-        "for it to make progress, then fetches on its own",
-    ),
-    "source-max-size": (
-        "source_max_size",
-        parse_size,
-        "largest source (url download or local file) a build may bring in",
-    ),
-    "import-max-size": (
-        "import_max_size",
-        parse_size,
-        "largest image an import may unpack: a compressed archive decompressed, and all its "
-        "layers' uncompressed bytes together",
-    ),
-    "keep-failed-days": ("keep_failed_days", float, "frozen failures are kept from GC this long"),
-    "keep-failed-per-spec": ("keep_failed_per_spec", int, "and at least this many per spec name"),
-    "min-free": ("min_free", parse_size, "run GC when free space drops below this (0: never)"),
-    "max-free": ("max_free", parse_size, "automatic GC frees space up to this"),
-    "preflight-min-free": (
-        "preflight_min_free",
-        parse_size,
-        "least free space on the state directory's filesystem for amberd to start (below it "
-        "amberd exits with status 78 and `amberd --check` fails; 0: no check)",
-    ),
-    "step-log-max": (
-        "step_log_max",
-        parse_size,
-        "most output kept of one step; the rest is dropped and the log ends with "
-        "'log truncated at N bytes'",
-    ),
-    "step-memory-max": (
-        "step_memory_max",
-        parse_size,
-        "memory one step may use (its cgroup's limit); a step the OOM killer stops is errored, "
-        "never cached (0: half the machine's memory)",
-    ),
-    "step-pids-max": ("step_pids_max", int, "processes and threads one step may have at once"),
-    "step-timeout-max": (
-        "step_timeout_max",
-        parse_duration,
-        "longest timeout a step may ask for; a spec asking for more is refused",
-    ),
-    "jobs-per-user": (
-        "jobs_per_user",
-        int,
-        "job slots one user's builds may hold at once, so that one user cannot starve another "
-        "(0: half of jobs, rounded up)",
-    ),
-    "fs-mode": (
-        "fs_mode",
-        parse_fs_mode,
-        'how build roots are mounted: "datalower" (Linux 6.5+: overlayfs reads file data '
-        'straight from the store, a data-only layer), "hidden-data" (the same speed: the '
-        'store as a plain layer hidden by whiteouts), "fuse-data" (any kernel: the FUSE lower '
-        'serves file data, slower) or "auto" (the first that a probe at start-up finds '
-        "working); AMBER_FS_MODE in amberd's environment overrides it, and `amber status` "
-        "shows the mode in use",
-    ),
+    f.name.replace("_", "-"): (f.name, *f.metadata["option"])
+    for f in fields(Config)
+    if "option" in f.metadata
 }
 
 
@@ -322,7 +321,6 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> C
     for attr, value in (overrides or {}).items():
         if value is not None:
             setattr(config, attr, value)
-    assert {f.name for f in fields(Config)} >= {a for a, _, _ in OPTIONS.values()}
     return config
 
 
