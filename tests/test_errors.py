@@ -77,3 +77,17 @@ def test_frozen_state_and_build_id_errors_are_domain_errors():
     with pytest.raises(errors.PermissionDenied) as refused:
         check_build_id("../etc")
     assert errors.to_wire(refused.value).code == "permission-denied"
+
+
+def test_the_readmes_exit_status_for_each_code_is_the_one_amber_gives():
+    import re
+    from pathlib import Path
+
+    from amber.client.cli import exit_code_for
+    from amber.client.errors import AmberError
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = re.findall(r"^\| (`[a-z-]+`(?:, `[a-z-]+`)*) \| .* \| (\d) \|$", readme, re.M)
+    shown = {code: int(exit) for codes, exit in rows for code in re.findall(r"`([a-z-]+)`", codes)}
+    assert len(shown) >= 14, rows
+    assert {c: exit_code_for(AmberError(c, "")) for c in shown} == shown
