@@ -18,6 +18,6 @@ What the daemon may use of it, by module; everything else is internal:
 - ``fsidentity``: ``filesystem_identity`` (reading a user's files with the user's rights).
 - ``beneath``: ``exists_in_root``, ``write_beneath`` (root inside a tree a user controls).
 
-Internal: ``lowerfs``, ``fuseops``, ``eagerlayer``, ``snapshot``, ``command``, ``bwrap``,
-``ptyproxy``.
+Internal: ``batch`` (``Batch``, which ``store`` re-exports), ``lowerfs``, ``fuseops``,
+``eagerlayer``, ``snapshot``, ``command``, ``bwrap``, ``ptyproxy``.
 """
