@@ -515,26 +515,12 @@ def test_log_follow_shows_notes_made_while_following_in_order(amberd: Daemon, tm
     """Notes amber makes during a build (here: a download's progress, a pin)
     reach `amber log -f` among the log lines, once each."""
     import hashlib
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from gated_http import GatedServer
 
     payload = b"served late\n"
-    gate = threading.Event()
-
-    class Gated(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            gate.wait(60)  # until the test follows the build
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Gated)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/data.txt"
+    with GatedServer(payload, wait=60) as server:  # answers once the test follows the build
+        url = server.url("data.txt")
         spec = write_spec(
             tmp_path / "notes",
             '[build]\nname = "notes"\nbase = "host"\n'
@@ -551,13 +537,9 @@ def test_log_follow_shows_notes_made_while_following_in_order(amberd: Daemon, tm
         assert follow.stdout is not None
         first = follow.stdout.readline()  # noted before the follow began
         assert b"fetching" in first, first
-        gate.set()
+        server.gate.set()
         rest = follow.stdout.read()
         assert follow.wait(60) == 0
-    finally:
-        gate.set()
-        server.shutdown()
-        server.server_close()
     lines = (first + rest).decode().splitlines()
     fetched = next(i for i, line in enumerate(lines) if "fetched" in line and "verified" in line)
     header = lines.index("==> step use <==")
