@@ -62,6 +62,8 @@ class Peer:
     pid: int
     uid: int
     gid: int
+    #: Supplementary groups (SO_PEERGROUPS): what a helper reading as the peer gets.
+    groups: tuple[int, ...] = ()
 
     @property
     def is_root(self) -> bool:
@@ -108,7 +110,19 @@ class ConnectionGone(Exception):
 def peer_of(sock: trio.socket.SocketType) -> Peer:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
-    return Peer(pid, uid, gid)
+    return Peer(pid, uid, gid, peer_groups(sock))
+
+
+_SO_PEERGROUPS = 59
+
+
+def peer_groups(sock: trio.socket.SocketType) -> tuple[int, ...]:
+    """The peer's supplementary groups at connect time (at most 1024 asked for)."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * 1024)
+    except OSError:
+        return ()
+    return tuple(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
 
 
 @dataclass(frozen=True)
