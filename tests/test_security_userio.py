@@ -156,3 +156,11 @@ def test_mals_own_files_and_directories_still_build(mal: Mal):
     assert code == 0, out
     code, out = mal.said("image", "ls")
     assert code == 0 and "mine" in out, out
+
+
+def test_an_oci_base_through_proc_cwd_is_refused(mal: Mal, victim_cwd: str):
+    path = spec(mal, f'base = "oci:{victim_cwd}/data"\n' + STEP)
+    code, out = mal.said("build", path)
+    assert code != 0, out
+    assert f"as uid {MAL}: Permission denied" in out, out
+    assert not leaked(mal, out)
