@@ -69,6 +69,22 @@ def leaked(mal: Mal, out: str) -> bool:
     return False
 
 
+def helpers_left(mal: Mal) -> list[str]:
+    """amberd's children that are reading helpers (/usr/bin/python3), running or zombie."""
+    assert mal.daemon.process is not None
+    pid = mal.daemon.process.pid
+    left = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            children = f.read().split()
+        for child in children:
+            with contextlib.suppress(OSError), open(f"/proc/{child}/stat") as st:
+                text = st.read()
+                if text[text.index("(") + 1 : text.rindex(")")] == "python3":
+                    left.append(text[:60])
+    return left
+
+
 STEP = '\n[[step]]\nname = "show"\nrun = "cat /tmp/s 2>/dev/null; ls /tmp/s 2>/dev/null; true"\n'
 
 
@@ -80,6 +96,7 @@ def test_a_local_source_through_proc_cwd_is_refused(mal: Mal, victim_cwd: str):
     assert code != 0, out
     assert f"cannot read {victim_cwd}/secret as uid {MAL}: Permission denied" in out, out
     assert not leaked(mal, out)
+    assert helpers_left(mal) == []
 
 
 def test_a_directory_source_through_proc_cwd_is_refused(mal: Mal, victim_cwd: str):
