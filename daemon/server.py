@@ -62,7 +62,8 @@ class Peer:
     pid: int
     uid: int
     gid: int
-    #: Supplementary groups when it connected (SO_PEERGROUPS), for ``admin-group``.
+    #: Supplementary groups when it connected (SO_PEERGROUPS): for ``admin-group``, and
+    #: what a helper reading as the peer gets.
     groups: tuple[int, ...] = ()
 
     @property

@@ -13,6 +13,8 @@ import errno
 import os
 import stat
 
+from amber.sandbox.asuser import Unreadable, UserReader, WrongKind
+
 _KINDS = {
     stat.S_IFCHR: "a character device",
     stat.S_IFBLK: "a block device",
@@ -51,10 +53,39 @@ def open_regular(
                 f"{os.fspath(path)} is a symbolic link, not a regular file"
             ) from None
         raise
+    return _checked(fd, os.fspath(path), allow_dir)
+
+
+def open_regular_as(
+    reader: UserReader,
+    path: str | os.PathLike[str],
+    *,
+    follow_symlinks: bool = False,
+    allow_dir: bool = False,
+) -> int:
+    """``open_regular``, opened by ``reader``'s helper (the user for real, see
+    sandbox/asuser.py) and checked again here: the helper is the user's.
+
+    Raises ``NotRegularFile``, or ``Unreadable`` (``.missing`` for ENOENT).
+    """
+    name = os.fspath(path)
+    try:
+        fd = reader.open(name, follow_symlinks=follow_symlinks, allow_dir=allow_dir)
+    except WrongKind as exc:
+        raise NotRegularFile(f"{name} is {kind_of(exc.mode)}, not a regular file") from None
+    except Unreadable as exc:
+        if exc.errno == errno.ELOOP and not follow_symlinks:
+            raise NotRegularFile(f"{name} is a symbolic link, not a regular file") from None
+        raise
+    return _checked(fd, name, allow_dir)
+
+
+def _checked(fd: int, name: str, allow_dir: bool) -> int:
+    """``fd`` in blocking mode if ``fstat`` says it is what may be read; else closed."""
     try:
         mode = os.fstat(fd).st_mode
         if not (stat.S_ISREG(mode) or (allow_dir and stat.S_ISDIR(mode))):
-            raise NotRegularFile(f"{os.fspath(path)} is {kind_of(mode)}, not a regular file")
+            raise NotRegularFile(f"{name} is {kind_of(mode)}, not a regular file")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)

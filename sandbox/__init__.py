@@ -15,9 +15,11 @@ What the daemon may use of it, by module; everything else is internal:
 - ``runner``: ``run_step``, ``run_interactive``, ``StepOutcome``; ``sandboxspec``: ``Bind``,
   ``BUILD_UID``, ``BUILD_GID``, ``HOMES``; ``sandboxerror``: ``SandboxError``, ``CommandError``;
   ``userns``: ``IdMap``.
-- ``fsidentity``: ``filesystem_identity`` (reading a user's files with the user's rights).
+- ``asuser``: ``UserReader``, ``User``, ``Unreadable`` (a user's paths opened by a helper process
+  that is the user for real); ``importer.import_user_directory`` walks a directory through it.
+- ``fsidentity``: ``filesystem_identity`` (spec checks, exports and out-links: fsuid only).
 - ``beneath``: ``exists_in_root``, ``write_beneath`` (root inside a tree a user controls).
 
-Internal: ``batch`` (``Batch``, which ``store`` re-exports), ``lowerfs``, ``fuseops``,
-``eagerlayer``, ``snapshot``, ``command``, ``bwrap``, ``ptyproxy``.
+Internal: ``batch`` (``Batch``, which ``store`` re-exports), ``asuser_helper``, ``lowerfs``,
+``fuseops``, ``eagerlayer``, ``snapshot``, ``command``, ``bwrap``, ``ptyproxy``.
 """

@@ -12,6 +12,7 @@ import stat
 from pathlib import Path
 
 from . import tree as treefmt
+from .asuser import UserReader
 from .digest import EMPTY
 from .store import Batch, Store
 from .tree import Entry
@@ -117,6 +118,19 @@ class EntryMaker:
             link,
         )
 
+    def link_label(self, inode: tuple[int, int], rel: bytes) -> bytes:
+        """The hard-link group label of ``inode`` (the first path seen of it)."""
+        return self._links.setdefault(inode, rel + self.label_suffix)
+
+    def file_digest_fd(self, fd: int, size: int) -> bytes:
+        """Store an open file's ``size`` bytes (a user's, opened by their helper)."""
+        if size == 0:
+            if not self.batch.has_blob(EMPTY):
+                self.store.put_blob_bytes(b"", self.batch)
+            return EMPTY
+        self.files_hashed += 1
+        return self.store.put_blob_fd(fd, size, self.batch)
+
     def _file_digest(self, path: bytes, st: os.stat_result) -> bytes:
         if st.st_size == 0:  # nothing to read: a step's 20,000 `touch`es cost no open
             if not self.batch.has_blob(EMPTY):
@@ -162,3 +176,104 @@ def _import_dir(store: Store, maker: EntryMaker, path: bytes, rel: bytes) -> byt
             ref = _import_dir(store, maker, child.path, child_rel + b"/")
         entries.append(maker.entry(child.path, child_rel, child.name, st, ref))
     return store.put_tree(entries, maker.batch)
+
+
+# --------------------------------------------------------------------------- as the user
+
+_RECORD_KIND = {"d": stat.S_ISDIR, "f": stat.S_ISREG, "l": stat.S_ISLNK}
+_OTHER = (stat.S_ISCHR, stat.S_ISBLK, stat.S_ISFIFO, stat.S_ISSOCK)
+_MAX_XATTRS = 64
+
+
+class WalkError(ValueError):
+    """The helper's walk broke the protocol (wrong kinds, bad names, unbalanced)."""
+
+
+def import_user_directory(
+    store: Store, reader: UserReader, path: str, *, batch: Batch, follow_symlinks: bool = True
+) -> bytes:
+    """``import_directory`` of a user's directory, walked by ``reader``'s helper as the user.
+
+    Files are stored from the descriptors it passes, with their ``fstat``;
+    the rest of the metadata is what the helper reports, checked for shape:
+    it describes only what the user could read anyway. Raises ``Unreadable``
+    (sandbox/asuser.py) naming the first path the user cannot open.
+    """
+    maker = EntryMaker(store, batch)
+    stack: list[tuple[list[Entry], Entry | None, bytes]] = [([], None, b"")]
+    for record, fd in reader.walk(path, follow_symlinks=follow_symlinks):
+        try:
+            if record == ["u"]:
+                if len(stack) < 2:
+                    raise WalkError("the walk left its top directory")
+                entries, entry, _ = stack.pop()
+                assert entry is not None
+                tree = store.put_tree(sorted(entries, key=lambda e: e.name), batch)
+                stack[-1][0].append(entry._replace(ref=tree))
+                continue
+            entry = _user_entry(maker, record, fd, stack[-1][2])
+            if record[0] == "d":
+                stack.append(([], entry, stack[-1][2] + entry.name + b"/"))
+            else:
+                stack[-1][0].append(entry)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    if len(stack) != 1:
+        raise WalkError("the walk ended inside a directory")
+    return store.put_tree(sorted(stack[0][0], key=lambda e: e.name), batch)
+
+
+def _user_entry(maker: EntryMaker, record: list, fd: int | None, rel: bytes) -> Entry:
+    """The entry one walk record describes (a directory's without its ``ref`` yet)."""
+    if len(record) < 4 or not isinstance(record[1], str) or not isinstance(record[2], list):
+        raise WalkError(f"a walk record of the wrong shape: {str(record)[:80]}")
+    tag, name, meta, raw_xattrs = record[0], os.fsencode(record[1]), record[2], record[3]
+    if name in (b"", b".", b"..") or b"/" in name or b"\0" in name:
+        raise WalkError(f"a walk record names {name!r}")
+    if len(meta) != 6 or not all(isinstance(v, int) and v >= 0 for v in meta):
+        raise WalkError(f"a walk record with bad metadata: {meta!r}")
+    if fd is not None:  # the descriptor's own word, not the helper's
+        st = os.fstat(fd)
+        meta = [st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_size, 0]
+    mode, uid, gid, mtime_ns, size, rdev = meta
+    check = _RECORD_KIND.get(tag)
+    if not (check(mode) if check else tag == "o" and any(c(mode) for c in _OTHER)):
+        raise WalkError(f"{(rel + name).decode(errors='replace')}: not what the walk said")
+    kind = treefmt.kind_of_mode(mode)
+    ref, link = b"", None
+    if tag == "f":
+        assert fd is not None
+        ref = maker.file_digest_fd(fd, size)
+        if st.st_nlink > 1:
+            link = maker.link_label((st.st_dev, st.st_ino), rel + name)
+    elif tag == "l":
+        if len(record) != 5 or not isinstance(record[4], str):
+            raise WalkError("a symbolic link without its target")
+        ref, size = os.fsencode(record[4]), len(os.fsencode(record[4]))
+    if kind not in (treefmt.CHR, treefmt.BLK):
+        rdev = 0
+    if kind == treefmt.DIR:
+        size = 0
+    entry = Entry(name, kind, mode & 0o7777, uid, gid, mtime_ns, size, ref, rdev,
+                  _xattrs(raw_xattrs), link)  # fmt: skip
+    return entry
+
+
+def _xattrs(raw: object) -> tuple[tuple[bytes, bytes], ...]:
+    if not isinstance(raw, list) or len(raw) > _MAX_XATTRS:
+        raise WalkError("a walk record with bad extended attributes")
+    pairs = []
+    for pair in raw:
+        if not (
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)
+        ):
+            raise WalkError("a walk record with bad extended attributes")
+        name = os.fsencode(pair[0])
+        if name.startswith(treefmt.OVERLAY_XATTR_PREFIX):
+            continue
+        try:
+            pairs.append((name, bytes.fromhex(pair[1])))
+        except ValueError:
+            raise WalkError("a walk record with bad extended attributes") from None
+    return tuple(sorted(pairs))

@@ -39,6 +39,7 @@ from amber.daemon.build.fetch import (
 )
 from amber.daemon.build.sources import lay_out
 from amber.daemon.build.spec import Source, parse_spec
+from amber.sandbox.asuser import User
 from amber.sandbox.sandboxspec import BUILD_UID
 from amber.sandbox.store import Store
 from amber.sandbox.tree import EMPTY_TREE
@@ -131,15 +132,15 @@ def test_file_urls_are_read_as_the_client(daemon_root: Path):
     readable = write(daemon_root / "open.tar", "anyone may read this")
     secret = write(daemon_root / "secret.tar", "root only")
     secret.chmod(0o600)
-    nobody = 65534
-    with open_url(f"file://{readable}", uid=nobody, gid=nobody) as (stream, size):
+    nobody = User(65534, 65534)
+    with open_url(f"file://{readable}", user=nobody) as (stream, size):
         assert stream.read() == b"anyone may read this" and size == 20
     with (
-        pytest.raises(SourceError, match="permission denied"),
-        open_url(f"file://{secret}", uid=nobody, gid=nobody),
+        pytest.raises(SourceError, match="as uid 65534: Permission denied"),
+        open_url(f"file://{secret}", user=nobody),
     ):
         pass
-    with open_url(f"file://{secret}", uid=0, gid=0) as (stream, _):
+    with open_url(f"file://{secret}", user=User(0, 0)) as (stream, _):
         assert stream.read() == b"root only"
 
 

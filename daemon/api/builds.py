@@ -108,6 +108,7 @@ async def build(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, A
         args["spec_path"],
         uid=conn.peer.uid,
         gid=conn.peer.gid,
+        groups=conn.peer.groups,
         retry_failed=args["retry_failed"],
         pin=args["pin"],
         out_link=args["out_link"],

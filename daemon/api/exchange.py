@@ -12,6 +12,7 @@ machine: one step per layer after the first, the last one the failure, so
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -39,6 +40,7 @@ from amber.daemon.oci.spec import (
 )
 from amber.daemon.oci.stream import stream_docker_archive
 from amber.daemon.storage.db import BuildRecord, StepRecord
+from amber.sandbox.asuser import HelperError, User, UserReader
 from amber.sandbox.digest import from_hex
 from amber.sandbox.fsidentity import filesystem_identity
 
@@ -232,14 +234,20 @@ async def import_image(api: Api, conn: Connection, args: dict[str, Any]) -> dict
     credentials = None if is_local_source(source) else request_credentials(args["auth"], source)
 
     def work():
+        peer = conn.peer
         try:
-            with filesystem_identity(conn.peer.uid, conn.peer.gid):
-                image = read_image(source, hold.store, insecure=args["insecure"],
+            with contextlib.ExitStack() as stack:
+                # A local image is opened by a helper that is the client (sandbox/asuser.py).
+                reader = (stack.enter_context(UserReader(User(peer.uid, peer.gid, peer.groups)))
+                          if is_local_source(source) else None)  # fmt: skip
+                image = read_image(source, hold.store, insecure=args["insecure"], reader=reader,
                                    max_size=api.ctx.config.import_max_size, credentials=credentials)  # fmt: skip
             hold.checkpoint(image.trees)  # held before the build record refers to them
             return image
         except PermissionError as exc:
             raise PermissionDenied(f"cannot read {source}: {exc.strerror}") from None
+        except HelperError as exc:
+            raise PermissionDenied(f"cannot read {source}: {exc}") from None
         except FileNotFoundError:
             raise NotFound(f"no image at {source}") from None
         except (OciError, OSError, ValueError) as exc:

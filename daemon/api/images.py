@@ -44,7 +44,13 @@ async def image_import(api: Api, conn: Connection, args: dict[str, Any]) -> dict
         uid, gid = conn.peer.uid, conn.peer.gid
         limit = api.ctx.config.import_max_size
         tree = resolve_base(
-            writer.store, api.ctx.db, source, uid=uid, gid=gid, import_max_size=limit
+            writer.store,
+            api.ctx.db,
+            source,
+            uid=uid,
+            gid=gid,
+            groups=conn.peer.groups,
+            import_max_size=limit,
         ).tree
         # Held before the image record refers to it, and checked whole
         # (``tree:`` and image names are reused, not written).

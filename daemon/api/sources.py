@@ -73,9 +73,11 @@ async def _verify_spec(api: Api, conn: Connection, spec: Spec, spec_path: str) -
         return {"target": spec_path, "problems": [_mismatch(exc)], "notes": []}
 
     def work(store: Store) -> dict[str, Any]:
-        base = resolve_base(store, db, str(spec.base), uid=uid, gid=gid)
+        groups = conn.peer.groups
+        base = resolve_base(store, db, str(spec.base), uid=uid, gid=gid, groups=groups)
         try:
-            layout = lay_out(store, base.tree, spec, known, uid=uid, gid=gid, missing_ok=True)
+            layout = lay_out(store, base.tree, spec, known, uid=uid, gid=gid, groups=groups,
+                             missing_ok=True)  # fmt: skip
         except DigestMismatch as exc:
             return {"target": spec_path, "problems": [_mismatch(exc)], "notes": []}
         problems = [finding.to_dict() for finding in layout.findings]

@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +21,9 @@ from amber.daemon.errors import ImageError, InvalidSpec, NotFound, PermissionDen
 from amber.daemon.oci.limits import MAX_IMPORT
 from amber.daemon.storage.db import Database
 from amber.sandbox import tree as treefmt
+from amber.sandbox.asuser import HelperError, Unreadable, User, UserReader
 from amber.sandbox.digest import from_hex
-from amber.sandbox.fsidentity import filesystem_identity
-from amber.sandbox.importer import import_directory
+from amber.sandbox.importer import WalkError, import_user_directory
 from amber.sandbox.store import Store
 from amber.sandbox.tree import Entry
 
@@ -42,16 +40,6 @@ class ResolvedBase:
     )  # (host path, sandbox path), read-only
 
 
-@contextmanager
-def _as_user(base: str, uid: int, gid: int) -> Iterator[None]:
-    with filesystem_identity(uid, gid):
-        try:
-            yield
-        except PermissionError as exc:
-            where = os.fsdecode(exc.filename) if exc.filename else "a file"
-            raise PermissionDenied(f"base {base!r}: cannot read {where}") from None
-
-
 def resolve_base(
     store: Store,
     db: Database,
@@ -59,25 +47,22 @@ def resolve_base(
     *,
     uid: int,
     gid: int,
+    groups: tuple[int, ...] = (),
     import_max_size: int = MAX_IMPORT,
 ) -> ResolvedBase:
     """Blocking (imports may read a lot): call from a worker thread.
 
-    dir: and oci: bases are read as ``uid``/``gid``, the user asking: the
-    daemon's root rights must not put a file into a build its user could not
-    read (like a local source). The host base is every user's to build on.
+    dir: and oci: bases are read by a helper that is the user asking (``uid``,
+    ``gid``, ``groups``, no capabilities: sandbox/asuser.py): the daemon's
+    root rights must not put a file into a build its user could not read
+    (like a local source). The host base is every user's to build on.
     An oci: image may unpack to at most ``import_max_size`` bytes.
     """
     kind, _, ref = base.partition(":")
     if base == "host":
         return _host_base(store)
     if kind == "dir" and ref:
-        path = Path(ref)
-        with _as_user(base, uid, gid):
-            if not path.is_dir():
-                raise InvalidSpec(f"base {base!r}: {ref} is not a directory")
-            tree = import_directory(store, path)
-        return ResolvedBase(tree, "dir")
+        return ResolvedBase(_dir_base(store, base, ref, User(uid, gid, groups)), "dir")
     if kind == "tree" and ref:
         try:
             tree = from_hex(ref)
@@ -95,8 +80,12 @@ def resolve_base(
         from amber.daemon.oci.spec import OciError
 
         try:
-            with _as_user(base, uid, gid):
-                tree = import_oci_base(store, Path(ref), max_size=import_max_size)
+            with UserReader(User(uid, gid, groups)) as reader:
+                tree = import_oci_base(store, Path(ref), max_size=import_max_size, reader=reader)
+        except PermissionError as exc:
+            raise PermissionDenied(f"base {base!r}: {exc.strerror}") from None
+        except HelperError as exc:
+            raise PermissionDenied(f"base {base!r}: {exc}") from None
         except FileNotFoundError:
             raise InvalidSpec(f"base {base!r}: {ref} does not exist") from None
         except OciError as exc:
@@ -115,6 +104,19 @@ def _bound_dirs() -> list[str]:
         for name in HOST_DIRS
         if os.path.isdir(f"/{name}") and not os.path.islink(f"/{name}")
     ]
+
+
+def _dir_base(store: Store, base: str, ref: str, user: User) -> bytes:
+    """A ``dir:`` base's tree, walked by the user's helper (links in ``ref`` followed)."""
+    try:
+        with UserReader(user) as reader, store.batch() as batch:
+            return import_user_directory(store, reader, ref, batch=batch)
+    except Unreadable as exc:
+        if exc.missing and exc.path == ref:
+            raise InvalidSpec(f"base {base!r}: {ref} is not a directory") from None
+        raise PermissionDenied(f"base {base!r}: {exc}") from None
+    except (WalkError, HelperError) as exc:
+        raise PermissionDenied(f"base {base!r}: {exc}") from None
 
 
 def host_binds(state_dir: Path) -> list[tuple[str, str]]:

@@ -75,6 +75,8 @@ class Build:
     spec: Spec
     spec_path: str
     retry_failed: bool = False
+    #: The submitter's supplementary groups: what its sources and base are read with.
+    groups: tuple[int, ...] = ()
     pin: str | None = None
     out_link: str | None = None
     #: Root only: the out-link keeps set-id bits, security.* xattrs and devices.

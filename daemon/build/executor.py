@@ -144,6 +144,7 @@ class Executor:
                 str(spec.base),
                 uid=b.uid,
                 gid=b.gid,
+                groups=b.groups,
                 import_max_size=self.ctx.config.import_max_size,
             )
         )
@@ -194,10 +195,11 @@ class Executor:
         try:
             limits = FetchLimits.of(ctx.config)
             fetched = await fetch_sources(self.hold.store, ctx.db, self.spec, mirrors=ctx.config.mirrors,
-                                          uid=b.uid, gid=gid, note=self.build.note, limits=limits)  # fmt: skip
+                                          uid=b.uid, gid=gid, groups=b.groups, note=self.build.note,
+                                          limits=limits)  # fmt: skip
             layout = await trio.to_thread.run_sync(
                 functools.partial(lay_out, self.hold.store, self.base.tree, self.spec, fetched, uid=b.uid, gid=gid,
-                                  max_size=limits.max_size)
+                                  groups=b.groups, max_size=limits.max_size)
             )  # fmt: skip
         except DigestMismatch as exc:
             self.build.note(exc.message)

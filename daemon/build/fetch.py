@@ -17,8 +17,8 @@ Where a source is looked for, in order:
   ``https://zlib.net/fossils/zlib-1.2.13.tar.gz`` give
   ``https://mirror.example/pkgs/zlib-1.2.13.tar.gz``). This is how Buildroot's
   and Heads' package mirrors are laid out: one flat folder of tarballs;
-- the source's own URL. ``file://`` URLs are read with the client's
-  filesystem identity, like ``path`` sources, and are not mirrored.
+- the source's own URL. ``file://`` URLs are opened by a helper that is the
+  client for real (sandbox/asuser.py), like ``path`` sources, and are not mirrored.
 
 Each candidate is streamed to a temporary file in the store while sha256
 and BLAKE3 are computed (one read of the bytes), then checked against the
@@ -67,9 +67,9 @@ from amber.daemon.build.spec import Source, Spec
 from amber.daemon.config import Config
 from amber.daemon.errors import NotFound
 from amber.daemon.storage.db import Database
-from amber.daemon.userfiles import NotRegularFile, open_regular
+from amber.daemon.userfiles import NotRegularFile, open_regular_as
+from amber.sandbox.asuser import HelperError, Unreadable, User, UserReader
 from amber.sandbox.digest import CHUNK, from_hex, new_hasher
-from amber.sandbox.fsidentity import filesystem_identity
 from amber.sandbox.store import Batch, Store
 
 __all__ = [
@@ -293,6 +293,7 @@ async def fetch_sources(
     mirrors: Sequence[str],
     uid: int,
     gid: int,
+    groups: tuple[int, ...] = (),
     note: Note,
     limits: FetchLimits = FetchLimits(),
 ) -> dict[int, Fetched]:
@@ -310,7 +311,14 @@ async def fetch_sources(
         if source.url is None:
             continue
         out[index] = await fetch_one(
-            store, db, index, source, mirrors=mirrors, uid=uid, gid=gid, note=note, limits=limits
+            store,
+            db,
+            index,
+            source,
+            mirrors=mirrors,
+            user=User(uid, gid, groups),
+            note=note,
+            limits=limits,
         )
     return out
 
@@ -322,8 +330,7 @@ async def fetch_one(
     source: Source,
     *,
     mirrors: Sequence[str],
-    uid: int,
-    gid: int,
+    user: User,
     note: Note,
     limits: FetchLimits = FetchLimits(),
 ) -> Fetched:
@@ -349,8 +356,7 @@ async def fetch_one(
             mine.alive = time.monotonic()
             try:
                 fetched = await _in_thread(
-                    store, label, source, url, uid=uid, gid=gid, note=note, limits=limits,
-                    alive=mine,
+                    store, label, source, url, user=user, note=note, limits=limits, alive=mine,
                 )  # fmt: skip
             except DigestMismatch as exc:
                 mismatch = mismatch or exc  # reported unless another candidate has it right
@@ -375,8 +381,7 @@ async def _in_thread(
     source: Source,
     url: str,
     *,
-    uid: int,
-    gid: int,
+    user: User,
     note: Note,
     limits: FetchLimits,
     alive: _Download,
@@ -390,8 +395,7 @@ async def _in_thread(
 
     def work() -> Fetched:
         own = url == source.url  # a file:// mirror is the admin's, read as the daemon
-        ids = {"uid": uid if own else 0, "gid": gid if own else 0}
-        with open_url(url, **ids, limits=limits) as (stream, total):
+        with open_url(url, user=user if own else User(0, 0), limits=limits) as (stream, total):
             progress = Progress(say, label, total)
 
             def update(done: int) -> None:
@@ -436,7 +440,7 @@ def _opener() -> urllib.request.OpenerDirector:
 
 @contextlib.contextmanager
 def open_url(
-    url: str, *, uid: int, gid: int, limits: FetchLimits = FetchLimits()
+    url: str, *, user: User, limits: FetchLimits = FetchLimits()
 ) -> Iterator[tuple[BinaryIO, int | None]]:
     """A readable stream on ``url`` and its size when known. Blocking.
 
@@ -450,8 +454,8 @@ def open_url(
             if parts.netloc not in ("", "localhost"):
                 raise SourceError(f"file:// url on another host: {url}")
             path = urllib.request.url2pathname(parts.path)
-            with filesystem_identity(uid, gid):
-                fd = open_regular(path, follow_symlinks=True)
+            with UserReader(user) as reader:
+                fd = open_regular_as(reader, path, follow_symlinks=True)
             stream: BinaryIO = os.fdopen(fd, "rb")
             total: int | None = os.fstat(stream.fileno()).st_size
         else:
@@ -463,8 +467,8 @@ def open_url(
         raise SourceError(f"HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
         raise SourceError(str(exc.reason)) from None
-    except PermissionError:
-        raise SourceError("permission denied") from None
+    except (Unreadable, HelperError) as exc:
+        raise SourceError(str(exc)) from None
     except NotRegularFile as exc:
         raise SourceError(f"{exc}: only regular files can be sources") from None
     except TimeoutError:
@@ -505,27 +509,10 @@ def ingest(
     """
     sha = hashlib.sha256()
     b3 = new_hasher(total or 0)
-    size = 0
-    read = getattr(stream, "read1", stream.read)  # what has arrived, not a full buffer
     fd, temp = batch.new_temp()
     try:
         try:
-            while chunk := read(_READ):
-                if stop is not None and stop.is_set():
-                    raise SourceError("cancelled")
-                size += len(chunk)
-                if size > max_size:
-                    raise SourceError(_too_large(size, max_size, more=True))
-                sha.update(chunk)
-                b3.update(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
-                progress(size)
-        except TimeoutError:
-            raise SourceError(_stalled(stall_timeout, size)) from None
-        except (OSError, ValueError) as exc:  # resets are OSErrors
-            raise SourceError(f"reading failed after {human_bytes(size)}: {exc}") from None
+            size = _copy(stream, fd, (sha, b3), progress, stop, max_size, stall_timeout)
         finally:
             os.close(fd)
         if total is not None and size != total:
@@ -542,6 +529,38 @@ def ingest(
         raise
     batch.adopt_blob(temp, blob, size)
     return Fetched(blob, size, sha256, where)
+
+
+def _copy(
+    stream: BinaryIO,
+    fd: int,
+    hashers: tuple,
+    progress: Callable[[int], None],
+    stop: threading.Event | None,
+    max_size: int,
+    stall_timeout: float,
+) -> int:
+    """``stream`` into ``fd`` and every hasher, chunk by chunk; the size copied."""
+    size = 0
+    read = getattr(stream, "read1", stream.read)  # what has arrived, not a full buffer
+    try:
+        while chunk := read(_READ):
+            if stop is not None and stop.is_set():
+                raise SourceError("cancelled")
+            size += len(chunk)
+            if size > max_size:
+                raise SourceError(_too_large(size, max_size, more=True))
+            for hasher in hashers:
+                hasher.update(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+            progress(size)
+    except TimeoutError:
+        raise SourceError(_stalled(stall_timeout, size)) from None
+    except (OSError, ValueError) as exc:  # resets are OSErrors
+        raise SourceError(f"reading failed after {human_bytes(size)}: {exc}") from None
+    return size
 
 
 def _too_large(size: int, limit: int, *, more: bool = False) -> str:

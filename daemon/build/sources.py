@@ -1,9 +1,9 @@
 """Laying a spec's work directory, sources and stamps onto the base tree.
 
 Sources are read by the daemon, never by the sandbox. Files and directories
-named by ``path`` (and ``file://`` urls) are read with the *client's*
-filesystem identity (``setfsuid``/``setfsgid`` on the worker thread), so a
-user cannot make a root daemon copy a file they could not read themselves.
+named by ``path`` (and ``file://`` urls) are opened by a helper process that
+is the client for real (uid, gid, groups, no capabilities: sandbox/asuser.py),
+so a user cannot make a root daemon copy a file they could not read themselves.
 What is read is checked on the opened descriptor (``userfiles``): a regular
 file no larger than ``source-max-size``, or a directory; a path that became
 a FIFO, a device or a symbolic link since the spec was parsed is refused.
@@ -32,6 +32,7 @@ Every removal is returned as a ``Finding`` for the build log.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Mapping
@@ -41,11 +42,11 @@ from amber.daemon.build.fetch import MAX_DOWNLOAD, Fetched, ingest, source_label
 from amber.daemon.build.spec import Source, Spec
 from amber.daemon.build.stamps import Finding, apply_rules, remove_paths
 from amber.daemon.errors import Internal, InvalidSpec, PermissionDenied
-from amber.daemon.userfiles import NotRegularFile, open_regular
+from amber.daemon.userfiles import NotRegularFile, open_regular_as
 from amber.sandbox import tree as treefmt
+from amber.sandbox.asuser import HelperError, Unreadable, User, UserReader
 from amber.sandbox.digest import EMPTY
-from amber.sandbox.fsidentity import filesystem_identity
-from amber.sandbox.importer import import_directory
+from amber.sandbox.importer import WalkError, import_user_directory
 from amber.sandbox.sandboxspec import BUILD_GID, BUILD_UID
 from amber.sandbox.store import Batch, Store
 from amber.sandbox.tree import Entry
@@ -79,6 +80,7 @@ def lay_out(
     *,
     uid: int,
     gid: int,
+    groups: tuple[int, ...] = (),
     missing_ok: bool = False,
     max_size: int = MAX_DOWNLOAD,
 ) -> Layout:
@@ -94,7 +96,11 @@ def lay_out(
         InvalidSpec, PermissionDenied: a source cannot be read or placed.
     """
     layout = Layout(base)
-    with store.batch() as batch:
+    local = any(source.url is None for source in spec.sources)
+    reader = UserReader(User(uid, gid, groups)) if local else None
+    with contextlib.ExitStack() as stack, store.batch() as batch:
+        if reader is not None:
+            stack.enter_context(reader)
         try:
             tree = _ensure_parents(store, base, spec.workdir, batch)
             placed: dict[int, tuple[Entry, str]] = {}
@@ -113,9 +119,8 @@ def lay_out(
                     )
                     digest = got.sha256 or source.blake3 or got.blob.hex()
                 else:
-                    entry, digest = _read_local(
-                        store, index, source, batch, uid=uid, gid=gid, max_size=max_size
-                    )
+                    assert reader is not None
+                    entry, digest = _read_local(store, index, source, batch, reader, max_size)
                 tree = _place(store, tree, source.dest, entry, batch, spec.workdir)
                 placed[index] = (entry, digest)
             tree, layout.findings = _source_stamps(store, tree, spec, placed, batch)
@@ -151,53 +156,52 @@ def _place(store: Store, tree: bytes, dest: str, entry: Entry, batch: Batch, wor
 
 
 def _read_local(
-    store: Store, index: int, source: Source, batch: Batch, *, uid: int, gid: int, max_size: int
+    store: Store, index: int, source: Source, batch: Batch, reader: UserReader, max_size: int
 ) -> tuple[Entry, str]:
     """A local source's entry, and the digest its stamp names (its tree's, for a directory).
 
-    The file is opened without following a link or blocking, as the user,
-    and what was opened is what is read (see the module docstring).
+    The file is opened without following a link or blocking, by the user's
+    helper, and what was opened is what is read (see the module docstring).
     """
     assert source.path is not None
     label = source_label(index, source)
-    with filesystem_identity(uid, gid):
-        try:
-            fd = open_regular(source.path, allow_dir=True)
-        except PermissionError:
-            raise PermissionDenied(f"source {source.path}: permission denied") from None
-        except FileNotFoundError:
+    try:
+        fd = open_regular_as(reader, source.path, allow_dir=True)
+    except Unreadable as exc:
+        if exc.missing:
             raise InvalidSpec(f"source {source.path} does not exist") from None
-        except NotRegularFile as exc:
+        raise PermissionDenied(f"{label}: {exc}") from None
+    except NotRegularFile as exc:
+        raise InvalidSpec(f"{label}: {exc}: only files and directories can be sources") from None
+    except HelperError as exc:
+        raise Internal(f"{label}: {exc}") from None
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+        os.close(fd)  # the helper walks it, as the user, relative to its own descriptors
+        try:
+            ref = import_user_directory(store, reader, str(source.path), batch=batch,
+                                        follow_symlinks=False)  # fmt: skip
+        except Unreadable as exc:
+            raise PermissionDenied(f"{label}: {exc}") from None
+        except (WalkError, HelperError) as exc:
+            raise InvalidSpec(f"{label}: {exc}") from None
+        return BUILD_DIR._replace(ref=ref, mtime_ns=st.st_mtime_ns), ref.hex()
+    with os.fdopen(fd, "rb") as stream:
+        if st.st_size > max_size:
             raise InvalidSpec(
-                f"{label}: {exc}: only files and directories can be sources"
-            ) from None
-        except OSError as exc:
-            raise InvalidSpec(f"source {source.path}: {exc.strerror or exc}") from None
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            os.close(fd)  # the walk opens what it reads itself, as the user too
-            try:
-                ref = import_directory(store, source.path, batch=batch)
-            except PermissionError as exc:
-                where = os.fsdecode(exc.filename) if exc.filename else source.path
-                raise PermissionDenied(f"source {where}: permission denied") from None
-            return BUILD_DIR._replace(ref=ref, mtime_ns=st.st_mtime_ns), ref.hex()
-        with os.fdopen(fd, "rb") as stream:
-            if st.st_size > max_size:
-                raise InvalidSpec(
-                    f"{label}: {st.st_size} bytes, larger than the {max_size} a source may be "
-                    "(source-max-size)"
-                )
-            mode = 0o755 if st.st_mode & 0o111 else 0o644
-            entry = BUILD_FILE._replace(mode=mode, mtime_ns=DOWNLOAD_MTIME_NS)
-            if source.sha256 is None and source.blake3 is None:
-                digest = store.put_blob_fd(fd, st.st_size, batch)
-                return entry._replace(size=st.st_size, ref=digest), digest.hex()
-            got = ingest(
-                store, stream, source, str(source.path), label, st.st_size, lambda _: None,
-                batch, max_size=max_size,
-            )  # fmt: skip
-            return entry._replace(size=got.size, ref=got.blob), got.sha256 or got.blob.hex()
+                f"{label}: {st.st_size} bytes, larger than the {max_size} a source may be "
+                "(source-max-size)"
+            )
+        mode = 0o755 if st.st_mode & 0o111 else 0o644
+        entry = BUILD_FILE._replace(mode=mode, mtime_ns=DOWNLOAD_MTIME_NS)
+        if source.sha256 is None and source.blake3 is None:
+            digest = store.put_blob_fd(fd, st.st_size, batch)
+            return entry._replace(size=st.st_size, ref=digest), digest.hex()
+        got = ingest(
+            store, stream, source, str(source.path), label, st.st_size, lambda _: None,
+            batch, max_size=max_size,
+        )  # fmt: skip
+        return entry._replace(size=got.size, ref=got.blob), got.sha256 or got.blob.hex()
 
 
 def _source_stamps(

@@ -52,7 +52,8 @@ from amber.daemon.oci.spec import (
     digest_hex,
     qualified_name,
 )
-from amber.daemon.userfiles import NotRegularFile, open_regular
+from amber.daemon.userfiles import NotRegularFile, open_regular, open_regular_as
+from amber.sandbox.asuser import Unreadable, UserReader
 from amber.sandbox.fsidentity import as_store_owner
 
 _MAX_LINK_HOPS = 16
@@ -96,11 +97,27 @@ class LayoutSource(ImageSource):
         return self.files.has(blob_name(desc.digest))
 
 
-class DirFiles:
-    """Files of an OCI layout directory."""
+def _open_file(path: Path, reader: UserReader | None, *, allow_dir: bool = False) -> int:
+    """``open_regular`` (links followed), by the user's helper when there is one.
 
-    def __init__(self, root: Path):
+    Raises ``FileNotFoundError``, ``PermissionError`` (naming the uid) or ``NotRegularFile``.
+    """
+    if reader is None:
+        return open_regular(path, follow_symlinks=True, allow_dir=allow_dir)
+    try:
+        return open_regular_as(reader, path, follow_symlinks=True, allow_dir=allow_dir)
+    except Unreadable as exc:
+        if exc.missing:
+            raise FileNotFoundError(exc.errno, str(exc), str(path)) from None
+        raise PermissionError(exc.errno, str(exc), str(path)) from None
+
+
+class DirFiles:
+    """Files of an OCI layout directory (opened by ``reader``, the user's helper, if given)."""
+
+    def __init__(self, root: Path, reader: UserReader | None = None):
         self.root = root
+        self.reader = reader
 
     def _path(self, name: str) -> Path:
         if name.startswith("/") or ".." in name.split("/"):
@@ -108,17 +125,27 @@ class DirFiles:
         return self.root / name
 
     def has(self, name: str) -> bool:
-        return self._path(name).is_file()
+        try:
+            os.close(_open_file(self._path(name), self.reader))
+        except (OSError, NotRegularFile):
+            return False
+        return True
 
     def size(self, name: str) -> int:
         try:
-            return self._path(name).stat().st_size
+            fd = _open_file(self._path(name), self.reader)
         except FileNotFoundError:
             raise OciError(f"{name} is missing from {self.root}") from None
+        except NotRegularFile as exc:
+            raise OciError(str(exc)) from None
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
 
     def open(self, name: str) -> AbstractContextManager[BinaryIO]:
         try:
-            return os.fdopen(open_regular(self._path(name), follow_symlinks=True), "rb")
+            return os.fdopen(_open_file(self._path(name), self.reader), "rb")
         except FileNotFoundError:
             raise OciError(f"{name} is missing from {self.root}") from None
         except NotRegularFile as exc:
@@ -209,20 +236,25 @@ def _normal(name: str) -> str:
 
 @contextlib.contextmanager
 def open_local(
-    path: Path, tag: str | None = None, budget: Budget | None = None
+    path: Path,
+    tag: str | None = None,
+    budget: Budget | None = None,
+    reader: UserReader | None = None,
 ) -> Iterator[ImageParts]:
-    """The image in an OCI layout directory or an OCI or docker archive file."""
+    """The image in an OCI layout directory or an OCI or docker archive file
+    (opened by ``reader``, the user's helper, when given)."""
     budget = budget if budget is not None else Budget()
     try:
-        fd = open_regular(path, follow_symlinks=True, allow_dir=True)
+        fd = _open_file(path, reader, allow_dir=True)
     except NotRegularFile as exc:
         raise OciError(f"{exc}: not an image archive or layout") from None
     # A missing or unreadable file is an OSError, not an image problem.
     if stat.S_ISDIR(os.fstat(fd).st_mode):
         os.close(fd)
-        if not (path / "index.json").is_file():
+        files = DirFiles(path, reader)
+        if not files.has("index.json"):
             raise OciError(f"{path} is a directory but not an OCI layout (no index.json)")
-        yield resolve(LayoutSource(DirFiles(path)), tag)
+        yield resolve(LayoutSource(files), tag)
         return
     with contextlib.ExitStack() as stack:
         f = stack.enter_context(os.fdopen(fd, "rb"))

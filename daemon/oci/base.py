@@ -11,6 +11,7 @@ from pathlib import Path
 from amber.daemon.oci.apply import Devices
 from amber.daemon.oci.image import read_image
 from amber.daemon.oci.limits import MAX_IMPORT
+from amber.sandbox.asuser import UserReader
 from amber.sandbox.store import Store
 
 
@@ -21,6 +22,7 @@ def import_oci_base(
     tag: str | None = None,
     devices: Devices = "refuse",
     max_size: int = MAX_IMPORT,
+    reader: UserReader | None = None,
 ) -> bytes:
     """The root tree digest of the image at ``path`` (layout, OCI or docker archive).
 
@@ -29,5 +31,7 @@ def import_oci_base(
     device nodes instead of refusing the image (``podman import`` of a
     debootstrap root has ``/dev/null``; steps get amber's ``/dev`` anyway).
     """
-    image = read_image(Path(path), store, tag=tag, devices=devices, max_size=max_size)
+    image = read_image(
+        Path(path), store, tag=tag, devices=devices, max_size=max_size, reader=reader
+    )
     return image.trees[-1]

@@ -59,6 +59,7 @@ from amber.daemon.oci.spec import (
     sha256_digest,
 )
 from amber.sandbox import tree as treefmt
+from amber.sandbox.asuser import UserReader
 from amber.sandbox.store import Store
 
 Format = Literal["oci", "docker-archive"]
@@ -268,6 +269,7 @@ def read_image(
     devices: Devices = "refuse",
     max_size: int = MAX_IMPORT,
     credentials: Credentials | None = None,
+    reader: UserReader | None = None,
 ) -> ImportedImage:
     """Import the image at ``source`` into ``store``: one tree per layer.
 
@@ -285,7 +287,7 @@ def read_image(
     opened: AbstractContextManager[ImageParts]
     if is_local_source(source):
         path = Path(str(source).removeprefix("oci-archive:").removeprefix("docker-archive:"))
-        opened = open_local(path, tag, budget)
+        opened = open_local(path, tag, budget, reader)
     else:
         opened = oci_registry.open_remote(str(source), insecure=insecure, credentials=credentials)
     with opened as parts:
