@@ -1,8 +1,8 @@
 """A layer's uncompressed tar stream on its way out: gathered, hashed, big files copied by the kernel.
 
 Export has to do one thing ``tar -cf`` does not, the layer's SHA-256, and
-must still be as fast. So the bytes move once and the hash never holds them
-up:
+should still be as fast. So the content is copied once, by the kernel, and
+the hash reads it on the side without holding the copy up:
 
 - small writes (headers, padding, small files) are gathered into chunks of
   about 1 MiB and written through the output's buffer;
@@ -54,10 +54,10 @@ class HashThread:
 
     Items are hashed in the order given; at most ``_CHUNKS`` chunks and
     ``_FILES`` files wait, so a slow hash holds the writer back rather than
-    memory or open descriptors growing. A chunk must not
-    change once given (bytes, never a reused buffer); a file is given by
-    its blob digest and opened (``open_blob``) on the thread. An error of the hash is raised by the next ``update``
-    or by ``hexdigest``.
+    memory growing. A chunk must not change once given (bytes, never a
+    reused buffer); a file is given by its blob digest and opened
+    (``open_blob``) on the thread, so none is held open while it waits. An
+    error of the hash is raised by the next ``update`` or by ``hexdigest``.
     """
 
     def __init__(self, open_blob: Callable[[bytes], int]) -> None:
