@@ -28,6 +28,7 @@ from amberd_process import cleanup_root, make_root
 from second_user import Mal, mal_daemon
 from tools import run
 
+from amber.daemon.oci import digests
 from amber.daemon.oci.digests import row_check
 from amber.daemon.oci.image import export_image, read_image
 from amber.daemon.oci.layer import KnownLayer
@@ -174,3 +175,12 @@ def _drain(fd: int) -> bytes:
         while chunk := f.read(1 << 20):
             parts.append(chunk)
     return b"".join(parts)
+
+
+def test_a_row_is_keyed_by_both_trees_and_the_writers_source(monkeypatch: pytest.MonkeyPatch):
+    a, b = bytes(32), bytes([1]) * 32
+    keys = {digests.layer_key(None, a), digests.layer_key(b, a), digests.layer_key(a, b)}
+    assert len(keys) == 3
+    before = digests.layer_key(b, a)
+    monkeypatch.setattr(digests, "_WRITER", hashlib.sha256(b"another layer writer").digest())
+    assert digests.layer_key(b, a) != before
