@@ -22,6 +22,7 @@ on the daemon's own thread, never under a user's filesystem identity.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import sqlite3
 import time
@@ -79,8 +80,8 @@ class LayerDigests:
         self.path = path
 
     def _connect(self) -> sqlite3.Connection:
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=5)
-        self.path.chmod(0o600)
         conn.execute(_SCHEMA)
         return conn
 
