@@ -184,3 +184,12 @@ def test_a_row_is_keyed_by_both_trees_and_the_writers_source(monkeypatch: pytest
     before = digests.layer_key(b, a)
     monkeypatch.setattr(digests, "_WRITER", hashlib.sha256(b"another layer writer").digest())
     assert digests.layer_key(b, a) != before
+
+
+def test_an_output_sendfile_refuses_gets_plain_writes(store: Store, layers, tmp_path: Path):
+    """sendfile(2) will not write to an O_APPEND file: the copy falls back to read and write."""
+    plain = io.BytesIO()
+    stream_docker_archive(store, layers, CONFIG, plain.write, tag="x:1")
+    with open(tmp_path / "appended.tar", "ab") as f:
+        stream_docker_archive(store, layers, CONFIG, f.write, tag="x:1", copy=file_copier(f))
+    assert (tmp_path / "appended.tar").read_bytes() == plain.getvalue()
