@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import sqlite3
 import stat
 import time
 from pathlib import Path
@@ -29,7 +31,9 @@ from amber.daemon.build.state import BuildStatus, StepStatus
 from amber.daemon.context import DaemonContext
 from amber.daemon.errors import BadArgs, ExportFailed, ImageError, NotFound, PermissionDenied
 from amber.daemon.oci.auth import Credentials, credentials_for, wire_credentials
+from amber.daemon.oci.digests import LayerDigests
 from amber.daemon.oci.image import export_image, is_local_source, read_image
+from amber.daemon.oci.layer import KnownLayer, LayerInfo
 from amber.daemon.oci.registry import push_image
 from amber.daemon.oci.spec import (
     ImageConfig,
@@ -37,8 +41,10 @@ from amber.daemon.oci.spec import (
     display_reference,
     parse_reference,
     qualified_name,
+    rfc3339,
 )
 from amber.daemon.oci.stream import stream_docker_archive
+from amber.daemon.oci.tarstream import file_copier
 from amber.daemon.storage.db import BuildRecord, StepRecord
 from amber.sandbox.asuser import HelperError, User, UserReader
 from amber.sandbox.digest import from_hex
@@ -48,6 +54,7 @@ if TYPE_CHECKING:
     from amber.daemon.api.registry import Api
     from amber.daemon.server import Connection
 
+log = logging.getLogger(__name__)
 LABEL = "org.amber."
 #: The ``auth`` argument: ``{registry host: {username, password}}``, the user's own.
 AUTH_ARG = (dict[str, dict[str, str]] | None, None)
@@ -97,8 +104,18 @@ def image_config(state: FrozenState, history: list[str]) -> ImageConfig:
         LABEL + "user": state.user,
     }
     return ImageConfig(
-        env=dict(state.env), workdir=state.cwd, cmd=["/bin/sh"], labels=labels, history=history
-    )
+        env=dict(state.env), workdir=state.cwd, cmd=["/bin/sh"], labels=labels, history=history,
+        created=rfc3339(state_time(state)),
+    )  # fmt: skip
+
+
+def state_time(state: FrozenState) -> float:
+    """When the exported state came to be: the image's ``created``, so that
+    exporting the same state twice writes the same bytes."""
+    step, build = state.step, state.build
+    if step.started is not None:
+        return step.started + (0 if state.before else step.seconds or 0)
+    return build.finished or build.created
 
 
 @operation(
@@ -183,9 +200,11 @@ async def export_state(
     layers, history = image_layers(ctx, state)
     config = image_config(state, history)
     ref = f"amber/{state.build.id}:{state.step.name}{'-before' if state.before else ''}"
-    note = None
-    if state.build.base == "host":
-        note = "the host base's system directories (/usr, /etc, ...) are bound at run time and not in the image"
+    note = ("the host base's system directories (/usr, /etc, ...) are bound at run time and not in the image"
+            if state.build.base == "host" else None)  # fmt: skip
+    digests = LayerDigests(ctx.config.state_dir / "layer-digests.db")
+    known = _known_layers(digests, layers) if push is None else {}
+    written: list[LayerInfo] = []
 
     def work() -> dict[str, Any]:
         # A temp root for the export's life, taken before the presence check:
@@ -205,14 +224,17 @@ async def export_state(
             if stream_fd is not None:
                 name = tag or qualified_name(display_reference(ref))
                 with open(stream_fd, "wb", buffering=1 << 20, closefd=False) as f:
-                    streamed = stream_docker_archive(ctx.store, layers, config, f.write, tag=name)
+                    streamed = stream_docker_archive(ctx.store, layers, config, f.write, tag=name,
+                                                     copy=file_copier(f), known=known)  # fmt: skip
+                written.extend(streamed.infos)
                 return {"name": name, "digest": streamed.config_digest, "layers": streamed.layers,
                         "size": streamed.size}  # fmt: skip
             assert output is not None
             if not os.path.isabs(output):
                 raise BadArgs(f"output must be an absolute path, got {output!r}")
             with filesystem_identity(uid, gid):
-                result = export_image(ctx.store, layers, config, Path(output), fmt, ref=ref)  # type: ignore[arg-type]
+                result = export_image(ctx.store, layers, config, Path(output), fmt, ref=ref, known=known)  # type: ignore[arg-type]  # fmt: skip
+            written.extend(result.layers)
             return {"path": str(result.path), "digest": result.manifest_digest, "layers": len(layers),
                     "size": result.size, "name": result.name}  # fmt: skip
         except BrokenPipeError:
@@ -223,9 +245,31 @@ async def export_state(
             raise ExportFailed(str(exc)) from None
 
     result = await trio.to_thread.run_sync(work)
+    if written:
+        _remember_layers(digests, layers, written)
     if note:
         result["note"] = note
     return result
+
+
+def _known_layers(
+    digests: LayerDigests, layers: list[tuple[bytes | None, bytes]]
+) -> dict[tuple[bytes | None, bytes], KnownLayer]:
+    """The digests of layers exported before; none if the table cannot be read."""
+    try:
+        return digests.lookup(layers)
+    except (sqlite3.Error, OSError) as exc:
+        log.warning("layer digests unreadable, hashing every layer: %s", exc)
+        return {}
+
+
+def _remember_layers(
+    digests: LayerDigests, layers: list[tuple[bytes | None, bytes]], infos: list[LayerInfo]
+) -> None:
+    try:
+        digests.remember(layers, infos)
+    except (sqlite3.Error, OSError) as exc:
+        log.warning("layer digests not recorded: %s", exc)
 
 
 @operation(source=str, insecure=(bool, False), auth=AUTH_ARG)
