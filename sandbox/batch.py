@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .fileio import syncfs
@@ -46,8 +45,8 @@ class Batch:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
         return fd, path
 
-    def add(self, temp_path: str, final: Path, size: int) -> None:
-        self._pending.append((temp_path, str(final)))
+    def add(self, temp_path: str, final: str, size: int) -> None:
+        self._pending.append((temp_path, final))
         self.written += 1
         self.bytes_written += size
 
@@ -60,12 +59,17 @@ class Batch:
             return True
         return False
 
-    def adopt_blob(self, temp_path: str, digest: bytes, size: int) -> None:
-        """Keep the temp file as blob ``digest``, unless the store or this batch has it."""
-        if self.has_blob(digest):
+    def adopt_blob(self, temp_path: str, digest: bytes, size: int, *, absent: bool = False) -> None:
+        """Keep the temp file as blob ``digest``, unless the store or this batch has it.
+
+        ``absent``: the caller's ``has_blob`` said no just before (one stat
+        less a blob; should another writer store it meanwhile, the rename
+        replaces it with the same bytes).
+        """
+        if not absent and self.has_blob(digest):
             self.discard(temp_path)
         else:
-            self.add(temp_path, self._store.blob_path(digest), size)
+            self.add(temp_path, self._store.blob_file(digest), size)
             self.pending_blobs.add(digest)
 
     def discard(self, temp_path: str) -> None:

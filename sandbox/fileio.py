@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import threading
 from collections.abc import Iterator
 
 from .digest import CHUNK, new_hasher
@@ -21,6 +22,26 @@ def syncfs(fd: int) -> None:
     if _libc.syncfs(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def start_syncfs(path: bytes | str) -> threading.Thread:
+    """syncfs(2) of ``path``'s filesystem on a thread of its own; join it to wait.
+
+    For writes someone else made that a later syncfs would otherwise wait
+    for: started early, their I/O overlaps the caller's work (ctypes drops
+    the GIL). Failures are left to that later syncfs, which reports them.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def flush() -> None:
+        try:
+            _libc.syncfs(fd)
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=flush, name="syncfs", daemon=True)
+    thread.start()
+    return thread
 
 
 def read_small(path: str) -> bytes:

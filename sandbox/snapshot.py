@@ -19,11 +19,12 @@ upper files across the snapshots of one mount.
 from __future__ import annotations
 
 import os
-import stat
 import time
 from dataclasses import dataclass
+from stat import S_ISCHR, S_ISDIR, S_ISREG
 
 from . import tree as treefmt
+from .fileio import start_syncfs
 from .importer import EntryMaker, list_xattrs
 from .store import Store
 from .tree import Entry
@@ -72,15 +73,25 @@ class Snapshotter:
     def snapshot(self) -> tuple[bytes, SnapshotStats]:
         started = time.monotonic()
         self._count_trees_written = 0
-        with self.store.batch() as batch:
-            maker = EntryMaker(
-                self.store,
-                batch,
-                ids=self.ids,
-                hash_cache=self._hash_cache,
-                label_suffix=self._label_suffix,
-            )
-            digest = self._merge(maker, self.base, self.upper, b"", b"")
+        # What the step wrote is still dirty in the upper. On the store's
+        # filesystem the batch's syncfs would write it all out after the
+        # walk; flushed from the start, that I/O overlaps the walk instead.
+        flush = start_syncfs(self.upper) if self._upper_on_store_fs() else None
+        try:
+            with self.store.batch() as batch:
+                maker = EntryMaker(
+                    self.store,
+                    batch,
+                    ids=self.ids,
+                    hash_cache=self._hash_cache,
+                    label_suffix=self._label_suffix,
+                )
+                digest = self._merge(maker, self.base, self.upper, b"", b"")
+                if flush is not None:
+                    flush.join()
+        finally:
+            if flush is not None:
+                flush.join()
         stats = SnapshotStats(
             trees_written=self._count_trees_written,
             blobs_written=batch.written - self._count_trees_written,
@@ -89,6 +100,9 @@ class Snapshotter:
             seconds=time.monotonic() - started,
         )
         return digest, stats
+
+    def _upper_on_store_fs(self) -> bool:
+        return os.stat(self.upper).st_dev == os.stat(self.store.tmp_dir).st_dev
 
     def _lower_dir(self, lower_path: bytes) -> bytes | None:
         if not lower_path:
@@ -107,44 +121,82 @@ class Snapshotter:
         merged: dict[bytes, Entry] = {}
         if lower is not None:
             merged = {e.name: e for e in self.store.get_tree(lower)}
-        with os.scandir(upper) as it:
-            children = sorted(it, key=lambda d: d.name)
-        for child in children:
-            name = child.name
-            st = child.stat(follow_symlinks=False)
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                merged.pop(name, None)  # whiteout
-                continue
-            child_rel = rel + name
-            if stat.S_ISDIR(st.st_mode):
-                child_lower, child_lower_path = self._dir_origin(
-                    child.path, merged.get(name), lower_path, name
-                )
-                ref = self._merge(
-                    maker, child_lower, child.path, child_rel + b"/", child_lower_path
-                )
-                merged[name] = maker.entry(child.path, child_rel, name, st, ref)
-            elif stat.S_ISREG(st.st_mode):
-                names = list_xattrs(child.path)
-                if METACOPY in names:
-                    merged[name] = self._metacopy_entry(
-                        maker, child.path, child_rel, name, st, lower_path, merged.get(name)
-                    )
-                else:
-                    merged[name] = maker.entry(child.path, child_rel, name, st, xattr_names=names)
+        names = os.listdir(upper)
+        names.sort()  # hard-link labels are the first path in this order
+        prefix = upper + b"/"
+        plain_file = maker.plain_file
+        # This loop runs once a file of a step's output: a regular file
+        # without xattrs, nearly every one, costs an lstat, a listxattr and
+        # a tuple; everything else goes through _other.
+        for name in names:
+            path = prefix + name
+            st = os.lstat(path)
+            xattrs = None
+            if S_ISREG(st.st_mode):
+                try:
+                    xattrs = os.listxattr(path, follow_symlinks=False)
+                except OSError:
+                    xattrs = []
+                if not xattrs:
+                    merged[name] = plain_file(path, rel, name, st)
+                    continue
+            entry = self._other(maker, path, rel, name, st, xattrs, merged.get(name), lower_path)
+            if entry is None:
+                merged.pop(name, None)
             else:
-                merged[name] = maker.entry(child.path, child_rel, name, st)
-        entries = [merged[n] for n in sorted(merged)]
+                merged[name] = entry
+        # Without a lower tree the names came in sorted and stayed so.
+        entries = list(merged.values()) if lower is None else [merged[n] for n in sorted(merged)]
         digest, written = self.store.add_tree(entries, maker.batch)
         self._count_trees_written += written
         return digest
 
+    def _other(
+        self,
+        maker: EntryMaker,
+        path: bytes,
+        rel: bytes,
+        name: bytes,
+        st: os.stat_result,
+        xattrs: list[str] | None,
+        lower_entry: Entry | None,
+        lower_path: bytes,
+    ) -> Entry | None:
+        """The entry for anything but a plain new file (None: a whiteout).
+
+        ``xattrs``: a regular file's xattr names, listed already.
+        """
+        mode = st.st_mode
+        child_rel = rel + name
+        if xattrs is not None:
+            if METACOPY in xattrs:
+                return self._metacopy_entry(
+                    maker, path, child_rel, name, st, lower_path, lower_entry
+                )
+            return maker.entry(path, child_rel, name, st, xattr_names=xattrs)
+        if S_ISDIR(mode):
+            names = list_xattrs(path)
+            child_lower, child_lower_path = self._dir_origin(
+                path, names, lower_entry, lower_path, name
+            )
+            ref = self._merge(maker, child_lower, path, child_rel + b"/", child_lower_path)
+            return maker.entry(path, child_rel, name, st, ref, xattr_names=names)
+        if S_ISCHR(mode) and st.st_rdev == 0:
+            return None  # whiteout
+        return maker.entry(path, child_rel, name, st)
+
     def _dir_origin(
-        self, path: bytes, lower_entry: Entry | None, parent_lower: bytes, name: bytes
+        self,
+        path: bytes,
+        xattrs: list[str],
+        lower_entry: Entry | None,
+        parent_lower: bytes,
+        name: bytes,
     ) -> tuple[bytes | None, bytes]:
-        if _xattr(path, OPAQUE) == b"y":
+        """The lower tree a directory merges with, and its path in the base."""
+        if OPAQUE in xattrs and _xattr(path, OPAQUE) == b"y":
             return None, b""
-        redirect = _xattr(path, REDIRECT)
+        redirect = _xattr(path, REDIRECT) if REDIRECT in xattrs else None
         if redirect:
             source = _redirect_source(redirect, parent_lower)
             return self._lower_dir(source), source

@@ -145,7 +145,11 @@ class Store:
     # -- paths and presence -------------------------------------------------
 
     def blob_path(self, digest: bytes) -> Path:
-        return Path(_shard_str(self._blob_dir_s, digest))
+        return Path(self.blob_file(digest))
+
+    def blob_file(self, digest: bytes) -> str:
+        """``blob_path`` as a string: a batch names one a new blob, so no Path."""
+        return _shard_str(self._blob_dir_s, digest)
 
     def tree_path(self, digest: bytes) -> Path:
         return Path(_shard_str(self._tree_dir_s, digest))
@@ -230,7 +234,7 @@ class Store:
                 write_all(fd, data)
             finally:
                 os.close(fd)
-            batch.adopt_blob(temp, digest, len(data))
+            batch.adopt_blob(temp, digest, len(data), absent=True)
         return digest
 
     def put_blob_fd(self, src: int, size: int, batch: Batch) -> bytes:
@@ -294,7 +298,7 @@ class Store:
             write_all(fd, data)
         finally:
             os.close(fd)
-        batch.add(temp, self.tree_path(digest), len(data))
+        batch.add(temp, _shard_str(self._tree_dir_s, digest), len(data))
 
     def get_tree(self, digest: bytes) -> list[Entry]:
         cached = self._trees.get(digest)

@@ -108,13 +108,14 @@ def kind_of_mode(st_mode: int) -> int:
 
 
 def encode(entries: list[Entry]) -> bytes:
-    """Canonical bytes of a directory. ``entries`` must be sorted by name."""
-    rows = [
-        [e.name, e.kind, e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.ref, e.rdev,
-         [list(x) for x in e.xattrs] if e.xattrs else [], e.link]
-        for e in entries
-    ]  # fmt: skip
-    return msgpack.packb([FORMAT, rows], use_bin_type=True)
+    """Canonical bytes of a directory. ``entries`` must be sorted by name.
+
+    msgpack packs a tuple as the array a list would be, so an ``Entry`` is
+    its own row and its ``xattrs`` pairs their arrays: one C call for the
+    whole directory, no row built in Python (a snapshot encodes 20,000 new
+    files this way; tests/test_snapshot.py holds digests from before).
+    """
+    return msgpack.packb([FORMAT, entries], use_bin_type=True)
 
 
 #: Whether ``decode`` should build the entry of a row, from its kind and mode.
