@@ -49,6 +49,7 @@ def read_xattrs(path: bytes, names: list[str] | None = None) -> tuple[tuple[byte
 #: ``Entry`` from a tuple of all its fields without the named tuple's
 #: Python-level ``__new__`` (half an entry's cost in a snapshot's loop).
 _new_entry = tuple.__new__
+_FILE = treefmt.FILE
 
 
 class _TreeIds(dict[int, int]):
@@ -156,14 +157,17 @@ class EntryMaker:
         digest, the link label (``rel_dir + name``) when linked, one tuple.
         """
         size = st.st_size
-        ref = self._file_digest(path, st) if size else self._empty_blob()
+        if size:
+            ref = self._file_digest(path, st)
+        else:
+            ref = EMPTY if self._empty_stored else self._empty_blob()
         link = None
         if st.st_nlink > 1:
             link = self.link_label((st.st_dev, st.st_ino), rel_dir + name)
         tree_id = self._tree_ids
         return _new_entry(
             Entry,
-            (name, treefmt.FILE, st.st_mode & 0o7777, tree_id[st.st_uid], tree_id[st.st_gid],
+            (name, _FILE, st.st_mode & 0o7777, tree_id[st.st_uid], tree_id[st.st_gid],
              st.st_mtime_ns, size, ref, 0, (), link),
         )  # fmt: skip
 

@@ -19,6 +19,7 @@ upper files across the snapshots of one mount.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 from stat import S_ISCHR, S_ISDIR, S_ISREG
@@ -33,6 +34,10 @@ from .userns import IdMap
 OPAQUE = "trusted.overlay.opaque"
 REDIRECT = "trusted.overlay.redirect"
 METACOPY = "trusted.overlay.metacopy"
+
+
+#: Names an upper must hold before its snapshot flushes it early (``_listed_names``).
+FLUSH_EARLY_AFTER = 1000
 
 
 class SnapshotError(Exception):
@@ -69,14 +74,14 @@ class Snapshotter:
         # digest, so they never take the label of a base group they did not
         # join (which would merge two inodes with equal content and metadata).
         self._label_suffix = b"//" + base.hex()[:32].encode()
+        self._listed = 0  # names the walk has listed so far
+        self._flush: threading.Thread | None = None
 
     def snapshot(self) -> tuple[bytes, SnapshotStats]:
         started = time.monotonic()
         self._count_trees_written = 0
-        # What the step wrote is still dirty in the upper. On the store's
-        # filesystem the batch's syncfs would write it all out after the
-        # walk; flushed from the start, that I/O overlaps the walk instead.
-        flush = start_syncfs(self.upper) if self._upper_on_store_fs() else None
+        self._listed = 0
+        self._flush = None
         try:
             with self.store.batch() as batch:
                 maker = EntryMaker(
@@ -87,11 +92,11 @@ class Snapshotter:
                     label_suffix=self._label_suffix,
                 )
                 digest = self._merge(maker, self.base, self.upper, b"", b"")
-                if flush is not None:
-                    flush.join()
+                if self._flush is not None:
+                    self._flush.join()
         finally:
-            if flush is not None:
-                flush.join()
+            if self._flush is not None:
+                self._flush.join()
         stats = SnapshotStats(
             trees_written=self._count_trees_written,
             blobs_written=batch.written - self._count_trees_written,
@@ -101,7 +106,23 @@ class Snapshotter:
         )
         return digest, stats
 
-    def _upper_on_store_fs(self) -> bool:
+    def _listed_names(self, upper: bytes) -> list[bytes]:
+        """The names in upper directory ``upper``, sorted; may start the early flush.
+
+        What the step wrote is still dirty in the upper. On the store's
+        filesystem the batch's syncfs would write it all out after the walk;
+        flushed from the moment the walk has met ``FLUSH_EARLY_AFTER``
+        names, that I/O overlaps the rest of the walk instead. (A small
+        upper is not worth a flush the batch may not even need.)
+        """
+        names = os.listdir(upper)
+        names.sort()  # hard-link labels are the first path in this order
+        self._listed += len(names)
+        if self._flush is None and self._listed >= FLUSH_EARLY_AFTER and self._shares_store_fs():
+            self._flush = start_syncfs(self.upper)
+        return names
+
+    def _shares_store_fs(self) -> bool:
         return os.stat(self.upper).st_dev == os.stat(self.store.tmp_dir).st_dev
 
     def _lower_dir(self, lower_path: bytes) -> bytes | None:
@@ -121,20 +142,19 @@ class Snapshotter:
         merged: dict[bytes, Entry] = {}
         if lower is not None:
             merged = {e.name: e for e in self.store.get_tree(lower)}
-        names = os.listdir(upper)
-        names.sort()  # hard-link labels are the first path in this order
+        names = self._listed_names(upper)
         prefix = upper + b"/"
-        plain_file = maker.plain_file
+        plain_file, lstat, listxattr, isreg = maker.plain_file, os.lstat, os.listxattr, S_ISREG
         # This loop runs once a file of a step's output: a regular file
         # without xattrs, nearly every one, costs an lstat, a listxattr and
-        # a tuple; everything else goes through _other.
+        # a tuple (hence the local names); everything else goes through _other.
         for name in names:
             path = prefix + name
-            st = os.lstat(path)
+            st = lstat(path)
             xattrs = None
-            if S_ISREG(st.st_mode):
+            if isreg(st.st_mode):
                 try:
-                    xattrs = os.listxattr(path, follow_symlinks=False)
+                    xattrs = listxattr(path, follow_symlinks=False)
                 except OSError:
                     xattrs = []
                 if not xattrs:
