@@ -92,10 +92,8 @@ class Snapshotter:
                     label_suffix=self._label_suffix,
                 )
                 digest = self._merge(maker, self.base, self.upper, b"", b"")
-                if self._flush is not None:
-                    self._flush.join()
         finally:
-            if self._flush is not None:
+            if self._flush is not None:  # for its fd: the batch's syncfs covered its writes
                 self._flush.join()
         stats = SnapshotStats(
             trees_written=self._count_trees_written,
