@@ -101,9 +101,15 @@ def build_one(ctx: Context, ns: argparse.Namespace, path: str, text: str) -> int
     """Run one build, showing it as it goes; return its exit code."""
     human = ctx.err if ns.json else ctx.out  # with --json, stdout carries JSON only
     view = make_build_view(human, path)
+    args = build_args(ns, path, text)
+    fds: list[int] = []
+    if ns.out_link:  # opened by us, the user: amberd checks out below it, never at a path
+        from ..userfiles import parent_directory
+
+        fds.append(parent_directory(args["out_link"]))
     try:
         conn = ctx.connect()
-        result = follow(conn, conn.request("build", build_args(ns, path, text)), view)
+        result = follow(conn, conn.request("build", args, fds=fds), view)
     except KeyboardInterrupt:
         view.abort()
         raise BuildInterrupted(view.state.build) from None
@@ -122,6 +128,9 @@ def build_one(ctx: Context, ns: argparse.Namespace, path: str, text: str) -> int
                 f"{exc.message} during build {bid}; `amber builds` tells what became of it",
             ) from None
         raise
+    finally:
+        for fd in fds:
+            os.close(fd)
     view.finish(result)
     if ns.export_on_failure == "engine" and result.get("frozen") and result.get("build"):
         with contextlib.suppress(AmberError):  # said already; the build's outcome stands

@@ -2,8 +2,9 @@
 
 An export's layers are the build's initial tree (base and sources) and one
 layer per step up to the exported state, so ``podman history`` reads like
-the build. Files are written with the client's filesystem identity: a user
-cannot make the root daemon write where they could not.
+the build. ``-o FILE`` is a file the client opened (client/userfiles.py):
+amberd never resolves a path a user named, so a user cannot make it write
+where they could not.
 
 An import turns such an image (or any image) into a frozen build on this
 machine: one step per layer after the first, the last one the failure, so
@@ -13,6 +14,7 @@ machine: one step per layer after the first, the last one the failure, so
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import stat
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from amber.client import __version__
 from amber.daemon.api.operation import operation
 from amber.daemon.build.buildid import make_build_id, safe_name
 from amber.daemon.build.frozen import FrozenState, resolve_state
@@ -136,6 +139,7 @@ async def _export_with(
             "or a stream (--to-engine)",
         )
     stream_fd = _stream_fd(fds) if args["stream"] else None
+    output_fd = _output_fd(fds) if args["output"] is not None else None
     tag = _engine_tag(args["tag"]) if args["tag"] is not None else None
     if tag is not None and stream_fd is None:
         raise BadArgs("a tag goes with a stream (--to-engine)")
@@ -144,7 +148,7 @@ async def _export_with(
     state = resolve_state(api.ctx.db, record, step=args["step"], before=args["before"])
     result = await export_state(api.ctx, state, uid=conn.peer.uid, gid=conn.peer.gid, output=args["output"],
                                 fmt=args["format"], push=args["push"], insecure=args["insecure"],
-                                stream_fd=stream_fd, tag=tag,
+                                stream_fd=stream_fd, output_fd=output_fd, tag=tag,
                                 credentials=request_credentials(args["auth"], args["push"]) if args["push"] else None)  # fmt: skip
     return result
 
@@ -163,6 +167,27 @@ def _stream_fd(fds: list[int]) -> int:
     return fds[0]
 
 
+def _output_fd(fds: list[int]) -> int:
+    """The file ``-o FILE`` names, opened by the client: amberd never looks that path up.
+
+    Root resolving a path the user named would pass directories the user
+    cannot (CAP_SYS_PTRACE and ``/proc/PID/cwd``), whatever its fsuid.
+    """
+    if not fds:
+        raise BadArgs(
+            f"this amberd writes an export only to a file the client opened; upgrade amber "
+            f"(the client) to {__version__}, the daemon's version"
+        )
+    if len(fds) != 1:
+        raise BadArgs(f"an export to a file needs one descriptor, {len(fds)} came")
+    flags = fcntl.fcntl(fds[0], fcntl.F_GETFL)
+    if not stat.S_ISREG(os.fstat(fds[0]).st_mode):
+        raise BadArgs("an export to a file writes to a regular file only")
+    if flags & os.O_ACCMODE == os.O_RDONLY or flags & os.O_APPEND:
+        raise BadArgs("the export's file must be open for writing, and not in append mode")
+    return fds[0]
+
+
 def _engine_tag(tag: str) -> str:
     """The user's ``NAME[:TAG]``, checked: the engine names the loaded image with it."""
     try:
@@ -176,7 +201,7 @@ def _engine_tag(tag: str) -> str:
 
 async def export_state(
     ctx: DaemonContext, state: FrozenState, *, uid: int, gid: int, output: str | None, fmt: str, push: str | None,
-    insecure: bool, stream_fd: int | None = None, tag: str | None = None,
+    insecure: bool, stream_fd: int | None = None, output_fd: int | None = None, tag: str | None = None,
     credentials: Credentials | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Export, push or stream ``state``; shared by ``amber export`` and ``--export-on-failure``."""
@@ -208,12 +233,16 @@ async def export_state(
                     streamed = stream_docker_archive(ctx.store, layers, config, f.write, tag=name)
                 return {"name": name, "digest": streamed.config_digest, "layers": streamed.layers,
                         "size": streamed.size}  # fmt: skip
-            assert output is not None
-            if not os.path.isabs(output):
-                raise BadArgs(f"output must be an absolute path, got {output!r}")
-            with filesystem_identity(uid, gid):
-                result = export_image(ctx.store, layers, config, Path(output), fmt, ref=ref)  # type: ignore[arg-type]
-            return {"path": str(result.path), "digest": result.manifest_digest, "layers": len(layers),
+            if output_fd is not None:  # the client's file; the client names it and renames it
+                with open(output_fd, "wb", buffering=1 << 20, closefd=False) as f:
+                    result = export_image(ctx.store, layers, config, f, fmt, ref=ref)  # type: ignore[arg-type]
+            else:  # --export-on-failure: a path, written as the user (fsuid only)
+                assert output is not None
+                if not os.path.isabs(output):
+                    raise BadArgs(f"output must be an absolute path, got {output!r}")
+                with filesystem_identity(uid, gid):
+                    result = export_image(ctx.store, layers, config, Path(output), fmt, ref=ref)  # type: ignore[arg-type]
+            return {"path": output, "digest": result.manifest_digest, "layers": len(layers),
                     "size": result.size, "name": result.name}  # fmt: skip
         except BrokenPipeError:
             raise ExportFailed("the reader of the stream went away") from None

@@ -79,6 +79,8 @@ class Build:
     groups: tuple[int, ...] = ()
     pin: str | None = None
     out_link: str | None = None
+    #: The out-link's parent directory, opened by the client; closed when the build ends.
+    out_link_dir: int | None = None
     #: Root only: the out-link keeps set-id bits, security.* xattrs and devices.
     out_link_privileged: bool = False
     export_on_failure: str | None = None  # oci | docker-archive | registry

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import trio
 
@@ -79,6 +80,9 @@ class BuildManager:
                     "cancelled before it started" if build.cancelled else "daemon stopped"
                 )
                 state.finish()
+            if build.out_link_dir is not None:
+                os.close(build.out_link_dir)
+                build.out_link_dir = None
             log.info("build %s finished: %s", build.id, build.status)
             # Keep it visible briefly for clients that reattach right away.
             self.nursery.start_soon(self._forget, build.id)
