@@ -76,8 +76,8 @@ class _ModesAsUser:
             self.reader = UserReader(self.user)
         try:
             fd = self.reader.open(str(path), follow_symlinks=True, allow_dir=True)
-        except Unreadable as exc:  # the spec's message, as os.stat's was: "PATH: No such file..."
-            raise OSError(exc.errno, os.strerror(exc.errno)) from None
+        except Unreadable as exc:  # "PATH: No such file or directory" as before, else the helper's
+            raise OSError(exc.errno, os.strerror(exc.errno) if exc.missing else str(exc)) from None
         except WrongKind as exc:
             return exc.mode
         try:

@@ -162,7 +162,10 @@ def _local_source(table: _Table, text: str, doc: _Doc, digest: str | None) -> Pa
     try:
         mode = doc.mode_of(path)
     except OSError as exc:
-        raise table.error("path", f"{path}: {exc.strerror or exc}") from exc
+        problem = exc.strerror or str(exc)  # the helper's names the path already
+        raise table.error(
+            "path", problem if str(path) in problem else f"{path}: {problem}"
+        ) from exc
     if stat.S_ISDIR(mode):
         if digest is not None:
             raise table.error("path", f"{path} is a directory: digests are for files")
