@@ -81,6 +81,33 @@ def test_out_link_through_proc_cwd_is_refused(mal: Mal, victim_drop: tuple[str, 
     assert os.listdir(drop) == []
 
 
+def test_export_on_failure_through_proc_cwd_is_refused(mal: Mal, victim_drop: tuple[str, Path]):
+    cwd, drop = victim_drop
+    spec = mal.write("project/spec.toml", FAILING)
+    code, out = mal.said(
+        "build", "--export-on-failure", "oci", "--export-path", f"{cwd}/x.tar", spec
+    )
+    assert code != 0, out
+    assert "Permission denied" in out, out
+    assert os.listdir(drop) == []
+
+
+def test_mals_own_export_on_failure_still_works(mal: Mal):
+    subprocess.run(["chown", f"{MAL}:{MAL}", mal.home], check=True)
+    spec = mal.write("project/spec.toml", FAILING)
+    os.chown(spec.parent, MAL, MAL)
+    code, out = mal.said(
+        "build", "--export-on-failure", "oci", "--export-path", mal.home / "f.tar", spec
+    )
+    assert code == 1 and "exported the state at failure" in out, out
+    assert os.stat(mal.home / "f.tar").st_uid == MAL
+    code, out = mal.said("build", "--retry-failed", "--export-on-failure", "docker-archive", spec)
+    assert code == 1 and "exported the state at failure" in out, out
+    (made,) = [n for n in os.listdir(spec.parent) if n.endswith(".tar")]  # amber-BUILD.tar
+    assert made.startswith("amber-fds-") and os.stat(spec.parent / made).st_uid == MAL
+    assert [n for n in os.listdir(spec.parent) + os.listdir(mal.home) if n.startswith(".")] == []
+
+
 def test_mals_own_export_and_out_link_still_work(mal: Mal):
     subprocess.run(["chown", f"{MAL}:{MAL}", mal.home], check=True)
     build = failed_build(mal)
@@ -108,6 +135,9 @@ def test_a_client_sending_paths_is_told_to_upgrade(mal: Mal):
         spec = mal.write("project/ok.toml", PASSING)
         with pytest.raises(AmberError, match="upgrade amber"):
             conn.call("build", spec_text=PASSING, spec_path=str(spec), out_link=str(mal.home / "r"))
+        with pytest.raises(AmberError, match="upgrade amber"):
+            conn.call("build", spec_text=FAILING, spec_path=str(spec), export_on_failure="oci",
+                      export_path=str(out))  # fmt: skip
     assert not out.exists() and not (mal.home / "r").exists()
 
 

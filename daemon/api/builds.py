@@ -173,7 +173,7 @@ def _submit(api: Api, conn: Connection, args: dict[str, Any], fds: list[int], sp
             )
         if not args["out_link"]:
             raise BadArgs("--out-link-privileged goes with --out-link PATH")
-    out_link_dir = _out_link_dir(args["out_link"], fds)
+    out_link_dir, export_dir = _request_dirs(args, fds)
     check_limits(spec, api.ctx.config.step_timeout_max)
     return api.manager.submit(
         spec,
@@ -188,32 +188,34 @@ def _submit(api: Api, conn: Connection, args: dict[str, Any], fds: list[int], sp
         out_link_privileged=args["out_link_privileged"],
         export_on_failure=args["export_on_failure"],
         export_path=args["export_path"],
+        export_dir=export_dir,
         export_ref=args["export_ref"],
         **remote_options(args),
     )
 
 
-def _out_link_dir(out_link: str | None, fds: list[int]) -> int | None:
-    """The directory the client opened for ``--out-link``: amberd never looks that path up.
+def _request_dirs(args: dict[str, Any], fds: list[int]) -> tuple[int | None, int | None]:
+    """The directories the client opened: for ``--out-link``, then for the export on failure.
 
-    Root resolving a path the user named would pass directories the user
-    cannot (CAP_SYS_PTRACE and ``/proc/PID/cwd``), whatever its fsuid.
+    amberd never looks a path a user named up: root resolving it would pass
+    directories the user cannot (CAP_SYS_PTRACE and ``/proc/PID/cwd``),
+    whatever its fsuid. The paths sent along only name the entry made there.
     """
-    if out_link is None:
-        if fds:
-            raise BadArgs("a build takes a descriptor only for --out-link")
-        return None
-    if not fds:
+    wanted = [args["out_link"] is not None, args["export_on_failure"] in ("oci", "docker-archive")]
+    if sum(wanted) and not fds:
         raise BadArgs(
-            f"this amberd makes an out-link only in a directory the client opened; upgrade "
-            f"amber (the client) to {__version__}, the daemon's version"
+            f"this amberd writes an out-link or an export only below a directory the client "
+            f"opened; upgrade amber (the client) to {__version__}, the daemon's version"
         )
-    name = os.path.basename(out_link)
-    if len(fds) != 1 or not stat.S_ISDIR(os.fstat(fds[0]).st_mode):
-        raise BadArgs("--out-link needs one descriptor, of the out-link's parent directory")
-    if name in ("", ".", "..") or "/" in name or "\0" in name:
-        raise BadArgs(f"--out-link {out_link!r} names no entry in a directory")
-    return fds[0]
+    if len(fds) != sum(wanted) or not all(stat.S_ISDIR(os.fstat(fd).st_mode) for fd in fds):
+        raise BadArgs(
+            f"a build takes one directory for --out-link and one for --export-path, {len(fds)} came"
+        )
+    for path in (args["out_link"], args["export_path"]):
+        if path is not None and (os.path.basename(path) in ("", ".", "..") or "\0" in path):
+            raise BadArgs(f"{path!r} names no entry in a directory")
+    given = iter(fds)
+    return (next(given) if wanted[0] else None), (next(given) if wanted[1] else None)
 
 
 @operation()

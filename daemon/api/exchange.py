@@ -17,9 +17,9 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import stat
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -32,7 +32,7 @@ from amber.daemon.build.state import BuildStatus, StepStatus
 from amber.daemon.context import DaemonContext
 from amber.daemon.errors import BadArgs, ExportFailed, ImageError, NotFound, PermissionDenied
 from amber.daemon.oci.auth import Credentials, credentials_for, wire_credentials
-from amber.daemon.oci.image import export_image, is_local_source, read_image
+from amber.daemon.oci.image import ExportResult, export_image, is_local_source, read_image
 from amber.daemon.oci.registry import push_image
 from amber.daemon.oci.spec import (
     ImageConfig,
@@ -44,12 +44,14 @@ from amber.daemon.oci.spec import (
 from amber.daemon.oci.stream import stream_docker_archive
 from amber.daemon.storage.db import BuildRecord, StepRecord
 from amber.sandbox.asuser import HelperError, User, UserReader
+from amber.sandbox.beneath import openat2
 from amber.sandbox.digest import from_hex
 from amber.sandbox.fsidentity import filesystem_identity
 
 if TYPE_CHECKING:
     from amber.daemon.api.registry import Api
     from amber.daemon.server import Connection
+    from amber.sandbox.store import Store
 
 LABEL = "org.amber."
 #: The ``auth`` argument: ``{registry host: {username, password}}``, the user's own.
@@ -201,7 +203,8 @@ def _engine_tag(tag: str) -> str:
 
 async def export_state(
     ctx: DaemonContext, state: FrozenState, *, uid: int, gid: int, output: str | None, fmt: str, push: str | None,
-    insecure: bool, stream_fd: int | None = None, output_fd: int | None = None, tag: str | None = None,
+    insecure: bool, stream_fd: int | None = None, output_fd: int | None = None,
+    output_dir: int | None = None, tag: str | None = None,
     credentials: Credentials | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Export, push or stream ``state``; shared by ``amber export`` and ``--export-on-failure``."""
@@ -236,12 +239,12 @@ async def export_state(
             if output_fd is not None:  # the client's file; the client names it and renames it
                 with open(output_fd, "wb", buffering=1 << 20, closefd=False) as f:
                     result = export_image(ctx.store, layers, config, f, fmt, ref=ref)  # type: ignore[arg-type]
-            else:  # --export-on-failure: a path, written as the user (fsuid only)
-                assert output is not None
-                if not os.path.isabs(output):
-                    raise BadArgs(f"output must be an absolute path, got {output!r}")
+            else:  # --export-on-failure: below the directory the client opened, as the user
+                assert output is not None and output_dir is not None
                 with filesystem_identity(uid, gid):
-                    result = export_image(ctx.store, layers, config, Path(output), fmt, ref=ref)  # type: ignore[arg-type]
+                    result = _export_beneath(
+                        ctx.store, layers, config, fmt, ref, output_dir, os.path.basename(output)
+                    )
             return {"path": output, "digest": result.manifest_digest, "layers": len(layers),
                     "size": result.size, "name": result.name}  # fmt: skip
         except BrokenPipeError:
@@ -254,6 +257,26 @@ async def export_state(
     result = await trio.to_thread.run_sync(work)
     if note:
         result["note"] = note
+    return result
+
+
+def _export_beneath(store: Store, layers: list, config: ImageConfig, fmt: str, ref: str, dir_fd: int,
+                    name: str) -> ExportResult:  # fmt: skip
+    """Write the image as ``name`` in ``dir_fd``: aside first, one component, no link followed."""
+    part = f".{name}.{secrets.token_hex(6)}.part"
+    fd = openat2(dir_fd, part, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+    try:
+        with open(fd, "wb", buffering=1 << 20) as f:
+            result = export_image(store, layers, config, f, fmt, ref=ref)  # type: ignore[arg-type]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(
+                name, dir_fd=dir_fd
+            )  # unlinking first spares ext4's flush of data renamed over a file
+        os.rename(part, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(part, dir_fd=dir_fd)
+        raise
     return result
 
 
@@ -341,11 +364,12 @@ async def export_on_failure(ctx: DaemonContext, build) -> None:
     state = resolve_state(ctx.db, record, step=None, before=False)
     how = build.export_on_failure
     output = None
-    if how != "registry":
+    if how != "registry":  # the client opened the directory: export_path's, or the spec's
         output = build.export_path or os.path.join(
             os.path.dirname(build.spec_path), f"amber-{build.id}.tar"
         )
     result = await export_state(ctx, state, uid=build.uid, gid=build.gid, output=output,
+                                output_dir=build.export_dir,
                                 fmt="oci" if how == "registry" else how, push=build.export_ref if how == "registry" else None,
                                 insecure=False)  # fmt: skip
     where = result.get("path") or result.get("ref")

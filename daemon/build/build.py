@@ -85,6 +85,8 @@ class Build:
     out_link_privileged: bool = False
     export_on_failure: str | None = None  # oci | docker-archive | registry
     export_path: str | None = None
+    #: The directory the export on failure goes to, opened by the client; closed when the build ends.
+    export_dir: int | None = None
     export_ref: str | None = None
     #: Per build (``--cache-from``/``--cache-to``/``--no-remote``): overrides [[cache.remote]].
     cache_from: str | None = None

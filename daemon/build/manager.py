@@ -80,9 +80,10 @@ class BuildManager:
                     "cancelled before it started" if build.cancelled else "daemon stopped"
                 )
                 state.finish()
-            if build.out_link_dir is not None:
-                os.close(build.out_link_dir)
-                build.out_link_dir = None
+            for fd in (build.out_link_dir, build.export_dir):
+                if fd is not None:
+                    os.close(fd)
+            build.out_link_dir = build.export_dir = None
             log.info("build %s finished: %s", build.id, build.status)
             # Keep it visible briefly for clients that reattach right away.
             self.nursery.start_soon(self._forget, build.id)
