@@ -368,21 +368,34 @@ def _add_store(commands: _Commands) -> None:
         "store.cmd_image_import",
         "import a root filesystem as a named base",
         'Import SOURCE into the store as NAME, for base = "NAME" in specs.\n'
-        "SOURCE: a directory (dir:PATH) or an OCI archive or layout (oci:PATH).",
+        "SOURCE: a directory (dir:PATH) or an OCI archive or layout (oci:PATH).\n"
+        "Each user has their own names; root's are the shared ones. A spec's\n"
+        "NAME is your own image, else the shared one, never another user's.",
         json=True,
     )
     sub.add_argument("name", metavar="NAME")
     sub.add_argument("source", metavar="SOURCE")
-    images.add("ls", "store.cmd_image_ls", "list named images", json=True)
+    sub.add_argument(
+        "--shared",
+        action="store_true",
+        help="into the shared names every user sees (root and the admin-group)",
+    )
+    ls = "List your images and the shared (root's) ones, with owners; root sees everyone's."
+    images.add("ls", "store.cmd_image_ls", "list named images", ls, json=True)
     sub = images.add(
         "rm",
         "store.cmd_image_rm",
         "forget a named image",
-        "Forget image NAME (its tree stays until gc finds nothing uses it).\n"
+        "Forget your image NAME (its tree stays until gc finds nothing uses it).\n"
         "Refused while a pin or a running build uses it: the message names which.",
         json=True,
     )
     sub.add_argument("name", metavar="NAME")
+    who = sub.add_mutually_exclusive_group()
+    who.add_argument(
+        "--shared", action="store_true", help="the shared (root's) one (root and the admin-group)"
+    )
+    who.add_argument("--user", type=int, metavar="UID", help="user UID's one (root only)")
 
     pins = commands.group_of("pin", "named GC roots: add, rm, ls")
     sub = pins.add(

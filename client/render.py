@@ -408,10 +408,16 @@ def render_images(result: Mapping[str, Any]) -> str:
     if not images:
         return "no images (add one with: amber image import NAME SOURCE)"
     rows = [
-        (i.get("name"), short(i.get("tree")), i.get("source"), format_time(i.get("created")))
+        (
+            i.get("name"),
+            "shared" if i.get("uid") == 0 else user_name(i.get("uid")),
+            short(i.get("tree")),
+            i.get("source"),
+            format_time(i.get("created")),
+        )
         for i in images
     ]
-    return table(("NAME", "TREE", "SOURCE", "CREATED"), rows)
+    return table(("NAME", "OWNER", "TREE", "SOURCE", "CREATED"), rows)
 
 
 def render_pins(result: Mapping[str, Any]) -> str:

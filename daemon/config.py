@@ -60,7 +60,8 @@ class Config:
     admin_group: str | None = _option(
         str,
         "group whose members may, like root, run `amber gc` (other than --dry-run) and "
-        "`amber store fsck --repair`; unset: root only",
+        "`amber store fsck --repair`, and write the shared images (`amber image import --shared`); "
+        "unset: root only",
         default=None,
     )
     jobs: int = _option(

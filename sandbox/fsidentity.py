@@ -49,8 +49,21 @@ def as_store_owner() -> Iterator[None]:
         return
     _libc.setfsuid(0)
     _libc.setfsgid(0)
+    _current.ids = None  # nested: free, and not ended by the inner one
     try:
         yield
     finally:
+        _current.ids = ids
         _libc.setfsgid(ids[1])
         _libc.setfsuid(ids[0])
+
+
+def store_owner_thread() -> None:
+    """Root's file rights for the rest of this thread, one of the store's own.
+
+    Linux keeps the filesystem ids per thread and a new thread starts with
+    its creator's, so a thread started inside ``filesystem_identity`` (the
+    hashing of an export's blobs) would open the store as the user.
+    """
+    _libc.setfsgid(0)
+    _libc.setfsuid(0)

@@ -25,8 +25,16 @@ class Daemon:
     """One amberd process. ``root`` is world-traversable: sandboxes start as
     an unprivileged mapped uid and must reach their root below it."""
 
-    def __init__(self, root: Path, *, jobs: int = 4, extra_env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        jobs: int = 4,
+        extra_env: dict[str, str] | None = None,
+        bin_dir: Path = BIN,
+    ):
         self.root = root
+        self.bin = bin_dir  # another checkout's venv: its amberd and amber (a benchmark's baseline)
         self.state = root / "state"
         self.socket = root / "amberd.sock"
         self.jobs = jobs
@@ -37,7 +45,7 @@ class Daemon:
         self.log = root / "amberd.log"
 
     def start(self, *args: str) -> Daemon:
-        cmd = [str(BIN / "amberd"), "--state-dir", str(self.state), "--socket", str(self.socket),
+        cmd = [str(self.bin / "amberd"), "--state-dir", str(self.state), "--socket", str(self.socket),
                "--jobs", str(self.jobs), "--stop-grace", "2", *args]  # fmt: skip
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
@@ -70,7 +78,7 @@ class Daemon:
         self, *args: str, input: bytes | None = None, timeout: float = 600
     ) -> subprocess.CompletedProcess:
         """Run the real `amber` command against this daemon."""
-        return subprocess.run([str(BIN / "amber"), *args], capture_output=True, env=self.env, input=input,
+        return subprocess.run([str(self.bin / "amber"), *args], capture_output=True, env=self.env, input=input,
                               timeout=timeout)  # fmt: skip
 
     def build_json(self, spec: Path, *extra: str) -> tuple[int, dict]:

@@ -224,13 +224,13 @@ async def test_gc_during_an_image_import_leaves_the_image_whole(tmp_path: Path, 
     resolve and its image record took them (and its own new objects)."""
     ctx = open_context(Config(state_dir=tmp_path / "state"))
     api = Api(ctx, manager=None)  # type: ignore[arg-type]  # image-import needs no manager
-    root = SimpleNamespace(peer=SimpleNamespace(uid=0, gid=0, is_root=True))
+    root = SimpleNamespace(peer=SimpleNamespace(uid=0, gid=0, groups=(), is_root=True))
     for name, only in (("a", b"only in a\n"), ("b", b"only in b\n")):
         (tmp_path / name / "sub").mkdir(parents=True)
         (tmp_path / name / "shared").write_bytes(b"in both images\n" * 100)
         (tmp_path / name / "sub" / "only").write_bytes(only)
-    await image_import(api, root, {"name": "a", "source": f"dir:{tmp_path / 'a'}"})
-    ctx.db.delete_image("a")  # `amber image rm a`: what b shares is now unreferenced
+    await image_import(api, root, {"name": "a", "source": f"dir:{tmp_path / 'a'}", "shared": False})
+    ctx.db.delete_image("a", 0)  # `amber image rm a`: what b shares is now unreferenced
 
     marked = trio.Event()
     reports = []
@@ -254,7 +254,9 @@ async def test_gc_during_an_image_import_leaves_the_image_whole(tmp_path: Path, 
 
     monkeypatch.setattr(images, "resolve_base", resolve_then_gc)
     async with trio.open_nursery() as nursery:
-        reply = await image_import(api, root, {"name": "b", "source": f"dir:{tmp_path / 'b'}"})
+        reply = await image_import(
+            api, root, {"name": "b", "source": f"dir:{tmp_path / 'b'}", "shared": False}
+        )
     assert reports and reports[0].objects > 0  # the gc ran and collected a's leftovers
     tree = bytes.fromhex(reply["tree"])
     assert ctx.store.closure_check().missing([tree]) is None

@@ -89,7 +89,7 @@ def test_every_answer_as_json_with_rfc3339_times(amberd: Daemon):
     (shown,) = amber_json(amberd, "image", "ls")["images"]
     assert shown["name"] == "bb" and shown["tree"] == image["tree"] and a_time(shown["created"])
     removed = amber_json(amberd, "image", "rm", "bb")
-    assert removed == {"name": "bb", "tree": image["tree"], "removed": True}
+    assert removed == {"name": "bb", "uid": 0, "tree": image["tree"], "removed": True}
     assert amber_json(amberd, "image", "ls")["images"] == []
 
 
@@ -130,17 +130,27 @@ def test_builds_all_names_each_builds_user(daemon_root: Path):
         assert rows["roots"] == "root" and rows["theirs"] == "4242"  # no passwd entry: the uid
         mine = d.amber("builds").stdout.decode().splitlines()[0]
         assert "USER" not in mine  # only your own builds: no need to say whose
-        # Another user's image is not theirs to remove.
+        # Root's images are the shared names: a user's own import does not replace them.
         root = d.root / "bb"
         make_busybox_root(root)
         assert d.amber("image", "import", "shared", f"dir:{root}").returncode == 0
         refused = subprocess.run([*user, "image", "rm", "shared"], capture_output=True, env=env)
-        assert refused.returncode == 1 and b"image shared belongs to uid 0" in refused.stderr
-        replaced = subprocess.run(
-            [*user, "image", "import", "shared", f"dir:{theirs}"], capture_output=True, env=env
+        assert refused.returncode == 1 and b"the shared one is root's" in refused.stderr
+        refused = subprocess.run(
+            [*user, "image", "rm", "--shared", "shared"], capture_output=True, env=env
         )
-        assert replaced.returncode == 1 and b"image shared belongs to uid 0" in replaced.stderr
-        (still,) = json.loads(d.amber("image", "ls", "--json").stdout)["images"]
+        assert refused.returncode == 1 and b"only root may remove a shared" in refused.stderr
+        for shared in ([], ["--shared"]):
+            imported = subprocess.run(
+                [*user, "image", "import", *shared, "shared", f"dir:{theirs}"],
+                capture_output=True,
+                env=env,
+            )
+            assert imported.returncode == (1 if shared else 0), imported.stderr
+        assert b"only root may import a shared" in imported.stderr
+        listed = json.loads(d.amber("image", "ls", "--json").stdout)["images"]
+        assert [(i["name"], i["uid"]) for i in listed] == [("shared", 0), ("shared", 4242)]
+        still = listed[0]
         assert still["source"] == f"dir:{root}"
     finally:
         assert d.stop() == 0

@@ -111,15 +111,26 @@ def test_amber_start_up_does_not_load_the_show_module():
     assert out.stdout.strip() == "False"
 
 
-def test_an_older_database_gains_the_new_columns(tmp_path):
-    """A state directory from before steps kept their start and images their owner opens."""
+def _older_database(path, script: str):
+    """The Database on ``path`` after an older amberd's tables, made by ``script``."""
     import sqlite3
 
     from amber.daemon.storage.db import Database
 
-    path = tmp_path / "amber.db"
     old = sqlite3.connect(path)
-    old.executescript(
+    old.executescript(script)
+    old.commit()
+    old.close()
+    return Database(path)
+
+
+def test_an_older_database_gains_the_new_columns(tmp_path):
+    """A state directory from before steps kept their start and images their owner opens."""
+    from amber.daemon.storage.db import Database
+
+    path = tmp_path / "amber.db"
+    db = _older_database(
+        path,
         "CREATE TABLE build_steps (build_id TEXT NOT NULL, idx INTEGER NOT NULL, name TEXT NOT NULL,"
         " key TEXT, status TEXT NOT NULL, exit_code INTEGER, signal INTEGER, seconds REAL,"
         " before_tree TEXT, after_tree TEXT, log TEXT, definition TEXT NOT NULL, note TEXT,"
@@ -128,15 +139,37 @@ def test_an_older_database_gains_the_new_columns(tmp_path):
         " created REAL NOT NULL);"
         "INSERT INTO images VALUES ('old', 'ab', 'dir:/x', 1.0);"
         "INSERT INTO build_steps VALUES ('b', 0, 's', NULL, 'ran', 0, NULL, 1.0, NULL, NULL,"
-        " NULL, '{}', NULL);"
+        " NULL, '{}', NULL);",
     )
-    old.commit()
-    old.close()
-    db = Database(path)
     (step,) = db.get_steps("b")
     assert step.started is None and step.seconds == 1.0
-    assert db.get_image("old")["uid"] is None  # root's, then
+    assert db.get_image("old", 0)["tree"] == "ab"  # root's (shared), then
     db.put_image("new", "cd", "dir:/y", uid=4242)
-    assert db.get_image("new")["uid"] == 4242
+    assert db.get_image("new", 4242)["uid"] == 4242
     db.close()
     Database(path).close()  # a second opening adds nothing twice
+
+
+def test_images_of_one_global_namespace_keep_their_owners_per_user(tmp_path):
+    """Issue 12: a table keyed by name alone becomes (uid, name); rows keep their owner."""
+    from amber.daemon.storage.db import Database
+
+    path = tmp_path / "amber.db"
+    db = _older_database(
+        path,
+        "CREATE TABLE images (name TEXT PRIMARY KEY, tree TEXT NOT NULL, source TEXT NOT NULL,"
+        " created REAL NOT NULL, uid INTEGER);"
+        "INSERT INTO images VALUES ('debian', 'ab', 'dir:/m', 1.0, 4242);"
+        "INSERT INTO images VALUES ('alpine', 'cd', 'dir:/r', 1.0, NULL);",
+    )
+    assert db.get_image("debian", 4242)["tree"] == "ab"
+    assert db.get_image("alpine", 0)["tree"] == "cd"
+    db.put_image("debian", "ef", "dir:/b", uid=4243)  # bob's own, beside mal's
+    assert db.find_image("debian", 4243)["tree"] == "ef"
+    assert db.find_image("debian", 4242)["tree"] == "ab"
+    assert db.find_image("debian", 4244) is None  # never another user's
+    assert db.find_image("alpine", 4244)["tree"] == "cd"  # the shared one
+    db.close()
+    db = Database(path)  # a second opening migrates nothing twice
+    assert len(db.list_images()) == 3
+    db.close()

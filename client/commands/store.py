@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 
 def cmd_image_import(ctx: Context, ns: argparse.Namespace) -> int:
-    result = ctx.call("image-import", {"name": ns.name, "source": local_source(ns.source)})
+    args = {"name": ns.name, "source": local_source(ns.source)}
+    result = ctx.call("image-import", {**args, "shared": True} if ns.shared else args)
     if printed_json(ctx, ns, result):
         return EXIT_OK
     ctx.print(f"imported {result.get('name', ns.name)}: tree {result.get('tree')}")
@@ -29,7 +30,8 @@ def cmd_image_ls(ctx: Context, ns: argparse.Namespace) -> int:
 
 
 def cmd_image_rm(ctx: Context, ns: argparse.Namespace) -> int:
-    result = ctx.call("image-rm", {"name": ns.name})
+    args = {"name": ns.name, "shared": ns.shared, "user": ns.user}
+    result = ctx.call("image-rm", {k: v for k, v in args.items() if v not in (None, False)})
     if not printed_json(ctx, ns, result):
         ctx.print(f"removed image {ns.name}; the next gc may collect its tree")
     return EXIT_OK

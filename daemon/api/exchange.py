@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import secrets
+import sqlite3
 import stat
 import time
 from typing import TYPE_CHECKING, Any
@@ -32,7 +34,9 @@ from amber.daemon.build.state import BuildStatus, StepStatus
 from amber.daemon.context import DaemonContext
 from amber.daemon.errors import BadArgs, ExportFailed, ImageError, NotFound, PermissionDenied
 from amber.daemon.oci.auth import Credentials, credentials_for, wire_credentials
+from amber.daemon.oci.digests import LayerDigests
 from amber.daemon.oci.image import ExportResult, export_image, is_local_source, read_image
+from amber.daemon.oci.layer import KnownLayer, LayerInfo
 from amber.daemon.oci.registry import push_image
 from amber.daemon.oci.spec import (
     ImageConfig,
@@ -40,8 +44,10 @@ from amber.daemon.oci.spec import (
     display_reference,
     parse_reference,
     qualified_name,
+    rfc3339,
 )
 from amber.daemon.oci.stream import stream_docker_archive
+from amber.daemon.oci.tarstream import file_copier
 from amber.daemon.storage.db import BuildRecord, StepRecord
 from amber.sandbox.asuser import HelperError, User, UserReader
 from amber.sandbox.beneath import openat2
@@ -49,10 +55,13 @@ from amber.sandbox.digest import from_hex
 from amber.sandbox.fsidentity import filesystem_identity
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from amber.daemon.api.registry import Api
     from amber.daemon.server import Connection
     from amber.sandbox.store import Store
 
+log = logging.getLogger(__name__)
 LABEL = "org.amber."
 #: The ``auth`` argument: ``{registry host: {username, password}}``, the user's own.
 AUTH_ARG = (dict[str, dict[str, str]] | None, None)
@@ -102,8 +111,18 @@ def image_config(state: FrozenState, history: list[str]) -> ImageConfig:
         LABEL + "user": state.user,
     }
     return ImageConfig(
-        env=dict(state.env), workdir=state.cwd, cmd=["/bin/sh"], labels=labels, history=history
-    )
+        env=dict(state.env), workdir=state.cwd, cmd=["/bin/sh"], labels=labels, history=history,
+        created=rfc3339(state_time(state)),
+    )  # fmt: skip
+
+
+def state_time(state: FrozenState) -> float:
+    """When the exported state came to be: the image's ``created``, so that
+    exporting the same state twice writes the same bytes."""
+    step, build = state.step, state.build
+    if step.started is not None:
+        return step.started + (0 if state.before else step.seconds or 0)
+    return build.finished or build.created
 
 
 @operation(
@@ -211,9 +230,11 @@ async def export_state(
     layers, history = image_layers(ctx, state)
     config = image_config(state, history)
     ref = f"amber/{state.build.id}:{state.step.name}{'-before' if state.before else ''}"
-    note = None
-    if state.build.base == "host":
-        note = "the host base's system directories (/usr, /etc, ...) are bound at run time and not in the image"
+    note = ("the host base's system directories (/usr, /etc, ...) are bound at run time and not in the image"
+            if state.build.base == "host" else None)  # fmt: skip
+    digests = LayerDigests(ctx.config.state_dir / "layer-digests.db")
+    known = _known_layers(digests, layers) if push is None else {}
+    written: list[LayerInfo] = []
 
     def work() -> dict[str, Any]:
         # A temp root for the export's life, taken before the presence check:
@@ -233,18 +254,20 @@ async def export_state(
             if stream_fd is not None:
                 name = tag or qualified_name(display_reference(ref))
                 with open(stream_fd, "wb", buffering=1 << 20, closefd=False) as f:
-                    streamed = stream_docker_archive(ctx.store, layers, config, f.write, tag=name)
+                    streamed = stream_docker_archive(ctx.store, layers, config, f.write, tag=name,
+                                                     copy=file_copier(f), known=known)  # fmt: skip
+                written.extend(streamed.infos)
                 return {"name": name, "digest": streamed.config_digest, "layers": streamed.layers,
                         "size": streamed.size}  # fmt: skip
             if output_fd is not None:  # the client's file; the client names it and renames it
                 with open(output_fd, "wb", buffering=1 << 20, closefd=False) as f:
-                    result = export_image(ctx.store, layers, config, f, fmt, ref=ref)  # type: ignore[arg-type]
+                    result = export_image(ctx.store, layers, config, f, fmt, ref=ref, known=known)  # type: ignore[arg-type]
             else:  # --export-on-failure: below the directory the client opened, as the user
                 assert output is not None and output_dir is not None
                 with filesystem_identity(uid, gid):
-                    result = _export_beneath(
-                        ctx.store, layers, config, fmt, ref, output_dir, os.path.basename(output)
-                    )
+                    result = _export_beneath(ctx.store, layers, config, fmt, ref, known, output_dir,
+                                             os.path.basename(output))  # fmt: skip
+            written.extend(result.layers)
             return {"path": output, "digest": result.manifest_digest, "layers": len(layers),
                     "size": result.size, "name": result.name}  # fmt: skip
         except BrokenPipeError:
@@ -255,23 +278,44 @@ async def export_state(
             raise ExportFailed(str(exc)) from None
 
     result = await trio.to_thread.run_sync(work)
+    if written:
+        _remember_layers(digests, layers, written)
     if note:
         result["note"] = note
     return result
 
 
-def _export_beneath(store: Store, layers: list, config: ImageConfig, fmt: str, ref: str, dir_fd: int,
-                    name: str) -> ExportResult:  # fmt: skip
+def _known_layers(
+    digests: LayerDigests, layers: list[tuple[bytes | None, bytes]]
+) -> dict[tuple[bytes | None, bytes], KnownLayer]:
+    """The digests of layers exported before; none if the table cannot be read."""
+    try:
+        return digests.lookup(layers)
+    except (sqlite3.Error, OSError) as exc:
+        log.warning("layer digests unreadable, hashing every layer: %s", exc)
+        return {}
+
+
+def _remember_layers(
+    digests: LayerDigests, layers: list[tuple[bytes | None, bytes]], infos: list[LayerInfo]
+) -> None:
+    try:
+        digests.remember(layers, infos)
+    except (sqlite3.Error, OSError) as exc:
+        log.warning("layer digests not recorded: %s", exc)
+
+
+def _export_beneath(store: Store, layers: list, config: ImageConfig, fmt: str, ref: str,
+                    known: Mapping[Any, KnownLayer], dir_fd: int, name: str) -> ExportResult:  # fmt: skip
     """Write the image as ``name`` in ``dir_fd``: aside first, one component, no link followed."""
     part = f".{name}.{secrets.token_hex(6)}.part"
     fd = openat2(dir_fd, part, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
     try:
         with open(fd, "wb", buffering=1 << 20) as f:
-            result = export_image(store, layers, config, f, fmt, ref=ref)  # type: ignore[arg-type]
+            result = export_image(store, layers, config, f, fmt, ref=ref, known=known)  # type: ignore[arg-type]
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(
-                name, dir_fd=dir_fd
-            )  # unlinking first spares ext4's flush of data renamed over a file
+            # Unlinking first spares ext4's flush of data renamed over a file.
+            os.unlink(name, dir_fd=dir_fd)
         os.rename(part, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):

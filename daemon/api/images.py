@@ -1,10 +1,10 @@
 """Named base images: ``image-import``, ``image-ls``, ``image-rm``.
 
-A name belongs to the uid that imported it (or root, for images imported
-before amber recorded who did); only that uid or root may replace or forget
-it. Forgetting keeps the tree in the store until GC finds nothing else uses it.
-Names are one namespace: any user may build on any image they can name, but
-``image-ls`` lists another user's only to root.
+Each user has a namespace of their own, and root's is the shared one: a name
+means the user's own image, else root's, never another user's, so nobody can
+squat a name another user builds on, or learn that they have one. Root (and,
+with ``--shared``, members of the ``admin-group``) write the shared namespace.
+Forgetting keeps the tree in the store until GC finds nothing else uses it.
 """
 
 from __future__ import annotations
@@ -25,18 +25,24 @@ if TYPE_CHECKING:
     from amber.daemon.storage.roots import Hold
 
 
-@operation(name=str, source=str)
+def _namespace(api: Api, conn: Connection, shared: bool, user: int | None, what: str) -> int:
+    """The uid whose names ``what`` writes: the caller's own, the shared (0) or, for root, ``user``'s."""
+    if user is not None:
+        if not conn.peer.is_root:
+            raise PermissionDenied(f"only root may {what} another user's image")
+        return user
+    if shared:
+        api.require_admin(conn, f"{what} a shared image", "yours go without --shared")
+        return 0
+    return conn.peer.uid
+
+
+@operation(name=str, source=str, shared=(bool, False))
 async def image_import(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
     name, source = args["name"], args["source"]
     if not name or name.startswith(("dir:", "oci:", "tree:")) or name == "host" or "\0" in name:
         raise BadArgs(f"image name {name!r} is reserved or empty")
-    existing = api.ctx.db.get_image(name)
-    if existing is not None and not conn.peer.is_root and existing.get("uid") != conn.peer.uid:
-        owner = existing.get("uid")
-        raise PermissionDenied(
-            f"image {name} belongs to {'root' if owner is None else f'uid {owner}'}; "
-            "import yours under another name",
-        )
+    owner = _namespace(api, conn, args["shared"], None, "import")
     if ":" not in source.split("/", 1)[0]:
         source = ("dir:" if os.path.isdir(source) else "oci:") + source
 
@@ -63,47 +69,53 @@ async def image_import(api: Api, conn: Connection, args: dict[str, Any]) -> dict
     # store has until the image record keeps it: a GC meanwhile leaves it.
     with api.ctx.roots.writer(f"image import {name}") as writer:
         tree = await trio.to_thread.run_sync(work, writer)
-        api.ctx.db.put_image(name, tree.hex(), source, uid=conn.peer.uid)
-    return {"name": name, "tree": tree.hex()}
+        api.ctx.db.put_image(name, tree.hex(), source, uid=owner)
+    return {"name": name, "tree": tree.hex(), "uid": owner}
 
 
 @operation()
 async def image_ls(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-    """Every image for root; for anyone else theirs and root's (the shared ones, which
-    every user builds on), not another user's."""
+    """Every image (with its owner) for root; for anyone else theirs and root's (the
+    shared ones), not another user's."""
     images = api.ctx.db.list_images()
-    return {"images": [i for i in images if i.get("uid") in (None, 0) or api.owns(conn, i["uid"])]}
+    return {"images": [i for i in images if i["uid"] == 0 or api.owns(conn, i["uid"])]}
 
 
-@operation(name=str)
+@operation(name=str, shared=(bool, False), user=(int | None, None))
 async def image_rm(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-    """Forget a named image, unless a pin or a live build still uses it.
-
-    Only the user who imported it (or root) may; images imported before
-    amber recorded who did are root's. The tree stays in the store until GC
-    finds nothing else keeps it.
+    """Forget a named image of the caller's namespace (``shared``: root's; ``user``: for
+    root, that uid's), unless a pin or a live build still uses it. The tree stays in
+    the store until GC finds nothing else keeps it.
     """
     db, name = api.ctx.db, args["name"]
-    image = db.get_image(name)
+    owner = _namespace(api, conn, args["shared"], args["user"], "remove")
+    image = db.get_image(name, owner)
     if image is None:
-        raise NotFound(f"no image {name!r} (see `amber image ls`)")
-    owner = image.get("uid")
-    if not conn.peer.is_root and owner != conn.peer.uid:
-        who = "root" if owner is None else f"uid {owner}"
-        raise PermissionDenied(f"image {name} belongs to {who}")
+        where = "among the shared ones" if owner == 0 else "of yours"
+        if owner not in (0, conn.peer.uid):
+            where = f"of uid {owner}"
+        elif owner != 0 and db.get_image(name, 0) is not None:
+            where += " (the shared one is root's: --shared)"
+        raise NotFound(f"no image {name!r} {where} (see `amber image ls`)")
     for build in api.manager.running():
-        if str(build.spec.base) == name:
+        if str(build.spec.base) == name and _resolves(api, build.uid, name, owner):
             raise Busy(f"image {name} is the base of build {build.id}, which is {build.status}")
-    pin = _pin_using(api, name, image["tree"])
+    pin = _pin_using(api, name, owner, image["tree"])
     if pin is not None:
         raise Busy(
             f"image {name} is used by pin {pin[0]} ({pin[1]}); `amber pin rm {pin[0]}` first",
         )
-    db.delete_image(name)
-    return {"name": name, "tree": image["tree"], "removed": True}
+    db.delete_image(name, owner)
+    return {"name": name, "uid": owner, "tree": image["tree"], "removed": True}
 
 
-def _pin_using(api: Api, name: str, tree: str) -> tuple[str, str] | None:
+def _resolves(api: Api, uid: int, name: str, owner: int) -> bool:
+    """Whether ``name`` in a spec of ``uid`` means ``owner``'s image."""
+    image = api.ctx.db.find_image(name, uid)
+    return image is not None and image["uid"] == owner
+
+
+def _pin_using(api: Api, name: str, owner: int, tree: str) -> tuple[str, str] | None:
     """A pin holding the image's tree, or a build made on it: (pin name, its target)."""
     db = api.ctx.db
     for pin in db.list_pins():
@@ -112,6 +124,6 @@ def _pin_using(api: Api, name: str, tree: str) -> tuple[str, str] | None:
             return pin.name, pin.target
         for build_id in roots.get("builds", ()):
             record: BuildRecord | None = db.get_build(build_id)
-            if record is not None and record.base == name:
+            if record is not None and record.base == name and record.base_owner in (owner, None):
                 return pin.name, pin.target
     return None

@@ -43,6 +43,7 @@ async def show(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, An
         "uid": record.uid,
         "user": _user_name(record.uid),
         "base": record.base,
+        "base_owner": record.base_owner,  # whose image a named base was (0: shared)
         "host": socket.gethostname(),
         "imported_from": spec.get("imported_from"),
         "spec_path": record.spec_path,

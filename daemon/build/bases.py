@@ -5,7 +5,8 @@
   the package databases and every entry of those directories (hostprint.py).
 - ``dir:PATH``: a root filesystem directory, imported into the store (a
   hash cache keeps re-imports to a walk of ``stat`` calls).
-- ``tree:DIGEST`` and named images (``amber image import``).
+- ``tree:DIGEST`` and named images (``amber image import``): a name is the
+  user's own image, else root's (the shared namespace), never another user's.
 - ``oci:PATH``: an OCI layout or archive, layers applied with whiteouts.
 """
 
@@ -38,6 +39,7 @@ class ResolvedBase:
     binds: list[tuple[str, str]] = field(
         default_factory=list
     )  # (host path, sandbox path), read-only
+    owner: int | None = None  # a named image's namespace (uid; 0: shared)
 
 
 def resolve_base(
@@ -91,10 +93,11 @@ def resolve_base(
         except OciError as exc:
             raise ImageError(f"base {base!r}: {exc}") from None
         return ResolvedBase(tree, "oci")
-    image = db.get_image(base)
+    image = db.find_image(base, uid)
     if image is None:
         raise NotFound(f"base {base!r}: no such image (see `amber image ls`, `amber image import`)")
-    return ResolvedBase(from_hex(image["tree"]), "image")
+    # The key covers the tree (the initial tree holds it), not whose name it was.
+    return ResolvedBase(from_hex(image["tree"]), "image", owner=image["uid"])
 
 
 def _bound_dirs() -> list[str]:

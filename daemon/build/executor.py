@@ -157,7 +157,7 @@ class Executor:
             workdir=spec.workdir,
             salt=spec.key_salt,
         )
-        db.update_build(b.id, base_tree=tree.hex())
+        db.update_build(b.id, base_tree=tree.hex(), base_owner=self.base.owner)
         for index, step in enumerate(spec.steps):
             definition = step.definition()
             env = spec.step_env(step)

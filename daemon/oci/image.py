@@ -26,18 +26,18 @@ import lzma
 import os
 import secrets
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, TypeVar
 
 from amber.daemon.oci import registry as oci_registry
 from amber.daemon.oci import tar as oci_tar
 from amber.daemon.oci.apply import Devices, TreeBuilder
 from amber.daemon.oci.archive import compression_of, decompressed, open_local
 from amber.daemon.oci.auth import Credentials
-from amber.daemon.oci.layer import Compression, LayerInfo, write_layer
+from amber.daemon.oci.layer import Compression, KnownLayer, LayerInfo, StaleDigest, write_layer
 from amber.daemon.oci.limits import MAX_IMPORT, Budget
 from amber.daemon.oci.spec import (
     ANNOTATION_IMAGE_NAME,
@@ -58,11 +58,13 @@ from amber.daemon.oci.spec import (
     rfc3339,
     sha256_digest,
 )
+from amber.daemon.oci.tarstream import Copy, file_copier
 from amber.sandbox import tree as treefmt
 from amber.sandbox.asuser import UserReader
 from amber.sandbox.store import Store
 
 Format = Literal["oci", "docker-archive"]
+_T = TypeVar("_T")
 #: (tree before the layer or None for the first, tree after it)
 LayerSpec = tuple[bytes | None, bytes]
 
@@ -98,21 +100,23 @@ def export_image(
     compression: Compression = "none",
     level: int = 1,
     threads: int | None = None,
+    known: Mapping[LayerSpec, KnownLayer] | None = None,
 ) -> ExportResult:
     """Write the image whose layers are the diffs ``layers`` to ``out_path``.
 
     ``ref`` (``amber/BUILD:STEP``) names the image for loaders; a name without
     a registry becomes ``localhost/NAME`` so docker and podman show the same,
     and characters a reference may not hold become ``-`` (the result's
-    ``name`` says what loaders will show).
-    A path gets the file only when complete (written aside, then renamed).
+    ``name`` says what loaders will show). A path gets the file only when
+    complete (written aside, then renamed).
     ``out_path`` may instead be an open, seekable binary file, written from
     its current position: a daemon running as root can write to a file the
     client opened and passed over the socket, rather than to a path a client
     named.
 
     Layers are uncompressed by default, as ``docker save`` and ``podman save``
-    write them: a local archive is written and loaded fastest that way.
+    write them: a local archive is written and loaded fastest that way. The
+    diff_ids ``known`` from earlier exports (``LayerDigests``) are not hashed.
     """
     if format not in ("oci", "docker-archive"):
         raise ValueError(f"unknown export format {format!r}")
@@ -121,12 +125,12 @@ def export_image(
     name = qualified_name(display_reference(ref)) if ref else None
     config = replace(config, created=config.created or rfc3339())
 
+    how = _Layers(store, compression, level, threads, known or {})
+
     def write(f: BinaryIO) -> tuple[tuple[str, str, list[LayerInfo]], int]:
         start = f.tell()
         out = _ArchiveOut(f)
-        result = _write_archive(
-            out, store, layers, config, format, name, compression, level, threads
-        )
+        result = _write_archive(out, how, layers, config, format, name)
         out.finish()
         f.flush()
         return result, f.tell() - start
@@ -135,29 +139,56 @@ def export_image(
         (manifest_digest, config_digest, infos), size = write(out_path)
         return ExportResult(None, format, manifest_digest, config_digest, infos, size, name)
     out_path = Path(out_path)
-    part = out_path.with_name(f".{out_path.name}.{secrets.token_hex(6)}.part")
+    (manifest_digest, config_digest, infos), size = _write_aside(out_path, write)
+    return ExportResult(out_path, format, manifest_digest, config_digest, infos, size, name)
+
+
+def _write_aside(path: Path, write: Callable[[BinaryIO], _T]) -> _T:
+    """``write`` a new file beside ``path``, renamed to it once whole."""
+    part = path.with_name(f".{path.name}.{secrets.token_hex(6)}.part")
     try:
         with open(part, "wb", buffering=1 << 20) as f:
-            (manifest_digest, config_digest, infos), size = write(f)
+            result = write(f)
         # Unlinking first spares ext4's flush of data renamed over a file.
-        out_path.unlink(missing_ok=True)
-        os.replace(part, out_path)
+        path.unlink(missing_ok=True)
+        os.replace(part, path)
     except BaseException:
         part.unlink(missing_ok=True)
         raise
-    return ExportResult(out_path, format, manifest_digest, config_digest, infos, size, name)
+    return result
+
+
+@dataclass(frozen=True)
+class _Layers:
+    """How the layers of an archive are written."""
+
+    store: Store
+    compression: Compression
+    level: int
+    threads: int | None
+    known: Mapping[LayerSpec, KnownLayer]
+
+    def producer(
+        self, before: bytes | None, after: bytes
+    ) -> Callable[[Callable[[bytes], object], Copy | None, bool], LayerInfo]:
+        """``produce`` for ``_ArchiveOut.add_streamed``: the layer, with its known digest unless ``fresh``."""
+        hint = self.known.get((before, after)) if self.compression == "none" else None
+
+        def produce(write: Callable[[bytes], object], copy: Copy | None, fresh: bool) -> LayerInfo:
+            return write_layer(self.store, before, after, write, compression=self.compression,
+                               level=self.level, threads=self.threads, copy=copy,
+                               known=None if fresh else hint)  # fmt: skip
+
+        return produce
 
 
 def _write_archive(
     out: _ArchiveOut,
-    store: Store,
+    how: _Layers,
     layers: Sequence[LayerSpec],
     config: ImageConfig,
     format: Format,
     name: str | None,
-    compression: Compression,
-    level: int,
-    threads: int | None,
 ) -> tuple[str, str, list[LayerInfo]]:
     oci = format == "oci"
     if oci:
@@ -173,9 +204,7 @@ def _write_archive(
                 if oci
                 else f"{digest_hex(i.digest)}/layer.tar"
             ),
-            lambda write, b=before, a=after: write_layer(
-                store, b, a, write, compression=compression, level=level, threads=threads
-            ),
+            how.producer(before, after),
         )
         infos.append(info)
         paths.append(out.last_name)
@@ -215,6 +244,7 @@ class _ArchiveOut:
 
     def __init__(self, f: BinaryIO):
         self._f = f
+        self._copy = file_copier(f)
         self._names: set[str] = set()
         self.last_name = ""
 
@@ -234,12 +264,22 @@ class _ArchiveOut:
     def add_streamed(
         self,
         name_of: Callable[[LayerInfo], str],
-        produce: Callable[[Callable[[bytes], object]], LayerInfo],
+        produce: Callable[[Callable[[bytes], object], Copy | None, bool], LayerInfo],
     ) -> LayerInfo:
-        """Stream a member of unknown size; drop it if its name is taken."""
+        """Stream a member of unknown size; drop it if its name is taken.
+
+        ``produce(write, copy, fresh)`` writes it; when a known digest turns
+        out stale, the member is written again with ``fresh`` set.
+        """
         start = self._f.tell()
         self._f.write(bytes(oci_tar.BLOCK))
-        info = produce(self._f.write)
+        try:
+            info = produce(self._f.write, self._copy, False)
+        except StaleDigest:
+            self._f.seek(start)
+            self._f.truncate()
+            self._f.write(bytes(oci_tar.BLOCK))
+            info = produce(self._f.write, self._copy, True)
         end = self._f.tell()
         name = self.last_name = name_of(info)
         if name in self._names:  # the same layer twice (two steps that changed nothing)

@@ -22,25 +22,25 @@ refuses device nodes from untrusted layers, so an export that carried them
 (a debootstrap root has ``/dev/null``) could not be imported again.
 
 The uncompressed stream is hashed as it is made (the ``diff_id``), on a
-thread of its own so that hashing overlaps reading and writing (hashlib lets
-go of the GIL for big buffers), the compressed one as it is written (the
-blob digest); nothing is read twice.
+thread of its own so that hashing overlaps copying (``tarstream``), unless an
+earlier export of the same trees already told its digest; the compressed
+one is hashed as it is written (the blob digest).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import queue
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO, Literal
 
 from amber.daemon.oci import tar as oci_tar
 from amber.daemon.oci.gzip import ParallelGzip
-from amber.daemon.oci.spec import OCI_LAYER, OCI_LAYER_GZIP, Descriptor
+from amber.daemon.oci.spec import OCI_LAYER, OCI_LAYER_GZIP, Descriptor, OciError
+from amber.daemon.oci.tarstream import Copy, TarStream, file_copier
 from amber.sandbox import tree as treefmt
+from amber.sandbox.fsidentity import as_store_owner
 from amber.sandbox.store import Store, StoreError
 from amber.sandbox.tree import Entry
 
@@ -50,9 +50,6 @@ OPAQUE = b".wh..wh..opq"
 LINK_RECORD = b"AMBER.link"
 XATTR_RECORD = b"SCHILY.xattr."
 _READ = 1 << 20
-_SMALL = 64 << 10
-_FLUSH = 1 << 20
-_QUEUE = 8  # chunks (of about 1 MiB: _READ, _FLUSH) waiting to be hashed
 _TAR_TYPE = {
     treefmt.FILE: b"0",
     treefmt.SYMLINK: b"2",
@@ -91,82 +88,16 @@ class _Sink:
         self._out(data)
 
 
-class _HashThread:
-    """SHA-256 of a stream of chunks, computed on a thread of its own.
+@dataclass(frozen=True)
+class KnownLayer:
+    """An uncompressed layer's diff_id and size, from an earlier export of the same trees."""
 
-    Chunks are hashed in the order given; at most ``_QUEUE`` wait, so a slow
-    hash holds the writer back rather than memory growing. A chunk must not
-    change once given (bytes, never a reused buffer). An error of the hash
-    is raised by the next ``update`` or by ``hexdigest``.
-    """
-
-    def __init__(self) -> None:
-        self._hasher = hashlib.sha256()
-        self._queue: queue.Queue[bytes | None] = queue.Queue(_QUEUE)
-        self._error: BaseException | None = None
-        self._discard = False
-        self._thread = threading.Thread(target=self._run, name="layer-sha256", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        get = self._queue.get
-        update = self._hasher.update
-        while (data := get()) is not None:
-            if self._error is None and not self._discard:
-                try:
-                    update(data)
-                except BaseException as exc:  # raised on the writer's thread
-                    self._error = exc
-
-    def update(self, data: bytes) -> None:
-        if self._error is not None:
-            raise self._error
-        self._queue.put(data)
-
-    def hexdigest(self) -> str:
-        self.close()
-        if self._error is not None:
-            raise self._error
-        return self._hasher.hexdigest()
-
-    def close(self, *, discard: bool = False) -> None:
-        """Wait for the thread to end; with ``discard``, hash nothing more."""
-        if not self._thread.is_alive():
-            return
-        self._discard = discard
-        self._queue.put(None)  # the thread keeps taking chunks: there is room soon
-        self._thread.join()
+    diff_id: str
+    size: int
 
 
-class _TarStream:
-    """The uncompressed tar: small writes gathered, everything hashed."""
-
-    def __init__(self, down: Callable[[bytes], object]):
-        self._down = down
-        self._buf = bytearray()
-        self.hasher = _HashThread()
-        self.size = 0
-
-    def write(self, data: bytes) -> None:
-        if len(data) >= _SMALL:
-            self.flush()
-            self._emit(data)
-            return
-        self._buf += data
-        if len(self._buf) >= _FLUSH:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._buf:
-            self._emit(bytes(self._buf))
-            self._buf.clear()
-
-    def _emit(self, data: bytes) -> None:
-        if type(data) is not bytes:
-            data = bytes(data)  # the hash thread needs a chunk that stays as it is
-        self.hasher.update(data)
-        self.size += len(data)
-        self._down(data)
+class StaleDigest(OciError):
+    """The layer written is not the size its known digest was recorded for: hash it after all."""
 
 
 def write_layer(
@@ -178,46 +109,70 @@ def write_layer(
     compression: Compression = "gzip",
     level: int = 1,
     threads: int | None = None,
+    copy: Copy | None = None,
+    known: KnownLayer | None = None,
 ) -> LayerInfo:
     """Write the layer turning ``before`` (None: nothing) into ``after`` to ``out``.
 
     ``out`` is a binary file or a write function; it receives the blob bytes
     exactly once, in order, and must use or copy them before it returns (the
-    buffer is reused).
+    buffer is reused). Uncompressed, big files go through ``copy`` (made
+    from ``out`` when it is a file with a descriptor) instead, by the kernel.
+    ``known`` (uncompressed only) is the diff_id of an earlier export of the
+    same trees: nothing is hashed, and ``StaleDigest`` is raised, once all is
+    written, if the size disagrees.
     """
-    write_out = out if callable(out) else out.write
-    gz: ParallelGzip | None = None
-    if compression == "gzip":
-        sink = _Sink(write_out, hash_it=True)
-        gz = ParallelGzip(sink.write, level=level, threads=threads)
-        tar = _TarStream(gz.write)
-    elif compression == "none":
-        sink = _Sink(write_out, hash_it=False)  # the blob is the tar: one hash
-        tar = _TarStream(sink.write)
-    else:
-        raise ValueError(f"unknown compression {compression!r}")
+    if compression == "none" and copy is None and not callable(out):
+        copy = file_copier(out)
+    sink, gz, tar = _streams(store, out, compression, level, threads, copy, known is None)
     writer = _LayerWriter(store, tar)
     try:
-        writer.diff_dir(before, after, b"")
+        # Nothing in the walk opens a path but the store's (``out`` is open):
+        # root's rights once for it, not twice per blob (``open_blob``).
+        with as_store_owner():
+            writer.diff_dir(before, after, b"")
         tar.write(oci_tar.END_OF_ARCHIVE)
         tar.flush()
         if gz is not None:
             gz.close()
-        diff_id = "sha256:" + tar.hasher.hexdigest()
+        diff_id = known.diff_id if tar.hasher is None else "sha256:" + tar.hasher.hexdigest()
     except BaseException:
-        tar.hasher.close(discard=True)
+        tar.close(discard=True)
         if gz is not None:
             gz.abort()
         raise
+    if tar.hasher is None and known is not None and tar.size != known.size:
+        raise StaleDigest(f"layer came to {tar.size} bytes, its known digest is of {known.size}")
     digest = diff_id if sink.hasher is None else "sha256:" + sink.hasher.hexdigest()
     return LayerInfo(
         digest=digest,
         diff_id=diff_id,
-        size=sink.size,
+        size=sink.size if gz is not None else tar.size,  # copies bypass the sink
         media_type=OCI_LAYER_GZIP if gz is not None else OCI_LAYER,
         entries=writer.entries,
         skipped=writer.skipped,
     )
+
+
+def _streams(
+    store: Store,
+    out: BinaryIO | Callable[[bytes], object],
+    compression: Compression,
+    level: int,
+    threads: int | None,
+    copy: Copy | None,
+    hash_it: bool,
+) -> tuple[_Sink, ParallelGzip | None, TarStream]:
+    """The blob's sink, the compressor if any, and the tar stream feeding them."""
+    write_out = out if callable(out) else out.write
+    if compression == "gzip":
+        sink = _Sink(write_out, hash_it=True)
+        gz = ParallelGzip(sink.write, level=level, threads=threads)
+        return sink, gz, TarStream(gz.write, None, store.open_blob, hash_it=True)
+    if compression == "none":
+        sink = _Sink(write_out, hash_it=False)  # the blob is the tar: one hash
+        return sink, None, TarStream(sink.write, copy, store.open_blob, hash_it=hash_it)
+    raise ValueError(f"unknown compression {compression!r}")
 
 
 def _dir_meta(e: Entry) -> tuple:
@@ -225,7 +180,7 @@ def _dir_meta(e: Entry) -> tuple:
 
 
 class _LayerWriter:
-    def __init__(self, store: Store, tar: _TarStream):
+    def __init__(self, store: Store, tar: TarStream):
         self.store = store
         self.tar = tar
         self.entries = 0
@@ -341,9 +296,12 @@ class _LayerWriter:
             self.tar.write(oci_tar.padding(e.size))
 
     def _copy_blob(self, digest: bytes, size: int, path: bytes) -> None:
-        # A new bytes object per read: the hash thread may still hold the last.
         fd = self.store.open_blob(digest)
         try:
+            if self.tar.copies(size):
+                self.tar.copy_file(fd, digest, size)
+                return
+            # A new bytes object per read: the hash thread may still hold the last.
             left = size
             while left:
                 data = os.read(fd, min(left, _READ))

@@ -17,12 +17,13 @@ accept.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from amber.daemon.oci import tar as oci_tar
-from amber.daemon.oci.layer import layer_size, write_layer
+from amber.daemon.oci.layer import KnownLayer, LayerInfo, layer_size, write_layer
 from amber.daemon.oci.spec import ImageConfig, OciError, digest_hex, rfc3339, sha256_digest
+from amber.daemon.oci.tarstream import Copy
 from amber.sandbox.store import Store
 
 LayerSpec = tuple[bytes | None, bytes]
@@ -33,6 +34,7 @@ class StreamResult:
     config_digest: str  # what docker calls the image id
     layers: int
     size: int  # bytes of the archive
+    infos: list[LayerInfo] = field(default_factory=list)
 
 
 def stream_docker_archive(
@@ -42,39 +44,40 @@ def stream_docker_archive(
     write: Callable[[bytes], object],
     *,
     tag: str | None,
+    copy: Copy | None = None,
+    known: Mapping[LayerSpec, KnownLayer] | None = None,
 ) -> StreamResult:
     """Write the docker archive of ``layers`` to ``write``, in order, never going back.
 
     ``write`` must take all it is given (a blocking file's write). On an
     error part of the archive has gone out: the reader must not take a
     truncated archive for a whole one (amber's client ends the upload only
-    on the daemon's success).
+    on the daemon's success). ``copy`` puts big files' content into the
+    same output by the kernel; ``known`` diff_ids (``LayerDigests``) are
+    used when the trees promise the size they were recorded with.
     """
     if not layers:
         raise ValueError("an image needs at least one layer")
     config = replace(config, created=config.created or rfc3339())
-    total = 0
-
-    def out(data: bytes) -> None:
-        nonlocal total
-        write(data)
-        total += len(data)
-
+    counted = _Counted(write, copy)
+    out = counted.write
     names: list[str] = []
-    diff_ids: list[str] = []
+    infos: list[LayerInfo] = []
     for i, (before, after) in enumerate(layers):
         size = layer_size(store, before, after)
+        hint = (known or {}).get((before, after))
         name = f"layer-{i}.tar"
         out(oci_tar.header(name.encode(), b"0", size=size))
-        info = write_layer(store, before, after, out, compression="none")
+        info = write_layer(store, before, after, out, compression="none", copy=counted.copy,
+                           known=hint if hint is not None and hint.size == size else None)  # fmt: skip
         if info.size != size:  # the header already went out: the archive is unusable
             raise OciError(
                 f"layer {i} came to {info.size} bytes, not the {size} its trees promised"
             )
         out(oci_tar.padding(size))
         names.append(name)
-        diff_ids.append(info.diff_id)
-    config_blob = config.to_json(diff_ids)
+        infos.append(info)
+    config_blob = config.to_json([i.diff_id for i in infos])
     config_digest = sha256_digest(config_blob)
     config_name = f"{digest_hex(config_digest)}.json"
     manifest = [{"Config": config_name, "RepoTags": [tag] if tag else [], "Layers": names}]
@@ -86,4 +89,23 @@ def stream_docker_archive(
         out(data)
         out(oci_tar.padding(len(data)))
     out(oci_tar.END_OF_ARCHIVE)
-    return StreamResult(config_digest, len(layers), total)
+    return StreamResult(config_digest, len(layers), counted.total, infos)
+
+
+class _Counted:
+    """The output, counting what goes through it, written or copied."""
+
+    def __init__(self, write: Callable[[bytes], object], copy: Copy | None):
+        self._write = write
+        self._copy = copy
+        self.copy = self._copied if copy is not None else None
+        self.total = 0
+
+    def write(self, data: bytes) -> None:
+        self._write(data)
+        self.total += len(data)
+
+    def _copied(self, fd: int, size: int) -> None:
+        assert self._copy is not None
+        self._copy(fd, size)
+        self.total += size

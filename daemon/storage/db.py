@@ -19,121 +19,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS results (
-    key TEXT PRIMARY KEY,          -- step key (hex)
-    status TEXT NOT NULL,          -- success | failed
-    exit_code INTEGER,
-    signal INTEGER,
-    before_tree TEXT NOT NULL,
-    after_tree TEXT NOT NULL,
-    log TEXT NOT NULL,             -- blob digest of the step's output
-    started REAL NOT NULL,
-    seconds REAL NOT NULL,
-    host TEXT NOT NULL,
-    build_id TEXT NOT NULL,
-    step TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS builds (
-    id TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL,
-    uid INTEGER NOT NULL,
-    name TEXT NOT NULL,
-    spec TEXT NOT NULL,            -- JSON of the parsed spec
-    spec_path TEXT NOT NULL,
-    status TEXT NOT NULL,          -- queued | running | success | failed | errored
-    frozen INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL,
-    finished REAL,
-    failed_step TEXT,
-    base_tree TEXT,
-    final_tree TEXT,
-    error TEXT
-);
-CREATE INDEX IF NOT EXISTS builds_seq ON builds(seq);
-CREATE TABLE IF NOT EXISTS build_steps (
-    build_id TEXT NOT NULL,
-    idx INTEGER NOT NULL,
-    name TEXT NOT NULL,
-    key TEXT,
-    status TEXT NOT NULL,          -- pending | running | ran | cached | cached-failure | failed | errored | skipped
-    exit_code INTEGER,
-    signal INTEGER,
-    seconds REAL,
-    before_tree TEXT,
-    after_tree TEXT,
-    log TEXT,
-    definition TEXT NOT NULL,      -- JSON: run, cwd, env, ... as the step ran
-    note TEXT,
-    started REAL,                  -- epoch: when the step ran, or was found cached, in this build
-    PRIMARY KEY (build_id, idx)
-);
-CREATE TABLE IF NOT EXISTS images (
-    name TEXT PRIMARY KEY,
-    tree TEXT NOT NULL,
-    source TEXT NOT NULL,
-    created REAL NOT NULL,
-    uid INTEGER                    -- who imported it (NULL: before amber recorded it; root's)
-);
--- Content fetched for url sources, so that a later build names it by digest
--- and never downloads it again (daemon/build/fetch.py). The blob may have been
--- collected since (GC then drops the row): check the store before trusting a row.
-CREATE TABLE IF NOT EXISTS downloads (
-    blob TEXT PRIMARY KEY,         -- BLAKE3 hex: the blob in the store
-    sha256 TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    url TEXT NOT NULL,             -- where it was fetched from (first time)
-    fetched REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS downloads_sha256 ON downloads(sha256);
--- Notes a build made outside its steps' output (e.g. what the stamp rules
--- removed from its initial tree), replayed by `amber log`.
-CREATE TABLE IF NOT EXISTS build_notes (
-    build_id TEXT NOT NULL,
-    created REAL NOT NULL,
-    message TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS build_notes_build ON build_notes(build_id);
-CREATE TABLE IF NOT EXISTS meta (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS pins (
-    name TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,            -- build | step | result | tree
-    target TEXT NOT NULL,          -- as the user named it, normalised
-    uid INTEGER NOT NULL,
-    created REAL NOT NULL,
-    roots TEXT NOT NULL            -- JSON: {"trees": [...], "blobs": [...], "results": [...], "builds": [...]}
-);
--- Results waiting to be pushed to a remote cache (daemon/remote/queue.py):
--- kept here so that a restart finishes what a stop interrupted.
-CREATE TABLE IF NOT EXISTS remote_pushes (
-    key TEXT NOT NULL,
-    url TEXT NOT NULL,
-    queued REAL NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (key, url)
-);
--- Trees whose whole closure is in the store (daemon/storage/complete.py): a
--- cache hit on them checks a row, not the closure. GC and fsck delete a row
--- before anything of its closure leaves the store.
-CREATE TABLE IF NOT EXISTS complete_trees (
-    tree TEXT PRIMARY KEY
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS out_links (
-    path TEXT PRIMARY KEY,         -- absolute; a root while it is still the checkout we made
-    build_id TEXT NOT NULL,
-    tree TEXT NOT NULL,
-    uid INTEGER NOT NULL,
-    dev INTEGER NOT NULL,
-    ino INTEGER NOT NULL,
-    created REAL NOT NULL
-);
-"""
-
-#: (table, column, type) added after the first release, in order.
-_ADDED_COLUMNS = (("build_steps", "started", "REAL"), ("images", "uid", "INTEGER"))
+from amber.daemon.storage.schema import create_or_migrate
 
 
 @dataclass
@@ -168,6 +54,7 @@ class BuildRecord:
     base_tree: str | None = None
     final_tree: str | None = None
     error: str | None = None
+    base_owner: int | None = None  # whose image ``base`` named (None: not an image)
 
     @property
     def base(self) -> str:
@@ -239,15 +126,7 @@ class Database:
         )  # sqlite makes -wal and -shm with the database's mode, but an older file may be 0644
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA busy_timeout=5000")
-        self._conn.executescript(SCHEMA)
-        self._add_columns()
-
-    def _add_columns(self) -> None:
-        """Columns newer than a database made by an older amberd (CREATE TABLE IF NOT EXISTS skips them)."""
-        for table, column, kind in _ADDED_COLUMNS:
-            have = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
-            if column not in have:
-                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        create_or_migrate(self._conn)
 
     def close(self) -> None:
         self._conn.close()
@@ -341,29 +220,37 @@ class Database:
 
     # -- images -----------------------------------------------------------
 
-    def put_image(self, name: str, tree: str, source: str, uid: int | None = None) -> None:
+    def put_image(self, name: str, tree: str, source: str, uid: int) -> None:
+        """Name ``tree`` as ``name`` in ``uid``'s namespace (0: the shared one), replacing it."""
         self._conn.execute(
-            "INSERT OR REPLACE INTO images (name, tree, source, created, uid) VALUES (?, ?, ?, ?, ?)",
-            (name, tree, source, time.time(), uid),
+            "INSERT OR REPLACE INTO images (uid, name, tree, source, created) VALUES (?, ?, ?, ?, ?)",
+            (uid, name, tree, source, time.time()),
         )
 
-    def delete_image(self, name: str) -> None:
-        self._conn.execute("DELETE FROM images WHERE name = ?", (name,))
+    def delete_image(self, name: str, uid: int) -> None:
+        self._conn.execute("DELETE FROM images WHERE uid = ? AND name = ?", (uid, name))
 
-    def get_image(self, name: str) -> dict | None:
-        row = self._conn.execute("SELECT * FROM images WHERE name = ?", (name,)).fetchone()
+    def get_image(self, name: str, uid: int) -> dict | None:
+        """Image ``name`` of ``uid``'s own namespace only."""
+        row = self._conn.execute(
+            "SELECT * FROM images WHERE uid = ? AND name = ?", (uid, name)
+        ).fetchone()
         return dict(row) if row else None
+
+    def find_image(self, name: str, uid: int) -> dict | None:
+        """What ``name`` means to ``uid``: their own image, else root's (shared), never another's."""
+        return self.get_image(name, uid) or (self.get_image(name, 0) if uid != 0 else None)
 
     def tree_visible_to(self, tree: str, uid: int) -> bool:
         """Whether ``uid`` may name tree ``tree`` (hex): root, or it is a state of
-        one of their builds, their out-link, or a named image (everyone's to use)."""
+        one of their builds, their out-link, or an image of theirs or root's (shared)."""
         if uid == 0:
             return True
         row = self._conn.execute(
             "SELECT 1 FROM builds WHERE uid = ?1 AND (base_tree = ?2 OR final_tree = ?2) "
             "UNION ALL SELECT 1 FROM build_steps s JOIN builds b ON b.id = s.build_id "
             "WHERE b.uid = ?1 AND (s.before_tree = ?2 OR s.after_tree = ?2) "
-            "UNION ALL SELECT 1 FROM images WHERE tree = ?2 "
+            "UNION ALL SELECT 1 FROM images WHERE tree = ?2 AND uid IN (0, ?1) "
             "UNION ALL SELECT 1 FROM out_links WHERE uid = ?1 AND tree = ?2 LIMIT 1",
             (uid, tree),
         ).fetchone()
@@ -371,7 +258,8 @@ class Database:
 
     def list_images(self) -> list[dict]:
         return [
-            dict(r) for r in self._conn.execute("SELECT * FROM images ORDER BY name").fetchall()
+            dict(r)
+            for r in self._conn.execute("SELECT * FROM images ORDER BY name, uid").fetchall()
         ]
 
     # -- downloads and build notes ------------------------------------------

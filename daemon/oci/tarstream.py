@@ -1,0 +1,230 @@
+"""A layer's uncompressed tar stream on its way out: gathered, hashed, big files copied by the kernel.
+
+Export has to do one thing ``tar -cf`` does not, the layer's SHA-256, and
+should still be as fast. So the content is copied once, by the kernel, and
+the hash reads it on the side without holding the copy up:
+
+- small writes (headers, padding, small files) are gathered into chunks of
+  about 1 MiB and written through the output's buffer;
+- a big file's content goes from its blob to the output with ``sendfile``,
+  inside the kernel, never copied into Python (half the CPU of read and
+  write);
+- the SHA-256 (the ``diff_id``) is computed on a thread of its own, in
+  stream order: gathered chunks as they are, a big file by reading its blob
+  again from the page cache into one reused buffer (hashlib lets go of the
+  GIL for big buffers, so hashing overlaps the copying of what follows);
+- when the digest is already known (``LayerDigests``), nothing is hashed.
+
+Blobs are immutable (the store's content-addressed files), so the bytes
+the hash thread reads are the bytes that were sent.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import BinaryIO
+
+from amber.sandbox.fsidentity import store_owner_thread
+from amber.sandbox.store import StoreError
+
+#: copy(fd, size): write the first ``size`` bytes of the file ``fd`` to the output.
+Copy = Callable[[int, int], None]
+
+_SMALL = 64 << 10  # a write this big skips the gathering; a file this big is copied
+_FLUSH = 1 << 20
+_READ = 1 << 20
+# Waiting to be hashed at most: chunks (of at most about 1 MiB: _FLUSH,
+# _READ) and files (digests: nothing held open). Files may run far ahead:
+# the big ones are where hashing lags behind the kernel's copying, the small
+# ones where Python's walk lags behind the hash, and the two overlap only if
+# one may run ahead of the other by a whole directory of big files.
+_CHUNKS = 32
+_FILES = 1 << 16
+_NO_SENDFILE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV, errno.ESPIPE)
+
+
+class HashThread:
+    """SHA-256 of a stream of chunks and files, computed on a thread of its own.
+
+    Items are hashed in the order given; at most ``_CHUNKS`` chunks and
+    ``_FILES`` files wait, so a slow hash holds the writer back rather than
+    memory growing. A chunk must not change once given (bytes, never a
+    reused buffer); a file is given by its blob digest and opened
+    (``open_blob``) on the thread, so none is held open while it waits. An
+    error of the hash is raised by the next ``update`` or by ``hexdigest``.
+    """
+
+    def __init__(self, open_blob: Callable[[bytes], int]) -> None:
+        self._open_blob = open_blob
+        self._hasher = hashlib.sha256()
+        self._queue: queue.SimpleQueue[bytes | tuple[bytes, int] | None] = queue.SimpleQueue()
+        self._chunks = threading.BoundedSemaphore(_CHUNKS)
+        self._files = threading.BoundedSemaphore(_FILES)
+        self._error: BaseException | None = None
+        self._discard = False
+        self._thread = threading.Thread(target=self._run, name="layer-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        store_owner_thread()
+        get = self._queue.get
+        update = self._hasher.update
+        buf = bytearray(_READ)
+        while (item := get()) is not None:
+            try:
+                if self._error is None and not self._discard:
+                    if type(item) is bytes:
+                        update(item)
+                    else:
+                        self._hash_file(item[0], item[1], buf)
+            except BaseException as exc:  # raised on the writer's thread
+                self._error = exc
+            finally:
+                (self._files if type(item) is tuple else self._chunks).release()
+
+    def _hash_file(self, digest: bytes, size: int, buf: bytearray) -> None:
+        view = memoryview(buf)
+        fd = self._open_blob(digest)
+        try:
+            offset = 0
+            while offset < size:
+                n = os.preadv(fd, [view[: min(size - offset, _READ)]], offset)
+                if not n:
+                    raise StoreError("a blob got shorter while it was exported")
+                self._hasher.update(view[:n])
+                offset += n
+        finally:
+            os.close(fd)
+
+    def update(self, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._chunks.acquire()
+        self._queue.put(data)
+
+    def update_file(self, digest: bytes, size: int) -> None:
+        """Hash the first ``size`` bytes of the blob ``digest``."""
+        if self._error is not None:
+            raise self._error
+        self._files.acquire()
+        self._queue.put((digest, size))
+
+    def hexdigest(self) -> str:
+        self.close()
+        if self._error is not None:
+            raise self._error
+        return self._hasher.hexdigest()
+
+    def close(self, *, discard: bool = False) -> None:
+        """Wait for the thread to end; with ``discard``, hash nothing more."""
+        if not self._thread.is_alive():
+            return
+        self._discard = discard
+        self._queue.put(None)  # unbounded: the end always goes in
+        self._thread.join()
+
+
+class TarStream:
+    """The uncompressed tar: small writes gathered, big files copied, all hashed unless known."""
+
+    def __init__(
+        self,
+        down: Callable[[bytes], object],
+        copy: Copy | None,
+        open_blob: Callable[[bytes], int],
+        *,
+        hash_it: bool,
+    ):
+        self._down = down
+        self._copy = copy
+        self._buf = bytearray()
+        self.hasher = HashThread(open_blob) if hash_it else None
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        if len(data) >= _SMALL:
+            self.flush()
+            self._emit(data)
+            return
+        self._buf += data
+        if len(self._buf) >= _FLUSH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buf:
+            self._emit(bytes(self._buf))
+            self._buf.clear()
+
+    def _emit(self, data: bytes) -> None:
+        if type(data) is not bytes:
+            data = bytes(data)  # the hash thread needs a chunk that stays as it is
+        if self.hasher is not None:
+            self.hasher.update(data)
+        self.size += len(data)
+        self._down(data)
+
+    def copies(self, size: int) -> bool:
+        """Whether a file of ``size`` bytes goes through ``copy_file``."""
+        return self._copy is not None and size >= _SMALL
+
+    def copy_file(self, fd: int, digest: bytes, size: int) -> None:
+        """The first ``size`` bytes of ``fd``, the blob ``digest``, into the stream."""
+        self.flush()
+        assert self._copy is not None
+        self._copy(fd, size)
+        self.size += size
+        if self.hasher is not None:
+            self.hasher.update_file(digest, size)
+
+    def close(self, *, discard: bool = False) -> None:
+        if self.hasher is not None:
+            self.hasher.close(discard=discard)
+
+
+def file_copier(f: BinaryIO) -> Copy | None:
+    """A ``Copy`` into the open file, pipe or socket ``f`` by ``sendfile``; None if ``f`` has no fd.
+
+    ``f``'s buffer is flushed first, and a seekable ``f`` is told where the
+    copy left it, so its ``tell`` and later writes stay right.
+    """
+    try:
+        out = f.fileno()
+        seekable = f.seekable()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+
+    def copy(fd: int, size: int) -> None:
+        f.flush()
+        start = f.tell() if seekable else 0
+        sent = 0
+        while sent < size:
+            try:
+                n = os.sendfile(out, fd, sent, size - sent)
+            except OSError as exc:
+                if sent or exc.errno not in _NO_SENDFILE:
+                    raise
+                _read_write(f, fd, size)  # an output sendfile cannot write to
+                return
+            if not n:
+                raise StoreError("a blob is shorter than its entry says")
+            sent += n
+        if seekable:
+            f.seek(start + size)
+
+    return copy
+
+
+def _read_write(f: BinaryIO, fd: int, size: int) -> None:
+    offset = 0
+    while offset < size:
+        data = os.pread(fd, min(size - offset, _READ), offset)
+        if not data:
+            raise StoreError("a blob is shorter than its entry says")
+        f.write(data)
+        offset += len(data)
