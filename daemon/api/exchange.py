@@ -259,14 +259,8 @@ async def export_state(
                 written.extend(streamed.infos)
                 return {"name": name, "digest": streamed.config_digest, "layers": streamed.layers,
                         "size": streamed.size}  # fmt: skip
-            if output_fd is not None:  # the client's file; the client names it and renames it
-                with open(output_fd, "wb", buffering=1 << 20, closefd=False) as f:
-                    result = export_image(ctx.store, layers, config, f, fmt, ref=ref, known=known)  # type: ignore[arg-type]
-            else:  # --export-on-failure: below the directory the client opened, as the user
-                assert output is not None and output_dir is not None
-                with filesystem_identity(uid, gid):
-                    result = _export_beneath(ctx.store, layers, config, fmt, ref, known, output_dir,
-                                             os.path.basename(output))  # fmt: skip
+            result = _export_file(ctx.store, layers, config, fmt, ref, known, output_fd,
+                                  (output_dir, output), (uid, gid))  # fmt: skip
             written.extend(result.layers)
             return {"path": output, "digest": result.manifest_digest, "layers": len(layers),
                     "size": result.size, "name": result.name}  # fmt: skip
@@ -305,9 +299,24 @@ def _remember_layers(
         log.warning("layer digests not recorded: %s", exc)
 
 
+def _export_file(store: Store, layers: list, config: ImageConfig, fmt: str, ref: str,
+                 known: Mapping[Any, KnownLayer], output_fd: int | None, where: tuple[int | None, str | None],
+                 ids: tuple[int, int]) -> ExportResult:  # fmt: skip
+    """To the file the client opened (it renames it), or below the directory it opened, as the user."""
+    if output_fd is not None:
+        with open(output_fd, "wb", buffering=1 << 20, closefd=False) as f:
+            return export_image(store, layers, config, f, fmt, ref=ref, known=known)  # type: ignore[arg-type]
+    dir_fd, output = where
+    assert dir_fd is not None and output is not None  # --export-on-failure
+    with filesystem_identity(*ids):
+        return _export_beneath(store, layers, config, fmt, ref, known, (dir_fd, output))
+
+
 def _export_beneath(store: Store, layers: list, config: ImageConfig, fmt: str, ref: str,
-                    known: Mapping[Any, KnownLayer], dir_fd: int, name: str) -> ExportResult:  # fmt: skip
-    """Write the image as ``name`` in ``dir_fd``: aside first, one component, no link followed."""
+                    known: Mapping[Any, KnownLayer], where: tuple[int, str]) -> ExportResult:  # fmt: skip
+    """Write the image in ``where`` (a directory fd, a path naming the file): aside first,
+    one component, no link followed."""
+    dir_fd, name = where[0], os.path.basename(where[1])
     part = f".{name}.{secrets.token_hex(6)}.part"
     fd = openat2(dir_fd, part, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
     try:
