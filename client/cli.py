@@ -84,9 +84,9 @@ class Context:
         set_timeout(self.conn, None)
         return self.conn
 
-    def call(self, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    def call(self, op: str, args: Mapping[str, Any], fds: Sequence[int] = ()) -> dict[str, Any]:
         """Make a request, showing any notes the daemon sends along; return its result."""
-        stream = self.connect().request(op, args)
+        stream = self.connect().request(op, args, fds=fds)
         for ev in stream:
             message = (ev.get("data") or {}).get("message")
             if ev.get("event") in ("note", "progress") and message:

@@ -17,7 +17,9 @@ What the daemon may use of it, by module; everything else is internal:
   ``userns``: ``IdMap``.
 - ``asuser``: ``UserReader``, ``User``, ``Unreadable`` (a user's paths opened by a helper process
   that is the user for real); ``importer.import_user_directory`` walks a directory through it.
-- ``fsidentity``: ``filesystem_identity`` (spec checks, exports and out-links: fsuid only).
+- ``fsidentity``: ``filesystem_identity`` (fsuid only: ``--export-on-failure``'s file below
+  a directory the client opened, pasta's netns); ``as_store_owner``. Paths a user names are opened by the client (client/userfiles.py)
+  or by ``asuser``, never resolved by root.
 - ``beneath``: ``exists_in_root``, ``write_beneath`` (root inside a tree a user controls).
 
 Internal: ``batch`` (``Batch``, which ``store`` re-exports), ``asuser_helper``, ``lowerfs``,

@@ -101,9 +101,11 @@ def build_one(ctx: Context, ns: argparse.Namespace, path: str, text: str) -> int
     """Run one build, showing it as it goes; return its exit code."""
     human = ctx.err if ns.json else ctx.out  # with --json, stdout carries JSON only
     view = make_build_view(human, path)
+    args = build_args(ns, path, text)
+    fds = _request_dirs(args, path)
     try:
         conn = ctx.connect()
-        result = follow(conn, conn.request("build", build_args(ns, path, text)), view)
+        result = follow(conn, conn.request("build", args, fds=fds), view)
     except KeyboardInterrupt:
         view.abort()
         raise BuildInterrupted(view.state.build) from None
@@ -122,6 +124,9 @@ def build_one(ctx: Context, ns: argparse.Namespace, path: str, text: str) -> int
                 f"{exc.message} during build {bid}; `amber builds` tells what became of it",
             ) from None
         raise
+    finally:
+        for fd in fds:
+            os.close(fd)
     view.finish(result)
     if ns.export_on_failure == "engine" and result.get("frozen") and result.get("build"):
         with contextlib.suppress(AmberError):  # said already; the build's outcome stands
@@ -132,6 +137,29 @@ def build_one(ctx: Context, ns: argparse.Namespace, path: str, text: str) -> int
     if status == "success" or (ns.detach and status not in ("failed", "errored")):
         return EXIT_OK
     return EXIT_FAILED
+
+
+def _request_dirs(args: dict[str, Any], spec_path: str) -> list[int]:
+    """The directories amberd writes below, opened by us, the user: it never resolves a path."""
+    from ..userfiles import parent_directory
+
+    fds: list[int] = []
+    try:
+        if args["out_link"]:
+            fds.append(parent_directory(args["out_link"]))
+        if args.get("export_on_failure") in ("oci", "docker-archive"):
+            # No --export-path: amberd names the file amber-BUILD.tar, next to the spec.
+            fds.append(
+                parent_directory(
+                    args["export_path"]
+                    or os.path.join(os.path.dirname(spec_path), "amber-BUILD.tar")
+                )
+            )
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
 
 
 def _export_failure_to_engine(ctx: Context, ns: argparse.Namespace, build: str) -> None:

@@ -84,7 +84,13 @@ def cmd_export(ctx: Context, ns: argparse.Namespace) -> int:
     auth = auth_for(ns.push)
     if auth:  # only then: older daemons refuse arguments they lack
         args["auth"] = auth
-    result = ctx.call("export", args)
+    if ns.output:
+        from ..userfiles import output_file
+
+        with output_file(args["output"]) as fd:  # opened by us, the user: amberd writes to it
+            result = ctx.call("export", args, fds=[fd])
+    else:
+        result = ctx.call("export", args)
     if printed_json(ctx, ns, {"build": ns.build, **result}):
         return EXIT_OK
     where = result.get("path") or result.get("ref") or ns.output or ns.push

@@ -8,6 +8,7 @@ acted on only by the uid that started it, or root (``Api.record``), and listed
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,26 +23,67 @@ from amber.daemon.build.logs import blob_chunks, file_chunks
 from amber.daemon.build.spec import Spec, SpecError, parse_spec
 from amber.daemon.build.state import BuildStatus
 from amber.daemon.context import DaemonContext
-from amber.daemon.errors import BadArgs, Busy, InvalidSpec, NotFound, PermissionDenied
+from amber.daemon.errors import BadArgs, Busy, Internal, InvalidSpec, NotFound, PermissionDenied
+from amber.sandbox.asuser import HelperError, Unreadable, User, UserReader, WrongKind
 from amber.sandbox.digest import from_hex
-from amber.sandbox.fsidentity import filesystem_identity
 
 if TYPE_CHECKING:
     from amber.daemon.api.registry import Api
     from amber.daemon.server import Connection
 
 
-def parse_spec_request(text: str, path: str, *, uid: int = 0, gid: int = 0) -> Spec:
-    """A spec sent by a client, with errors as replies. Its local paths are
-    looked at as the client: root's ``stat`` would tell whether a file the
-    client cannot reach exists."""
+async def parse_spec_request(text: str, path: str, user: User) -> Spec:
+    """A spec sent by a client, with errors as replies.
+
+    Its local paths are looked at by a helper that is the client
+    (sandbox/asuser.py): root's ``stat``, even with the client's fsuid,
+    would pass directories the client cannot and tell whether a file there
+    exists. On a thread: the helper starts, and a path may be slow to open.
+    """
     if not os.path.isabs(path):
         raise BadArgs(f"spec_path must be absolute, got {path!r}")
-    try:
-        with filesystem_identity(uid, gid):  # no await inside: the loop's thread is back at once
+
+    def work() -> Spec:
+        if user.uid == 0:
             return parse_spec(text, path, Path(path).parent)
+        with _ModesAsUser(user) as mode_of:
+            return parse_spec(text, path, Path(path).parent, mode_of=mode_of)
+
+    try:
+        return await trio.to_thread.run_sync(work)
     except SpecError as exc:
         raise InvalidSpec(str(exc)) from None
+    except HelperError as exc:
+        raise Internal(f"the helper reading your files failed: {exc}") from None
+
+
+class _ModesAsUser:
+    """Local sources' modes, asked of a helper that is the user (started for the first one)."""
+
+    def __init__(self, user: User) -> None:
+        self.user = user
+        self.reader: UserReader | None = None
+
+    def __enter__(self) -> _ModesAsUser:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.reader is not None:
+            self.reader.close()
+
+    def __call__(self, path: Path) -> int:
+        if self.reader is None:
+            self.reader = UserReader(self.user)
+        try:
+            fd = self.reader.open(str(path), follow_symlinks=True, allow_dir=True)
+        except Unreadable as exc:  # "PATH: No such file or directory" as before, else the helper's
+            raise OSError(exc.errno, os.strerror(exc.errno) if exc.missing else str(exc)) from None
+        except WrongKind as exc:
+            return exc.mode
+        try:
+            return os.fstat(fd).st_mode
+        finally:
+            os.close(fd)
 
 
 def check_limits(spec: Spec, timeout_max: float) -> None:
@@ -69,6 +111,7 @@ def remote_options(args: dict[str, Any]) -> dict[str, Any]:
 
 
 @operation(
+    takes_fds=True,
     spec_text=str,
     spec_path=str,
     retry_failed=(bool, False),
@@ -84,6 +127,37 @@ def remote_options(args: dict[str, Any]) -> dict[str, Any]:
     no_remote=(bool, False),
 )
 async def build(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    # The out-link's directory is the build's from submit on; closed here if it never gets there.
+    fds = conn.take_fds(conn.request_fds)
+    try:
+        peer = conn.peer
+        spec = await parse_spec_request(
+            args["spec_text"], args["spec_path"], User(peer.uid, peer.gid, peer.groups)
+        )
+        build = _submit(api, conn, args, fds, spec)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    await api.send_event(
+        conn,
+        "build",
+        {
+            "build": build.id,
+            "name": build.spec.name,
+            "steps": [s.name for s in build.spec.steps],
+            "base": str(build.spec.base),
+        },
+    )
+    if args["detach"]:
+        return {"build": build.id, "status": build.status}
+    async for name, data in build.follow():
+        await api.send_event(conn, name, data)
+    return build.result()
+
+
+def _submit(api: Api, conn: Connection, args: dict[str, Any], fds: list[int], spec: Spec) -> Build:
+    """The build request's checks, then the build queued."""
     how = args["export_on_failure"]
     if how not in (None, "oci", "docker-archive", "registry"):
         raise BadArgs(f"export_on_failure must be oci, docker-archive or registry, not {how!r}")
@@ -99,11 +173,9 @@ async def build(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, A
             )
         if not args["out_link"]:
             raise BadArgs("--out-link-privileged goes with --out-link PATH")
-    spec = parse_spec_request(
-        args["spec_text"], args["spec_path"], uid=conn.peer.uid, gid=conn.peer.gid
-    )
+    out_link_dir, export_dir = _request_dirs(args, fds)
     check_limits(spec, api.ctx.config.step_timeout_max)
-    build = api.manager.submit(
+    return api.manager.submit(
         spec,
         args["spec_path"],
         uid=conn.peer.uid,
@@ -112,27 +184,38 @@ async def build(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, A
         retry_failed=args["retry_failed"],
         pin=args["pin"],
         out_link=args["out_link"],
+        out_link_dir=out_link_dir,
         out_link_privileged=args["out_link_privileged"],
         export_on_failure=args["export_on_failure"],
         export_path=args["export_path"],
+        export_dir=export_dir,
         export_ref=args["export_ref"],
         **remote_options(args),
     )
-    await api.send_event(
-        conn,
-        "build",
-        {
-            "build": build.id,
-            "name": spec.name,
-            "steps": [s.name for s in spec.steps],
-            "base": str(spec.base),
-        },
-    )
-    if args["detach"]:
-        return {"build": build.id, "status": build.status}
-    async for name, data in build.follow():
-        await api.send_event(conn, name, data)
-    return build.result()
+
+
+def _request_dirs(args: dict[str, Any], fds: list[int]) -> tuple[int | None, int | None]:
+    """The directories the client opened: for ``--out-link``, then for the export on failure.
+
+    amberd never looks a path a user named up: root resolving it would pass
+    directories the user cannot (CAP_SYS_PTRACE and ``/proc/PID/cwd``),
+    whatever its fsuid. The paths sent along only name the entry made there.
+    """
+    wanted = [args["out_link"] is not None, args["export_on_failure"] in ("oci", "docker-archive")]
+    if sum(wanted) and not fds:
+        raise BadArgs(
+            f"this amberd writes an out-link or an export only below a directory the client "
+            f"opened; upgrade amber (the client) to {__version__}, the daemon's version"
+        )
+    if len(fds) != sum(wanted) or not all(stat.S_ISDIR(os.fstat(fd).st_mode) for fd in fds):
+        raise BadArgs(
+            f"a build takes one directory for --out-link and one for --export-path, {len(fds)} came"
+        )
+    for path in (args["out_link"], args["export_path"]):
+        if path is not None and (os.path.basename(path) in ("", ".", "..") or "\0" in path):
+            raise BadArgs(f"{path!r} names no entry in a directory")
+    given = iter(fds)
+    return (next(given) if wanted[0] else None), (next(given) if wanted[1] else None)
 
 
 @operation()

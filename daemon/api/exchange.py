@@ -2,8 +2,9 @@
 
 An export's layers are the build's initial tree (base and sources) and one
 layer per step up to the exported state, so ``podman history`` reads like
-the build. Files are written with the client's filesystem identity: a user
-cannot make the root daemon write where they could not.
+the build. ``-o FILE`` is a file the client opened (client/userfiles.py):
+amberd never resolves a path a user named, so a user cannot make it write
+where they could not.
 
 An import turns such an image (or any image) into a frozen build on this
 machine: one step per layer after the first, the last one the failure, so
@@ -13,17 +14,19 @@ machine: one step per layer after the first, the last one the failure, so
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
+import secrets
 import sqlite3
 import stat
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from amber.client import __version__
 from amber.daemon.api.operation import operation
 from amber.daemon.build.buildid import make_build_id, safe_name
 from amber.daemon.build.frozen import FrozenState, resolve_state
@@ -32,7 +35,7 @@ from amber.daemon.context import DaemonContext
 from amber.daemon.errors import BadArgs, ExportFailed, ImageError, NotFound, PermissionDenied
 from amber.daemon.oci.auth import Credentials, credentials_for, wire_credentials
 from amber.daemon.oci.digests import LayerDigests
-from amber.daemon.oci.image import export_image, is_local_source, read_image
+from amber.daemon.oci.image import ExportResult, export_image, is_local_source, read_image
 from amber.daemon.oci.layer import KnownLayer, LayerInfo
 from amber.daemon.oci.registry import push_image
 from amber.daemon.oci.spec import (
@@ -47,12 +50,16 @@ from amber.daemon.oci.stream import stream_docker_archive
 from amber.daemon.oci.tarstream import file_copier
 from amber.daemon.storage.db import BuildRecord, StepRecord
 from amber.sandbox.asuser import HelperError, User, UserReader
+from amber.sandbox.beneath import openat2
 from amber.sandbox.digest import from_hex
 from amber.sandbox.fsidentity import filesystem_identity
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from amber.daemon.api.registry import Api
     from amber.daemon.server import Connection
+    from amber.sandbox.store import Store
 
 log = logging.getLogger(__name__)
 LABEL = "org.amber."
@@ -153,6 +160,7 @@ async def _export_with(
             "or a stream (--to-engine)",
         )
     stream_fd = _stream_fd(fds) if args["stream"] else None
+    output_fd = _output_fd(fds) if args["output"] is not None else None
     tag = _engine_tag(args["tag"]) if args["tag"] is not None else None
     if tag is not None and stream_fd is None:
         raise BadArgs("a tag goes with a stream (--to-engine)")
@@ -161,7 +169,7 @@ async def _export_with(
     state = resolve_state(api.ctx.db, record, step=args["step"], before=args["before"])
     result = await export_state(api.ctx, state, uid=conn.peer.uid, gid=conn.peer.gid, output=args["output"],
                                 fmt=args["format"], push=args["push"], insecure=args["insecure"],
-                                stream_fd=stream_fd, tag=tag,
+                                stream_fd=stream_fd, output_fd=output_fd, tag=tag,
                                 credentials=request_credentials(args["auth"], args["push"]) if args["push"] else None)  # fmt: skip
     return result
 
@@ -180,6 +188,27 @@ def _stream_fd(fds: list[int]) -> int:
     return fds[0]
 
 
+def _output_fd(fds: list[int]) -> int:
+    """The file ``-o FILE`` names, opened by the client: amberd never looks that path up.
+
+    Root resolving a path the user named would pass directories the user
+    cannot (CAP_SYS_PTRACE and ``/proc/PID/cwd``), whatever its fsuid.
+    """
+    if not fds:
+        raise BadArgs(
+            f"this amberd writes an export only to a file the client opened; upgrade amber "
+            f"(the client) to {__version__}, the daemon's version"
+        )
+    if len(fds) != 1:
+        raise BadArgs(f"an export to a file needs one descriptor, {len(fds)} came")
+    flags = fcntl.fcntl(fds[0], fcntl.F_GETFL)
+    if not stat.S_ISREG(os.fstat(fds[0]).st_mode):
+        raise BadArgs("an export to a file writes to a regular file only")
+    if flags & os.O_ACCMODE == os.O_RDONLY or flags & os.O_APPEND:
+        raise BadArgs("the export's file must be open for writing, and not in append mode")
+    return fds[0]
+
+
 def _engine_tag(tag: str) -> str:
     """The user's ``NAME[:TAG]``, checked: the engine names the loaded image with it."""
     try:
@@ -193,7 +222,8 @@ def _engine_tag(tag: str) -> str:
 
 async def export_state(
     ctx: DaemonContext, state: FrozenState, *, uid: int, gid: int, output: str | None, fmt: str, push: str | None,
-    insecure: bool, stream_fd: int | None = None, tag: str | None = None,
+    insecure: bool, stream_fd: int | None = None, output_fd: int | None = None,
+    output_dir: int | None = None, tag: str | None = None,
     credentials: Credentials | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Export, push or stream ``state``; shared by ``amber export`` and ``--export-on-failure``."""
@@ -229,13 +259,10 @@ async def export_state(
                 written.extend(streamed.infos)
                 return {"name": name, "digest": streamed.config_digest, "layers": streamed.layers,
                         "size": streamed.size}  # fmt: skip
-            assert output is not None
-            if not os.path.isabs(output):
-                raise BadArgs(f"output must be an absolute path, got {output!r}")
-            with filesystem_identity(uid, gid):
-                result = export_image(ctx.store, layers, config, Path(output), fmt, ref=ref, known=known)  # type: ignore[arg-type]  # fmt: skip
+            result = _export_file(ctx.store, layers, config, fmt, ref, known, output_fd,
+                                  (output_dir, output), (uid, gid))  # fmt: skip
             written.extend(result.layers)
-            return {"path": str(result.path), "digest": result.manifest_digest, "layers": len(layers),
+            return {"path": output, "digest": result.manifest_digest, "layers": len(layers),
                     "size": result.size, "name": result.name}  # fmt: skip
         except BrokenPipeError:
             raise ExportFailed("the reader of the stream went away") from None
@@ -270,6 +297,40 @@ def _remember_layers(
         digests.remember(layers, infos)
     except (sqlite3.Error, OSError) as exc:
         log.warning("layer digests not recorded: %s", exc)
+
+
+def _export_file(store: Store, layers: list, config: ImageConfig, fmt: str, ref: str,
+                 known: Mapping[Any, KnownLayer], output_fd: int | None, where: tuple[int | None, str | None],
+                 ids: tuple[int, int]) -> ExportResult:  # fmt: skip
+    """To the file the client opened (it renames it), or below the directory it opened, as the user."""
+    if output_fd is not None:
+        with open(output_fd, "wb", buffering=1 << 20, closefd=False) as f:
+            return export_image(store, layers, config, f, fmt, ref=ref, known=known)  # type: ignore[arg-type]
+    dir_fd, output = where
+    assert dir_fd is not None and output is not None  # --export-on-failure
+    with filesystem_identity(*ids):
+        return _export_beneath(store, layers, config, fmt, ref, known, (dir_fd, output))
+
+
+def _export_beneath(store: Store, layers: list, config: ImageConfig, fmt: str, ref: str,
+                    known: Mapping[Any, KnownLayer], where: tuple[int, str]) -> ExportResult:  # fmt: skip
+    """Write the image in ``where`` (a directory fd, a path naming the file): aside first,
+    one component, no link followed."""
+    dir_fd, name = where[0], os.path.basename(where[1])
+    part = f".{name}.{secrets.token_hex(6)}.part"
+    fd = openat2(dir_fd, part, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+    try:
+        with open(fd, "wb", buffering=1 << 20) as f:
+            result = export_image(store, layers, config, f, fmt, ref=ref, known=known)  # type: ignore[arg-type]
+        with contextlib.suppress(FileNotFoundError):
+            # Unlinking first spares ext4's flush of data renamed over a file.
+            os.unlink(name, dir_fd=dir_fd)
+        os.rename(part, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(part, dir_fd=dir_fd)
+        raise
+    return result
 
 
 @operation(source=str, insecure=(bool, False), auth=AUTH_ARG)
@@ -356,11 +417,12 @@ async def export_on_failure(ctx: DaemonContext, build) -> None:
     state = resolve_state(ctx.db, record, step=None, before=False)
     how = build.export_on_failure
     output = None
-    if how != "registry":
+    if how != "registry":  # the client opened the directory: export_path's, or the spec's
         output = build.export_path or os.path.join(
             os.path.dirname(build.spec_path), f"amber-{build.id}.tar"
         )
     result = await export_state(ctx, state, uid=build.uid, gid=build.gid, output=output,
+                                output_dir=build.export_dir,
                                 fmt="oci" if how == "registry" else how, push=build.export_ref if how == "registry" else None,
                                 insecure=False)  # fmt: skip
     where = result.get("path") or result.get("ref")

@@ -30,6 +30,7 @@ from amber.daemon.build.spec import Spec, SpecError, spec_from_dict
 from amber.daemon.build.stamps import check_tree
 from amber.daemon.errors import BadArgs, Internal, NotFound
 from amber.daemon.storage.db import BuildRecord
+from amber.sandbox.asuser import User
 from amber.sandbox.digest import from_hex
 
 if TYPE_CHECKING:
@@ -51,7 +52,8 @@ async def verify(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, 
         return await _verify_build(api, api.record(conn, build))
     if spec_text is None or spec_path is None:
         raise BadArgs("verify needs build, or spec_text and spec_path")
-    spec = parse_spec_request(spec_text, spec_path, uid=conn.peer.uid, gid=conn.peer.gid)
+    peer = conn.peer
+    spec = await parse_spec_request(spec_text, spec_path, User(peer.uid, peer.gid, peer.groups))
     result = await _verify_spec(api, conn, spec, spec_path)
     for message in result["notes"]:
         await api.send_event(conn, "note", {"message": message})

@@ -79,10 +79,14 @@ class Build:
     groups: tuple[int, ...] = ()
     pin: str | None = None
     out_link: str | None = None
+    #: The out-link's parent directory, opened by the client; closed when the build ends.
+    out_link_dir: int | None = None
     #: Root only: the out-link keeps set-id bits, security.* xattrs and devices.
     out_link_privileged: bool = False
     export_on_failure: str | None = None  # oci | docker-archive | registry
     export_path: str | None = None
+    #: The directory the export on failure goes to, opened by the client; closed when the build ends.
+    export_dir: int | None = None
     export_ref: str | None = None
     #: Per build (``--cache-from``/``--cache-to``/``--no-remote``): overrides [[cache.remote]].
     cache_from: str | None = None

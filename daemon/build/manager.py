@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import trio
 
@@ -79,6 +80,10 @@ class BuildManager:
                     "cancelled before it started" if build.cancelled else "daemon stopped"
                 )
                 state.finish()
+            for fd in (build.out_link_dir, build.export_dir):
+                if fd is not None:
+                    os.close(fd)
+            build.out_link_dir = build.export_dir = None
             log.info("build %s finished: %s", build.id, build.status)
             # Keep it visible briefly for clients that reattach right away.
             self.nursery.start_soon(self._forget, build.id)

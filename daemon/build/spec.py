@@ -51,10 +51,11 @@ spec_tables.py.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +117,13 @@ def load_spec(path: Path) -> Spec:
     return parse_spec(text, filename, Path(path).parent)
 
 
-def parse_spec(text: str, filename: str, base_dir: Path) -> Spec:
+def parse_spec(
+    text: str, filename: str, base_dir: Path, *, mode_of: Callable[[Path], int] | None = None
+) -> Spec:
     """Validate spec ``text``; ``filename`` is for messages, ``base_dir`` anchors local paths.
+
+    ``mode_of`` looks a local source up (``os.stat`` by default; amberd, root,
+    asks a helper that is the user instead).
 
     Raises:
         SpecError: the text is not TOML or not a valid spec.
@@ -128,12 +134,13 @@ def parse_spec(text: str, filename: str, base_dir: Path) -> Spec:
         found = re.search(r"at line (\d+)", str(exc))
         line = int(found.group(1)) if found else None
         raise SpecError(filename, None, f"invalid TOML: {exc}", line) from exc
-    return spec_from_dict(document, filename, base_dir, text)
+    return spec_from_dict(document, filename, base_dir, text, mode_of=mode_of)
 
 
 def spec_from_dict(
-    document: Mapping[str, Any], filename: str, base_dir: Path, text: str = ""
-) -> Spec:
+    document: Mapping[str, Any], filename: str, base_dir: Path, text: str = "",
+    *, mode_of: Callable[[Path], int] | None = None,
+) -> Spec:  # fmt: skip
     """Validate an already decoded spec document (TOML, or ``Spec.to_dict`` sent over the wire).
 
     ``text``, when given, is the source the document came from, used only to
@@ -143,6 +150,8 @@ def spec_from_dict(
         SpecError: the document is not a valid spec.
     """
     doc = _Doc(filename, Path(os.path.abspath(base_dir)), _Lines(text))
+    if mode_of is not None:
+        doc = dataclasses.replace(doc, mode_of=mode_of)
     top = _Table(doc, document, _Where(None), {"build", "source", "step", "stamp"})
     build = _parse_build(top.table("build", required=True), doc)
     sources = tuple(_parse_source(t, doc, build.workdir) for t in top.array("source"))

@@ -113,7 +113,7 @@ def _parse_source(item: _Located, doc: _Doc, workdir: str) -> Source:
             raise table.error("url", "a url source needs a sha256 or blake3 digest")
         host_path, default_dest = None, _url_basename(url)
     else:
-        host_path = _local_source(table, path_text, doc.base_dir, sha256 or blake3)
+        host_path = _local_source(table, path_text, doc, sha256 or blake3)
         default_dest = host_path.name
     dest_text = table.string("dest", default=default_dest)
     if not dest_text:
@@ -156,13 +156,16 @@ def _url_basename(url: str) -> str:
     return PurePosixPath(path).name if not path.endswith("/") else ""
 
 
-def _local_source(table: _Table, text: str, base_dir: Path, digest: str | None) -> Path:
+def _local_source(table: _Table, text: str, doc: _Doc, digest: str | None) -> Path:
     """The absolute host path of a local source, which must exist now."""
-    path = Path(os.path.normpath(base_dir / text))
+    path = Path(os.path.normpath(doc.base_dir / text))
     try:
-        mode = os.stat(path).st_mode
+        mode = doc.mode_of(path)
     except OSError as exc:
-        raise table.error("path", f"{path}: {exc.strerror or exc}") from exc
+        problem = exc.strerror or str(exc)  # the helper's names the path already
+        raise table.error(
+            "path", problem if str(path) in problem else f"{path}: {problem}"
+        ) from exc
     if stat.S_ISDIR(mode):
         if digest is not None:
             raise table.error("path", f"{path} is a directory: digests are for files")

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,10 @@ class _Where:
         return ".".join(parts) or None
 
 
+def _stat_mode(path: Path) -> int:
+    return os.stat(path).st_mode
+
+
 @dataclass(frozen=True)
 class _Doc:
     """What every check needs to report an error or resolve a local path."""
@@ -40,6 +45,8 @@ class _Doc:
     filename: str
     base_dir: Path
     lines: _Lines
+    #: The st_mode of a local source (OSError if it cannot be had): amberd asks the user's helper.
+    mode_of: Callable[[Path], int] = _stat_mode
 
     def error(self, where: _Where, key: str | None, problem: str) -> SpecError:
         keys = key.split(".") if key else []

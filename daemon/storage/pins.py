@@ -22,7 +22,9 @@ pin stays on the last good build); frozen failures are kept by the
 retention policy, and ``amber pin add NAME BUILD`` pins one explicitly.
 
 ``amber build --out-link PATH`` checks the final state (or the spec's
-``output`` directory in it) out at PATH, as the user who asked, without
+``output`` directory in it) out at PATH, below the directory the client
+opened (storage/outlinks.py: amberd never resolves PATH), owned by the user
+who asked, without
 set-id bits, file capabilities or other ``security.*`` and ``trusted.*``
 xattrs, or device nodes (root may ask for all but ``trusted.*`` with
 ``--out-link-privileged``), and records
@@ -35,13 +37,10 @@ out-link amber made; anything else at PATH is an error.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
 import re
-import secrets
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
@@ -51,9 +50,8 @@ import trio
 from amber.daemon.build.state import BuildStatus
 from amber.daemon.errors import BadArgs, Busy, NotFound, PermissionDenied
 from amber.daemon.storage.db import BuildRecord, Database, OutLink, Pin
+from amber.daemon.storage.outlinks import OUT_LINK_XATTR, OutLinkPlace, checkout_out_link
 from amber.sandbox import tree as treefmt
-from amber.sandbox.checkout import FOR_USER, PRIVILEGED, CheckoutError, checkout
-from amber.sandbox.fsidentity import filesystem_identity
 from amber.sandbox.store import Store
 
 if TYPE_CHECKING:
@@ -64,7 +62,6 @@ TARGET_FORMS = (
     "BUILD (a build id), BUILD:STEP (a step of it), result:KEY or KEY (a step key), "
     "tree:DIGEST or DIGEST (a tree)"
 )
-OUT_LINK_XATTR = "user.amber.out-link"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
 
@@ -238,9 +235,13 @@ async def on_success(ctx: DaemonContext, build: Build, tree: bytes) -> None:
 
 
 async def _out_link(ctx: DaemonContext, build: Build, tree: bytes) -> None:
-    path = os.path.normpath(build.out_link or "")
-    if not os.path.isabs(path) or path == "/":
-        raise BadArgs(f"--out-link must be an absolute path, got {path!r}")
+    if build.out_link_dir is None:
+        raise BadArgs("--out-link: the client passed no directory")  # checked at submit already
+    name = os.path.basename(build.out_link or "")
+    # The path is the kernel's name of the directory the client opened, not
+    # the client's word: gc and fsck look it up, and another user's record
+    # must not be taken over by naming their path.
+    path = os.path.join(os.readlink(f"/proc/self/fd/{build.out_link_dir}"), name)
     output = build.spec.output
     target = tree
     if output and output != "/":
@@ -251,52 +252,16 @@ async def _out_link(ctx: DaemonContext, build: Build, tree: bytes) -> None:
             raise NotFound(f"the spec's output {output} is not a directory in the final state")
         target = entry.ref
     previous = ctx.db.get_out_link(path)
-    replaceable = previous is not None and out_link_alive(previous)
+    place = OutLinkPlace(build.out_link_dir, name, build.out_link or path)
     dev, ino = await trio.to_thread.run_sync(
-        _checkout_out_link, ctx.store, target, path, build, replaceable
+        checkout_out_link, ctx.store, target, place, build, previous
     )
     ctx.db.put_out_link(
         OutLink(path=path, build_id=build.id, tree=target.hex(), uid=build.uid, dev=dev,
                 ino=ino, created=time.time())
     )  # fmt: skip
     shown = f"{output} of the result" if target != tree else "the result"
-    build.note(f"checked {shown} out at {path}; gc keeps it while that directory exists")
-
-
-def _checkout_out_link(
-    store: Store, digest: bytes, path: str, build: Build, replaceable: bool
-) -> tuple[int, int]:
-    """Check ``digest`` out at ``path`` as the build's user; returns the directory's (dev, ino).
-
-    The checkout is made next to PATH and renamed into place, so PATH is
-    never half-written, and an out-link made earlier is replaced whole.
-    """
-    parent, name = os.path.split(path)
-    temp = os.path.join(parent, f".{name}.amber-{secrets.token_hex(4)}")
-    with filesystem_identity(build.uid, build.gid):
-        if os.path.lexists(path) and not replaceable:
-            raise BadArgs(
-                f"--out-link {path} exists and is not an out-link amber made; remove it or pick another path",
-            )
-        try:
-            # Root's own out-link too: a step's `chmod 4755` is no setuid-root file unless asked.
-            trust = PRIVILEGED if build.uid == 0 and build.out_link_privileged else FOR_USER
-            checkout(store, digest, temp, owners=False, trust=trust)
-            with contextlib.suppress(OSError):  # no user xattrs here: the inode alone tells
-                os.setxattr(temp, OUT_LINK_XATTR, build.id.encode())
-            if os.path.lexists(path):
-                old = f"{temp}.old"
-                os.rename(path, old)
-                os.rename(temp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(temp, path)
-        except (OSError, CheckoutError) as exc:
-            shutil.rmtree(temp, ignore_errors=True)
-            error = PermissionDenied if isinstance(exc, PermissionError) else NotFound
-            raise error(f"--out-link {path}: {exc}") from None
-        st = os.lstat(path)
-    return st.st_dev, st.st_ino
+    build.note(f"checked {shown} out at {place.shown}; gc keeps it while that directory exists")
 
 
 def out_link_alive(link: OutLink) -> bool:
