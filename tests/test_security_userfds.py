@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from second_user import MAL, Mal, mal_daemon
+from second_user import BOB, MAL, Mal, mal_daemon, user_of
 
 from amber.client.errors import AmberError
 
@@ -167,3 +167,29 @@ def test_spec_errors_about_mals_own_sources_are_unchanged(mal: Mal):
     mal.run("mkfifo", mal.home / "project/fifo", check=True)
     code, out = mal.said("build", source_spec(mal, "fifo"))
     assert code != 0 and "is neither a file nor a directory" in out, out
+
+
+def test_out_link_in_a_directory_mal_cannot_write_is_refused(mal: Mal):
+    """A directory mal may open but not write (root's 0755, like /etc): root makes nothing there."""
+    closed = mal.daemon.root / "roots-own"
+    closed.mkdir(mode=0o755)
+    spec = mal.write("project/spec.toml", PASSING)
+    code, out = mal.said("build", "--out-link", closed / "r", spec)
+    assert code != 0, out
+    assert "Permission denied" in out, out
+    assert os.listdir(closed) == []
+
+
+def test_out_link_cannot_replace_another_users_in_a_sticky_directory(mal: Mal):
+    """bob's out-link in a shared sticky directory (a /tmp) is bob's: mal naming it changes nothing."""
+    shared = mal.daemon.root / "shared-tmp"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    bob = user_of(mal.daemon, BOB)
+    code, out = bob.said("build", "--out-link", shared / "r", bob.write("spec.toml", PASSING))
+    assert code == 0, out
+    spec = mal.write("project/spec.toml", PASSING.replace("echo made", "echo mals"))
+    code, out = mal.said("build", "--out-link", shared / "r", spec)
+    assert code != 0, out
+    assert (shared / "r" / "made").read_text() == "made\n"
+    assert (shared / "r").stat().st_uid == BOB

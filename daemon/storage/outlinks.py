@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from amber.daemon.errors import BadArgs, NotFound, PermissionDenied
 from amber.sandbox.checkout import FOR_USER, PRIVILEGED, CheckoutError, checkout
+from amber.sandbox.fsidentity import filesystem_identity
 from amber.sandbox.store import Store
 
 if TYPE_CHECKING:
@@ -53,12 +54,12 @@ def checkout_out_link(
     never half-written, and an out-link made earlier is replaced whole.
     """
     existing = _lstat(place)
-    if existing is not None and not _made_by_amber(place, existing, previous):
+    if existing is not None and not _made_by_amber(place, existing, previous, build):
         raise BadArgs(
             f"--out-link {place.shown} exists and is not an out-link amber made; remove it or pick another path",
         )
     try:
-        private = _private_dir(place)
+        private = _private_dir(place, build.uid, build.gid)
     except OSError as exc:
         raise _error(place, exc) from None
     temp, private_fd = private
@@ -98,9 +99,13 @@ def _lstat(place: OutLinkPlace) -> os.stat_result | None:
         return None
 
 
-def _made_by_amber(place: OutLinkPlace, st: os.stat_result, previous: OutLink | None) -> bool:
+def _made_by_amber(
+    place: OutLinkPlace, st: os.stat_result, previous: OutLink | None, build: Build
+) -> bool:
     """Whether the entry at ``place`` is the checkout recorded as ``previous``."""
     if previous is None or not stat.S_ISDIR(st.st_mode):
+        return False
+    if build.uid not in (0, previous.uid):  # another user's, say in a sticky /tmp: theirs to remove
         return False
     if (st.st_dev, st.st_ino) != (previous.dev, previous.ino):
         return False
@@ -117,16 +122,22 @@ def _made_by_amber(place: OutLinkPlace, st: os.stat_result, previous: OutLink | 
         os.close(fd)
 
 
-def _private_dir(place: OutLinkPlace) -> tuple[str, int]:
+def _private_dir(place: OutLinkPlace, uid: int, gid: int) -> tuple[str, int]:
     """A fresh 0700 directory of root's next to the out-link, and an fd of it.
 
-    Made by name in the user's directory, so what is opened is checked to
-    be it: a directory of root's, 0700 and empty (the user can make none such).
+    Made as the user (``mkdir`` with the user's filesystem ids, one component
+    below the client's descriptor): only where the user may create an entry
+    may root put one, and the directory the client opened may be /etc.
+    Then it is made root's; what is opened is checked to be it: a directory
+    of root's, 0700 and empty (the user can put nothing in it once it is).
     """
     temp = f".{place.name}.amber-{secrets.token_hex(6)}"
-    os.mkdir(temp, 0o700, dir_fd=place.dir_fd)
+    with filesystem_identity(uid, gid):
+        os.mkdir(temp, 0o700, dir_fd=place.dir_fd)
     fd = os.open(temp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                  dir_fd=place.dir_fd)  # fmt: skip
+    os.fchown(fd, os.geteuid(), os.getegid())
+    os.fchmod(fd, 0o700)
     st = os.fstat(fd)
     if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) != 0o700 or os.listdir(fd):
         os.close(fd)
