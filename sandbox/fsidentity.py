@@ -14,21 +14,43 @@ record of the identity makes that free when no identity is in effect.
 from __future__ import annotations
 
 import ctypes
+import os
+import platform
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _current = threading.local()
+#: setgroups(2) by number: the raw system call changes the calling thread's
+#: groups only (glibc's wrapper would change every thread's).
+_SYS_SETGROUPS = {"x86_64": 116, "aarch64": 159}.get(platform.machine())
+
+
+def _thread_groups(groups: list[int]) -> None:
+    if _SYS_SETGROUPS is None:
+        raise OSError(f"no per-thread setgroups on {platform.machine()}")
+    array = (ctypes.c_uint * max(1, len(groups)))(*groups)
+    if _libc.syscall(_SYS_SETGROUPS, len(groups), array) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setgroups: {os.strerror(err)}")
 
 
 @contextmanager
-def filesystem_identity(uid: int, gid: int) -> Iterator[None]:
-    """Access files as ``uid``/``gid`` on this thread only (a no-op for root)."""
+def filesystem_identity(uid: int, gid: int, groups: tuple[int, ...] = ()) -> Iterator[None]:
+    """Access files as ``uid``/``gid`` with supplementary ``groups``, on this thread only
+    (a no-op for root).
+
+    The groups matter as much as the uid: amberd's own (group 0, or whatever
+    the shell that started it had) would otherwise open to the user every
+    directory those groups may write.
+    """
     if uid == 0:
         yield
         return
     outer = getattr(_current, "ids", None)
+    old_groups = os.getgroups()
+    _thread_groups(list(groups))
     old_gid = _libc.setfsgid(gid)
     old_uid = _libc.setfsuid(uid)
     _current.ids = (uid, gid)
@@ -37,6 +59,7 @@ def filesystem_identity(uid: int, gid: int) -> Iterator[None]:
     finally:
         _libc.setfsuid(old_uid)
         _libc.setfsgid(old_gid)
+        _thread_groups(old_groups)
         _current.ids = outer
 
 

@@ -181,3 +181,18 @@ def test_an_oci_base_through_proc_cwd_is_refused(mal: Mal, victim_cwd: str):
     assert code != 0, out
     assert f"as uid {MAL}: Permission denied" in out, out
     assert not leaked(mal, out)
+
+
+def test_the_daemons_own_groups_let_mal_make_no_out_link(daemon_root: Path):
+    """A directory only amberd's extra group may write (0770 root:4545) stays empty."""
+    closed = daemon_root / "group-writable"
+    closed.mkdir()
+    os.chown(closed, 0, GROUP)
+    os.chmod(closed, 0o771)  # others may pass through (the client opens it), not write
+    with extra_group(GROUP), mal_daemon(daemon_root) as mal:
+        os.setgroups([g for g in os.getgroups() if g != GROUP])  # the daemon keeps it
+        path = spec(mal, 'base = "host"\n[[step]]\nname = "s"\nrun = "echo made > made"\n')
+        code, out = mal.said("build", "--out-link", closed / "r", path)
+        assert code != 0, out
+        assert "Permission denied" in out, out
+        assert os.listdir(closed) == []

@@ -59,7 +59,7 @@ def checkout_out_link(
             f"--out-link {place.shown} exists and is not an out-link amber made; remove it or pick another path",
         )
     try:
-        private = _private_dir(place, build.uid, build.gid)
+        private = _private_dir(place, build.uid, build.gid, build.groups)
     except OSError as exc:
         raise _error(place, exc) from None
     temp, private_fd = private
@@ -122,7 +122,9 @@ def _made_by_amber(
         os.close(fd)
 
 
-def _private_dir(place: OutLinkPlace, uid: int, gid: int) -> tuple[str, int]:
+def _private_dir(
+    place: OutLinkPlace, uid: int, gid: int, groups: tuple[int, ...]
+) -> tuple[str, int]:
     """A fresh 0700 directory of root's next to the out-link, and an fd of it.
 
     Made as the user (``mkdir`` with the user's filesystem ids, one component
@@ -132,7 +134,7 @@ def _private_dir(place: OutLinkPlace, uid: int, gid: int) -> tuple[str, int]:
     of root's, 0700 and empty (the user can put nothing in it once it is).
     """
     temp = f".{place.name}.amber-{secrets.token_hex(6)}"
-    with filesystem_identity(uid, gid):
+    with filesystem_identity(uid, gid, groups):
         os.mkdir(temp, 0o700, dir_fd=place.dir_fd)
     fd = os.open(temp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                  dir_fd=place.dir_fd)  # fmt: skip
