@@ -1,20 +1,23 @@
-"""The ``host`` base's fingerprint: what the sandbox binds, every entry of it.
+"""The ``host`` base's fingerprint: what the sandbox binds, every directory of it.
 
 A step on the host base sees the host's system directories read-only, so its
 cache key must change whenever anything under them does: a new
 ``/usr/lib/x86_64-linux-gnu/libfoo.so``, a changed ``/usr/include/zlib.h``.
-The fingerprint hashes the path, size, mode, inode, mtime and ctime of every
-entry (``lstat``: no link is followed), plus the package databases.
+The fingerprint hashes the path, identity and change times (mtime, ctime)
+of every directory below them (``lstat``: no link is followed), plus the
+package databases: an entry added, removed or renamed anywhere changes its
+directory's mtime. Every file's own ``lstat`` as well (140,000 entries on
+Debian) cost 0.45 s warm and 1 s cold at each amberd start, against 0.18 s
+for the 15,700 directories; and it bought nothing between starts, since
+the digest is kept while no directory changed.
 
-That walk takes about 0.4 s for Debian's 140,000 entries, too much for every
-build, so the digest is kept with the identity and change times of every
-directory it walked: as long as none of them changed (about 25 ms of
-``lstat``), no entry was added, removed or renamed, and the digest stands.
-A directory is stat'ed before it is listed, so a change during the walk
-shows at the next check. What this does not see is a file rewritten in
-place under the same name (``cp`` onto an existing file): its directory
-does not change. Package managers and ``install`` write a new file and
-rename it, which changes the directory.
+The digest is kept with the stamps it was made of: as long as none of them
+changed (about 25 ms of ``lstat``), it stands, and it is exactly what a
+new walk would give. A directory is stat'ed before it is listed, so a
+change during the walk shows at the next check. What this does not see is
+a file rewritten or chmod'ed in place under the same name (``cp`` onto an
+existing file): its directory does not change. Package managers and
+``install`` write a new file and rename it, which changes the directory.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from amber.sandbox.digest import hash_bytes
 __all__ = ["host_fingerprint", "tree_fingerprint"]
 
 PACKAGE_DATABASES = ("/var/lib/dpkg/status", "/var/lib/rpm/rpmdb.sqlite")
-_ENTRY = struct.Struct("=QQQIqq")  # size, dev, ino, mode, mtime_ns, ctime_ns
 _DIR = struct.Struct("=QQqq")  # dev, ino, mtime_ns, ctime_ns
 
 
@@ -64,7 +66,7 @@ def host_fingerprint(tops: Sequence[str]) -> str:
 
 
 def tree_fingerprint(tops: Sequence[str]) -> str:
-    """The digest of every entry under ``tops``, walked again only when a
+    """The digest of every directory under ``tops``, walked again only when a
     directory among them changed (see the module notes)."""
     global _last
     key = tuple(tops)
@@ -93,7 +95,8 @@ def _dir_stamp(st: os.stat_result) -> bytes:
 
 
 def _walk(tops: tuple[str, ...]) -> _Walked:
-    """Hash every entry under ``tops``, depth first in name order."""
+    """Hash the path and change stamp of every directory under ``tops``, depth first
+    in name order (``d_type`` finds the subdirectories: no ``lstat`` of files)."""
     digest = hashlib.sha256()
     dirs: list[tuple[str, bytes]] = []
     stack = list(reversed(tops))
@@ -103,24 +106,13 @@ def _walk(tops: tuple[str, ...]) -> _Walked:
             st = os.lstat(path)
             if not stat.S_ISDIR(st.st_mode):
                 continue
-            dirs.append((path, _dir_stamp(st)))  # before listing: see the notes
+            stamp = _dir_stamp(st)  # before listing: see the notes
             with os.scandir(path) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                below = sorted(e.path for e in it if e.is_dir(follow_symlinks=False))
         except OSError:
             digest.update(b"unreadable\0" + os.fsencode(path) + b"\0")
             continue
-        parts = [os.fsencode(path)]
-        below = []
-        for entry in entries:
-            try:
-                est = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue  # gone since the listing: its directory changed
-            parts.append(os.fsencode(entry.name))
-            parts.append(_ENTRY.pack(est.st_size, est.st_dev, est.st_ino, est.st_mode,
-                                     est.st_mtime_ns, est.st_ctime_ns))  # fmt: skip
-            if stat.S_ISDIR(est.st_mode):
-                below.append(entry.path)
-        digest.update(b"\0".join(parts) + b"\0\0")
+        dirs.append((path, stamp))
+        digest.update(os.fsencode(path) + b"\0" + stamp)
         stack.extend(reversed(below))
     return _Walked(tops, tuple(dirs), digest.hexdigest())
