@@ -193,3 +193,30 @@ def test_out_link_cannot_replace_another_users_in_a_sticky_directory(mal: Mal):
     assert code != 0, out
     assert (shared / "r" / "made").read_text() == "made\n"
     assert (shared / "r").stat().st_uid == BOB
+
+
+def test_an_export_descriptor_that_is_no_writable_regular_file_is_refused(mal: Mal):
+    """A hostile client's descriptor: a FIFO (a worker would block on it), a file open
+    read-only or for appending. Each is refused with a reason; the daemon serves on."""
+    build = failed_build(mal)
+    fifo = mal.home / "fifo"
+    os.mkfifo(fifo)
+    plain = mal.write("plain", "")
+    cases = {
+        "regular file only": os.open(fifo, os.O_RDWR | os.O_NONBLOCK),
+        "open for writing": os.open(plain, os.O_RDONLY),
+        "not in append mode": os.open(plain, os.O_WRONLY | os.O_APPEND),
+    }
+    try:
+        with mal.daemon.connect() as conn:
+            for reason, fd in cases.items():
+                with (
+                    pytest.raises(AmberError, match=reason),
+                    conn.request("export", {"build": build, "output": str(plain)}, fds=[fd]) as s,
+                ):
+                    s.wait()
+            assert "builds" in conn.call("ps")
+    finally:
+        for fd in cases.values():
+            os.close(fd)
+    assert plain.read_bytes() == b""
