@@ -94,7 +94,30 @@ def build_args(ns: argparse.Namespace, path: str, text: str) -> dict[str, Any]:
         args["export_on_failure"] = ns.export_on_failure
         args["export_path"] = absolute(ns.export_path)
         args["export_ref"] = ns.export_ref
+    base = registry_base(text)
+    if base is not None:
+        from ..registry_auth import auth_for
+
+        auth = auth_for(base)
+        if auth:  # only when there is some: older daemons refuse arguments they lack
+            args["auth"] = auth
     return args
+
+
+def registry_base(text: str) -> str | None:
+    """The spec's ``docker://`` base, whose registry our credentials are sent for (else None).
+
+    The daemon parses and checks the spec; this only looks for the one field.
+    """
+    if "docker://" not in text:
+        return None
+    import tomllib
+
+    try:
+        base = tomllib.loads(text).get("build", {}).get("base")
+    except (tomllib.TOMLDecodeError, AttributeError):
+        return None
+    return base if isinstance(base, str) and base.startswith("docker://") else None
 
 
 def build_one(ctx: Context, ns: argparse.Namespace, path: str, text: str) -> int:

@@ -301,15 +301,24 @@ def pick_manifest(entries: list[Descriptor], tag: str | None = None) -> Descript
         if not named:
             raise OciError(f"no image tagged {tag!r} in the index")
         entries = named
-    if len(entries) == 1:
-        return entries[0]
     arch = machine_architecture()
+    if len(entries) == 1 and not entries[0].platform:
+        return entries[0]  # a layout's one image, which says no platform: it is the one
     for e in entries:
         if e.platform.get("architecture") == arch and e.platform.get("os", "linux") == "linux":
             return e
     if not entries:
         raise OciError("the index lists no images")
-    raise OciError(f"the index lists {len(entries)} images and none for linux/{arch}")
+    offered = ", ".join(sorted({_platform_name(e.platform) for e in entries}))
+    raise OciError(
+        f"the index lists {len(entries)} image(s), none for linux/{arch} (it has: {offered})"
+    )
+
+
+def _platform_name(platform: dict[str, str]) -> str:
+    """``os/architecture[/variant]`` as the container tools write it, ``?`` for unsaid parts."""
+    parts = [str(platform.get("os") or "?"), str(platform.get("architecture") or "?")]
+    return "/".join(parts + ([str(platform["variant"])] if platform.get("variant") else []))
 
 
 def canonical_json(doc: object) -> bytes:

@@ -1,0 +1,276 @@
+"""Bases pulled from a registry: ``base = "docker://REGISTRY/REPO:TAG|@sha256:..."`` and
+``amber image import NAME docker://...``, against a real docker-registry that skopeo
+pushed the image to.
+
+What a user checks: the build runs on the image; the log and ``amber show`` name the
+digest the tag had; a second build downloads no blob (the registry's access log says
+so) and, by digest, needs no registry at all; a moved tag is noticed; the keys are the
+tree's, not the tag's; a multi-platform index gives this machine's image; errors say
+what is wrong and amberd serves on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import pytest
+from amberd_process import Daemon
+from conftest import serve_registry
+from rootfs import make_busybox_root
+from tools import need, run
+
+from amber.daemon.oci.registry import RegistryClient
+from amber.daemon.oci.spec import OCI_INDEX, OCI_MANIFEST, machine_architecture
+
+MAKE_IMAGE = """
+[build]
+name = "img"
+base = "bb"
+
+[[step]]
+name = "mark"
+run = "echo {text} > /hello"
+user = "root"
+"""
+
+ON_BASE = """
+[build]
+name = "onbase"
+base = "{base}"
+
+[[step]]
+name = "read"
+run = "cat /hello > /build/seen"
+user = "root"
+
+[[step]]
+name = "after"
+run = "cat /build/seen"
+"""
+
+
+def spec(amberd: Daemon, name: str, text: str) -> Path:
+    path = amberd.root / name
+    path.write_text(text)
+    return path
+
+
+def push_image(amberd: Daemon, registry: str, ref: str, text: str) -> str:
+    """An image whose /hello says ``text``, exported by amber, pushed by skopeo to
+    ``registry/ref``; its manifest digest as skopeo reports it."""
+    need("skopeo")
+    code, result = amberd.build_json(
+        spec(amberd, f"make-{text}.toml", MAKE_IMAGE.format(text=text))
+    )
+    assert code == 0, result
+    archive = amberd.root / f"{text}.tar"
+    exported = amberd.amber("export", result["build"], "-o", str(archive))
+    assert exported.returncode == 0, exported.stderr
+    run(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci-archive:{archive}",
+         f"docker://{registry}/{ref}"])  # fmt: skip
+    info = run(["skopeo", "inspect", "--tls-verify=false", f"docker://{registry}/{ref}"])
+    return json.loads(info.stdout)["Digest"]
+
+
+@pytest.fixture
+def bb(amberd: Daemon) -> Daemon:
+    root = amberd.root / "bbroot"
+    make_busybox_root(root)
+    assert amberd.amber("image", "import", "bb", f"dir:{root}").returncode == 0
+    return amberd
+
+
+def keys(amberd: Daemon, result: dict) -> list[str]:
+    return [s["key"] for s in show(amberd, result["build"])["steps"]]
+
+
+def access_log(registry_log: Path, since: int) -> list[str]:
+    """The registry's access-log lines (combined format) written after offset ``since``."""
+    text = registry_log.read_bytes()[since:].decode(errors="replace")
+    return [line for line in text.splitlines() if re.search(r'"(GET|HEAD) /v2/', line)]
+
+
+def blob_gets(lines: list[str]) -> list[str]:
+    return [line for line in lines if re.search(r'"GET /v2/\S+/blobs/', line)]
+
+
+def show(amberd: Daemon, build: str) -> dict:
+    proc = amberd.amber("show", build, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_a_tagged_base_is_pulled_once_and_named_by_digest(
+    bb: Daemon, registry: str, tmp_path: Path
+):
+    amberd = bb
+    digest = push_image(amberd, registry, "amber/bb:v1", "first")
+    on_tag = spec(amberd, "tag.toml", ON_BASE.format(base=f"docker://{registry}/amber/bb:v1"))
+    code, first = amberd.build_json(on_tag)
+    assert code == 0, first
+    assert [s["status"] for s in first["steps"]] == ["ran", "ran"]
+    log = amberd.amber("log", first["build"], "--step", "after").stdout.decode()
+    assert "first" in log
+    # The log and `amber show` say which image the tag was.
+    pinned = f"docker://{registry}/amber/bb@{digest}"
+    notes = amberd.amber("log", first["build"]).stdout.decode()
+    assert f"is {pinned}" in notes and "pulled 2 layer(s)" in notes, notes
+    assert show(amberd, first["build"])["base_digest"] == digest
+    text = amberd.amber("show", first["build"]).stdout.decode()
+    assert f"docker://{registry}/amber/bb:v1 ({digest})" in text
+
+    # Again: one manifest GET to re-resolve the tag, no blob downloaded, every step cached.
+    registry_log = tmp_path / "registry.log"
+    mark = registry_log.stat().st_size
+    code, second = amberd.build_json(on_tag)
+    assert code == 0, second
+    assert [s["status"] for s in second["steps"]] == ["cached", "cached"]
+    requests = access_log(registry_log, mark)
+    assert blob_gets(requests) == [], requests
+    assert len([r for r in requests if "/manifests/v1 " in r]) == 1, requests
+    assert (
+        "pulled before, nothing downloaded" in amberd.amber("log", second["build"]).stdout.decode()
+    )
+
+    # By digest, the same keys (they are the tree's), and no registry needed at all.
+    on_digest = spec(amberd, "digest.toml", ON_BASE.format(base=pinned))
+    mark = registry_log.stat().st_size
+    code, by_digest = amberd.build_json(on_digest)
+    assert code == 0, by_digest
+    assert keys(amberd, by_digest) == keys(amberd, first)
+    assert access_log(registry_log, mark) == []
+
+    # A named image of the same pull: `amber image import NAME docker://...`, same keys.
+    imported = amberd.amber("image", "import", "bbpulled", f"docker://{registry}/amber/bb:v1")
+    assert imported.returncode == 0, imported.stderr
+    assert pinned.encode() in imported.stdout
+    code, named = amberd.build_json(spec(amberd, "named.toml", ON_BASE.format(base="bbpulled")))
+    assert code == 0 and keys(amberd, named) == keys(amberd, first), named
+    assert [s["status"] for s in named["steps"]] == ["cached", "cached"]
+
+    # The tag moves: noticed on the next build, which runs on the new image.
+    moved = push_image(amberd, registry, "amber/bb:v1", "second")
+    assert moved != digest
+    code, third = amberd.build_json(on_tag)
+    assert code == 0, third
+    assert [s["status"] for s in third["steps"]] == ["ran", "ran"]
+    assert "second" in amberd.amber("log", third["build"], "--step", "after").stdout.decode()
+    assert show(amberd, third["build"])["base_digest"] == moved
+    # The named image stays what the tag was when it was imported.
+    listed = json.loads(amberd.amber("image", "ls", "--json").stdout)["images"]
+    assert [i["source"] for i in listed if i["name"] == "bbpulled"] == [pinned]
+
+
+def test_a_digest_base_builds_with_the_registry_gone(bb: Daemon, tmp_path: Path):
+    """Pulled once, a base named by digest needs no registry: stopped after the first build."""
+    amberd = bb
+    (tmp_path / "r").mkdir()
+    with serve_registry(tmp_path / "r") as reg:
+        digest = push_image(amberd, reg, "amber/bb:v1", "offline")
+        base = f"docker://{reg}/amber/bb@{digest}"
+        code, first = amberd.build_json(spec(amberd, "digest.toml", ON_BASE.format(base=base)))
+        assert code == 0, first
+    # The registry is gone now: the first step is a hit, the changed second one runs.
+    changed = ON_BASE.format(base=base).replace("cat /build/seen", "cat /build/seen; echo more")
+    code, second = amberd.build_json(spec(amberd, "changed.toml", changed))
+    assert code == 0, second
+    assert [s["status"] for s in second["steps"]] == ["cached", "ran"]
+    # A tag must be resolved: the build says it cannot, and amberd serves on.
+    on_tag = ON_BASE.format(base=f"docker://{reg}/amber/bb:v1")
+    code, tagged = amberd.build_json(spec(amberd, "tag.toml", on_tag))
+    assert code != 0 and tagged["status"] == "errored", tagged
+    assert "cannot reach registry" in tagged["error"], tagged
+    assert amberd.amber("status").returncode == 0
+
+
+def busybox_layer(tmp_path: Path) -> bytes:
+    """A busybox root as one uncompressed layer, owned by root (/build by uid 1000)."""
+    root = make_busybox_root(tmp_path / "bb-layer")
+
+    def owner(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        build = info.name in ("build", "./build")
+        info.uid = info.gid = 1000 if build else 0
+        info.uname = info.gname = ""
+        return info
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for entry in sorted(root.iterdir()):
+            tar.add(entry, arcname=entry.name, filter=owner)
+    return buf.getvalue()
+
+
+def put_index(registry: str, repo: str, arches: list[str], base_layer: bytes) -> str:
+    """A multi-platform index at ``repo:latest``: per architecture, ``base_layer`` and a
+    layer with one file, /ARCH.txt; returns the index's digest."""
+    from test_oci import layer_tar, member
+
+    def sha(data: bytes) -> str:
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+
+    def desc(data: bytes, media_type: str, **more) -> dict:
+        return {"mediaType": media_type, "digest": sha(data), "size": len(data), **more}
+
+    client = RegistryClient(registry)
+    try:
+        entries = []
+        for arch in arches:
+            layer = layer_tar((member(f"{arch}.txt", mode=0o644), f"the {arch} image\n".encode()))
+            config = json.dumps({"architecture": arch, "os": "linux", "rootfs": {
+                "type": "layers", "diff_ids": [sha(base_layer), sha(layer)]}}).encode()  # fmt: skip
+            manifest = json.dumps({
+                "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                "config": desc(config, "application/vnd.oci.image.config.v1+json"),
+                "layers": [desc(b, "application/vnd.oci.image.layer.v1.tar") for b in (base_layer, layer)],
+            }).encode()  # fmt: skip
+            for blob in (base_layer, layer, config):
+                client.upload(repo, sha(blob), blob, len(blob))
+            client.put_manifest(repo, sha(manifest), manifest, OCI_MANIFEST)
+            platform = {"architecture": arch, "os": "linux"}
+            entries.append(desc(manifest, OCI_MANIFEST, platform=platform))
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
+        return client.put_manifest(repo, "latest", json.dumps(index).encode(), OCI_INDEX)
+    finally:
+        client.close()
+
+
+LIST = """
+[build]
+name = "multi"
+base = "docker://{registry}/{repo}:latest"
+
+[[step]]
+name = "ls"
+run = "cat /*.txt"
+"""
+
+
+def test_a_multi_platform_index_gives_this_machines_image(
+    amberd: Daemon, registry: str, tmp_path: Path
+):
+    host = machine_architecture()
+    other = "arm64" if host != "arm64" else "amd64"
+    layer = busybox_layer(tmp_path)
+    index = put_index(registry, "amber/multi", [other, host, "s390x"], layer)
+    code, result = amberd.build_json(
+        spec(amberd, "m.toml", LIST.format(registry=registry, repo="amber/multi"))
+    )
+    assert code == 0, result
+    out = amberd.amber("log", result["build"], "--step", "ls").stdout.decode()
+    assert out.strip() == f"the {host} image", out
+    assert show(amberd, result["build"])["base_digest"] == index
+    notes = amberd.amber("log", result["build"]).stdout.decode()
+    assert "this platform's manifest sha256:" in notes, notes
+
+    # An index without this machine's platform: a clear error, and amberd serves on.
+    put_index(registry, "amber/foreign", [other, "s390x"], layer)
+    foreign = spec(amberd, "f.toml", LIST.format(registry=registry, repo="amber/foreign"))
+    code, result = amberd.build_json(foreign)
+    assert code != 0 and result["status"] == "errored", result
+    assert f"none for linux/{host}" in result["error"] and "linux/s390x" in result["error"], result
+    assert amberd.amber("status").returncode == 0
