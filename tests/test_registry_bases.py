@@ -60,9 +60,9 @@ def spec(amberd: Daemon, name: str, text: str) -> Path:
     return path
 
 
-def push_image(amberd: Daemon, registry: str, ref: str, text: str) -> str:
+def push_image(amberd: Daemon, registry: str, ref: str, text: str, creds: str | None = None) -> str:
     """An image whose /hello says ``text``, exported by amber, pushed by skopeo to
-    ``registry/ref``; its manifest digest as skopeo reports it."""
+    ``registry/ref`` (as ``creds``, USER:PASSWORD); its manifest digest as skopeo reports it."""
     need("skopeo")
     code, result = amberd.build_json(
         spec(amberd, f"make-{text}.toml", MAKE_IMAGE.format(text=text))
@@ -71,9 +71,11 @@ def push_image(amberd: Daemon, registry: str, ref: str, text: str) -> str:
     archive = amberd.root / f"{text}.tar"
     exported = amberd.amber("export", result["build"], "-o", str(archive))
     assert exported.returncode == 0, exported.stderr
-    run(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci-archive:{archive}",
+    login = ["--dest-creds", creds] if creds else []
+    run(["skopeo", "copy", "-q", "--dest-tls-verify=false", *login, f"oci-archive:{archive}",
          f"docker://{registry}/{ref}"])  # fmt: skip
-    info = run(["skopeo", "inspect", "--tls-verify=false", f"docker://{registry}/{ref}"])
+    login = ["--creds", creds] if creds else []
+    info = run(["skopeo", "inspect", "--tls-verify=false", *login, f"docker://{registry}/{ref}"])
     return json.loads(info.stdout)["Digest"]
 
 
@@ -273,4 +275,95 @@ def test_a_multi_platform_index_gives_this_machines_image(
     code, result = amberd.build_json(foreign)
     assert code != 0 and result["status"] == "errored", result
     assert f"none for linux/{host}" in result["error"] and "linux/s390x" in result["error"], result
+    # Nor is the one image of an index taken when it says it is another platform's.
+    put_index(registry, "amber/one", [other], layer)
+    code, result = amberd.build_json(
+        spec(amberd, "o.toml", LIST.format(registry=registry, repo="amber/one"))
+    )
+    assert code != 0 and f"none for linux/{host} (it has: linux/{other})" in result["error"], result
     assert amberd.amber("status").returncode == 0
+
+
+def test_an_unknown_tag_or_a_tampered_layer_is_a_clear_error(
+    bb: Daemon, registry: str, tmp_path: Path
+):
+    amberd = bb
+    push_image(amberd, registry, "amber/bad:v1", "tampered")
+    code, result = amberd.build_json(
+        spec(amberd, "nope.toml", ON_BASE.format(base=f"docker://{registry}/amber/bad:nope"))
+    )
+    assert code != 0 and result["status"] == "errored", result
+    assert f"{registry}/amber/bad has no tag 'nope'" in result["error"], result
+
+    # Change the config where the registry keeps it (same length): its digest no longer matches.
+    inspect = [
+        "skopeo",
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        f"docker://{registry}/amber/bad:v1",
+    ]
+    config = json.loads(run(inspect).stdout)["config"]["digest"].removeprefix("sha256:")
+    data = tmp_path / "registry-data/docker/registry/v2/blobs/sha256" / config[:2] / config / "data"
+    body = data.read_bytes()
+    assert b'"architecture"' in body
+    data.write_bytes(body.replace(b'"architecture"', b'"Architecture"'))
+    on_tag = spec(amberd, "bad.toml", ON_BASE.format(base=f"docker://{registry}/amber/bad:v1"))
+    for _ in range(2):  # and nothing of it was kept as that image: refused again
+        code, result = amberd.build_json(on_tag)
+        assert code != 0 and result["status"] == "errored", result
+        assert f"blob sha256:{config} does not match its digest" in result["error"], result
+    assert amberd.amber("status").returncode == 0
+
+
+HELPER = """#!/bin/sh
+# A docker credential helper: `get` reads the registry on stdin, answers JSON.
+cat > {log}
+[ "$1" = get ] || exit 1
+echo '{{"ServerURL": "x", "Username": "alice", "Secret": "s3cret"}}'
+"""
+
+
+@pytest.fixture
+def htpasswd_registry(tmp_path: Path):
+    need("htpasswd")
+    users = tmp_path / "htpasswd"
+    run(["htpasswd", "-Bbc", str(users), "alice", "s3cret"])
+    run(["htpasswd", "-Bb", str(users), "mallory", "m4l"])
+    extra = f"auth:\n  htpasswd:\n    realm: amber-test\n    path: {users}\n"
+    with serve_registry(tmp_path, extra) as address:
+        yield address
+
+
+@pytest.mark.parametrize("how", ["credHelpers", "credsStore"])
+def test_credentials_from_a_docker_credential_helper(
+    bb: Daemon, htpasswd_registry: str, tmp_path: Path, how: str
+):
+    """docker's config.json sends the registry to ``docker-credential-test``, which amber
+    (the client, as the user) runs with the host on stdin, as docker does."""
+    amberd, reg = bb, htpasswd_registry
+    digest = push_image(amberd, reg, "amber/priv:v1", "private", creds="alice:s3cret")
+    base = f"docker://{reg}/amber/priv:v1"
+    anonymous = amberd.amber("image", "import", "priv", base)
+    assert anonymous.returncode != 0 and b"no credentials" in anonymous.stderr, anonymous.stderr
+    bin_dir, config = tmp_path / "helper-bin", tmp_path / "docker"
+    bin_dir.mkdir()
+    config.mkdir()
+    helper = bin_dir / "docker-credential-test"
+    helper.write_text(HELPER.format(log=tmp_path / "helper-stdin"))
+    helper.chmod(0o755)
+    doc = (
+        {"credHelpers": {reg: "test"}}
+        if how == "credHelpers"
+        else {"credsStore": "test", "auths": {reg: {}}}
+    )
+    (config / "config.json").write_text(json.dumps(doc))
+    amberd.env.update(DOCKER_CONFIG=str(config), PATH=f"{bin_dir}:{amberd.env['PATH']}")
+    amberd.env.pop("REGISTRY_AUTH_FILE", None)
+    imported = amberd.amber("image", "import", "priv", base)
+    assert imported.returncode == 0, imported.stderr
+    assert (tmp_path / "helper-stdin").read_text() == reg
+    code, result = amberd.build_json(spec(amberd, "priv.toml", ON_BASE.format(base=base)))
+    assert code == 0, result
+    assert show(amberd, result["build"])["base_digest"] == digest
+    assert "private" in amberd.amber("log", result["build"], "--step", "after").stdout.decode()
