@@ -363,7 +363,10 @@ def test_credentials_from_a_docker_credential_helper(
     imported = amberd.amber("image", "import", "priv", base)
     assert imported.returncode == 0, imported.stderr
     assert (tmp_path / "helper-stdin").read_text() == reg
-    code, result = amberd.build_json(spec(amberd, "priv.toml", ON_BASE.format(base=base)))
+    priv = spec(amberd, "priv.toml", ON_BASE.format(base=base))
+    verified = amberd.amber("verify", str(priv))  # resolves the base as a build would
+    assert verified.returncode == 0, verified.stderr
+    code, result = amberd.build_json(priv)
     assert code == 0, result
     assert show(amberd, result["build"])["base_digest"] == digest
     assert "private" in amberd.amber("log", result["build"], "--step", "after").stdout.decode()

@@ -94,14 +94,20 @@ def build_args(ns: argparse.Namespace, path: str, text: str) -> dict[str, Any]:
         args["export_on_failure"] = ns.export_on_failure
         args["export_path"] = absolute(ns.export_path)
         args["export_ref"] = ns.export_ref
-    base = registry_base(text)
-    if base is not None:
-        from ..registry_auth import auth_for
-
-        auth = auth_for(base)
-        if auth:  # only when there is some: older daemons refuse arguments they lack
-            args["auth"] = auth
+    auth = base_auth(text)
+    if auth:  # only when there is some: older daemons refuse arguments they lack
+        args["auth"] = auth
     return args
+
+
+def base_auth(text: str) -> dict[str, Any] | None:
+    """Our credentials for the registry of the spec's ``docker://`` base, if any."""
+    base = registry_base(text)
+    if base is None:
+        return None
+    from ..registry_auth import auth_for
+
+    return auth_for(base)
 
 
 def registry_base(text: str) -> str | None:
