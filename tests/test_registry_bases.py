@@ -313,6 +313,24 @@ def test_an_unknown_tag_or_a_tampered_layer_is_a_clear_error(
         code, result = amberd.build_json(on_tag)
         assert code != 0 and result["status"] == "errored", result
         assert f"blob sha256:{config} does not match its digest" in result["error"], result
+
+    # A manifest named by digest that the registry serves changed: refused too.
+    digest = push_image(amberd, registry, "amber/bad2:v1", "manifest")
+    data = (
+        tmp_path
+        / "registry-data/docker/registry/v2/blobs/sha256"
+        / digest[7:9]
+        / digest[7:]
+        / "data"
+    )
+    body = data.read_bytes()
+    data.write_bytes(body.replace(b'"schemaVersion"', b'"SchemaVersion"'))
+    by_digest = spec(
+        amberd, "bad2.toml", ON_BASE.format(base=f"docker://{registry}/amber/bad2@{digest}")
+    )
+    code, result = amberd.build_json(by_digest)
+    assert code != 0 and result["status"] == "errored", result
+    assert f"manifest {digest} does not match its digest" in result["error"], result
     assert amberd.amber("status").returncode == 0
 
 
