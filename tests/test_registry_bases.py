@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import re
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -169,24 +170,27 @@ def test_a_tagged_base_is_pulled_once_and_named_by_digest(
 
 
 def test_a_digest_base_builds_with_the_registry_gone(bb: Daemon, tmp_path: Path):
-    """Pulled once, a base named by digest needs no registry: stopped after the first build."""
+    """Pulled once (here by tag), a base named by digest needs no registry: stopped
+    after the first build. A tag cannot be resolved then: the error names the digest."""
     amberd = bb
     (tmp_path / "r").mkdir()
     with serve_registry(tmp_path / "r") as reg:
         digest = push_image(amberd, reg, "amber/bb:v1", "offline")
-        base = f"docker://{reg}/amber/bb@{digest}"
-        code, first = amberd.build_json(spec(amberd, "digest.toml", ON_BASE.format(base=base)))
+        on_tag = spec(amberd, "tag.toml", ON_BASE.format(base=f"docker://{reg}/amber/bb:v1"))
+        code, first = amberd.build_json(on_tag)
         assert code == 0, first
     # The registry is gone now: the first step is a hit, the changed second one runs.
+    base = f"docker://{reg}/amber/bb@{digest}"
     changed = ON_BASE.format(base=base).replace("cat /build/seen", "cat /build/seen; echo more")
     code, second = amberd.build_json(spec(amberd, "changed.toml", changed))
     assert code == 0, second
     assert [s["status"] for s in second["steps"]] == ["cached", "ran"]
-    # A tag must be resolved: the build says it cannot, and amberd serves on.
-    on_tag = ON_BASE.format(base=f"docker://{reg}/amber/bb:v1")
-    code, tagged = amberd.build_json(spec(amberd, "tag.toml", on_tag))
+    assert "offline" in amberd.amber("log", second["build"], "--step", "after").stdout.decode()
+    # A tag must be resolved: the build says it cannot and what to name, and amberd serves on.
+    code, tagged = amberd.build_json(on_tag)
     assert code != 0 and tagged["status"] == "errored", tagged
     assert "cannot reach registry" in tagged["error"], tagged
+    assert f"your last pull of this tag was {base}" in tagged["error"], tagged
     assert amberd.amber("status").returncode == 0
 
 
@@ -388,3 +392,24 @@ def test_credentials_from_a_docker_credential_helper(
     assert code == 0, result
     assert show(amberd, result["build"])["base_digest"] == digest
     assert "private" in amberd.amber("log", result["build"], "--step", "after").stdout.decode()
+
+
+def test_builds_starting_together_pull_a_base_once(bb: Daemon, registry: str, tmp_path: Path):
+    """CI starts many jobs on one base at once: one pull, the others wait for it."""
+    amberd = bb
+    push_image(amberd, registry, "amber/bb:v1", "together")
+    registry_log = tmp_path / "registry.log"
+    mark = registry_log.stat().st_size
+    base = f"docker://{registry}/amber/bb:v1"
+    specs = [spec(amberd, f"t{i}.toml", ON_BASE.format(base=base).replace("seen", f"seen{i}"))
+             for i in range(3)]  # fmt: skip
+    procs = [subprocess.Popen([str(amberd.bin / "amber"), "build", str(path)], env=amberd.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for path in specs]  # fmt: skip
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+    gets = [
+        re.search(r"/blobs/(sha256:\w+)", line).group(1)
+        for line in blob_gets(access_log(registry_log, mark))
+    ]
+    assert gets and len(gets) == len(set(gets)), gets

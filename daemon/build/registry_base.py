@@ -15,7 +15,10 @@ the tag, so they are the same for the same image however it was named.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import threading
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from amber.daemon.oci.limits import MAX_IMPORT, Budget
 from amber.daemon.oci.registry import RegistryClient, RegistrySource, registry_target
 from amber.daemon.oci.source import resolve
 from amber.daemon.oci.spec import OciError, Reference
-from amber.daemon.storage.pulled import Pulled, find_pulled, record_pulled
+from amber.daemon.storage.pulled import Pulled, find_pulled, find_tag, record_pulled
 from amber.sandbox.digest import from_hex
 from amber.sandbox.store import Store
 
@@ -90,44 +93,91 @@ def pull_base(
 
     Blocking (network, store writes): call from a worker thread. Raises
     ``OciError`` saying what went wrong (unknown tag, unreachable registry,
-    no image for this platform, a digest that does not match).
+    no image for this platform, a digest that does not match). Builds of one
+    user starting together on one image pull it once: the others wait for
+    that pull, then find its record.
     """
     target = registry_target(ref)
     complete = access.complete or (lambda t: store.closure_check().missing([t], []) is None)
 
-    def known(digest: str) -> Pulled | None:
+    def known(digest: str) -> tuple[bytes, PullReport] | None:
         row = find_pulled(db_path, uid, target.registry, target.name, digest)
-        return row if row is not None and complete(from_hex(row.tree)) else None
+        if row is None or not complete(from_hex(row.tree)):
+            return None
+        return from_hex(row.tree), PullReport(ref, digest, row.manifest, pulled=False)
 
-    if target.digest and (row := known(target.digest)) is not None:
-        return from_hex(row.tree), PullReport(ref, row.digest, row.manifest, pulled=False)
+    if target.digest and (found := known(target.digest)) is not None:
+        return found
     client = RegistryClient(
         target.registry, insecure=access.insecure, credentials=access.credentials
     )
     try:
-        top = _top(client, target)
-        digest = top[2]
-        if not target.digest and (row := known(digest)) is not None:
-            return from_hex(row.tree), PullReport(ref, digest, row.manifest, pulled=False)
-        parts = resolve(_Prefetched(client, target, top))
-        image = apply_image(store, parts, budget=Budget(max_size, store.tmp_dir))
+        top = _top(client, target, lambda: last_pulled(db_path, uid, target))
+        with _pulling((uid, target.registry, target.name, top[2])):
+            if (found := known(top[2])) is not None:
+                return found
+            return _pull(store, db_path, client, ref, target, top, uid, max_size)
     finally:
         client.close()
+
+
+def _pull(store: Store, db_path: Path, client: RegistryClient, ref: str, target: Reference,
+          top: tuple[bytes, str, str], uid: int, max_size: int) -> tuple[bytes, PullReport]:  # fmt: skip
+    """Walk from ``top`` to this platform's image, apply it, record it for ``uid``."""
+    digest = top[2]
+    parts = resolve(_Prefetched(client, target, top))
+    image = apply_image(store, parts, budget=Budget(max_size, store.tmp_dir))
     tree = image.trees[-1]
     manifest = parts.manifest_digest or digest
-    record_pulled(db_path, uid, Pulled(target.registry, target.name, digest, manifest, tree.hex()))
+    pulled = Pulled(target.registry, target.name, digest, manifest, tree.hex(), target.tag)
+    record_pulled(db_path, uid, pulled)
     size = sum(layer.size or 0 for layer in parts.layers)
     return tree, PullReport(ref, digest, manifest, True, len(parts.layers), size)
 
 
-def _top(client: RegistryClient, target: Reference) -> tuple[bytes, str, str]:
-    """The document the reference names (one GET), its digest checked; a 404 said plainly."""
+class _Guard:
+    """One lock per (uid, registry, repository, digest) being pulled, gone when unused."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+
+_GUARDS: weakref.WeakValueDictionary[tuple, _Guard] = weakref.WeakValueDictionary()
+_GUARDS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pulling(key: tuple) -> Iterator[None]:
+    with _GUARDS_LOCK:
+        guard = _GUARDS.get(key)
+        if guard is None:
+            guard = _GUARDS[key] = _Guard()
+    with guard.lock:
+        yield
+
+
+def last_pulled(db_path: Path, uid: int, target: Reference) -> str | None:
+    """The reference by digest of ``uid``'s last pull of ``target``'s tag, if any."""
+    digest = find_tag(db_path, uid, target.registry, target.name, target.tag or "latest")
+    return f"docker://{target.registry}/{target.name}@{digest}" if digest else None
+
+
+def _top(
+    client: RegistryClient, target: Reference, last: Callable[[], str | None]
+) -> tuple[bytes, str, str]:
+    """The document the reference names (one GET), its digest checked; a 404 said
+    plainly, and a tag that cannot be resolved with the digest it had (``last``)."""
     try:
         return client.get_manifest(target.name, target.reference)
     except OciError as exc:
-        if getattr(exc, "status", None) != 404:
-            raise
+        status = getattr(exc, "status", None)
         where = f"{target.registry}/{target.name}"
-        if target.digest:
-            raise OciError(f"{where} has no manifest {target.digest}") from None
-        raise OciError(f"{where} has no tag {target.tag or 'latest'!r}") from None
+        if status == 404:
+            if target.digest:
+                raise OciError(f"{where} has no manifest {target.digest}") from None
+            raise OciError(f"{where} has no tag {target.tag or 'latest'!r}") from None
+        pinned = last() if status is None and not target.digest else None
+        if pinned is None:
+            raise
+        raise OciError(f"{exc}; your last pull of this tag was {pinned}: "
+                       "name that to build without the registry") from None  # fmt: skip

@@ -31,6 +31,7 @@ class Pulled:
     digest: str  # what the reference named (a manifest or an index)
     manifest: str  # the image manifest used (this platform's)
     tree: str  # hex
+    tag: str | None = None  # the tag it was pulled by, if any
 
 
 @contextlib.contextmanager
@@ -47,12 +48,8 @@ def find_pulled(
     db_path: Path, uid: int, registry: str, repository: str, digest: str
 ) -> Pulled | None:
     """``uid``'s own record of ``registry/repository@digest``, never another user's."""
-    with _connection(db_path) as conn:
-        row = conn.execute(
-            "SELECT manifest, tree FROM pulled_bases "
-            "WHERE uid = ? AND registry = ? AND repository = ? AND digest = ?",
-            (uid, registry, repository, digest),
-        ).fetchone()
+    row = _row(db_path, "SELECT manifest, tree FROM pulled_bases WHERE uid = ? AND registry = ? "
+               "AND repository = ? AND digest = ?", (uid, registry, repository, digest))  # fmt: skip
     return Pulled(registry, repository, digest, row[0], row[1]) if row else None
 
 
@@ -61,7 +58,21 @@ def record_pulled(db_path: Path, uid: int, pulled: Pulled) -> None:
     with _connection(db_path) as conn:
         conn.execute(
             "INSERT OR REPLACE INTO pulled_bases "
-            "(uid, registry, repository, digest, manifest, tree, pulled) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "(uid, registry, repository, digest, manifest, tree, tag, pulled) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (uid, pulled.registry, pulled.repository, pulled.digest, pulled.manifest,
-             pulled.tree, time.time()),
+             pulled.tree, pulled.tag, time.time()),
         )  # fmt: skip
+
+
+def find_tag(db_path: Path, uid: int, registry: str, repository: str, tag: str) -> str | None:
+    """The digest ``uid`` last pulled ``registry/repository:tag`` as, if any."""
+    row = _row(db_path, "SELECT digest FROM pulled_bases WHERE uid = ? AND registry = ? AND "
+               "repository = ? AND tag = ? ORDER BY pulled DESC LIMIT 1",
+               (uid, registry, repository, tag))  # fmt: skip
+    return row[0] if row else None
+
+
+def _row(db_path: Path, query: str, params: tuple) -> tuple | None:
+    with _connection(db_path) as conn:
+        return conn.execute(query, params).fetchone()

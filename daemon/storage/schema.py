@@ -83,6 +83,7 @@ CREATE TABLE IF NOT EXISTS pulled_bases (
     digest TEXT NOT NULL,          -- sha256:... of the document the reference named
     manifest TEXT NOT NULL,        -- sha256:... of the image manifest used (this platform's)
     tree TEXT NOT NULL,            -- BLAKE3 hex: the image's root tree
+    tag TEXT,                      -- the tag it was last pulled by (NULL: by digest)
     pulled REAL NOT NULL,
     PRIMARY KEY (uid, registry, repository, digest)
 );
