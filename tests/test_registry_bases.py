@@ -413,3 +413,27 @@ def test_builds_starting_together_pull_a_base_once(bb: Daemon, registry: str, tm
         for line in blob_gets(access_log(registry_log, mark))
     ]
     assert gets and len(gets) == len(set(gets)), gets
+
+
+@pytest.mark.parametrize(
+    ("base", "problem"),
+    [
+        ("docker://127.0.0.1:5000/a/b:v1", None),
+        ("docker://[::1]:5000/a", None),
+        ("docker://reg.example/a@sha256:" + "a" * 64, None),
+        ("docker://debian:12", "needs a registry host, e.g. docker://docker.io/debian:12"),
+        ("docker://a.b#c/x:1", '"a.b#c" is not a registry host[:port]'),
+        ("docker://a.b?c/x:1", '"a.b?c" is not a registry host[:port]'),
+        ("docker://reg.io/a:t@sha256:" + "b" * 64, "give a tag or a digest, not both"),
+        ("docker://reg.io/a@sha256:abc", "malformed digest"),
+    ],
+)
+def test_a_docker_base_is_checked_when_the_spec_is_read(base: str, problem: str | None):
+    from amber.daemon.build.spec import SpecError, parse_spec
+
+    text = f'[build]\nname = "n"\nbase = "{base}"\n[[step]]\nname = "s"\nrun = "true"\n'
+    if problem is None:
+        assert str(parse_spec(text, "/x/s.toml", Path("/x")).base) == base
+        return
+    with pytest.raises(SpecError, match=re.escape(problem)):
+        parse_spec(text, "/x/s.toml", Path("/x"))

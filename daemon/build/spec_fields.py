@@ -33,6 +33,10 @@ _NAME = re.compile(r"[A-Za-z0-9._-]+")
 _IMAGE = re.compile(r"[A-Za-z0-9._/-]+")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _URL_SCHEMES = ("http", "https", "file")
+#: host[:port], a bracketed IPv6 address allowed: nothing a URL would read as more.
+_REGISTRY_HOST = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:]+\])(?::[0-9]{1,5})?"
+)
 
 
 # --------------------------------------------------------------------------- [build]
@@ -115,6 +119,8 @@ def _registry_reference(table: _Table, text: str) -> str:
             "base",
             f"docker:// needs a registry host, e.g. docker://docker.io/{ref}, got {_show(text)}",
         )
+    if not _REGISTRY_HOST.fullmatch(parsed.registry):
+        raise table.error("base", f"{_show(parsed.registry)} is not a registry host[:port]")
     if parsed.tag and parsed.digest:
         raise table.error("base", f"give a tag or a digest, not both: {_show(text)}")
     return ref
