@@ -437,3 +437,26 @@ def test_a_docker_base_is_checked_when_the_spec_is_read(base: str, problem: str 
         return
     with pytest.raises(SpecError, match=re.escape(problem)):
         parse_spec(text, "/x/s.toml", Path("/x"))
+
+
+def test_a_pulled_base_collected_by_gc_is_pulled_again(bb: Daemon, registry: str, tmp_path: Path):
+    """A pulled base is a cache, not a GC root: once collected, its record no longer
+    counts and the next build pulls the image again instead of failing."""
+    amberd = bb
+    digest = push_image(amberd, registry, "amber/bb:v1", "collected")
+    on_digest = spec(
+        amberd, "d.toml", ON_BASE.format(base=f"docker://{registry}/amber/bb@{digest}")
+    )
+    code, first = amberd.build_json(on_digest)
+    assert code == 0, first
+    gc = amberd.amber("gc", "--json")
+    assert gc.returncode == 0, gc.stderr
+    assert json.loads(gc.stdout)["objects"] > 0
+    registry_log = tmp_path / "registry.log"
+    mark = registry_log.stat().st_size
+    code, again = amberd.build_json(on_digest)
+    assert code == 0, again
+    assert [s["status"] for s in again["steps"]] == ["ran", "ran"]
+    assert blob_gets(access_log(registry_log, mark))
+    notes = amberd.amber("log", again["build"]).stdout.decode()
+    assert "pulled 2 layer(s)" in notes and "collected" in notes, notes
