@@ -460,3 +460,26 @@ def test_a_pulled_base_collected_by_gc_is_pulled_again(bb: Daemon, registry: str
     assert blob_gets(access_log(registry_log, mark))
     notes = amberd.amber("log", again["build"]).stdout.decode()
     assert "pulled 2 layer(s)" in notes and "collected" in notes, notes
+
+
+def test_a_base_behind_a_token_server(bb: Daemon, registry: str, tmp_path: Path):
+    """Bearer tokens (``WWW-Authenticate: Bearer realm=...``), as for image export and import."""
+    from test_registry_auth import TokenGate, auth_json
+
+    amberd = bb
+    digest = push_image(amberd, registry, "amber/bb:v1", "tokened")  # behind the gate
+    gate = TokenGate(registry, "bob", "hunter2")
+    try:
+        base = f"docker://{gate.address}/amber/bb:v1"
+        on_gate = spec(amberd, "gate.toml", ON_BASE.format(base=base))
+        code, refused = amberd.build_json(on_gate)
+        assert code != 0 and "no credentials" in refused["error"], refused
+        login = auth_json(tmp_path / "auth.json", gate.address, "bob", "hunter2")
+        amberd.env["REGISTRY_AUTH_FILE"] = str(login)
+        code, result = amberd.build_json(on_gate)
+        assert code == 0, result
+        assert show(amberd, result["build"])["base_digest"] == digest
+        assert gate.token_requests
+    finally:
+        gate.server.shutdown()
+        gate.server.server_close()
