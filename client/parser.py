@@ -368,7 +368,10 @@ def _add_store(commands: _Commands) -> None:
         "store.cmd_image_import",
         "import a root filesystem as a named base",
         'Import SOURCE into the store as NAME, for base = "NAME" in specs.\n'
-        "SOURCE: a directory (dir:PATH) or an OCI archive or layout (oci:PATH).\n"
+        "SOURCE: a directory (dir:PATH), an OCI archive or layout (oci:PATH), or an\n"
+        "image in a registry (docker://REGISTRY/REPO:TAG or @sha256:DIGEST), pulled\n"
+        "with your credentials (podman login / docker login files) for this\n"
+        "machine's platform; NAME then means the digest the tag had.\n"
         "Each user has their own names; root's are the shared ones. A spec's\n"
         "NAME is your own image, else the shared one, never another user's.",
         json=True,
@@ -380,6 +383,7 @@ def _add_store(commands: _Commands) -> None:
         action="store_true",
         help="into the shared names every user sees (root and the admin-group)",
     )
+    sub.add_argument("--insecure", action="store_true", help="a docker:// registry over plain HTTP")
     ls = "List your images and the shared (root's) ones, with owners; root sees everyone's."
     images.add("ls", "store.cmd_image_ls", "list named images", ls, json=True)
     sub = images.add(

@@ -93,7 +93,8 @@ def _header(result: Mapping[str, Any]) -> list[str]:
     lines = [
         head,
         f"  owner  {user} (uid {result.get('uid')})",
-        f"  base   {result.get('base')}",
+        f"  base   {result.get('base')}"
+        + (f" ({result['base_digest']})" if result.get("base_digest") else ""),
         f"  host   {result.get('host')}",
         f"  spec   {result.get('spec_path')}",
     ]

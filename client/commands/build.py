@@ -94,7 +94,36 @@ def build_args(ns: argparse.Namespace, path: str, text: str) -> dict[str, Any]:
         args["export_on_failure"] = ns.export_on_failure
         args["export_path"] = absolute(ns.export_path)
         args["export_ref"] = ns.export_ref
+    auth = base_auth(text)
+    if auth:  # only when there is some: older daemons refuse arguments they lack
+        args["auth"] = auth
     return args
+
+
+def base_auth(text: str) -> dict[str, Any] | None:
+    """Our credentials for the registry of the spec's ``docker://`` base, if any."""
+    base = registry_base(text)
+    if base is None:
+        return None
+    from ..registry_auth import auth_for
+
+    return auth_for(base)
+
+
+def registry_base(text: str) -> str | None:
+    """The spec's ``docker://`` base, whose registry our credentials are sent for (else None).
+
+    The daemon parses and checks the spec; this only looks for the one field.
+    """
+    if "docker://" not in text:
+        return None
+    import tomllib
+
+    try:
+        base = tomllib.loads(text).get("build", {}).get("base")
+    except (tomllib.TOMLDecodeError, AttributeError):
+        return None
+    return base if isinstance(base, str) and base.startswith("docker://") else None
 
 
 def build_one(ctx: Context, ns: argparse.Namespace, path: str, text: str) -> int:

@@ -8,7 +8,7 @@ from ..cli import EXIT_FAILED, EXIT_OK, EXIT_SHELL_ERROR, UsageError
 from ..registry_auth import auth_for
 from ..render import describe_item, render_diff, to_json
 from . import absolute, print_result, printed_json, terminal_size
-from .build import read_spec
+from .build import base_auth, read_spec
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -139,7 +139,9 @@ def cmd_verify(ctx: Context, ns: argparse.Namespace) -> int:
     """Check a spec (a file that exists, or a name ending in .toml) or a build; exit 1 on problems."""
     if os.path.exists(ns.target) or ns.target.endswith(".toml"):
         path, text = read_spec(ns.target)
-        result = ctx.call("verify", {"spec_text": text, "spec_path": path})
+        args = {"spec_text": text, "spec_path": path}
+        auth = base_auth(text)
+        result = ctx.call("verify", {**args, "auth": auth} if auth else args)
     else:
         result = ctx.call("verify", {"build": ns.target})
     problems = result.get("problems") or []

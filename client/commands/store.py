@@ -16,10 +16,27 @@ if TYPE_CHECKING:
 
 
 def cmd_image_import(ctx: Context, ns: argparse.Namespace) -> int:
-    args = {"name": ns.name, "source": local_source(ns.source)}
-    result = ctx.call("image-import", {**args, "shared": True} if ns.shared else args)
+    args: dict = {"name": ns.name, "source": local_source(ns.source)}
+    if ns.shared:
+        args["shared"] = True
+    if ns.source.startswith("docker://"):
+        from ..registry_auth import auth_for
+
+        auth = auth_for(ns.source)
+        if auth:
+            args["auth"] = auth
+        if ns.insecure:
+            args["insecure"] = True
+    result = ctx.call("image-import", args)
     if printed_json(ctx, ns, result):
         return EXIT_OK
+    if result.get("digest"):
+        how = (
+            "pulled before"
+            if not result.get("pulled")
+            else f"{result.get('layers')} layer(s) pulled"
+        )
+        ctx.print(f"{ns.source} is {result.get('source')} ({how})")
     ctx.print(f"imported {result.get('name', ns.name)}: tree {result.get('tree')}")
     ctx.print(f'use it with base = "{result.get("name", ns.name)}" in a spec')
     return EXIT_OK

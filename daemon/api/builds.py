@@ -125,6 +125,7 @@ def remote_options(args: dict[str, Any]) -> dict[str, Any]:
     cache_from=(str | None, None),
     cache_to=(str | None, None),
     no_remote=(bool, False),
+    auth=(dict[str, dict[str, str]] | None, None),
 )
 async def build(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
     # The out-link's directory is the build's from submit on; closed here if it never gets there.
@@ -190,8 +191,18 @@ def _submit(api: Api, conn: Connection, args: dict[str, Any], fds: list[int], sp
         export_path=args["export_path"],
         export_dir=export_dir,
         export_ref=args["export_ref"],
+        credentials=base_credentials(args["auth"], spec),
         **remote_options(args),
     )
+
+
+def base_credentials(auth: dict | None, spec: Spec):
+    """The user's credentials for the registry of a docker:// base (None: anonymous)."""
+    from amber.daemon.api.exchange import request_credentials
+
+    if spec.base.kind != "docker" or not auth:
+        return None
+    return request_credentials(auth, spec.base.ref)
 
 
 def _request_dirs(args: dict[str, Any], fds: list[int]) -> tuple[int | None, int | None]:

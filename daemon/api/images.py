@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from amber.daemon.api.exchange import AUTH_ARG, request_credentials
 from amber.daemon.api.operation import operation
 from amber.daemon.build.bases import resolve_base
+from amber.daemon.build.registry_base import PullReport, RegistryAccess
 from amber.daemon.errors import BadArgs, Busy, NotFound, PermissionDenied
 
 if TYPE_CHECKING:
@@ -37,19 +39,29 @@ def _namespace(api: Api, conn: Connection, shared: bool, user: int | None, what:
     return conn.peer.uid
 
 
-@operation(name=str, source=str, shared=(bool, False))
+@operation(name=str, source=str, shared=(bool, False), insecure=(bool, False), auth=AUTH_ARG)
 async def image_import(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+    """Name an image: a directory, an OCI archive or layout, or ``docker://REF`` pulled
+    with the credentials the user sent (``auth``), as a docker:// base is."""
     name, source = args["name"], args["source"]
-    if not name or name.startswith(("dir:", "oci:", "tree:")) or name == "host" or "\0" in name:
+    if (
+        not name
+        or name.startswith(("dir:", "oci:", "tree:", "docker:"))
+        or name == "host"
+        or "\0" in name
+    ):
         raise BadArgs(f"image name {name!r} is reserved or empty")
     owner = _namespace(api, conn, args["shared"], None, "import")
     if ":" not in source.split("/", 1)[0]:
         source = ("dir:" if os.path.isdir(source) else "oci:") + source
+    remote = source.startswith("docker://")
+    credentials = request_credentials(args["auth"], source) if remote else None
+    report: list[PullReport] = []
 
     def work(writer: Hold) -> bytes:
         uid, gid = conn.peer.uid, conn.peer.gid
         limit = api.ctx.config.import_max_size
-        tree = resolve_base(
+        resolved = resolve_base(
             writer.store,
             api.ctx.db,
             source,
@@ -57,7 +69,11 @@ async def image_import(api: Api, conn: Connection, args: dict[str, Any]) -> dict
             gid=gid,
             groups=conn.peer.groups,
             import_max_size=limit,
-        ).tree
+            registry=RegistryAccess(credentials, args["insecure"], writer.complete_one),
+        )
+        if resolved.pulled is not None:
+            report.append(resolved.pulled)
+        tree = resolved.tree
         # Held before the image record refers to it, and checked whole
         # (``tree:`` and image names are reused, not written).
         if not writer.complete([tree]):
@@ -69,8 +85,14 @@ async def image_import(api: Api, conn: Connection, args: dict[str, Any]) -> dict
     # store has until the image record keeps it: a GC meanwhile leaves it.
     with api.ctx.roots.writer(f"image import {name}") as writer:
         tree = await trio.to_thread.run_sync(work, writer)
-        api.ctx.db.put_image(name, tree.hex(), source, uid=owner)
-    return {"name": name, "tree": tree.hex(), "uid": owner}
+        # A pulled image is recorded by digest: what the name means stays put if the tag moves.
+        recorded = report[0].pinned if report else source
+        api.ctx.db.put_image(name, tree.hex(), recorded, uid=owner)
+    out: dict[str, Any] = {"name": name, "tree": tree.hex(), "uid": owner}
+    if report:
+        out.update(source=recorded, digest=report[0].digest, manifest=report[0].manifest,
+                   pulled=report[0].pulled, layers=report[0].layers, bytes=report[0].size)  # fmt: skip
+    return out
 
 
 @operation()

@@ -44,6 +44,7 @@ async def show(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, An
         "user": _user_name(record.uid),
         "base": record.base,
         "base_owner": record.base_owner,  # whose image a named base was (0: shared)
+        "base_digest": record.base_digest,  # a docker:// base: the digest it resolved to
         "host": socket.gethostname(),
         "imported_from": spec.get("imported_from"),
         "spec_path": record.spec_path,

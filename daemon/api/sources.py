@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from amber.daemon.api.builds import parse_spec_request
+from amber.daemon.api.builds import base_credentials, parse_spec_request
 from amber.daemon.api.operation import operation
 from amber.daemon.build.bases import resolve_base
 from amber.daemon.build.fetch import DigestMismatch, Fetched, known_source, source_label
 from amber.daemon.build.frozen import resolve_state
+from amber.daemon.build.registry_base import RegistryAccess
 from amber.daemon.build.sources import lay_out
 from amber.daemon.build.spec import Spec, SpecError, spec_from_dict
 from amber.daemon.build.stamps import check_tree
@@ -35,14 +36,16 @@ from amber.sandbox.digest import from_hex
 
 if TYPE_CHECKING:
     from amber.daemon.api.registry import Api
+    from amber.daemon.oci.auth import Credentials
     from amber.daemon.server import Connection
-    from amber.sandbox.store import Store
+    from amber.daemon.storage.roots import Hold
 
 
 @operation(
     spec_text=(str | None, None),
     spec_path=(str | None, None),
     build=(str | None, None),
+    auth=(dict[str, dict[str, str]] | None, None),
 )
 async def verify(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
     spec_text, spec_path, build = args["spec_text"], args["spec_path"], args["build"]
@@ -54,13 +57,15 @@ async def verify(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, 
         raise BadArgs("verify needs build, or spec_text and spec_path")
     peer = conn.peer
     spec = await parse_spec_request(spec_text, spec_path, User(peer.uid, peer.gid, peer.groups))
-    result = await _verify_spec(api, conn, spec, spec_path)
+    result = await _verify_spec(api, conn, spec, spec_path, base_credentials(args["auth"], spec))
     for message in result["notes"]:
         await api.send_event(conn, "note", {"message": message})
     return result
 
 
-async def _verify_spec(api: Api, conn: Connection, spec: Spec, spec_path: str) -> dict[str, Any]:
+async def _verify_spec(
+    api: Api, conn: Connection, spec: Spec, spec_path: str, credentials: Credentials | None
+) -> dict[str, Any]:
     store, db = api.ctx.store, api.ctx.db
     uid, gid = conn.peer.uid, conn.peer.gid
 
@@ -74,9 +79,11 @@ async def _verify_spec(api: Api, conn: Connection, spec: Spec, spec_path: str) -
     except DigestMismatch as exc:
         return {"target": spec_path, "problems": [_mismatch(exc)], "notes": []}
 
-    def work(store: Store) -> dict[str, Any]:
-        groups = conn.peer.groups
-        base = resolve_base(store, db, str(spec.base), uid=uid, gid=gid, groups=groups)
+    def work(writer: Hold) -> dict[str, Any]:
+        store, groups = writer.store, conn.peer.groups
+        access = RegistryAccess(credentials, complete=writer.complete_one)
+        base = resolve_base(store, db, str(spec.base), uid=uid, gid=gid, groups=groups,
+                            registry=access)  # fmt: skip
         try:
             layout = lay_out(store, base.tree, spec, known, uid=uid, gid=gid, groups=groups,
                              missing_ok=True)  # fmt: skip
@@ -95,7 +102,7 @@ async def _verify_spec(api: Api, conn: Connection, spec: Spec, spec_path: str) -
 
     # Laying out writes the trees of local sources (and reuses what is there).
     with api.ctx.roots.writer(f"verify of {spec_path}") as writer:
-        return await trio.to_thread.run_sync(work, writer.store)
+        return await trio.to_thread.run_sync(work, writer)
 
 
 def _mismatch(exc: DigestMismatch) -> dict[str, Any]:

@@ -8,6 +8,8 @@
 - ``tree:DIGEST`` and named images (``amber image import``): a name is the
   user's own image, else root's (the shared namespace), never another user's.
 - ``oci:PATH``: an OCI layout or archive, layers applied with whiteouts.
+- ``docker://REGISTRY/REPO:TAG`` or ``@sha256:...``: pulled from a registry
+  with the user's credentials, once per user and digest (registry_base.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from amber.daemon.build.hostprint import host_fingerprint
 from amber.daemon.build.sandbox_users import identity_binds
@@ -28,6 +31,9 @@ from amber.sandbox.importer import WalkError, import_user_directory
 from amber.sandbox.store import Store
 from amber.sandbox.tree import Entry
 
+if TYPE_CHECKING:
+    from amber.daemon.build.registry_base import PullReport, RegistryAccess
+
 HOST_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc")
 _DIR_TEMPLATE = Entry(b"", treefmt.DIR, 0o755, 0, 0, 0, 0, treefmt.EMPTY_TREE)
 
@@ -40,6 +46,7 @@ class ResolvedBase:
         default_factory=list
     )  # (host path, sandbox path), read-only
     owner: int | None = None  # a named image's namespace (uid; 0: shared)
+    pulled: PullReport | None = None  # a docker:// base: what its reference resolved to
 
 
 def resolve_base(
@@ -51,6 +58,7 @@ def resolve_base(
     gid: int,
     groups: tuple[int, ...] = (),
     import_max_size: int = MAX_IMPORT,
+    registry: RegistryAccess | None = None,
 ) -> ResolvedBase:
     """Blocking (imports may read a lot): call from a worker thread.
 
@@ -58,11 +66,14 @@ def resolve_base(
     ``gid``, ``groups``, no capabilities: sandbox/asuser.py): the daemon's
     root rights must not put a file into a build its user could not read
     (like a local source). The host base is every user's to build on.
-    An oci: image may unpack to at most ``import_max_size`` bytes.
+    An oci: or docker:// image may unpack to at most ``import_max_size`` bytes;
+    ``registry`` says how a docker:// base is pulled (anonymously if None).
     """
     kind, _, ref = base.partition(":")
     if base == "host":
         return _host_base(store)
+    if base.startswith("docker://"):
+        return _registry_base(store, db, base, uid, registry, import_max_size)
     if kind == "dir" and ref:
         return ResolvedBase(_dir_base(store, base, ref, User(uid, gid, groups)), "dir")
     if kind == "tree" and ref:
@@ -98,6 +109,27 @@ def resolve_base(
         raise NotFound(f"base {base!r}: no such image (see `amber image ls`, `amber image import`)")
     # The key covers the tree (the initial tree holds it), not whose name it was.
     return ResolvedBase(from_hex(image["tree"]), "image", owner=image["uid"])
+
+
+def _registry_base(
+    store: Store,
+    db: Database,
+    base: str,
+    uid: int,
+    access: RegistryAccess | None,
+    max_size: int,
+) -> ResolvedBase:
+    """A docker:// base: its key part is "image", as for a named image (the initial
+    tree holds the image's tree), so the keys are the same however it was named."""
+    from amber.daemon.build.registry_base import RegistryAccess, pull_base
+    from amber.daemon.oci.spec import OciError
+
+    try:
+        tree, report = pull_base(store, db.path, base.removeprefix("docker://"), uid=uid,
+                                 access=access or RegistryAccess(), max_size=max_size)  # fmt: skip
+    except (OciError, OSError) as exc:
+        raise ImageError(f"base {base!r}: {exc}") from None
+    return ResolvedBase(tree, "image", pulled=report)
 
 
 def _bound_dirs() -> list[str]:

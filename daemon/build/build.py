@@ -20,6 +20,7 @@ import trio
 
 from amber.daemon.build.spec import Spec
 from amber.daemon.build.state import BuildStatus, StepStatus
+from amber.daemon.oci.auth import Credentials
 
 #: Step statuses a client sees (kept as names here for the modules that read them).
 RUNNING, RAN, CACHED, CACHED_FAILURE, FAILED, ERRORED, SKIPPED, PENDING = (
@@ -92,6 +93,8 @@ class Build:
     cache_from: str | None = None
     cache_to: str | None = None
     no_remote: bool = False
+    #: The user's credentials for a docker:// base's registry (this request's, never stored).
+    credentials: Credentials | None = field(default=None, repr=False)
     status: BuildStatus = BuildStatus.QUEUED
     frozen: bool = False
     failed_step: str | None = None

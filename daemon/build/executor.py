@@ -32,6 +32,7 @@ from amber.daemon.build.fetch import DigestMismatch, FetchLimits, fetch_sources
 from amber.daemon.build.keys import initial_key, step_key
 from amber.daemon.build.limits import Limits, StepLimits
 from amber.daemon.build.logs import BlobLog
+from amber.daemon.build.registry_base import RegistryAccess
 from amber.daemon.build.sources import lay_out
 from amber.daemon.build.state import BuildState, BuildStatus, StepStatus
 from amber.daemon.build.stepio import StepLog, StepOutcome, run_sandboxed
@@ -146,8 +147,12 @@ class Executor:
                 gid=b.gid,
                 groups=b.groups,
                 import_max_size=self.ctx.config.import_max_size,
+                registry=RegistryAccess(b.credentials, complete=self._held_complete),
             )
         )
+        if self.base.pulled is not None:
+            b.note(self.base.pulled.note())
+            db.update_build(b.id, base_digest=self.base.pulled.digest)
         tree = await self._lay_out()
         if tree is None:
             return  # a source failed verification: the build failed before any step
@@ -179,6 +184,11 @@ class Executor:
                 return
         self.state.succeeded(tree)
         await self.ctx.on_success(b, tree)
+
+    def _held_complete(self, tree: bytes) -> bool:
+        """Whether ``tree`` is whole in the store, held first (a pulled base's record)."""
+        self.hold.add([tree])
+        return self.presence.missing([tree], []) is None
 
     async def _lay_out(self) -> bytes | None:
         """The first step's tree: base, sources (fetched if need be), stamps put right.

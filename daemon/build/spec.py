@@ -10,7 +10,8 @@ e.g. ``spec.toml:14: step[2].timeout: expected a duration like "10m", got 0``
 
 Tables (see issues 3 and 5)::
 
-    [build]     name, base = "host" | "dir:PATH" | "oci:PATH" | "tree:DIGEST" | IMAGE,
+    [build]     name, base = "host" | "dir:PATH" | "oci:PATH" | "tree:DIGEST" | IMAGE
+                | "docker://REGISTRY/REPO[:TAG|@sha256:DIGEST]",
                 workdir = "/build", env = {}, output, key_salt
     [[source]]  path | url, dest, sha256, blake3, stamp
     [[step]]    name, run, cwd, env, timeout = "1h", network = false, user = "build" | "root"

@@ -33,6 +33,10 @@ _NAME = re.compile(r"[A-Za-z0-9._-]+")
 _IMAGE = re.compile(r"[A-Za-z0-9._/-]+")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _URL_SCHEMES = ("http", "https", "file")
+#: host[:port], a bracketed IPv6 address allowed: nothing a URL would read as more.
+_REGISTRY_HOST = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:]+\])(?::[0-9]{1,5})?"
+)
 
 
 # --------------------------------------------------------------------------- [build]
@@ -79,6 +83,8 @@ def _parse_base(table: _Table, text: str, base_dir: Path) -> Base:
     kind, colon, ref = text.partition(":")
     if text == "host":
         return Base("host")
+    if text.startswith("docker://"):
+        return Base("docker", _registry_reference(table, text))
     if colon and kind in ("dir", "oci"):
         if not ref:
             raise table.error("base", f"{kind}: needs a path, e.g. {kind}:rootfs")
@@ -92,9 +98,32 @@ def _parse_base(table: _Table, text: str, base_dir: Path) -> Base:
         return Base("image", text)
     raise table.error(
         "base",
-        f'expected "host", "dir:PATH", "oci:PATH", "tree:DIGEST" or an image name, '
-        f"got {_show(text)}",
+        f'expected "host", "dir:PATH", "oci:PATH", "tree:DIGEST", '
+        f'"docker://REGISTRY/REPO:TAG|@sha256:DIGEST" or an image name, got {_show(text)}',
     )
+
+
+def _registry_reference(table: _Table, text: str) -> str:
+    """A ``docker://`` base's reference, checked: a registry host, a repository, and a
+    tag (``latest`` if none) or a digest; a bare name would mean Docker Hub: spelt out
+    (``docker.io/library/debian``), a spec says where it builds from."""
+    from amber.daemon.oci.spec import OciError, parse_reference
+
+    ref = text.removeprefix("docker://")
+    try:
+        parsed = parse_reference(ref)
+    except OciError as exc:
+        raise table.error("base", str(exc)) from None
+    if not parsed.registry:
+        raise table.error(
+            "base",
+            f"docker:// needs a registry host, e.g. docker://docker.io/{ref}, got {_show(text)}",
+        )
+    if not _REGISTRY_HOST.fullmatch(parsed.registry):
+        raise table.error("base", f"{_show(parsed.registry)} is not a registry host[:port]")
+    if parsed.tag and parsed.digest:
+        raise table.error("base", f"give a tag or a digest, not both: {_show(text)}")
+    return ref
 
 
 # --------------------------------------------------------------------------- [[source]]

@@ -53,18 +53,21 @@ def _frozen_env(env: Mapping[str, str]) -> Mapping[str, str]:
 class Base:
     """The filesystem a build starts from.
 
-    ``kind`` is one of "host", "dir", "oci", "tree", "image"; ``ref`` is ""
-    for host, an absolute host path for dir and oci, a lowercase digest for
-    tree and the image name for image.
+    ``kind`` is one of "host", "dir", "oci", "tree", "image", "docker"; ``ref``
+    is "" for host, an absolute host path for dir and oci, a lowercase digest
+    for tree, the image name for image and a registry reference
+    (``REGISTRY/REPO:TAG`` or ``REGISTRY/REPO@sha256:...``) for docker.
     """
 
-    kind: Literal["host", "dir", "oci", "tree", "image"]
+    kind: Literal["host", "dir", "oci", "tree", "image", "docker"]
     ref: str = ""
 
     def __str__(self) -> str:
         """The spec's own spelling, which parses back to an equal Base."""
         if self.kind == "host":
             return "host"
+        if self.kind == "docker":
+            return f"docker://{self.ref}"
         return self.ref if self.kind == "image" else f"{self.kind}:{self.ref}"
 
 

@@ -9,7 +9,7 @@
 - ``archive``: OCI layouts and docker archives on disk.
 - ``registry``: pushing and pulling through the registry HTTP API.
 - ``limits``: what one import may unpack (``import-max-size``).
-- ``spec``: image config, manifests, references, ``OciError``.
+- ``spec``: image config, manifests, references, ``OciError`` (defined in ``errors``).
 - ``base``: importing an OCI image as a build base.
 - ``stream``: streaming a docker archive to a file descriptor.
 """

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from amber.daemon.oci.spec import OciError
+from amber.daemon.oci.errors import OciError
 
 #: The most registries one request may carry credentials for (a base, a push target).
 MAX_AUTH_ENTRIES = 8

@@ -360,15 +360,19 @@ def _with_query(url: str, **params: str) -> str:
 
 
 def _error(status: int, body: bytes, what: str) -> OciError:
+    """The error for an answer with ``status``, which it keeps (``.status``) for callers."""
     if status == 401:
-        return OciError(f"{what}: the registry refused the request (authentication)")
-    if status == 403:
-        return OciError(f"{what}: the registry denied access (HTTP 403)")
-    detail = ""
-    with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError, TypeError):
-        errors = json.loads(body).get("errors") or []
-        detail = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors)
-    return OciError(f"{what}: HTTP {status}" + (f" ({detail})" if detail else ""))
+        error = OciError(f"{what}: the registry refused the request (authentication)")
+    elif status == 403:
+        error = OciError(f"{what}: the registry denied access (HTTP 403)")
+    else:
+        detail = ""
+        with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError, TypeError):
+            errors = json.loads(body).get("errors") or []
+            detail = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors)
+        error = OciError(f"{what}: HTTP {status}" + (f" ({detail})" if detail else ""))
+    error.status = status  # type: ignore[attr-defined]
+    return error
 
 
 def registry_target(ref: str) -> Reference:

@@ -18,6 +18,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from amber.daemon.oci.errors import OciError
+
 OCI_LAYOUT = "application/vnd.oci.image.layout.v1"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -58,10 +60,6 @@ _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-
-
-class OciError(ValueError):
-    """An image, archive, layer or registry answer amber will not accept."""
 
 
 def machine_architecture() -> str:
@@ -301,15 +299,24 @@ def pick_manifest(entries: list[Descriptor], tag: str | None = None) -> Descript
         if not named:
             raise OciError(f"no image tagged {tag!r} in the index")
         entries = named
-    if len(entries) == 1:
-        return entries[0]
     arch = machine_architecture()
+    if len(entries) == 1 and not entries[0].platform:
+        return entries[0]  # a layout's one image, which says no platform: it is the one
     for e in entries:
         if e.platform.get("architecture") == arch and e.platform.get("os", "linux") == "linux":
             return e
     if not entries:
         raise OciError("the index lists no images")
-    raise OciError(f"the index lists {len(entries)} images and none for linux/{arch}")
+    offered = ", ".join(sorted({_platform_name(e.platform) for e in entries}))
+    raise OciError(
+        f"the index lists {len(entries)} image(s), none for linux/{arch} (it has: {offered})"
+    )
+
+
+def _platform_name(platform: dict[str, str]) -> str:
+    """``os/architecture[/variant]`` as the container tools write it, ``?`` for unsaid parts."""
+    parts = [str(platform.get("os") or "?"), str(platform.get("architecture") or "?")]
+    return "/".join(parts + ([str(platform["variant"])] if platform.get("variant") else []))
 
 
 def canonical_json(doc: object) -> bytes:

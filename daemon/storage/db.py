@@ -55,6 +55,7 @@ class BuildRecord:
     final_tree: str | None = None
     error: str | None = None
     base_owner: int | None = None  # whose image ``base`` named (None: not an image)
+    base_digest: str | None = None  # a docker:// base: the digest its reference resolved to
 
     @property
     def base(self) -> str:
@@ -243,7 +244,8 @@ class Database:
 
     def tree_visible_to(self, tree: str, uid: int) -> bool:
         """Whether ``uid`` may name tree ``tree`` (hex): root, or it is a state of
-        one of their builds, their out-link, or an image of theirs or root's (shared)."""
+        one of their builds, their out-link, an image of theirs or root's (shared), or
+        a base they pulled from a registry themselves."""
         if uid == 0:
             return True
         row = self._conn.execute(
@@ -251,6 +253,7 @@ class Database:
             "UNION ALL SELECT 1 FROM build_steps s JOIN builds b ON b.id = s.build_id "
             "WHERE b.uid = ?1 AND (s.before_tree = ?2 OR s.after_tree = ?2) "
             "UNION ALL SELECT 1 FROM images WHERE tree = ?2 AND uid IN (0, ?1) "
+            "UNION ALL SELECT 1 FROM pulled_bases WHERE tree = ?2 AND uid = ?1 "
             "UNION ALL SELECT 1 FROM out_links WHERE uid = ?1 AND tree = ?2 LIMIT 1",
             (uid, tree),
         ).fetchone()

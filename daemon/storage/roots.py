@@ -113,6 +113,10 @@ class Hold(Lease):
         self.add(trees, blobs)
         return self._roots.complete(trees, blobs)
 
+    def complete_one(self, tree: bytes) -> bool:
+        """``complete`` for one tree (what a pulled base's record is checked with)."""
+        return self.complete([tree])
+
     def release(self) -> None:
         self._roots._release(self)
 

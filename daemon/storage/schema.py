@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS builds (
     base_tree TEXT,
     final_tree TEXT,
     error TEXT,
-    base_owner INTEGER             -- the namespace (uid) of the named image it built on
+    base_owner INTEGER,            -- the namespace (uid) of the named image it built on
+    base_digest TEXT               -- a docker:// base: the digest its reference resolved to
 );
 CREATE INDEX IF NOT EXISTS builds_seq ON builds(seq);
 CREATE TABLE IF NOT EXISTS build_steps (
@@ -68,6 +69,23 @@ CREATE TABLE IF NOT EXISTS images (
     source TEXT NOT NULL,
     created REAL NOT NULL,
     PRIMARY KEY (uid, name)
+);
+-- Bases pulled from registries (``docker://`` in a spec, ``amber image import
+-- NAME docker://...``), per user like images: a user's record says which tree
+-- the image DIGEST (what a tag resolved to: a manifest or an index) of
+-- REGISTRY/REPOSITORY became, so that it is not pulled again. Nobody reads
+-- another user's rows (daemon/storage/pulled.py). The tree may have been
+-- collected since: check the store before trusting a row.
+CREATE TABLE IF NOT EXISTS pulled_bases (
+    uid INTEGER NOT NULL,
+    registry TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    digest TEXT NOT NULL,          -- sha256:... of the document the reference named
+    manifest TEXT NOT NULL,        -- sha256:... of the image manifest used (this platform's)
+    tree TEXT NOT NULL,            -- BLAKE3 hex: the image's root tree
+    tag TEXT,                      -- the tag it was last pulled by (NULL: by digest)
+    pulled REAL NOT NULL,
+    PRIMARY KEY (uid, registry, repository, digest)
 );
 -- Content fetched for url sources, so that a later build names it by digest
 -- and never downloads it again (daemon/build/fetch.py). The blob may have been
@@ -131,6 +149,7 @@ _ADDED_COLUMNS = (
     ("build_steps", "started", "REAL"),
     ("images", "uid", "INTEGER"),
     ("builds", "base_owner", "INTEGER"),
+    ("builds", "base_digest", "TEXT"),
 )
 
 #: Images keyed by (uid, name); rows from before keep their owner (NULL: root's).

@@ -1,0 +1,6 @@
+"""``OciError``, alone: what the ``amber`` client's auth-file reading needs of the OCI code,
+without the cost of importing the rest (``spec`` re-exports it for everything else)."""
+
+
+class OciError(ValueError):
+    """An image, archive, layer or registry answer amber will not accept."""
