@@ -44,6 +44,7 @@ from amber.daemon.oci.spec import (
     ImageParts,
     OciError,
     Reference,
+    RegistryRefused,
     check_digest,
     image_manifest,
     parse_reference,
@@ -361,9 +362,11 @@ def _with_query(url: str, **params: str) -> str:
 
 def _error(status: int, body: bytes, what: str) -> OciError:
     if status == 401:
-        return OciError(f"{what}: the registry refused the request (authentication)")
+        return RegistryRefused(f"{what}: the registry refused the request (authentication)")
     if status == 403:
-        return OciError(f"{what}: the registry denied access (HTTP 403)")
+        return RegistryRefused(f"{what}: the registry denied access (HTTP 403)")
+    if status == 405:
+        return RegistryRefused(f"{what}: HTTP 405 (the registry, or this repository, is read-only)")
     detail = ""
     with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError, TypeError):
         errors = json.loads(body).get("errors") or []

@@ -64,6 +64,11 @@ class OciError(ValueError):
     """An image, archive, layer or registry answer amber will not accept."""
 
 
+class RegistryRefused(OciError):
+    """The registry said no for good (401/403 with our credentials, 405 read-only):
+    asking again the same way cannot succeed, so a push queue drops it at once."""
+
+
 def machine_architecture() -> str:
     """This machine's architecture as OCI names it (amd64, arm64, ...)."""
     machine = platform.machine()
