@@ -118,7 +118,11 @@ def tag_result(client: RegistryClient, repo: str, result: Result, tag: str) -> s
                             headers={"Accept": OCI_MANIFEST})  # fmt: skip
     if answer.status == 404:
         raise LookupError("the remote has no result for it (never pushed there?)")
-    body, _, _ = client.get_manifest(repo, layout.tag_for(result.key))
+    if answer.status in (401, 403):
+        raise RegistryRefused(f"reading its manifest: HTTP {answer.status}")
+    if answer.status != 200:
+        raise OciError(f"reading its manifest: HTTP {answer.status}")
+    body = answer.body
     manifest = layout.parse_manifest(body, result.key)
     found = layout.parse_config(
         pull._blob(client, repo, manifest.config_digest, MAX_DOCUMENT), result.key
