@@ -132,8 +132,10 @@ def test_pins_are_tagged_where_the_host_pushes_and_pin_rm_untags_only_them(
             assert after[f"step-{key}"] == on_registry[f"step-{key}"]
             assert after[f"pin-root.b-side.{i}"] == on_registry[f"step-{key}"]
         assert "release" not in pins(a)
+        before = a.amber("builds", "-q", "--all").stdout
         bad = a.amber("build", str(spec), "--pin", "no spaces please")
         assert bad.returncode != 0 and b"would be tagged in a remote cache" in bad.stderr
+        assert a.amber("builds", "-q", "--all").stdout == before  # refused before it was queued
     finally:
         a.stop()
         b.stop()
