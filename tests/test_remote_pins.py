@@ -122,6 +122,7 @@ def test_pins_are_tagged_where_the_host_pushes_and_pin_rm_untags_only_them(
 
         removed = a.amber("pin", "rm", "release")
         assert removed.returncode == 0, removed.stderr
+        assert f"its tags in {trunk(registry)} are being re-pointed" in removed.stdout.decode()
         deadline = time.monotonic() + 60
         while any(artifact_type(registry, f"pin-root.release.{i}") != "application/vnd.amber.pin-removed.v1"
                   for i in range(4)):  # fmt: skip
