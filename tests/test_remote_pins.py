@@ -19,6 +19,8 @@ from second_user import BOB, MAL, user_of
 from test_remote import SPEC, notes, public, run_amber, statuses, write_spec
 
 from amber.daemon.oci.registry import RegistryClient
+from amber.daemon.oci.spec import OCI_MANIFEST, sha256_digest
+from amber.daemon.remote.pins import tombstone
 
 TRUNK = "amber/trunk"
 PRUNE = Path(__file__).resolve().parent.parent / "scripts" / "registry-prune-steps"
@@ -240,3 +242,70 @@ def _config_blob(registry: str, tag: str) -> str:
         return json.loads(client.get_manifest(TRUNK, tag)[0])["config"]["digest"]
     finally:
         client.close()
+
+
+NONDETERMINISTIC = """
+[build]
+name = "stamp"
+base = "host"
+
+[[step]]
+name = "stamp"
+run = "date +%s%N > stamp"
+"""
+
+
+def test_a_pin_tags_only_the_result_pinned_not_another_of_its_key(daemon_root: Path, registry: str):
+    a = remote_host(daemon_root, "ci-a", [(trunk(registry), True)], sign=True, trusted={})
+    c = remote_host(daemon_root, "ci-c", [(trunk(registry), True)], sign=True, trusted={})
+    try:
+        spec = write_spec(daemon_root, NONDETERMINISTIC)
+        code, first = a.build_json(spec)
+        assert code == 0
+        key = step_keys(a, first["build"])[0]
+        mine = wait_for_tag(registry, f"step-{key}")
+        # Host C builds the same key without reading trunk (an empty repository instead)
+        # and pushes its own result, with other contents, to trunk's step-KEY.
+        other = f"http://{registry}/amber/elsewhere"
+        code, second = c.build_json(spec, "--cache-from", other, "--cache-to", trunk(registry))
+        assert code == 0 and statuses(second) == ["ran"]
+        deadline = time.monotonic() + 60
+        while repo_tags(registry)[f"step-{key}"] == mine:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        added = a.amber("pin", "add", "first", first["build"])
+        assert added.returncode == 0, added.stderr
+        states = wait_failed(a, "first")
+        assert "holds another result of the key" in states[0]
+        assert "pin-root.first.0" not in repo_tags(registry)
+        assert "(failed)" in a.amber("pin", "ls").stdout.decode()
+
+        # A step tag that is no amber result at all (someone with write access put an
+        # empty artifact there): the pin says why, amberd serves on.
+        client = RegistryClient(registry)
+        client.upload(TRUNK, sha256_digest(b"{}"), b"{}", 2)
+        client.put_manifest(TRUNK, f"step-{key}", tombstone(), OCI_MANIFEST)
+        client.close()
+        assert a.amber("pin", "add", "again", first["build"]).returncode == 0
+        states = wait_failed(a, "again")
+        assert "not an amber step result" in states[0]
+    finally:
+        a.stop()
+        c.stop()
+
+
+def wait_failed(daemon: Daemon, name: str) -> list[str]:
+    """The states of a pin's tags in its first remote, once the first has failed."""
+    deadline = time.monotonic() + 60
+    while not (states := pins(daemon)[name]["remotes"][0]["states"])[0].startswith("failed"):
+        assert time.monotonic() < deadline, states
+        time.sleep(0.2)
+    return states
+
+
+def wait_for_tag(registry: str, tag: str) -> str:
+    deadline = time.monotonic() + 60
+    while (digest := repo_tags(registry).get(tag)) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    return digest
