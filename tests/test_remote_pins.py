@@ -16,7 +16,7 @@ from pathlib import Path
 
 from amberd_process import Daemon
 from second_user import BOB, MAL, user_of
-from test_remote import SPEC, notes, public, run_amber, statuses, write_spec
+from test_remote import FAILING, SPEC, notes, public, run_amber, statuses, write_spec
 
 from amber.daemon.oci.registry import RegistryClient
 from amber.daemon.oci.spec import OCI_MANIFEST, sha256_digest
@@ -87,6 +87,13 @@ def wait_tagged(daemon: Daemon, name: str, count: int, user=None) -> list[str]:
         time.sleep(0.2)
 
 
+def wait_tombstones(registry: str, tags: list[str]) -> None:
+    deadline = time.monotonic() + 60
+    while any(artifact_type(registry, t) != "application/vnd.amber.pin-removed.v1" for t in tags):
+        assert time.monotonic() < deadline, repo_tags(registry)
+        time.sleep(0.2)
+
+
 def step_keys(daemon: Daemon, build: str) -> list[str]:
     shown = json.loads(daemon.amber("show", "--json", build).stdout)
     return [s["key"] for s in shown["steps"]]
@@ -122,14 +129,20 @@ def test_pins_are_tagged_where_the_host_pushes_and_pin_rm_untags_only_them(
         assert wait_tagged(b, "b-side", 4) == [f"pin-root.b-side.{i}" for i in range(4)]
         assert "tagging its results in" in notes(b, report_b["build"])
 
+        # Moved to a build of two results: tags 0 and 1 follow it, 2 and 3 are tombstones.
+        short = write_spec(daemon_root, FAILING.replace("exit 3", "true"), "short.toml")
+        code, moved = a.build_json(short, "--pin", "release")
+        assert code == 0
+        assert wait_tagged(a, "release", 2) == ["pin-root.release.0", "pin-root.release.1"]
+        wait_tombstones(registry, ["pin-root.release.2", "pin-root.release.3"])
+        now = repo_tags(registry)
+        for i, key in enumerate(step_keys(a, moved["build"])):
+            assert now[f"pin-root.release.{i}"] == now[f"step-{key}"]
+
         removed = a.amber("pin", "rm", "release")
         assert removed.returncode == 0, removed.stderr
         assert f"its tags in {trunk(registry)} are being re-pointed" in removed.stdout.decode()
-        deadline = time.monotonic() + 60
-        while any(artifact_type(registry, f"pin-root.release.{i}") != "application/vnd.amber.pin-removed.v1"
-                  for i in range(4)):  # fmt: skip
-            assert time.monotonic() < deadline, repo_tags(registry)
-            time.sleep(0.2)
+        wait_tombstones(registry, [f"pin-root.release.{i}" for i in range(4)])
         after = repo_tags(registry)
         for i, key in enumerate(keys):  # the step tags and B's pin still name the results
             assert after[f"step-{key}"] == on_registry[f"step-{key}"]

@@ -211,34 +211,46 @@ class RemotePins:
         return settled
 
     async def _one(self, row: dict) -> int:
-        url, tag = row["url"], row["tag"]
         result = self.db.get_result(row["key"]) if row["state"] == "tag" else None
         try:
             said = await trio.to_thread.run_sync(self._sync, row, result)
+            outcome = "done"
         except (LookupError, LayoutError, pull.Miss, RegistryRefused) as exc:
-            self._give_up(row, str(exc))
-            return 1
+            outcome, said = "gave up", str(exc)
         except (OciError, OSError) as exc:
-            if row["attempts"] + 1 < MAX_ATTEMPTS:
-                log.info("pin tag %s in %s failed (will retry): %s", tag, url, exc)
-                self.db.remote_pin_failed(url, tag, str(exc))
-                return 0
-            self._give_up(row, f"gave up: {exc}")
-            return 1
+            retry = row["attempts"] + 1 < MAX_ATTEMPTS
+            outcome, said = ("retry", str(exc)) if retry else ("gave up", f"gave up: {exc}")
+        if not self._unchanged(row):
+            return 1  # moved or removed while we talked to the registry: next round
+        return self._settle(row, outcome, said)
+
+    def _unchanged(self, row: dict) -> bool:
+        now = [
+            r
+            for r in self.db.remote_pins(row["name"])
+            if (r["url"], r["tag"]) == (row["url"], row["tag"])
+        ]
+        return bool(now) and (now[0]["state"], now[0]["key"]) == (row["state"], row["key"])
+
+    def _settle(self, row: dict, outcome: str, said: str) -> int:
+        """Record what became of ``row``; 1 if it is settled, 0 if it waits for a retry."""
+        url, tag = row["url"], row["tag"]
+        if outcome == "retry":
+            log.info("pin tag %s in %s failed (will retry): %s", tag, url, said)
+            self.db.remote_pin_failed(url, tag, said)
+            return 0
+        if outcome == "gave up":
+            log.warning("pin tag %s in %s: %s", tag, url, said)
         if row["state"] == "untag":
-            log.info("pin tag %s in %s: %s", tag, url, said)
+            if outcome == "done":
+                log.info("pin tag %s in %s: %s", tag, url, said)
             self.db.delete_remote_pin(url, tag)
-        else:
+        elif outcome == "done":
             log.info("tagged %s in %s as %s", row["key"], url, tag)
             self.db.set_remote_pin_state(url, tag, "tagged", digest=said)
-        return 1
-
-    def _give_up(self, row: dict, why: str) -> None:
-        log.warning("pin tag %s in %s: %s", row["tag"], row["url"], why)
-        if row["state"] == "untag":
-            self.db.delete_remote_pin(row["url"], row["tag"])
         else:
-            self.db.set_remote_pin_state(row["url"], row["tag"], "failed", note=why)
+            self.db.set_remote_pin_state(url, tag, "failed", note=said)
+        return 1
 
     def _sync(self, row: dict, result: Result | None) -> str:
         remote = Remote(row["url"], push=True)
