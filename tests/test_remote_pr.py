@@ -155,6 +155,9 @@ def test_the_registry_auth_file_logs_amberd_in_and_must_be_roots_alone(
         printed = subprocess.run([str(BIN / "amberd"), "--print-config", "--config",
                                   str(a.root / "amberd.toml")], capture_output=True, text=True)  # fmt: skip
         assert f'registry-auth-file = "{auth}"' in printed.stdout, printed.stderr
+        checked = subprocess.run([str(BIN / "amberd"), "--check", "--config",
+                                  str(a.root / "amberd.toml")], capture_output=True, text=True)  # fmt: skip
+        assert f"logins for {htpasswd_registry}" in checked.stdout, checked.stdout
         assert "s3cret" not in a.log.read_text()
         assert base64.b64encode(b"alice:s3cret").decode() not in a.log.read_text()
     finally:
