@@ -21,6 +21,10 @@ or errors is not pinned, and NAME keeps pointing where it did (a CI branch
 pin stays on the last good build); frozen failures are kept by the
 retention policy, and ``amber pin add NAME BUILD`` pins one explicitly.
 
+A pin holding step results is also tagged in the remote caches this host
+pushes to, so that their registries keep it (daemon/remote/pins.py);
+``amber pin rm`` re-points those tags at a tombstone.
+
 ``amber build --out-link PATH`` checks the final state (or the spec's
 ``output`` directory in it) out at PATH, below the directory the client
 opened (storage/outlinks.py: amberd never resolves PATH), owned by the user
