@@ -427,10 +427,23 @@ def render_pins(result: Mapping[str, Any]) -> str:
     rows = []
     for p in pins:
         if isinstance(p, dict):
-            rows.append((p.get("name"), p.get("target"), format_time(p.get("created"))))
+            rows.append((p.get("name"), p.get("target"), format_time(p.get("created")),
+                         _pin_places(p)))  # fmt: skip
         else:
-            rows.append((p, None, None))
-    return table(("NAME", "TARGET", "CREATED"), rows)
+            rows.append((p, None, None, None))
+    return table(("NAME", "TARGET", "CREATED", "WHERE"), rows)
+
+
+def _pin_places(pin: Mapping[str, Any]) -> str:
+    """``local`` and each remote the pin is tagged in (or being tagged in, or failed)."""
+    places = ["local"]
+    for remote in pin.get("remotes") or []:
+        if not isinstance(remote, dict):
+            continue
+        states = {str(s).split(":", 1)[0] for s in remote.get("states") or []}
+        state = "" if states == {"tagged"} else f" ({', '.join(sorted(states))})"
+        places.append(f"{remote.get('url')}{state}")
+    return ", ".join(places)
 
 
 _KIND_MARKS = {"added": "A", "modified": "M", "deleted": "D", "replaced": "R"}

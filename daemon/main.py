@@ -35,7 +35,9 @@ from amber.daemon.build.recovery import lock_state_dir, recover, unlock_state_di
 from amber.daemon.build.state import BuildStatus
 from amber.daemon.config import DEFAULT_CONFIG, Config, ConfigError, current_config, load_config
 from amber.daemon.context import DaemonContext, open_context
+from amber.daemon.remote.credentials import CredentialsError
 from amber.daemon.remote.service import RemoteCache
+from amber.daemon.remote.trust import TrustError
 from amber.daemon.server import Limits, listen, serve
 from amber.daemon.storage.gc import serve_auto_gc
 from amber.sandbox.fsmode import FsMode, FsModeError, detect_fs_mode
@@ -346,6 +348,9 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"cannot make a private mount namespace for build roots: {exc}")
     try:
         trio.run(functools.partial(run_daemon, config, notifier=notifier, fs_mode=report.fs_mode))
+    except (CredentialsError, TrustError) as exc:  # [cache] files amberd reads at start
+        notifier.status(f"configuration error: {exc}")
+        fail(str(exc), EX_CONFIG)
     except OSError as exc:
         notifier.status(f"failed: {exc}")
         fail(str(exc))

@@ -100,7 +100,21 @@ def run_checks(config: Config, fs_mode: FsMode | FsModeError | None = None) -> R
     checks.append(_check_traversable(config) if is_root else _needs_root("state-dir"))
     checks.append(_check_free_space(config))
     checks.append(_check_state_filesystem(config))
+    if config.cache.registry_auth_file is not None:
+        checks.append(_check_registry_auth(config.cache.registry_auth_file))
     return Report(checks, mode.name if mode is not None else None, mode)
+
+
+def _check_registry_auth(path: Path) -> Check:
+    """amberd's own registry logins: root's alone, and an auth.json (remote/credentials.py)."""
+    from amber.daemon.remote.credentials import CredentialsError, load_auth_file
+
+    try:
+        found = load_auth_file(path)
+    except CredentialsError as exc:
+        return Check("registry-auth-file", False, str(exc))
+    hosts = ", ".join(sorted(found)) or "none"
+    return Check("registry-auth-file", True, f"{path}: logins for {hosts}")
 
 
 def _needs_root(name: str) -> Check:

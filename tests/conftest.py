@@ -89,19 +89,25 @@ def registry(tmp_path: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def serve_registry(tmp_path: Path, extra: str = "") -> Iterator[str]:
-    """docker-registry with ``extra`` YAML (an ``auth:`` section, say) on a free port."""
+def serve_registry(
+    tmp_path: Path, extra: str = "", storage: str = "", name: str = "registry"
+) -> Iterator[str]:
+    """docker-registry with ``extra`` YAML (an ``auth:`` section, say) on a free port.
+
+    ``storage``: more of the storage section (indented), ``name``: of its config
+    and log files, for a second instance serving the same storage.
+    """
     need("docker-registry")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = tmp_path / "registry.yml"
+    config = tmp_path / f"{name}.yml"
     config.write_text(
         "version: 0.1\nlog:\n  level: warn\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {tmp_path / 'registry-data'}\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {tmp_path / 'registry-data'}\n{storage}"
         f"http:\n  addr: 127.0.0.1:{port}\n" + extra
     )
-    log = open(tmp_path / "registry.log", "wb")  # noqa: SIM115
+    log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 15
@@ -114,7 +120,7 @@ def serve_registry(tmp_path: Path, extra: str = "") -> Iterator[str]:
                 break  # 401: up, and asking for a login
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((tmp_path / "registry.log").read_text()) from None
+                    raise RuntimeError((tmp_path / f"{name}.log").read_text()) from None
                 time.sleep(0.1)
         yield f"127.0.0.1:{port}"
     finally:

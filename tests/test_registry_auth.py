@@ -126,7 +126,7 @@ class TokenGate:
         kind = next((i for i, p in enumerate(parts) if p in ("blobs", "manifests", "tags")), 0)
         repo = "/".join(parts[2:kind]) if kind > 2 else ""
         granted = self.tokens.get(req.headers.get("Authorization", "").removeprefix("Bearer "))
-        if repo and granted != f"repository:{repo}:pull,push":
+        if repo and not self.allows(granted, repo, req.command):
             challenge = (f'Bearer realm="http://{self.address}/token",service="gate",'
                          f'scope="repository:{repo}:pull,push"')  # fmt: skip
             return self.reply(req, 401, b"{}", {"WWW-Authenticate": challenge},
@@ -143,6 +143,14 @@ class TokenGate:
         self.reply(req, resp.status, data, keep, head=req.command == "HEAD")
         conn.close()
 
+    def allows(self, granted: str | None, repo: str, method: str) -> bool:
+        """Whether a token granting ``granted`` may do ``method`` in ``repo``."""
+        return granted == f"repository:{repo}:pull,push"
+
+    def grant(self, scope: str) -> str:
+        """The scope a token is issued for, when ``scope`` is asked (all of it, here)."""
+        return scope
+
     def issue(self, req) -> None:
         self.token_requests.append(req.path)
         want = "Basic " + base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
@@ -156,7 +164,7 @@ class TokenGate:
             .replace("%2F", "/")
         )
         token = secrets.token_hex(16)
-        self.tokens[token] = scope
+        self.tokens[token] = self.grant(scope)
         self.reply(
             req, 200, json.dumps({"token": token}).encode(), {"Content-Type": "application/json"}
         )

@@ -72,9 +72,13 @@ def cmd_pin_add(ctx: Context, ns: argparse.Namespace) -> int:
 
 
 def cmd_pin_rm(ctx: Context, ns: argparse.Namespace) -> int:
-    if printed_json(ctx, ns, ctx.call("pin-rm", {"name": ns.name})):
+    result = ctx.call("pin-rm", {"name": ns.name})
+    if printed_json(ctx, ns, result):
         return EXIT_OK
     ctx.print(f"removed pin {ns.name}; the next gc may collect what it held")
+    for remote in result.get("remotes") or []:
+        if isinstance(remote, dict):
+            ctx.print(f"  its tags in {remote.get('url')} are being re-pointed at a tombstone")
     return EXIT_OK
 
 

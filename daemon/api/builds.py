@@ -174,6 +174,9 @@ def _submit(api: Api, conn: Connection, args: dict[str, Any], fds: list[int], sp
             )
         if not args["out_link"]:
             raise BadArgs("--out-link-privileged goes with --out-link PATH")
+    remote = remote_options(args)
+    if args["pin"] is not None and api.ctx.remote is not None:
+        api.ctx.remote.pins.check_name(args["pin"], conn.peer.uid, **remote)
     out_link_dir, export_dir = _request_dirs(args, fds)
     check_limits(spec, api.ctx.config.step_timeout_max)
     return api.manager.submit(
@@ -192,7 +195,7 @@ def _submit(api: Api, conn: Connection, args: dict[str, Any], fds: list[int], sp
         export_dir=export_dir,
         export_ref=args["export_ref"],
         credentials=base_credentials(args["auth"], spec),
-        **remote_options(args),
+        **remote,
     )
 
 

@@ -14,6 +14,7 @@ import trio
 
 from amber.daemon.api.operation import operation
 from amber.daemon.errors import BadArgs, NotFound
+from amber.daemon.storage.db import Pin
 from amber.daemon.storage.gc import GcOptions
 from amber.daemon.storage.pins import (
     check_pin_name,
@@ -21,6 +22,7 @@ from amber.daemon.storage.pins import (
     new_pin,
     pin_summary,
     resolve_target,
+    result_keys,
 )
 
 if TYPE_CHECKING:
@@ -38,6 +40,10 @@ async def pin_add(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str,
     if record is not None:
         api.record(conn, record.id)  # the build's owner or root only
     check_pin_owner(ctx.db, name, conn.peer.uid)
+    urls: list[str] = []
+    if ctx.remote is not None and roots.results:
+        urls = ctx.remote.pins.urls_for()
+        ctx.remote.pins.check_name(name, conn.peer.uid)
     trees, blobs = roots.digests()
     # Held while the pin is written: a GC running now cannot take the target
     # between the completeness check and the pin's record.
@@ -49,7 +55,9 @@ async def pin_add(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str,
             )
         pin = new_pin(name, kind, target, conn.peer.uid, roots)
         ctx.db.put_pin(pin)
-    return pin_summary(pin)
+    if ctx.remote is not None:
+        ctx.remote.pins.pin(name, conn.peer.uid, result_keys(ctx.db, roots), urls)
+    return _summary(api, pin)
 
 
 @operation(name=str)
@@ -58,13 +66,22 @@ async def pin_rm(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, 
     if pin is None:
         raise NotFound(f"no pin {args['name']!r} (see `amber pin ls`)")
     check_pin_owner(api.ctx.db, pin.name, conn.peer.uid)
+    summary = _summary(api, pin)
     api.ctx.db.delete_pin(pin.name)
-    return pin_summary(pin)
+    if api.ctx.remote is not None:
+        api.ctx.remote.pins.unpin(pin.name)  # the tags it made re-pointed to the tombstone
+    return summary
 
 
 @operation()
 async def pin_ls(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
-    return {"pins": [pin_summary(p) for p in api.ctx.db.list_pins() if api.owns(conn, p.uid)]}
+    return {"pins": [_summary(api, p) for p in api.ctx.db.list_pins() if api.owns(conn, p.uid)]}
+
+
+def _summary(api: Api, pin: Pin) -> dict[str, Any]:
+    """A pin as ``pin ls`` shows it: where it lives, here and in remotes."""
+    remotes = api.ctx.remote.pins.where(pin.name) if api.ctx.remote is not None else []
+    return {**pin_summary(pin), "local": True, "remotes": remotes}
 
 
 @operation(

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from amber.daemon.oci.errors import OciError
+from amber.daemon.oci.errors import OciError, RegistryRefused
 
 #: The most registries one request may carry credentials for (a base, a push target).
 MAX_AUTH_ENTRIES = 8
@@ -188,13 +188,15 @@ class Authenticator:
                     f"{who} requires a login: no credentials for it (see `podman login`)"
                 )
             if self._basic:
-                raise OciError(f"{who} refused the credentials of {self.credentials.username!r}")
+                raise RegistryRefused(
+                    f"{who} refused the credentials of {self.credentials.username!r}"
+                )
             self._basic = True
             return True
         scope = challenge.params.get("scope") or _default_scope(path)
         if sent.get("Authorization", "").startswith("Bearer ") and scope in self._tokens:
             if scope in self._renewed:
-                raise OciError(f"{who} refused its own token for {scope}")
+                raise RegistryRefused(f"{who} refused its own token for {scope}")
             self._renewed.add(scope)  # the token had expired, say: one new one
         token = self._token(challenge.params, scope)
         self._tokens[scope] = token
@@ -216,7 +218,7 @@ class Authenticator:
                 raise OciError(
                     f"registry {self.registry} requires a login for {scope}: no credentials for it"
                 )
-            raise OciError(
+            raise RegistryRefused(
                 f"registry {self.registry}: the token server refused the credentials of "
                 f"{self.credentials.username!r} for {scope}"
             )

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from amber.daemon.oci.auth import MAX_TOKEN_ANSWER, Authenticator, Credentials
+from amber.daemon.oci.errors import RegistryRefused
 from amber.daemon.oci.layer import Compression, LayerInfo, write_layer
 from amber.daemon.oci.source import ImageSource, resolve
 from amber.daemon.oci.spec import (
@@ -362,9 +363,15 @@ def _with_query(url: str, **params: str) -> str:
 def _error(status: int, body: bytes, what: str) -> OciError:
     """The error for an answer with ``status``, which it keeps (``.status``) for callers."""
     if status == 401:
-        error = OciError(f"{what}: the registry refused the request (authentication)")
+        error: OciError = RegistryRefused(
+            f"{what}: the registry refused the request (authentication)"
+        )
     elif status == 403:
-        error = OciError(f"{what}: the registry denied access (HTTP 403)")
+        error = RegistryRefused(f"{what}: the registry denied access (HTTP 403)")
+    elif status == 405:
+        error = RegistryRefused(
+            f"{what}: HTTP 405 (the registry, or this repository, is read-only)"
+        )
     else:
         detail = ""
         with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError, TypeError):

@@ -48,6 +48,8 @@ class CacheConfig:
     trusted_keys: Path | None = None
     pull: str = "lazy"
     remote_failures: str = "replay"
+    #: amberd's own registry logins (an auth.json, see remote/credentials.py).
+    registry_auth_file: Path | None = None
 
 
 def parse_remote_url(text: Any) -> str:
@@ -103,7 +105,8 @@ def parse_cache(untrusted: Any) -> CacheConfig:
     """The ``cache`` table as read from TOML; every mistake names its option."""
     if not isinstance(untrusted, dict):
         raise CacheConfigError("option 'cache': expected a table ([cache], [[cache.remote]])")
-    known = {"remote", "signing-key", "trusted-keys", "pull", "remote-failures"}
+    known = {"remote", "signing-key", "trusted-keys", "pull", "remote-failures",
+             "registry-auth-file"}  # fmt: skip
     unknown = set(untrusted) - known
     if unknown:
         raise CacheConfigError(
@@ -117,6 +120,8 @@ def parse_cache(untrusted: Any) -> CacheConfig:
         config.signing_key = _path("signing-key", untrusted["signing-key"])
     if "trusted-keys" in untrusted:
         config.trusted_keys = _path("trusted-keys", untrusted["trusted-keys"])
+    if "registry-auth-file" in untrusted:
+        config.registry_auth_file = _path("registry-auth-file", untrusted["registry-auth-file"])
     config.pull = _choice("pull", untrusted.get("pull", "lazy"), PULL_CHOICES)
     config.remote_failures = _choice(
         "remote-failures", untrusted.get("remote-failures", "replay"), FAILURE_CHOICES
@@ -138,6 +143,9 @@ EXAMPLE = """\
 # trusted-keys = "/etc/amber/trusted-keys"     # lines of NAME PUBLIC-KEY (amber key trust)
 # pull = "lazy"                                # "eager" is accepted; both pull a hit's closure today
 # remote-failures = "replay"                   # or "retry": rebuild a failure found remotely
+# registry-auth-file = "/run/credentials/amberd.service/amber-registry-auth"
+#                                              # amberd's own logins (an auth.json: basic or token
+#                                              # registries); root's, mode 0600 or 0400 (LoadCredential=)
 """
 
 
@@ -154,6 +162,8 @@ def to_toml(config: CacheConfig) -> str:
         lines.append(f"signing-key = {json.dumps(str(config.signing_key))}")
     if config.trusted_keys:
         lines.append(f"trusted-keys = {json.dumps(str(config.trusted_keys))}")
+    if config.registry_auth_file:
+        lines.append(f"registry-auth-file = {json.dumps(str(config.registry_auth_file))}")
     lines += [
         f"pull = {json.dumps(config.pull)}",
         f"remote-failures = {json.dumps(config.remote_failures)}",

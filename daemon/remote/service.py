@@ -15,10 +15,14 @@ import trio
 
 from amber.client import __version__
 from amber.daemon.build.state import BuildStatus
+from amber.daemon.oci.auth import credentials_for
+from amber.daemon.oci.errors import RegistryRefused
 from amber.daemon.oci.registry import RegistryClient
 from amber.daemon.oci.spec import OciError
 from amber.daemon.remote import pull, push, trust
 from amber.daemon.remote.config import Remote
+from amber.daemon.remote.credentials import load_auth_file
+from amber.daemon.remote.pins import RemotePins
 from amber.daemon.storage.db import Result
 from amber.sandbox.digest import from_hex
 from amber.sandbox.store import StoreError
@@ -39,7 +43,14 @@ class RemoteCache:
         self.signing_key: trust.SigningKey | None = None
         if self.config.signing_key is not None:
             self.signing_key = trust.load_signing_key(self.config.signing_key)
+        self.credentials = load_auth_file(self.config.registry_auth_file)
         self._wake = trio.Event()
+        self.pins = RemotePins(self)
+
+    def client(self, remote: Remote, timeout: float) -> RegistryClient:
+        """A client for ``remote`` with amberd's own login for its registry, if any."""
+        return RegistryClient(remote.registry, insecure=remote.insecure, timeout=timeout,
+                              credentials=credentials_for(self.credentials, remote.registry))  # fmt: skip
 
     # -- which remotes ---------------------------------------------------------
 
@@ -86,7 +97,7 @@ class RemoteCache:
         return None
 
     def _find_one(self, remote: Remote, key: str, store: Store, retry_failed: bool) -> dict | None:
-        client = RegistryClient(remote.registry, insecure=remote.insecure, timeout=30)
+        client = self.client(remote, timeout=30)
         try:
             found = pull.lookup(client, remote, key, trust.load_trusted(self.config.trusted_keys))
             if found is None:
@@ -115,20 +126,23 @@ class RemoteCache:
             self.ctx.db.queue_push(key, url)
         self._wake.set()
 
+    def wake(self) -> None:
+        self._wake.set()
+
     async def serve_pushes(self) -> None:
-        """Push what is queued, one result at a time, for ever."""
+        """Push what is queued, one result at a time, then pin tags (remote/pins.py), for ever."""
         pause = 1.0
         while True:
             rows = self.ctx.db.pending_pushes()
-            if not rows:
+            if not rows and not self.pins.pending():
                 self._wake = trio.Event()
                 await self._wake.wait()
                 continue
-            failures = 0
+            done = 0
             for key, url, attempts in rows:
-                if not await self._push_one(key, url, attempts):
-                    failures += 1
-            if failures == len(rows):  # every one failed: the registry is down, wait
+                done += await self._push_one(key, url, attempts)
+            done += await self.pins.work()
+            if not done:  # every one failed: the registry is down, wait
                 await trio.sleep(pause)
                 pause = min(pause * 2, 300.0)
             else:
@@ -143,6 +157,10 @@ class RemoteCache:
         remote = Remote(url, push=True)
         try:
             sent = await trio.to_thread.run_sync(self._push_sync, remote, result)
+        except RegistryRefused as exc:  # read-only, or not ours to write: never retried
+            log.warning("push of %s to %s refused, not retried: %s", key, url, exc)
+            db.push_done(key, url)
+            return True
         except (OciError, StoreError, OSError) as exc:
             if attempts + 1 >= MAX_ATTEMPTS:
                 log.warning(
@@ -159,7 +177,7 @@ class RemoteCache:
 
     def _push_sync(self, remote: Remote, result: Result) -> int:
         assert self.signing_key is not None
-        client = RegistryClient(remote.registry, insecure=remote.insecure, timeout=60)
+        client = self.client(remote, timeout=60)
         try:
             return push.push_result(
                 self.ctx.store, client, remote.repository, result, self.signing_key, __version__

@@ -375,6 +375,44 @@ class Database:
             (time.time(), key, url),
         )
 
+    def push_pending(self, key: str, url: str) -> bool:
+        row = self._conn.execute(
+            "SELECT 1 FROM remote_pushes WHERE key = ? AND url = ?", (key, url)
+        )
+        return row.fetchone() is not None
+
+    # -- pin tags in remotes (daemon/remote/pins.py) ---------------------------
+
+    def remote_pins(self, name: str | None) -> list[dict]:
+        """The rows of pin ``name`` (every pin's for None), by remote and tag."""
+        where, args = ("WHERE name = ?", (name,)) if name is not None else ("", ())
+        rows = self._conn.execute(f"SELECT * FROM remote_pins {where} ORDER BY url, tag", args)
+        return [dict(r) for r in rows.fetchall()]
+
+    def put_remote_pin(self, name: str, url: str, tag: str, key: str) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO remote_pins (name, url, tag, key, state) VALUES (?, ?, ?, ?, 'tag')",
+            (name, url, tag, key),
+        )
+
+    def set_remote_pin_state(
+        self, url: str, tag: str, state: str, *, digest: str | None = None, note: str | None = None
+    ) -> None:
+        self._conn.execute(
+            "UPDATE remote_pins SET state = ?, digest = COALESCE(?, digest), note = ?, attempts = 0"
+            " WHERE url = ? AND tag = ?",
+            (state, digest, note, url, tag),
+        )
+
+    def remote_pin_failed(self, url: str, tag: str, note: str) -> None:
+        self._conn.execute(
+            "UPDATE remote_pins SET attempts = attempts + 1, note = ? WHERE url = ? AND tag = ?",
+            (note, url, tag),
+        )
+
+    def delete_remote_pin(self, url: str, tag: str) -> None:
+        self._conn.execute("DELETE FROM remote_pins WHERE url = ? AND tag = ?", (url, tag))
+
     # -- the completeness record (see complete.py) ----------------------------
 
     def tree_complete(self, tree: str) -> bool:

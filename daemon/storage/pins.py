@@ -21,6 +21,10 @@ or errors is not pinned, and NAME keeps pointing where it did (a CI branch
 pin stays on the last good build); frozen failures are kept by the
 retention policy, and ``amber pin add NAME BUILD`` pins one explicitly.
 
+A pin holding step results is also tagged in the remote caches this host
+pushes to, so that their registries keep it (daemon/remote/pins.py);
+``amber pin rm`` re-points those tags at a tombstone.
+
 ``amber build --out-link PATH`` checks the final state (or the spec's
 ``output`` directory in it) out at PATH, below the directory the client
 opened (storage/outlinks.py: amberd never resolves PATH), owned by the user
@@ -189,6 +193,16 @@ def _tree_target(
     return "tree", f"tree:{digest}", None, PinRoots(trees={digest})
 
 
+def result_keys(db: Database, roots: PinRoots) -> list[str]:
+    """The step results a pin holds, in build order (a pin's remote tags are numbered so)."""
+    ordered: list[str] = []
+    for build_id in sorted(roots.builds):
+        for step in db.get_steps(build_id):
+            if step.key in roots.results and step.key not in ordered:
+                ordered.append(step.key)
+    return ordered + sorted(roots.results - set(ordered))
+
+
 def new_pin(name: str, kind: str, target: str, uid: int, roots: PinRoots) -> Pin:
     return Pin(name=name, kind=kind, target=target, uid=uid, created=time.time(),
                roots=roots.to_json())  # fmt: skip
@@ -230,6 +244,11 @@ async def on_success(ctx: DaemonContext, build: Build, tree: bytes) -> None:
             check_pin_owner(ctx.db, build.pin, build.uid)
             ctx.db.put_pin(new_pin(build.pin, "build", build.id, build.uid, roots))
             build.note(f"pinned as {build.pin}")
+            if ctx.remote is not None:
+                urls = ctx.remote.pins.urls_for(no_remote=build.no_remote, cache_to=build.cache_to)
+                ctx.remote.pins.pin(build.pin, build.uid, result_keys(ctx.db, roots), urls)
+                if urls:
+                    build.note(f"pin {build.pin}: tagging its results in {', '.join(urls)}")
         if build.out_link:
             await _out_link(ctx, build, tree)
 

@@ -127,6 +127,19 @@ CREATE TABLE IF NOT EXISTS remote_pushes (
     attempts INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (key, url)
 );
+-- Pin tags in remote caches (daemon/remote/pins.py): what this host tagged, or
+-- is to tag (state tag) or re-point to the tombstone (state untag).
+CREATE TABLE IF NOT EXISTS remote_pins (
+    name TEXT NOT NULL,            -- the local pin
+    url TEXT NOT NULL,             -- the remote (registry + repository)
+    tag TEXT NOT NULL,             -- pin-USER.NAME.N
+    key TEXT NOT NULL,             -- the step key whose result it tags
+    state TEXT NOT NULL,           -- tag | tagged | failed | untag
+    digest TEXT,                   -- the manifest tagged, once tagged
+    attempts INTEGER NOT NULL DEFAULT 0,
+    note TEXT,                     -- why it failed, for `amber pin ls`
+    PRIMARY KEY (url, tag)
+);
 -- Trees whose whole closure is in the store (daemon/storage/complete.py): a
 -- cache hit on them checks a row, not the closure. GC and fsck delete a row
 -- before anything of its closure leaves the store.
