@@ -11,11 +11,14 @@ from typing import Any
 
 from amber.daemon.build.buildid import check_build_id
 from amber.daemon.config import Config
+from amber.daemon.errors import NotFound
+from amber.daemon.remote.pull import Miss
 from amber.daemon.storage import pins
 from amber.daemon.storage.complete import CompleteTrees
 from amber.daemon.storage.db import Database
 from amber.daemon.storage.gc import Collector
 from amber.daemon.storage.roots import Roots
+from amber.sandbox.digest import from_hex
 from amber.sandbox.fscontrol import FilesystemPool
 from amber.sandbox.fsmode import FsMode, detect_fs_mode
 from amber.sandbox.store import Store
@@ -85,7 +88,25 @@ class DaemonContext:
             await self.export_hook(build)
 
     async def on_success(self, build, tree: bytes) -> None:
-        """What follows a successful build: ``--pin`` and ``--out-link`` (see pins.py)."""
+        """What follows a successful build: ``--pin`` and ``--out-link`` (see pins.py).
+
+        Both need the states local: what only a remote cache has (lazy hits)
+        is pulled first, under the build's hold: the final tree for an
+        out-link; for a pin, every step's state and log.
+        """
+        if self.remote is not None and (build.pin or build.out_link):
+            trees, logs = [tree], []
+            if build.pin:
+                steps = self.db.get_steps(build.id)
+                trees += [from_hex(s.after_tree) for s in steps if s.after_tree]
+                logs += [from_hex(s.log) for s in steps if s.log]
+            trees = [t for t in trees if self.db.remote_sources(tree=t.hex())]
+            logs = [g for g in logs if self.db.remote_sources(log=g.hex())]
+            try:
+                await self.remote.ensure_local(trees, logs, hold=self.roots.of_build(build.id))
+            except Miss as exc:
+                raise NotFound(f"build {build.id} succeeded, but its states are in a remote "
+                               f"cache and could not be pulled ({exc}); not pinned, no out-link") from None  # fmt: skip
         await pins.on_success(self, build, tree)
 
 

@@ -24,8 +24,9 @@ A cycle, one at a time (``Collector.lock``; ``fsck`` takes it too):
    are deleted; the others went back when they were held. A cycle waits
    ``QUARANTINE_WAIT`` at most, then gives the quarantine back: the next
    cycle collects it.
-4. **Trim the database**: results whose objects are gone, and build records
-   (with their logs) older than ``keep-failed-days`` that nothing keeps.
+4. **Trim the database**: results whose objects are gone (not those a
+   remote cache holds: they stay lazy hits, ``remote/lazy.py``), and build
+   records (with their logs) older than ``keep-failed-days`` that nothing keeps.
 
 The trio thread only waits: the daemon keeps serving while a cycle runs.
 """
@@ -452,9 +453,13 @@ def _trim_database(
     db = Database(db_path)
     check = store.closure_check()
     try:
+        # A result a remote cache holds stays a (lazy) hit whatever this cycle took
+        # of its closure (remote/lazy.py); the packs pulls applied may be gone now.
+        remote = db.remote_keys()
+        db.forget_applied_packs()
         doomed: list[str] = []
         for rowid, key, before, after, log_digest in db.result_refs():
-            if rowid > db_roots.max_rowid or key in db_roots.results:
+            if rowid > db_roots.max_rowid or key in db_roots.results or key in remote:
                 continue
             trees = (bytes.fromhex(before), bytes.fromhex(after))
             blob = bytes.fromhex(log_digest)
