@@ -7,7 +7,9 @@ the registry was (or was not) needed, `amber shell` and `amber store fsck`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from registry_proxy import RegistryProxy, kill_registry, restart_registry
@@ -32,15 +34,23 @@ def manifests(registry: str, tags: list[str]) -> tuple[set[str], set[str]]:
     return configs, layers
 
 
-def reader(daemon_root: Path, name: str, proxy: RegistryProxy, a, *, pull: str = "lazy"):
-    """A host that reads A's results through the proxy and pushes nothing."""
-    b = host(daemon_root, name, proxy.address, sign=False, trusted={"ci-a": public(a)}, push=False)
-    if pull != "lazy":
-        b.stop()
-        config = b.root / "amberd.toml"
-        config.write_text(config.read_text() + f'pull = "{pull}"\n')  # in its [cache] table
-        b.start("--config", str(config))
-    return b
+@contextlib.contextmanager
+def a_and_b(daemon_root: Path, registry: str, *, pull: str = "lazy") -> Iterator[tuple]:
+    """Host A pushes to the registry; host B reads A's results through a proxy, pushes nothing."""
+    a = host(daemon_root, "ci-a", registry, sign=True, trusted={})
+    with RegistryProxy(registry) as proxy:
+        b = host(daemon_root, "ci-b", proxy.address, sign=False, trusted={"ci-a": public(a)},
+                 push=False)  # fmt: skip
+        try:
+            if pull != "lazy":
+                b.stop()
+                config = b.root / "amberd.toml"
+                config.write_text(config.read_text() + f'pull = "{pull}"\n')  # in its [cache]
+                b.start("--config", str(config))
+            yield a, b, proxy
+        finally:
+            b.stop()
+            a.stop()
 
 
 def fsck_clean(daemon) -> dict:
@@ -53,90 +63,72 @@ def fsck_clean(daemon) -> dict:
 def test_a_fully_cached_build_pulls_only_metadata_and_a_shell_pulls_the_rest(
     daemon_root, registry, tmp_path
 ):
-    a = host(daemon_root, "ci-a", registry, sign=True, trusted={})
-    with RegistryProxy(registry) as proxy:
-        b = reader(daemon_root, "ci-b", proxy, a)
+    with a_and_b(daemon_root, registry) as (a, b, proxy):
+        spec = write_spec(daemon_root, SPEC.format(three="3"))
+        assert a.build_json(spec)[0] == 0
+        configs, layers = manifests(registry, wait_pushed(registry, 4))
+        code, report = b.build_json(spec)
+        assert code == 0 and statuses(report) == ["cached"] * 4
+        assert set(proxy.blob_gets) == configs  # metadata only: not one layer
+
+        kill_registry(tmp_path / "registry.yml")
+        asked = proxy.requests
+        code, again = b.build_json(spec)
+        assert code == 0 and statuses(again) == ["cached"] * 4
+        assert proxy.requests == asked  # a local hit: nobody asked the registry
+        shell = b.amber("shell", again["build"], "--", "cat", "one")
+        assert shell.returncode != 0 and b"could not be pulled" in shell.stderr, shell.stderr
+
+        # Remote-held results lacking their closure are lazy hits, not garbage nor damage.
+        assert b.amber("gc").returncode == 0
+        fsck_clean(b)
+        code, after_gc = b.build_json(spec)
+        assert code == 0 and statuses(after_gc) == ["cached"] * 4
+
+        proc = restart_registry(tmp_path / "registry.yml", registry)
         try:
-            spec = write_spec(daemon_root, SPEC.format(three="3"))
-            assert a.build_json(spec)[0] == 0
-            configs, layers = manifests(registry, wait_pushed(registry, 4))
-            code, report = b.build_json(spec)
-            assert code == 0 and statuses(report) == ["cached"] * 4
-            assert set(proxy.blob_gets) == configs  # metadata only: not one layer
-
-            kill_registry(tmp_path / "registry.yml")
-            asked = proxy.requests
-            code, again = b.build_json(spec)
-            assert code == 0 and statuses(again) == ["cached"] * 4
-            assert proxy.requests == asked  # a local hit: nobody asked the registry
-            shell = b.amber("shell", again["build"], "--", "cat", "one")
-            assert shell.returncode != 0 and b"could not be pulled" in shell.stderr, shell.stderr
-
-            # Remote-held results lacking their closure are lazy hits, not garbage nor damage.
-            assert b.amber("gc").returncode == 0
+            shell = b.amber("shell", after_gc["build"], "--", "cat", "one")
+            assert shell.returncode == 0 and shell.stdout == b"one\n", shell.stderr
+            assert set(proxy.blob_gets) & layers  # pulled on demand, now
             fsck_clean(b)
-            code, after_gc = b.build_json(spec)
-            assert code == 0 and statuses(after_gc) == ["cached"] * 4
-
-            proc = restart_registry(tmp_path / "registry.yml", registry)
-            try:
-                shell = b.amber("shell", after_gc["build"], "--", "cat", "one")
-                assert shell.returncode == 0 and shell.stdout == b"one\n", shell.stderr
-                assert set(proxy.blob_gets) & layers  # pulled on demand, now
-                fsck_clean(b)
-            finally:
-                proc.terminate()
-                proc.wait()
         finally:
-            b.stop()
-            a.stop()
+            proc.terminate()
+            proc.wait()
 
 
 def test_eager_pulls_every_hit_at_once(daemon_root, registry, tmp_path):
-    a = host(daemon_root, "ci-a", registry, sign=True, trusted={})
-    with RegistryProxy(registry) as proxy:
-        b = reader(daemon_root, "ci-b", proxy, a, pull="eager")
-        try:
-            spec = write_spec(daemon_root, SPEC.format(three="3"))
-            assert a.build_json(spec)[0] == 0
-            _, layers = manifests(registry, wait_pushed(registry, 4))
-            code, report = b.build_json(spec)
-            assert code == 0 and statuses(report) == ["cached"] * 4
-            # Every layer of every hit, at hit time (but the empty logs: B has the empty blob).
-            assert layers - {EMPTY_SHA256} <= set(proxy.blob_gets)
-            kill_registry(tmp_path / "registry.yml")
-            shell = b.amber("shell", report["build"], "--", "cat", "one")
-            assert shell.returncode == 0 and shell.stdout == b"one\n", shell.stderr
-            fsck_clean(b)
-        finally:
-            b.stop()
-            a.stop()
+    with a_and_b(daemon_root, registry, pull="eager") as (a, b, proxy):
+        spec = write_spec(daemon_root, SPEC.format(three="3"))
+        assert a.build_json(spec)[0] == 0
+        _, layers = manifests(registry, wait_pushed(registry, 4))
+        code, report = b.build_json(spec)
+        assert code == 0 and statuses(report) == ["cached"] * 4
+        # Every layer of every hit, at hit time (but the empty logs: B has the empty blob).
+        assert layers - {EMPTY_SHA256} <= set(proxy.blob_gets)
+        kill_registry(tmp_path / "registry.yml")
+        shell = b.amber("shell", report["build"], "--", "cat", "one")
+        assert shell.returncode == 0 and shell.stdout == b"one\n", shell.stderr
+        fsck_clean(b)
 
 
 def test_a_registry_killed_mid_pull_reruns_the_steps_it_could_not_send(
     daemon_root, registry, tmp_path
 ):
-    a = host(daemon_root, "ci-a", registry, sign=True, trusted={})
-    with RegistryProxy(registry) as proxy:
-        b = reader(daemon_root, "ci-b", proxy, a)
-        try:
-            assert a.build_json(write_spec(daemon_root, SPEC.format(three="3")))[0] == 0
-            wait_pushed(registry, 4)
-            # B changes step three: it runs on step two's state, pulled then; the
-            # registry dies 1 MB into the 3 MB file of that state.
-            proxy.cut_size, proxy.cut_after = 2_000_000, 1 << 20
-            proxy.on_cut = lambda: kill_registry(tmp_path / "registry.yml")
-            code, report = b.build_json(write_spec(daemon_root, SPEC.format(three="b"), "b.toml"))
-            assert proxy.cut.is_set()
-            assert code == 0, report
-            # Two's state could not come, nor one's (the registry is gone): both rerun.
-            assert statuses(report) == ["ran"] * 4
-            said = notes(b, report["build"])
-            assert "step two: its cached result could not be fetched" in said, said
-            assert "step one: its cached result could not be fetched" in said, said
-            shell = b.amber("shell", report["build"], "--", "sh", "-c", "wc -c < big; cat four")
-            assert shell.stdout == b"3000000\none\nb\n", shell.stderr
-            fsck_clean(b)  # nothing half-pulled or corrupt left behind
-        finally:
-            b.stop()
-            a.stop()
+    with a_and_b(daemon_root, registry) as (a, b, proxy):
+        assert a.build_json(write_spec(daemon_root, SPEC.format(three="3")))[0] == 0
+        wait_pushed(registry, 4)
+        # B changes step three: it runs on step two's state, pulled then; the
+        # registry dies 1 MB into the 3 MB file of that state.
+        proxy.cut_size, proxy.cut_after = 2_000_000, 1 << 20
+        proxy.on_cut = lambda: kill_registry(tmp_path / "registry.yml")
+        code, report = b.build_json(write_spec(daemon_root, SPEC.format(three="b"), "b.toml"))
+        assert proxy.cut.is_set()
+        assert code == 0, report
+        # Two's state could not come, nor one's (the registry is gone): both rerun.
+        assert statuses(report) == ["ran"] * 4
+        said = notes(b, report["build"])
+        assert "step two: its cached result could not be fetched" in said, said
+        assert "step one: its cached result could not be fetched" in said, said
+        shell = b.amber("shell", report["build"], "--", "sh", "-c", "wc -c < big; cat four")
+        assert shell.stdout == b"3000000\none\nb\n", shell.stderr
+        fsck_clean(b)  # nothing half-pulled or corrupt left behind
