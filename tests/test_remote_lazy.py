@@ -132,3 +132,40 @@ def test_a_registry_killed_mid_pull_reruns_the_steps_it_could_not_send(
         shell = b.amber("shell", report["build"], "--", "sh", "-c", "wc -c < big; cat four")
         assert shell.stdout == b"3000000\none\nb\n", shell.stderr
         fsck_clean(b)  # nothing half-pulled or corrupt left behind
+
+
+def test_a_pull_cut_off_resumes_with_what_it_had_not_got(daemon_root, registry, tmp_path):
+    with a_and_b(daemon_root, registry) as (a, b, proxy):
+        spec = write_spec(daemon_root, SPEC.format(three="3"))
+        assert a.build_json(spec)[0] == 0
+        wait_pushed(registry, 4)
+        code, report = b.build_json(spec)
+        assert code == 0 and statuses(report) == ["cached"] * 4
+        key = json.loads(b.amber("show", "--json", report["build"]).stdout)["steps"][1]["key"]
+        client = RegistryClient(registry)
+        doc = json.loads(client.get_manifest("amber/trunk", "step-" + key)[0])
+        client.close()
+        big = [d["digest"] for d in doc["layers"] if d["size"] >= 2_000_000]
+        assert len(big) == 1  # step one's 3 MB file, in step two's state
+
+        proxy.cut_size, proxy.cut_after = 2_000_000, 1 << 20
+        proxy.on_cut = lambda: kill_registry(tmp_path / "registry.yml")
+        shell = b.amber("shell", report["build"], "--step", "two", "--", "cat", "one")
+        assert proxy.cut.is_set() and shell.returncode != 0, shell.stderr
+        assert b"ended after 1048576 of 3000000 bytes" in shell.stderr, shell.stderr
+        fsck_clean(b)  # the half of the big blob is not kept
+
+        proxy.cut_size = None
+        proc = restart_registry(tmp_path / "registry.yml", registry)
+        try:
+            asked = len(proxy.blob_gets)
+            shell = b.amber("shell", report["build"], "--step", "two", "--", "cat", "one")
+            assert shell.returncode == 0 and shell.stdout == b"one\n", shell.stderr
+            assert proxy.blob_gets[asked:] == big  # the packs it had applied are not fetched again
+            asked = len(proxy.blob_gets)
+            assert b.amber("shell", report["build"], "--step", "two", "--", "true").returncode == 0
+            assert len(proxy.blob_gets) == asked  # whole here now: nothing asked
+            fsck_clean(b)
+        finally:
+            proc.terminate()
+            proc.wait()
