@@ -13,10 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from registry_proxy import RegistryProxy, kill_registry, restart_registry
-from test_remote import SPEC, host, notes, public, statuses, wait_pushed, write_spec
+from test_remote import FAILING, SPEC, host, notes, public, statuses, wait_pushed, write_spec
 
+from amber.daemon.build.spec_model import DEFAULT_WORKDIR
 from amber.daemon.oci.registry import RegistryClient
 
+WORKDIR = DEFAULT_WORKDIR.strip("/")
 EMPTY_SHA256 = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
 
@@ -90,6 +92,9 @@ def test_a_fully_cached_build_pulls_only_metadata_and_a_shell_pulls_the_rest(
             shell = b.amber("shell", after_gc["build"], "--", "cat", "one")
             assert shell.returncode == 0 and shell.stdout == b"one\n", shell.stderr
             assert set(proxy.blob_gets) & layers  # pulled on demand, now
+            code, linked = b.build_json(spec, "--out-link", str(daemon_root / "out"))
+            assert code == 0 and statuses(linked) == ["cached"] * 4, linked.get("error")
+            assert (daemon_root / "out" / WORKDIR / "four").read_text() == "one\n3\n"
             fsck_clean(b)
         finally:
             proc.terminate()
@@ -169,3 +174,19 @@ def test_a_pull_cut_off_resumes_with_what_it_had_not_got(daemon_root, registry, 
         finally:
             proc.terminate()
             proc.wait()
+
+
+def test_a_remote_failure_replays_with_only_its_log_pulled(daemon_root, registry, tmp_path):
+    with a_and_b(daemon_root, registry) as (a, b, proxy):
+        spec = write_spec(daemon_root, FAILING)
+        assert a.build_json(spec)[0] == 1
+        configs, _ = manifests(registry, wait_pushed(registry, 2))
+        code, report = b.build_json(spec)
+        assert code == 1 and statuses(report) == ["cached", "cached-failure"]
+        logs = set(proxy.blob_gets) - configs
+        assert len(logs) == 1  # the failed step's log layer, and no tree
+        kill_registry(tmp_path / "registry.yml")
+        log = b.amber("log", report["build"])
+        assert b"cc: fatal error: remote-visible" in log.stdout, log.stderr
+        shell = b.amber("shell", report["build"], "--", "cat", "kept")
+        assert shell.returncode != 0 and b"could not be pulled" in shell.stderr, shell.stderr
