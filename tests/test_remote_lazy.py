@@ -92,6 +92,8 @@ def test_a_fully_cached_build_pulls_only_metadata_and_a_shell_pulls_the_rest(
             shell = b.amber("shell", after_gc["build"], "--", "cat", "one")
             assert shell.returncode == 0 and shell.stdout == b"one\n", shell.stderr
             assert set(proxy.blob_gets) & layers  # pulled on demand, now
+            diff = b.amber("diff", after_gc["build"], "--step", "two")
+            assert diff.returncode == 0 and b"/build/many/300" in diff.stdout, diff.stderr
             code, linked = b.build_json(spec, "--out-link", str(daemon_root / "out"))
             assert code == 0 and statuses(linked) == ["cached"] * 4, linked.get("error")
             assert (daemon_root / "out" / WORKDIR / "four").read_text() == "one\n3\n"
