@@ -192,3 +192,27 @@ def test_a_remote_failure_replays_with_only_its_log_pulled(daemon_root, registry
         assert b"cc: fatal error: remote-visible" in log.stdout, log.stderr
         shell = b.amber("shell", report["build"], "--", "cat", "kept")
         assert shell.returncode != 0 and b"could not be pulled" in shell.stderr, shell.stderr
+
+
+def test_a_layer_whose_size_is_not_its_files_is_refused_unread(daemon_root, registry):
+    with a_and_b(daemon_root, registry) as (a, b, proxy):
+        assert a.build_json(write_spec(daemon_root, SPEC.format(three="3")))[0] == 0
+        tags = wait_pushed(registry, 4)
+        # Someone who can write the registry makes step two's big layer say 1 TB. The
+        # signature stands (layers are not signed): only the trees say the file's size.
+        key_two = json.loads(a.amber("show", "--json", "shared-1").stdout)["steps"][1]["key"]
+        client = RegistryClient(registry)
+        body, media_type, _ = client.get_manifest("amber/trunk", "step-" + key_two)
+        doc = json.loads(body)
+        (big,) = [d for d in doc["layers"] if d["size"] == 3_000_000]
+        big["size"] = 1 << 40
+        client.put_manifest("amber/trunk", "step-" + key_two, json.dumps(doc).encode(), media_type)
+        client.close()
+        assert len(tags) == 4
+        code, report = b.build_json(write_spec(daemon_root, SPEC.format(three="b"), "b.toml"))
+        assert code == 0 and statuses(report) == ["cached", "ran", "ran", "ran"], report
+        said = notes(b, report["build"])
+        assert f"layer {big['digest']} is {1 << 40} bytes, its file 3000000" in said, said
+        # Fetched once: for step one's state (its manifest is whole), never for step two's.
+        assert proxy.blob_gets.count(big["digest"]) == 1
+        fsck_clean(b)

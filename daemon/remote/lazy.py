@@ -34,6 +34,7 @@ from amber.daemon.remote.config import Remote
 from amber.daemon.remote.layout import Layer, LayoutError, StepManifest
 from amber.daemon.remote.pull import Miss
 from amber.daemon.storage.db import RemoteRecord
+from amber.sandbox import tree as treefmt
 from amber.sandbox.store import StoreError
 
 if TYPE_CHECKING:
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 
 #: Layers of one pull fetched at once.
 LAYERS_AT_ONCE = 4
+#: A log may pass step-log-max by the line saying it was truncated.
+LOG_SLACK = 64 << 10
 
 
 class LazyPulls:
@@ -109,6 +112,10 @@ class LazyPulls:
         layer = manifest.log_layer(log)
         if layer is None:
             raise Miss(f"the result on {record.url} has no layer for its log")
+        if layer.size > self.ctx.config.step_log_max + LOG_SLACK:
+            raise Miss(
+                f"the log on {record.url} is {layer.size} bytes, more than step-log-max here"
+            )
         return await self._fetch(hold.store, Remote(record.url), [layer])
 
     async def _pull_tree(
@@ -121,8 +128,8 @@ class LazyPulls:
         packs = [p for p in manifest.packs if p.digest not in applied]
         read = await self._fetch(hold.store, remote, packs, on_done=db.pack_applied)
         bigs = {la.blake3: la for la in manifest.big_blobs if la.media_type != layout.LOG_TYPE}
-        wanted = await trio.to_thread.run_sync(_wanted_blobs, hold.store, tree, set(bigs))
-        read += await self._fetch(hold.store, remote, [bigs[d] for d in wanted])
+        wanted = await trio.to_thread.run_sync(_wanted_blobs, hold.store, tree, bigs)
+        read += await self._fetch(hold.store, remote, wanted)
         missing = await trio.to_thread.run_sync(check.missing, [tree], [])
         if missing is None:
             return read
@@ -183,23 +190,31 @@ class LazyPulls:
         return read[0]
 
 
-def _wanted_blobs(store: Store, tree: bytes, candidates: set[bytes]) -> list[bytes]:
-    """Which of ``candidates`` (big blobs of a manifest) ``tree``'s closure names and the store lacks.
+def _wanted_blobs(store: Store, tree: bytes, bigs: dict[bytes, Layer]) -> list[Layer]:
+    """The layers of ``bigs`` (big files by BLAKE3) that ``tree`` names and the store lacks.
 
-    A tree the packs did not bring is a ``Miss``: the result does not hold it.
+    Layers are not signed, the trees are (through the config): a layer whose
+    size is not its file's is refused before a byte of it is read. A tree
+    the packs did not bring is a ``Miss``: the result does not hold it.
     """
     seen: set[bytes] = set()
     todo = [tree]
-    wanted: set[bytes] = set()
+    wanted: dict[bytes, Layer] = {}
     while todo:
         digest = todo.pop()
         if digest in seen:
             continue
         seen.add(digest)
         try:
-            subtrees, blobs = store.tree_refs(digest)
+            entries = store.get_tree(digest)
         except StoreError as exc:
             raise Miss(f"the remote result does not hold tree {digest.hex()[:12]}: {exc}") from None
-        todo += subtrees
-        wanted.update(b for b in blobs if b in candidates)
-    return [b for b in wanted if not store.has_blob(b)]
+        for entry in entries:
+            if entry.kind == treefmt.DIR:
+                todo.append(entry.ref)
+            elif entry.kind == treefmt.FILE and entry.ref in bigs:
+                if bigs[entry.ref].size != entry.size:
+                    raise Miss(f"layer {bigs[entry.ref].digest} is {bigs[entry.ref].size} bytes, "
+                               f"its file {entry.size}")  # fmt: skip
+                wanted[entry.ref] = bigs[entry.ref]
+    return [layer for blob, layer in wanted.items() if not store.has_blob(blob)]
