@@ -216,3 +216,21 @@ def test_a_layer_whose_size_is_not_its_files_is_refused_unread(daemon_root, regi
         # Fetched once: for step one's state (its manifest is whole), never for step two's.
         assert proxy.blob_gets.count(big["digest"]) == 1
         fsck_clean(b)
+
+
+def test_gc_keeps_lazy_hits_for_keep_failed_days_then_a_lookup_finds_them_again(
+    daemon_root, registry
+):
+    with a_and_b(daemon_root, registry) as (a, b, proxy):
+        spec = write_spec(daemon_root, SPEC.format(three="3"))
+        assert a.build_json(spec)[0] == 0
+        wait_pushed(registry, 4)
+        assert statuses(b.build_json(spec)[1]) == ["cached"] * 4
+        assert b.amber("gc").returncode == 0
+        asked = proxy.requests
+        assert statuses(b.build_json(spec)[1]) == ["cached"] * 4
+        assert proxy.requests == asked  # still known here: no lookup
+        assert b.amber("gc", "--keep-failed", "0").returncode == 0
+        assert statuses(b.build_json(spec)[1]) == ["cached"] * 4
+        assert proxy.requests > asked  # forgotten, and found again in the registry
+        fsck_clean(b)

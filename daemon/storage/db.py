@@ -201,8 +201,9 @@ class Database:
             out.append((Result(**d), record))
         return out
 
-    def remote_keys(self) -> set[str]:
-        return {row[0] for row in self._conn.execute("SELECT key FROM remote_results")}
+    def remote_keys(self, *, found_since: float = 0.0) -> set[str]:
+        rows = self._conn.execute("SELECT key FROM remote_results WHERE found >= ?", (found_since,))
+        return {row[0] for row in rows}
 
     def applied_packs(self) -> set[str]:
         return {row[0] for row in self._conn.execute("SELECT digest FROM remote_packs")}
@@ -490,6 +491,11 @@ class Database:
                     [max_rowid, *chunk],
                 )
                 deleted += cur.rowcount
+                conn.execute(  # where a remote holds them: said only of results that are
+                    f"DELETE FROM remote_results WHERE key IN ({', '.join('?' for _ in chunk)})"
+                    " AND key NOT IN (SELECT key FROM results)",
+                    chunk,
+                )
         return deleted
 
     def all_builds(self) -> list[BuildRecord]:
