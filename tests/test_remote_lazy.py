@@ -180,7 +180,7 @@ def test_a_pull_cut_off_resumes_with_what_it_had_not_got(daemon_root, registry, 
 
 def test_a_remote_failure_replays_with_only_its_log_pulled(daemon_root, registry, tmp_path):
     with a_and_b(daemon_root, registry) as (a, b, proxy):
-        spec = write_spec(daemon_root, FAILING)
+        spec = write_spec(daemon_root, FAILING.replace("echo kept", "echo prepared && echo kept"))
         assert a.build_json(spec)[0] == 1
         configs, _ = manifests(registry, wait_pushed(registry, 2))
         code, report = b.build_json(spec)
@@ -190,8 +190,17 @@ def test_a_remote_failure_replays_with_only_its_log_pulled(daemon_root, registry
         kill_registry(tmp_path / "registry.yml")
         log = b.amber("log", report["build"])
         assert b"cc: fatal error: remote-visible" in log.stdout, log.stderr
+        # The log of the step that succeeded was not pulled, and cannot be now: a note says so.
+        assert b"prepared" not in log.stdout and b"could not be pulled" in log.stdout + log.stderr
         shell = b.amber("shell", report["build"], "--", "cat", "kept")
         assert shell.returncode != 0 and b"could not be pulled" in shell.stderr, shell.stderr
+        proc = restart_registry(tmp_path / "registry.yml", registry)
+        try:
+            log = b.amber("log", report["build"])
+            assert b"prepared\n" in log.stdout, log.stderr  # pulled when asked for
+        finally:
+            proc.terminate()
+            proc.wait()
 
 
 def test_a_layer_whose_size_is_not_its_files_is_refused_unread(daemon_root, registry):

@@ -270,10 +270,17 @@ async def log(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any
     for step in steps:
         if args["step"] is not None and step.name != args["step"]:
             continue
-        async for data in _step_log(api.ctx, record.id, step):
-            await api.send_event(conn, "log", {"step": step.name, "data": data})
+        try:
+            async for data in _step_log(api.ctx, record.id, step):
+                await api.send_event(conn, "log", {"step": step.name, "data": data})
+        except _Unpulled as exc:  # the other steps' logs are still worth reading
+            await api.send_event(conn, "note", {"message": exc.message})
     status = live.status if live is not None else record.status
     return {"build": record.id, "status": str(status)}
+
+
+class _Unpulled(NotFound):
+    """A step's log that only a remote cache has, and that could not be pulled."""
 
 
 async def _step_log(ctx: DaemonContext, build_id: str, step) -> AsyncIterator[bytes]:
@@ -289,8 +296,8 @@ async def _step_log(ctx: DaemonContext, build_id: str, step) -> AsyncIterator[by
         try:
             await ctx.remote.ensure_local(logs=[digest])
         except Miss as exc:
-            raise NotFound(f"the log of step {step.name} is in a remote cache and could "
-                           f"not be pulled: {exc}") from None  # fmt: skip
+            raise _Unpulled(f"the log of step {step.name} is in a remote cache and could "
+                            f"not be pulled: {exc}") from None  # fmt: skip
     async for data in blob_chunks(ctx.store, digest):
         yield data
 
