@@ -40,6 +40,12 @@ class RegistryProxy:
         self.cut_after = 0
         self.on_cut: Callable[[], None] = lambda: None
         self.cut = threading.Event()
+        #: Seconds each blob's answer waits (so that parallel fetches overlap), and the
+        #: most blob GETs that were in flight at once.
+        self.blob_delay = 0.0
+        self.max_in_flight = 0
+        self._in_flight = 0
+        self._lock = threading.Lock()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -62,9 +68,23 @@ class RegistryProxy:
         return f"127.0.0.1:{self._server.server_address[1]}"
 
     def forward(self, handler: BaseHTTPRequestHandler, method: str) -> None:
-        self.requests += 1
-        if method == "GET" and "/blobs/" in handler.path:
-            self.blob_gets.append(handler.path.rsplit("/", 1)[1])
+        blob = method == "GET" and "/blobs/" in handler.path
+        with self._lock:
+            self.requests += 1
+            if blob:
+                self.blob_gets.append(handler.path.rsplit("/", 1)[1])
+                self._in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        try:
+            if blob:
+                time.sleep(self.blob_delay)
+            self._forward(handler, method)
+        finally:
+            if blob:
+                with self._lock:
+                    self._in_flight -= 1
+
+    def _forward(self, handler: BaseHTTPRequestHandler, method: str) -> None:
         conn = http.client.HTTPConnection(self.upstream, timeout=30)
         try:
             headers = {k: v for k, v in handler.headers.items() if k.lower() != "host"}

@@ -243,3 +243,30 @@ def test_gc_keeps_lazy_hits_for_keep_failed_days_then_a_lookup_finds_them_again(
         assert statuses(b.build_json(spec)[1]) == ["cached"] * 4
         assert proxy.requests > asked  # forgotten, and found again in the registry
         fsck_clean(b)
+
+
+MANY_BIG = """
+[build]
+name = "many-big"
+base = "host"
+
+[[step]]
+name = "files"
+run = "for i in 1 2 3 4 5 6 7 8 9 10; do head -c 1200000 /dev/urandom > big$i; done"
+
+[[step]]
+name = "use"
+run = "cat big* | wc -c > total && echo {x} > x"
+"""
+
+
+def test_a_closure_is_pulled_in_parallel_four_layers_at_a_time(daemon_root, registry):
+    with a_and_b(daemon_root, registry) as (a, b, proxy):
+        assert a.build_json(write_spec(daemon_root, MANY_BIG.format(x=1)))[0] == 0
+        wait_pushed(registry, 2)
+        proxy.blob_delay = 0.3
+        code, report = b.build_json(write_spec(daemon_root, MANY_BIG.format(x=2), "b.toml"))
+        assert code == 0 and statuses(report) == ["cached", "ran"], report
+        assert proxy.max_in_flight == 4  # ten big files: in parallel, never more than four
+        shell = b.amber("shell", report["build"], "--", "cat", "total")
+        assert shell.stdout == b"12000000\n", shell.stderr
