@@ -103,7 +103,12 @@ class RemoteCache:
             client.close()
 
     def client_for(self, remote: Remote) -> RegistryClient:
-        """A client for ``remote``'s registry (the one place that makes them)."""
+        """A client for ``remote``'s registry (the one place that makes them).
+
+        A remote named by URL alone (a pull, from its record) is the
+        configured one of that URL when there is one.
+        """
+        remote = next((r for r in self.config.remotes if r.url == remote.url), remote)
         return RegistryClient(remote.registry, insecure=remote.insecure, timeout=30)
 
     # -- closures (lazy.py) ----------------------------------------------------
