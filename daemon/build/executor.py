@@ -1,8 +1,10 @@
 """Running one build: keys, cache, sandboxed steps, snapshots, results.
 
 For each step, in order: compute its key from the previous key; a cached
-result counts only when everything its after-tree needs is in the store
-(else the step reruns and the log says why). A cached success moves the
+result counts only when everything its after-tree needs is in the store,
+or a remote cache holds it (a lazy hit: its trees are pulled when a step
+runs on them; when that pull fails, the step that made them reruns); else
+the step reruns and the log says why. A cached success moves the
 build's state to that result's after-tree without running anything; a
 cached failure freezes the build at once (unless ``--retry-failed``). A miss
 runs the step in a sandbox over the build's overlay mount, which is opened
