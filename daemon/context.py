@@ -11,6 +11,8 @@ from typing import Any
 
 from amber.daemon.build.buildid import check_build_id
 from amber.daemon.config import Config
+from amber.daemon.errors import NotFound
+from amber.daemon.remote.pull import Miss
 from amber.daemon.storage import pins
 from amber.daemon.storage.complete import CompleteTrees
 from amber.daemon.storage.db import Database
@@ -85,7 +87,19 @@ class DaemonContext:
             await self.export_hook(build)
 
     async def on_success(self, build, tree: bytes) -> None:
-        """What follows a successful build: ``--pin`` and ``--out-link`` (see pins.py)."""
+        """What follows a successful build: ``--pin`` and ``--out-link`` (see pins.py).
+
+        An out-link needs the final state's files: what only a remote cache
+        has (a lazy hit) is pulled first, under the build's hold. A pin does
+        not: a result a remote holds is still a result (the pin tags it
+        there, remote/pins.py), so nothing is downloaded for it.
+        """
+        if self.remote is not None and build.out_link and self.db.remote_sources(tree=tree.hex()):
+            try:
+                await self.remote.ensure_local([tree], [], hold=self.roots.of_build(build.id))
+            except Miss as exc:
+                raise NotFound(f"build {build.id} succeeded, but its final state is in a remote "
+                               f"cache and could not be pulled ({exc}); no out-link") from None  # fmt: skip
         await pins.on_success(self, build, tree)
 
 

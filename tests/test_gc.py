@@ -229,7 +229,11 @@ async def test_gc_during_an_image_import_leaves_the_image_whole(tmp_path: Path, 
         (tmp_path / name / "sub").mkdir(parents=True)
         (tmp_path / name / "shared").write_bytes(b"in both images\n" * 100)
         (tmp_path / name / "sub" / "only").write_bytes(only)
-    await image_import(api, root, {"name": "a", "source": f"dir:{tmp_path / 'a'}", "shared": False})
+    await image_import(
+        api,
+        root,
+        {"name": "a", "source": f"dir:{tmp_path / 'a'}", "shared": False, "insecure": False},
+    )
     ctx.db.delete_image("a", 0)  # `amber image rm a`: what b shares is now unreferenced
 
     marked = trio.Event()
@@ -255,7 +259,9 @@ async def test_gc_during_an_image_import_leaves_the_image_whole(tmp_path: Path, 
     monkeypatch.setattr(images, "resolve_base", resolve_then_gc)
     async with trio.open_nursery() as nursery:
         reply = await image_import(
-            api, root, {"name": "b", "source": f"dir:{tmp_path / 'b'}", "shared": False}
+            api,
+            root,
+            {"name": "b", "source": f"dir:{tmp_path / 'b'}", "shared": False, "insecure": False},
         )
     assert reports and reports[0].objects > 0  # the gc ran and collected a's leftovers
     tree = bytes.fromhex(reply["tree"])

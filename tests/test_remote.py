@@ -185,7 +185,8 @@ def test_a_tampered_blob_is_refused_and_the_step_reruns(hosts, daemon_root, regi
             raw = bytearray(data.read_bytes())
             raw[-1] ^= 1
             data.write_bytes(bytes(raw))
-    code, report = b.build_json(spec)
+    # B changes step three: step two's closure (the big file in it) is pulled to run it.
+    code, report = b.build_json(write_spec(daemon_root, SPEC.format(three="b"), "b.toml"))
     assert code == 0, report
     assert statuses(report)[0] == "ran"  # refused, rerun, not a failure
     assert "does not match its sha256" in notes(b, report["build"])

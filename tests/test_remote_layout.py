@@ -100,3 +100,26 @@ def test_the_example_cache_tables_uncommented_are_valid(tmp_path):
     path.write_text("\n".join(line.removeprefix("# ") for line in block.splitlines()))
     cache = load_config(path).cache
     assert cache.remotes[0].trust == ("ci-trunk-1", "ci-trunk-2") and cache.pull == "lazy"
+
+
+def test_the_log_is_a_layer_of_its_own_found_by_its_blake3():
+    log = hash_bytes(b"the log")
+    big = {layout.A_BLAKE3: hash_bytes(b"big").hex()}
+    layers = [
+        layout.descriptor(layout.LOG_TYPE, "sha256:" + "1" * 64, 7, **{layout.A_BLAKE3: log.hex()}),
+        layout.descriptor(layout.PACK_TYPE, "sha256:" + "2" * 64, 100),
+        layout.descriptor(layout.BLOB_TYPE, "sha256:" + "3" * 64, BIG, **big),
+    ]
+    parsed = layout.parse_manifest(layout.manifest("ab" * 32, b"{}", layers, "h", "s"), "ab" * 32)
+    found = parsed.log_layer(log)
+    assert found is not None and found.digest == "sha256:" + "1" * 64 and found.size == 7
+    assert parsed.log_layer(hash_bytes(b"another")) is None
+    assert [la.size for la in parsed.packs] == [100]
+    assert {la.media_type for la in parsed.big_blobs} == {layout.LOG_TYPE, layout.BLOB_TYPE}
+    del layers[0]["annotations"]  # a log layer must say which log it is
+    with pytest.raises(LayoutError, match="BLAKE3"):
+        layout.parse_manifest(layout.manifest("ab" * 32, b"{}", layers, "h", "s"), "ab" * 32)
+    layers[0] = layout.descriptor(layout.BLOB_TYPE, "sha256:" + "1" * 64, -1,
+                                  **{layout.A_BLAKE3: log.hex()})  # fmt: skip
+    with pytest.raises(LayoutError, match="-1 bytes"):
+        layout.parse_manifest(layout.manifest("ab" * 32, b"{}", layers, "h", "s"), "ab" * 32)

@@ -24,6 +24,7 @@ from amber.daemon.build.spec import Spec, SpecError, parse_spec
 from amber.daemon.build.state import BuildStatus
 from amber.daemon.context import DaemonContext
 from amber.daemon.errors import BadArgs, Busy, Internal, InvalidSpec, NotFound, PermissionDenied
+from amber.daemon.remote.pull import Miss
 from amber.sandbox.asuser import HelperError, Unreadable, User, UserReader, WrongKind
 from amber.sandbox.digest import from_hex
 
@@ -283,17 +284,36 @@ async def log(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, Any
     for step in steps:
         if args["step"] is not None and step.name != args["step"]:
             continue
-        async for data in _step_log(api.ctx, record.id, step):
-            await api.send_event(conn, "log", {"step": step.name, "data": data})
+        try:
+            async for data in _step_log(api.ctx, record.id, step):
+                await api.send_event(conn, "log", {"step": step.name, "data": data})
+        except _Unpulled as exc:  # the other steps' logs are still worth reading
+            await api.send_event(conn, "note", {"message": exc.message})
     status = live.status if live is not None else record.status
     return {"build": record.id, "status": str(status)}
 
 
-def _step_log(ctx: DaemonContext, build_id: str, step) -> AsyncIterator[bytes]:
-    """A step's log in bounded chunks: its blob, or the file of a step still running."""
-    if step.log:
-        return blob_chunks(ctx.store, from_hex(step.log))
-    return file_chunks(ctx.step_log_path(build_id, step.idx))
+class _Unpulled(NotFound):
+    """A step's log that only a remote cache has, and that could not be pulled."""
+
+
+async def _step_log(ctx: DaemonContext, build_id: str, step) -> AsyncIterator[bytes]:
+    """A step's log in bounded chunks: its blob (pulled first if a remote cache has
+    it and the store does not: a lazy hit), or the file of a step still running."""
+    if not step.log:
+        async for data in file_chunks(ctx.step_log_path(build_id, step.idx)):
+            yield data
+        return
+    digest = from_hex(step.log)
+    local = await trio.to_thread.run_sync(ctx.store.has_blob, digest)
+    if not local and ctx.remote is not None and ctx.db.remote_sources(log=step.log):
+        try:
+            await ctx.remote.ensure_local(logs=[digest])
+        except Miss as exc:
+            raise _Unpulled(f"the log of step {step.name} is in a remote cache and could "
+                            f"not be pulled: {exc}") from None  # fmt: skip
+    async for data in blob_chunks(ctx.store, digest):
+        yield data
 
 
 @operation(build=str)

@@ -29,7 +29,7 @@ import trio
 from amber.client import __version__
 from amber.daemon.api.operation import operation
 from amber.daemon.build.buildid import make_build_id, safe_name
-from amber.daemon.build.frozen import FrozenState, resolve_state
+from amber.daemon.build.frozen import FrozenState, make_local, resolve_state
 from amber.daemon.build.state import BuildStatus, StepStatus
 from amber.daemon.context import DaemonContext
 from amber.daemon.errors import BadArgs, ExportFailed, ImageError, NotFound, PermissionDenied
@@ -271,7 +271,9 @@ async def export_state(
         except (OciError, OSError) as exc:
             raise ExportFailed(str(exc)) from None
 
-    result = await trio.to_thread.run_sync(work)
+    with ctx.roots.hold(f"pull for the export of {state.build.id}") as pulled:
+        await make_local(ctx, pulled, [t for pair in layers for t in pair if t], state.label)
+        result = await trio.to_thread.run_sync(work)
     if written:
         _remember_layers(digests, layers, written)
     if note:

@@ -19,7 +19,7 @@ import trio
 
 from amber.daemon.api.operation import operation
 from amber.daemon.build.bases import host_binds
-from amber.daemon.build.frozen import FrozenState, resolve_state
+from amber.daemon.build.frozen import FrozenState, make_local, resolve_state
 from amber.daemon.errors import BadArgs, Busy, NotFound, SandboxFailed
 from amber.sandbox import tree as treefmt
 from amber.sandbox.beneath import exists_in_root, write_beneath
@@ -153,6 +153,7 @@ async def _run_shell(
     # A temp root for the shell's life, taken before the presence check: a GC
     # running meanwhile cannot take the frozen state from under the mount.
     with api.ctx.roots.hold(f"shell in {record.id}") as hold:
+        await make_local(api.ctx, hold, [state.tree], state.label)
         binds = await trio.to_thread.run_sync(_binds_for, record, api.ctx.store.state_dir)
         env = dict(state.env)
         env.update(
@@ -263,7 +264,9 @@ async def diff(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, An
             )
         return out
 
-    changes = await trio.to_thread.run_sync(work)
+    with api.ctx.roots.hold(f"diff of {record.id}") as hold:
+        await make_local(api.ctx, hold, [before.tree, after.tree], after.label)
+        changes = await trio.to_thread.run_sync(work)
     summary = {
         k: sum(1 for c in changes if c["kind"] == k) for k in ("added", "modified", "deleted")
     }

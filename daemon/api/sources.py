@@ -24,7 +24,7 @@ from amber.daemon.api.builds import base_credentials, parse_spec_request
 from amber.daemon.api.operation import operation
 from amber.daemon.build.bases import resolve_base
 from amber.daemon.build.fetch import DigestMismatch, Fetched, known_source, source_label
-from amber.daemon.build.frozen import resolve_state
+from amber.daemon.build.frozen import make_local, resolve_state
 from amber.daemon.build.registry_base import RegistryAccess
 from amber.daemon.build.sources import lay_out
 from amber.daemon.build.spec import Spec, SpecError, spec_from_dict
@@ -136,7 +136,9 @@ async def _verify_build(api: Api, record: BuildRecord) -> dict[str, Any]:
         findings = check_tree(store, tree, spec.workdir, spec.stamps, keep=[k for k in keep if k])
         return [finding.to_dict() for finding in findings]
 
-    problems = await trio.to_thread.run_sync(work)
+    with api.ctx.roots.hold(f"verify of {record.id}") as hold:
+        await make_local(api.ctx, hold, [tree], f"{label} of build {record.id}")
+        problems = await trio.to_thread.run_sync(work)
     return {
         "target": record.id,
         "state": label,

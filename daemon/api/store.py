@@ -19,6 +19,7 @@ from amber.daemon.storage.gc import GcOptions
 from amber.daemon.storage.pins import (
     check_pin_name,
     check_pin_owner,
+    held_here,
     new_pin,
     pin_summary,
     resolve_target,
@@ -48,7 +49,7 @@ async def pin_add(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str,
     # Held while the pin is written: a GC running now cannot take the target
     # between the completeness check and the pin's record.
     with ctx.roots.hold(f"pin {name}") as hold:
-        if not await trio.to_thread.run_sync(hold.complete, trees, blobs):
+        if not await trio.to_thread.run_sync(hold.complete, *held_here(ctx.db, trees, blobs)):
             raise NotFound(
                 f"{target} is no longer complete in the store (collected, or removed behind "
                 "amber's back); rebuild it, then pin the new build",

@@ -1,8 +1,10 @@
 """Running one build: keys, cache, sandboxed steps, snapshots, results.
 
 For each step, in order: compute its key from the previous key; a cached
-result counts only when everything its after-tree needs is in the store
-(else the step reruns and the log says why). A cached success moves the
+result counts only when everything its after-tree needs is in the store,
+or a remote cache holds it (a lazy hit: its trees are pulled when a step
+runs on them; when that pull fails, the step that made them reruns); else
+the step reruns and the log says why. A cached success moves the
 build's state to that result's after-tree without running anything; a
 cached failure freezes the build at once (unless ``--retry-failed``). A miss
 runs the step in a sandbox over the build's overlay mount, which is opened
@@ -38,6 +40,7 @@ from amber.daemon.build.state import BuildState, BuildStatus, StepStatus
 from amber.daemon.build.stepio import StepLog, StepOutcome, run_sandboxed
 from amber.daemon.context import DaemonContext
 from amber.daemon.errors import DaemonError
+from amber.daemon.remote.pull import Miss
 from amber.daemon.storage.db import BuildRecord, Result, StepRecord
 from amber.daemon.storage.roots import build_state
 from amber.sandbox.digest import from_hex
@@ -52,6 +55,10 @@ HOST = socket.gethostname()
 
 class BuildErrored(Exception):
     """The build stopped for a reason outside the build (not cached)."""
+
+
+class StateUnavailable(Exception):
+    """A step's before-tree is not whole in the store and could not be pulled (why)."""
 
 
 class Executor:
@@ -74,6 +81,10 @@ class Executor:
         self.ids: IdMap | None = None
         #: Step index -> where its remote hit came from (the step's note).
         self._remote_notes: dict[int, str] = {}
+        #: Keys whose cached result this build will not use: its closure could not be pulled.
+        self._refused: set[str] = set()
+        #: After-trees of hits whose closure is (maybe) at a remote only: pulled before use.
+        self._lazy_trees: set[bytes] = set()
 
     # -- the whole build ----------------------------------------------------
 
@@ -163,27 +174,65 @@ class Executor:
             salt=spec.key_salt,
         )
         db.update_build(b.id, base_tree=tree.hex(), base_owner=self.base.owner)
-        for index, step in enumerate(spec.steps):
-            definition = step.definition()
-            env = spec.step_env(step)
-            key = step_key(key, definition, env, spec.key_salt)
+        keys = []
+        for step in spec.steps:
+            key = step_key(key, step.definition(), spec.step_env(step), spec.key_salt)
+            keys.append(key)
+        final = await self._steps(keys, tree)
+        if final is not None:
+            self.state.succeeded(final)
+            await self.ctx.on_success(b, final)
+
+    async def _steps(self, keys: list[str], tree: bytes) -> bytes | None:
+        """Each step from the first: a hit or a run; the final tree (None: it failed).
+
+        ``states[i]`` is step i's before-tree. A step that would run on a
+        state that cannot be made local (a remote result whose pull failed)
+        sends the build back to the step that made that state, which reruns
+        with its cache hit refused, and so on back (``_walk_back``).
+        """
+        b, db = self.build, self.ctx.db
+        states: list[bytes] = [tree]
+        index = 0
+        while index < len(keys):
+            key = keys[index]
+            del states[index + 1 :]
             db.update_step(b.id, index, key=key)
-            hit = await self._cached(index, key)
+            hit = None if key in self._refused else await self._cached(index, key)
             if hit is not None:
-                tree = from_hex(hit.after_tree)
                 if hit.status == BuildStatus.FAILED:
                     await self._replay_failure(index, hit)
-                    return
+                    return None
                 note = self._remote_notes.pop(index, None)
-                self.state.step_done(
-                    index, StepStatus.CACHED, hit, from_hex(hit.before_tree), tree, note
-                )
+                states.append(from_hex(hit.after_tree))
+                self.state.step_done(index, StepStatus.CACHED, hit, from_hex(hit.before_tree),
+                                     states[-1], note)  # fmt: skip
+                index += 1
                 continue
-            tree, failed = await self._run_step(index, key, tree)
+            try:
+                after, failed = await self._run_step(index, key, states[index])
+            except StateUnavailable as exc:
+                index = self._walk_back(index, keys, str(exc))
+                continue
             if failed:
-                return
-        self.state.succeeded(tree)
-        await self.ctx.on_success(b, tree)
+                return None
+            states.append(after)
+            index += 1
+        return states[-1]
+
+    def _walk_back(self, index: int, keys: list[str], why: str) -> int:
+        """Step ``index`` cannot start: its before-tree, made by the step before, is not
+        local and cannot be pulled. That step reruns (its hit refused); returns its index."""
+        if index == 0:
+            raise BuildErrored(
+                f"the initial state of the build is not complete in the store: {why}"
+            )
+        name = self.spec.steps[index - 1].name
+        self._refused.add(keys[index - 1])
+        self.build.note(
+            f"step {name}: its cached result could not be fetched ({why}); rerunning it"
+        )
+        return index - 1
 
     def _held_complete(self, tree: bytes) -> bool:
         """Whether ``tree`` is whole in the store, held first (a pulled base's record)."""
@@ -237,7 +286,7 @@ class Executor:
             self.build.note(f"step {name}: rerunning a cached failure (--retry-failed)")
             return None
         missing = await trio.to_thread.run_sync(self._missing, result, state)
-        if missing:
+        if missing and not await self._lazy_hit(index, result):
             self.build.note(
                 f"step {name}: cached result of build {result.build_id} is incomplete in the store ({missing}); rerunning"
             )
@@ -245,14 +294,38 @@ class Executor:
         return result
 
     async def _remote_hit(self, index: int, key: str) -> Result | None:
-        """After a local miss: a remote result, its closure pulled into the store (or None)."""
+        """After a local miss: a remote result, recorded with where it lives (or None)."""
         if self.ctx.remote is None:
             return None
-        found = await self.ctx.remote.find(self.build, key, self.hold.store)
+        found = await self.ctx.remote.find(self.build, key)
         if found is None:
             return None
         result, self._remote_notes[index] = found
         return result
+
+    async def _lazy_hit(self, index: int, result: Result) -> bool:
+        """A result not whole here is still a hit when a remote holds it (remote/lazy.py).
+
+        What the pull policy wants now (a failure's log; with ``eager``, the
+        whole closure) is pulled; when that fails the step is a miss, and the
+        log says why.
+        """
+        if self.ctx.remote is None:
+            return False
+        try:
+            note = await self.ctx.remote.settle(result, self.hold)
+        except Miss as exc:
+            name = self.spec.steps[index].name
+            self.build.note(
+                f"step {name}: the remote result could not be pulled ({exc}); rerunning"
+            )
+            self._remote_notes.pop(index, None)
+            return False
+        if note is None:
+            return False
+        self._remote_notes.setdefault(index, note)
+        self._lazy_trees.add(from_hex(result.after_tree))
+        return True
 
     def _missing(self, result: Result, state: tuple[set[bytes], set[bytes]]) -> str | None:
         """What a result needs that the store lacks (None: complete).
@@ -292,6 +365,7 @@ class Executor:
     async def _ensure_mount(self, tree: bytes) -> OverlayMount:
         if self.mount is not None and self.mount_tree == tree:
             return self.mount
+        await self._make_local(tree)
         if self.mount is not None:
             # A later cache hit moved the state: start over on its tree.
             await self._close_mount()
@@ -313,6 +387,16 @@ class Executor:
         self._mount_cm = cm
         self.mount_tree = self.mount_lower = tree
         return self.mount
+
+    async def _make_local(self, tree: bytes) -> None:
+        """The tree a step runs on, whole in the store: a remote result's is pulled now."""
+        if self.ctx.remote is None or tree not in self._lazy_trees:
+            return  # proved whole when it was found
+        try:
+            await self.ctx.remote.ensure_local([tree], hold=self.hold)
+        except Miss as exc:
+            raise StateUnavailable(str(exc)) from None
+        self._lazy_trees.discard(tree)
 
     async def _close_mount(self) -> None:
         """Stop the filesystem process and unmount (safe to call when none)."""

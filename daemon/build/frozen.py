@@ -7,16 +7,29 @@
 
 With the tree come the step's cwd and environment, so a shell lands where
 the step ran, as it ran.
+
+A state may be a remote cache's only (a lazy hit, ``remote/lazy.py``):
+``make_local`` is the one boundary where a shell, diff, export, out-link or
+verify has it pulled, and then works as if the build had run here.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
 
 from amber.daemon.errors import NotFound
+from amber.daemon.remote.pull import Miss
 from amber.daemon.storage.db import BuildRecord, Database, StepRecord
 from amber.sandbox.digest import from_hex
+
+if TYPE_CHECKING:
+    from amber.daemon.context import DaemonContext
+    from amber.daemon.storage.roots import Hold
 
 
 @dataclass
@@ -69,3 +82,22 @@ def resolve_state(
         user=definition.get("user", "build"),
         run=definition.get("run", ""),
     )
+
+
+async def make_local(ctx: DaemonContext, hold: Hold, trees: Iterable[bytes], what: str) -> None:
+    """Hold ``trees``, and pull those a remote cache holds and the store lacks.
+
+    ``what`` names the state for the error a user reads when a pull fails.
+    A tree no remote result names is left to the caller's completeness check.
+    """
+    trees = list(dict.fromkeys(trees))
+    await trio.to_thread.run_sync(hold.add, trees)
+    remote = [t for t in trees if ctx.db.remote_sources(tree=t.hex())]
+    if not remote or ctx.remote is None:
+        return
+    try:
+        await ctx.remote.ensure_local(remote)
+    except Miss as exc:
+        raise NotFound(
+            f"the state of {what} is in a remote cache and could not be pulled: {exc}"
+        ) from None

@@ -2,5 +2,6 @@
 
 ``layout`` turns a result and its closure into registry objects and back
 (pure), ``trust`` signs and checks them, ``push`` and ``pull`` move them,
-``queue`` pushes in the background, ``remotes`` is what the executor asks.
+``lazy`` brings a remote hit's closure when something needs it, and
+``service`` is what the daemon asks (lookups, pulls, the push queue).
 """

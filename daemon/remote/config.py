@@ -141,7 +141,7 @@ EXAMPLE = """\
 # [cache]
 # signing-key = "/etc/amber/signing-key"       # ed25519 private key (amber key generate); none: push nothing
 # trusted-keys = "/etc/amber/trusted-keys"     # lines of NAME PUBLIC-KEY (amber key trust)
-# pull = "lazy"                                # "eager" is accepted; both pull a hit's closure today
+# pull = "lazy"                                # a hit's files come when a step, shell or export needs them; "eager": at once
 # remote-failures = "replay"                   # or "retry": rebuild a failure found remotely
 # registry-auth-file = "/run/credentials/amberd.service/amber-registry-auth"
 #                                              # amberd's own logins (an auth.json: basic or token

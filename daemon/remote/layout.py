@@ -5,7 +5,7 @@ characters; the tag grammar allows 128), ``artifactType``
 ``application/vnd.amber.step.v1``. Its config blob is the result's metadata
 (JSON: status, exit code, before/after trees and log by BLAKE3, host, build
 id, time, amber version). Its layers carry the closure of the before and
-after trees and the log:
+after trees, and the log:
 
 - *packs*: many trees and small blobs in one registry blob (a 13,000-file
   tree is a handful of uploads, not 13,000). Objects are sorted by BLAKE3
@@ -13,6 +13,8 @@ after trees and the log:
   so two closures that differ by one file share all packs but one or two
   (content-defined: the cuts do not move when an object is added).
 - big files: a registry blob of their own, so they dedupe across results.
+- the log: a layer of its own, so a host that replays a cached failure
+  fetches it alone, without the trees (a lazy pull, ``remote/lazy.py``).
 
 BLAKE3 is amber's identity inside (every object in a pack carries its
 digest; a big blob's descriptor names it in an annotation), sha256 only how
@@ -36,6 +38,7 @@ ARTIFACT_TYPE = "application/vnd.amber.step.v1"
 CONFIG_TYPE = "application/vnd.amber.step.config.v1+json"
 PACK_TYPE = "application/vnd.amber.pack.v1"
 BLOB_TYPE = "application/vnd.amber.blob.v1"
+LOG_TYPE = "application/vnd.amber.log.v1"
 A_KEY = "org.amber.key"
 A_SIGNER = "org.amber.signer"
 A_SIGNATURE = "org.amber.signature"
@@ -178,6 +181,20 @@ class StepManifest:
     signer: str | None
     signature: str | None
 
+    @property
+    def packs(self) -> list[Layer]:
+        return [la for la in self.layers if la.media_type == PACK_TYPE]
+
+    @property
+    def big_blobs(self) -> list[Layer]:
+        """Layers holding one blob each: big files and the log."""
+        return [la for la in self.layers if la.blake3 is not None]
+
+    def log_layer(self, log: bytes) -> Layer | None:
+        """The layer that holds the log ``log`` (its BLAKE3), if there is one."""
+        return next((la for la in self.layers if la.media_type == LOG_TYPE and la.blake3 == log),
+                    None)  # fmt: skip
+
 
 def parse_manifest(untrusted: bytes, key: str) -> StepManifest:
     """A manifest read from a registry, checked for shape (not yet for trust)."""
@@ -202,15 +219,17 @@ def parse_manifest(untrusted: bytes, key: str) -> StepManifest:
 
 def _layer(d: dict) -> Layer:
     media_type = d["mediaType"]
-    if media_type not in (PACK_TYPE, BLOB_TYPE):
+    if media_type not in (PACK_TYPE, BLOB_TYPE, LOG_TYPE):
         raise LayoutError(f"a layer of unknown type {media_type!r}")
     blake = None
+    if int(d["size"]) < 0:
+        raise LayoutError(f"a layer of {d['size']} bytes")
     if media_type == PACK_TYPE and not 0 < int(d["size"]) <= PACK_LIMIT:
         raise LayoutError(f"a pack of {d['size']} bytes (amber's are at most {PACK_LIMIT})")
-    if media_type == BLOB_TYPE:
+    if media_type in (BLOB_TYPE, LOG_TYPE):
         text = (d.get("annotations") or {}).get(A_BLAKE3, "")
         if len(text) != HEX_SIZE:
-            raise LayoutError("a big blob layer without its BLAKE3 digest")
+            raise LayoutError("a blob or log layer without its BLAKE3 digest")
         blake = bytes.fromhex(text)
     return Layer(media_type, check_digest(d["digest"]), int(d["size"]), blake)
 

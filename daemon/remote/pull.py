@@ -1,15 +1,21 @@
-"""Finding a result in a registry and bringing its closure into the store.
+"""Finding a result in a registry, and bringing one layer of it into the store.
 
 Every failure here is a ``Miss`` with a reason: a remote that is down, a
 manifest unsigned or signed by no trusted key, a blob that does not arrive
-or does not match its sha256 or BLAKE3 digest. The caller reruns the step
-and notes why; nothing unverified is ever written to the store.
+(whole) or does not match its sha256 or BLAKE3 digest. The caller reruns
+the step and notes why; nothing unverified is ever written to the store.
+Each layer is its own batch: what arrived and verified stays (a later pull
+skips it), a layer cut off midway leaves nothing. Which layers to fetch,
+and in parallel, is ``lazy.py``'s business.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
+import threading
+from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -17,20 +23,33 @@ from amber.daemon.oci.registry import RegistryClient
 from amber.daemon.oci.spec import MAX_DOCUMENT, OCI_MANIFEST, OciError, sha256_digest
 from amber.daemon.remote import layout, trust
 from amber.daemon.remote.config import Remote
-from amber.daemon.remote.layout import TREE, LayoutError, StepManifest
+from amber.daemon.remote.layout import TREE, Layer, LayoutError, StepManifest
 from amber.sandbox import tree as treefmt
 from amber.sandbox.digest import new_hasher
 from amber.sandbox.fileio import write_all
-from amber.sandbox.store import Batch, Store, StoreError
+from amber.sandbox.store import Store, StoreError
 
 
 class Miss(Exception):
     """Not a usable hit, and why (for the build's log)."""
 
 
+@dataclass(frozen=True)
+class Found:
+    """A trusted result in a remote: its metadata, and the manifest as the registry sent it."""
+
+    result: dict
+    manifest: StepManifest
+    raw: bytes
+
+    @property
+    def digest(self) -> str:
+        return sha256_digest(self.raw)
+
+
 def lookup(
     client: RegistryClient, remote: Remote, key: str, trusted: dict[str, Ed25519PublicKey]
-) -> tuple[dict, StepManifest] | None:
+) -> Found | None:
     """The trusted result ``remote`` has for ``key`` (None: it has none); ``Miss`` if unusable."""
     try:
         answer = client.request("GET", f"/v2/{remote.repository}/manifests/{layout.tag_for(key)}",
@@ -45,75 +64,86 @@ def lookup(
         if why is not None:
             raise Miss(f"the result on {remote.url} is refused: {why}")
         config = _blob(client, remote.repository, manifest.config_digest, MAX_DOCUMENT)
-        return layout.parse_config(config, key), manifest
+        return Found(layout.parse_config(config, key), manifest, answer.body)
     except (OciError, LayoutError) as exc:
         raise Miss(f"{remote.url}: {exc}") from None
 
 
-def _blob(client: RegistryClient, repo: str, digest: str, limit: int) -> bytes:
-    """A blob read whole (at most ``limit`` bytes) and checked against its sha256."""
-    with client.stream(f"/v2/{repo}/blobs/{digest}") as body:
-        data = body.read(limit + 1)
+def _blob(client: RegistryClient, repo: str, digest: str, limit: int, exact: bool = False) -> bytes:
+    """A blob read whole (at most ``limit`` bytes; ``exact``: just that) and checked against its sha256."""
+    try:
+        with client.stream(f"/v2/{repo}/blobs/{digest}") as body:
+            data = body.read(limit + 1)
+    except (OSError, http.client.HTTPException) as exc:
+        raise Miss(f"blob {digest} did not arrive: {exc}") from None
     if len(data) > limit:
         raise Miss(f"blob {digest} is larger than announced")
+    if exact and len(data) < limit:
+        raise Miss(f"blob {digest} ended after {len(data)} of {limit} bytes")
     if sha256_digest(data) != digest:
         raise Miss(f"blob {digest} does not match its sha256 digest")
     return data
 
 
-def pull_layers(
-    store: Store, client: RegistryClient, remote: Remote, manifest: StepManifest
+def fetch_layer(
+    store: Store, client: RegistryClient, remote: Remote, layer: Layer, stop: threading.Event
 ) -> int:
-    """Bring every layer's objects into the store (what it has is skipped); bytes read.
+    """One layer's objects into the store, in a batch of its own; the bytes read.
 
-    One batch: nothing becomes visible unless every layer arrived and verified.
+    A pack's objects, or one blob (a big file, a log). ``stop`` set: give up
+    between chunks (another layer of the same pull failed).
     """
-    read = 0
     try:
+        if layer.blake3 is not None:
+            return _big_blob(store, client, remote.repository, layer, stop)
+        data = _blob(client, remote.repository, layer.digest, layer.size, exact=True)
         with store.batch() as batch:
-            for layer in manifest.layers:
-                if layer.blake3 is not None:
-                    if not store.has_blob(layer.blake3):
-                        read += _big_blob(store, batch, client, remote.repository, layer)
-                    continue
-                data = _blob(client, remote.repository, layer.digest, layer.size)
-                read += len(data)
-                for kind, digest, body in layout.decode_pack(data):
-                    if kind == TREE:
-                        got = store.put_tree(treefmt.decode(body), batch)
-                    else:
-                        got = store.put_blob_bytes(body, batch)
-                    if got != digest:
-                        raise Miss(f"object {digest.hex()[:12]} does not re-encode to its digest")
+            for kind, digest, body in layout.decode_pack(data):
+                if kind == TREE:
+                    got = store.put_tree(treefmt.decode(body), batch)
+                else:
+                    got = store.put_blob_bytes(body, batch)
+                if got != digest:
+                    raise Miss(f"object {digest.hex()[:12]} does not re-encode to its digest")
+        return len(data)
     except (OciError, LayoutError, treefmt.TreeFormatError) as exc:
         raise Miss(f"{remote.url}: {exc}") from None
     except StoreError as exc:
         raise Miss(f"cannot store what {remote.url} sent: {exc}") from None
-    return read
 
 
 def _big_blob(
-    store: Store, batch: Batch, client: RegistryClient, repo: str, layer: layout.Layer
+    store: Store, client: RegistryClient, repo: str, layer: Layer, stop: threading.Event
 ) -> int:
     """One big file, streamed to a temporary file, both digests checked before it is kept."""
-    fd, temp = batch.new_temp()
-    sha, blake, size = hashlib.sha256(), new_hasher(layer.size), 0
-    try:
-        with client.stream(f"/v2/{repo}/blobs/{layer.digest}") as body:
-            while chunk := body.read(1 << 20):
-                size += len(chunk)
-                if size > layer.size:
-                    raise Miss(f"blob {layer.digest} is larger than announced")
-                sha.update(chunk)
-                blake.update(chunk)
-                write_all(fd, chunk)
-    except BaseException:
+    assert layer.blake3 is not None
+    with store.batch() as batch:
+        fd, temp = batch.new_temp()
+        sha, blake, size = hashlib.sha256(), new_hasher(layer.size), 0
+        try:
+            try:
+                with client.stream(f"/v2/{repo}/blobs/{layer.digest}") as body:
+                    while chunk := body.read(1 << 20):
+                        size += len(chunk)
+                        if size > layer.size:
+                            raise Miss(f"blob {layer.digest} is larger than announced")
+                        if stop.is_set():
+                            raise Miss("given up: another layer failed")
+                        sha.update(chunk)
+                        blake.update(chunk)
+                        write_all(fd, chunk)
+            except (OSError, http.client.HTTPException) as exc:
+                raise Miss(f"blob {layer.digest} did not arrive whole: {exc}") from None
+        except BaseException:
+            os.close(fd)
+            batch.discard(temp)
+            raise
         os.close(fd)
-        batch.discard(temp)
-        raise
-    os.close(fd)
-    if f"sha256:{sha.hexdigest()}" != layer.digest or blake.digest() != layer.blake3:
-        batch.discard(temp)
-        raise Miss(f"blob {layer.digest} does not match its sha256 or BLAKE3 digest")
-    batch.adopt_blob(temp, layer.blake3, size)
+        if size != layer.size:
+            batch.discard(temp)
+            raise Miss(f"blob {layer.digest} ended after {size} of {layer.size} bytes")
+        if f"sha256:{sha.hexdigest()}" != layer.digest or blake.digest() != layer.blake3:
+            batch.discard(temp)
+            raise Miss(f"blob {layer.digest} does not match its sha256 or BLAKE3 digest")
+        batch.adopt_blob(temp, layer.blake3, size)
     return size

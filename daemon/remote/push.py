@@ -64,17 +64,18 @@ def push_result(
     The manifest goes last: the registry refuses one whose blobs it lacks,
     and a reader that finds the tag finds the whole result.
     """
-    objects = closure(store, [from_hex(result.before_tree), from_hex(result.after_tree)],
-                      [from_hex(result.log)])  # fmt: skip
+    objects = closure(store, [from_hex(result.before_tree), from_hex(result.after_tree)], [])
     sent = 0
     layers: list[dict] = []
-    for plan in layout.plan_layers(objects):
+    log = closure(store, [], [from_hex(result.log)])[0]  # a layer of its own (layout.py)
+    for plan in [layout.LayerPlan([log], big=True), *layout.plan_layers(objects)]:
         if plan.big:
             obj = plan.objects[0]
             path = str(store.blob_path(obj.digest))
             digest = _sha256_file(path)
             sent += _send(client, repo, digest, path, obj.size)
-            layers.append(layout.descriptor(layout.BLOB_TYPE, digest, obj.size,
+            kind = layout.LOG_TYPE if obj is log else layout.BLOB_TYPE
+            layers.append(layout.descriptor(kind, digest, obj.size,
                                             **{layout.A_BLAKE3: obj.digest.hex()}))  # fmt: skip
             continue
         data = layout.encode_pack((o.kind, o.digest, _read(store, o)) for o in plan.objects)

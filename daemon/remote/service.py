@@ -9,6 +9,7 @@ delays the queue (retried with a growing pause, dropped after
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import trio
@@ -22,15 +23,16 @@ from amber.daemon.oci.spec import OciError
 from amber.daemon.remote import pull, push, trust
 from amber.daemon.remote.config import Remote
 from amber.daemon.remote.credentials import load_auth_file
+from amber.daemon.remote.lazy import LazyPulls
 from amber.daemon.remote.pins import RemotePins
-from amber.daemon.storage.db import Result
+from amber.daemon.storage.db import RemoteRecord, Result
 from amber.sandbox.digest import from_hex
 from amber.sandbox.store import StoreError
 
 if TYPE_CHECKING:
     from amber.daemon.build.build import Build
     from amber.daemon.context import DaemonContext
-    from amber.sandbox.store import Store
+    from amber.daemon.storage.roots import Hold
 
 log = logging.getLogger("amber.remote")
 MAX_ATTEMPTS = 8
@@ -46,11 +48,7 @@ class RemoteCache:
         self.credentials = load_auth_file(self.config.registry_auth_file)
         self._wake = trio.Event()
         self.pins = RemotePins(self)
-
-    def client(self, remote: Remote, timeout: float) -> RegistryClient:
-        """A client for ``remote`` with amberd's own login for its registry, if any."""
-        return RegistryClient(remote.registry, insecure=remote.insecure, timeout=timeout,
-                              credentials=credentials_for(self.credentials, remote.registry))  # fmt: skip
+        self.lazy = LazyPulls(ctx, self.client)
 
     # -- which remotes ---------------------------------------------------------
 
@@ -71,52 +69,80 @@ class RemoteCache:
 
     # -- lookups ---------------------------------------------------------------
 
-    async def find(self, build: Build, key: str, store: Store) -> tuple[Result, str] | None:
-        """A verified remote result for ``key``, its closure now in ``store``, and a note.
+    async def find(self, build: Build, key: str) -> tuple[Result, str] | None:
+        """A verified remote result for ``key``, recorded with where it lives, and a note.
 
-        Each remote in order; whatever goes wrong with one is a note, then the next.
+        Nothing of its closure is pulled here (``settle`` does what the pull
+        policy asks). Each remote in order; whatever goes wrong with one is a
+        note, then the next.
         """
         for remote in self.read_from(build):
             try:
-                found = await trio.to_thread.run_sync(
-                    self._find_one, remote, key, store, build.retry_failed
-                )
+                found = await trio.to_thread.run_sync(self._find_one, remote, key)
             except pull.Miss as miss:
                 build.note(f"remote cache: {miss}; not a hit")
                 continue
             except trust.TrustError as exc:
                 build.note(f"remote cache: {exc}")
                 return None
-            if found is not None:
-                result = Result(**found)
-                self.ctx.db.put_result(result)
-                return (
-                    result,
-                    f"cached (remote) from host {result.host}, build {result.build_id}, via {remote.url}",
-                )
+            if found is None:
+                continue
+            result = Result(**found.result)
+            if result.status == BuildStatus.FAILED and (
+                build.retry_failed or self.config.remote_failures == "retry"
+            ):
+                continue
+            record = RemoteRecord(remote.url, found.digest, found.raw)
+            self.ctx.db.put_result(result, record)
+            return result, self.origin(result, record)
         return None
 
-    def _find_one(self, remote: Remote, key: str, store: Store, retry_failed: bool) -> dict | None:
-        client = self.client(remote, timeout=30)
+    @staticmethod
+    def origin(result: Result, record: RemoteRecord) -> str:
+        return f"cached (remote) from host {result.host}, build {result.build_id}, via {record.url}"
+
+    def _find_one(self, remote: Remote, key: str) -> pull.Found | None:
+        client = self.client(remote)
         try:
-            found = pull.lookup(client, remote, key, trust.load_trusted(self.config.trusted_keys))
-            if found is None:
-                return None
-            result, manifest = found
-            if result["status"] == BuildStatus.FAILED and (
-                retry_failed or self.config.remote_failures == "retry"
-            ):
-                return None
-            pull.pull_layers(store, client, remote, manifest)
-            missing = store.closure_check().missing(
-                [from_hex(result["before_tree"]), from_hex(result["after_tree"])],
-                [from_hex(result["log"])],
-            )
-            if missing:
-                raise pull.Miss(f"the result on {remote.url} is incomplete ({missing})")
-            return result
+            return pull.lookup(client, remote, key, trust.load_trusted(self.config.trusted_keys))
         finally:
             client.close()
+
+    def client(self, remote: Remote, timeout: float = 30) -> RegistryClient:
+        """A client for ``remote``'s registry, with amberd's own login for it if any
+        (the one place that makes them).
+
+        A remote named by URL alone (a pull, from its record) is the
+        configured one of that URL when there is one.
+        """
+        remote = next((r for r in self.config.remotes if r.url == remote.url), remote)
+        return RegistryClient(remote.registry, insecure=remote.insecure, timeout=timeout,
+                              credentials=credentials_for(self.credentials, remote.registry))  # fmt: skip
+
+    # -- closures (lazy.py) ----------------------------------------------------
+
+    async def settle(self, result: Result, hold: Hold) -> str | None:
+        """A recorded remote result whose closure is not (all) here: a hit, and its note.
+
+        Pulls what the policy asks: its log if it is a failure to replay; with
+        ``pull = "eager"`` its whole closure. None: no remote holds it.
+        Raises ``pull.Miss`` when what must be pulled cannot be.
+        """
+        record = self.ctx.db.get_remote(result.key)
+        if record is None:
+            return None
+        if self.config.pull == "eager":
+            await self.ensure_local([from_hex(result.before_tree), from_hex(result.after_tree)],
+                                    [from_hex(result.log)], hold=hold)  # fmt: skip
+        elif result.status == BuildStatus.FAILED:
+            await self.ensure_local([], [from_hex(result.log)], hold=hold)
+        return self.origin(result, record)
+
+    async def ensure_local(
+        self, trees: Iterable[bytes] = (), logs: Iterable[bytes] = (), *, hold: Hold | None = None
+    ) -> int:
+        """Make trees and logs whole in the store, pulling from remotes (``LazyPulls.ensure_local``)."""
+        return await self.lazy.ensure_local(trees, logs, hold=hold)
 
     # -- pushes ----------------------------------------------------------------
 

@@ -38,6 +38,15 @@ class Result:
     step: str
 
 
+@dataclass(frozen=True)
+class RemoteRecord:
+    """Where a result found in a remote cache lives: its closure may not be here."""
+
+    url: str
+    manifest_digest: str
+    manifest: bytes
+
+
 @dataclass
 class BuildRecord:
     id: str
@@ -148,15 +157,63 @@ class Database:
         row = self._conn.execute("SELECT * FROM results WHERE key = ?", (key,)).fetchone()
         return Result(**dict(row)) if row else None
 
-    def put_result(self, result: Result) -> None:
-        # Everything a result names was made durable by the store before we
-        # get here, so a result that survives a crash never dangles.
+    def put_result(self, result: Result, remote: RemoteRecord | None = None) -> None:
+        """Record a result made here (any remote record of its key goes), or one
+        found in a remote, with ``remote`` saying where its closure is."""
+        # Everything a local result names was made durable by the store before
+        # we get here, so a result that survives a crash never dangles.
         values = asdict(result)
         cols = ", ".join(values)
         marks = ", ".join("?" for _ in values)
-        self._conn.execute(
-            f"INSERT OR REPLACE INTO results ({cols}) VALUES ({marks})", list(values.values())
-        )
+        with self.transaction() as conn:
+            conn.execute(
+                f"INSERT OR REPLACE INTO results ({cols}) VALUES ({marks})", list(values.values())
+            )
+            conn.execute("DELETE FROM remote_results WHERE key = ?", (result.key,))
+            if remote is not None:
+                conn.execute(
+                    "INSERT INTO remote_results (key, url, manifest_digest, manifest, found)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (result.key, remote.url, remote.manifest_digest, remote.manifest, time.time()),
+                )
+
+    # -- where remote results' closures are (daemon/remote/lazy.py) -------
+
+    def get_remote(self, key: str) -> RemoteRecord | None:
+        row = self._conn.execute(
+            "SELECT url, manifest_digest, manifest FROM remote_results WHERE key = ?", (key,)
+        ).fetchone()
+        return RemoteRecord(row[0], row[1], bytes(row[2])) if row else None
+
+    def remote_sources(self, *, tree: str | None = None, log: str | None = None
+                       ) -> list[tuple[Result, RemoteRecord]]:  # fmt: skip
+        """Remote results whose closure holds ``tree`` (after-tree first), or whose log is ``log``."""
+        where = "r.log = ?1" if log is not None else "r.after_tree = ?1 OR r.before_tree = ?1"
+        rows = self._conn.execute(
+            "SELECT r.*, m.url AS m_url, m.manifest_digest AS m_digest, m.manifest AS m_bytes"
+            f" FROM remote_results m JOIN results r ON r.key = m.key WHERE {where}"
+            " ORDER BY r.after_tree = ?1 DESC, m.found DESC LIMIT 8",
+            (log if log is not None else tree,),
+        ).fetchall()
+        out = []
+        for row in rows:
+            d = dict(row)
+            record = RemoteRecord(d.pop("m_url"), d.pop("m_digest"), bytes(d.pop("m_bytes")))
+            out.append((Result(**d), record))
+        return out
+
+    def remote_keys(self, *, found_since: float = 0.0) -> set[str]:
+        rows = self._conn.execute("SELECT key FROM remote_results WHERE found >= ?", (found_since,))
+        return {row[0] for row in rows}
+
+    def applied_packs(self) -> set[str]:
+        return {row[0] for row in self._conn.execute("SELECT digest FROM remote_packs")}
+
+    def pack_applied(self, digest: str) -> None:
+        self._conn.execute("INSERT OR IGNORE INTO remote_packs (digest) VALUES (?)", (digest,))
+
+    def forget_applied_packs(self) -> None:
+        self._conn.execute("DELETE FROM remote_packs")
 
     # -- builds -----------------------------------------------------------
 
@@ -475,6 +532,11 @@ class Database:
                     [max_rowid, *chunk],
                 )
                 deleted += cur.rowcount
+                conn.execute(  # where a remote holds them: said only of results that are
+                    f"DELETE FROM remote_results WHERE key IN ({', '.join('?' for _ in chunk)})"
+                    " AND key NOT IN (SELECT key FROM results)",
+                    chunk,
+                )
         return deleted
 
     def all_builds(self) -> list[BuildRecord]:

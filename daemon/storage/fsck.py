@@ -1,7 +1,8 @@
 """``amber store fsck``: rehash the store, and say what its damage breaks.
 
 Runs under ``Collector.lock`` (gc.py), so no GC cycle runs meanwhile and
-nothing is in quarantine. Every completeness row (complete.py) is proved
+nothing is in quarantine. A result a remote cache holds (a lazy hit,
+``remote/lazy.py``) may lack its closure here: that is not damage. Every completeness row (complete.py) is proved
 again afterwards: a row that named a missing or corrupt object is deleted,
 so a cache hit on that tree walks it, finds the damage and reruns its step.
 """
@@ -31,9 +32,14 @@ def check_store(store: Store, db_path: Path, repair: bool) -> dict[str, Any]:
         # A repair removed objects: walks begun before cannot record (complete.py).
         presence.forget_complete(db, new_epoch=repair and bool(scan.bad))
         max_rowid = db.results_rowid_max()
+        # A remote cache holds these: what the store lacks of them is pulled when
+        # needed (remote/lazy.py), not damage.
+        remote = db.remote_keys()
+        if repair and scan.bad:
+            db.forget_applied_packs()  # their objects may be among those removed
         missing: list[dict[str, str]] = []
         for rowid, key, before, after, log_digest in db.result_refs():
-            if rowid > max_rowid:
+            if rowid > max_rowid or key in remote:
                 continue
             why = presence.problem([before, after], [log_digest])
             if why:

@@ -24,8 +24,11 @@ A cycle, one at a time (``Collector.lock``; ``fsck`` takes it too):
    are deleted; the others went back when they were held. A cycle waits
    ``QUARANTINE_WAIT`` at most, then gives the quarantine back: the next
    cycle collects it.
-4. **Trim the database**: results whose objects are gone, and build records
-   (with their logs) older than ``keep-failed-days`` that nothing keeps.
+4. **Trim the database**: results whose objects are gone (not those a
+   remote cache holds, found within ``keep-failed-days``: they stay lazy
+   hits, ``remote/lazy.py``; an older one is found again by a lookup), and
+   build records (with their logs) older than ``keep-failed-days`` that
+   nothing keeps.
 
 The trio thread only waits: the daemon keeps serving while a cycle runs.
 """
@@ -104,6 +107,8 @@ class DatabaseRoots:
     old_builds: list[str] = field(default_factory=list)  # build records to drop
     dropped_out_links: list[str] = field(default_factory=list)
     max_rowid: int = 0
+    #: Results a remote holds, found within keep-failed-days: lazy hits, whatever is gone here.
+    remote: set[str] = field(default_factory=set)
 
     def tree(self, *values: str | None) -> None:
         """Keep these trees (hex digests; empty and None are skipped)."""
@@ -225,6 +230,7 @@ def _database_roots(db_path: Path, options: GcOptions) -> DatabaseRoots:
 
 def database_roots(db: Database, options: GcOptions, now: float) -> DatabaseRoots:
     out = DatabaseRoots(max_rowid=db.results_rowid_max())
+    out.remote = db.remote_keys(found_since=now - options.keep_failed_days * 86400)
     for pin in db.list_pins():
         pinned = pin.roots_dict()
         out.tree(*pinned.get("trees", ()))
@@ -452,9 +458,12 @@ def _trim_database(
     db = Database(db_path)
     check = store.closure_check()
     try:
+        # A result a remote cache holds stays a (lazy) hit whatever this cycle took
+        # of its closure (remote/lazy.py); the packs pulls applied may be gone now.
+        db.forget_applied_packs()
         doomed: list[str] = []
         for rowid, key, before, after, log_digest in db.result_refs():
-            if rowid > db_roots.max_rowid or key in db_roots.results:
+            if rowid > db_roots.max_rowid or key in db_roots.results or key in db_roots.remote:
                 continue
             trees = (bytes.fromhex(before), bytes.fromhex(after))
             blob = bytes.fromhex(log_digest)

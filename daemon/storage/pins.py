@@ -208,6 +208,15 @@ def new_pin(name: str, kind: str, target: str, uid: int, roots: PinRoots) -> Pin
                roots=roots.to_json())  # fmt: skip
 
 
+def held_here(
+    db: Database, trees: set[bytes], blobs: set[bytes]
+) -> tuple[list[bytes], list[bytes]]:
+    """What of a pin's roots must be in the store to pin it: not what only a
+    remote cache holds (lazy hits; a result there is still a result)."""
+    return ([t for t in trees if not db.remote_sources(tree=t.hex())],
+            [b for b in blobs if not db.remote_sources(log=b.hex())])  # fmt: skip
+
+
 def check_pin_owner(db: Database, name: str, uid: int) -> None:
     existing = db.get_pin(name)
     if existing is not None and uid != 0 and existing.uid != uid:
@@ -234,7 +243,7 @@ async def on_success(ctx: DaemonContext, build: Build, tree: bytes) -> None:
         # is held (and back from quarantine) before anything is recorded.
         if hold is not None:
             await trio.to_thread.run_sync(hold.checkpoint, trees, blobs)
-        complete = await trio.to_thread.run_sync(extra.complete, trees, blobs)
+        complete = await trio.to_thread.run_sync(extra.complete, *held_here(ctx.db, trees, blobs))
         if not complete:
             raise NotFound(
                 f"build {build.id} succeeded but its states are not complete in the store "

@@ -140,6 +140,21 @@ CREATE TABLE IF NOT EXISTS remote_pins (
     note TEXT,                     -- why it failed, for `amber pin ls`
     PRIMARY KEY (url, tag)
 );
+-- Results found in a remote cache (daemon/remote/lazy.py): their closure is
+-- there, and comes here only when something needs it (a lazy hit). The result
+-- itself is a row of results; this says where to fetch what it names.
+CREATE TABLE IF NOT EXISTS remote_results (
+    key TEXT PRIMARY KEY,
+    url TEXT NOT NULL,             -- the remote: registry and repository
+    manifest_digest TEXT NOT NULL, -- sha256, as the registry names the manifest
+    manifest BLOB NOT NULL,        -- its bytes, checked (shape, signature) when it was found
+    found REAL NOT NULL
+);
+-- Packs of a remote whose objects a pull put in the store (a resumed pull
+-- skips them); GC and fsck --repair empty it, as they may take those objects.
+CREATE TABLE IF NOT EXISTS remote_packs (
+    digest TEXT PRIMARY KEY
+) WITHOUT ROWID;
 -- Trees whose whole closure is in the store (daemon/storage/complete.py): a
 -- cache hit on them checks a row, not the closure. GC and fsck delete a row
 -- before anything of its closure leaves the store.

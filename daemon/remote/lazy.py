@@ -1,0 +1,220 @@
+"""Bringing a remote result's closure into the store only when something needs it.
+
+A remote hit records the result and where it lives (the ``remote_results``
+table: remote, manifest) after fetching nothing but the manifest and the
+config (and, for a failure to replay, its log: a layer of its own). The
+trees come later, through ``ensure_local``, which every consumer calls: a
+step about to run on top of a remote result (its after-tree only), a shell,
+diff, export or out-link of a remote-only state, ``amber log`` of a remote
+step. With ``pull = "eager"`` a hit calls it at once, as before.
+
+A pull is resumable: a tree whose closure is in the store costs no request,
+packs a pull applied before are skipped (``remote_packs``, emptied by GC),
+and big blobs are fetched only when the tree needs them and the store lacks
+them (a big blob cut off midway starts again). Layers are fetched
+``LAYERS_AT_ONCE`` at a time, each on a worker thread of its own, each its
+own batch (``pull.fetch_layer``). Whatever fails is a ``pull.Miss`` with a
+reason: for a build, the step whose result could not be fetched reruns
+(``executor.py``); for a shell or export, the user reads why.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+import trio
+
+from amber.daemon.oci.registry import RegistryClient
+from amber.daemon.oci.spec import OciError
+from amber.daemon.remote import layout, pull
+from amber.daemon.remote.config import Remote
+from amber.daemon.remote.layout import Layer, LayoutError, StepManifest
+from amber.daemon.remote.pull import Miss
+from amber.daemon.storage.db import RemoteRecord
+from amber.sandbox import tree as treefmt
+from amber.sandbox.store import StoreError
+
+if TYPE_CHECKING:
+    from amber.daemon.context import DaemonContext
+    from amber.daemon.storage.roots import Hold
+    from amber.sandbox.closure import ClosureCheck
+    from amber.sandbox.store import Store
+
+#: Layers of one pull fetched at once.
+LAYERS_AT_ONCE = 4
+#: A log may pass step-log-max by the line saying it was truncated.
+LOG_SLACK = 64 << 10
+
+
+class LazyPulls:
+    """The daemon's one way to make a remote result's trees or log local."""
+
+    def __init__(self, ctx: DaemonContext, client: Callable[[Remote], RegistryClient]):
+        self.ctx = ctx
+        self.client_for = client
+
+    async def ensure_local(
+        self, trees: Iterable[bytes] = (), logs: Iterable[bytes] = (), *, hold: Hold | None = None
+    ) -> int:
+        """Make each tree's closure and each log whole in the store; the bytes pulled.
+
+        Pulls from the remote results that hold them, under ``hold`` (a
+        writer: a build's) or a writer of its own. Raises ``Miss`` with the
+        reason when one cannot be made whole.
+        """
+        trees, logs = list(dict.fromkeys(trees)), list(dict.fromkeys(logs))
+        if hold is None:
+            with self.ctx.roots.writer("remote pull") as own:
+                return await self._ensure(own, trees, logs)
+        return await self._ensure(hold, trees, logs)
+
+    async def _ensure(self, hold: Hold, trees: list[bytes], logs: list[bytes]) -> int:
+        await trio.to_thread.run_sync(hold.add, trees, logs)  # held before it is checked
+        check = self.ctx.store.closure_check(record=self.ctx.complete)
+        pulled = 0
+        for tree in trees:
+            if await trio.to_thread.run_sync(check.missing, [tree], []) is not None:
+                pulled += await self._from_sources(hold, check, tree=tree)
+        for log in logs:
+            if not await trio.to_thread.run_sync(self.ctx.store.has_blob, log):
+                pulled += await self._from_sources(hold, check, log=log)
+        return pulled
+
+    async def _from_sources(
+        self, hold: Hold, check: ClosureCheck, *, tree: bytes | None = None,
+        log: bytes | None = None,
+    ) -> int:  # fmt: skip
+        """Pull from the first remote result recorded as holding ``tree`` (or ``log``) that can."""
+        what = f"tree {tree.hex()[:12]}" if tree is not None else f"log {log.hex()[:12]}"  # type: ignore[union-attr]
+        sources = self.ctx.db.remote_sources(tree=tree.hex() if tree else None,
+                                             log=log.hex() if log else None)  # fmt: skip
+        if not sources:
+            raise Miss(f"{what} is not complete in the store, and no remote cache holds it")
+        reasons = []
+        for result, record in sources:
+            try:
+                manifest = layout.parse_manifest(record.manifest, result.key)
+                if tree is not None:
+                    return await self._pull_tree(hold, check, record, manifest, tree)
+                assert log is not None
+                return await self._pull_log(hold, record, manifest, log)
+            except LayoutError as exc:
+                reasons.append(f"{record.url}: {exc}")
+            except Miss as exc:
+                reasons.append(str(exc))
+        raise Miss("; ".join(reasons))
+
+    async def _pull_log(self, hold: Hold, record: RemoteRecord, manifest: StepManifest,
+                        log: bytes) -> int:  # fmt: skip
+        layer = manifest.log_layer(log)
+        if layer is None:
+            raise Miss(f"the result on {record.url} has no layer for its log")
+        if layer.size > self.ctx.config.step_log_max + LOG_SLACK:
+            raise Miss(
+                f"the log on {record.url} is {layer.size} bytes, more than step-log-max here"
+            )
+        return await self._fetch(hold.store, Remote(record.url), [layer])
+
+    async def _pull_tree(
+        self, hold: Hold, check: ClosureCheck, record: RemoteRecord, manifest: StepManifest,
+        tree: bytes, *, skip_applied: bool = True,
+    ) -> int:  # fmt: skip
+        """Packs (less those applied before), then the big blobs the tree lacks, then a check."""
+        db, remote = self.ctx.db, Remote(record.url)
+        applied = db.applied_packs() if skip_applied else set()
+        packs = [p for p in manifest.packs if p.digest not in applied]
+        read = await self._fetch(hold.store, remote, packs, on_done=db.pack_applied)
+        bigs = {la.blake3: la for la in manifest.big_blobs if la.media_type != layout.LOG_TYPE}
+        wanted = await trio.to_thread.run_sync(_wanted_blobs, hold.store, tree, bigs)
+        read += await self._fetch(hold.store, remote, wanted)
+        missing = await trio.to_thread.run_sync(check.missing, [tree], [])
+        if missing is None:
+            return read
+        if skip_applied and len(packs) < len(manifest.packs):
+            # A pack applied before lost objects since (removed behind amber's back): again, whole.
+            db.forget_applied_packs()
+            return read + await self._pull_tree(hold, check, record, manifest, tree,
+                                                skip_applied=False)  # fmt: skip
+        raise Miss(f"the result on {record.url} does not hold the whole tree ({missing})")
+
+    async def _fetch(
+        self, store: Store, remote: Remote, layers: list[Layer],
+        on_done: Callable[[str], None] | None = None,
+    ) -> int:  # fmt: skip
+        """Fetch ``layers``, ``LAYERS_AT_ONCE`` at a time; the first failure stops the rest."""
+        if not layers:
+            return 0
+        limiter = trio.CapacityLimiter(LAYERS_AT_ONCE)
+        stop = threading.Event()
+        clients: queue.SimpleQueue[RegistryClient] = queue.SimpleQueue()
+        failures: list[Miss] = []
+        read = [0]
+
+        def one_sync(layer: Layer) -> int:
+            try:
+                client = clients.get_nowait()
+            except queue.Empty:
+                client = self.client_for(remote)
+            try:
+                return pull.fetch_layer(store, client, remote, layer, stop)
+            finally:
+                clients.put(client)
+
+        async def one(layer: Layer) -> None:
+            if stop.is_set():
+                return
+            try:
+                read[0] += await trio.to_thread.run_sync(
+                    one_sync, layer, limiter=limiter, abandon_on_cancel=True
+                )
+            except (Miss, OciError, StoreError, OSError) as exc:
+                failures.append(exc if isinstance(exc, Miss) else Miss(f"{remote.url}: {exc}"))
+                stop.set()
+                return
+            if on_done is not None:
+                on_done(layer.digest)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for layer in layers:
+                    nursery.start_soon(one, layer)
+        finally:
+            stop.set()  # cancelled: abandoned threads stop at their next chunk
+            while not clients.empty():
+                clients.get_nowait().close()
+        if failures:
+            raise failures[0]
+        return read[0]
+
+
+def _wanted_blobs(store: Store, tree: bytes, bigs: dict[bytes, Layer]) -> list[Layer]:
+    """The layers of ``bigs`` (big files by BLAKE3) that ``tree`` names and the store lacks.
+
+    Layers are not signed, the trees are (through the config): a layer whose
+    size is not its file's is refused before a byte of it is read. A tree
+    the packs did not bring is a ``Miss``: the result does not hold it.
+    """
+    seen: set[bytes] = set()
+    todo = [tree]
+    wanted: dict[bytes, Layer] = {}
+    while todo:
+        digest = todo.pop()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        try:
+            entries = store.get_tree(digest)
+        except StoreError as exc:
+            raise Miss(f"the remote result does not hold tree {digest.hex()[:12]}: {exc}") from None
+        for entry in entries:
+            if entry.kind == treefmt.DIR:
+                todo.append(entry.ref)
+            elif entry.kind == treefmt.FILE and entry.ref in bigs:
+                if bigs[entry.ref].size != entry.size:
+                    raise Miss(f"layer {bigs[entry.ref].digest} is {bigs[entry.ref].size} bytes, "
+                               f"its file {entry.size}")  # fmt: skip
+                wanted[entry.ref] = bigs[entry.ref]
+    return [layer for blob, layer in wanted.items() if not store.has_blob(blob)]
