@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from . import __version__
+from .parser_remote import add_remote
 from .units import parse_size
 
 TYPE_CHECKING = False
@@ -85,6 +86,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_following(commands)
     _add_frozen(commands)
     _add_store(commands)
+    add_remote(commands)
     _add_local(commands)
     return parser
 
@@ -111,6 +113,8 @@ _COMMAND_NAMES = frozenset(
         "daemon",
         "key",
         "completion",
+        "push",
+        "pull",
     ]
 )
 

@@ -276,13 +276,14 @@ class RegistryClient:
         size: int,
         *,
         chunk_size: int | None = None,
-    ) -> None:
+        mount_from: Sequence[str] = (),
+    ) -> bool:
         """Upload a blob (bytes, or the file at a path): POST, then one PUT, or
-        PATCH chunks and a closing PUT."""
-        answer = self.request("POST", f"/v2/{name}/blobs/uploads/", headers={"Content-Length": "0"})
-        if answer.status != 202:
-            raise _error(answer.status, answer.body, f"start upload of {digest}")
-        location = _location(answer)
+        PATCH chunks and a closing PUT. True when, instead, a repository of
+        ``mount_from`` lent it (OCI cross-repository mount: nothing sent)."""
+        location = self._start_upload(name, digest, mount_from)
+        if location is None:
+            return True
         octets = {"Content-Type": "application/octet-stream"}
         with io.BytesIO(body) if isinstance(body, bytes) else open(body, "rb") as f:
             if chunk_size is None:
@@ -295,6 +296,26 @@ class RegistryClient:
                 answer = self.request("PUT", target, body=b"", headers={"Content-Length": "0"})
         if answer.status != 201:
             raise _error(answer.status, answer.body, f"finish upload of {digest}")
+        return False
+
+    def _start_upload(self, name: str, digest: str, mount_from: Sequence[str]) -> str | None:
+        """An upload's location; None when a repository of ``mount_from`` lent the blob.
+
+        ``POST ?mount=DIGEST&from=REPO`` answers 201 (mounted) or 202 (an
+        upload begun instead: the last one's is used, the others cancelled).
+        """
+        zero = {"Content-Length": "0"}
+        tries = [f"?{urllib.parse.urlencode({'mount': digest, 'from': r})}" for r in mount_from]
+        for i, query in enumerate(tries or [""]):
+            answer = self.request("POST", f"/v2/{name}/blobs/uploads/{query}", headers=zero)
+            if answer.status == 201 and query:
+                return None
+            if answer.status != 202:
+                raise _error(answer.status, answer.body, f"start upload of {digest}")
+            if i >= len(tries) - 1:
+                return _location(answer)
+            self.request("DELETE", _location(answer))  # an unused upload: cancelled
+        raise AssertionError("unreachable")
 
     def _patch_chunks(
         self, location: str, digest: str, f: BinaryIO, size: int, chunk_size: int

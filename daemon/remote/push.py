@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from amber.daemon.oci.registry import RegistryClient
 from amber.daemon.oci.spec import OCI_MANIFEST, sha256_digest
 from amber.daemon.remote import layout
+from amber.daemon.remote.config import Remote
 from amber.daemon.remote.layout import BLOB, TREE, Obj
 from amber.daemon.remote.trust import SigningKey
 from amber.daemon.storage.db import Result
@@ -48,46 +49,107 @@ def _read(store: Store, obj: Obj) -> bytes:
     return store.read_blob(obj.digest)
 
 
-def _send(client: RegistryClient, repo: str, digest: str, body: bytes | str, size: int) -> int:
-    """Upload unless present; the bytes sent."""
-    if client.has_blob(repo, digest):
-        return 0
-    client.upload(repo, digest, body if isinstance(body, bytes) else Path(body), size)
-    return size
+@dataclass
+class PushStats:
+    """What pushes did, blob by blob: what a user reads in ``amber push``'s summary."""
+
+    bytes_uploaded: int = 0
+    blobs_uploaded: int = 0
+    blobs_present: int = 0  # the repository had them (HEAD)
+    blobs_mounted: int = 0  # a sibling repository lent them (?mount=)
+
+
+def siblings(remotes: list[Remote], url: str) -> list[str]:
+    """Repositories on ``url``'s registry that may lend it blobs: the other configured remotes."""
+    target = Remote(url)
+    return [r.repository for r in remotes
+            if r.registry == target.registry and r.repository != target.repository]  # fmt: skip
+
+
+class _Sender:
+    """Blobs to one repository: skipped if there, mounted from a sibling if it has them."""
+
+    def __init__(self, client: RegistryClient, repo: str, mount_from: list[str], stats: PushStats):
+        self.client, self.repo, self.mount_from, self.stats = client, repo, mount_from, stats
+
+    def send(self, digest: str, body: bytes | str, size: int) -> None:
+        if self.client.has_blob(self.repo, digest):
+            self.stats.blobs_present += 1
+            return
+        data = body if isinstance(body, bytes) else Path(body)
+        if self.client.upload(self.repo, digest, data, size, mount_from=self.mount_from):
+            self.stats.blobs_mounted += 1
+            return
+        self.stats.blobs_uploaded += 1
+        self.stats.bytes_uploaded += size
 
 
 def push_result(
-    store: Store, client: RegistryClient, repo: str, result: Result, key: SigningKey, version: str
+    store: Store,
+    client: RegistryClient,
+    repo: str,
+    result: Result,
+    key: SigningKey,
+    version: str,
+    *,
+    mount_from: list[str] | None = None,
+    stats: PushStats | None = None,
 ) -> int:
-    """Push ``result`` and its closure to ``repo``; the bytes uploaded.
+    """Push ``result`` and its closure to ``repo``; the bytes uploaded (manifest included).
 
     The manifest goes last: the registry refuses one whose blobs it lacks,
-    and a reader that finds the tag finds the whole result.
+    and a reader that finds the tag finds the whole result. Two hosts
+    pushing one key at once each put a whole, signed manifest: the tag ends
+    on one of them, valid either way.
     """
+    stats = stats if stats is not None else PushStats()
+    before = stats.bytes_uploaded
+    sender = _Sender(client, repo, mount_from or [], stats)
     objects = closure(store, [from_hex(result.before_tree), from_hex(result.after_tree)],
                       [from_hex(result.log)])  # fmt: skip
-    sent = 0
     layers: list[dict] = []
     for plan in layout.plan_layers(objects):
         if plan.big:
             obj = plan.objects[0]
             path = str(store.blob_path(obj.digest))
             digest = _sha256_file(path)
-            sent += _send(client, repo, digest, path, obj.size)
+            sender.send(digest, path, obj.size)
             layers.append(layout.descriptor(layout.BLOB_TYPE, digest, obj.size,
                                             **{layout.A_BLAKE3: obj.digest.hex()}))  # fmt: skip
             continue
         data = layout.encode_pack((o.kind, o.digest, _read(store, o)) for o in plan.objects)
         digest = sha256_digest(data)
-        sent += _send(client, repo, digest, data, len(data))
+        sender.send(digest, data, len(data))
         layers.append(layout.descriptor(layout.PACK_TYPE, digest, len(data)))
     config = layout.config_blob(asdict(result), version)
     config_digest = sha256_digest(config)
-    sent += _send(client, repo, config_digest, config, len(config))
+    sender.send(config_digest, config, len(config))
     signature = key.sign(result.key, config_digest)
     doc = layout.manifest(result.key, config, layers, key.name, signature)
     client.put_manifest(repo, layout.tag_for(result.key), doc, OCI_MANIFEST)
-    return sent + len(doc)
+    stats.bytes_uploaded += len(doc)
+    return stats.bytes_uploaded - before
+
+
+def already_there(
+    client: RegistryClient, repo: str, result: Result, key: SigningKey, version: str
+) -> bool:
+    """Whether ``repo`` holds this very result, signed by ``key``: a push would change nothing.
+
+    Another host's result for the key, or one signed otherwise, is not it.
+    """
+    answer = client.request("GET", f"/v2/{repo}/manifests/{layout.tag_for(result.key)}",
+                            headers={"Accept": OCI_MANIFEST})  # fmt: skip
+    if answer.status != 200:
+        return False
+    try:
+        found = layout.parse_manifest(answer.body, result.key)
+    except layout.LayoutError:
+        return False
+    config_digest = sha256_digest(layout.config_blob(asdict(result), version))
+    return found.config_digest == config_digest and key.verifies(
+        result.key, config_digest, found.signer, found.signature
+    )
 
 
 def _sha256_file(path: str) -> str:
