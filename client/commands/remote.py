@@ -1,8 +1,9 @@
 """``amber push`` and ``amber pull``: results to and from remote caches, by hand.
 
 amberd does the work (daemon/api/remote.py) and reports each result as it
-goes (printed on stderr by ``Context.call``); here is the summary, and the
-exit status: 1 when any result failed or was not found.
+goes (printed on stderr by ``Context.call``, failures with their reason);
+here is the summary, and the exit status: 1 when any result failed or was
+not found.
 """
 
 from __future__ import annotations
@@ -24,12 +25,9 @@ def _size(n: int) -> str:
     return f"{human_bytes(n)} ({n} bytes)"
 
 
-def _failures(ctx: Context, result: Mapping[str, Any]) -> int:
-    """Print each result that failed or was not found; the exit status they make."""
+def _failed(result: Mapping[str, Any]) -> int:
+    """1 when a result failed, was not found or not tried (each was said as it happened)."""
     bad = [r for r in result.get("results", []) if r.get("outcome") in ("failed", "missing")]
-    for r in bad:
-        what = f"step {r.get('step')} ({str(r.get('key'))[:12]})"
-        ctx.say(f"amber: {what} {r.get('outcome')}: {r.get('error')}")
     return EXIT_FAILED if bad or result.get("not-tried") else EXIT_OK
 
 
@@ -43,7 +41,7 @@ def _run(ctx: Context, ns: argparse.Namespace, op: str, args: dict[str, Any],
             if result.get(name):
                 line += f", {result[name]} {words}"
         ctx.print(line)
-    return _failures(ctx, result)
+    return _failed(result)
 
 
 def cmd_push(ctx: Context, ns: argparse.Namespace) -> int:

@@ -207,7 +207,7 @@ def _push_one(
 
 
 def _said(o: Outcome) -> str:
-    what = f"step {o.step} ({o.key[:12]})"
+    what = f"step {o.step} ({o.key[:12]})" if o.step else f"key {o.key[:12]}"
     if o.outcome in ("pushed", "pulled"):
         size = f"{human_bytes(o.bytes)} {'uploaded' if o.outcome == 'pushed' else 'downloaded'}"
         return f"{o.outcome} {what} {'to' if o.outcome == 'pushed' else 'from'} {o.url}: {size}"
@@ -215,7 +215,7 @@ def _said(o: Outcome) -> str:
         return f"{what}: already {'on ' + o.url if o.url else 'in the store'}"
     if o.outcome == "not-tried":
         return f"{what}: not tried (an earlier push to {o.url} failed)"
-    return f"{what}: {o.outcome}: {o.error}"
+    return f"{what}: {'not found' if o.outcome == 'missing' else o.outcome}: {o.error}"
 
 
 # -- pull ----------------------------------------------------------------------------
@@ -231,7 +231,7 @@ async def pull(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, An
     target = args["target"]
     cache = _cache(api)
     if _is_key(target):
-        wanted = [("-", target, None)]
+        wanted = [("", target, None)]
     else:
         record = api.record(conn, target)
         steps = api.ctx.db.get_steps(record.id)
@@ -285,7 +285,7 @@ def _pull_one(
             writer.checkpoint(*roots)
             if not writer.complete(*roots):
                 raise remote_pull.Miss(f"the result on {remote.url} is incomplete")
-            done = Outcome(name, key, remote.url, "pulled", got, host=result.host)
+            done = Outcome(name or result.step, key, remote.url, "pulled", got, host=result.host)
             if step is not None and not writer.complete(*_wanted_roots(None, step)):
                 done.outcome, done.error = (
                     "failed",
