@@ -315,3 +315,32 @@ def test_hosts_pushing_one_key_at_once_leave_a_valid_result_readers_see_all_or_n
     assert code == 0 and statuses(hits) == ["cached"] * 4, hits  # B gets a verified hit
     for d in (a1, a2, b):
         d.stop()
+
+
+MANY_SMALL = """
+[build]
+name = "small"
+base = "host"
+
+[[step]]
+name = "many"
+run = "mkdir d && for i in $(seq 1 2000); do head -c 1000 /dev/urandom > d/$i; done"
+
+[[step]]
+name = "mark"
+run = "echo {mark} > marker"
+"""
+
+
+def test_a_result_differing_by_one_file_uploads_that_file_and_metadata(daemon_root, trunk):
+    a = host(daemon_root, "ci-a", [(trunk, True)])
+    first = a.build_json(write_spec(daemon_root, MANY_SMALL.format(mark="one")), "--no-remote")
+    out = said(a.amber("push", first[1]["build"]))
+    assert uploaded(out) > 2_000_000, out  # 2,000 files of 1 KB, packed
+    second = a.build_json(write_spec(daemon_root, MANY_SMALL.format(mark="two")), "--no-remote")
+    assert statuses(second[1]) == ["cached", "ran"]
+    out = said(a.amber("push", second[1]["build"]))
+    assert "pushed 1 results" in out and "1 skipped as present" in out, out
+    # marker, the two trees above it, the log, the config and the manifest: not a 2 MB pack
+    assert uploaded(out) < 8_000, out
+    a.stop()

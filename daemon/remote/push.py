@@ -18,28 +18,49 @@ from amber.sandbox.digest import from_hex
 from amber.sandbox.store import MissingObject, Store
 
 
-def closure(store: Store, trees: list[bytes], blobs: list[bytes]) -> list[Obj]:
-    """Every tree and blob reachable from ``trees``, and ``blobs``; MissingObject if one is gone."""
-    seen_trees: set[bytes] = set()
-    found: dict[bytes, Obj] = {}
+def closure(
+    store: Store, trees: list[bytes], blobs: list[bytes], seen: set[bytes] | None = None
+) -> list[Obj]:
+    """Every tree and blob reachable from ``trees``, and ``blobs``; MissingObject if one is gone.
+
+    ``seen``: digests (trees and blobs) already taken, left out and added to.
+    """
+    seen = set() if seen is None else seen
+    found: list[Obj] = []
     todo = list(trees)
     wanted_blobs = set(blobs)
     while todo:
         digest = todo.pop()
-        if digest in seen_trees:
+        if digest + b"t" in seen:
             continue
-        seen_trees.add(digest)
+        seen.add(digest + b"t")
         subtrees, refs = store.tree_refs(digest)
-        found[digest + b"t"] = Obj(TREE, digest, store.tree_path(digest).stat().st_size)
+        found.append(Obj(TREE, digest, store.tree_path(digest).stat().st_size))
         todo += subtrees
         wanted_blobs.update(refs)
     for digest in wanted_blobs:
+        if digest + b"b" in seen:
+            continue
+        seen.add(digest + b"b")
         try:
             size = store.blob_path(digest).stat().st_size
         except FileNotFoundError:
             raise MissingObject("blob", digest) from None
-        found[digest + b"b"] = Obj(BLOB, digest, size)
-    return list(found.values())
+        found.append(Obj(BLOB, digest, size))
+    return found
+
+
+def plan(store: Store, result: Result) -> list[layout.LayerPlan]:
+    """The before-tree's closure, packed alone, then what the step added, packed apart.
+
+    Results with the same before-tree (the same steps up to here) share the
+    first part whole, so a result differing by one file uploads that file,
+    the trees above it, its log and metadata: not the packs it falls into.
+    """
+    seen: set[bytes] = set()
+    before = closure(store, [from_hex(result.before_tree)], [], seen)
+    added = closure(store, [from_hex(result.after_tree)], [from_hex(result.log)], seen)
+    return layout.plan_layers(before) + layout.plan_layers(added)
 
 
 def _read(store: Store, obj: Obj) -> bytes:
@@ -105,19 +126,17 @@ def push_result(
     stats = stats if stats is not None else PushStats()
     before = stats.bytes_uploaded
     sender = _Sender(client, repo, mount_from or [], stats)
-    objects = closure(store, [from_hex(result.before_tree), from_hex(result.after_tree)],
-                      [from_hex(result.log)])  # fmt: skip
     layers: list[dict] = []
-    for plan in layout.plan_layers(objects):
-        if plan.big:
-            obj = plan.objects[0]
+    for part in plan(store, result):
+        if part.big:
+            obj = part.objects[0]
             path = str(store.blob_path(obj.digest))
             digest = _sha256_file(path)
             sender.send(digest, path, obj.size)
             layers.append(layout.descriptor(layout.BLOB_TYPE, digest, obj.size,
                                             **{layout.A_BLAKE3: obj.digest.hex()}))  # fmt: skip
             continue
-        data = layout.encode_pack((o.kind, o.digest, _read(store, o)) for o in plan.objects)
+        data = layout.encode_pack((o.kind, o.digest, _read(store, o)) for o in part.objects)
         digest = sha256_digest(data)
         sender.send(digest, data, len(data))
         layers.append(layout.descriptor(layout.PACK_TYPE, digest, len(data)))
