@@ -267,8 +267,7 @@ def _pull_one(
 ) -> tuple[Outcome, Result | None]:
     """One key: present already, else from the first remote that has it whole and trusted."""
     name, key, step = wanted_step
-    wanted = _wanted_roots(local, step)
-    if wanted is not None and writer.complete(*wanted):
+    if local is not None and _another(step, local) is None and writer.complete(*_roots_of([local])):
         return Outcome(name, key, "", "present", host=local.host if local else None), None
     reasons = []
     for remote in remotes:
@@ -286,11 +285,9 @@ def _pull_one(
             if not writer.complete(*roots):
                 raise remote_pull.Miss(f"the result on {remote.url} is incomplete")
             done = Outcome(name or result.step, key, remote.url, "pulled", got, host=result.host)
-            if step is not None and not writer.complete(*_wanted_roots(None, step)):
-                done.outcome, done.error = (
-                    "failed",
-                    f"{remote.url} holds another result of this key",
-                )
+            why = _another(step, result)
+            if why is not None:
+                done.outcome, done.error = "failed", f"{remote.url}: {why}"
             return done, result
         except remote_pull.Miss as miss:
             reasons.append(str(miss))
@@ -300,8 +297,8 @@ def _pull_one(
     return Outcome(name, key, remotes[-1].url, outcome, error="; ".join(reasons)), None
 
 
-def _wanted_roots(local: Result | None, step: Any) -> tuple[list[bytes], list[bytes]] | None:
-    """What must be present: a build step's own trees and log, else the local result's."""
-    if step is not None and step.before_tree and step.after_tree and step.log:
-        return [from_hex(step.before_tree), from_hex(step.after_tree)], [from_hex(step.log)]
-    return None if local is None else _roots_of([local])
+def _another(step: Any, result: Result) -> str | None:
+    """Why ``result`` is not the one a build's ``step`` recorded (None: it is)."""
+    if step is not None and step.after_tree and step.after_tree != result.after_tree:
+        return f"it holds another result of this key (tree {result.after_tree[:12]}, not {step.after_tree[:12]})"
+    return None

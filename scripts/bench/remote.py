@@ -187,19 +187,31 @@ def pull_vs_skopeo(bench: Bench, session: Session, runs: int) -> None:
     )
 
 
+def daemon_cpu(daemon: Daemon) -> float:
+    """amberd's own CPU seconds so far (all its threads: the push queue's too)."""
+    assert daemon.process is not None
+    with open(f"/proc/{daemon.process.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cold(bench: Bench, session: Session, runs: int) -> None:
-    on, off = [], []
+    on, off, cpu = [], [], {"on": [], "off": []}
     for i in range(runs):
         pushed = bench.tags()
         spec_off = bench.spec("cold-off", spec_text(f"cold-off-{uuid.uuid4()}"))
         spec_on = bench.spec("cold-on", spec_text(f"cold-on-{uuid.uuid4()}"))
         pair = [("off", spec_off, ("--no-remote",)), ("on", spec_on, ())]
         for what, spec, extra in pair if i % 2 == 0 else pair[::-1]:
+            before = daemon_cpu(bench.a)
             seconds = timed_amber(bench.a, "build", *extra, str(spec))[0]
+            if what == "on":
+                bench.wait_tags(pushed + 3)  # the queue drained: its CPU is counted
+            cpu[what].append(daemon_cpu(bench.a) - before)
             (off if what == "off" else on).append(seconds)
-        bench.wait_tags(pushed + 3)  # the queue drained: the next round starts even
         print(f"pair {i + 1}: remote off {off[-1]:.2f} s, on {on[-1]:.2f} s, ratio "
-              f"{on[-1] / off[-1]:.3f} (load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
+              f"{on[-1] / off[-1]:.3f}; amberd CPU off {cpu['off'][-1]:.2f} s, on (pushes "
+              f"included) {cpu['on'][-1]:.2f} s (load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
     med = statistics.median
     ratio = med(n / f for n, f in zip(on, off, strict=True))
     print(
@@ -232,6 +244,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="cold pairs (default 3)")
     parser.add_argument("--cached-runs", type=int, default=5,
                         help="rounds of the cached and pull comparisons (default 5)")  # fmt: skip
+    parser.add_argument("--only", metavar="PARTS", default="cached,pull,cold,bytes",
+                        help="comma-separated parts to run (default: all: cached,pull,cold,bytes)")  # fmt: skip
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root")
@@ -247,10 +261,12 @@ def main() -> None:
             (root / "registry").mkdir()
             with serve_registry(root / "registry") as registry:
                 bench = Bench(root, registry, tarball)
-                cached(bench, session, args.cached_runs)
-                pull_vs_skopeo(bench, session, args.cached_runs)
-                cold(bench, session, args.runs)
-                second_result(bench, session)
+                parts = {"cached": lambda: cached(bench, session, args.cached_runs),
+                         "pull": lambda: pull_vs_skopeo(bench, session, args.cached_runs),
+                         "cold": lambda: cold(bench, session, args.runs),
+                         "bytes": lambda: second_result(bench, session)}  # fmt: skip
+                for part in args.only.split(","):
+                    parts[part]()
                 bench.a.stop()
         finally:
             cleanup_root(root)
