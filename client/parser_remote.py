@@ -41,4 +41,5 @@ def add_remote(commands: Any) -> None:
                        "store, 1 a result was not found or\ndid not verify (its reason is printed)")  # fmt: skip
     sub.add_argument("target", metavar="BUILD|KEY", help="a build id or a 64-digit step key")
     sub.add_argument("--from", dest="source", metavar="URL",
-                     help=f"pull from this remote {_URL} instead of amberd's list")  # fmt: skip
+                     help=f"pull from this remote {_URL} of amberd's list only (another "
+                     "URL: root and the admin-group)")  # fmt: skip

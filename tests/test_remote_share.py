@@ -218,6 +218,12 @@ def test_a_user_pushes_and_pulls_only_their_own_builds(daemon_root, registry, tr
     assert repo_tags(registry, "amber/trunk") == []  # nothing of bob's went anywhere
     code, out = mal.said("push", build, "--to", f"{trunk}-mal")
     assert code == 1 and "belongs to uid 4243" in out
+    # A step key anyone may pull, but from amberd's own remotes only (their trust lists hold).
+    key = "a" * 64
+    code, out = mal.said("pull", key, "--from", f"{trunk}-mal")
+    assert code == 1 and "not a [[cache.remote]] of amberd.toml" in out, out
+    code, out = mal.said("pull", key, "--from", trunk)
+    assert code == 1 and f"not on {trunk}" in out, out
 
     code, out = bob.said("push", build)
     assert code == 0 and "pushed 4 results" in out, out

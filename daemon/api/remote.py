@@ -221,6 +221,22 @@ def _said(o: Outcome) -> str:
 # -- pull ----------------------------------------------------------------------------
 
 
+def _pull_source(api: Api, conn: Connection, cache: Any, url: str) -> Remote:
+    """``--from URL``: a configured remote, with its own ``trust`` list; another URL for root
+    and the admin-group only.
+
+    A pulled result becomes a local hit for every user's builds, and an
+    unconfigured URL has no trust list: anyone could otherwise bring in a
+    result signed by a key trusted only for another repository (a PR host's).
+    """
+    known = {r.url: r for r in cache.config.remotes}
+    if url in known:
+        return known[url]
+    api.require_admin(conn, f"pull from {url}, which is not a [[cache.remote]] of amberd.toml",
+                      "others pull from the configured remotes")  # fmt: skip
+    return Remote(url)
+
+
 def _is_key(text: str) -> bool:
     return len(text) == HEX_SIZE and all(c in "0123456789abcdef" for c in text)
 
@@ -239,7 +255,7 @@ async def pull(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, An
         if not wanted:
             raise NotFound(f"build {record.id} has no step results (errored steps have none)")
     if args["remote"] is not None:
-        remotes = [Remote(_checked_url(args["remote"], "--from"))]
+        remotes = [_pull_source(api, conn, cache, _checked_url(args["remote"], "--from"))]
     else:
         remotes = list(cache.config.remotes)
     if not remotes:
