@@ -357,3 +357,36 @@ def test_a_result_differing_by_one_file_uploads_that_file_and_metadata(daemon_ro
     # marker, the two trees above it, the log, the config and the manifest: not a 2 MB pack
     assert uploaded(out) < 8_000, out
     a.stop()
+
+
+def test_a_registry_refusing_a_mount_gets_the_blob_uploaded(registry):
+    """A token whose scope does not cover the other repository (or a registry without
+    mounts) answers the mount otherwise than 201/202: the blob is uploaded, not lost."""
+    from test_registry_auth import TokenGate
+
+    from amber.daemon.oci.auth import Credentials
+    from amber.daemon.oci.spec import sha256_digest
+
+    class NoMounts(TokenGate):
+        def handle(self, req):
+            if "mount=" in req.path:
+                req.rfile.read(int(req.headers.get("Content-Length") or 0))
+                return self.reply(req, 403, b'{"errors":[{"code":"DENIED"}]}', {})
+            return super().handle(req)
+
+    gate = NoMounts(registry, "ci", "secret")
+    try:
+        client = RegistryClient(gate.address, credentials=Credentials("ci", "secret"))
+        data = b"a blob trunk has" * 100
+        digest = sha256_digest(data)
+        assert client.upload("amber/trunk", digest, data, len(data)) is False
+        mounted = client.upload("amber/pr-1", digest, data, len(data), mount_from=["amber/trunk"])
+        assert mounted is False and client.has_blob("amber/pr-1", digest)  # uploaded instead
+        client.close()
+        direct = RegistryClient(registry)
+        assert direct.upload("amber/pr-2", digest, data, len(data), mount_from=["amber/trunk"])
+        assert direct.has_blob("amber/pr-2", digest)  # the registry itself mounts it
+        direct.close()
+    finally:
+        gate.server.shutdown()
+        gate.server.server_close()

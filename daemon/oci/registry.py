@@ -302,20 +302,25 @@ class RegistryClient:
         """An upload's location; None when a repository of ``mount_from`` lent the blob.
 
         ``POST ?mount=DIGEST&from=REPO`` answers 201 (mounted) or 202 (an
-        upload begun instead: the last one's is used, the others cancelled).
+        upload begun instead, used if it is the last repository to ask,
+        cancelled if not). Any other answer (a token without pull on REPO,
+        a registry without mounts) is not an error: the blob is uploaded.
         """
         zero = {"Content-Length": "0"}
-        tries = [f"?{urllib.parse.urlencode({'mount': digest, 'from': r})}" for r in mount_from]
-        for i, query in enumerate(tries or [""]):
-            answer = self.request("POST", f"/v2/{name}/blobs/uploads/{query}", headers=zero)
-            if answer.status == 201 and query:
+        for i, repo in enumerate(mount_from):
+            query = urllib.parse.urlencode({"mount": digest, "from": repo})
+            answer = self.request("POST", f"/v2/{name}/blobs/uploads/?{query}", headers=zero)
+            if answer.status == 201:
                 return None
             if answer.status != 202:
-                raise _error(answer.status, answer.body, f"start upload of {digest}")
-            if i >= len(tries) - 1:
+                break
+            if i == len(mount_from) - 1:
                 return _location(answer)
             self.request("DELETE", _location(answer))  # an unused upload: cancelled
-        raise AssertionError("unreachable")
+        answer = self.request("POST", f"/v2/{name}/blobs/uploads/", headers=zero)
+        if answer.status != 202:
+            raise _error(answer.status, answer.body, f"start upload of {digest}")
+        return _location(answer)
 
     def _patch_chunks(
         self, location: str, digest: str, f: BinaryIO, size: int, chunk_size: int
