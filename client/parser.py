@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from . import __version__
+from .parser_remote import add_keys, add_remote
 from .units import parse_size
 
 TYPE_CHECKING = False
@@ -85,6 +86,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_following(commands)
     _add_frozen(commands)
     _add_store(commands)
+    add_remote(commands)
     _add_local(commands)
     return parser
 
@@ -111,6 +113,8 @@ _COMMAND_NAMES = frozenset(
         "daemon",
         "key",
         "completion",
+        "push",
+        "pull",
     ]
 )
 
@@ -503,7 +507,7 @@ def _add_local(commands: _Commands) -> None:
         "Run amberd in this terminal; every argument goes to it (see `amber daemon --help`).",
         add_help=False,
     )
-    _add_keys(commands)
+    add_keys(commands)
     sub = commands.add(
         "completion",
         "local.cmd_completion",
@@ -514,33 +518,6 @@ def _add_local(commands: _Commands) -> None:
     )
     sub.add_argument(
         "shell", choices=("bash", "zsh", "fish"), metavar="SHELL", help="bash, zsh or fish"
-    )
-
-
-def _add_keys(commands: _Commands) -> None:
-    keys = commands.group_of("key", "signing keys for a remote cache: generate, trust")
-    sub = keys.add(
-        "generate",
-        "keys.cmd_key_generate",
-        "write an ed25519 key pair",
-        "Write NAME.key (the private key, 0600: amberd.toml's signing-key) and NAME.pub\n"
-        "in DIR, and print the public key line to give to `amber key trust` on other hosts.",
-    )
-    sub.add_argument("name", metavar="NAME")
-    sub.add_argument("--dir", default=".", metavar="DIR", help="where to write (default: .)")
-    sub = keys.add(
-        "trust",
-        "keys.cmd_key_trust",
-        "trust a host's public key",
-        "Add NAME PUBKEY to the trusted-keys file (amberd.toml's trusted-keys).",
-    )
-    sub.add_argument("name", metavar="NAME")
-    sub.add_argument("pubkey", metavar="PUBKEY")
-    sub.add_argument(
-        "--file",
-        default="/etc/amber/trusted-keys",
-        metavar="PATH",
-        help="the trusted-keys file (default: /etc/amber/trusted-keys)",
     )
 
 

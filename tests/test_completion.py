@@ -13,7 +13,8 @@ from amberd_process import BIN
 from tools import need, run
 
 TOP_COMMANDS = ["build", "ps", "builds", "show", "log", "cancel", "status", "shell", "diff", "export",
-                "import", "verify", "delete", "image", "pin", "gc", "store", "daemon", "key", "completion"]  # fmt: skip
+                "import", "verify", "delete", "image", "pin", "gc", "store", "push", "pull", "daemon", "key",
+                "completion"]  # fmt: skip
 NESTED = [
     "image import",
     "image ls",

@@ -9,4 +9,5 @@
 - ``exchange``: export, import (OCI images), and export on failure.
 - ``store``: pin-add, pin-rm, pin-ls, gc, fsck.
 - ``sources``: verify (stamp rules over a spec's or a build's tree).
+- ``remote``: push, pull (results to and from remote caches, by hand).
 """

@@ -176,6 +176,10 @@ def _submit(api: Api, conn: Connection, args: dict[str, Any], fds: list[int], sp
         if not args["out_link"]:
             raise BadArgs("--out-link-privileged goes with --out-link PATH")
     remote = remote_options(args)
+    if remote["cache_from"] is not None:
+        from amber.daemon.api.remote import configured_or_admin
+
+        configured_or_admin(api, conn, remote["cache_from"], "build --cache-from")
     if args["pin"] is not None and api.ctx.remote is not None:
         api.ctx.remote.pins.check_name(args["pin"], conn.peer.uid, **remote)
     out_link_dir, export_dir = _request_dirs(args, fds)

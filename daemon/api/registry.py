@@ -14,7 +14,7 @@ import grp
 from typing import TYPE_CHECKING, Any
 
 from amber.client.protocol import Request, event
-from amber.daemon.api import builds, exchange, frozen, images, show, sources, store
+from amber.daemon.api import builds, exchange, frozen, images, remote, show, sources, store
 from amber.daemon.api.operation import Operation
 from amber.daemon.api.validate import validate_args
 from amber.daemon.errors import BadArgs, NotFound, PermissionDenied, UnknownOperation
@@ -54,6 +54,9 @@ OPERATIONS: dict[str, Operation] = {
     "fsck": store.fsck,
     # stamp rules
     "verify": sources.verify,
+    # remote caches, by hand
+    "push": remote.push,
+    "pull": remote.pull,
 }
 
 

@@ -277,13 +277,14 @@ class RegistryClient:
         size: int,
         *,
         chunk_size: int | None = None,
-    ) -> None:
+        mount_from: Sequence[str] = (),
+    ) -> bool:
         """Upload a blob (bytes, or the file at a path): POST, then one PUT, or
-        PATCH chunks and a closing PUT."""
-        answer = self.request("POST", f"/v2/{name}/blobs/uploads/", headers={"Content-Length": "0"})
-        if answer.status != 202:
-            raise _error(answer.status, answer.body, f"start upload of {digest}")
-        location = _location(answer)
+        PATCH chunks and a closing PUT. True when, instead, a repository of
+        ``mount_from`` lent it (OCI cross-repository mount: nothing sent)."""
+        location = self._start_upload(name, digest, mount_from)
+        if location is None:
+            return True
         octets = {"Content-Type": "application/octet-stream"}
         with io.BytesIO(body) if isinstance(body, bytes) else open(body, "rb") as f:
             if chunk_size is None:
@@ -296,6 +297,31 @@ class RegistryClient:
                 answer = self.request("PUT", target, body=b"", headers={"Content-Length": "0"})
         if answer.status != 201:
             raise _error(answer.status, answer.body, f"finish upload of {digest}")
+        return False
+
+    def _start_upload(self, name: str, digest: str, mount_from: Sequence[str]) -> str | None:
+        """An upload's location; None when a repository of ``mount_from`` lent the blob.
+
+        ``POST ?mount=DIGEST&from=REPO`` answers 201 (mounted) or 202 (an
+        upload begun instead, used if it is the last repository to ask,
+        cancelled if not). Any other answer (a token without pull on REPO,
+        a registry without mounts) is not an error: the blob is uploaded.
+        """
+        zero = {"Content-Length": "0"}
+        for i, repo in enumerate(mount_from):
+            query = urllib.parse.urlencode({"mount": digest, "from": repo})
+            answer = self.request("POST", f"/v2/{name}/blobs/uploads/?{query}", headers=zero)
+            if answer.status == 201:
+                return None
+            if answer.status != 202:
+                break
+            if i == len(mount_from) - 1:
+                return _location(answer)
+            self.request("DELETE", _location(answer))  # an unused upload: cancelled
+        answer = self.request("POST", f"/v2/{name}/blobs/uploads/", headers=zero)
+        if answer.status != 202:
+            raise _error(answer.status, answer.body, f"start upload of {digest}")
+        return _location(answer)
 
     def _patch_chunks(
         self, location: str, digest: str, f: BinaryIO, size: int, chunk_size: int

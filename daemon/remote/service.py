@@ -206,7 +206,8 @@ class RemoteCache:
         client = self.client(remote, timeout=60)
         try:
             return push.push_result(
-                self.ctx.store, client, remote.repository, result, self.signing_key, __version__
-            )
+                self.ctx.store, client, remote.repository, result, self.signing_key, __version__,
+                mount_from=push.siblings(self.config.remotes, remote.url),
+            )  # fmt: skip
         finally:
             client.close()

@@ -44,6 +44,13 @@ class SigningKey:
     def sign(self, key: str, config_digest: str) -> str:
         return base64.b64encode(self.private.sign(fingerprint(key, config_digest))).decode()
 
+    def verifies(
+        self, key: str, config_digest: str, signer: str | None, signature: str | None
+    ) -> bool:
+        """Whether ``signature`` is this key's own over (key, config digest)."""
+        trusted = {self.name: self.private.public_key()}
+        return check(trusted, (), signer, signature, key, config_digest) is None
+
 
 def load_signing_key(path: Path) -> SigningKey:
     """The private key at ``path``; its name is the file's stem (``ci-1.key``: ``ci-1``)."""

@@ -1,0 +1,277 @@
+#!/usr/bin/env python3
+"""Benchmark: a step cache shared through a registry, against local hits, skopeo and no remote.
+
+    python scripts/bench/remote.py [--runs N] [--cached-runs N]
+
+All in one run, on a private docker-registry on loopback and private amberd
+hosts (own state directories and keys; B trusts A), with the zlib build of
+pipeline.py (extract, configure, make -j2; the ``host`` base and the zlib
+tarball of the test cache, so no network is needed):
+
+1. cached: host A's fully cached rebuild (local hits) beside host B's build
+   of the same spec with an empty store, every step a remote hit (a fresh B
+   each round, warmed up by a build of another spec, not timed), end to end,
+   alternating. ``RESULT remote_cached_ratio`` (B / A, target <= 2) and
+   ``remote_cached_seconds`` (B's median, target <= 0.2 s).
+2. pull: ``amber pull KEY`` of the make step's result and closure into an
+   empty store (a fresh B each round) beside ``skopeo copy docker://... dir:``
+   of the same state exported as an image (``amber export --push``),
+   alternating. ``RESULT pull_vs_skopeo`` (target <= 1).
+3. cold: A's cold build (a fresh key salt) with the remote on (lookups on
+   each miss, results pushed in the background) beside ``--no-remote``,
+   alternating, the queue drained between rounds. ``RESULT
+   push_on_cold_ratio`` (target <= 1.03).
+4. bytes: a build with one more step writing one small file, pushed; then
+   the same build with that file's content changed: ``RESULT
+   second_result_bytes``, what the second push uploaded (target: that file
+   plus metadata), beside the first result's bytes.
+
+Ratios are refused (NORESULT, exit 3) when the baseline's runs spread by
+more than 25 % (common.py); run it on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+
+from amberd_process import Daemon, cleanup_root  # noqa: E402
+from common import Session  # noqa: E402
+from conftest import serve_registry  # noqa: E402
+from pipeline import run_checked, spec_text  # noqa: E402
+from sources import source_tarball  # noqa: E402
+from test_remote import public  # noqa: E402
+from test_remote_share import host  # noqa: E402
+
+WARM_UP = '[build]\nname = "warm-up"\nbase = "host"\n\n[[step]]\nname = "w"\nrun = "true"\n'
+MARK = '\n[[step]]\nname = "mark"\nrun = "echo {0} > marker"\n'
+
+
+class Bench:
+    """The registry, host A, the spec directory, and fresh B hosts on demand."""
+
+    def __init__(self, root: Path, registry: str, tarball: Path):
+        self.root = root
+        self.trunk = f"http://{registry}/amber/trunk"
+        self.registry = registry
+        self.specs = root / "specs"
+        self.specs.mkdir()
+        os.link(tarball, self.specs / "zlib.tar.bz2")
+        self.a = host(root, "ci-a", [(self.trunk, True)])
+        self.b_count = 0
+
+    def spec(self, name: str, text: str) -> Path:
+        path = self.specs / f"{name}.toml"
+        path.write_text(text)
+        return path
+
+    def fresh_b(self) -> Daemon:
+        """An empty host B, trusting A, its host base already fingerprinted."""
+        self.b_count += 1
+        b = host(self.root, f"ci-b{self.b_count}", [(self.trunk, False)], sign=False,
+                 trusted={"ci-a": public(self.a)})  # fmt: skip
+        run_checked(b, "build", "--no-remote", str(self.spec("warm-up", WARM_UP)))
+        return b
+
+    def drop(self, b: Daemon) -> None:
+        b.stop()
+        shutil.rmtree(b.root, ignore_errors=True)
+
+    def tags(self) -> int:
+        try:
+            url = f"http://{self.registry}/v2/amber/trunk/tags/list"
+            with urllib.request.urlopen(url) as r:
+                return len(json.load(r).get("tags") or [])
+        except OSError:
+            return 0
+
+    def wait_tags(self, count: int) -> None:
+        deadline = time.monotonic() + 600
+        while self.tags() < count:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the push queue did not reach {count} results")
+            time.sleep(0.1)
+
+
+def timed_amber(daemon: Daemon, *args: str) -> tuple[float, str]:
+    started = time.perf_counter()
+    proc = daemon.amber(*args)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(
+            f"amber {' '.join(args)} failed:\n{proc.stdout.decode()}{proc.stderr.decode()}"
+        )
+    return elapsed, proc.stdout.decode()
+
+
+def build_id(daemon: Daemon, spec: Path, *extra: str) -> str:
+    code, report = daemon.build_json(spec, *extra)
+    if code != 0:
+        raise SystemExit(f"build of {spec} failed: {report}")
+    return report["build"]
+
+
+def cached(bench: Bench, session: Session, runs: int) -> None:
+    spec = bench.spec("cached", spec_text(f"cached-{uuid.uuid4()}"))
+    build_id(bench.a, spec)
+    bench.wait_tags(3)
+    local, remote = [], []
+    for i in range(runs):
+        b = bench.fresh_b()
+        local.append(timed_amber(bench.a, "build", str(spec))[0])
+        seconds, out = timed_amber(b, "build", "--json", str(spec))
+        remote.append(seconds)
+        bench.drop(b)
+        statuses = [s["status"] for s in json.loads(out)["steps"]]
+        if statuses != ["cached"] * 3:
+            raise SystemExit(f"B's build was not all remote hits: {statuses}")
+        print(f"round {i + 1}: A local cached {local[-1]:.3f} s, B from the remote {seconds:.3f} s "
+              f"(load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
+    med = statistics.median
+    print(
+        f"cached: A local median {med(local):.3f} s, B remote median {med(remote):.3f} s "
+        "(targets: ratio <= 2, B <= 0.2 s)"
+    )
+    session.ratio(
+        "remote_cached_ratio",
+        med(r / a for a, r in zip(local, remote, strict=True)),
+        "local cached build",
+        local,
+    )
+    session.result("remote_cached_seconds", med(remote))
+
+
+def pull_vs_skopeo(bench: Bench, session: Session, runs: int) -> None:
+    spec = bench.spec("pull", spec_text(f"pull-{uuid.uuid4()}"))
+    build = build_id(bench.a, spec, "--no-remote")
+    run_checked(bench.a, "push", build)
+    shown = json.loads(bench.a.amber("show", "--json", build).stdout)
+    key = shown["steps"][-1]["key"]
+    ref = f"{bench.registry}/amber/zlib-export:bench"
+    run_checked(bench.a, "export", build, "--push", ref, "--insecure")
+    amber, skopeo = [], []
+    for i in range(runs):
+        b = bench.fresh_b()
+        seconds, out = timed_amber(b, "pull", key)
+        amber.append(seconds)
+        bench.drop(b)
+        target = Path(tempfile.mkdtemp(dir=bench.root))
+        started = time.perf_counter()
+        subprocess.run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{ref}",
+                        f"dir:{target}"], check=True)  # fmt: skip
+        skopeo.append(time.perf_counter() - started)
+        size = sum(p.stat().st_size for p in target.iterdir())
+        shutil.rmtree(target)
+        print(f"round {i + 1}: amber pull {amber[-1]:.3f} s ({out.strip()}); skopeo copy "
+              f"{skopeo[-1]:.3f} s ({size} bytes) (load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
+    med = statistics.median
+    print(f"pull: amber median {med(amber):.3f} s, skopeo median {med(skopeo):.3f} s (target <= 1)")
+    session.ratio(
+        "pull_vs_skopeo",
+        med(a / s for a, s in zip(amber, skopeo, strict=True)),
+        "skopeo copy",
+        skopeo,
+    )
+
+
+def daemon_cpu(daemon: Daemon) -> float:
+    """amberd's own CPU seconds so far (all its threads: the push queue's too)."""
+    assert daemon.process is not None
+    with open(f"/proc/{daemon.process.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cold(bench: Bench, session: Session, runs: int) -> None:
+    on, off, cpu = [], [], {"on": [], "off": []}
+    for i in range(runs):
+        pushed = bench.tags()
+        spec_off = bench.spec("cold-off", spec_text(f"cold-off-{uuid.uuid4()}"))
+        spec_on = bench.spec("cold-on", spec_text(f"cold-on-{uuid.uuid4()}"))
+        pair = [("off", spec_off, ("--no-remote",)), ("on", spec_on, ())]
+        for what, spec, extra in pair if i % 2 == 0 else pair[::-1]:
+            before = daemon_cpu(bench.a)
+            seconds = timed_amber(bench.a, "build", *extra, str(spec))[0]
+            if what == "on":
+                bench.wait_tags(pushed + 3)  # the queue drained: its CPU is counted
+            cpu[what].append(daemon_cpu(bench.a) - before)
+            (off if what == "off" else on).append(seconds)
+        print(f"pair {i + 1}: remote off {off[-1]:.2f} s, on {on[-1]:.2f} s, ratio "
+              f"{on[-1] / off[-1]:.3f}; amberd CPU off {cpu['off'][-1]:.2f} s, on (pushes "
+              f"included) {cpu['on'][-1]:.2f} s (load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
+    med = statistics.median
+    ratio = med(n / f for n, f in zip(on, off, strict=True))
+    print(
+        f"cold: off median {med(off):.2f} s, on median {med(on):.2f} s, ratio {ratio:.3f} "
+        "(target <= 1.03)"
+    )
+    session.ratio("push_on_cold_ratio", ratio, "cold build without the remote", off)
+
+
+def second_result(bench: Bench, session: Session) -> None:
+    salt = f"bytes-{uuid.uuid4()}"
+    sent = []
+    for content in ("first", "second"):
+        spec = bench.spec(f"bytes-{content}", spec_text(salt) + MARK.format(content))
+        build = build_id(bench.a, spec, "--no-remote")
+        _, out = timed_amber(bench.a, "push", "--json", build)
+        summary = json.loads(out)
+        sent.append(summary["bytes"])
+        print(f"{content} result: pushed {summary['pushed']}, present {summary['present']}, "
+              f"{summary['bytes']} bytes uploaded, blobs {summary['blobs']}", flush=True)  # fmt: skip
+    print(
+        f"the second result differs by one {len('second') + 1}-byte file: it uploaded "
+        f"{sent[1]} bytes (the first build's four results: {sent[0]} bytes)"
+    )
+    session.result("second_result_bytes", sent[1], digits=0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="cold pairs (default 3)")
+    parser.add_argument("--cached-runs", type=int, default=5,
+                        help="rounds of the cached and pull comparisons (default 5)")  # fmt: skip
+    parser.add_argument("--only", metavar="PARTS", default="cached,pull,cold,bytes",
+                        help="comma-separated parts to run (default: all: cached,pull,cold,bytes)")  # fmt: skip
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root")
+    if args.runs < 2 or args.cached_runs < 2:
+        raise SystemExit("remote.py: --runs and --cached-runs must be at least 2 (a spread)")
+    if shutil.which("skopeo") is None or shutil.which("docker-registry") is None:
+        raise SystemExit("remote.py needs skopeo and docker-registry (apt-get install them)")
+    tarball = source_tarball("zlib")
+    root = Path(tempfile.mkdtemp(prefix="amber-bench-", dir="/var/tmp"))
+    os.chmod(root, 0o755)
+    with Session("remote.py") as session:
+        try:
+            (root / "registry").mkdir()
+            with serve_registry(root / "registry") as registry:
+                bench = Bench(root, registry, tarball)
+                parts = {"cached": lambda: cached(bench, session, args.cached_runs),
+                         "pull": lambda: pull_vs_skopeo(bench, session, args.cached_runs),
+                         "cold": lambda: cold(bench, session, args.runs),
+                         "bytes": lambda: second_result(bench, session)}  # fmt: skip
+                for part in args.only.split(","):
+                    parts[part]()
+                bench.a.stop()
+        finally:
+            cleanup_root(root)
+    session.finish()
+
+
+if __name__ == "__main__":
+    main()
