@@ -38,6 +38,7 @@ METACOPY = "trusted.overlay.metacopy"
 
 #: Names an upper must hold before its snapshot flushes it early (``_listed_names``).
 FLUSH_EARLY_AFTER = 1000
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class SnapshotError(Exception):
@@ -144,25 +145,32 @@ class Snapshotter:
         prefix = upper + b"/"
         plain_file, lstat, listxattr, isreg = maker.plain_file, os.lstat, os.listxattr, S_ISREG
         # This loop runs once a file of a step's output: a regular file
-        # without xattrs, nearly every one, costs an lstat, a listxattr and
-        # a tuple (hence the local names); everything else goes through _other.
-        for name in names:
-            path = prefix + name
-            st = lstat(path)
-            xattrs = None
-            if isreg(st.st_mode):
-                try:
-                    xattrs = listxattr(path, follow_symlinks=False)
-                except OSError:
-                    xattrs = []
-                if not xattrs:
-                    merged[name] = plain_file(path, rel, name, st)
-                    continue
-            entry = self._other(maker, path, rel, name, st, xattrs, merged.get(name), lower_path)
-            if entry is None:
-                merged.pop(name, None)
-            else:
-                merged[name] = entry
+        # without xattrs, nearly every one, costs an lstat (beside the open
+        # directory: no walk of the whole path), a listxattr and a tuple
+        # (hence the local names); everything else goes through _other.
+        dfd = os.open(upper, _DIR_FLAGS)
+        try:
+            for name in names:
+                path = prefix + name
+                st = lstat(name, dir_fd=dfd)
+                xattrs = None
+                if isreg(st.st_mode):
+                    try:
+                        xattrs = listxattr(path, follow_symlinks=False)
+                    except OSError:
+                        xattrs = []
+                    if not xattrs:
+                        merged[name] = plain_file(path, rel, name, st)
+                        continue
+                entry = self._other(
+                    maker, path, rel, name, st, xattrs, merged.get(name), lower_path
+                )
+                if entry is None:
+                    merged.pop(name, None)
+                else:
+                    merged[name] = entry
+        finally:
+            os.close(dfd)
         # Without a lower tree the names came in sorted and stayed so.
         entries = list(merged.values()) if lower is None else [merged[n] for n in sorted(merged)]
         digest, written = self.store.add_tree(entries, maker.batch)
