@@ -295,7 +295,6 @@ class _LayerWriter:
             self.tar.write(head)
             return
         self._copy_blob(e.ref, e.size, path, head)
-        self.tar.write(oci_tar.padding(e.size))
 
     def _file_header(self, path: bytes, e: Entry, pax: dict[bytes, bytes]) -> bytes:
         self.entries += 1
@@ -304,17 +303,18 @@ class _LayerWriter:
         )
 
     def _copy_blob(self, digest: bytes, size: int, path: bytes, head: bytes) -> None:
-        """``head``, then the blob's ``size`` bytes: a small file in one write with its header."""
+        """``head``, the blob's ``size`` bytes and the padding: a small file in one write."""
         fd = self.store.open_blob_owned(digest)  # the walk runs as_store_owner
         try:
             if self.tar.copies(size):
                 self.tar.write(head)
                 self.tar.copy_file(fd, digest, size)
+                self.tar.write(oci_tar.padding(size))
                 return
             # A new bytes object per read: the hash thread may still hold the last.
             data = os.read(fd, min(size, _READ))
             if len(data) == size:
-                self.tar.write(head + data)
+                self.tar.write(head + data + oci_tar.padding(size))
                 return
             self.tar.write(head)
             left = size
@@ -325,6 +325,7 @@ class _LayerWriter:
                 left -= len(data)
                 if left:
                     data = os.read(fd, min(left, _READ))
+            self.tar.write(oci_tar.padding(size))
         finally:
             os.close(fd)
 
@@ -343,6 +344,7 @@ class _SizeWalker(_LayerWriter):
     def _copy_blob(self, digest: bytes, size: int, path: bytes, head: bytes) -> None:
         self.tar.write(head)
         self.tar.size += size  # the writer copies exactly an entry's size, or fails
+        self.tar.write(oci_tar.padding(size))
 
 
 def layer_size(store: Store, before: bytes | None, after: bytes) -> int:
