@@ -23,5 +23,5 @@ What the daemon may use of it, by module; everything else is internal:
 - ``beneath``: ``exists_in_root``, ``write_beneath`` (root inside a tree a user controls).
 
 Internal: ``batch`` (``Batch``, which ``store`` re-exports), ``asuser_helper``, ``lowerfs``,
-``fuseops``, ``eagerlayer``, ``snapshot``, ``command``, ``bwrap``, ``ptyproxy``.
+``fuseops``, ``eagerlayer``, ``snapshot`` (with ``owncwd``), ``command``, ``bwrap``, ``ptyproxy``.
 """

@@ -22,11 +22,13 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from stat import S_ISCHR, S_ISDIR, S_ISREG
 
 from . import tree as treefmt
 from .fileio import start_syncfs
 from .importer import EntryMaker, list_xattrs
+from .owncwd import run_with_own_cwd
 from .store import Store
 from .tree import Entry
 from .userns import IdMap
@@ -38,6 +40,7 @@ METACOPY = "trusted.overlay.metacopy"
 
 #: Names an upper must hold before its snapshot flushes it early (``_listed_names``).
 FLUSH_EARLY_AFTER = 1000
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class SnapshotError(Exception):
@@ -66,7 +69,7 @@ class Snapshotter:
     def __init__(self, store: Store, base: bytes, upper: str | os.PathLike, ids: IdMap):
         self.store = store
         self.base = base
-        self.upper = os.fsencode(upper)
+        self.upper = os.fsencode(os.path.abspath(upper))
         self.ids = ids
         self._hash_cache: dict[tuple[int, int, int, int], bytes] = {}
         # Hard-link groups the step made are labelled path + "//" + the base's
@@ -76,9 +79,16 @@ class Snapshotter:
         self._label_suffix = b"//" + base.hex()[:32].encode()
         self._listed = 0  # names the walk has listed so far
         self._flush: threading.Thread | None = None
+        self._own_cwd = False  # the walk's thread has a cwd of its own (``run_with_own_cwd``)
 
     def snapshot(self) -> tuple[bytes, SnapshotStats]:
+        """The tree of the mount now; on a thread of its own, for its own cwd (``_merge``)."""
+        return run_with_own_cwd(self._snapshot)
+
+    def _snapshot(self, own_cwd: bool) -> tuple[bytes, SnapshotStats]:
         started = time.monotonic()
+        # Every other path the walk uses is absolute: the store's and the upper's.
+        self._own_cwd = own_cwd and os.path.isabs(self.store.tmp_dir)
         self._count_trees_written = 0
         self._listed = 0
         self._flush = None
@@ -145,24 +155,40 @@ class Snapshotter:
         plain_file, lstat, listxattr, isreg = maker.plain_file, os.lstat, os.listxattr, S_ISREG
         # This loop runs once a file of a step's output: a regular file
         # without xattrs, nearly every one, costs an lstat, a listxattr and
-        # a tuple (hence the local names); everything else goes through _other.
-        for name in names:
-            path = prefix + name
-            st = lstat(path)
-            xattrs = None
-            if isreg(st.st_mode):
-                try:
-                    xattrs = listxattr(path, follow_symlinks=False)
-                except OSError:
-                    xattrs = []
-                if not xattrs:
-                    merged[name] = plain_file(path, rel, name, st)
-                    continue
-            entry = self._other(maker, path, rel, name, st, xattrs, merged.get(name), lower_path)
-            if entry is None:
-                merged.pop(name, None)
+        # a tuple (hence the local names); everything else goes through
+        # _other. Both calls name the file relative to the open directory,
+        # the listxattr through the thread's own cwd (owncwd.py): no walk of
+        # the whole path twice a file.
+        dfd = os.open(upper, _DIR_FLAGS)
+        own = self._own_cwd
+        try:
+            if own:
+                os.fchdir(dfd)
             else:
-                merged[name] = entry
+                lstat = partial(lstat, dir_fd=dfd)
+            for name in names:
+                path = prefix + name
+                st = lstat(name)
+                xattrs = None
+                if isreg(st.st_mode):
+                    try:
+                        xattrs = listxattr(name if own else path, follow_symlinks=False)
+                    except OSError:
+                        xattrs = []
+                    if not xattrs:
+                        merged[name] = plain_file(path, rel, name, st)
+                        continue
+                entry = self._other(
+                    maker, path, rel, name, st, xattrs, merged.get(name), lower_path
+                )
+                if own:
+                    os.fchdir(dfd)  # a subdirectory's walk moved it
+                if entry is None:
+                    merged.pop(name, None)
+                else:
+                    merged[name] = entry
+        finally:
+            os.close(dfd)
         # Without a lower tree the names came in sorted and stayed so.
         entries = list(merged.values()) if lower is None else [merged[n] for n in sorted(merged)]
         digest, written = self.store.add_tree(entries, maker.batch)

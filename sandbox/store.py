@@ -277,6 +277,17 @@ class Store:
         except FileNotFoundError:
             raise MissingObject("blob", digest) from None
 
+    def open_blob_owned(self, digest: bytes) -> int:
+        """``open_blob`` for a caller inside ``as_store_owner`` already (an export's walk).
+
+        The identity switch is a third of what opening a small blob costs
+        there, once for each of its 20,000 files.
+        """
+        try:
+            return os.open(_shard_str(self._blob_dir_s, digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise MissingObject("blob", digest) from None
+
     # -- trees --------------------------------------------------------------
 
     def put_tree(self, entries: list[Entry], batch: Batch) -> bytes:

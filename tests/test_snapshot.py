@@ -143,3 +143,22 @@ def test_a_snapshot_over_a_base_gives_the_recorded_tree(store: Store, tmp_path: 
     assert digest.hex() == MERGED_DIGEST
     again, _ = snapper.snapshot()  # the second snapshot of a mount uses its hash cache
     assert again == digest
+
+
+def test_the_walk_keeps_the_process_cwd_and_a_relative_store_gets_the_same_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The walk changes directory on a thread of its own (owncwd.py): the
+    process's cwd, which every other thread shares, stays where it was; a
+    store named by a relative path (which a changed cwd would break) gets
+    the walk by absolute paths, and the same digest."""
+    upper = tmp_path / "upper"
+    make_upper(upper, lower_changes=False)
+    monkeypatch.chdir(tmp_path)
+    relative = Store.open("state")
+    digest, _ = Snapshotter(relative, treefmt.EMPTY_TREE, "upper", IDS).snapshot()
+    assert digest.hex() == NEW_FILES_DIGEST
+    absolute = Store.open(tmp_path / "state2")
+    digest, _ = Snapshotter(absolute, treefmt.EMPTY_TREE, upper, IDS).snapshot()
+    assert digest.hex() == NEW_FILES_DIGEST
+    assert os.getcwd() == str(tmp_path)

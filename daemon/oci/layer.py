@@ -290,25 +290,42 @@ class _LayerWriter:
                 self._entry_header(path, b"1", e, pax, linkname=first)
                 return
             self._first[group] = path
-        self._entry_header(path, b"0", e, pax, size=e.size)
-        if e.size:
-            self._copy_blob(e.ref, e.size, path)
-            self.tar.write(oci_tar.padding(e.size))
+        head = self._file_header(path, e, pax)
+        if not e.size:
+            self.tar.write(head)
+            return
+        self._copy_blob(e.ref, e.size, path, head)
 
-    def _copy_blob(self, digest: bytes, size: int, path: bytes) -> None:
-        fd = self.store.open_blob(digest)
+    def _file_header(self, path: bytes, e: Entry, pax: dict[bytes, bytes]) -> bytes:
+        self.entries += 1
+        return oci_tar.header(
+            path, b"0", mode=e.mode, uid=e.uid, gid=e.gid, mtime_ns=e.mtime_ns, size=e.size, pax=pax
+        )
+
+    def _copy_blob(self, digest: bytes, size: int, path: bytes, head: bytes) -> None:
+        """``head``, the blob's ``size`` bytes and the padding: a small file in one write."""
+        fd = self.store.open_blob_owned(digest)  # the walk runs as_store_owner
         try:
             if self.tar.copies(size):
+                self.tar.write(head)
                 self.tar.copy_file(fd, digest, size)
+                self.tar.write(oci_tar.padding(size))
                 return
             # A new bytes object per read: the hash thread may still hold the last.
+            data = os.read(fd, min(size, _READ))
+            if len(data) == size:
+                self.tar.write(head + data + oci_tar.padding(size))
+                return
+            self.tar.write(head)
             left = size
             while left:
-                data = os.read(fd, min(left, _READ))
                 if not data:
                     raise StoreError(f"blob of {path!r} is shorter than its entry says")
                 self.tar.write(data)
                 left -= len(data)
+                if left:
+                    data = os.read(fd, min(left, _READ))
+            self.tar.write(oci_tar.padding(size))
         finally:
             os.close(fd)
 
@@ -324,8 +341,10 @@ class _Count:
 
 
 class _SizeWalker(_LayerWriter):
-    def _copy_blob(self, digest: bytes, size: int, path: bytes) -> None:
+    def _copy_blob(self, digest: bytes, size: int, path: bytes, head: bytes) -> None:
+        self.tar.write(head)
         self.tar.size += size  # the writer copies exactly an entry's size, or fails
+        self.tar.write(oci_tar.padding(size))
 
 
 def layer_size(store: Store, before: bytes | None, after: bytes) -> int:

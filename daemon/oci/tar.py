@@ -352,6 +352,7 @@ _UNAMES = bytes(64)
 # The checksum is counted with its own field as 8 spaces; the magic is constant.
 _CHECK_BASE = 8 * 0x20 + sum(_MAGIC)
 _PAX_HEADERS: dict[int, bytes] = {}  # PAX header block by data size: a few sizes recur
+_OWNERS: dict[tuple[int, int, int], tuple[bytes, int]] = {}  # mode, uid, gid fields; their sum
 
 
 def pax_time(mtime_ns: int) -> bytes:
@@ -400,12 +401,23 @@ def _ustar(
         values = (mode, uid, gid, size, mtime)
         return _ustar_packed(name, type_, linkname, values, (devmajor, devminor), is_device)
     device = b"%07o\0%07o\0" % (devmajor, devminor) if is_device else _NO_DEVICE
-    numbers = b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (mode, uid, gid, size, mtime)
-    check = _CHECK_BASE + sum(name) + sum(numbers) + type_[0] + sum(linkname) + sum(device)
+    owner = _OWNERS.get((mode, uid, gid))
+    if owner is None:  # a layer's files share a few modes and owners: each formatted once
+        field = b"%07o\0%07o\0%07o\0" % (mode, uid, gid)
+        owner = _OWNERS[(mode, uid, gid)] = (field, sum(field))
+        if len(_OWNERS) > 4096:
+            _OWNERS.clear()
+    times = b"%011o\0%011o\0" % (size, mtime)
+    check = _CHECK_BASE + sum(name) + owner[1] + sum(times) + type_[0]
+    if linkname:
+        check += sum(linkname)
+    if is_device:
+        check += sum(device)
     return b"".join(
         (
             name.ljust(100, b"\0"),
-            numbers,
+            owner[0],
+            times,
             b"%06o\0 " % check,
             type_,
             linkname.ljust(100, b"\0"),
