@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import socket
+import time
 
 import trio
 
@@ -32,6 +33,7 @@ from amber.daemon.build.fetch import DigestMismatch, FetchLimits, fetch_sources
 from amber.daemon.build.keys import initial_key, step_key
 from amber.daemon.build.limits import Limits, StepLimits
 from amber.daemon.build.logs import BlobLog
+from amber.daemon.build.phases import Phases
 from amber.daemon.build.sources import lay_out
 from amber.daemon.build.state import BuildState, BuildStatus, StepStatus
 from amber.daemon.build.stepio import StepLog, StepOutcome, run_sandboxed
@@ -40,7 +42,7 @@ from amber.daemon.errors import DaemonError
 from amber.daemon.storage.db import BuildRecord, Result, StepRecord
 from amber.daemon.storage.roots import build_state
 from amber.sandbox.digest import from_hex
-from amber.sandbox.fscontrol import FilesystemError, OverlayMount, open_overlay
+from amber.sandbox.fscontrol import FilesystemError, OverlayMount
 from amber.sandbox.sandboxerror import SandboxError
 from amber.sandbox.store import StoreError
 from amber.sandbox.userns import IdMap, IdPoolExhausted
@@ -73,6 +75,10 @@ class Executor:
         self.ids: IdMap | None = None
         #: Step index -> where its remote hit came from (the step's note).
         self._remote_notes: dict[int, str] = {}
+        #: Where the build's time went outside its steps (``amber show --json``).
+        self.phases = Phases()
+        #: The mount's timings until a step that ran on it records them.
+        self._mount_timings: dict[str, float] | None = None
 
     # -- the whole build ----------------------------------------------------
 
@@ -83,11 +89,12 @@ class Executor:
         # A writer hold from here to the end: GC keeps what this build holds
         # and quarantines, rather than deletes, what it might reuse unheld.
         self.hold = self.ctx.roots.writer(f"build {b.id}", build_id=b.id)
+        self.phases.add("queued", time.time() - b.created)
         try:
             try:
                 await self._run_steps()
             finally:
-                with trio.CancelScope(shield=True):
+                with trio.CancelScope(shield=True), self.phases.timed("unmount"):
                     await self._close_mount()
                 if self.ids is not None:  # its processes and mount are gone
                     self.ctx.id_pool.release(self.ids)
@@ -129,26 +136,18 @@ class Executor:
                     b.note(f"not pinned as {b.pin}: {why}")
             finally:
                 self.hold.release()
-            self.state.finish()
+            log.debug("build %s phases: %s", b.id, self.phases.describe())
+            self.state.finish(self.phases.to_json())
 
     def _errored(self, reason: str) -> None:
         self.state.errored(reason)
 
     async def _run_steps(self) -> None:
         b, spec, db = self.build, self.spec, self.ctx.db
-        self.base = await trio.to_thread.run_sync(
-            functools.partial(
-                resolve_base,
-                self.hold.store,
-                db,
-                str(spec.base),
-                uid=b.uid,
-                gid=b.gid,
-                groups=b.groups,
-                import_max_size=self.ctx.config.import_max_size,
-            )
-        )
-        tree = await self._lay_out()
+        with self.phases.timed("resolve_base"):
+            self.base = await self._resolve_base()
+        with self.phases.timed("sources"):
+            tree = await self._lay_out()
         if tree is None:
             return  # a source failed verification: the build failed before any step
         key = initial_key(
@@ -163,7 +162,8 @@ class Executor:
             env = spec.step_env(step)
             key = step_key(key, definition, env, spec.key_salt)
             db.update_step(b.id, index, key=key)
-            hit = await self._cached(index, key)
+            with self.phases.timed("cache"):
+                hit = await self._cached(index, key)
             if hit is not None:
                 tree = from_hex(hit.after_tree)
                 if hit.status == BuildStatus.FAILED:
@@ -177,8 +177,24 @@ class Executor:
             tree, failed = await self._run_step(index, key, tree)
             if failed:
                 return
-        self.state.succeeded(tree)
-        await self.ctx.on_success(b, tree)
+        with self.phases.timed("finish"):
+            self.state.succeeded(tree)
+            await self.ctx.on_success(b, tree)
+
+    async def _resolve_base(self) -> ResolvedBase:
+        b, spec = self.build, self.spec
+        return await trio.to_thread.run_sync(
+            functools.partial(
+                resolve_base,
+                self.hold.store,
+                self.ctx.db,
+                str(spec.base),
+                uid=b.uid,
+                gid=b.gid,
+                groups=b.groups,
+                import_max_size=self.ctx.config.import_max_size,
+            )
+        )
 
     async def _lay_out(self) -> bytes | None:
         """The first step's tree: base, sources (fetched if need be), stamps put right.
@@ -291,17 +307,13 @@ class Executor:
             except IdPoolExhausted as exc:
                 raise BuildErrored(str(exc)) from None
         work = self.ctx.work_dir("", self.build.id)
-        cm = open_overlay(
-            self.ctx.store.state_dir,
-            tree,
-            work,
-            ids=self.ids,
-            pool=self.ctx.fs_pool,
-            fs_mode=self.ctx.fs_mode.name,
+        cm = self.ctx.lowers.open(
+            self.ctx.store.state_dir, tree, work, ids=self.ids, fs_mode=self.ctx.fs_mode.name
         )
         self.mount = await cm.__aenter__()
         self._mount_cm = cm
         self.mount_tree = self.mount_lower = tree
+        self._mount_timings = self.mount.timings
         return self.mount
 
     async def _close_mount(self) -> None:
@@ -338,17 +350,28 @@ class Executor:
         step = spec.steps[index]
         if self.ctx.stopping:
             raise BuildErrored("the daemon is stopping")
-        mount = await self._ensure_mount(before)
+        phases = Phases()
+        with phases.timed("mount"):
+            mount = await self._ensure_mount(before)
+        if self._mount_timings is not None:  # this step opened it: its parts
+            phases.update(self._mount_timings, "mount.")
+            self._mount_timings = None
         state = b.steps[index]
         self.state.step_running(index, before)
         log_path = self.ctx.step_log_path(b.id, index)
         step_log = StepLog(log_path, self.ctx.store, self.ctx.config.step_log_max)
         b.emit_log(step.name, step_log)
         outcome = await self._sandboxed(index, mount, step_log)
-        snap = await mount.snapshot()
+        phases.add("sandbox_start", outcome.start_seconds)
+        phases.add("run", outcome.seconds - outcome.start_seconds)
+        phases.add("sandbox_end", outcome.end_seconds)
+        with phases.timed("snapshot"):
+            snap = await mount.snapshot()
         state.snapshot_seconds = snap.stats.seconds
         self.mount_tree = snap.tree
-        log_digest = await trio.to_thread.run_sync(step_log.store, self.hold.store)
+        with phases.timed("log"):
+            log_digest = await trio.to_thread.run_sync(step_log.store, self.hold.store)
+        record_started = time.perf_counter()
         if step_log.truncated:
             b.note(f"step {step.name}: log truncated at {step_log.limit} bytes (step-log-max)")
         failed = outcome.exit_code != 0
@@ -371,7 +394,9 @@ class Executor:
             self.ctx.remote.enqueue(b, key)
         self.presence.known_complete(snap.tree, over=self.mount_lower)
         status = StepStatus.FAILED if failed else StepStatus.RAN
-        self.state.step_done(index, status, result, before, snap.tree)
+        phases.add("record", time.perf_counter() - record_started)
+        log.debug("build %s step %s phases: %s", b.id, step.name, phases.describe())
+        self.state.step_done(index, status, result, before, snap.tree, phases=phases.to_json())
         if failed:
             self.state.freeze(index)
         return snap.tree, failed

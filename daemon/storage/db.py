@@ -55,6 +55,7 @@ class BuildRecord:
     final_tree: str | None = None
     error: str | None = None
     base_owner: int | None = None  # whose image ``base`` named (None: not an image)
+    phases: str | None = None  # JSON: seconds per phase outside the steps (build/phases.py)
 
     @property
     def base(self) -> str:
@@ -102,6 +103,7 @@ class StepRecord:
     definition: str = "{}"
     note: str | None = None
     started: float | None = None
+    phases: str | None = None  # JSON: seconds per phase of running it here (build/phases.py)
 
 
 def _root_only(path: Path) -> None:

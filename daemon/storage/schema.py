@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS builds (
     base_tree TEXT,
     final_tree TEXT,
     error TEXT,
-    base_owner INTEGER             -- the namespace (uid) of the named image it built on
+    base_owner INTEGER,            -- the namespace (uid) of the named image it built on
+    phases TEXT                    -- JSON: seconds per phase outside the steps (build/phases.py)
 );
 CREATE INDEX IF NOT EXISTS builds_seq ON builds(seq);
 CREATE TABLE IF NOT EXISTS build_steps (
@@ -57,6 +58,7 @@ CREATE TABLE IF NOT EXISTS build_steps (
     definition TEXT NOT NULL,      -- JSON: run, cwd, env, ... as the step ran
     note TEXT,
     started REAL,                  -- epoch: when the step ran, or was found cached, in this build
+    phases TEXT,                   -- JSON: seconds per phase of running it (build/phases.py)
     PRIMARY KEY (build_id, idx)
 );
 -- Named images, one namespace per user: uid 0's are the shared ones, which
@@ -131,6 +133,8 @@ _ADDED_COLUMNS = (
     ("build_steps", "started", "REAL"),
     ("images", "uid", "INTEGER"),
     ("builds", "base_owner", "INTEGER"),
+    ("builds", "phases", "TEXT"),
+    ("build_steps", "phases", "TEXT"),
 )
 
 #: Images keyed by (uid, name); rows from before keep their owner (NULL: root's).

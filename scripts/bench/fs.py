@@ -66,7 +66,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import resource
 import shutil
 import signal
@@ -81,6 +80,7 @@ from pathlib import Path
 
 import trio
 from common import Session
+from fusetrace import FuseTrace, OpCost
 
 from amber.sandbox import fsmode
 from amber.sandbox import tree as treefmt
@@ -238,90 +238,6 @@ class ProcessUsage:
         )
 
 
-@dataclass
-class OpCost:
-    requests: int = 0
-    wait_seconds: float = 0.0  # summed over requests, send to reply
-
-
-TRACE_LINE = re.compile(
-    rb" (\d+\.\d+): fuse_request_(send|end): connection \d+ req (\d+)(?: opcode \d+ \((\w+)\))?"
-)
-
-
-class FuseTrace:
-    """FUSE requests one mount received, by opcode, and how long they took.
-
-    Read from the kernel's ``fuse:fuse_request_send``/``_end`` tracepoints in
-    a private tracefs instance filtered on the mount's connection, so the
-    filesystem process is not touched and other mounts do not count. The
-    time of a request is from the kernel sending it to the reply, i.e. what
-    the calling process waited. Without tracefs it records nothing.
-    """
-
-    TRACEFS = Path("/sys/kernel/tracing")
-
-    def __init__(self, mountpoint: Path, name: str):
-        self.connection = os.minor(os.stat(mountpoint).st_dev)
-        self.dir = self.TRACEFS / "instances" / name
-        self.available = False
-        self.phases: dict[str, dict[str, OpCost]] = {}
-
-    def __enter__(self) -> FuseTrace:
-        try:
-            self.dir.mkdir()
-        except OSError as exc:
-            print(f"fs.py: no FUSE request trace ({exc})", file=sys.stderr)
-            return self
-        self.available = True
-        (self.dir / "buffer_size_kb").write_text("8192\n")
-        for event in ("fuse_request_send", "fuse_request_end"):
-            (self.dir / "events/fuse" / event / "filter").write_text(
-                f"connection == {self.connection}\n"
-            )
-            (self.dir / "events/fuse" / event / "enable").write_text("1\n")
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if not self.available:
-            return
-        (self.dir / "events/fuse/enable").write_text("0\n")
-        if self._overruns():
-            print("fs.py: the FUSE trace lost events; its counts are low", file=sys.stderr)
-        self.dir.rmdir()
-
-    def _overruns(self) -> int:
-        return sum(
-            int(line.split()[1])
-            for cpu in (self.dir / "per_cpu").iterdir()
-            for line in (cpu / "stats").read_text().splitlines()
-            if line.startswith("overrun:")
-        )
-
-    def collect(self, phase: str) -> None:
-        """Attribute the requests traced so far to ``phase``, then clear."""
-        if not self.available:
-            return
-        text = (self.dir / "trace").read_bytes()
-        (self.dir / "trace").write_text("")  # clears the buffer
-        self.phases[phase] = parse_fuse_trace(text)
-
-
-def parse_fuse_trace(text: bytes) -> dict[str, OpCost]:
-    costs: dict[str, OpCost] = {}
-    sent: dict[bytes, tuple[str, float]] = {}
-    for match in TRACE_LINE.finditer(text):
-        stamp, kind, unique, opcode = match.groups()
-        if kind == b"send":
-            op = opcode.decode().removeprefix("FUSE_")
-            costs.setdefault(op, OpCost()).requests += 1
-            sent[unique] = (op, float(stamp))
-        elif unique in sent:
-            op, start = sent.pop(unique)
-            costs[op].wait_seconds += float(stamp) - start
-    return costs
-
-
 # -- one run of each kind ------------------------------------------------------------
 
 
@@ -382,7 +298,8 @@ async def amber_run(
         ) as mnt:
             mount_seconds = time.perf_counter() - start
             before = ProcessUsage.of(mnt.pid)
-            with FuseTrace(mnt.work / "layers/lower", f"amber-bench-fs-{os.getpid()}") as trace:
+            connection = os.minor(os.stat(mnt.work / "layers/lower").st_dev)
+            with FuseTrace(f"amber-bench-fs-{os.getpid()}", connection) as trace:
                 phases = await build_in_chroot(mnt.root, tarball, work / "log", trace.collect)
             usage = ProcessUsage.of(mnt.pid) - before
             rss_build = mnt.peak_rss()
