@@ -47,6 +47,7 @@ from .fscontrol import (
     close_overlay,
     start_overlay,
 )
+from .mounts import mounts_under, unmount_all_under
 from .userns import IdMap
 
 DEFAULT_LINGER = 60.0
@@ -89,6 +90,9 @@ class SharedLowers:
         self._homes: dict[int, Path] = {}  # pid of a running process -> its home
         self._count = 0
         self._closed = False
+        #: Work directories of ended builds, renamed aside, for ``run`` to delete.
+        self._trash: list[Path] = []
+        self._wake = trio.Event()
 
     @property
     def idle(self) -> int:
@@ -150,7 +154,7 @@ class SharedLowers:
                 kept = False
         if not kept:
             await self._stop(mount)
-        await trio.to_thread.run_sync(cleanup_work, mount.work)
+        await self._discard(mount.work)
         if kept:
             assert home is not None
             self._idle[key] = _Idle(mount, home, time.monotonic())
@@ -164,6 +168,20 @@ class SharedLowers:
         if home is not None:
             await trio.to_thread.run_sync(cleanup_work, home)
 
+    async def _discard(self, work: Path) -> None:
+        """Remove a build's work directory (its upper: thousands of files after a
+        compile) off the build's critical path: renamed aside now, deleted by ``run``."""
+        self._count += 1
+        aside = self.home_dir / f".trash-{os.getpid()}-{self._count}"
+        moved = await trio.to_thread.run_sync(_set_aside, work, aside)
+        if moved:
+            self._trash.append(aside)
+            self._wake.set()
+
+    async def _empty_trash(self) -> None:
+        while self._trash:
+            await trio.to_thread.run_sync(cleanup_work, self._trash.pop(0))
+
     async def expire(self, now: float | None = None) -> int:
         """Stop the idle lowers whose linger is over; how many."""
         now = time.monotonic() if now is None else now
@@ -175,9 +193,12 @@ class SharedLowers:
     async def run(self, interval: float = 1.0) -> None:
         """Expire idle lowers until cancelled (a task of the daemon's)."""
         while True:
-            await trio.sleep(min(interval, max(self.linger, 0.05)))
+            with trio.move_on_after(min(interval, max(self.linger, 0.05))):
+                await self._wake.wait()
+            self._wake = trio.Event()
             with trio.CancelScope(shield=True):
                 await self.expire()
+                await self._empty_trash()
 
     async def aclose(self) -> None:
         """Stop every idle lower; builds still running stop theirs when they end."""
@@ -186,3 +207,19 @@ class SharedLowers:
             while self._idle:
                 _, idle = self._idle.popitem()
                 await self._stop(idle.mount)
+            await self._empty_trash()
+
+
+def _set_aside(work: Path, aside: Path) -> bool:
+    """Unmount what is left below ``work`` and rename it to ``aside`` (False: removed here instead)."""
+    unmount_all_under(work)
+    if mounts_under(work):
+        raise FilesystemError(f"{work} still has mounts; not removing it")
+    try:
+        os.rename(work, aside)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        cleanup_work(work)
+        return False
+    return True

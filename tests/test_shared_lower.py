@@ -140,12 +140,17 @@ def test_the_lower_goes_when_its_linger_is_over(daemon_root):
     assert code == 0, report
     servers = fuse_servers(d)
     assert len(fuse_mounts(d)) == 1 and len(servers) == 1
+    mnt = d.state / "mnt"
+
+    def gone() -> bool:
+        return not fuse_mounts(d) and not any(map(alive, servers)) and not any(mnt.iterdir())
+
     deadline = time.monotonic() + 10
-    while (fuse_mounts(d) or any(map(alive, servers))) and time.monotonic() < deadline:
+    while not gone() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert fuse_mounts(d) == []
     assert not any(alive(pid) for pid in servers)
-    assert [p.name for p in (d.state / "mnt").iterdir()] == []
+    assert [p.name for p in mnt.iterdir()] == []  # its directory and the build's upper too
     assert d.stop() == 0
 
 
@@ -157,4 +162,11 @@ def test_with_no_linger_the_lower_is_unmounted_when_the_build_ends(daemon_root):
         assert code == 0, report
         assert fuse_mounts(d) == [] and fuse_servers(d) == set()
         assert "mount.eager" in mount_phases(d, report["build"])  # every mount is fresh
+    # The builds' work directories (their uppers) are deleted after the builds
+    # reported, not before: gone soon, and none left by the stop.
+    mnt = d.state / "mnt"
+    deadline = time.monotonic() + 10
+    while any(mnt.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(mnt.iterdir()) == []
     assert d.stop() == 0
