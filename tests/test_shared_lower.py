@@ -170,3 +170,25 @@ def test_with_no_linger_the_lower_is_unmounted_when_the_build_ends(daemon_root):
         time.sleep(0.1)
     assert list(mnt.iterdir()) == []
     assert d.stop() == 0
+
+
+def test_a_crashed_amberd_leaves_no_idle_lower_behind(daemon_root):
+    import signal
+
+    d = Daemon(daemon_root).start()
+    busybox_image(d)
+    code, report = d.build_json(spec(d, "true"))
+    assert code == 0, report
+    servers = fuse_servers(d)
+    assert len(servers) == 1 and len(fuse_mounts(d)) == 1
+    d.stop(signal.SIGKILL)
+    # Its control channel closed with amberd: the idle process unmounts and exits.
+    deadline = time.monotonic() + 10
+    while any(map(alive, servers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in servers)
+    d.start()  # the next amberd removes what the last one left in its mount directory
+    assert fuse_mounts(d) == [] and list((d.state / "mnt").iterdir()) == []
+    code, report = d.build_json(spec(d, "true"))
+    assert code == 0, report
+    assert d.stop() == 0
