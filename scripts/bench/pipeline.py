@@ -278,7 +278,7 @@ def podman_cold(rootfs: Path, tarball: Path, root: Path) -> float | None:
     env = dict(os.environ, CONTAINERS_CONF=str(conf))
     tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
     subprocess.run(["podman", *store, "import", "-", "amber-bench-base"], stdin=tar.stdout, check=True,
-                   env=env, stdout=subprocess.DEVNULL)  # fmt: skip
+                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     tar.wait()
     shutil.copy(tarball, ctx / "zlib.tar.bz2")
     lines = ["FROM amber-bench-base", "WORKDIR /build", "COPY zlib.tar.bz2 ."]
