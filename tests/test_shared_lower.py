@@ -7,6 +7,7 @@ what each build's steps could see.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -81,8 +82,6 @@ def spec(d: Daemon, *steps: str) -> Path:
 
 
 def mount_phases(d: Daemon, build: str) -> dict[str, float]:
-    import json
-
     shown = json.loads(d.amber("show", "--json", build).stdout)
     return {k: v for k, v in shown["steps"][0]["phases"].items() if k.startswith("mount")}
 
@@ -191,4 +190,33 @@ def test_a_crashed_amberd_leaves_no_idle_lower_behind(daemon_root):
     assert fuse_mounts(d) == [] and list((d.state / "mnt").iterdir()) == []
     code, report = d.build_json(spec(d, "true"))
     assert code == 0, report
+    assert d.stop() == 0
+
+
+def test_a_kept_lower_serves_again_after_gc_took_its_tree_and_sources(daemon_root):
+    d = Daemon(daemon_root).start()
+    busybox_image(d)
+    (d.root / "input.txt").write_text("the source, by content\n")
+
+    def with_source(run: str) -> Path:
+        path = spec(d, run)
+        text = path.read_text().replace(
+            "\n[[step]]", '\n[[source]]\npath = "input.txt"\n[[step]]', 1
+        )
+        path.write_text(text)
+        return path
+
+    code, report = d.build_json(with_source("grep -q 'by content' input.txt"))
+    assert code == 0, report
+    kept = fuse_mounts(d)
+    gc = d.amber("gc", "--json")
+    assert gc.returncode == 0, gc.stderr
+    assert json.loads(gc.stdout)["trees"] >= 1  # the build's trees went
+    # The same sources again: the same tree, laid out (and stored) anew, on the kept lower.
+    code, report = d.build_json(with_source("grep -q 'by content' input.txt && cat input.txt"))
+    assert code == 0, report
+    assert fuse_mounts(d) == kept
+    assert "mount.attach" in mount_phases(d, report["build"])
+    log = d.amber("log", report["build"], "--step", "s0")
+    assert b"the source, by content" in log.stdout
     assert d.stop() == 0

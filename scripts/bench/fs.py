@@ -93,6 +93,7 @@ from amber.sandbox.store import Store
 from amber.sandbox.tree import Entry
 
 REPO = Path(__file__).resolve().parents[2]
+MS_BIND = 4096
 PHASES = ("extract", "configure", "make")
 BUILD_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -202,12 +203,25 @@ async def build_in_chroot(
     # deletions) finish now rather than during the timed build.
     await trio.to_thread.run_sync(os.sync)
     times = {}
-    for phase, script in build_phases(tarball).items():
-        cmd = ["chroot", str(root), "/bin/sh", "-c", script]
-        times[phase] = await run_timed(cmd, log, env=BUILD_ENV)
-        if after_phase is not None:
-            after_phase(phase)
+    with host_dev_null(root):
+        for phase, script in build_phases(tarball).items():
+            cmd = ["chroot", str(root), "/bin/sh", "-c", script]
+            times[phase] = await run_timed(cmd, log, env=BUILD_ENV)
+            if after_phase is not None:
+                after_phase(phase)
     return times
+
+
+@contextlib.contextmanager
+def host_dev_null(root: Path):
+    """The host's /dev/null bound over the root's: amber's mounts are nodev (as
+    a sandbox's /dev comes from bwrap), so the rootfs's own node cannot be opened."""
+    target = root / "dev" / "null"
+    mount("/dev/null", target, "none", "", MS_BIND)
+    try:
+        yield
+    finally:
+        umount(target, lazy=True)
 
 
 # -- the filesystem process ------------------------------------------------------
