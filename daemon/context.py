@@ -20,6 +20,7 @@ from amber.daemon.storage.gc import Collector
 from amber.daemon.storage.roots import Roots
 from amber.sandbox.fscontrol import FilesystemPool
 from amber.sandbox.fsmode import FsMode, detect_fs_mode
+from amber.sandbox.sharedlower import SharedLowers, linger_from_environment
 from amber.sandbox.store import Store
 from amber.sandbox.userns import IdPool
 
@@ -44,12 +45,15 @@ class DaemonContext:
     id_pool: IdPool = field(init=False)
     #: Trees proved whole, so a cache hit need not walk them (see complete.py).
     complete: CompleteTrees = field(init=False)
+    #: Filesystem processes kept after a build for the next one on its tree (sharedlower.py).
+    lowers: SharedLowers = field(init=False)
 
     def __post_init__(self) -> None:
         self.roots = Roots(self.store)
         self.gc = Collector(self)
         self.id_pool = IdPool(self.config.id_base, self.config.id_count, self.config.id_ranges)
         self.complete = CompleteTrees(self.db.path)
+        self.lowers = SharedLowers(self.fs_pool, self.mount_dir, linger=linger_from_environment())
 
     @property
     def mount_dir(self) -> Path:

@@ -167,6 +167,7 @@ async def _serve(ctx: DaemonContext, listener, notifier: systemd.Notifier, task_
                 while connections.child_tasks:
                     await trio.sleep(0.05)
             connections.cancel_scope.cancel()
+        await ctx.lowers.aclose()
         await ctx.fs_pool.aclose()
         notifier.status("stopping: unmounting")
 
@@ -191,6 +192,7 @@ async def _run_until_stopped(
             nursery.start_soon(ctx.remote.serve_pushes)
             status.send_ready()
             builds_nursery.start_soon(status.keep_current)
+            builds_nursery.start_soon(ctx.lowers.run)
             task_status.started(ctx)
             async for signum in signals:
                 log.info("received %s", signal.Signals(signum).name)

@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -50,6 +51,10 @@ class OverlayMount:
         self._control = control
         #: The mode it was mounted in (hidden-data may fall back to fuse-data).
         self.fs_mode = ""
+        #: Seconds of each part of mounting: ``process`` (a spare taken, or a
+        #: process started), then what the process measured (``model``,
+        #: ``eager``, ``fuse``, ``overlay``), and ``wait`` (the whole mount request).
+        self.timings: dict[str, float] = {}
         self._buffer = b""
         self._lock = trio.Lock()
 
@@ -97,6 +102,20 @@ class OverlayMount:
     async def stop(self) -> None:
         with suppress(FilesystemError):
             await self._request({"op": "stop"})
+
+    async def detach(self) -> None:
+        """Unmount this build's overlay; the process keeps its lower for `attach`."""
+        await self._request({"op": "detach"})
+
+    async def attach(self, work: Path) -> None:
+        """A fresh overlay at ``work/root`` over the same lower (after `detach`)."""
+        work.mkdir(mode=0o711, parents=True, exist_ok=True)
+        os.chmod(work, 0o711)
+        started = time.perf_counter()
+        with trio.fail_after(START_TIMEOUT):
+            ready = await self._request({"op": "attach", "work": str(work)})
+        self.work, self.root = work, work / "root"
+        self.timings = {**_timings(ready), "wait": time.perf_counter() - started}
 
 
 Spawned = tuple[trio.Process, socket.socket]
@@ -178,43 +197,98 @@ async def open_overlay(
     ``fs_mode`` is a mode of ``fsmode.py``; without one, this process's
     default (probed once; ``AMBER_FS_MODE`` overrides it).
     """
+    try:
+        mount = await start_overlay(state_dir, tree, work, ids=ids, pool=pool, fs_mode=fs_mode)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(cleanup_work, work, keep_work)
+        raise
+    try:
+        yield mount
+    finally:
+        with trio.CancelScope(shield=True):
+            await close_overlay(mount)
+            await trio.to_thread.run_sync(cleanup_work, work, keep_work)
+
+
+async def start_overlay(
+    state_dir: Path,
+    tree: bytes,
+    work: Path,
+    *,
+    ids: IdMap | None = None,
+    pool: FilesystemPool | None = None,
+    fs_mode: str | None = None,
+    home: Path | None = None,
+) -> OverlayMount:
+    """A filesystem process with ``tree`` mounted at ``work/root`` (see `open_overlay`).
+
+    With ``home``, the lower and the eager layer are mounted there rather
+    than below ``work``, so that the process can serve the next build's
+    overlay over them (`OverlayMount.attach`). The caller stops it with
+    `close_overlay` and removes ``work`` (and ``home``).
+    """
     fs_mode = fsmode.check_mode(fs_mode or fsmode.default_fs_mode().name)
     # Traversable (the sandbox's host uids reach ``work/root``), not listable.
     work.mkdir(mode=0o711, parents=True, exist_ok=True)
     os.chmod(work, 0o711)
+    started = time.perf_counter()
     process, parent_end = await (pool.take() if pool is not None else _spawn())
+    took = time.perf_counter() - started
     parent_end.setblocking(False)
     control = trio.SocketStream(trio.socket.from_stdlib_socket(parent_end))
-    mount: OverlayMount | None = None
     request = {
         "op": "mount",
         "state_dir": str(state_dir),
         "tree": tree.hex(),
         "work": str(work),
+        "home": str(home) if home is not None else None,
         "id_base": ids.host_base if ids is not None else 0,
         "id_count": ids.count if ids is not None else IDENTITY.count,
         "fs_mode": fs_mode,
     }
+    handle = OverlayMount(process, control, work / "root", work)
     try:
-        handle = OverlayMount(process, control, work / "root", work)
-        try:
-            with trio.fail_after(START_TIMEOUT):
-                ready = await handle._exchange(request)
-        except trio.TooSlowError:
-            # Only the start: a timeout in the caller's body is the caller's.
-            raise FilesystemError(
-                f"filesystem process did not mount within {START_TIMEOUT} s"
-            ) from None
-        if not ready.get("ready"):
-            raise FilesystemError(f"filesystem process did not start: {ready}")
+        started = time.perf_counter()
+        ready = await _ready(handle, request)
         handle.fs_mode = ready.get("fs_mode", fs_mode)
-        mount = handle
-        yield mount
-    finally:
+        handle.timings = {"process": took, **_timings(ready), "wait": time.perf_counter() - started}
+    except BaseException:
         with trio.CancelScope(shield=True):
-            await _shutdown(process, mount)
+            await _shutdown(process, None)
             await control.aclose()
-            await trio.to_thread.run_sync(_cleanup, work, keep_work)
+        raise
+    return handle
+
+
+async def _ready(handle: OverlayMount, request: dict) -> dict:
+    """Send the mount request and wait (a bounded time) for the process to say it is ready."""
+    try:
+        with trio.fail_after(START_TIMEOUT):
+            ready = await handle._exchange(request)
+    except trio.TooSlowError:
+        # Only the start: a timeout in the caller's body is the caller's.
+        raise FilesystemError(
+            f"filesystem process did not mount within {START_TIMEOUT} s"
+        ) from None
+    if not ready.get("ready"):
+        raise FilesystemError(f"filesystem process did not start: {ready}")
+    return ready
+
+
+async def close_overlay(mount: OverlayMount) -> None:
+    """Stop the filesystem process (it unmounts what it mounted), killing it if it will not."""
+    with trio.CancelScope(shield=True):
+        await _shutdown(mount.process, mount)
+        await mount._control.aclose()
+
+
+def _timings(ready: dict) -> dict[str, float]:
+    """The numbers of a ready message's ``timings`` (anything else is dropped)."""
+    timings = ready.get("timings")
+    if not isinstance(timings, dict):
+        return {}
+    return {str(k): float(v) for k, v in timings.items() if isinstance(v, int | float)}
 
 
 async def _shutdown(process: trio.Process, mount: OverlayMount | None) -> None:
@@ -227,7 +301,8 @@ async def _shutdown(process: trio.Process, mount: OverlayMount | None) -> None:
         await process.wait()
 
 
-def _cleanup(work: Path, keep_work: bool) -> None:
+def cleanup_work(work: Path, keep_work: bool = False) -> None:
+    """Unmount whatever is left below ``work`` and remove it (unless ``keep_work``)."""
     unmount_all_under(work)
     if keep_work:
         return

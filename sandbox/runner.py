@@ -69,12 +69,16 @@ class StepOutcome:
     signal: int | None
     timed_out: bool
     seconds: float
+    #: Of ``seconds``, the part before the command could run (bwrap's spawn
+    #: and id-map handshake); and after it, tearing the sandbox down.
+    start_seconds: float = 0.0
+    end_seconds: float = 0.0
 
     @classmethod
-    def finished(cls, status: int, seconds: float) -> StepOutcome:
+    def finished(cls, status: int, seconds: float, **timings: float) -> StepOutcome:
         """The outcome of a step that ended by itself with ``status``."""
         signum = status - 128 if 128 < status <= 128 + signal.SIGRTMAX else None
-        return cls(exit_code=status, signal=signum, timed_out=False, seconds=seconds)
+        return cls(exit_code=status, signal=signum, timed_out=False, seconds=seconds, **timings)
 
 
 async def run_step(
@@ -154,6 +158,7 @@ async def _supervise(
             spec, id_map=id_map, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
             on_start=on_start,
         ) as sandbox:  # fmt: skip
+            start_seconds = time.monotonic() - started
             if write_fd is not None:
                 os.close(write_fd)  # the sandbox holds the only write end now
                 write_fd = None
@@ -167,13 +172,16 @@ async def _supervise(
                 seconds = time.monotonic() - started
                 # The pump ends at EOF, once no process of the step is left.
                 await sandbox.destroy()
+                end_seconds = time.monotonic() - started - seconds
     finally:
         for fd in (read_fd, write_fd):
             if fd is not None:
                 os.close(fd)
+    timings = {"start_seconds": start_seconds, "end_seconds": end_seconds}
     if deadline.cancelled_caught:
-        return StepOutcome(exit_code=None, signal=signal.SIGKILL, timed_out=True, seconds=seconds)
-    return StepOutcome.finished(sandbox.result(), seconds)
+        return StepOutcome(exit_code=None, signal=signal.SIGKILL, timed_out=True, seconds=seconds,
+                           **timings)  # fmt: skip
+    return StepOutcome.finished(sandbox.result(), seconds, **timings)
 
 
 async def run_interactive(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from amber.daemon.api.operation import operation
+from amber.daemon.build import phases
 from amber.daemon.build.state import StepStatus
 from amber.sandbox.digest import from_hex
 
@@ -54,6 +55,8 @@ async def show(api: Api, conn: Connection, args: dict[str, Any]) -> dict[str, An
         "error": record.error,
         "created": record.created,
         "finished": record.finished,
+        # Seconds outside the steps (queued, resolve_base, sources, cache, unmount, ...).
+        "phases": phases.parse(record.phases),
         "steps": entries,
     }
 
@@ -82,6 +85,8 @@ def _step_entries(
             "log_bytes": _log_size(ctx, build_id, step),
             "note": step.note,
             "host": result.host if result is not None else None,
+            # Where running it here went (mount, sandbox_start, run, snapshot, ...).
+            "phases": phases.parse(step.phases),
         }
         if cached and result is not None:
             entry["cached_from"] = result.build_id

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import socket
+import time
 
 import trio
 
@@ -34,6 +35,7 @@ from amber.daemon.build.fetch import DigestMismatch, FetchLimits, fetch_sources
 from amber.daemon.build.keys import initial_key, step_key
 from amber.daemon.build.limits import Limits, StepLimits
 from amber.daemon.build.logs import BlobLog
+from amber.daemon.build.phases import Phases
 from amber.daemon.build.registry_base import RegistryAccess
 from amber.daemon.build.sources import lay_out
 from amber.daemon.build.state import BuildState, BuildStatus, StepStatus
@@ -44,7 +46,7 @@ from amber.daemon.remote.pull import Miss
 from amber.daemon.storage.db import BuildRecord, Result, StepRecord
 from amber.daemon.storage.roots import build_state
 from amber.sandbox.digest import from_hex
-from amber.sandbox.fscontrol import FilesystemError, OverlayMount, open_overlay
+from amber.sandbox.fscontrol import FilesystemError, OverlayMount
 from amber.sandbox.sandboxerror import SandboxError
 from amber.sandbox.store import StoreError
 from amber.sandbox.userns import IdMap, IdPoolExhausted
@@ -85,6 +87,10 @@ class Executor:
         self._refused: set[str] = set()
         #: After-trees of hits whose closure is (maybe) at a remote only: pulled before use.
         self._lazy_trees: set[bytes] = set()
+        #: Where the build's time went outside its steps (``amber show --json``).
+        self.phases = Phases()
+        #: The mount's timings until a step that ran on it records them.
+        self._mount_timings: dict[str, float] | None = None
 
     # -- the whole build ----------------------------------------------------
 
@@ -95,11 +101,12 @@ class Executor:
         # A writer hold from here to the end: GC keeps what this build holds
         # and quarantines, rather than deletes, what it might reuse unheld.
         self.hold = self.ctx.roots.writer(f"build {b.id}", build_id=b.id)
+        self.phases.add("queued", time.time() - b.created)
         try:
             try:
                 await self._run_steps()
             finally:
-                with trio.CancelScope(shield=True):
+                with trio.CancelScope(shield=True), self.phases.timed("unmount"):
                     await self._close_mount()
                 if self.ids is not None:  # its processes and mount are gone
                     self.ctx.id_pool.release(self.ids)
@@ -141,30 +148,21 @@ class Executor:
                     b.note(f"not pinned as {b.pin}: {why}")
             finally:
                 self.hold.release()
-            self.state.finish()
+            log.debug("build %s phases: %s", b.id, self.phases.describe())
+            self.state.finish(self.phases.to_json())
 
     def _errored(self, reason: str) -> None:
         self.state.errored(reason)
 
     async def _run_steps(self) -> None:
         b, spec, db = self.build, self.spec, self.ctx.db
-        self.base = await trio.to_thread.run_sync(
-            functools.partial(
-                resolve_base,
-                self.hold.store,
-                db,
-                str(spec.base),
-                uid=b.uid,
-                gid=b.gid,
-                groups=b.groups,
-                import_max_size=self.ctx.config.import_max_size,
-                registry=RegistryAccess(b.credentials, complete=self._held_complete),
-            )
-        )
+        with self.phases.timed("resolve_base"):
+            self.base = await self._resolve_base()
         if self.base.pulled is not None:
             b.note(self.base.pulled.note())
             db.update_build(b.id, base_digest=self.base.pulled.digest)
-        tree = await self._lay_out()
+        with self.phases.timed("sources"):
+            tree = await self._lay_out()
         if tree is None:
             return  # a source failed verification: the build failed before any step
         key = initial_key(
@@ -180,8 +178,9 @@ class Executor:
             keys.append(key)
         final = await self._steps(keys, tree)
         if final is not None:
-            self.state.succeeded(final)
-            await self.ctx.on_success(b, final)
+            with self.phases.timed("finish"):
+                self.state.succeeded(final)
+                await self.ctx.on_success(b, final)
 
     async def _steps(self, keys: list[str], tree: bytes) -> bytes | None:
         """Each step from the first: a hit or a run; the final tree (None: it failed).
@@ -198,7 +197,8 @@ class Executor:
             key = keys[index]
             del states[index + 1 :]
             db.update_step(b.id, index, key=key)
-            hit = None if key in self._refused else await self._cached(index, key)
+            with self.phases.timed("cache"):
+                hit = None if key in self._refused else await self._cached(index, key)
             if hit is not None:
                 if hit.status == BuildStatus.FAILED:
                     await self._replay_failure(index, hit)
@@ -238,6 +238,22 @@ class Executor:
         """Whether ``tree`` is whole in the store, held first (a pulled base's record)."""
         self.hold.add([tree])
         return self.presence.missing([tree], []) is None
+
+    async def _resolve_base(self) -> ResolvedBase:
+        b, spec = self.build, self.spec
+        return await trio.to_thread.run_sync(
+            functools.partial(
+                resolve_base,
+                self.hold.store,
+                self.ctx.db,
+                str(spec.base),
+                uid=b.uid,
+                gid=b.gid,
+                groups=b.groups,
+                import_max_size=self.ctx.config.import_max_size,
+                registry=RegistryAccess(b.credentials, complete=self._held_complete),
+            )
+        )
 
     async def _lay_out(self) -> bytes | None:
         """The first step's tree: base, sources (fetched if need be), stamps put right.
@@ -375,17 +391,13 @@ class Executor:
             except IdPoolExhausted as exc:
                 raise BuildErrored(str(exc)) from None
         work = self.ctx.work_dir("", self.build.id)
-        cm = open_overlay(
-            self.ctx.store.state_dir,
-            tree,
-            work,
-            ids=self.ids,
-            pool=self.ctx.fs_pool,
-            fs_mode=self.ctx.fs_mode.name,
+        cm = self.ctx.lowers.open(
+            self.ctx.store.state_dir, tree, work, ids=self.ids, fs_mode=self.ctx.fs_mode.name
         )
         self.mount = await cm.__aenter__()
         self._mount_cm = cm
         self.mount_tree = self.mount_lower = tree
+        self._mount_timings = self.mount.timings
         return self.mount
 
     async def _make_local(self, tree: bytes) -> None:
@@ -432,17 +444,28 @@ class Executor:
         step = spec.steps[index]
         if self.ctx.stopping:
             raise BuildErrored("the daemon is stopping")
-        mount = await self._ensure_mount(before)
+        phases = Phases()
+        with phases.timed("mount"):
+            mount = await self._ensure_mount(before)
+        if self._mount_timings is not None:  # this step opened it: its parts
+            phases.update(self._mount_timings, "mount.")
+            self._mount_timings = None
         state = b.steps[index]
         self.state.step_running(index, before)
         log_path = self.ctx.step_log_path(b.id, index)
         step_log = StepLog(log_path, self.ctx.store, self.ctx.config.step_log_max)
         b.emit_log(step.name, step_log)
         outcome = await self._sandboxed(index, mount, step_log)
-        snap = await mount.snapshot()
+        phases.add("sandbox_start", outcome.start_seconds)
+        phases.add("run", outcome.seconds - outcome.start_seconds)
+        phases.add("sandbox_end", outcome.end_seconds)
+        with phases.timed("snapshot"):
+            snap = await mount.snapshot()
         state.snapshot_seconds = snap.stats.seconds
         self.mount_tree = snap.tree
-        log_digest = await trio.to_thread.run_sync(step_log.store, self.hold.store)
+        with phases.timed("log"):
+            log_digest = await trio.to_thread.run_sync(step_log.store, self.hold.store)
+        record_started = time.perf_counter()
         if step_log.truncated:
             b.note(f"step {step.name}: log truncated at {step_log.limit} bytes (step-log-max)")
         failed = outcome.exit_code != 0
@@ -465,7 +488,9 @@ class Executor:
             self.ctx.remote.enqueue(b, key)
         self.presence.known_complete(snap.tree, over=self.mount_lower)
         status = StepStatus.FAILED if failed else StepStatus.RAN
-        self.state.step_done(index, status, result, before, snap.tree)
+        phases.add("record", time.perf_counter() - record_started)
+        log.debug("build %s step %s phases: %s", b.id, step.name, phases.describe())
+        self.state.step_done(index, status, result, before, snap.tree, phases=phases.to_json())
         if failed:
             self.state.freeze(index)
         return snap.tree, failed

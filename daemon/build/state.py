@@ -78,8 +78,9 @@ class BuildState:
         before: bytes,
         after: bytes,
         note: str | None = None,
+        phases: str | None = None,
     ) -> None:
-        """A step ran (``ran``/``failed``) or was taken from the cache."""
+        """A step ran (``ran``/``failed``) or was taken from the cache; ``phases``: its JSON."""
         step = self.build.steps[index]
         step.exit_code = result.exit_code
         step.seconds = 0.0 if status == StepStatus.CACHED else result.seconds
@@ -88,7 +89,7 @@ class BuildState:
             step.started = time.time()
         self._step(index, status, note, exit_code=result.exit_code, signal=result.signal,
                    seconds=step.seconds, before_tree=before.hex(), after_tree=after.hex(), log=result.log,
-                   started=step.started)  # fmt: skip
+                   started=step.started, phases=phases)  # fmt: skip
 
     def skip_pending(self, note: str, start: int = 0) -> None:
         """Every step from ``start`` that has not run yet is ``skipped``, with ``note``."""
@@ -133,11 +134,12 @@ class BuildState:
         self.skip_pending(f"not run: {reason}")
         b.note(f"build errored: {reason}")
 
-    def finish(self) -> None:
-        """Write the build's final row; followers are released by ``Build.finish``."""
+    def finish(self, phases: str | None = None) -> None:
+        """Write the build's final row (``phases``: its JSON); followers are released by ``Build.finish``."""
         b = self.build
         self.db.update_build(
             b.id,
+            phases=phases,
             status=BuildStatus(b.status).value,
             frozen=int(b.frozen),
             finished=time.time(),

@@ -65,6 +65,7 @@ class BuildRecord:
     error: str | None = None
     base_owner: int | None = None  # whose image ``base`` named (None: not an image)
     base_digest: str | None = None  # a docker:// base: the digest its reference resolved to
+    phases: str | None = None  # JSON: seconds per phase outside the steps (build/phases.py)
 
     @property
     def base(self) -> str:
@@ -112,6 +113,7 @@ class StepRecord:
     definition: str = "{}"
     note: str | None = None
     started: float | None = None
+    phases: str | None = None  # JSON: seconds per phase of running it here (build/phases.py)
 
 
 def _root_only(path: Path) -> None:

@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS builds (
     final_tree TEXT,
     error TEXT,
     base_owner INTEGER,            -- the namespace (uid) of the named image it built on
-    base_digest TEXT               -- a docker:// base: the digest its reference resolved to
+    base_digest TEXT,              -- a docker:// base: the digest its reference resolved to
+    phases TEXT                    -- JSON: seconds per phase outside the steps (build/phases.py)
 );
 CREATE INDEX IF NOT EXISTS builds_seq ON builds(seq);
 CREATE TABLE IF NOT EXISTS build_steps (
@@ -58,6 +59,7 @@ CREATE TABLE IF NOT EXISTS build_steps (
     definition TEXT NOT NULL,      -- JSON: run, cwd, env, ... as the step ran
     note TEXT,
     started REAL,                  -- epoch: when the step ran, or was found cached, in this build
+    phases TEXT,                   -- JSON: seconds per phase of running it (build/phases.py)
     PRIMARY KEY (build_id, idx)
 );
 -- Named images, one namespace per user: uid 0's are the shared ones, which
@@ -178,6 +180,8 @@ _ADDED_COLUMNS = (
     ("images", "uid", "INTEGER"),
     ("builds", "base_owner", "INTEGER"),
     ("builds", "base_digest", "TEXT"),
+    ("builds", "phases", "TEXT"),
+    ("build_steps", "phases", "TEXT"),
 )
 
 #: Images keyed by (uid, name); rows from before keep their owner (NULL: root's).

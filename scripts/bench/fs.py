@@ -66,7 +66,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import resource
 import shutil
 import signal
@@ -81,6 +80,7 @@ from pathlib import Path
 
 import trio
 from common import Session
+from fusetrace import FuseTrace, OpCost
 
 from amber.sandbox import fsmode
 from amber.sandbox import tree as treefmt
@@ -93,6 +93,7 @@ from amber.sandbox.store import Store
 from amber.sandbox.tree import Entry
 
 REPO = Path(__file__).resolve().parents[2]
+MS_BIND = 4096
 PHASES = ("extract", "configure", "make")
 BUILD_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -202,12 +203,25 @@ async def build_in_chroot(
     # deletions) finish now rather than during the timed build.
     await trio.to_thread.run_sync(os.sync)
     times = {}
-    for phase, script in build_phases(tarball).items():
-        cmd = ["chroot", str(root), "/bin/sh", "-c", script]
-        times[phase] = await run_timed(cmd, log, env=BUILD_ENV)
-        if after_phase is not None:
-            after_phase(phase)
+    with host_dev_null(root):
+        for phase, script in build_phases(tarball).items():
+            cmd = ["chroot", str(root), "/bin/sh", "-c", script]
+            times[phase] = await run_timed(cmd, log, env=BUILD_ENV)
+            if after_phase is not None:
+                after_phase(phase)
     return times
+
+
+@contextlib.contextmanager
+def host_dev_null(root: Path):
+    """The host's /dev/null bound over the root's: amber's mounts are nodev (as
+    a sandbox's /dev comes from bwrap), so the rootfs's own node cannot be opened."""
+    target = root / "dev" / "null"
+    mount("/dev/null", target, "none", "", MS_BIND)
+    try:
+        yield
+    finally:
+        umount(target, lazy=True)
 
 
 # -- the filesystem process ------------------------------------------------------
@@ -236,90 +250,6 @@ class ProcessUsage:
         return ProcessUsage(
             self.cpu_seconds - other.cpu_seconds, self.read_calls - other.read_calls
         )
-
-
-@dataclass
-class OpCost:
-    requests: int = 0
-    wait_seconds: float = 0.0  # summed over requests, send to reply
-
-
-TRACE_LINE = re.compile(
-    rb" (\d+\.\d+): fuse_request_(send|end): connection \d+ req (\d+)(?: opcode \d+ \((\w+)\))?"
-)
-
-
-class FuseTrace:
-    """FUSE requests one mount received, by opcode, and how long they took.
-
-    Read from the kernel's ``fuse:fuse_request_send``/``_end`` tracepoints in
-    a private tracefs instance filtered on the mount's connection, so the
-    filesystem process is not touched and other mounts do not count. The
-    time of a request is from the kernel sending it to the reply, i.e. what
-    the calling process waited. Without tracefs it records nothing.
-    """
-
-    TRACEFS = Path("/sys/kernel/tracing")
-
-    def __init__(self, mountpoint: Path, name: str):
-        self.connection = os.minor(os.stat(mountpoint).st_dev)
-        self.dir = self.TRACEFS / "instances" / name
-        self.available = False
-        self.phases: dict[str, dict[str, OpCost]] = {}
-
-    def __enter__(self) -> FuseTrace:
-        try:
-            self.dir.mkdir()
-        except OSError as exc:
-            print(f"fs.py: no FUSE request trace ({exc})", file=sys.stderr)
-            return self
-        self.available = True
-        (self.dir / "buffer_size_kb").write_text("8192\n")
-        for event in ("fuse_request_send", "fuse_request_end"):
-            (self.dir / "events/fuse" / event / "filter").write_text(
-                f"connection == {self.connection}\n"
-            )
-            (self.dir / "events/fuse" / event / "enable").write_text("1\n")
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if not self.available:
-            return
-        (self.dir / "events/fuse/enable").write_text("0\n")
-        if self._overruns():
-            print("fs.py: the FUSE trace lost events; its counts are low", file=sys.stderr)
-        self.dir.rmdir()
-
-    def _overruns(self) -> int:
-        return sum(
-            int(line.split()[1])
-            for cpu in (self.dir / "per_cpu").iterdir()
-            for line in (cpu / "stats").read_text().splitlines()
-            if line.startswith("overrun:")
-        )
-
-    def collect(self, phase: str) -> None:
-        """Attribute the requests traced so far to ``phase``, then clear."""
-        if not self.available:
-            return
-        text = (self.dir / "trace").read_bytes()
-        (self.dir / "trace").write_text("")  # clears the buffer
-        self.phases[phase] = parse_fuse_trace(text)
-
-
-def parse_fuse_trace(text: bytes) -> dict[str, OpCost]:
-    costs: dict[str, OpCost] = {}
-    sent: dict[bytes, tuple[str, float]] = {}
-    for match in TRACE_LINE.finditer(text):
-        stamp, kind, unique, opcode = match.groups()
-        if kind == b"send":
-            op = opcode.decode().removeprefix("FUSE_")
-            costs.setdefault(op, OpCost()).requests += 1
-            sent[unique] = (op, float(stamp))
-        elif unique in sent:
-            op, start = sent.pop(unique)
-            costs[op].wait_seconds += float(stamp) - start
-    return costs
 
 
 # -- one run of each kind ------------------------------------------------------------
@@ -382,7 +312,8 @@ async def amber_run(
         ) as mnt:
             mount_seconds = time.perf_counter() - start
             before = ProcessUsage.of(mnt.pid)
-            with FuseTrace(mnt.work / "layers/lower", f"amber-bench-fs-{os.getpid()}") as trace:
+            connection = os.minor(os.stat(mnt.work / "layers/lower").st_dev)
+            with FuseTrace(f"amber-bench-fs-{os.getpid()}", connection) as trace:
                 phases = await build_in_chroot(mnt.root, tarball, work / "log", trace.collect)
             usage = ProcessUsage.of(mnt.pid) - before
             rss_build = mnt.peak_rss()

@@ -14,14 +14,18 @@
 
 Prints the attacks amberd refused (an error reply or a hang-up; never a
 success, never a hang), amberd's peak memory (VmHWM of the daemon process)
-and how much slower the builds were under attack. The last lines are
-``RESULT hostile_survived N/N``, ``RESULT peak_rss_mib M`` (target: under
-300) and ``RESULT slowdown_ratio R``.
+and how much slower the builds were under attack: the builds run alone
+before and after the attack, and ``slowdown_ratio`` is the attacked run over
+their median, refused (NORESULT, exit 3) when the two runs alone spread by
+more than 25 % (common.py, which also prints the load before and after).
+The last lines are ``RESULT hostile_survived N/N``, ``RESULT peak_rss_mib M``
+(target: under 300) and ``RESULT slowdown_ratio R``.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import threading
@@ -33,6 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 
 from amberd_process import Daemon, cleanup_root, make_root  # noqa: E402
+from common import Session  # noqa: E402
 
 HOSTILE = REPO / "tests" / "hostile.py"
 LOOP = "i=0; while [ $i -lt {n} ]; do i=$((i+1)); done"
@@ -118,22 +123,27 @@ def main() -> None:
     root = make_root()
     config = root / "amberd.toml"
     config.write_text("socket-mode = 0o666\n")  # the attackers are other uids
+    session = Session("hostile.py").begin()
     d = Daemon(root, jobs=ns.builds).start("--config", str(config))
     try:
-        alone = run_builds(d, ns.builds, ns.loops)
-        print(f"{ns.builds} builds alone: {alone:.2f}s", flush=True)
+        alone = [run_builds(d, ns.builds, ns.loops)]
+        print(f"{ns.builds} builds alone: {alone[0]:.2f}s", flush=True)
         attacked, survived, held = under_attack(d, ns)
         print(f"{ns.builds} builds under attack: {attacked:.2f}s", flush=True)
         print(f"{ns.idle} idle connections of uid 4242: {held}")
         alive = d.amber("status").returncode == 0 and d.process.poll() is None
         print(f"amberd answers afterwards: {alive}")
+        alone.append(run_builds(d, ns.builds, ns.loops))
+        print(f"{ns.builds} builds alone again: {alone[1]:.2f}s", flush=True)
         rss = peak_rss(d)
     finally:
         d.stop()
         cleanup_root(root)
-    print(f"RESULT hostile_survived {survived if alive else 0}/{ns.frames}")
-    print(f"RESULT peak_rss_mib {rss / (1 << 20):.0f}")
-    print(f"RESULT slowdown_ratio {attacked / alone:.2f}")
+    session.end()
+    print(f"RESULT hostile_survived {survived if alive else 0}/{ns.frames}", flush=True)
+    session.result("peak_rss_mib", rss / (1 << 20), 0)
+    session.ratio("slowdown_ratio", attacked / statistics.median(alone), "builds alone", alone)
+    session.finish()
 
 
 if __name__ == "__main__":
