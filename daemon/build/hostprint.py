@@ -12,8 +12,10 @@ for the 15,700 directories; and it bought nothing between starts, since
 the digest is kept while no directory changed.
 
 The digest is kept with the stamps it was made of: as long as none of them
-changed (about 25 ms of ``lstat``), it stands, and it is exactly what a
-new walk would give. A directory is stat'ed before it is listed, so a
+changed, it stands, and it is exactly what a new walk would give. inotify
+watches on every directory (hostwatch.py) answer "none changed" without
+looking while no event came; after an event, or without watches, the
+stamps are compared (about 25 ms of ``lstat``). A directory is stat'ed before it is listed, so a
 change during the walk shows at the next check. What this does not see is
 a file rewritten or chmod'ed in place under the same name (``cp`` onto an
 existing file): its directory does not change. Package managers and
@@ -30,6 +32,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from amber.daemon.build.hostwatch import DirWatch
 from amber.sandbox.digest import hash_bytes
 
 __all__ = ["host_fingerprint", "tree_fingerprint"]
@@ -43,10 +46,13 @@ class _Walked:
     tops: tuple[str, ...]
     dirs: tuple[tuple[str, bytes], ...]  # (path, _DIR of its lstat)
     digest: str
+    #: inotify watches on ``dirs``, taken before each was stat'ed (hostwatch.py).
+    watch: DirWatch
 
 
 _last: _Walked | None = None
 _lock = threading.Lock()
+_check_lock = threading.Lock()
 
 
 def host_fingerprint(tops: Sequence[str]) -> str:
@@ -72,11 +78,20 @@ def tree_fingerprint(tops: Sequence[str]) -> str:
     key = tuple(tops)
     with _lock:
         last = _last
-    if last is not None and last.tops == key and not _changed(last.dirs):
-        return last.digest
+    if last is not None and last.tops == key:
+        # One check at a time: an event drained by another check while this
+        # one compares stamps must not be forgotten by this one's rearm.
+        with _check_lock:
+            if last.watch.quiet():
+                return last.digest  # the kernel saw no change under any of them
+            if not _changed(last.dirs):  # compared after quiet() drained the events
+                last.watch.rearm()
+                return last.digest
     walked = _walk(key)
     with _lock:
         _last = walked
+    if last is not None:
+        last.watch.close()
     return walked.digest
 
 
@@ -99,10 +114,12 @@ def _walk(tops: tuple[str, ...]) -> _Walked:
     in name order (``d_type`` finds the subdirectories: no ``lstat`` of files)."""
     digest = hashlib.sha256()
     dirs: list[tuple[str, bytes]] = []
+    watch = DirWatch()
     stack = list(reversed(tops))
     while stack:
         path = stack.pop()
         try:
+            watch.add(path)  # before the stamp and the listing: a change after it is an event
             st = os.lstat(path)
             if not stat.S_ISDIR(st.st_mode):
                 continue
@@ -115,4 +132,4 @@ def _walk(tops: tuple[str, ...]) -> _Walked:
         dirs.append((path, stamp))
         digest.update(os.fsencode(path) + b"\0" + stamp)
         stack.extend(reversed(below))
-    return _Walked(tops, tuple(dirs), digest.hexdigest())
+    return _Walked(tops, tuple(dirs), digest.hexdigest(), watch)
