@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -86,8 +87,28 @@ class OverlayMount:
         line, self._buffer = self._buffer.split(b"\n", 1)
         return json.loads(line)
 
+    async def wake(self) -> None:
+        """Make one FUSE request of the lower, through the overlay (a lookup of a name
+        that is not there), before a request the process must read.
+
+        pyfuse3 reads /dev/fuse blocking once trio says it is readable. A
+        request withdrawn in between (its caller, a step's process, killed
+        before the read: a cancel, a timeout) leaves that read, and with it
+        the process's whole loop, blocked until the next FUSE request; after
+        a step nothing may make one, and a snapshot or detach sent then went
+        unread for ever (seen in CI: `amber cancel` hung). This is that next
+        request.
+        """
+
+        def lookup() -> None:
+            with suppress(OSError):
+                os.lstat(self.root / f".amber-wake-{secrets.token_hex(8)}")
+
+        await trio.to_thread.run_sync(lookup, abandon_on_cancel=True)
+
     async def snapshot(self) -> Snapshot:
         """The current state as a tree in the store (call between steps)."""
+        await self.wake()
         reply = await self._request({"op": "snapshot"})
         return Snapshot(bytes.fromhex(reply["tree"]), SnapshotStats(**reply["stats"]))
 
@@ -105,6 +126,7 @@ class OverlayMount:
 
     async def detach(self) -> None:
         """Unmount this build's overlay; the process keeps its lower for `attach`."""
+        await self.wake()
         await self._request({"op": "detach"})
 
     async def attach(self, work: Path) -> None:

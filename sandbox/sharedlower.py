@@ -31,7 +31,6 @@ never reused.
 from __future__ import annotations
 
 import os
-import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -151,8 +150,7 @@ class SharedLowers:
         home = self._homes.get(mount.pid)
         if home is not None and not self._closed and mount.process.returncode is None:
             with trio.move_on_after(DETACH_TIMEOUT), suppress(FilesystemError):
-                await trio.to_thread.run_sync(_wake, home / "lower", abandon_on_cancel=True)
-                await mount.detach()
+                await mount.detach()  # wakes the loop first (fscontrol.OverlayMount.wake)
                 kept = True
         if not kept:
             await self._stop(mount)
@@ -210,20 +208,6 @@ class SharedLowers:
                 _, idle = self._idle.popitem()
                 await self._stop(idle.mount)
             await self._empty_trash()
-
-
-def _wake(lower: Path) -> None:
-    """Make one FUSE request of ``lower`` (a lookup of a name that is not there).
-
-    pyfuse3 reads /dev/fuse blocking once trio says it is readable. A
-    request withdrawn in between (its caller, a build's process, killed by a
-    cancel before the read) leaves that read, and the process's whole loop,
-    blocked until the next request, so a ``detach`` sent to an idle lower
-    went unread for ever (seen in CI: `amber cancel` hung). This is that
-    next request; ``DETACH_TIMEOUT`` is the backstop.
-    """
-    with suppress(OSError):
-        os.lstat(lower / f".amber-wake-{secrets.token_hex(8)}")
 
 
 def _set_aside(work: Path, aside: Path) -> bool:
