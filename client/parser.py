@@ -206,7 +206,7 @@ def _add_build(commands: _Commands) -> None:
         "--cache-from",
         metavar="URL",
         help="ask this remote cache (http(s)://REGISTRY/REPOSITORY) instead of amberd's "
-        "[[cache.remote]] list",
+        "[[cache.remote]] list (one of that list; any other URL: root and admin-group only)",
     )
     sub.add_argument(
         "--cache-to", metavar="URL", help="push this build's results to this remote cache only"
