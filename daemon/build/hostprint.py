@@ -89,9 +89,12 @@ def tree_fingerprint(tops: Sequence[str]) -> str:
                 return last.digest
     walked = _walk(key)
     with _lock:
-        _last = walked
-    if last is not None:
-        last.watch.close()
+        replaced, _last = _last, walked
+    if replaced is not None:
+        # Under the check lock: a check still holding it must not read a closed
+        # descriptor, whose number another open file may have taken meanwhile.
+        with _check_lock:
+            replaced.watch.close()
     return walked.digest
 
 
