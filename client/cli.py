@@ -20,7 +20,7 @@ import os
 import sys
 
 from .errors import AmberError, ErrorCode
-from .parser import build_parser
+from .parser import VERSION_ONLY, build_parser
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``amber`` with ``argv`` (default: the command line); return the exit code."""
     head, passthrough = split_passthrough(list(sys.argv[1:] if argv is None else argv))
     command = command_of(head)
-    parser = build_parser(command)
+    parser = build_parser(VERSION_ONLY if command is None and _asks_version(head) else command)
     try:
         ns = parse_command_line(parser, head)
     except SystemExit as exc:  # --help, --version or a usage error, already printed
@@ -216,6 +216,11 @@ def command_of(argv: Sequence[str]) -> str | None:
     """The command word in ``argv``, if any (None also when top-level help comes first)."""
     i = _command_index(argv)
     return None if i is None else argv[i]
+
+
+def _asks_version(argv: Sequence[str]) -> bool:
+    """``amber [--socket PATH] --version``: no command's parser is needed to answer."""
+    return "--version" in argv and not {"-h", "--help"} & set(argv)
 
 
 def _command_index(argv: Sequence[str]) -> int | None:

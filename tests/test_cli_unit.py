@@ -969,3 +969,35 @@ def test_a_new_group_member_is_told_to_log_in_again(monkeypatch):
     hint = unreachable_hint(denied, environ={}, euid=4242)
     assert "you were added to group amber after this session began: log in again" in hint
     assert "newgrp amber" in hint
+
+
+def _probe_start(argv: list[str]) -> tuple[set[str], int]:
+    """``amber ARGV`` in a fresh interpreter: the modules it loaded, the parsers it built."""
+    probe = (
+        "import argparse, sys\n"
+        "built = []\n"
+        "init = argparse.ArgumentParser.__init__\n"
+        "def counting(self, *a, **kw):\n    built.append(1)\n    init(self, *a, **kw)\n"
+        "argparse.ArgumentParser.__init__ = counting\n"
+        "from amber.client import cli\n"
+        f"code = cli.main({argv!r})\n"
+        "print(len(built), ' '.join(sorted(sys.modules)), file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    count, modules = done.stderr.strip().splitlines()[-1].split(" ", 1)
+    return set(modules.split()), int(count)
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["build", "/nonexistent/spec.toml"]])
+def test_starting_amber_loads_no_help_formatting(argv: list[str]):
+    """argparse's formatter would import shutil (and bz2, lzma) at every add_argument."""
+    modules, _ = _probe_start(argv)
+    assert not {"shutil", "bz2", "lzma"} & modules
+
+
+def test_version_builds_no_command_parser():
+    """``amber --version`` answers without declaring twenty commands."""
+    _, built = _probe_start(["--version"])
+    _, for_build = _probe_start(["build", "/nonexistent/spec.toml"])
+    _, for_help = _probe_start(["--help"])  # lists every command: all are declared
+    assert built < for_build and 5 * built < for_help
