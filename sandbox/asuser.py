@@ -15,6 +15,8 @@ file: a ``dir:`` base has thousands of files, and the walk streams them in
 batches of descriptors, each answered before the next is sent. The helper
 is killed and reaped when the reader closes (a ``with`` block: on success,
 error or cancellation alike), and dies with the daemon (PR_SET_PDEATHSIG).
+``asuser_pool`` keeps idle helpers for the next request of the same user
+(uid, gid and groups alike), so that a cached build starts no process.
 
 Whatever the helper sends is the user's word (they may ptrace it): messages
 are parsed with bounds and descriptors checked with ``fstat`` by the caller.
@@ -86,6 +88,8 @@ class UserReader:
 
     def __init__(self, user: User):
         self.user = user
+        #: No request half done: the helper waits for the next one (see asuser_pool).
+        self.idle = True
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._sock = ours
         ids: dict[str, Any] = {}
@@ -115,6 +119,10 @@ class UserReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def alive(self) -> bool:
+        """The helper still runs (the user may kill it: it is theirs)."""
+        return self._proc.poll() is None
 
     def close(self) -> None:
         """Kill and reap the helper (it has nothing to finish)."""
@@ -158,6 +166,7 @@ class UserReader:
         """Each ``(path, follow_symlinks, allow_dir)`` opened read-only, non-blocking, as the user."""
         if len(paths) > MAX_PATHS:
             raise ValueError(f"at most {MAX_PATHS} paths a request, not {len(paths)}")
+        self.idle = False
         self._send({"op": "open", "paths": [list(p) for p in paths]})
         fds: list[int] = []
         try:
@@ -170,6 +179,7 @@ class UserReader:
                 out.append(self._result(path, result, given))
             if next(given, None) is not None:
                 raise HelperError("the helper sent more descriptors than it opened")
+            self.idle = True
             return out
         except BaseException:
             for fd in fds:
@@ -207,6 +217,7 @@ class UserReader:
         for anything else; ``meta`` is (mode, uid, gid, mtime_ns, size, rdev).
         Raises ``Unreadable`` naming the path that could not be opened.
         """
+        self.idle = False
         self._send({"op": "walk", "path": path, "follow": follow_symlinks})
         while True:
             fds: list[int] = []
@@ -217,11 +228,13 @@ class UserReader:
                 where = message.get("where")
                 name = f"{path.rstrip('/')}/{where}" if isinstance(where, str) and where else path
                 err = message["errno"]
+                self.idle = True  # the helper has ended the walk
                 raise Unreadable(
                     name, self.user.uid, err if isinstance(err, int) and err > 0 else errno.EIO
                 )
             yield from _paired(message.get("records"), fds)
             if not message.get("more"):
+                self.idle = True
                 return
             self._send_ack()
 

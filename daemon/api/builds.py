@@ -7,6 +7,7 @@ acted on only by the uid that started it, or root (``Api.record``), and listed
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import time
@@ -26,6 +27,7 @@ from amber.daemon.context import DaemonContext
 from amber.daemon.errors import BadArgs, Busy, Internal, InvalidSpec, NotFound, PermissionDenied
 from amber.daemon.remote.pull import Miss
 from amber.sandbox.asuser import HelperError, Unreadable, User, UserReader, WrongKind
+from amber.sandbox.asuser_pool import lease
 from amber.sandbox.digest import from_hex
 
 if TYPE_CHECKING:
@@ -64,17 +66,17 @@ class _ModesAsUser:
     def __init__(self, user: User) -> None:
         self.user = user
         self.reader: UserReader | None = None
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> _ModesAsUser:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self.reader is not None:
-            self.reader.close()
+    def __exit__(self, *exc: object) -> bool | None:
+        return self._stack.__exit__(*exc)
 
     def __call__(self, path: Path) -> int:
         if self.reader is None:
-            self.reader = UserReader(self.user)
+            self.reader = self._stack.enter_context(lease(self.user))
         try:
             fd = self.reader.open(str(path), follow_symlinks=True, allow_dir=True)
         except Unreadable as exc:  # "PATH: No such file or directory" as before, else the helper's

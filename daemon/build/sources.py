@@ -45,6 +45,7 @@ from amber.daemon.errors import Internal, InvalidSpec, PermissionDenied
 from amber.daemon.userfiles import NotRegularFile, open_regular_as
 from amber.sandbox import tree as treefmt
 from amber.sandbox.asuser import HelperError, Unreadable, User, UserReader
+from amber.sandbox.asuser_pool import lease
 from amber.sandbox.digest import EMPTY
 from amber.sandbox.importer import WalkError, import_user_directory
 from amber.sandbox.sandboxspec import BUILD_GID, BUILD_UID
@@ -97,10 +98,8 @@ def lay_out(
     """
     layout = Layout(base)
     local = any(source.url is None for source in spec.sources)
-    reader = UserReader(User(uid, gid, groups)) if local else None
     with contextlib.ExitStack() as stack, store.batch() as batch:
-        if reader is not None:
-            stack.enter_context(reader)
+        reader = stack.enter_context(lease(User(uid, gid, groups))) if local else None
         try:
             tree = _ensure_parents(store, base, spec.workdir, batch)
             placed: dict[int, tuple[Entry, str]] = {}
