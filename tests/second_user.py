@@ -90,3 +90,14 @@ def user_of(daemon: Daemon, uid: int, groups: tuple[int, ...] = ()) -> Mal:
         home.mkdir(mode=0o755)
         os.chown(home, uid, uid)
     return Mal(daemon, home, uid, groups)
+
+
+def amberd_children(daemon: Daemon) -> list[str]:
+    """The pids of ``daemon``'s child processes, whichever of its threads started them."""
+    assert daemon.process is not None
+    pid = daemon.process.pid
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children") as f:
+            children += f.read().split()
+    return children

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from second_user import BOB, MAL, Mal, mal_daemon, user_of
+from second_user import BOB, MAL, Mal, amberd_children, mal_daemon, user_of
 
 GROUP = 4546
 STEP = '\n[[step]]\nname = "show"\nrun = "cat s"\n'
@@ -34,18 +34,13 @@ def spec(user: Mal, name: str, source: Path) -> Path:
 
 def kept_helpers(user: Mal) -> list[int]:
     """amberd's children that are reading helpers (python3) running as ``user``."""
-    assert user.daemon.process is not None
-    pid = user.daemon.process.pid
     found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            children = f.read().split()
-        for child in children:
-            with contextlib.suppress(OSError):
-                status = Path(f"/proc/{child}/status").read_text()
-                fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
-                if fields["Name"] == "python3" and int(fields["Uid"].split()[0]) == user.uid:
-                    found.append(int(child))
+    for child in amberd_children(user.daemon):
+        with contextlib.suppress(OSError):
+            status = Path(f"/proc/{child}/status").read_text()
+            fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+            if fields["Name"] == "python3" and int(fields["Uid"].split()[0]) == user.uid:
+                found.append(int(child))
     return found
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from second_user import MAL, Mal, mal_daemon
+from second_user import MAL, Mal, amberd_children, mal_daemon
 
 VICTIM = 4343
 GROUP = 4545
@@ -71,17 +71,12 @@ def leaked(mal: Mal, out: str) -> bool:
 
 def helpers_left(mal: Mal) -> list[str]:
     """amberd's children that are reading helpers (/usr/bin/python3), running or zombie."""
-    assert mal.daemon.process is not None
-    pid = mal.daemon.process.pid
     left = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            children = f.read().split()
-        for child in children:
-            with contextlib.suppress(OSError), open(f"/proc/{child}/stat") as st:
-                text = st.read()
-                if text[text.index("(") + 1 : text.rindex(")")] == "python3":
-                    left.append(text[:60])
+    for child in amberd_children(mal.daemon):
+        with contextlib.suppress(OSError), open(f"/proc/{child}/stat") as st:
+            text = st.read()
+            if text[text.index("(") + 1 : text.rindex(")")] == "python3":
+                left.append(text[:60])
     return left
 
 
