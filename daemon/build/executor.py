@@ -378,10 +378,10 @@ class Executor:
 
     # -- running a step --------------------------------------------------------
 
-    async def _ensure_mount(self, tree: bytes) -> OverlayMount:
+    async def _ensure_mount(self, index: int, tree: bytes) -> OverlayMount:
         if self.mount is not None and self.mount_tree == tree:
             return self.mount
-        await self._make_local(tree)
+        await self._make_local(index, tree)
         if self.mount is not None:
             # A later cache hit moved the state: start over on its tree.
             await self._close_mount()
@@ -400,15 +400,19 @@ class Executor:
         self._mount_timings = self.mount.timings
         return self.mount
 
-    async def _make_local(self, tree: bytes) -> None:
-        """The tree a step runs on, whole in the store: a remote result's is pulled now."""
+    async def _make_local(self, index: int, tree: bytes) -> None:
+        """The tree step ``index`` runs on, whole in the store: a remote result's is pulled
+        now, and the log says so (what a user checks: which state came from where)."""
         if self.ctx.remote is None or tree not in self._lazy_trees:
             return  # proved whole when it was found
         try:
-            await self.ctx.remote.ensure_local([tree], hold=self.hold)
+            pulled = await self.ctx.remote.ensure_local([tree], hold=self.hold)
         except Miss as exc:
             raise StateUnavailable(str(exc)) from None
         self._lazy_trees.discard(tree)
+        made_by = self.spec.steps[index - 1].name if index else "the base"
+        self.build.note(f"step {self.spec.steps[index].name}: pulled the state it runs on "
+                        f"(the result of step {made_by}) from the remote cache, {pulled} bytes")  # fmt: skip
 
     async def _close_mount(self) -> None:
         """Stop the filesystem process and unmount (safe to call when none)."""
@@ -446,7 +450,7 @@ class Executor:
             raise BuildErrored("the daemon is stopping")
         phases = Phases()
         with phases.timed("mount"):
-            mount = await self._ensure_mount(before)
+            mount = await self._ensure_mount(index, before)
         if self._mount_timings is not None:  # this step opened it: its parts
             phases.update(self._mount_timings, "mount.")
             self._mount_timings = None
