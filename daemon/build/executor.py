@@ -42,6 +42,7 @@ from amber.daemon.build.state import BuildState, BuildStatus, StepStatus
 from amber.daemon.build.stepio import StepLog, StepOutcome, run_sandboxed
 from amber.daemon.context import DaemonContext
 from amber.daemon.errors import DaemonError
+from amber.daemon.remote.lookups import Prefetched
 from amber.daemon.remote.pull import Miss
 from amber.daemon.storage.db import BuildRecord, Result, StepRecord
 from amber.daemon.storage.roots import build_state
@@ -81,6 +82,9 @@ class Executor:
         self.limits = limits
         #: This build's own host id range, from its first mount until it ends.
         self.ids: IdMap | None = None
+        #: The remotes' answers for this build's keys, asked at once before the first step;
+        #: forgotten when a step runs (a later key may be pushed meanwhile: asked again then).
+        self._lookups: Prefetched | None = None
         #: Step index -> where its remote hit came from (the step's note).
         self._remote_notes: dict[int, str] = {}
         #: Keys whose cached result this build will not use: its closure could not be pulled.
@@ -176,6 +180,9 @@ class Executor:
         for step in spec.steps:
             key = step_key(key, step.definition(), spec.step_env(step), spec.key_salt)
             keys.append(key)
+        if self.ctx.remote is not None:  # every key at once, not a round trip per step
+            with self.phases.timed("remote_lookup"):
+                self._lookups = await self.ctx.remote.prefetch(b, keys)
         final = await self._steps(keys, tree)
         if final is not None:
             with self.phases.timed("finish"):
@@ -313,7 +320,7 @@ class Executor:
         """After a local miss: a remote result, recorded with where it lives (or None)."""
         if self.ctx.remote is None:
             return None
-        found = await self.ctx.remote.find(self.build, key)
+        found = await self.ctx.remote.find(self.build, key, self._lookups)
         if found is None:
             return None
         result, self._remote_notes[index] = found
@@ -455,6 +462,7 @@ class Executor:
             phases.update(self._mount_timings, "mount.")
             self._mount_timings = None
         state = b.steps[index]
+        self._lookups = None  # answers from before this run may be stale by its end
         self.state.step_running(index, before)
         log_path = self.ctx.step_log_path(b.id, index)
         step_log = StepLog(log_path, self.ctx.store, self.ctx.config.step_log_max)

@@ -21,7 +21,7 @@ from amber.daemon.oci.auth import credentials_for
 from amber.daemon.oci.errors import RegistryRefused
 from amber.daemon.oci.registry import RegistryClient
 from amber.daemon.oci.spec import OciError
-from amber.daemon.remote import pull, push, trust
+from amber.daemon.remote import lookups, pull, push, trust
 from amber.daemon.remote.config import Remote
 from amber.daemon.remote.credentials import load_auth_file
 from amber.daemon.remote.idle import IdleWorker
@@ -73,16 +73,38 @@ class RemoteCache:
 
     # -- lookups ---------------------------------------------------------------
 
-    async def find(self, build: Build, key: str) -> tuple[Result, str] | None:
+    async def prefetch(self, build: Build, keys: list[str]) -> lookups.Prefetched:
+        """Every key of ``keys`` not in the local cache asked of the remotes at once
+        (``lookups.py``), for ``find`` to take instead of a round trip per step."""
+        remotes = self.read_from(build)
+        todo = [k for k in keys if self.ctx.db.get_result(k) is None]
+        if not remotes or not todo:
+            return lookups.Prefetched()
+        try:
+            trusted = trust.load_trusted(self.config.trusted_keys)
+        except trust.TrustError:
+            return lookups.Prefetched()  # each step's own lookup says why, as before
+        return await lookups.prefetch(
+            remotes, todo, lambda c, r, k: pull.lookup(c, r, k, trusted), self.client
+        )
+
+    async def find(
+        self, build: Build, key: str, known: lookups.Prefetched | None = None
+    ) -> tuple[Result, str] | None:
         """A verified remote result for ``key``, recorded with where it lives, and a note.
 
         Nothing of its closure is pulled here (``settle`` does what the pull
         policy asks). Each remote in order; whatever goes wrong with one is a
-        note, then the next.
+        note, then the next. ``known``: answers fetched before (``prefetch``),
+        used instead of asking again.
         """
         for remote in self.read_from(build):
+            answer = known.take(remote.url, key) if known is not None else None
             try:
-                found = await trio.to_thread.run_sync(self._find_one, remote, key)
+                if answer is not None:
+                    found = answer.unwrap()
+                else:
+                    found = await trio.to_thread.run_sync(self._find_one, remote, key)
             except pull.Miss as miss:
                 build.note(f"remote cache: {miss}; not a hit")
                 continue
