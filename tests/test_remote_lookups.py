@@ -124,3 +124,42 @@ def test_a_cached_build_looks_up_every_step_at_once(daemon_root: Path, registry,
     finally:
         a.stop()
         b.stop()
+
+
+class _Client:
+    closed = 0
+
+    def close(self) -> None:
+        _Client.closed += 1
+
+
+def test_prefetch_asks_the_next_remote_only_what_the_first_did_not_settle():
+    """Pure logic: remotes in order, as ``find`` walks them; every answer kept with its reason."""
+    import trio
+
+    from amber.daemon.remote import lookups
+    from amber.daemon.remote.config import Remote
+    from amber.daemon.remote.pull import Miss
+
+    first, second = Remote("http://127.0.0.1:1/pr"), Remote("http://127.0.0.1:1/trunk")
+    asked: list[tuple[str, str]] = []
+
+    def lookup(client: object, remote: Remote, key: str) -> object:
+        asked.append((remote.repository, key))
+        if remote is first and key == "hit":
+            return "found"
+        if remote is first and key == "bad":
+            raise Miss("the result is refused: it is not signed")
+        return None
+
+    keys = ["hit", "bad", "none"]
+    got = trio.run(lookups.prefetch, [first, second], keys, lookup, lambda r: _Client())
+    assert sorted(asked) == sorted(
+        [("pr", k) for k in keys] + [("trunk", "bad"), ("trunk", "none")]
+    )
+    assert got.take(first.url, "hit").unwrap() == "found"
+    with pytest.raises(Miss, match="not signed"):
+        got.take(first.url, "bad").unwrap()
+    assert got.take(second.url, "hit") is None  # never asked: the first remote had it
+    assert got.take(second.url, "none").unwrap() is None and len(got) == 2
+    assert _Client.closed >= 2  # every connection closed once the lookups are done
