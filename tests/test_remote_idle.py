@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from test_remote import host, wait_pushed, write_spec
@@ -25,10 +26,17 @@ run = "head -c 64000000 /dev/urandom > big"
 
 
 def push_thread(pid: int) -> int:
-    """The tid of amberd's push thread, found by the name the kernel shows."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        if (task / "comm").read_text().strip() == "amber-push":
-            return int(task.name)
+    """The tid of amberd's push thread, found by the name the kernel shows (it starts
+    with the push queue, just after amberd's socket: a few moments' grace)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                if (task / "comm").read_text().strip() == "amber-push":
+                    return int(task.name)
+            except FileNotFoundError:
+                continue  # a worker thread that just ended
+        time.sleep(0.05)
     raise AssertionError("amberd has no amber-push thread")
 
 

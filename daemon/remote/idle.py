@@ -86,11 +86,11 @@ class IdleWorker:
 
     def _serve(self) -> None:
         self.tid = threading.get_native_id()
-        _name_thread(self.name)
         try:
             make_idle(self.tid)
         except OSError as exc:  # a kernel or container without it: still a background thread
             log.warning("%s: cannot lower its priority: %s", self.name, exc)
+        _name_thread(self.name)  # named once lowered: who finds it by name finds it idle
         while True:
             job = self._jobs.get()
             if job is None:
