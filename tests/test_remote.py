@@ -40,6 +40,33 @@ name = "four"
 run = "cat one three > four"
 """
 
+#: The issue's five-step chain: C changes step three of five.
+FIVE = """
+[build]
+name = "chain"
+base = "host"
+
+[[step]]
+name = "one"
+run = "echo one > one && head -c 3000000 /dev/zero | tr '\\\\0' x > big"
+
+[[step]]
+name = "two"
+run = "mkdir many && for i in $(seq 1 300); do echo $i > many/$i; done"
+
+[[step]]
+name = "three"
+run = "echo {three} > three"
+
+[[step]]
+name = "four"
+run = "cat one three > four"
+
+[[step]]
+name = "five"
+run = "echo files $(ls many | wc -l) big $(wc -c < big) four $(cat four) | tee five"
+"""
+
 FAILING = """
 [build]
 name = "broken"
@@ -113,6 +140,12 @@ def statuses(report: dict) -> list[str]:
     return [s["status"] for s in report["steps"]]
 
 
+def step_notes(daemon: Daemon, build: str) -> list[str]:
+    """Each step's note as ``amber show`` prints it (where a hit came from)."""
+    shown = json.loads(daemon.amber("show", "--json", build).stdout)
+    return [str(s.get("note")) for s in shown["steps"]]
+
+
 def notes(daemon: Daemon, build: str) -> str:
     """What a user reads about a build: its log (notes included) and its steps' notes."""
     shown = json.loads(daemon.amber("show", "--json", build).stdout)
@@ -132,25 +165,39 @@ def hosts(daemon_root: Path, registry: str):
 
 def test_a_result_built_on_one_host_is_a_hit_on_another(hosts, daemon_root, registry):
     a, b = hosts
-    spec = write_spec(daemon_root, SPEC.format(three="3"))
+    spec = write_spec(daemon_root, FIVE.format(three="3"))
     code, report = a.build_json(spec)
-    assert code == 0 and statuses(report) == ["ran"] * 4
-    wait_pushed(registry, 4)
+    assert code == 0 and statuses(report) == ["ran"] * 5  # A: cold
+    wait_pushed(registry, 5)
 
     code, report = b.build_json(spec)
     assert code == 0, report
-    assert statuses(report) == ["cached"] * 4  # zero steps ran on B
+    assert statuses(report) == ["cached"] * 5  # zero steps ran on B
+    assert all(n.startswith("cached (remote) from host") for n in step_notes(b, report["build"]))
     log = notes(b, report["build"])
-    assert "cached (remote) from host" in log and f"via http://{registry}/amber/trunk" in log
+    assert f"via http://{registry}/amber/trunk" in log and "pulled the state" not in log
     out = b.amber("export", report["build"], "-o", str(daemon_root / "b.tar"))
     assert out.returncode == 0, out.stderr
 
-    # C changes a later step: the steps before it are remote hits, it and what follows run.
+    # C changes step three of five: one and two are remote hits, three to five run, on
+    # step two's state, pulled first (its closure: step one's big file is in it too).
     c = host(daemon_root, "ci-c", registry, sign=False, trusted={"ci-a": public(a)}, push=False)
-    code, report = c.build_json(write_spec(daemon_root, SPEC.format(three="changed"), "c.toml"))
-    assert code == 0, report
-    assert statuses(report) == ["cached", "cached", "ran", "ran"]
-    c.stop()
+    try:
+        code, report = c.build_json(write_spec(daemon_root, FIVE.format(three="changed"), "c.toml"))
+        assert code == 0, report
+        assert statuses(report) == ["cached", "cached", "ran", "ran", "ran"]
+        shown = step_notes(c, report["build"])
+        assert [n.startswith("cached (remote)") for n in shown] == [True, True, False, False, False]
+        log = c.amber("log", report["build"]).stdout.decode()
+        pulls = [line for line in log.splitlines() if "pulled the state it runs on" in line]
+        assert (
+            len(pulls) == 1
+            and "step three: " in pulls[0]
+            and "(the result of step two)" in pulls[0]
+        )
+        assert "files 300 big 3000000 four one changed" in log  # the pulled state, whole
+    finally:
+        c.stop()
 
 
 def test_a_failure_replays_on_another_host_with_its_log_and_shell(hosts, daemon_root, registry):

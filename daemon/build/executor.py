@@ -42,6 +42,7 @@ from amber.daemon.build.state import BuildState, BuildStatus, StepStatus
 from amber.daemon.build.stepio import StepLog, StepOutcome, run_sandboxed
 from amber.daemon.context import DaemonContext
 from amber.daemon.errors import DaemonError
+from amber.daemon.remote.lookups import Prefetched
 from amber.daemon.remote.pull import Miss
 from amber.daemon.storage.db import BuildRecord, Result, StepRecord
 from amber.daemon.storage.roots import build_state
@@ -81,6 +82,9 @@ class Executor:
         self.limits = limits
         #: This build's own host id range, from its first mount until it ends.
         self.ids: IdMap | None = None
+        #: The remotes' answers for this build's keys, asked at once before the first step;
+        #: forgotten when a step runs (a later key may be pushed meanwhile: asked again then).
+        self._lookups: Prefetched | None = None
         #: Step index -> where its remote hit came from (the step's note).
         self._remote_notes: dict[int, str] = {}
         #: Keys whose cached result this build will not use: its closure could not be pulled.
@@ -176,6 +180,9 @@ class Executor:
         for step in spec.steps:
             key = step_key(key, step.definition(), spec.step_env(step), spec.key_salt)
             keys.append(key)
+        if self.ctx.remote is not None:  # every key at once, not a round trip per step
+            with self.phases.timed("remote_lookup"):
+                self._lookups = await self.ctx.remote.prefetch(b, keys)
         final = await self._steps(keys, tree)
         if final is not None:
             with self.phases.timed("finish"):
@@ -313,7 +320,7 @@ class Executor:
         """After a local miss: a remote result, recorded with where it lives (or None)."""
         if self.ctx.remote is None:
             return None
-        found = await self.ctx.remote.find(self.build, key)
+        found = await self.ctx.remote.find(self.build, key, self._lookups)
         if found is None:
             return None
         result, self._remote_notes[index] = found
@@ -378,10 +385,10 @@ class Executor:
 
     # -- running a step --------------------------------------------------------
 
-    async def _ensure_mount(self, tree: bytes) -> OverlayMount:
+    async def _ensure_mount(self, index: int, tree: bytes) -> OverlayMount:
         if self.mount is not None and self.mount_tree == tree:
             return self.mount
-        await self._make_local(tree)
+        await self._make_local(index, tree)
         if self.mount is not None:
             # A later cache hit moved the state: start over on its tree.
             await self._close_mount()
@@ -400,15 +407,19 @@ class Executor:
         self._mount_timings = self.mount.timings
         return self.mount
 
-    async def _make_local(self, tree: bytes) -> None:
-        """The tree a step runs on, whole in the store: a remote result's is pulled now."""
+    async def _make_local(self, index: int, tree: bytes) -> None:
+        """The tree step ``index`` runs on, whole in the store: a remote result's is pulled
+        now, and the log says so (what a user checks: which state came from where)."""
         if self.ctx.remote is None or tree not in self._lazy_trees:
             return  # proved whole when it was found
         try:
-            await self.ctx.remote.ensure_local([tree], hold=self.hold)
+            pulled = await self.ctx.remote.ensure_local([tree], hold=self.hold)
         except Miss as exc:
             raise StateUnavailable(str(exc)) from None
         self._lazy_trees.discard(tree)
+        made_by = self.spec.steps[index - 1].name if index else "the base"
+        self.build.note(f"step {self.spec.steps[index].name}: pulled the state it runs on "
+                        f"(the result of step {made_by}) from the remote cache, {pulled} bytes")  # fmt: skip
 
     async def _close_mount(self) -> None:
         """Stop the filesystem process and unmount (safe to call when none)."""
@@ -446,11 +457,12 @@ class Executor:
             raise BuildErrored("the daemon is stopping")
         phases = Phases()
         with phases.timed("mount"):
-            mount = await self._ensure_mount(before)
+            mount = await self._ensure_mount(index, before)
         if self._mount_timings is not None:  # this step opened it: its parts
             phases.update(self._mount_timings, "mount.")
             self._mount_timings = None
         state = b.steps[index]
+        self._lookups = None  # answers from before this run may be stale by its end
         self.state.step_running(index, before)
         log_path = self.ctx.step_log_path(b.id, index)
         step_log = StepLog(log_path, self.ctx.store, self.ctx.config.step_log_max)

@@ -46,8 +46,6 @@ import pwd
 import re
 from typing import TYPE_CHECKING
 
-import trio
-
 from amber.daemon.errors import BadArgs
 from amber.daemon.oci.errors import RegistryRefused
 from amber.daemon.oci.spec import (
@@ -213,7 +211,7 @@ class RemotePins:
     async def _one(self, row: dict) -> int:
         result = self.db.get_result(row["key"]) if row["state"] == "tag" else None
         try:
-            said = await trio.to_thread.run_sync(self._sync, row, result)
+            said = await self.cache.idle.run(self._sync, row, result)
             outcome = "done"
         except (LookupError, LayoutError, pull.Miss, RegistryRefused) as exc:
             outcome, said = "gave up", str(exc)

@@ -29,6 +29,8 @@ from amber.sandbox.digest import new_hasher
 from amber.sandbox.fileio import write_all
 from amber.sandbox.store import Store, StoreError
 
+_REDIRECTS = (301, 302, 303, 307, 308)
+
 
 class Miss(Exception):
     """Not a usable hit, and why (for the build's log)."""
@@ -63,10 +65,23 @@ def lookup(
                           manifest.config_digest)  # fmt: skip
         if why is not None:
             raise Miss(f"the result on {remote.url} is refused: {why}")
-        config = _blob(client, remote.repository, manifest.config_digest, MAX_DOCUMENT)
+        config = _document(client, remote.repository, manifest.config_digest)
         return Found(layout.parse_config(config, key), manifest, answer.body)
     except (OciError, LayoutError) as exc:
         raise Miss(f"{remote.url}: {exc}") from None
+
+
+def _document(client: RegistryClient, repo: str, digest: str) -> bytes:
+    """A small blob (a config) on the client's kept-alive connection, checked against its
+    sha256; one the registry redirects (to object storage) is streamed from there."""
+    answer = client.request("GET", f"/v2/{repo}/blobs/{digest}")
+    if answer.status in _REDIRECTS:
+        return _blob(client, repo, digest, MAX_DOCUMENT)
+    if answer.status != 200:
+        raise Miss(f"blob {digest} did not arrive: HTTP {answer.status}")
+    if sha256_digest(answer.body) != digest:
+        raise Miss(f"blob {digest} does not match its sha256 digest")
+    return answer.body
 
 
 def _blob(client: RegistryClient, repo: str, digest: str, limit: int, exact: bool = False) -> bytes:

@@ -1,7 +1,8 @@
 """What the daemon asks of remote caches: lookups on a local miss, pushes after a step.
 
 Pushes go through a queue in the database, worked by ``serve_pushes`` in
-the daemon's nursery, never by the build: a slow or failing registry only
+the daemon's nursery, never by the build, on a thread of its own at idle
+CPU and I/O priority (``idle.py``: a build always goes first): a slow or failing registry only
 delays the queue (retried with a growing pause, dropped after
 ``MAX_ATTEMPTS`` with a log line), and a restart finishes what is queued.
 """
@@ -20,9 +21,10 @@ from amber.daemon.oci.auth import credentials_for
 from amber.daemon.oci.errors import RegistryRefused
 from amber.daemon.oci.registry import RegistryClient
 from amber.daemon.oci.spec import OciError
-from amber.daemon.remote import pull, push, trust
+from amber.daemon.remote import lookups, pull, push, trust
 from amber.daemon.remote.config import Remote
 from amber.daemon.remote.credentials import load_auth_file
+from amber.daemon.remote.idle import IdleWorker
 from amber.daemon.remote.lazy import LazyPulls
 from amber.daemon.remote.pins import RemotePins
 from amber.daemon.storage.db import RemoteRecord, Result
@@ -47,6 +49,8 @@ class RemoteCache:
             self.signing_key = trust.load_signing_key(self.config.signing_key)
         self.credentials = load_auth_file(self.config.registry_auth_file)
         self._wake = trio.Event()
+        #: Where every queued push and pin tag runs (never the loop, never trio's threads).
+        self.idle = IdleWorker("amber-push")
         self.pins = RemotePins(self)
         self.lazy = LazyPulls(ctx, self.client)
 
@@ -69,16 +73,38 @@ class RemoteCache:
 
     # -- lookups ---------------------------------------------------------------
 
-    async def find(self, build: Build, key: str) -> tuple[Result, str] | None:
+    async def prefetch(self, build: Build, keys: list[str]) -> lookups.Prefetched:
+        """Every key of ``keys`` not in the local cache asked of the remotes at once
+        (``lookups.py``), for ``find`` to take instead of a round trip per step."""
+        remotes = self.read_from(build)
+        todo = [k for k in keys if self.ctx.db.get_result(k) is None]
+        if not remotes or not todo:
+            return lookups.Prefetched()
+        try:
+            trusted = trust.load_trusted(self.config.trusted_keys)
+        except trust.TrustError:
+            return lookups.Prefetched()  # each step's own lookup says why, as before
+        return await lookups.prefetch(
+            remotes, todo, lambda c, r, k: pull.lookup(c, r, k, trusted), self.client
+        )
+
+    async def find(
+        self, build: Build, key: str, known: lookups.Prefetched | None = None
+    ) -> tuple[Result, str] | None:
         """A verified remote result for ``key``, recorded with where it lives, and a note.
 
         Nothing of its closure is pulled here (``settle`` does what the pull
         policy asks). Each remote in order; whatever goes wrong with one is a
-        note, then the next.
+        note, then the next. ``known``: answers fetched before (``prefetch``),
+        used instead of asking again.
         """
         for remote in self.read_from(build):
+            answer = known.take(remote.url, key) if known is not None else None
             try:
-                found = await trio.to_thread.run_sync(self._find_one, remote, key)
+                if answer is not None:
+                    found = answer.unwrap()
+                else:
+                    found = await trio.to_thread.run_sync(self._find_one, remote, key)
             except pull.Miss as miss:
                 build.note(f"remote cache: {miss}; not a hit")
                 continue
@@ -158,6 +184,7 @@ class RemoteCache:
     async def serve_pushes(self) -> None:
         """Push what is queued, one result at a time, then pin tags (remote/pins.py), for ever."""
         pause = 1.0
+        self.idle.start()
         while True:
             rows = self.ctx.db.pending_pushes()
             if not rows and not self.pins.pending():
@@ -182,7 +209,7 @@ class RemoteCache:
             return True
         remote = Remote(url, push=True)
         try:
-            sent = await trio.to_thread.run_sync(self._push_sync, remote, result)
+            sent = await self.idle.run(self._push_sync, remote, result)
         except RegistryRefused as exc:  # read-only, or not ours to write: never retried
             log.warning("push of %s to %s refused, not retried: %s", key, url, exc)
             db.push_done(key, url)
