@@ -21,6 +21,10 @@ FUSE lower serves file data too, and the eager layer holds no executables.
 Then it answers JSON lines on the control socket (``--control-fd``)::
 
     -> {"op": "snapshot"}   <- {"ok": true, "tree": HEX, "stats": {...}}
+    -> {"op": "snapshot", "defer": true}   <- the same, once the upper is read;
+                            its objects are made durable in the background
+    -> {"op": "settle"}     <- {"ok": true, "seconds": S} once that commit is
+                            done, or {"ok": false, "error": ...} if it failed
     -> {"op": "stop"}       <- {"ok": true}   (then unmounts and exits)
     -> {"op": "detach"}     <- {"ok": true}   (the overlay unmounted, the lower kept)
     -> {"op": "attach", "work": W2}  <- {"ok": true, "ready": true, ...}
@@ -58,6 +62,7 @@ import pyfuse3
 import trio
 
 from . import fsmode
+from .deferredcommit import DeferredCommits
 from .digest import from_hex
 from .eagerlayer import EagerLayer
 from .fuseops import LowerOperations
@@ -97,6 +102,7 @@ class FilesystemProcess:
         self.model = LowerModel(store, tree, ids=ids, serve_data=not self.data_layer)
         self._overlay_mounted = False
         self._eager_mounted = False
+        self.commits = DeferredCommits()
         #: Seconds of each part of mounting, sent with "ready" (the build's phases).
         self.timings: dict[str, float] = {}
         self._use(work)
@@ -224,6 +230,11 @@ class FilesystemProcess:
             op = request["op"]
         except (ValueError, KeyError, TypeError):
             return {"ok": False, "error": f"malformed control request {line[:80]!r}"}, False
+        # Whatever comes after a deferred commit waits for its end: commits
+        # stay in order, and nothing is detached or stopped under one.
+        settled = await self.commits.settle()
+        if op == "settle":
+            return settled, False
         if op == "stop":
             return {"ok": True}, True
         if op == "detach":  # the build is over; the lower stays for the next one
@@ -237,9 +248,15 @@ class FilesystemProcess:
             return {"ok": True, "ready": True, "root": str(self.root), "timings": timings}, False
         if op == "snapshot":
             try:
-                digest, stats = await trio.to_thread.run_sync(self.snapshotter.snapshot)
+                digest, stats, batch = await trio.to_thread.run_sync(self.snapshotter.walk)
             except Exception as exc:  # reported to the controller, which decides
                 return {"ok": False, "error": f"snapshot failed: {exc}"}, False
+            if request.get("defer") is True:
+                self.commits.start(batch)
+            else:
+                failed = await self.commits.run(batch)
+                if failed is not None:
+                    return {"ok": False, "error": f"snapshot failed: {failed}"}, False
             return {"ok": True, "tree": digest.hex(), "stats": asdict(stats)}, False
         return {"ok": False, "error": f"unknown control op {op!r}"}, False
 
