@@ -122,9 +122,12 @@ class OverlayMount:
         """Wait for a deferred snapshot's commit; the seconds it took (0.0: none pending).
 
         Raises ``FilesystemError`` when it failed (its objects are then gone).
+        Not cancelled half-way: it runs beside a step a cancel may end, and
+        an answer left unread would be taken for the next request's.
         """
-        await self.wake()
-        reply = await self._request({"op": "settle"})
+        with trio.CancelScope(shield=True):
+            await self.wake()
+            reply = await self._request({"op": "settle"})
         return float(reply.get("seconds", 0.0))
 
     def peak_rss(self) -> int:

@@ -67,7 +67,7 @@ from .digest import from_hex
 from .eagerlayer import EagerLayer
 from .fuseops import LowerOperations
 from .lowerfs import LowerModel
-from .mounts import mount, umount
+from .mounts import MountError, mount, umount
 from .snapshot import Snapshotter
 from .store import Store
 from .userns import IdMap
@@ -103,6 +103,8 @@ class FilesystemProcess:
         self._overlay_mounted = False
         self._eager_mounted = False
         self.commits = DeferredCommits()
+        #: Mount overlays ``volatile`` (fsmode.VOLATILE); ``AMBER_OVERLAY_VOLATILE=0``: never.
+        self.volatile = os.environ.get("AMBER_OVERLAY_VOLATILE", "1") != "0"
         #: Seconds of each part of mounting, sent with "ready" (the build's phases).
         self.timings: dict[str, float] = {}
         self._use(work)
@@ -190,6 +192,13 @@ class FilesystemProcess:
             self.overlay_work,
             data_only=self.fs_mode == fsmode.DATALOWER,
         )
+        if self.volatile:
+            try:
+                mount("amber", self.root, "overlay", options + fsmode.VOLATILE)
+                self._overlay_mounted = True
+                return
+            except MountError:
+                self.volatile = False  # a kernel before 5.10: without, from now on
         mount("amber", self.root, "overlay", options)
         self._overlay_mounted = True
 
