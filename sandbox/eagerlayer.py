@@ -122,6 +122,28 @@ class EagerLayer:
         self._fill(tree, root)
         return self.stats
 
+    def promote(self, root: bytes, files: list[tuple[bytes, Entry]]) -> int:
+        """Stubs at ``root``/path for files the FUSE lower has served (``LowerModel.met_files``).
+
+        Only between two overlays: a lower layer must not change under a
+        mounted one. A file already here, or whose directory was left to the
+        FUSE lower, is skipped. Returns how many were made.
+        """
+        made = 0
+        for path, entry in files:
+            target = root + b"/" + path
+            try:
+                if not stat.S_ISDIR(os.lstat(os.path.dirname(target)).st_mode):
+                    continue
+                os.lstat(target)
+                continue  # already here
+            except FileNotFoundError:
+                pass
+            refused = self.stats.left_to_lower
+            self._leaf(entry, target)
+            made += self.stats.left_to_lower == refused
+        return made
+
     def hide(self, root: bytes, names: list[bytes]) -> None:
         """Whiteouts at the layer's root: names of a layer below that the build must not see.
 
