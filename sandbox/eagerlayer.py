@@ -25,6 +25,10 @@ still comes straight from the store. Measured on the Debian buildd rootfs
 made eagerly): 0.08 s per mount; in exchange a zlib build sends 930
 requests to Python instead of 1,956 and runs about 5% faster.
 
+A lower kept for the next build (``sharedlower.py``) also learns: the
+files a build met on the FUSE lower are added as stubs between two overlays
+(``promote``), since a new overlay would ask FUSE for two xattrs of each.
+
 Being a lower layer, none of this enters a snapshot, and a step may change
 or delete any of it as usual. An entry tmpfs cannot hold exactly (an xattr
 it refuses, the layer's size cap reached) is left to the FUSE lower, which

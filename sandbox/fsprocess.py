@@ -73,6 +73,9 @@ from .snapshot import Snapshotter
 from .store import Store
 from .userns import IdMap
 
+#: Stubs one lower's eager layer takes from the files builds met (``_promote``).
+PROMOTE_MAX = 20_000
+
 
 class FilesystemProcess:
     def __init__(
@@ -111,6 +114,7 @@ class FilesystemProcess:
         self.volatile = os.environ.get("AMBER_OVERLAY_VOLATILE", "1") != "0"
         #: ``AMBER_EAGER_PROMOTE=0``: files a build met stay on the FUSE lower (``_promote``).
         self.promote_off = os.environ.get("AMBER_EAGER_PROMOTE", "1") == "0"
+        self._promoted = 0
         #: Seconds of each part of mounting, sent with "ready" (the build's phases).
         self.timings: dict[str, float] = {}
         self._use(work)
@@ -218,7 +222,10 @@ class FilesystemProcess:
         """
         if self.eager_layer is None or not self.data_layer or self.promote_off:
             return
-        self.eager_layer.promote(os.fsencode(self.eager), self.model.met_files())
+        room = PROMOTE_MAX - self._promoted  # each stub is ~1 KiB of kernel memory
+        if room > 0:
+            met = self.model.met_files()[:room]
+            self._promoted += self.eager_layer.promote(os.fsencode(self.eager), met)
 
     def _unmount_root(self) -> None:
         if self._overlay_mounted:
