@@ -25,6 +25,10 @@ still comes straight from the store. Measured on the Debian buildd rootfs
 made eagerly): 0.08 s per mount; in exchange a zlib build sends 930
 requests to Python instead of 1,956 and runs about 5% faster.
 
+A lower kept for the next build (``sharedlower.py``) also learns: the
+files a build met on the FUSE lower are added as stubs between two overlays
+(``promote``), since a new overlay would ask FUSE for two xattrs of each.
+
 Being a lower layer, none of this enters a snapshot, and a step may change
 or delete any of it as usual. An entry tmpfs cannot hold exactly (an xattr
 it refuses, the layer's size cap reached) is left to the FUSE lower, which
@@ -121,6 +125,28 @@ class EagerLayer:
         """Fill ``root`` (an empty directory: the layer's root) from ``tree``."""
         self._fill(tree, root)
         return self.stats
+
+    def promote(self, root: bytes, files: list[tuple[bytes, Entry]]) -> int:
+        """Stubs at ``root``/path for files the FUSE lower has served (``LowerModel.met_files``).
+
+        Only between two overlays: a lower layer must not change under a
+        mounted one. A file already here, or whose directory was left to the
+        FUSE lower, is skipped. Returns how many were made.
+        """
+        made = 0
+        for path, entry in files:
+            target = root + b"/" + path
+            try:
+                if not stat.S_ISDIR(os.lstat(os.path.dirname(target)).st_mode):
+                    continue
+                os.lstat(target)
+                continue  # already here
+            except FileNotFoundError:
+                pass
+            refused = self.stats.left_to_lower
+            self._leaf(entry, target)
+            made += self.stats.left_to_lower == refused
+        return made
 
     def hide(self, root: bytes, names: list[bytes]) -> None:
         """Whiteouts at the layer's root: names of a layer below that the build must not see.

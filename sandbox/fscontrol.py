@@ -106,11 +106,29 @@ class OverlayMount:
 
         await trio.to_thread.run_sync(lookup, abandon_on_cancel=True)
 
-    async def snapshot(self) -> Snapshot:
-        """The current state as a tree in the store (call between steps)."""
+    async def snapshot(self, *, defer: bool = False) -> Snapshot:
+        """The current state as a tree in the store (call between steps).
+
+        ``defer``: answer once the upper is read and the new objects are
+        written, and make them durable in the background, so the next step
+        can start meanwhile; the tree is not in the store, and nothing may
+        record it, until ``settle`` returns.
+        """
         await self.wake()
-        reply = await self._request({"op": "snapshot"})
+        reply = await self._request({"op": "snapshot", "defer": defer})
         return Snapshot(bytes.fromhex(reply["tree"]), SnapshotStats(**reply["stats"]))
+
+    async def settle(self) -> float:
+        """Wait for a deferred snapshot's commit; the seconds it took (0.0: none pending).
+
+        Raises ``FilesystemError`` when it failed (its objects are then gone).
+        Not cancelled half-way: it runs beside a step a cancel may end, and
+        an answer left unread would be taken for the next request's.
+        """
+        with trio.CancelScope(shield=True):
+            await self.wake()
+            reply = await self._request({"op": "settle"})
+        return float(reply.get("seconds", 0.0))
 
     def peak_rss(self) -> int:
         """Peak resident memory of the filesystem process, in bytes."""

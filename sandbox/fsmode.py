@@ -141,6 +141,14 @@ def overlay_options(
     )
 
 
+#: Appended to ``overlay_options`` where the kernel takes it (Linux 5.10+):
+#: the upper's fsync/syncfs become no-ops. A step's upper never needs them:
+#: a crash mid-step errors the build and its upper is deleted, and the
+#: snapshot copies what it keeps into the store and syncs the store. A step
+#: that fsyncs (package managers, databases) runs 1.6-1.8x faster (README).
+VOLATILE = ",volatile"
+
+
 def _make_stub(path: Path, redirect: bytes) -> None:
     with open(path, "wb") as f:
         f.truncate(5)

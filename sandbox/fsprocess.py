@@ -21,6 +21,10 @@ FUSE lower serves file data too, and the eager layer holds no executables.
 Then it answers JSON lines on the control socket (``--control-fd``)::
 
     -> {"op": "snapshot"}   <- {"ok": true, "tree": HEX, "stats": {...}}
+    -> {"op": "snapshot", "defer": true}   <- the same, once the upper is read;
+                            its objects are made durable in the background
+    -> {"op": "settle"}     <- {"ok": true, "seconds": S} once that commit is
+                            done, or {"ok": false, "error": ...} if it failed
     -> {"op": "stop"}       <- {"ok": true}   (then unmounts and exits)
     -> {"op": "detach"}     <- {"ok": true}   (the overlay unmounted, the lower kept)
     -> {"op": "attach", "work": W2}  <- {"ok": true, "ready": true, ...}
@@ -51,6 +55,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -58,14 +63,18 @@ import pyfuse3
 import trio
 
 from . import fsmode
+from .deferredcommit import DeferredCommits
 from .digest import from_hex
 from .eagerlayer import EagerLayer
 from .fuseops import LowerOperations
 from .lowerfs import LowerModel
-from .mounts import mount, umount
+from .mounts import MountError, mount, umount
 from .snapshot import Snapshotter
 from .store import Store
 from .userns import IdMap
+
+#: Stubs one lower's eager layer takes from the files builds met (``_promote``).
+PROMOTE_MAX = 20_000
 
 
 class FilesystemProcess:
@@ -97,6 +106,15 @@ class FilesystemProcess:
         self.model = LowerModel(store, tree, ids=ids, serve_data=not self.data_layer)
         self._overlay_mounted = False
         self._eager_mounted = False
+        self.commits = DeferredCommits()
+        self.eager_layer: EagerLayer | None = None
+        #: Work the last request left for after its reply (``_control_loop``).
+        self._after_reply: Callable[[], None] | None = None
+        #: Mount overlays ``volatile`` (fsmode.VOLATILE); ``AMBER_OVERLAY_VOLATILE=0``: never.
+        self.volatile = os.environ.get("AMBER_OVERLAY_VOLATILE", "1") != "0"
+        #: ``AMBER_EAGER_PROMOTE=0``: files a build met stay on the FUSE lower (``_promote``).
+        self.promote_off = os.environ.get("AMBER_EAGER_PROMOTE", "1") == "0"
+        self._promoted = 0
         #: Seconds of each part of mounting, sent with "ready" (the build's phases).
         self.timings: dict[str, float] = {}
         self._use(work)
@@ -123,7 +141,7 @@ class FilesystemProcess:
         self._overlay_dirs()
         mount("amber-eager", self.eager, "tmpfs", "mode=0755,size=64m")
         self._eager_mounted = True
-        eager = EagerLayer(self.store, self.ids, executables=self.data_layer)
+        self.eager_layer = eager = EagerLayer(self.store, self.ids, executables=self.data_layer)
         eager.fill(self.tree, os.fsencode(self.eager))
         if self.fs_mode == fsmode.HIDDEN_DATA:
             eager.hide(os.fsencode(self.eager), [name.encode() for name in fsmode.SHARDS])
@@ -184,8 +202,30 @@ class FilesystemProcess:
             self.overlay_work,
             data_only=self.fs_mode == fsmode.DATALOWER,
         )
+        if self.volatile:
+            try:
+                mount("amber", self.root, "overlay", options + fsmode.VOLATILE)
+                self._overlay_mounted = True
+                return
+            except MountError:
+                self.volatile = False  # a kernel before 5.10: without, from now on
         mount("amber", self.root, "overlay", options)
         self._overlay_mounted = True
+
+    def _promote(self) -> None:
+        """Between two builds: the files the last one met, onto the eager layer.
+
+        overlayfs asks a lower for two xattrs of every file a new overlay
+        meets, and FUSE caches none: about 360 round trips per zlib build on
+        a Debian rootfs. Stubs on the eager tmpfs answer the next overlay in
+        the kernel. Not in ``fuse-data`` mode: a stub needs a data layer.
+        """
+        if self.eager_layer is None or not self.data_layer or self.promote_off:
+            return
+        room = PROMOTE_MAX - self._promoted  # each stub is ~1 KiB of kernel memory
+        if room > 0:
+            met = self.model.met_files()[:room]
+            self._promoted += self.eager_layer.promote(os.fsencode(self.eager), met)
 
     def _unmount_root(self) -> None:
         if self._overlay_mounted:
@@ -217,6 +257,9 @@ class FilesystemProcess:
                 await _send(control, reply)
                 if stop:
                     return
+                after, self._after_reply = self._after_reply, None
+                if after is not None:  # before the next request: off the build's path
+                    await trio.to_thread.run_sync(after)
 
     async def _handle(self, line: bytes) -> tuple[dict, bool]:
         try:
@@ -224,10 +267,16 @@ class FilesystemProcess:
             op = request["op"]
         except (ValueError, KeyError, TypeError):
             return {"ok": False, "error": f"malformed control request {line[:80]!r}"}, False
+        # Whatever comes after a deferred commit waits for its end: commits
+        # stay in order, and nothing is detached or stopped under one.
+        settled = await self.commits.settle()
+        if op == "settle":
+            return settled, False
         if op == "stop":
             return {"ok": True}, True
         if op == "detach":  # the build is over; the lower stays for the next one
             await trio.to_thread.run_sync(self._unmount_root)
+            self._after_reply = self._promote
             return {"ok": True}, False
         if op == "attach":
             try:
@@ -237,9 +286,15 @@ class FilesystemProcess:
             return {"ok": True, "ready": True, "root": str(self.root), "timings": timings}, False
         if op == "snapshot":
             try:
-                digest, stats = await trio.to_thread.run_sync(self.snapshotter.snapshot)
+                digest, stats, batch = await trio.to_thread.run_sync(self.snapshotter.walk)
             except Exception as exc:  # reported to the controller, which decides
                 return {"ok": False, "error": f"snapshot failed: {exc}"}, False
+            if request.get("defer") is True:
+                self.commits.start(batch)
+            else:
+                failed = await self.commits.run(batch)
+                if failed is not None:
+                    return {"ok": False, "error": f"snapshot failed: {failed}"}, False
             return {"ok": True, "tree": digest.hex(), "stats": asdict(stats)}, False
         return {"ok": False, "error": f"unknown control op {op!r}"}, False
 

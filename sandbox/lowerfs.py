@@ -93,6 +93,10 @@ class LowerModel:
         self._order: dict[int, list[bytes]] = {}
         self._links: dict[tuple, int] = {}
         self._fds: dict[bytes, int] = {}
+        #: ino -> (parent ino, name), for ``met_files``' paths.
+        self._parents: dict[int, tuple[int, bytes]] = {}
+        #: Files whose metacopy xattr overlayfs asked for since ``met_files`` last ran.
+        self._met: set[int] = set()
 
     # -- inode table -------------------------------------------------------
 
@@ -118,6 +122,7 @@ class LowerModel:
                 child_ino = len(self._entries)
                 if key:
                     self._links[key] = child_ino
+                self._parents[child_ino] = (ino, child.name)
             children[child.name] = child_ino
         self._children[ino] = children
         self._order[ino] = list(children)
@@ -167,6 +172,7 @@ class LowerModel:
         e = self.entry(ino)
         if e.kind == treefmt.FILE and not self.serve_data:
             if name == METACOPY:
+                self._met.add(ino)
                 return b""
             if name == REDIRECT:
                 return redirect_of(e.ref)
@@ -174,6 +180,30 @@ class LowerModel:
             if key == name:
                 return value
         raise LowerError(errno.ENODATA)
+
+    def met_files(self) -> list[tuple[bytes, Entry]]:
+        """The files overlayfs met since the last call (path from the root, entry), once each.
+
+        A new overlay asks the lower for the metacopy and redirect xattrs of
+        every file it meets, and FUSE caches no xattrs: what the eager layer
+        is told of these (``EagerLayer.promote``) the next overlay finds on
+        tmpfs instead, in the kernel. Hard-link groups are left out: their
+        members must stay one inode, in one layer.
+        """
+        met, self._met = self._met, set()
+        found = []
+        for ino in met:
+            entry = self.entry(ino)
+            if treefmt.link_group(entry) is None:
+                found.append((self._path(ino), entry))
+        return found
+
+    def _path(self, ino: int) -> bytes:
+        names = []
+        while ino in self._parents:
+            ino, name = self._parents[ino]
+            names.append(name)
+        return b"/".join(reversed(names))
 
     def listxattr(self, ino: int) -> list[bytes]:
         return [key for key, _ in self.entry(ino).xattrs]

@@ -26,6 +26,7 @@ from functools import partial
 from stat import S_ISCHR, S_ISDIR, S_ISREG
 
 from . import tree as treefmt
+from .batch import Batch
 from .fileio import start_syncfs
 from .importer import EntryMaker, list_xattrs
 from .owncwd import run_with_own_cwd
@@ -56,6 +57,15 @@ class SnapshotStats:
     seconds: float = 0.0
 
 
+def commit(batch: Batch) -> None:
+    """Make a walked snapshot durable (``Snapshotter.walk``); aborted if that fails."""
+    try:
+        batch.commit()
+    except BaseException:
+        batch.abort()
+        raise
+
+
 def _xattr(path: bytes, name: str) -> bytes | None:
     try:
         return os.getxattr(path, name, follow_symlinks=False)
@@ -82,28 +92,45 @@ class Snapshotter:
         self._own_cwd = False  # the walk's thread has a cwd of its own (``run_with_own_cwd``)
 
     def snapshot(self) -> tuple[bytes, SnapshotStats]:
-        """The tree of the mount now; on a thread of its own, for its own cwd (``_merge``)."""
-        return run_with_own_cwd(self._snapshot)
+        """The tree of the mount now, in the store; on a thread of its own, for its own cwd (``_merge``)."""
+        digest, stats, batch = self.walk()
+        started = time.monotonic()
+        commit(batch)
+        stats.seconds += time.monotonic() - started
+        return digest, stats
 
-    def _snapshot(self, own_cwd: bool) -> tuple[bytes, SnapshotStats]:
+    def walk(self) -> tuple[bytes, SnapshotStats, Batch]:
+        """The tree of the mount now, its new objects written but not yet committed.
+
+        The upper may change once this returns: everything the tree needs is
+        in the batch's temporary files. ``commit(batch)`` makes it durable
+        (two syncfs), which may overlap the next step; until then nothing
+        may record the tree. On error the batch is aborted here.
+        """
+        return run_with_own_cwd(self._walk)
+
+    def _walk(self, own_cwd: bool) -> tuple[bytes, SnapshotStats, Batch]:
         started = time.monotonic()
         # Every other path the walk uses is absolute: the store's and the upper's.
         self._own_cwd = own_cwd and os.path.isabs(self.store.tmp_dir)
         self._count_trees_written = 0
         self._listed = 0
         self._flush = None
+        batch = self.store.batch()
         try:
-            with self.store.batch() as batch:
-                maker = EntryMaker(
-                    self.store,
-                    batch,
-                    ids=self.ids,
-                    hash_cache=self._hash_cache,
-                    label_suffix=self._label_suffix,
-                )
-                digest = self._merge(maker, self.base, self.upper, b"", b"")
+            maker = EntryMaker(
+                self.store,
+                batch,
+                ids=self.ids,
+                hash_cache=self._hash_cache,
+                label_suffix=self._label_suffix,
+            )
+            digest = self._merge(maker, self.base, self.upper, b"", b"")
+        except BaseException:
+            batch.abort()
+            raise
         finally:
-            if self._flush is not None:  # for its fd: the batch's syncfs covered its writes
+            if self._flush is not None:  # for its fd: the batch's syncfs covers its writes
                 self._flush.join()
         stats = SnapshotStats(
             trees_written=self._count_trees_written,
@@ -112,7 +139,7 @@ class Snapshotter:
             files_hashed=maker.files_hashed,
             seconds=time.monotonic() - started,
         )
-        return digest, stats
+        return digest, stats, batch
 
     def _listed_names(self, upper: bytes) -> list[bytes]:
         """The names in upper directory ``upper``, sorted; may start the early flush.

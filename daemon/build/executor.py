@@ -26,10 +26,12 @@ import logging
 import os
 import socket
 import time
+from contextlib import suppress
 
 import trio
 
 from amber.daemon.build.bases import ResolvedBase, resolve_base
+from amber.daemon.build.beside import deferring, run_beside
 from amber.daemon.build.build import Build
 from amber.daemon.build.fetch import DigestMismatch, FetchLimits, fetch_sources
 from amber.daemon.build.keys import initial_key, step_key
@@ -95,6 +97,8 @@ class Executor:
         self.phases = Phases()
         #: The mount's timings until a step that ran on it records them.
         self._mount_timings: dict[str, float] | None = None
+        #: A step whose snapshot still commits in the background: recorded at ``_settle``.
+        self._unsettled: tuple[OverlayMount, Result, bytes] | None = None
 
     # -- the whole build ----------------------------------------------------
 
@@ -111,6 +115,9 @@ class Executor:
                 await self._run_steps()
             finally:
                 with trio.CancelScope(shield=True), self.phases.timed("unmount"):
+                    # A later step errored: the step before it is still cached.
+                    with suppress(FilesystemError):
+                        await self._settle()
                     await self._close_mount()
                 if self.ids is not None:  # its processes and mount are gone
                     self.ctx.id_pool.release(self.ids)
@@ -207,6 +214,7 @@ class Executor:
             with self.phases.timed("cache"):
                 hit = None if key in self._refused else await self._cached(index, key)
             if hit is not None:
+                await self._settle()
                 if hit.status == BuildStatus.FAILED:
                     await self._replay_failure(index, hit)
                     return None
@@ -225,6 +233,7 @@ class Executor:
                 return None
             states.append(after)
             index += 1
+        await self._settle()
         return states[-1]
 
     def _walk_back(self, index: int, keys: list[str], why: str) -> int:
@@ -391,6 +400,7 @@ class Executor:
         await self._make_local(index, tree)
         if self.mount is not None:
             # A later cache hit moved the state: start over on its tree.
+            await self._settle()
             await self._close_mount()
         if self.ids is None:
             try:
@@ -467,12 +477,15 @@ class Executor:
         log_path = self.ctx.step_log_path(b.id, index)
         step_log = StepLog(log_path, self.ctx.store, self.ctx.config.step_log_max)
         b.emit_log(step.name, step_log)
-        outcome = await self._sandboxed(index, mount, step_log)
+        outcome = await self._beside_settle(index, mount, step_log, phases)
         phases.add("sandbox_start", outcome.start_seconds)
         phases.add("run", outcome.seconds - outcome.start_seconds)
         phases.add("sandbox_end", outcome.end_seconds)
+        failed = outcome.exit_code != 0
+        # A step another follows commits its snapshot while the next one runs.
+        defer = not failed and index + 1 < len(spec.steps) and deferring()
         with phases.timed("snapshot"):
-            snap = await mount.snapshot()
+            snap = await mount.snapshot(defer=defer)
         state.snapshot_seconds = snap.stats.seconds
         self.mount_tree = snap.tree
         with phases.timed("log"):
@@ -480,7 +493,6 @@ class Executor:
         record_started = time.perf_counter()
         if step_log.truncated:
             b.note(f"step {step.name}: log truncated at {step_log.limit} bytes (step-log-max)")
-        failed = outcome.exit_code != 0
         result = Result(
             key=key,
             status=(BuildStatus.FAILED if failed else BuildStatus.SUCCESS).value,
@@ -495,10 +507,7 @@ class Executor:
             build_id=b.id,
             step=step.name,
         )
-        self.ctx.db.put_result(result)
-        if self.ctx.remote is not None:  # pushed in the background, never waited for
-            self.ctx.remote.enqueue(b, key)
-        self.presence.known_complete(snap.tree, over=self.mount_lower)
+        self._unsettled = (mount, result, snap.tree) if defer else self._record(result, snap.tree)
         status = StepStatus.FAILED if failed else StepStatus.RAN
         phases.add("record", time.perf_counter() - record_started)
         log.debug("build %s step %s phases: %s", b.id, step.name, phases.describe())
@@ -506,6 +515,36 @@ class Executor:
         if failed:
             self.state.freeze(index)
         return snap.tree, failed
+
+    async def _beside_settle(
+        self, index: int, mount: OverlayMount, step_log: StepLog, phases: Phases
+    ) -> StepOutcome:
+        """Run step ``index`` while the step before's snapshot commits; that step is
+        recorded as soon as it has (so a crash during this one still finds it cached)."""
+        if self._unsettled is None:
+            return await self._sandboxed(index, mount, step_log)
+        return await run_beside(
+            lambda: self._settle(phases), lambda: self._sandboxed(index, mount, step_log)
+        )
+
+    async def _settle(self, phases: Phases | None = None) -> None:
+        """Record the step whose snapshot committed in the background, once it has: a crash
+        before leaves it unrecorded (it reruns), never a result whose tree is not stored."""
+        pending, self._unsettled = self._unsettled, None
+        if pending is None:
+            return
+        mount, result, tree = pending
+        commit_seconds = await mount.settle()
+        if phases is not None:
+            phases.add("settle.commit", commit_seconds)
+        self._record(result, tree)
+
+    def _record(self, result: Result, after: bytes) -> None:
+        """A step's result into the cache (its after-tree committed to the store)."""
+        self.ctx.db.put_result(result)
+        if self.ctx.remote is not None:  # pushed in the background, never waited for
+            self.ctx.remote.enqueue(self.build, result.key)
+        self.presence.known_complete(after, over=self.mount_lower)
 
     async def _sandboxed(self, index: int, mount: OverlayMount, step_log: StepLog) -> StepOutcome:
         """Run step ``index`` in its sandbox, under its limits; a run that is no result errors."""

@@ -7,7 +7,8 @@ after each step, storing the log and recording the result. Knowing each of
 these separately is how the gap to a plain chroot is found, so every build
 keeps them: per build (``resolve_base``, ``sources``, ``unmount``, ...) and
 per step (``mount`` and its parts, ``sandbox_start``, ``run``,
-``sandbox_end``, ``snapshot``, ``log``, ``record``).
+``sandbox_end``, ``snapshot``, ``log``, ``record``, and ``settle.commit``:
+the step before's snapshot commit, which ran beside this step).
 """
 
 from __future__ import annotations
