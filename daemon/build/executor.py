@@ -21,7 +21,6 @@ stopped by the OOM killer or failed on a full state directory is
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import socket
@@ -46,7 +45,7 @@ from amber.daemon.context import DaemonContext
 from amber.daemon.errors import DaemonError
 from amber.daemon.remote.lookups import Prefetched
 from amber.daemon.remote.pull import Miss
-from amber.daemon.storage.db import BuildRecord, Result, StepRecord
+from amber.daemon.storage.db import Result
 from amber.daemon.storage.roots import build_state
 from amber.sandbox.digest import from_hex
 from amber.sandbox.fscontrol import FilesystemError, OverlayMount
@@ -575,31 +574,3 @@ class Executor:
 
 #: Free space under which a failed step is taken to have failed for want of it.
 FULL_BELOW = 64 << 20
-
-
-def new_build_records(build: Build, seq: int) -> tuple[BuildRecord, list[StepRecord]]:
-    spec = build.spec
-    record = BuildRecord(
-        id=build.id,
-        seq=seq,
-        uid=build.uid,
-        name=spec.name,
-        spec=json.dumps(spec.to_dict(), default=str),
-        spec_path=build.spec_path,
-        status=BuildStatus.QUEUED.value,
-        created=build.created,
-    )
-    steps = [
-        StepRecord(
-            build_id=build.id,
-            idx=i,
-            name=s.name,
-            key=None,
-            status=StepStatus.PENDING.value,
-            definition=json.dumps(
-                {**s.definition(), "env": spec.step_env(s), "workdir": spec.workdir}
-            ),
-        )
-        for i, s in enumerate(spec.steps)
-    ]
-    return record, steps

@@ -15,8 +15,9 @@ import trio
 
 from amber.daemon.build.build import Build
 from amber.daemon.build.buildid import make_build_id
-from amber.daemon.build.executor import Executor, new_build_records
+from amber.daemon.build.executor import Executor
 from amber.daemon.build.limits import Limits
+from amber.daemon.build.records import new_build_records
 from amber.daemon.build.spec import Spec
 from amber.daemon.build.state import BuildState, BuildStatus
 from amber.daemon.context import DaemonContext
