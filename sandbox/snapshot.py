@@ -185,7 +185,8 @@ class Snapshotter:
         # a tuple (hence the local names); everything else goes through
         # _other. Both calls name the file relative to the open directory,
         # the listxattr through the thread's own cwd (owncwd.py): no walk of
-        # the whole path twice a file.
+        # the whole path twice a file. A plain file's content is opened the
+        # same way, by its name alone (``plain_file``).
         dfd = os.open(upper, _DIR_FLAGS)
         own = self._own_cwd
         try:
@@ -203,7 +204,7 @@ class Snapshotter:
                     except OSError:
                         xattrs = []
                     if not xattrs:
-                        merged[name] = plain_file(path, rel, name, st)
+                        merged[name] = plain_file(name if own else path, rel, name, st)
                         continue
                 entry = self._other(
                     maker, path, rel, name, st, xattrs, merged.get(name), lower_path

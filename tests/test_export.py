@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import stat
 import subprocess
 from pathlib import Path
@@ -12,6 +13,9 @@ import pytest
 from amberd_process import Daemon
 from rootfs import make_busybox_root
 from tools import run
+
+from amber.daemon.oci.digests import pushed_check
+from amber.daemon.oci.layer import LayerInfo
 
 SPEC = """
 [build]
@@ -94,6 +98,56 @@ def test_push_to_a_registry(frozen, registry: str):
     assert done.returncode == 0, done.stderr
     info = json.loads(run(["skopeo", "inspect", "--tls-verify=false", f"docker://{ref}"]).stdout)
     assert info["Labels"]["org.amber.build"] == build
+
+
+def _manifest_layers(ref: str) -> list[str]:
+    raw = run(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"]).stdout
+    return [layer["digest"] for layer in json.loads(raw)["layers"]]
+
+
+def _pushed_rows(amberd: Daemon) -> sqlite3.Connection:
+    return sqlite3.connect(amberd.state / "layer-digests.db", isolation_level=None)
+
+
+def test_a_repeated_push_reuses_the_layers_pushed_before(frozen, registry: str, tmp_path: Path):
+    """Pushed layers are remembered by their trees; a row is used only where it checks out
+    and the registry has its blob, and a push to another repository writes the layers anew."""
+    amberd, build = frozen
+    ref = f"{registry}/amber/{build}:failed"
+    assert amberd.amber("export", build, "--push", ref).returncode == 0
+    first = _manifest_layers(ref)
+    with _pushed_rows(amberd) as db:
+        rows = db.execute("SELECT key, digest, diff_id, size, media_type FROM pushed").fetchall()
+        assert sorted(r[1] for r in rows) == sorted(first)
+        # Damaged: the first two rows' blobs swapped, their checks left as they were.
+        (k0, d0, *_), (k1, d1, *_) = rows[:2]
+        db.execute("UPDATE pushed SET digest = ? WHERE key = ?", (d1, k0))
+        db.execute("UPDATE pushed SET digest = ? WHERE key = ?", (d0, k1))
+    assert amberd.amber("export", build, "--push", ref).returncode == 0
+    assert _manifest_layers(ref) == first  # no row used: written and hashed again
+    with _pushed_rows(amberd) as db:
+        # Swapped again, with checks that agree: rows that are used as they are.
+        for (key, _, diff_id, size, media), digest in ((rows[0], d1), (rows[1], d0)):
+            check = pushed_check(key, LayerInfo(digest, diff_id, size, media))
+            db.execute(
+                "UPDATE pushed SET digest = ?, check_ = ? WHERE key = ?", (digest, check, key)
+            )
+    assert amberd.amber("export", build, "--push", ref).returncode == 0
+    swapped = _manifest_layers(ref)
+    assert sorted(swapped) == sorted(first) and swapped != first
+    with _pushed_rows(amberd) as db:
+        db.execute("DELETE FROM pushed")
+    assert amberd.amber("export", build, "--push", ref).returncode == 0
+    assert _manifest_layers(ref) == first
+    # Another repository has none of those blobs: every layer is written and sent again.
+    other = f"{registry}/elsewhere/{build}:failed"
+    done = amberd.amber("export", build, "--push", other)
+    assert done.returncode == 0, done.stderr
+    assert sorted(_manifest_layers(other)) == sorted(first)
+    layout, bundle = tmp_path / "layout", tmp_path / "bundle"
+    run(["skopeo", "copy", "--src-tls-verify=false", f"docker://{other}", f"oci:{layout}:img"])
+    run(["umoci", "unpack", "--rootless", "--image", f"{layout}:img", str(bundle)])
+    assert (bundle / "rootfs/build/src/added").read_bytes() == b"added\x00bytes"
 
 
 def test_import_on_another_machine_gives_the_same_bytes(frozen, daemon_root: Path):

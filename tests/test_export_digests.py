@@ -13,6 +13,7 @@ what shows the table is read at all.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -31,7 +32,7 @@ from tools import run
 from amber.daemon.oci import digests
 from amber.daemon.oci.digests import row_check
 from amber.daemon.oci.image import export_image, read_image
-from amber.daemon.oci.layer import KnownLayer
+from amber.daemon.oci.layer import KnownLayer, write_layer
 from amber.daemon.oci.spec import ImageConfig
 from amber.daemon.oci.stream import stream_docker_archive
 from amber.daemon.oci.tarstream import file_copier
@@ -193,3 +194,45 @@ def test_an_output_sendfile_refuses_gets_plain_writes(store: Store, layers, tmp_
     with open(tmp_path / "appended.tar", "ab") as f:
         stream_docker_archive(store, layers, CONFIG, f.write, tag="x:1", copy=file_copier(f))
     assert (tmp_path / "appended.tar").read_bytes() == plain.getvalue()
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs: a disk that fills up half way through a layer."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)])
+    try:
+        yield mnt
+    finally:
+        run(["umount", str(mnt)])
+
+
+def _layer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("layer-")]
+
+
+def test_a_full_disk_fails_the_export_and_leaves_no_thread(store: Store, layers, tiny_fs: Path):
+    """The writes happen on a thread of their own: their error must still reach the export."""
+    for compression in ("none", "gzip"):
+        # Unbuffered: no write left for closing the file to fail on, on this thread.
+        with pytest.raises(OSError) as caught, open(tiny_fs / "layer", "wb", buffering=0) as f:
+            write_layer(store, *layers[0], f, compression=compression)  # type: ignore[arg-type]
+        assert caught.value.errno == errno.ENOSPC
+        assert _layer_threads() == []
+        (tiny_fs / "layer").unlink()
+    with pytest.raises(OSError) as caught:
+        export_image(store, layers, CONFIG, tiny_fs / "full.tar")
+    assert caught.value.errno == errno.ENOSPC
+    assert list(tiny_fs.iterdir()) == []  # the part file is gone too
+    assert _layer_threads() == []
+
+
+def test_a_reader_going_away_fails_the_stream(store: Store, layers):
+    read_fd, write_fd = os.pipe()
+    reader = threading.Thread(target=lambda: (os.read(read_fd, 1 << 16), os.close(read_fd)))
+    reader.start()
+    with pytest.raises(BrokenPipeError), open(write_fd, "wb", buffering=1 << 20) as f:
+        stream_docker_archive(store, layers, CONFIG, f.write, tag="x:1", copy=file_copier(f))
+    reader.join()
+    assert _layer_threads() == []

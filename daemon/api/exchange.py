@@ -34,7 +34,7 @@ from amber.daemon.build.state import BuildStatus, StepStatus
 from amber.daemon.context import DaemonContext
 from amber.daemon.errors import BadArgs, ExportFailed, ImageError, NotFound, PermissionDenied
 from amber.daemon.oci.auth import Credentials, credentials_for, wire_credentials
-from amber.daemon.oci.digests import LayerDigests
+from amber.daemon.oci.digests import LayerDigests, PushKey
 from amber.daemon.oci.image import ExportResult, export_image, is_local_source, read_image
 from amber.daemon.oci.layer import KnownLayer, LayerInfo
 from amber.daemon.oci.registry import push_image
@@ -234,6 +234,7 @@ async def export_state(
             if state.build.base == "host" else None)  # fmt: skip
     digests = LayerDigests(ctx.config.state_dir / "layer-digests.db")
     known = _known_layers(digests, layers) if push is None else {}
+    pushed = _known_pushed(digests, layers) if push is not None else {}
     written: list[LayerInfo] = []
 
     def work() -> dict[str, Any]:
@@ -249,7 +250,8 @@ async def export_state(
             if push is not None:
                 (ctx.config.state_dir / "tmp").mkdir(mode=0o700, exist_ok=True)
                 digest = push_image(ctx.store, layers, config, push, insecure=insecure,
-                                    tmp_dir=ctx.config.state_dir / "tmp", credentials=credentials)  # fmt: skip
+                                    tmp_dir=ctx.config.state_dir / "tmp", credentials=credentials,
+                                    layer_cache=pushed)  # fmt: skip
                 return {"ref": push, "digest": digest, "layers": len(layers)}
             if stream_fd is not None:
                 name = tag or qualified_name(display_reference(ref))
@@ -274,8 +276,7 @@ async def export_state(
     with ctx.roots.hold(f"pull for the export of {state.build.id}") as pulled:
         await make_local(ctx, pulled, [t for pair in layers for t in pair if t], state.label)
         result = await trio.to_thread.run_sync(work)
-    if written:
-        _remember_layers(digests, layers, written)
+    _remember_layers(digests, layers, written or pushed)
     if note:
         result["note"] = note
     return result
@@ -292,11 +293,30 @@ def _known_layers(
         return {}
 
 
-def _remember_layers(
-    digests: LayerDigests, layers: list[tuple[bytes | None, bytes]], infos: list[LayerInfo]
-) -> None:
+def _known_pushed(
+    digests: LayerDigests, layers: list[tuple[bytes | None, bytes]]
+) -> dict[PushKey, LayerInfo]:
+    """The compressed layers pushed before (push_image's defaults: gzip, level 1)."""
     try:
-        digests.remember(layers, infos)
+        return digests.lookup_pushed([(b or b"", a, "gzip", 1) for b, a in layers])
+    except (sqlite3.Error, OSError) as exc:
+        log.warning("pushed layer digests unreadable, writing every layer: %s", exc)
+        return {}
+
+
+def _remember_layers(
+    digests: LayerDigests,
+    layers: list[tuple[bytes | None, bytes]],
+    infos: list[LayerInfo] | dict[PushKey, LayerInfo],
+) -> None:
+    """Record what was written: uncompressed layers in order, or a push's layer cache."""
+    try:
+        if not infos:
+            return
+        if isinstance(infos, dict):
+            digests.remember_pushed(infos)
+        else:
+            digests.remember(layers, infos)
     except (sqlite3.Error, OSError) as exc:
         log.warning("layer digests not recorded: %s", exc)
 

@@ -1,5 +1,11 @@
 """Layer digests remembered from earlier exports, so exporting the same trees again hashes nothing.
 
+Two tables: ``layers``, the uncompressed layers of ``amber export -o`` and
+``--to-engine`` (their diff_id and size: the bytes are written again, the
+hash is skipped), and ``pushed``, the compressed layers of ``amber export
+--push`` (blob digest, diff_id, size and media type: when the registry has
+that blob already, the layer is neither written nor hashed nor sent).
+
 A layer's uncompressed bytes are a function of its two trees (content
 addresses of everything in them, blobs included) and of the code that writes
 them (``layer``, ``tar``, the tree format). So the row of a layer is keyed
@@ -26,14 +32,16 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import closing
 from pathlib import Path
 
+from amber.daemon.oci import gzip as oci_gzip
 from amber.daemon.oci import layer as oci_layer
 from amber.daemon.oci import tar as oci_tar
 from amber.daemon.oci import tarstream
 from amber.daemon.oci.layer import KnownLayer, LayerInfo
+from amber.daemon.oci.spec import OCI_LAYER_GZIP
 from amber.sandbox import tree as treefmt
 
 LayerSpec = tuple[bytes | None, bytes]
@@ -46,8 +54,19 @@ CREATE TABLE IF NOT EXISTS layers (
     size INTEGER NOT NULL,
     used REAL NOT NULL,
     check_ TEXT NOT NULL           -- sha256 of key, diff_id and size: a damaged row is no row
+);
+CREATE TABLE IF NOT EXISTS pushed (
+    key TEXT PRIMARY KEY,          -- sha256 of (writer, compressor, compression, level, trees)
+    digest TEXT NOT NULL,          -- of the compressed blob
+    diff_id TEXT NOT NULL,
+    size INTEGER NOT NULL,         -- of the compressed blob
+    media_type TEXT NOT NULL,
+    used REAL NOT NULL,
+    check_ TEXT NOT NULL
 )
 """
+#: push_image's ``layer_cache`` key: (tree before or b"", tree after, compression, level)
+PushKey = tuple[bytes, bytes, str, int]
 
 
 def _writer_fingerprint() -> bytes:
@@ -73,6 +92,24 @@ def row_check(key: str, diff_id: str, size: int) -> str:
     return hashlib.sha256(f"{key}\0{diff_id}\0{size}".encode()).hexdigest()
 
 
+_COMPRESSOR = hashlib.sha256(Path(oci_gzip.__file__ or "").read_bytes()).digest()
+
+
+def pushed_key(key: PushKey) -> str:
+    """A compressed layer's row key: ``layer_key``'s, and the compressor's source and settings."""
+    before, after, compression, level = key
+    h = hashlib.sha256(b"amber compressed layer\0" + _COMPRESSOR)
+    h.update(f"{compression}\0{level}\0".encode())
+    h.update(layer_key(before or None, after).encode())
+    return h.hexdigest()
+
+
+def pushed_check(key: str, info: LayerInfo) -> str:
+    return hashlib.sha256(
+        f"{key}\0{info.digest}\0{info.diff_id}\0{info.size}\0{info.media_type}".encode()
+    ).hexdigest()
+
+
 class LayerDigests:
     """The table of known layers; one short connection per call."""
 
@@ -82,7 +119,7 @@ class LayerDigests:
     def _connect(self) -> sqlite3.Connection:
         os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=5)
-        conn.execute(_SCHEMA)
+        conn.executescript(_SCHEMA)
         return conn
 
     def lookup(self, layers: Sequence[LayerSpec]) -> dict[LayerSpec, KnownLayer]:
@@ -121,6 +158,49 @@ class LayerDigests:
             conn.execute(
                 "DELETE FROM layers WHERE key IN "
                 "(SELECT key FROM layers ORDER BY used DESC LIMIT -1 OFFSET ?)",
+                (MAX_ROWS,),
+            )
+
+    def lookup_pushed(self, keys: Sequence[PushKey]) -> dict[PushKey, LayerInfo]:
+        """The compressed layers among ``keys`` pushed before, by a row that checks out."""
+        found: dict[PushKey, LayerInfo] = {}
+        with self._closing() as conn:
+            for spec in keys:
+                key = pushed_key(spec)
+                row = conn.execute(
+                    "SELECT digest, diff_id, size, media_type, check_ FROM pushed WHERE key = ?",
+                    (key,),
+                ).fetchone()
+                if row is None or not all(isinstance(v, str) for v in (*row[:2], *row[3:])):
+                    continue
+                digest, diff_id, size, media_type, check = row
+                if not isinstance(size, int) or media_type != OCI_LAYER_GZIP:
+                    continue
+                info = LayerInfo(digest, diff_id, size, media_type)
+                if (
+                    _DIGEST.fullmatch(digest)
+                    and _DIGEST.fullmatch(diff_id)
+                    and check == pushed_check(key, info)
+                ):
+                    found[spec] = info
+        return found
+
+    def remember_pushed(self, layers: Mapping[PushKey, LayerInfo]) -> None:
+        """Record the compressed layers of a push (``push_image``'s ``layer_cache``)."""
+        now = time.time()
+        with self._closing() as conn:
+            for spec, info in layers.items():
+                if info.media_type != OCI_LAYER_GZIP:
+                    continue
+                key = pushed_key(spec)
+                conn.execute(
+                    "INSERT OR REPLACE INTO pushed VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (key, info.digest, info.diff_id, info.size, info.media_type, now,
+                     pushed_check(key, info)),
+                )  # fmt: skip
+            conn.execute(
+                "DELETE FROM pushed WHERE key IN "
+                "(SELECT key FROM pushed ORDER BY used DESC LIMIT -1 OFFSET ?)",
                 (MAX_ROWS,),
             )
 

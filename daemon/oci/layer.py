@@ -132,7 +132,8 @@ def write_layer(
         with as_store_owner():
             writer.diff_dir(before, after, b"")
         tar.write(oci_tar.END_OF_ARCHIVE)
-        tar.flush()
+        tar.finish()
+        tar.close()
         if gz is not None:
             gz.close()
         diff_id = known.diff_id if tar.hasher is None else "sha256:" + tar.hasher.hexdigest()

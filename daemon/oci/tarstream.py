@@ -6,6 +6,11 @@ the hash reads it on the side without holding the copy up:
 
 - small writes (headers, padding, small files) are gathered into chunks of
   about 1 MiB and written through the output's buffer;
+- while the layer is hashed, the writes and copies happen on a thread of
+  their own (``WriteThread``), in stream order: the walk (Python, the GIL)
+  formats the next headers and reads the next small files while the kernel
+  writes the last ones out, so the walk, the writing and the hash use both
+  cores (with the digest known, they happen inline: ``InlineWriter``);
 - a big file's content goes from its blob to the output with ``sendfile``,
   inside the kernel, never copied into Python (half the CPU of read and
   write);
@@ -130,6 +135,113 @@ class HashThread:
         self._thread.join()
 
 
+_Marker = type(threading.Lock())
+_WriteItem = bytes | tuple[bytes, int, int] | _Marker | None  # type: ignore[valid-type]
+
+
+class WriteThread:
+    """The output's writes and copies, done in order on a thread of their own.
+
+    At most ``_CHUNKS`` items wait (a chunk of about 1 MiB, or a big file's
+    descriptor, which the thread closes once copied), so a slow disk holds
+    the walk back rather than memory or descriptors growing. An error of the
+    output (a reader gone, a full disk) is raised, as it was raised, by the
+    next ``write``, ``copy`` or ``drain``; what waits after it is dropped.
+    """
+
+    def __init__(self, down: Callable[[bytes], object], copy: Copy | None) -> None:
+        self._down = down
+        self._copy = copy
+        self._queue: queue.SimpleQueue[_WriteItem] = queue.SimpleQueue()
+        self._slots = threading.BoundedSemaphore(_CHUNKS)
+        self._error: BaseException | None = None
+        self._drop = False
+        self._thread = threading.Thread(target=self._run, name="layer-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        get, down, copy = self._queue.get, self._down, self._copy
+        while (item := get()) is not None:
+            if type(item) is _Marker:
+                item.release()  # all before it is done: ``drain``
+                continue
+            try:
+                if type(item) is bytes:
+                    if self._error is None and not self._drop:
+                        down(item)
+                else:
+                    head, fd, size = item  # type: ignore[misc]
+                    try:
+                        if self._error is None and not self._drop:
+                            assert copy is not None
+                            if head:
+                                down(head)
+                            copy(fd, size)
+                    finally:
+                        os.close(fd)
+            except BaseException as exc:  # raised on the walk's thread
+                self._error = exc
+            finally:
+                self._slots.release()
+
+    def _put(self, item: bytes | tuple[bytes, int, int]) -> None:
+        if self._error is not None:
+            raise self._error
+        self._slots.acquire()
+        self._queue.put(item)
+
+    def write(self, data: bytes) -> None:
+        self._put(data)
+
+    def copy(self, head: bytes, fd: int, size: int) -> None:
+        """Write ``head``, then copy ``size`` bytes of ``fd`` out; the thread closes ``fd``."""
+        self._put((head, fd, size))
+
+    def drain(self) -> None:
+        """Wait until all given is written; raise the output's error if any."""
+        marker = threading.Lock()
+        marker.acquire()
+        self._queue.put(marker)
+        marker.acquire()  # released by the thread once it reaches the marker
+        if self._error is not None:
+            raise self._error
+
+    def close(self, *, discard: bool = False) -> None:
+        """End the thread once what waits is written (dropped with ``discard`` or after an error)."""
+        if self._thread.is_alive():
+            self._drop = discard
+            self._queue.put(None)
+            self._thread.join()
+
+
+class InlineWriter:
+    """``WriteThread``'s calls done at once, on the caller's thread.
+
+    For a layer whose digest is known: with no hash to overlap, a thread
+    for the writes saves no wall time on a busy machine and costs CPU (a
+    hand-over per chunk and per file).
+    """
+
+    def __init__(self, down: Callable[[bytes], object], copy: Copy | None) -> None:
+        self.write = down
+        self._copy = copy
+
+    def copy(self, head: bytes, fd: int, size: int) -> None:
+        try:
+            if head:
+                self.write(head)
+            assert self._copy is not None
+            self._copy(fd, size)
+        finally:
+            os.close(fd)
+
+    def drain(self) -> None:
+        pass
+
+    def close(self, *, discard: bool = False) -> None:
+        pass
+
+
 class TarStream:
     """The uncompressed tar: small writes gathered, big files copied, all hashed unless known."""
 
@@ -141,8 +253,9 @@ class TarStream:
         *,
         hash_it: bool,
     ):
-        self._down = down
-        self._copy = copy
+        # The writes on a thread of their own only where there is a hash to overlap.
+        self._writer = WriteThread(down, copy) if hash_it else InlineWriter(down, copy)
+        self._copies = copy is not None
         self._buf = bytearray()
         self.hasher = HashThread(open_blob) if hash_it else None
         self.size = 0
@@ -167,22 +280,38 @@ class TarStream:
         if self.hasher is not None:
             self.hasher.update(data)
         self.size += len(data)
-        self._down(data)
+        self._writer.write(data)
 
     def copies(self, size: int) -> bool:
         """Whether a file of ``size`` bytes goes through ``copy_file``."""
-        return self._copy is not None and size >= _SMALL
+        return self._copies and size >= _SMALL
 
     def copy_file(self, fd: int, digest: bytes, size: int) -> None:
-        """The first ``size`` bytes of ``fd``, the blob ``digest``, into the stream."""
-        self.flush()
-        assert self._copy is not None
-        self._copy(fd, size)
+        """The first ``size`` bytes of ``fd``, the blob ``digest``, into the stream.
+
+        The copy happens later, on the write thread, from a duplicate of
+        ``fd``: the caller closes ``fd`` when it likes.
+        """
+        head = b""
+        if self._buf:  # the file's header, in the same hand-over as its content
+            head = bytes(self._buf)
+            self._buf.clear()
+            if self.hasher is not None:
+                self.hasher.update(head)
+            self.size += len(head)
+        self._writer.copy(head, os.dup(fd), size)
         self.size += size
         if self.hasher is not None:
             self.hasher.update_file(digest, size)
 
+    def finish(self) -> None:
+        """Everything given, written out (the output may be used again after)."""
+        self.flush()
+        self._writer.drain()
+
     def close(self, *, discard: bool = False) -> None:
+        """End the threads; with ``discard``, write and hash nothing more."""
+        self._writer.close(discard=discard)
         if self.hasher is not None:
             self.hasher.close(discard=discard)
 

@@ -3,6 +3,7 @@
 
     python scripts/bench/files.py [--files 20000 [100000 ...]] [--pairs 3] [--builds 10]
                                   [--measure 1,10] [--work-dir DIR] [--ext4-image GIB]
+                                  [--file-size BYTES]
 
 Steps that create many files (a node_modules, a kernel's object tree) must
 run at native speed in every build of a daemon, and the snapshot of what
@@ -13,7 +14,9 @@ after another in that daemon, each a one-step spec on the ``host`` base::
 
     mkdir d && cd d && seq 1 N | xargs touch
 
-with a fresh key salt, so every build runs the step. The builds named by
+with a fresh key salt, so every build runs the step (with ``--file-size
+BYTES``, files of that many bytes, each of its own content, written by a
+shell loop instead of ``touch``). The builds named by
 ``--measure`` (default: the first and the last, e.g. 1 and 10) are each
 paired with the same command run natively just before, in a fresh directory
 on the same disk, followed by ``tar -cf`` of what it made. Dirty data is
@@ -66,15 +69,23 @@ STEP_TARGET, SNAPSHOT_TARGET = 1.10, 2.0
 AUTO_IMAGE_GIB = 8  # sparse: room for 2 x 100,000 inodes (one per 16 KiB) and the store
 
 
+#: Bytes in each file the step makes (``--file-size``); 0: empty files, made by touch.
+FILE_SIZE = 0
+
+
 def step_command(files: int) -> str:
-    return f"mkdir d && cd d && seq 1 {files} | xargs touch"
+    if not FILE_SIZE:
+        return f"mkdir d && cd d && seq 1 {files} | xargs touch"
+    # Each file its own content (its number, zero-padded to the size): no two share a blob.
+    fill = f"for i; do printf %0{FILE_SIZE}d $i > $i; done"
+    return f"mkdir d && cd d && seq 1 {files} | xargs sh -c '{fill}' sh"
 
 
 def spec_text(files: int, salt: str, command: str | None = None) -> str:
     run = step_command(files) if command is None else command
     return (
         f'[build]\nname = "files-bench"\nbase = "host"\nkey_salt = "{salt}"\n\n'
-        f'[[step]]\nname = "create"\nrun = "{run}"\n'
+        f"[[step]]\nname = \"create\"\nrun = '''{run}'''\n"
     )
 
 
@@ -229,7 +240,12 @@ def main() -> None:
                         "loop-mounted in the work directory (README: why a step took 3 s, then "
                         "15 s); the default when the work directory is on ext4 without a "
                         f"journal, with {AUTO_IMAGE_GIB} GiB; 0: never")  # fmt: skip
+    parser.add_argument("--file-size", type=int, default=0, metavar="BYTES",
+                        help="bytes in each file, each file its own content (default 0: "
+                        "empty files by touch; the issue's other case is 1024)")  # fmt: skip
     args = parser.parse_args()
+    global FILE_SIZE
+    FILE_SIZE = args.file_size
     if os.geteuid() != 0:
         raise SystemExit("files.py: run as root (amberd mounts and sandboxes)")
     if args.pairs < 1 or args.builds < 1 or min(args.files) < 1:
