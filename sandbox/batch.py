@@ -5,7 +5,8 @@ batch's temporary files are made durable with one ``syncfs``, and only then
 renamed to their digest; a second ``syncfs`` makes the renames durable
 before the caller records anything that refers to them. So a digest path
 never holds partial content, and one batch costs two syncs however many
-objects it writes. Only ``Store`` (store.py) makes batches: ``Store.batch()``.
+objects it writes (``commit_all``: however many batches; a pull commits
+its layers together). Only ``Store`` (store.py) makes batches: ``Store.batch()``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .fileio import syncfs
@@ -35,12 +37,16 @@ class Batch:
         self._present: set[bytes] = set()
         self.written = 0  # objects this batch added to the store
         self.bytes_written = 0
+        self._temp_prefix = os.path.join(store.tmp_dir, secrets.token_hex(12))
+        self._temps = 0
 
     # The store is root's even while this thread reads a user's files as
     # that user (fsidentity.py): every write to it goes through as_store_owner.
 
     def new_temp(self) -> tuple[int, str]:
-        path = os.path.join(self._store.tmp_dir, secrets.token_hex(12))
+        # A random name per batch, counted per file: a pull makes thousands.
+        self._temps += 1
+        path = f"{self._temp_prefix}-{self._temps}"
         with as_store_owner():
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
         return fd, path
@@ -77,18 +83,9 @@ class Batch:
             os.unlink(temp_path)
 
     def commit(self) -> None:
-        if not self._pending:
-            return
-        self._store.check_lease()  # the renames are what a GC could race with
-        with as_store_owner():
-            fd = os.open(self._store.tmp_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                syncfs(fd)
-                for temp, final in self._pending:
-                    os.rename(temp, final)
-                syncfs(fd)
-            finally:
-                os.close(fd)
+        commit_all([self])
+
+    def _committed(self) -> None:
         self._pending.clear()
         self.pending_trees.clear()
         self.pending_blobs.clear()
@@ -111,3 +108,30 @@ class Batch:
             self.commit()
         else:
             self.abort()
+
+
+def commit_all(batches: Sequence[Batch]) -> None:
+    """Commit ``batches`` (of one store) with one pair of syncfs for them all.
+
+    A pull writes each layer in a batch of its own, so one that fails leaves
+    nothing, and commits the layers that arrived together: two syncs a pull,
+    not two a layer (each syncfs flushes the whole filesystem, other writers'
+    data included).
+    """
+    batches = [b for b in batches if b._pending]
+    if not batches:
+        return
+    for batch in batches:
+        batch._store.check_lease()  # the renames are what a GC could race with
+    with as_store_owner():
+        fd = os.open(batches[0]._store.tmp_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            syncfs(fd)
+            for batch in batches:
+                for temp, final in batch._pending:
+                    os.rename(temp, final)
+            syncfs(fd)
+        finally:
+            os.close(fd)
+    for batch in batches:
+        batch._committed()

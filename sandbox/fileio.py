@@ -73,7 +73,7 @@ def object_matches(path: str, name: str) -> bool:
     return digest.hex() == name
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)

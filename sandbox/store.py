@@ -228,14 +228,21 @@ class Store:
 
     def put_blob_bytes(self, data: bytes, batch: Batch) -> bytes:
         digest = hash_bytes(data)
-        if not batch.has_blob(digest):
-            fd, temp = batch.new_temp()
-            try:
-                write_all(fd, data)
-            finally:
-                os.close(fd)
-            batch.adopt_blob(temp, digest, len(data), absent=True)
+        self.put_blob_hashed(digest, data, batch)
         return digest
+
+    def put_blob_hashed(self, digest: bytes, data: bytes | memoryview, batch: Batch) -> bool:
+        """``put_blob_bytes`` of data the caller has hashed to ``digest`` (a pack's
+        objects: checked as they arrive, not hashed twice); whether it wrote it."""
+        if batch.has_blob(digest):
+            return False
+        fd, temp = batch.new_temp()
+        try:
+            write_all(fd, data)
+        finally:
+            os.close(fd)
+        batch.adopt_blob(temp, digest, len(data), absent=True)
+        return True
 
     def put_blob_fd(self, src: int, size: int, batch: Batch) -> bytes:
         """Store ``size`` bytes of ``src`` (read with pread, holes preserved)."""

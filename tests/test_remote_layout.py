@@ -44,6 +44,28 @@ def test_a_pack_round_trips_and_refuses_a_changed_byte():
         list(layout.decode_pack(bytes(bad)))
 
 
+def test_a_pack_read_as_it_arrives_in_any_chunks_gives_the_same_checked_objects():
+    items = [(BLOB, hash_bytes(b"x" * n), b"x" * n) for n in (0, 1, 100, 70_000)]
+    items.append((TREE, hash_bytes(b"tree"), b"tree"))
+    data = layout.encode_pack(items)
+    for size in (1, 7, 4096, len(data)):
+        reader = layout.PackReader()
+        got = []
+        for at in range(0, len(data), size):
+            got += [(k, d, bytes(b)) for k, d, b in reader.feed(data[at : at + size])]
+        reader.finish()
+        assert got == items, size
+    for cut in (3, len(data) - 1):  # inside the magic, inside the last object
+        reader = layout.PackReader()
+        list(reader.feed(data[:cut]))
+        with pytest.raises(LayoutError, match=r"not an amber pack|ends inside"):
+            reader.finish()
+    bad = bytearray(data)
+    bad[len(data) // 2] ^= 1  # inside the 70,000-byte object
+    with pytest.raises(LayoutError, match="BLAKE3"):
+        list(layout.PackReader().feed(bytes(bad)))
+
+
 def test_the_tag_is_within_the_registry_grammar():
     key = "ab" * 32
     tag = layout.tag_for(key)

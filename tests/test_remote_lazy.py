@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from registry_proxy import RegistryProxy, kill_registry, restart_registry
 from test_remote import FAILING, SPEC, host, notes, public, statuses, wait_pushed, write_spec
+from test_remote_share import keys_of, said, uploaded_or_downloaded
+from tools import need
 
 from amber.daemon.build.spec_model import DEFAULT_WORKDIR
 from amber.daemon.oci.registry import RegistryClient
@@ -297,3 +302,51 @@ def test_a_pin_on_remote_hits_tags_them_there_and_downloads_no_layer(daemon_root
         finally:
             b.stop()
             a.stop()
+
+
+@contextlib.contextmanager
+def syncfs_calls(daemon) -> Iterator[list[str]]:
+    """The syncfs(2) calls ``daemon`` makes (every thread) while the block runs, by strace."""
+    need("strace")
+    out = daemon.root / "strace.out"
+    tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=syncfs", "-o", str(out),
+                               "-p", str(daemon.process.pid)], stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 10
+    while not out.exists() and time.monotonic() < deadline:  # attached
+        time.sleep(0.05)
+    time.sleep(0.3)
+    calls: list[str] = []
+    try:
+        yield calls
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(10)
+        calls += [line for line in out.read_text().splitlines() if "syncfs(" in line]
+
+
+def test_a_pull_says_every_byte_it_downloaded_and_commits_its_layers_together(
+    daemon_root, registry
+):
+    with a_and_b(daemon_root, registry) as (a, b, proxy):
+        code, report = a.build_json(write_spec(daemon_root, MANY_BIG.format(x=1)))
+        assert code == 0
+        wait_pushed(registry, 2)
+        key = keys_of(a, report["build"])[0]
+        doc = json.loads(RegistryClient(registry).get_manifest("amber/trunk", "step-" + key)[0])
+        sizes = {d["digest"]: d["size"] for d in doc["layers"]}
+        assert len(sizes) >= 12  # the log, ten big files, a pack or more
+        proxy.blob_delay = 0.2  # the layers' downloads overlap
+        with syncfs_calls(b) as calls:
+            pulled = b.amber("pull", key)
+        assert pulled.returncode == 0, said(pulled)
+        fetched = [g for g in proxy.blob_gets if g in sizes]
+        assert proxy.max_in_flight == 4 and len(fetched) >= 11
+        assert uploaded_or_downloaded(said(pulled), "downloaded") == sum(sizes[g] for g in fetched)
+        # Layers arrive into batches of their own, committed together: not two syncs a layer.
+        assert len(calls) < 2 * len(fetched), calls
+        # What arrived is whole: the next step runs on it, with the remote off.
+        code, built = b.build_json(write_spec(daemon_root, MANY_BIG.format(x=1)), "--no-remote")
+        assert code == 0 and statuses(built) == ["cached", "ran"], built
+        shell = b.amber("shell", built["build"], "--", "cat", "total")
+        assert shell.stdout == b"12000000\n", shell.stderr
+        fsck_clean(b)

@@ -121,23 +121,63 @@ def encode_pack(items: Iterable[tuple[int, bytes, bytes]]) -> bytes:
 
 def decode_pack(data: bytes) -> Iterator[tuple[int, bytes, bytes]]:
     """The objects of a pack, each checked against its BLAKE3 digest."""
-    if not data.startswith(_MAGIC):
-        raise LayoutError("not an amber pack")
-    at = len(_MAGIC)
-    while at < len(data):
-        if at + _HEAD.size + DIGEST_SIZE > len(data):
-            raise LayoutError("pack ends inside an object header")
-        kind, size = _HEAD.unpack_from(data, at)
-        at += _HEAD.size
-        digest = data[at : at + DIGEST_SIZE]
-        at += DIGEST_SIZE
-        body = data[at : at + size]
-        at += size
-        if len(body) != size or kind not in (TREE, BLOB):
-            raise LayoutError("pack object truncated or of no known kind")
-        if hash_bytes(body) != digest:
-            raise LayoutError(f"pack object {digest.hex()[:12]} does not match its BLAKE3 digest")
-        yield kind, digest, body
+    reader = PackReader()
+    yield from reader.feed(data)
+    reader.finish()
+
+
+class PackReader:
+    """A pack read as it arrives: ``feed`` it chunks, it yields whole objects.
+
+    Each object is checked against its BLAKE3 digest before it is yielded,
+    so a puller writes it out while the rest downloads and holds at most one
+    object and one chunk in memory, never the whole pack. ``need`` is how
+    many bytes the object being read still lacks (read at least that much
+    next: a large object then costs one copy, not one per chunk).
+    """
+
+    def __init__(self) -> None:
+        self._rest = b""
+        self._magic = False
+        self.need = len(_MAGIC)
+
+    def feed(self, chunk: bytes) -> Iterator[tuple[int, bytes, bytes]]:
+        data = self._rest + chunk if self._rest else chunk
+        at = 0
+        if not self._magic:
+            if len(data) < len(_MAGIC):
+                self._rest, self.need = data, len(_MAGIC) - len(data)
+                return
+            if not data.startswith(_MAGIC):
+                raise LayoutError("not an amber pack")
+            self._magic, at = True, len(_MAGIC)
+        view = memoryview(data)
+        head = _HEAD.size + DIGEST_SIZE
+        while True:
+            if len(data) - at < head:
+                self.need = head - (len(data) - at)
+                break
+            kind, size = _HEAD.unpack_from(data, at)
+            if kind not in (TREE, BLOB):
+                raise LayoutError("pack object of no known kind")
+            end = at + head + size
+            if end > len(data):
+                self.need = end - len(data)
+                break
+            digest = data[at + _HEAD.size : at + head]
+            body = view[at + head : end]
+            if hash_bytes(body) != digest:
+                raise LayoutError(
+                    f"pack object {digest.hex()[:12]} does not match its BLAKE3 digest"
+                )
+            yield kind, digest, body.tobytes() if kind == TREE else body
+            at = end
+        self._rest = data[at:]
+
+    def finish(self) -> None:
+        """The pack ended: refuse one cut inside an object (or before its magic)."""
+        if self._rest or not self._magic:
+            raise LayoutError("pack ends inside an object" if self._magic else "not an amber pack")
 
 
 def config_blob(result: dict[str, Any], amber_version: str) -> bytes:

@@ -12,9 +12,10 @@ A pull is resumable: a tree whose closure is in the store costs no request,
 packs a pull applied before are skipped (``remote_packs``, emptied by GC),
 and big blobs are fetched only when the tree needs them and the store lacks
 them (a big blob cut off midway starts again). Layers are fetched
-``LAYERS_AT_ONCE`` at a time, each on a worker thread of its own, each its
-own batch (``pull.fetch_layer``). Whatever fails is a ``pull.Miss`` with a
-reason: for a build, the step whose result could not be fetched reruns
+``LAYERS_AT_ONCE`` at a time, each on a worker thread of its own, each
+written as it arrives into a batch of its own (``pull.fetch_layer``); the
+layers that arrived are committed together (``_Arrived``). Whatever fails
+is a ``pull.Miss`` with a reason: for a build, the step whose result could not be fetched reruns
 (``executor.py``); for a shell or export, the user reads why.
 """
 
@@ -35,6 +36,8 @@ from amber.daemon.remote.layout import Layer, LayoutError, StepManifest
 from amber.daemon.remote.pull import Miss
 from amber.daemon.storage.db import RemoteRecord
 from amber.sandbox import tree as treefmt
+from amber.sandbox.batch import Batch, commit_all
+from amber.sandbox.fileio import start_syncfs
 from amber.sandbox.store import StoreError
 
 if TYPE_CHECKING:
@@ -144,38 +147,45 @@ class LazyPulls:
         self, store: Store, remote: Remote, layers: list[Layer],
         on_done: Callable[[str], None] | None = None,
     ) -> int:  # fmt: skip
-        """Fetch ``layers``, ``LAYERS_AT_ONCE`` at a time; the first failure stops the rest."""
+        """Fetch ``layers``, ``LAYERS_AT_ONCE`` at a time; the first failure stops the rest.
+
+        Each layer arrives into a batch of its own (one that fails leaves
+        nothing); those that arrived are committed together at the end, even
+        when another failed or the pull is cancelled, so a later pull skips
+        them: two syncfs a pull, not two a layer.
+        """
         if not layers:
             return 0
         limiter = trio.CapacityLimiter(LAYERS_AT_ONCE)
         stop = threading.Event()
         clients: queue.SimpleQueue[RegistryClient] = queue.SimpleQueue()
+        arrived = _Arrived(store.tmp_dir)
         failures: list[Miss] = []
-        read = [0]
 
-        def one_sync(layer: Layer) -> int:
+        def one_sync(layer: Layer) -> None:
             try:
                 client = clients.get_nowait()
             except queue.Empty:
                 client = self.client_for(remote)
+            batch = store.batch()
             try:
-                return pull.fetch_layer(store, client, remote, layer, stop)
+                read = pull.fetch_layer(store, client, remote, layer, stop, batch)
+            except BaseException:
+                batch.abort()
+                raise
             finally:
                 clients.put(client)
+            arrived.add(layer, batch, read)
 
         async def one(layer: Layer) -> None:
             if stop.is_set():
                 return
             try:
-                read[0] += await trio.to_thread.run_sync(
-                    one_sync, layer, limiter=limiter, abandon_on_cancel=True
-                )
+                await trio.to_thread.run_sync(one_sync, layer, limiter=limiter,
+                                              abandon_on_cancel=True)  # fmt: skip
             except (Miss, OciError, StoreError, OSError) as exc:
                 failures.append(exc if isinstance(exc, Miss) else Miss(f"{remote.url}: {exc}"))
                 stop.set()
-                return
-            if on_done is not None:
-                on_done(layer.digest)
 
         try:
             async with trio.open_nursery() as nursery:
@@ -185,9 +195,52 @@ class LazyPulls:
             stop.set()  # cancelled: abandoned threads stop at their next chunk
             while not clients.empty():
                 clients.get_nowait().close()
+            with trio.CancelScope(shield=True):
+                done, read = await trio.to_thread.run_sync(arrived.commit, remote.url, failures)
+            for layer in done if on_done is not None else ():
+                on_done(layer.digest)  # type: ignore[misc]
         if failures:
             raise failures[0]
-        return read[0]
+        return read
+
+
+class _Arrived:
+    """The layers of one fetch that arrived whole, in batches waiting to be committed together.
+
+    Each arrival starts a flush of the filesystem in the background (one at
+    a time), so the disk writes what arrived while the rest downloads and the
+    commit's syncfs has little left to wait for. A thread abandoned by a
+    cancelled pull may finish its layer after the commit: its batch is
+    aborted then (nothing of it left in ``tmp/``).
+    """
+
+    def __init__(self, tmp_dir: str) -> None:
+        self._tmp_dir = tmp_dir
+        self._lock = threading.Lock()
+        self._batches: list[tuple[Layer, Batch, int]] | None = []
+        self._flush: threading.Thread | None = None
+
+    def add(self, layer: Layer, batch: Batch, read: int) -> None:
+        with self._lock:
+            if self._batches is not None:
+                self._batches.append((layer, batch, read))
+                if self._flush is None or not self._flush.is_alive():
+                    self._flush = start_syncfs(self._tmp_dir)
+                return
+        batch.abort()
+
+    def commit(self, url: str, failures: list[Miss]) -> tuple[list[Layer], int]:
+        """Commit every batch that arrived; the layers and the bytes read (a failure noted)."""
+        with self._lock:
+            batches, self._batches = self._batches or [], None
+        try:
+            commit_all([batch for _, batch, _ in batches])
+        except (StoreError, OSError) as exc:
+            for _, batch, _ in batches:
+                batch.abort()
+            failures.insert(0, Miss(f"cannot store what {url} sent: {exc}"))
+            return [], 0
+        return [layer for layer, _, _ in batches], sum(read for _, _, read in batches)
 
 
 def _wanted_blobs(store: Store, tree: bytes, bigs: dict[bytes, Layer]) -> list[Layer]:

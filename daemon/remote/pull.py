@@ -15,6 +15,7 @@ import hashlib
 import http.client
 import os
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -25,7 +26,8 @@ from amber.daemon.remote import layout, trust
 from amber.daemon.remote.config import Remote
 from amber.daemon.remote.layout import TREE, Layer, LayoutError, StepManifest
 from amber.sandbox import tree as treefmt
-from amber.sandbox.digest import new_hasher
+from amber.sandbox.batch import Batch
+from amber.sandbox.digest import CHUNK, new_hasher
 from amber.sandbox.fileio import write_all
 from amber.sandbox.store import Store, StoreError
 
@@ -101,64 +103,93 @@ def _blob(client: RegistryClient, repo: str, digest: str, limit: int, exact: boo
 
 
 def fetch_layer(
-    store: Store, client: RegistryClient, remote: Remote, layer: Layer, stop: threading.Event
-) -> int:
-    """One layer's objects into the store, in a batch of its own; the bytes read.
+    store: Store, client: RegistryClient, remote: Remote, layer: Layer, stop: threading.Event,
+    batch: Batch | None = None,
+) -> int:  # fmt: skip
+    """One layer's objects into the store; the bytes read.
 
-    A pack's objects, or one blob (a big file, a log). ``stop`` set: give up
-    between chunks (another layer of the same pull failed).
+    A pack's objects, or one blob (a big file, a log), written out as they
+    arrive (checked against their BLAKE3 digests first) into ``batch``: the
+    caller's, who commits it (``lazy.py``: a pull's layers together) or
+    aborts it when this raises; else one of its own, committed here. The
+    layer's sha256 is checked once it has all arrived: the batch is never
+    committed before. ``stop`` set: give up between chunks (another layer of
+    the same pull failed).
     """
+    if batch is None:
+        with store.batch() as own:
+            return fetch_layer(store, client, remote, layer, stop, own)
     try:
         if layer.blake3 is not None:
-            return _big_blob(store, client, remote.repository, layer, stop)
-        data = _blob(client, remote.repository, layer.digest, layer.size, exact=True)
-        with store.batch() as batch:
-            for kind, digest, body in layout.decode_pack(data):
-                if kind == TREE:
-                    got = store.put_tree(treefmt.decode(body), batch)
-                else:
-                    got = store.put_blob_bytes(body, batch)
-                if got != digest:
-                    raise Miss(f"object {digest.hex()[:12]} does not re-encode to its digest")
-        return len(data)
+            return _big_blob(store, client, remote.repository, layer, stop, batch)
+        return _pack(store, client, remote.repository, layer, stop, batch)
     except (OciError, LayoutError, treefmt.TreeFormatError) as exc:
         raise Miss(f"{remote.url}: {exc}") from None
     except StoreError as exc:
         raise Miss(f"cannot store what {remote.url} sent: {exc}") from None
 
 
+def _arriving(
+    client: RegistryClient, repo: str, layer: Layer, stop: threading.Event,
+    want: Callable[[], int] = lambda: 0,
+) -> Iterator[bytes]:  # fmt: skip
+    """The layer's bytes as they arrive, never more than its size; at the end a ``Miss``
+    unless they are all there and match its sha256. ``want``: bytes the reader needs next."""
+    sha, size = hashlib.sha256(), 0
+    try:
+        with client.stream(f"/v2/{repo}/blobs/{layer.digest}") as body:
+            while chunk := body.read(min(max(want(), CHUNK), layer.size - size + 1)):
+                size += len(chunk)
+                if size > layer.size:
+                    raise Miss(f"blob {layer.digest} is larger than announced")
+                if stop.is_set():
+                    raise Miss("given up: another layer failed")
+                sha.update(chunk)
+                yield chunk
+    except (OSError, http.client.HTTPException) as exc:
+        raise Miss(f"blob {layer.digest} did not arrive whole: {exc}") from None
+    if size != layer.size:
+        raise Miss(f"blob {layer.digest} ended after {size} of {layer.size} bytes")
+    if f"sha256:{sha.hexdigest()}" != layer.digest:
+        raise Miss(f"blob {layer.digest} does not match its sha256 digest")
+
+
+def _pack(
+    store: Store, client: RegistryClient, repo: str, layer: Layer, stop: threading.Event,
+    batch: Batch,
+) -> int:  # fmt: skip
+    """A pack's objects, each written as soon as it has arrived and matched its BLAKE3."""
+    reader = layout.PackReader()
+    for chunk in _arriving(client, repo, layer, stop, lambda: reader.need):
+        for kind, digest, body in reader.feed(chunk):
+            if kind == TREE:
+                if store.put_tree(treefmt.decode(body), batch) != digest:
+                    raise Miss(f"object {digest.hex()[:12]} does not re-encode to its digest")
+            else:
+                store.put_blob_hashed(digest, body, batch)
+    reader.finish()
+    return layer.size
+
+
 def _big_blob(
-    store: Store, client: RegistryClient, repo: str, layer: Layer, stop: threading.Event
-) -> int:
+    store: Store, client: RegistryClient, repo: str, layer: Layer, stop: threading.Event,
+    batch: Batch,
+) -> int:  # fmt: skip
     """One big file, streamed to a temporary file, both digests checked before it is kept."""
     assert layer.blake3 is not None
-    with store.batch() as batch:
-        fd, temp = batch.new_temp()
-        sha, blake, size = hashlib.sha256(), new_hasher(layer.size), 0
-        try:
-            try:
-                with client.stream(f"/v2/{repo}/blobs/{layer.digest}") as body:
-                    while chunk := body.read(1 << 20):
-                        size += len(chunk)
-                        if size > layer.size:
-                            raise Miss(f"blob {layer.digest} is larger than announced")
-                        if stop.is_set():
-                            raise Miss("given up: another layer failed")
-                        sha.update(chunk)
-                        blake.update(chunk)
-                        write_all(fd, chunk)
-            except (OSError, http.client.HTTPException) as exc:
-                raise Miss(f"blob {layer.digest} did not arrive whole: {exc}") from None
-        except BaseException:
-            os.close(fd)
-            batch.discard(temp)
-            raise
+    fd, temp = batch.new_temp()
+    blake = new_hasher(layer.size)
+    try:
+        for chunk in _arriving(client, repo, layer, stop):
+            blake.update(chunk)
+            write_all(fd, chunk)
+    except BaseException:
         os.close(fd)
-        if size != layer.size:
-            batch.discard(temp)
-            raise Miss(f"blob {layer.digest} ended after {size} of {layer.size} bytes")
-        if f"sha256:{sha.hexdigest()}" != layer.digest or blake.digest() != layer.blake3:
-            batch.discard(temp)
-            raise Miss(f"blob {layer.digest} does not match its sha256 or BLAKE3 digest")
-        batch.adopt_blob(temp, layer.blake3, size)
-    return size
+        batch.discard(temp)
+        raise
+    os.close(fd)
+    if blake.digest() != layer.blake3:
+        batch.discard(temp)
+        raise Miss(f"blob {layer.digest} does not match its BLAKE3 digest")
+    batch.adopt_blob(temp, layer.blake3, layer.size)
+    return layer.size
