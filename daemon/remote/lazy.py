@@ -39,6 +39,7 @@ from amber.sandbox import tree as treefmt
 from amber.sandbox.batch import Batch, commit_all
 from amber.sandbox.fileio import start_syncfs
 from amber.sandbox.store import StoreError
+from amber.sandbox.tree import Entry
 
 if TYPE_CHECKING:
     from amber.daemon.context import DaemonContext
@@ -125,14 +126,17 @@ class LazyPulls:
         self, hold: Hold, check: ClosureCheck, record: RemoteRecord, manifest: StepManifest,
         tree: bytes, *, skip_applied: bool = True,
     ) -> int:  # fmt: skip
-        """Packs (less those applied before), then the big blobs the tree lacks, then a check."""
+        """Packs (less those applied before), then the big blobs the tree lacks (committed
+        together), then a check."""
         db, remote = self.ctx.db, Remote(record.url)
         applied = db.applied_packs() if skip_applied else set()
         packs = [p for p in manifest.packs if p.digest not in applied]
-        read = await self._fetch(hold.store, remote, packs, on_done=db.pack_applied)
         bigs = {la.blake3: la for la in manifest.big_blobs if la.media_type != layout.LOG_TYPE}
-        wanted = await trio.to_thread.run_sync(_wanted_blobs, hold.store, tree, bigs)
-        read += await self._fetch(hold.store, remote, wanted)
+
+        def wanted(trees: dict[bytes, list[Entry]]) -> list[Layer]:
+            return _wanted_blobs(hold.store, tree, bigs, trees)
+
+        read = await self._fetch(hold.store, remote, packs, on_done=db.pack_applied, then=wanted)
         missing = await trio.to_thread.run_sync(check.missing, [tree], [])
         if missing is None:
             return read
@@ -146,36 +150,59 @@ class LazyPulls:
     async def _fetch(
         self, store: Store, remote: Remote, layers: list[Layer],
         on_done: Callable[[str], None] | None = None,
+        then: Callable[[dict[bytes, list[Entry]]], list[Layer]] | None = None,
     ) -> int:  # fmt: skip
-        """Fetch ``layers``, ``LAYERS_AT_ONCE`` at a time; the first failure stops the rest.
+        """Fetch ``layers``, then ``then``'s layers (from the trees they brought); the bytes read.
 
-        Each layer arrives into a batch of its own (one that fails leaves
+        ``LAYERS_AT_ONCE`` at a time, the first failure stops the rest. Each
+        layer arrives into a batch of its own (one that fails leaves
         nothing); those that arrived are committed together at the end, even
         when another failed or the pull is cancelled, so a later pull skips
-        them: two syncfs a pull, not two a layer.
+        them (``on_done``, for each of ``layers`` committed): two syncfs a
+        pull, not two a layer.
         """
+        arrived = _Arrived(store.tmp_dir)
+        failures: list[Miss] = []
+        try:
+            await self._fetch_into(store, remote, layers, arrived, failures)
+            if then is not None and not failures:
+                more = await trio.to_thread.run_sync(then, arrived.trees)
+                await self._fetch_into(store, remote, more, arrived, failures)
+        finally:
+            with trio.CancelScope(shield=True):
+                done, read = await trio.to_thread.run_sync(arrived.commit, remote.url, failures)
+            for layer in done if on_done is not None else ():
+                if layer in layers:
+                    on_done(layer.digest)  # type: ignore[misc]
+        if failures:
+            raise failures[0]
+        return read
+
+    async def _fetch_into(
+        self, store: Store, remote: Remote, layers: list[Layer], arrived: _Arrived,
+        failures: list[Miss],
+    ) -> None:  # fmt: skip
+        """Fetch ``layers`` into ``arrived``, each on a worker thread; failures noted."""
         if not layers:
-            return 0
+            return
         limiter = trio.CapacityLimiter(LAYERS_AT_ONCE)
         stop = threading.Event()
         clients: queue.SimpleQueue[RegistryClient] = queue.SimpleQueue()
-        arrived = _Arrived(store.tmp_dir)
-        failures: list[Miss] = []
 
         def one_sync(layer: Layer) -> None:
             try:
                 client = clients.get_nowait()
             except queue.Empty:
                 client = self.client_for(remote)
-            batch = store.batch()
+            batch, trees = store.batch(), {}
             try:
-                read = pull.fetch_layer(store, client, remote, layer, stop, batch)
+                read = pull.fetch_layer(store, client, remote, layer, stop, batch, trees)
             except BaseException:
                 batch.abort()
                 raise
             finally:
                 clients.put(client)
-            arrived.add(layer, batch, read)
+            arrived.add(layer, batch, read, trees)
 
         async def one(layer: Layer) -> None:
             if stop.is_set():
@@ -195,13 +222,6 @@ class LazyPulls:
             stop.set()  # cancelled: abandoned threads stop at their next chunk
             while not clients.empty():
                 clients.get_nowait().close()
-            with trio.CancelScope(shield=True):
-                done, read = await trio.to_thread.run_sync(arrived.commit, remote.url, failures)
-            for layer in done if on_done is not None else ():
-                on_done(layer.digest)  # type: ignore[misc]
-        if failures:
-            raise failures[0]
-        return read
 
 
 class _Arrived:
@@ -219,11 +239,13 @@ class _Arrived:
         self._lock = threading.Lock()
         self._batches: list[tuple[Layer, Batch, int]] | None = []
         self._flush: threading.Thread | None = None
+        self.trees: dict[bytes, list[Entry]] = {}  # of the layers that arrived: readable now
 
-    def add(self, layer: Layer, batch: Batch, read: int) -> None:
+    def add(self, layer: Layer, batch: Batch, read: int, trees: dict[bytes, list[Entry]]) -> None:
         with self._lock:
             if self._batches is not None:
                 self._batches.append((layer, batch, read))
+                self.trees.update(trees)
                 if self._flush is None or not self._flush.is_alive():
                     self._flush = start_syncfs(self._tmp_dir)
                 return
@@ -243,8 +265,13 @@ class _Arrived:
         return [layer for layer, _, _ in batches], sum(read for _, _, read in batches)
 
 
-def _wanted_blobs(store: Store, tree: bytes, bigs: dict[bytes, Layer]) -> list[Layer]:
+def _wanted_blobs(
+    store: Store, tree: bytes, bigs: dict[bytes, Layer], arrived: dict[bytes, list[Entry]]
+) -> list[Layer]:
     """The layers of ``bigs`` (big files by BLAKE3) that ``tree`` names and the store lacks.
+
+    Trees are read from ``arrived`` (the packs just fetched, not yet
+    committed) or else the store.
 
     Layers are not signed, the trees are (through the config): a layer whose
     size is not its file's is refused before a byte of it is read. A tree
@@ -259,7 +286,9 @@ def _wanted_blobs(store: Store, tree: bytes, bigs: dict[bytes, Layer]) -> list[L
             continue
         seen.add(digest)
         try:
-            entries = store.get_tree(digest)
+            entries = arrived.get(digest)
+            if entries is None:
+                entries = store.get_tree(digest)
         except StoreError as exc:
             raise Miss(f"the remote result does not hold tree {digest.hex()[:12]}: {exc}") from None
         for entry in entries:

@@ -30,6 +30,7 @@ from amber.sandbox.batch import Batch
 from amber.sandbox.digest import CHUNK, new_hasher
 from amber.sandbox.fileio import write_all
 from amber.sandbox.store import Store, StoreError
+from amber.sandbox.tree import Entry
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 
@@ -104,7 +105,7 @@ def _blob(client: RegistryClient, repo: str, digest: str, limit: int, exact: boo
 
 def fetch_layer(
     store: Store, client: RegistryClient, remote: Remote, layer: Layer, stop: threading.Event,
-    batch: Batch | None = None,
+    batch: Batch | None = None, trees: dict[bytes, list[Entry]] | None = None,
 ) -> int:  # fmt: skip
     """One layer's objects into the store; the bytes read.
 
@@ -114,15 +115,16 @@ def fetch_layer(
     aborts it when this raises; else one of its own, committed here. The
     layer's sha256 is checked once it has all arrived: the batch is never
     committed before. ``stop`` set: give up between chunks (another layer of
-    the same pull failed).
+    the same pull failed). ``trees``: gets each tree a pack brought, decoded.
     """
     if batch is None:
         with store.batch() as own:
-            return fetch_layer(store, client, remote, layer, stop, own)
+            return fetch_layer(store, client, remote, layer, stop, own, trees)
     try:
         if layer.blake3 is not None:
             return _big_blob(store, client, remote.repository, layer, stop, batch)
-        return _pack(store, client, remote.repository, layer, stop, batch)
+        return _pack(store, client, remote.repository, layer, stop, batch,
+                     {} if trees is None else trees)  # fmt: skip
     except (OciError, LayoutError, treefmt.TreeFormatError) as exc:
         raise Miss(f"{remote.url}: {exc}") from None
     except StoreError as exc:
@@ -156,15 +158,17 @@ def _arriving(
 
 def _pack(
     store: Store, client: RegistryClient, repo: str, layer: Layer, stop: threading.Event,
-    batch: Batch,
+    batch: Batch, trees: dict[bytes, list[Entry]],
 ) -> int:  # fmt: skip
     """A pack's objects, each written as soon as it has arrived and matched its BLAKE3."""
     reader = layout.PackReader()
     for chunk in _arriving(client, repo, layer, stop, lambda: reader.need):
         for kind, digest, body in reader.feed(chunk):
             if kind == TREE:
-                if store.put_tree(treefmt.decode(body), batch) != digest:
+                entries = treefmt.decode(body)
+                if store.put_tree(entries, batch) != digest:
                     raise Miss(f"object {digest.hex()[:12]} does not re-encode to its digest")
+                trees[digest] = entries
             else:
                 store.put_blob_hashed(digest, body, batch)
     reader.finish()
