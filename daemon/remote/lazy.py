@@ -21,6 +21,7 @@ is a ``pull.Miss`` with a reason: for a build, the step whose result could not b
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterable
@@ -247,7 +248,8 @@ class _Arrived:
                 self._batches.append((layer, batch, read))
                 self.trees.update(trees)
                 if self._flush is None or not self._flush.is_alive():
-                    self._flush = start_syncfs(self._tmp_dir)
+                    with contextlib.suppress(OSError):  # only a head start for the commit's
+                        self._flush = start_syncfs(self._tmp_dir)
                 return
         batch.abort()
 

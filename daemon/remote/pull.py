@@ -5,7 +5,8 @@ manifest unsigned or signed by no trusted key, a blob that does not arrive
 (whole) or does not match its sha256 or BLAKE3 digest. The caller reruns
 the step and notes why; nothing unverified is ever written to the store.
 Each layer is its own batch: what arrived and verified stays (a later pull
-skips it), a layer cut off midway leaves nothing. Which layers to fetch,
+skips it), a layer cut off midway leaves nothing; ``lazy.py`` commits the
+batches of one pull together. Which layers to fetch,
 and in parallel, is ``lazy.py``'s business.
 """
 
