@@ -83,10 +83,15 @@ class HelperError(Exception):
     """The helper did not start, died, or sent something that is not the protocol."""
 
 
+#: How long a new helper may take to say it is ready (a Python start-up: 20-40 ms).
+READY_SECONDS = 10.0
+
+
 class UserReader:
     """One helper process running as ``user``; use as a context manager."""
 
-    def __init__(self, user: User):
+    def __init__(self, user: User, *, handshake: bool = True):
+        """Start the helper; ``handshake=False`` leaves ``handshake()`` to the caller's thread."""
         self.user = user
         #: No request half done: the helper waits for the next one (see asuser_pool).
         self.idle = True
@@ -106,8 +111,17 @@ class UserReader:
             raise
         finally:
             theirs.close()
+        if handshake:
+            self.handshake()
+
+    def handshake(self) -> None:
+        """Wait for the helper's "ready" and check its ids, at most ``READY_SECONDS``: the
+        helper is the user's process, and one they stopped must not hold the daemon."""
+        user = self.user
         try:
+            self._sock.settimeout(READY_SECONDS)
             ready = self._message([])["ready"]
+            self._sock.settimeout(None)
             if user.uid != 0 and ready != [user.uid, user.gid, sorted(set(user.groups))]:
                 raise HelperError(f"the helper runs as {ready}, not {user}")
         except BaseException:

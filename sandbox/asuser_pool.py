@@ -52,7 +52,7 @@ class ReaderPool:
     @contextlib.contextmanager
     def lease(self, user: User) -> Iterator[UserReader]:
         """A helper for ``user``: kept afterwards if its last request ended cleanly."""
-        reader = self._take(user) or self._starter.submit(UserReader, user).result()
+        reader = self._take(user) or self._start(user)
         done = False
         try:
             yield reader
@@ -62,6 +62,13 @@ class ReaderPool:
                 self._give_back(reader)
             else:
                 reader.close()
+
+    def _start(self, user: User) -> UserReader:
+        """A new helper, forked on a long-lived thread (its death signal follows the thread)
+        but waited for on the caller's: a helper its user stops holds up no one else."""
+        reader = self._starter.submit(UserReader, user, handshake=False).result()
+        reader.handshake()
+        return reader
 
     def _take(self, user: User) -> UserReader | None:
         with self._lock:

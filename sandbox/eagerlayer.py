@@ -139,6 +139,9 @@ class EagerLayer:
             try:
                 if not stat.S_ISDIR(os.lstat(os.path.dirname(target)).st_mode):
                     continue
+            except FileNotFoundError:
+                continue  # its directory was left to the FUSE lower
+            try:
                 os.lstat(target)
                 continue  # already here
             except FileNotFoundError:

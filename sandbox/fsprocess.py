@@ -225,7 +225,15 @@ class FilesystemProcess:
         room = PROMOTE_MAX - self._promoted  # each stub is ~1 KiB of kernel memory
         if room > 0:
             met = self.model.met_files()[:room]
-            self._promoted += self.eager_layer.promote(os.fsencode(self.eager), met)
+            try:
+                self._promoted += self.eager_layer.promote(os.fsencode(self.eager), met)
+            except OSError as exc:  # a full tmpfs, say: the files stay on the FUSE lower
+                print(
+                    f"amber-fs: promotion to the eager layer stopped: {exc}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self.promote_off = True
 
     def _unmount_root(self) -> None:
         if self._overlay_mounted:

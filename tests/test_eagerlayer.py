@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 import struct
 from pathlib import Path
@@ -134,3 +135,20 @@ def test_a_full_layer_leaves_the_rest_to_the_lower(store: Store, tmp_path: Path)
         assert all(os.readlink(layer / "d" / name).encode() in targets for name in made)
     finally:
         umount(layer)
+
+
+def test_promotion_skips_a_file_whose_directory_the_layer_left_to_the_lower(
+    store: Store, tmp_path: Path
+):
+    root, _exe = _tree(store)
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    eager = EagerLayer(store, SHIFT)
+    eager.fill(root, os.fsencode(layer))
+    readme = next(e for e in store.get_tree(store.lookup_path(root, b"usr/bin").ref)
+                  if e.name == b"README")  # fmt: skip
+    shutil.rmtree(layer / "usr/lib")  # as if tmpfs had refused it: the FUSE lower serves it
+    met = [(b"usr/bin/README", readme), (b"usr/lib/gone/README", readme)]
+    assert eager.promote(os.fsencode(layer), met) == 1  # made under usr/bin, skipped the other
+    assert _holds_no_data(layer / "usr/bin/README")
+    assert not (layer / "usr/lib").exists()

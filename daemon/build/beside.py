@@ -34,6 +34,7 @@ async def run_beside(settle: Callable[[], Awaitable[None]], run: Callable[[], Aw
             await settle()
         except Exception as exc:
             errors.append(exc)
+            nursery.cancel_scope.cancel()  # the build errors: its next step need not run on
 
     async def running() -> None:
         try:

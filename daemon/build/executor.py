@@ -316,6 +316,9 @@ class Executor:
             await trio.to_thread.run_sync(self.hold.checkpoint, *state)
             self.build.note(f"step {name}: rerunning a cached failure (--retry-failed)")
             return None
+        # The step before may still be committing objects this result needs:
+        # its commit ends before they are looked for (a miss has no result).
+        await self._settle()
         missing = await trio.to_thread.run_sync(self._missing, result, state)
         if missing and not await self._lazy_hit(index, result):
             self.build.note(
