@@ -40,32 +40,15 @@ name = "four"
 run = "cat one three > four"
 """
 
-#: The issue's five-step chain: C changes step three of five.
-FIVE = """
-[build]
-name = "chain"
-base = "host"
-
-[[step]]
-name = "one"
-run = "echo one > one && head -c 3000000 /dev/zero | tr '\\\\0' x > big"
-
-[[step]]
-name = "two"
-run = "mkdir many && for i in $(seq 1 300); do echo $i > many/$i; done"
-
-[[step]]
-name = "three"
-run = "echo {three} > three"
-
-[[step]]
-name = "four"
-run = "cat one three > four"
-
+#: The issue's five-step chain: C changes step three of five (SPEC's four, and a fifth).
+FIVE = (
+    SPEC.replace('name = "shared"', 'name = "chain"')
+    + """
 [[step]]
 name = "five"
 run = "echo files $(ls many | wc -l) big $(wc -c < big) four $(cat four) | tee five"
 """
+)
 
 FAILING = """
 [build]
