@@ -276,7 +276,7 @@ async def export_state(
     with ctx.roots.hold(f"pull for the export of {state.build.id}") as pulled:
         await make_local(ctx, pulled, [t for pair in layers for t in pair if t], state.label)
         result = await trio.to_thread.run_sync(work)
-    _remember_layers(digests, layers, written or pushed)
+    _remember_layers(digests, layers, written, pushed)
     if note:
         result["note"] = note
     return result
@@ -307,16 +307,15 @@ def _known_pushed(
 def _remember_layers(
     digests: LayerDigests,
     layers: list[tuple[bytes | None, bytes]],
-    infos: list[LayerInfo] | dict[PushKey, LayerInfo],
+    written: list[LayerInfo],
+    pushed: dict[PushKey, LayerInfo],
 ) -> None:
-    """Record what was written: uncompressed layers in order, or a push's layer cache."""
+    """Record what was written: uncompressed layers in order, and a push's layer cache."""
     try:
-        if not infos:
-            return
-        if isinstance(infos, dict):
-            digests.remember_pushed(infos)
-        else:
-            digests.remember(layers, infos)
+        if written:
+            digests.remember(layers, written)
+        if pushed:
+            digests.remember_pushed(pushed)
     except (sqlite3.Error, OSError) as exc:
         log.warning("layer digests not recorded: %s", exc)
 

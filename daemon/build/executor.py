@@ -212,8 +212,7 @@ class Executor:
             db.update_step(b.id, index, key=key)
             with self.phases.timed("cache"):
                 hit = None if key in self._refused else await self._cached(index, key)
-            if hit is not None:
-                await self._settle()
+            if hit is not None:  # settled by ``_cached``: the step before is recorded
                 if hit.status == BuildStatus.FAILED:
                     await self._replay_failure(index, hit)
                     return None
@@ -509,7 +508,10 @@ class Executor:
             build_id=b.id,
             step=step.name,
         )
-        self._unsettled = (mount, result, snap.tree) if defer else self._record(result, snap.tree)
+        if defer:
+            self._unsettled = (mount, result, snap.tree)
+        else:
+            self._record(result, snap.tree)
         status = StepStatus.FAILED if failed else StepStatus.RAN
         phases.add("record", time.perf_counter() - record_started)
         log.debug("build %s step %s phases: %s", b.id, step.name, phases.describe())
