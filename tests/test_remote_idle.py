@@ -1,18 +1,23 @@
-"""The push queue yields to builds: its work runs on one thread at idle CPU and I/O priority.
+"""The push queue yields to builds and never holds up amberd: its work runs in a child
+process of amberd's at idle CPU and I/O priority.
 
-What an admin checks with ps/chrt/ionice: amberd's ``amber-push`` thread is
+What an admin checks with ps/chrt/ionice: amberd's ``amber-push`` child is
 SCHED_IDLE, nice 19 and in the idle I/O class, and a push's hashing and
-uploading is that thread's CPU time (schedstat), not the loop's.
+uploading is that process's CPU time, not amberd's. What a user checks: with
+the pusher stopped mid-push (as the kernel leaves an idle-priority process on
+a busy machine) ``amber status`` still answers; with it killed, the queue
+still ends with the result on the registry.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 
-from test_remote import host, wait_pushed, write_spec
+from test_remote import host, public, statuses, tags, wait_pushed, write_spec
 
 BIG = """
 [build]
@@ -25,46 +30,82 @@ run = "head -c 64000000 /dev/urandom > big"
 """
 
 
-def push_thread(pid: int) -> int:
-    """The tid of amberd's push thread, found by the name the kernel shows (it starts
-    with the push queue, just after amberd's socket: a few moments' grace)."""
-    deadline = time.monotonic() + 10
+def pusher(amberd: int, not_pid: int | None = None) -> int:
+    """The pid of amberd's push process (its child named ``amber-push``; other than
+    ``not_pid``): it starts with the push queue, just after amberd's socket."""
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        for task in Path(f"/proc/{pid}/task").iterdir():
+        for proc in Path("/proc").iterdir():
             try:
-                if (task / "comm").read_text().strip() == "amber-push":
-                    return int(task.name)
-            except FileNotFoundError:
-                continue  # a worker thread that just ended
+                comm = (proc / "comm").read_text().strip()
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError, ValueError, IndexError, OSError):
+                continue
+            if comm == "amber-push" and ppid == amberd and int(proc.name) != not_pid:
+                return int(proc.name)
         time.sleep(0.05)
-    raise AssertionError("amberd has no amber-push thread")
+    raise AssertionError("amberd has no amber-push child")
 
 
-def cpu_ns(pid: int, tid: int) -> int:
-    """Nanoseconds thread ``tid`` has run (the first field of its schedstat)."""
-    return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+def cpu_ns(pid: int) -> int:
+    """Nanoseconds process ``pid``'s main thread has run (the first field of its schedstat)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
 
 
-def test_the_push_thread_is_idle_priority_and_does_the_pushing(daemon_root, registry):
+def test_the_push_process_is_idle_priority_and_does_the_pushing(daemon_root, registry):
     a = host(daemon_root, "ci-a", registry, sign=True, trusted={})
     try:
         assert a.process is not None
         pid = a.process.pid
-        tid = push_thread(pid)
-        assert os.sched_getscheduler(tid) == os.SCHED_IDLE
-        sched = Path(f"/proc/{pid}/task/{tid}/sched").read_text().splitlines()
+        child = pusher(pid)
+        assert os.sched_getscheduler(child) == os.SCHED_IDLE
+        sched = Path(f"/proc/{child}/sched").read_text().splitlines()
         assert [line.split()[-1] for line in sched if line.startswith("policy")] == ["5"]
-        assert os.getpriority(os.PRIO_PROCESS, tid) == 19
-        ionice = subprocess.run(["ionice", "-p", str(tid)], capture_output=True, text=True)
+        assert os.getpriority(os.PRIO_PROCESS, child) == 19
+        ionice = subprocess.run(["ionice", "-p", str(child)], capture_output=True, text=True)
         assert ionice.returncode == 0 and ionice.stdout.strip() == "idle", ionice
-        assert os.sched_getscheduler(pid) == os.SCHED_OTHER  # the loop thread is not lowered
+        assert os.sched_getscheduler(pid) == os.SCHED_OTHER  # amberd is not lowered
+        status = Path(f"/proc/{child}/status").read_text()
+        assert "NoNewPrivs:\t1" in status
 
-        before = cpu_ns(pid, tid)
+        before = cpu_ns(child)
         code, report = a.build_json(write_spec(daemon_root, BIG))
         assert code == 0, report
         wait_pushed(registry, 1)
-        # Hashing (sha256) and sending 64 MB is tens of ms of CPU: on this thread.
-        assert cpu_ns(pid, tid) - before > 20_000_000
-        assert push_thread(pid) == tid  # the same thread, still there
+        # Hashing (sha256) and sending 64 MB is tens of ms of CPU: in this process.
+        assert cpu_ns(child) - before > 20_000_000
+        assert pusher(pid) == child  # the same process, still there
     finally:
         a.stop()
+    assert not Path(f"/proc/{child}").exists()  # gone with amberd
+
+
+def test_a_stopped_or_killed_pusher_holds_up_no_one_and_loses_no_push(daemon_root, registry):
+    a = host(daemon_root, "ci-a", registry, sign=True, trusted={})
+    try:
+        assert a.process is not None
+        child = pusher(a.process.pid)
+        idle = cpu_ns(child)
+        code, report = a.build_json(write_spec(daemon_root, BIG))
+        assert code == 0, report
+        deadline = time.monotonic() + 60
+        while cpu_ns(child) - idle < 2_000_000:  # the job has reached it: it is pushing
+            assert time.monotonic() < deadline, "the pusher never started the push"
+            time.sleep(0.005)
+        os.kill(child, signal.SIGSTOP)
+        assert tags(registry) == []  # mid-push: the manifest goes last
+        status = a.amber("status", "--json", timeout=20)
+        assert status.returncode == 0, status.stderr
+        os.kill(child, signal.SIGKILL)
+        again = pusher(a.process.pid, not_pid=child)  # amberd starts another
+        assert len(wait_pushed(registry, 1)) == 1
+        assert pusher(a.process.pid) == again
+    finally:
+        a.stop()
+    # The result on the registry is whole: another host's build of the spec is a hit.
+    b = host(daemon_root, "ci-b", registry, sign=False, trusted={"ci-a": public(a)})
+    try:
+        code, report = b.build_json(write_spec(daemon_root, BIG, "b.toml"))
+        assert code == 0 and statuses(report) == ["cached"], report
+    finally:
+        b.stop()

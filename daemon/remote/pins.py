@@ -44,6 +44,7 @@ import json
 import logging
 import pwd
 import re
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from amber.daemon.errors import BadArgs
@@ -55,7 +56,6 @@ from amber.daemon.oci.spec import (
     sha256_digest,
 )
 from amber.daemon.remote import layout, pull
-from amber.daemon.remote.config import Remote
 from amber.daemon.remote.layout import LayoutError
 from amber.daemon.storage.db import Result
 
@@ -211,7 +211,10 @@ class RemotePins:
     async def _one(self, row: dict) -> int:
         result = self.db.get_result(row["key"]) if row["state"] == "tag" else None
         try:
-            said = await self.cache.idle.run(self._sync, row, result)
+            said = await self.cache.pusher.run({
+                "op": "pin", "result": asdict(result) if result is not None else None,
+                "row": {k: row[k] for k in ("url", "state", "tag", "digest")},
+            })  # fmt: skip
             outcome = "done"
         except (LookupError, LayoutError, pull.Miss, RegistryRefused) as exc:
             outcome, said = "gave up", str(exc)
@@ -249,15 +252,3 @@ class RemotePins:
         else:
             self.db.set_remote_pin_state(url, tag, "failed", note=said)
         return 1
-
-    def _sync(self, row: dict, result: Result | None) -> str:
-        remote = Remote(row["url"], push=True)
-        client = self.cache.client(remote, timeout=30)
-        try:
-            if row["state"] == "untag":
-                return untag(client, remote.repository, row["tag"], row["digest"])
-            if result is None:
-                raise LookupError("its result is no longer recorded here")
-            return tag_result(client, remote.repository, result, row["tag"])
-        finally:
-            client.close()

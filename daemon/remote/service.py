@@ -1,8 +1,9 @@
 """What the daemon asks of remote caches: lookups on a local miss, pushes after a step.
 
 Pushes go through a queue in the database, worked by ``serve_pushes`` in
-the daemon's nursery, never by the build, on a thread of its own at idle
-CPU and I/O priority (``idle.py``: a build always goes first): a slow or failing registry only
+the daemon's nursery, never by the build, in a child process at idle CPU
+and I/O priority (``pusher.py``, ``pushproc.py``: a build always goes
+first, and the loop never waits for it): a slow or failing registry only
 delays the queue (retried with a growing pause, dropped after
 ``MAX_ATTEMPTS`` with a log line), and a restart finishes what is queued.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 import trio
@@ -24,9 +26,10 @@ from amber.daemon.oci.spec import OciError
 from amber.daemon.remote import lookups, pull, push, trust
 from amber.daemon.remote.config import Remote
 from amber.daemon.remote.credentials import load_auth_file
-from amber.daemon.remote.idle import IdleWorker
 from amber.daemon.remote.lazy import LazyPulls
 from amber.daemon.remote.pins import RemotePins
+from amber.daemon.remote.pusher import Setup
+from amber.daemon.remote.pushproc import PusherProcess
 from amber.daemon.storage.db import RemoteRecord, Result
 from amber.sandbox.digest import from_hex
 from amber.sandbox.store import StoreError
@@ -49,8 +52,10 @@ class RemoteCache:
             self.signing_key = trust.load_signing_key(self.config.signing_key)
         self.credentials = load_auth_file(self.config.registry_auth_file)
         self._wake = trio.Event()
-        #: Where every queued push and pin tag runs (never the loop, never trio's threads).
-        self.idle = IdleWorker("amber-push")
+        #: Where every queued push and pin tag runs (never amberd's loop or threads).
+        key, auth = self.config.signing_key, self.config.registry_auth_file
+        self.pusher = PusherProcess(Setup(str(ctx.config.state_dir), str(key) if key else None,
+                                          str(auth) if auth else None, __version__))  # fmt: skip
         self.pins = RemotePins(self)
         self.lazy = LazyPulls(ctx, self.client)
 
@@ -183,8 +188,18 @@ class RemoteCache:
 
     async def serve_pushes(self) -> None:
         """Push what is queued, one result at a time, then pin tags (remote/pins.py), for ever."""
+        try:
+            await self._serve_pushes()
+        finally:
+            self.pusher.close()
+
+    async def _serve_pushes(self) -> None:
         pause = 1.0
-        self.idle.start()
+        if any(r.push for r in self.config.remotes):  # at once, for ps, and no wait at first push
+            try:
+                await self.pusher.start()
+            except OSError as exc:
+                log.warning("cannot start the push process (will retry): %s", exc)
         while True:
             rows = self.ctx.db.pending_pushes()
             if not rows and not self.pins.pending():
@@ -207,9 +222,10 @@ class RemoteCache:
         if result is None or self.signing_key is None:
             db.push_done(key, url)  # collected meanwhile: nothing to push
             return True
-        remote = Remote(url, push=True)
+        job = {"op": "push", "url": url, "result": asdict(result),
+               "mount_from": push.siblings(self.config.remotes, url)}  # fmt: skip
         try:
-            sent = await self.idle.run(self._push_sync, remote, result)
+            sent = await self.pusher.run(job)
         except RegistryRefused as exc:  # read-only, or not ours to write: never retried
             log.warning("push of %s to %s refused, not retried: %s", key, url, exc)
             db.push_done(key, url)
@@ -227,14 +243,3 @@ class RemoteCache:
         log.info("pushed %s to %s (%d bytes)", key, url, sent)
         db.push_done(key, url)
         return True
-
-    def _push_sync(self, remote: Remote, result: Result) -> int:
-        assert self.signing_key is not None
-        client = self.client(remote, timeout=60)
-        try:
-            return push.push_result(
-                self.ctx.store, client, remote.repository, result, self.signing_key, __version__,
-                mount_from=push.siblings(self.config.remotes, remote.url),
-            )  # fmt: skip
-        finally:
-            client.close()

@@ -1,0 +1,161 @@
+"""The push queue's worker: a child process of amberd at idle CPU and I/O priority.
+
+It was a thread of amberd's first. A thread at ``SCHED_IDLE`` that the
+kernel preempts while it holds the GIL stalls amberd's loop until it runs
+again, which on a busy machine is whenever nothing else wants the CPU: a
+priority inversion (``amber status`` 13% slower during a push with three
+CPU hogs). A process has its own GIL.
+
+What it may do is narrow: it reads the store (never writes it), the
+signing key and amberd's registry logins, and talks to registries. Its
+only input is the socketpair amberd made (``pushproc.py``): amberd's own
+jobs, built from amberd's database, never a user's bytes. It dies with
+amberd (``PR_SET_PDEATHSIG``), gains no privilege by exec
+(``PR_SET_NO_NEW_PRIVS``), and runs one job at a time, answering each
+with its result or the class of its error.
+
+Run as ``python -I -m amber.daemon.remote.pusher FD PARENT_PID``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from amber.daemon.oci.auth import credentials_for
+from amber.daemon.oci.errors import RegistryRefused
+from amber.daemon.oci.registry import RegistryClient
+from amber.daemon.oci.spec import OciError
+from amber.daemon.remote import pins, pull, push
+from amber.daemon.remote.config import Remote
+from amber.daemon.remote.credentials import load_auth_file
+from amber.daemon.remote.idle import make_idle, name_thread
+from amber.daemon.remote.layout import LayoutError
+from amber.daemon.remote.trust import load_signing_key
+from amber.daemon.storage.db import Result
+from amber.sandbox.store import Store, StoreError
+
+log = logging.getLogger("amber.remote")
+NAME = "amber-push"
+#: A job or an answer, at most (a job is a result record and a few URLs).
+MAX_MESSAGE = 64 * 1024
+#: The errors a job may end with, most specific first: amberd raises the same class again.
+ERRORS: tuple[tuple[str, type[Exception]], ...] = (
+    ("refused", RegistryRefused),
+    ("layout", LayoutError),
+    ("miss", pull.Miss),
+    ("lookup", LookupError),
+    ("oci", OciError),
+    ("store", StoreError),
+    ("os", OSError),
+)
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NO_NEW_PRIVS = 38
+
+
+@dataclass
+class Setup:
+    """What amberd tells its pusher once, at start: where things are."""
+
+    state_dir: str
+    signing_key: str | None  # None: it tags pins, pushes nothing
+    auth_file: str | None
+    version: str
+
+
+class Worker:
+    """Does one job at a time: a queued push, or a pin's tag (pins.py)."""
+
+    def __init__(self, setup: Setup):
+        self.store = Store(setup.state_dir)  # not Store.open: nothing here creates or writes
+        self.key = load_signing_key(Path(setup.signing_key)) if setup.signing_key else None
+        self.credentials = load_auth_file(Path(setup.auth_file) if setup.auth_file else None)
+        self.version = setup.version
+
+    def client(self, url: str, timeout: float) -> RegistryClient:
+        remote = Remote(url)
+        return RegistryClient(remote.registry, insecure=remote.insecure, timeout=timeout,
+                              credentials=credentials_for(self.credentials, remote.registry))  # fmt: skip
+
+    def answer(self, job: dict[str, Any]) -> dict[str, Any]:
+        """``{"ok": value}``, or ``{"error": kind, "message": ...}`` with a kind of ``ERRORS``."""
+        try:
+            if job.get("op") == "push":
+                return {"ok": self.push(job["url"], Result(**job["result"]), job["mount_from"])}
+            if job.get("op") == "pin":
+                return {"ok": self.pin(job["row"], job["result"])}
+            raise LookupError(f"no such job: {job.get('op')!r}")
+        except Exception as exc:
+            kind = next((k for k, cls in ERRORS if isinstance(exc, cls)), None)
+            if kind is None:
+                log.exception("pusher: a job failed")
+                kind = "os"  # a bug here: retried, as the registry being down would be
+            return {"error": kind, "message": str(exc)}
+
+    def push(self, url: str, result: Result, mount_from: list[str]) -> int:
+        if self.key is None:
+            raise LookupError("this amberd has no signing key")
+        client = self.client(url, timeout=60)
+        try:
+            repo = Remote(url).repository
+            return push.push_result(self.store, client, repo, result, self.key, self.version,
+                                    mount_from=mount_from)  # fmt: skip
+        finally:
+            client.close()
+
+    def pin(self, row: dict[str, Any], result: dict | None) -> str:
+        client = self.client(row["url"], timeout=30)
+        try:
+            repo = Remote(row["url"]).repository
+            if row["state"] == "untag":
+                return pins.untag(client, repo, row["tag"], row["digest"])
+            if result is None:
+                raise LookupError("its result is no longer recorded here")
+            return pins.tag_result(client, repo, Result(**result), row["tag"])
+        finally:
+            client.close()
+
+
+def _lower(parent: int) -> None:
+    """Die with amberd, gain nothing by exec, and go last in line for the CPU and disk."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # amberd died before the line above
+        raise SystemExit(1)
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise SystemExit("pusher: PR_SET_NO_NEW_PRIVS failed")
+    try:  # threads started later inherit all three
+        make_idle(threading.get_native_id())
+    except OSError as exc:  # a kernel or container without it: still a process apart
+        log.warning("%s: cannot lower its priority: %s", NAME, exc)
+    name_thread(NAME)  # named once lowered: who finds it by name finds it idle
+
+
+def serve(sock: socket.socket) -> int:
+    """Answer amberd's jobs until it closes the socket."""
+    setup = Setup(**json.loads(sock.recv(MAX_MESSAGE)))
+    worker = Worker(setup)
+    while data := sock.recv(MAX_MESSAGE):
+        sock.send(json.dumps(worker.answer(json.loads(data))).encode())
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    fd, parent = int(argv[0]), int(argv[1])
+    _lower(parent)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s amber-push: %(message)s")
+    with socket.socket(fileno=fd) as sock:
+        return serve(sock)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
