@@ -85,6 +85,14 @@ class HelperError(Exception):
 
 #: How long a new helper may take to say it is ready (a Python start-up: 20-40 ms).
 READY_SECONDS = 10.0
+#: How long a helper may take over one message of a request (at most ``MAX_PATHS``
+#: opens, or one walk batch: as many files, or ~96 KB of records): so a request's
+#: bound grows with its work, and a helper its user stopped mid-request costs the
+#: daemon a thread that long. Milliseconds on a local disk; room for a slow NFS home.
+REPLY_SECONDS = 30.0
+#: For tests only: a uid whose new helpers stop themselves before "ready", as their
+#: user may (tests/test_asuser_stall.py). The daemon's environment is root's.
+_HOLD_READY = os.environ.get("AMBER_TEST_HOLD_ASUSER_READY", "")
 
 
 class UserReader:
@@ -102,7 +110,7 @@ class UserReader:
             ids = {"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)}
         try:
             self._proc = subprocess.Popen(
-                [_PYTHON, "-I", "-S", "-c", _HELPER_SOURCE, str(theirs.fileno()), *(["root"] if user.uid == 0 else [])],
+                [_PYTHON, "-I", "-S", "-c", _HELPER_SOURCE, str(theirs.fileno()), *_flags(user)],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"}, cwd="/", **ids,
             )  # fmt: skip
@@ -116,12 +124,13 @@ class UserReader:
 
     def handshake(self) -> None:
         """Wait for the helper's "ready" and check its ids, at most ``READY_SECONDS``: the
-        helper is the user's process, and one they stopped must not hold the daemon."""
+        helper is the user's process, and one they stopped must not hold the daemon.
+        Each later message has ``REPLY_SECONDS``, for the same reason."""
         user = self.user
         try:
             self._sock.settimeout(READY_SECONDS)
             ready = self._message([])["ready"]
-            self._sock.settimeout(None)
+            self._sock.settimeout(REPLY_SECONDS)
             if user.uid != 0 and ready != [user.uid, user.gid, sorted(set(user.groups))]:
                 raise HelperError(f"the helper runs as {ready}, not {user}")
         except BaseException:
@@ -152,6 +161,11 @@ class UserReader:
         """The next message, its descriptors appended to ``fds_out``."""
         try:
             data, fds, flags, _ = socket.recv_fds(self._sock, _RECV, asuser_helper.MAX_FDS)
+        except TimeoutError:
+            raise HelperError(
+                f"the helper for uid {self.user.uid} did not answer in "
+                f"{self._sock.gettimeout():g} s (stopped?)"
+            ) from None
         except OSError as exc:
             raise HelperError(f"reading from the helper: {exc}") from None
         fds_out.extend(fds)
@@ -257,6 +271,11 @@ class UserReader:
             self._sock.send(b"n")
         except OSError as exc:
             raise HelperError(f"writing to the helper: {exc}") from None
+
+
+def _flags(user: User) -> list[str]:
+    """The helper's arguments after its descriptor: ``root`` (it serves root), ``hold``."""
+    return (["root"] if user.uid == 0 else []) + (["hold"] if str(user.uid) == _HOLD_READY else [])
 
 
 def _paired(records: Any, fds: list[int]) -> Iterator[tuple[list, int | None]]:

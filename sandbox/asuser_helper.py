@@ -1,6 +1,6 @@
 """The helper process of ``asuser``: the user for real, opening what the daemon asks.
 
-Run by ``asuser`` as ``python3 -I -S -c <this file's text> FD [root]`` after
+Run by ``asuser`` as ``python3 -I -S -c <this file's text> FD [root] [hold]`` after
 ``subprocess`` has made it the user (setgroups, setresgid, setresuid before
 exec), so it imports nothing but the standard library and needs no file of
 amber's to be readable by the user. It makes sure it has no capability left
@@ -22,6 +22,7 @@ it receives (``fstat``) and parses each message with bounds.
 import ctypes
 import json
 import os
+import signal
 import socket
 import stat
 import sys
@@ -188,7 +189,9 @@ def serve_walk(sock: socket.socket, path: str, follow: bool) -> None:
 
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
-    drop_everything(sys.argv[2:] == ["root"])
+    drop_everything("root" in sys.argv[2:])
+    if "hold" in sys.argv[2:]:  # a test's: as the user stopping their new helper may
+        os.kill(os.getpid(), signal.SIGSTOP)
     send(sock, {"ready": [os.getuid(), os.getgid(), sorted(os.getgroups())]}, [])
     while data := sock.recv(1 << 16):
         request = json.loads(data)

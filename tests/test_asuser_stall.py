@@ -1,0 +1,101 @@
+"""A user who stops their own reading helpers holds up only their own requests
+(sandbox/asuser.py, asuser_pool.py).
+
+A helper is the user's process: they may SIGSTOP it before it says "ready"
+(amberd waits ``READY_SECONDS``, 10, for it, on the request's own thread, not on
+the few threads that start everyone's helpers) or in the middle of a request
+(each reply has ``REPLY_SECONDS``, 30). Either way the request fails, the helper
+is killed, and other users' builds go on. Real uids: mal 4242, bob 4243.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from amberd_process import Daemon
+from second_user import BOB, MAL, Mal, amberd_children, user_of
+from test_helper_reuse import kept_helpers, spec
+
+#: amberd's threads starting helpers (asuser_pool), and more of mal's requests than that.
+STARTERS = 4
+MALS = 6
+
+
+@contextlib.contextmanager
+def daemon(root: Path, extra_env: dict[str, str] | None = None) -> Iterator[Daemon]:
+    path = root / "amberd.toml"
+    path.write_text("socket-mode = 0o666\n")
+    d = Daemon(root, extra_env=extra_env).start("--config", str(path))
+    try:
+        yield d
+    finally:
+        assert d.stop() == 0
+
+
+def stopped_helpers(user: Mal) -> list[int]:
+    """``user``'s helpers (amberd's children) that are stopped."""
+    found = []
+    for pid in kept_helpers(user):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
+                found.append(pid)
+    return found
+
+
+def wait_for(what, count: int) -> list[int]:
+    deadline = time.monotonic() + 60
+    while len(found := what()) < count:
+        assert time.monotonic() < deadline, f"only {found}"
+        time.sleep(0.02)
+    return found
+
+
+def test_helpers_stopped_before_ready_hold_up_only_their_user(daemon_root: Path):
+    with daemon(daemon_root, {"AMBER_TEST_HOLD_ASUSER_READY": str(MAL)}) as d:
+        mal, bob = user_of(d, MAL), user_of(d, BOB)
+        source = mal.write("data", "mal's\n")
+        mals = [mal.popen("build", spec(mal, f"m{i}", source)) for i in range(MALS)]
+        try:
+            wait_for(lambda: stopped_helpers(mal), STARTERS)  # each request waits for its own
+            theirs = bob.write("data", "bob's\n")
+            code, out = bob.said("build", spec(bob, "b", theirs))
+            assert code == 0, out
+            assert [p.poll() for p in mals] == [None] * MALS  # still waiting: not bob's wait
+        finally:
+            said = [p.communicate(timeout=120)[0].decode() for p in mals]
+        assert all(p.returncode != 0 for p in mals), said
+        assert all(f"helper for uid {MAL} did not answer in 10 s" in s for s in said), said
+        assert stopped_helpers(mal) == []  # killed and reaped
+        (build,) = bob.amber("builds", "-q").stdout.decode().split()
+        log = bob.amber("log", build)
+        assert b"bob's" in log.stdout, log
+
+
+def test_a_helper_stopped_mid_request_fails_only_that_request(daemon_root: Path):
+    with daemon(daemon_root) as d:
+        mal, bob = user_of(d, MAL), user_of(d, BOB)
+        source = mal.write("data", "first\n")
+        path = spec(mal, "m", source)
+        code, out = mal.said("build", path)
+        assert code == 0, out
+        (helper,) = kept_helpers(mal)  # kept for mal's next request
+        stop = mal.run("kill", "-STOP", str(helper))  # it is mal's own process
+        assert stop.returncode == 0, stop
+        source.write_text("second\n")
+        again = mal.popen("build", path)
+        try:
+            theirs = bob.write("data", "bob's\n")
+            code, out = bob.said("build", spec(bob, "b", theirs))
+            assert code == 0, out
+            said, _ = again.communicate(timeout=120)  # a hang guard: the bound is 30 s
+        finally:
+            if again.poll() is None:
+                again.kill()
+        assert again.returncode != 0, said
+        assert f"helper for uid {MAL} did not answer in 30 s".encode() in said, said
+        assert str(helper) not in amberd_children(d)  # killed and reaped
+        code, out = mal.said("build", path)  # mal's next request starts a new helper
+        assert code == 0, out
