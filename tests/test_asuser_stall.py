@@ -3,7 +3,8 @@
 
 A helper is the user's process: they may SIGSTOP it before it says "ready"
 (amberd waits ``READY_SECONDS``, 10, for it, on the request's own thread, not on
-the few threads that start everyone's helpers) or in the middle of a request
+the few threads that start everyone's helpers, and on the user's own
+threads, userthreads.py, not on trio's 40 shared ones) or in the middle of a request
 (each reply has ``REPLY_SECONDS``, 30). Either way the request fails, the helper
 is killed, and other users' builds go on. Real uids: mal 4242, bob 4243.
 """
@@ -12,16 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from amberd_process import Daemon
 from second_user import BOB, MAL, Mal, amberd_children, user_of
 from test_helper_reuse import kept_helpers, spec
 
-#: amberd's threads starting helpers (asuser_pool), and more of mal's requests than that.
-STARTERS = 4
-MALS = 6
+T = TypeVar("T")
+#: More of mal's requests than trio has worker threads (40), and how many of mal's
+#: helpers amberd starts at once (userthreads.PER_UID).
+MALS = 44
+PER_UID = 4
 
 
 @contextlib.contextmanager
@@ -45,7 +49,7 @@ def stopped_helpers(user: Mal) -> list[int]:
     return found
 
 
-def wait_for(what, count: int) -> list[int]:
+def wait_for(what: Callable[[], list[T]], count: int) -> list[T]:
     deadline = time.monotonic() + 60
     while len(found := what()) < count:
         assert time.monotonic() < deadline, f"only {found}"
@@ -59,16 +63,22 @@ def test_helpers_stopped_before_ready_hold_up_only_their_user(daemon_root: Path)
         source = mal.write("data", "mal's\n")
         mals = [mal.popen("build", spec(mal, f"m{i}", source)) for i in range(MALS)]
         try:
-            wait_for(lambda: stopped_helpers(mal), STARTERS)  # each request waits for its own
+            held = wait_for(lambda: stopped_helpers(mal), PER_UID)  # mal's first requests wait
             theirs = bob.write("data", "bob's\n")
             code, out = bob.said("build", spec(bob, "b", theirs))
             assert code == 0, out
-            assert [p.poll() for p in mals] == [None] * MALS  # still waiting: not bob's wait
+            # Bob waited for none of mal's: those mal's first requests wait for are still
+            # there (amberd gives each 10 s; bob's build takes about one), and no others.
+            assert sorted(stopped_helpers(mal)) == sorted(held)
+            assert [p.poll() for p in mals] == [None] * MALS
+            (ended, *_) = wait_for(lambda: [p for p in mals if p.poll() is not None], 1)
+            first, _ = ended.communicate()
         finally:
-            said = [p.communicate(timeout=120)[0].decode() for p in mals]
-        assert all(p.returncode != 0 for p in mals), said
-        assert all(f"helper for uid {MAL} did not answer in 10 s" in s for s in said), said
-        assert stopped_helpers(mal) == []  # killed and reaped
+            for p in mals:
+                p.kill()
+                p.wait()
+        assert ended.returncode != 0, first
+        assert f"helper for uid {MAL} did not answer in 10 s".encode() in first, first
         (build,) = bob.amber("builds", "-q").stdout.decode().split()
         log = bob.amber("log", build)
         assert b"bob's" in log.stdout, log

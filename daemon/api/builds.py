@@ -26,6 +26,7 @@ from amber.daemon.build.state import BuildStatus
 from amber.daemon.context import DaemonContext
 from amber.daemon.errors import BadArgs, Busy, Internal, InvalidSpec, NotFound, PermissionDenied
 from amber.daemon.remote.pull import Miss
+from amber.daemon.userthreads import run_as_user
 from amber.sandbox.asuser import HelperError, Unreadable, User, UserReader, WrongKind
 from amber.sandbox.asuser_pool import lease
 from amber.sandbox.digest import from_hex
@@ -41,7 +42,8 @@ async def parse_spec_request(text: str, path: str, user: User) -> Spec:
     Its local paths are looked at by a helper that is the client
     (sandbox/asuser.py): root's ``stat``, even with the client's fsuid,
     would pass directories the client cannot and tell whether a file there
-    exists. On a thread: the helper starts, and a path may be slow to open.
+    exists. On a thread of the user's own (``userthreads.py``): the helper
+    starts, a path may be slow to open, and the user may stop their helper.
     """
     if not os.path.isabs(path):
         raise BadArgs(f"spec_path must be absolute, got {path!r}")
@@ -53,7 +55,7 @@ async def parse_spec_request(text: str, path: str, user: User) -> Spec:
             return parse_spec(text, path, Path(path).parent, mode_of=mode_of)
 
     try:
-        return await trio.to_thread.run_sync(work)
+        return await run_as_user(user.uid, work)
     except SpecError as exc:
         raise InvalidSpec(str(exc)) from None
     except HelperError as exc:

@@ -49,6 +49,7 @@ from amber.daemon.oci.spec import (
 from amber.daemon.oci.stream import stream_docker_archive
 from amber.daemon.oci.tarstream import file_copier
 from amber.daemon.storage.db import BuildRecord, StepRecord
+from amber.daemon.userthreads import run_as_user
 from amber.sandbox.asuser import HelperError, User, UserReader
 from amber.sandbox.beneath import openat2
 from amber.sandbox.digest import from_hex
@@ -380,7 +381,8 @@ async def import_image(api: Api, conn: Connection, args: dict[str, Any]) -> dict
             raise ImageError(f"{source}: {exc}") from None
 
     with api.ctx.roots.writer(f"import of {source}") as hold:
-        image = await trio.to_thread.run_sync(work)
+        uid = conn.peer.uid if is_local_source(source) else 0  # a helper of the user's reads it
+        image = await run_as_user(uid, work)
         if len(image.trees) < 1:
             raise ImageError(f"{source} has no layers")
         record, steps = _frozen_records(api, image, source, conn.peer.uid)
