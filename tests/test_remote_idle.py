@@ -2,7 +2,8 @@
 process of amberd's at idle CPU and I/O priority.
 
 What an admin checks with ps/chrt/ionice: amberd's ``amber-push`` child is
-SCHED_IDLE, nice 19 and in the idle I/O class, and a push's hashing and
+SCHED_IDLE, nice 19 and in the idle I/O class, with no capability but reading
+files, and a push's hashing and
 uploading is that process's CPU time, not amberd's. What a user checks: with
 the pusher stopped mid-push (as the kernel leaves an idle-priority process on
 a busy machine) ``amber status`` still answers; with it killed, the queue
@@ -17,7 +18,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from test_remote import host, public, statuses, tags, wait_pushed, write_spec
+from test_remote import host, notes, public, statuses, tags, wait_pushed, write_spec
+from test_remote_pins import repo_tags
 
 BIG = """
 [build]
@@ -67,6 +69,10 @@ def test_the_push_process_is_idle_priority_and_does_the_pushing(daemon_root, reg
         assert os.sched_getscheduler(pid) == os.SCHED_OTHER  # amberd is not lowered
         status = Path(f"/proc/{child}/status").read_text()
         assert "NoNewPrivs:\t1" in status
+        caps = dict(line.split(":\t") for line in status.splitlines() if line.startswith("Cap"))
+        for kind in ("CapEff", "CapPrm", "CapBnd"):  # CAP_DAC_READ_SEARCH (bit 2) alone
+            assert int(caps[kind], 16) == 1 << 2, caps
+        assert int(caps["CapInh"], 16) == int(caps["CapAmb"], 16) == 0, caps
 
         before = cpu_ns(child)
         code, report = a.build_json(write_spec(daemon_root, BIG))
@@ -99,6 +105,10 @@ def test_a_stopped_or_killed_pusher_holds_up_no_one_and_loses_no_push(daemon_roo
         os.kill(child, signal.SIGKILL)
         again = pusher(a.process.pid, not_pid=child)  # amberd starts another
         assert len(wait_pushed(registry, 1)) == 1
+        deadline = time.monotonic() + 60
+        while not repo_tags(registry):  # listed, and its manifest readable (test_remote_pins)
+            assert time.monotonic() < deadline, "the tag is listed, its manifest never readable"
+            time.sleep(0.1)
         assert pusher(a.process.pid) == again
     finally:
         a.stop()
@@ -106,6 +116,6 @@ def test_a_stopped_or_killed_pusher_holds_up_no_one_and_loses_no_push(daemon_roo
     b = host(daemon_root, "ci-b", registry, sign=False, trusted={"ci-a": public(a)})
     try:
         code, report = b.build_json(write_spec(daemon_root, BIG, "b.toml"))
-        assert code == 0 and statuses(report) == ["cached"], report
+        assert code == 0 and statuses(report) == ["cached"], notes(b, report["build"])
     finally:
         b.stop()

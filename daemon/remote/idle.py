@@ -14,7 +14,6 @@ import platform
 
 #: ioprio_set's syscall number by machine (asm-generic numbers for the rest).
 _IOPRIO_SET = {"x86_64": 251, "i686": 289, "i386": 289, "armv7l": 314}
-_IOPRIO_GET = {"x86_64": 252, "i686": 290, "i386": 290, "armv7l": 315}
 IOPRIO_WHO_PROCESS = 1  # with a thread id: that thread
 IOPRIO_CLASS_IDLE = 3
 IOPRIO_CLASS_SHIFT = 13
@@ -27,11 +26,6 @@ def _syscall(table: dict[str, int], generic: int, *args: int) -> int:
     if answer < 0:
         raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
     return int(answer)
-
-
-def ioprio_class(tid: int) -> int:
-    """The I/O scheduling class of thread ``tid`` (3: idle)."""
-    return _syscall(_IOPRIO_GET, 31, IOPRIO_WHO_PROCESS, tid) >> IOPRIO_CLASS_SHIFT
 
 
 def make_idle(tid: int) -> None:

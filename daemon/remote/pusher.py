@@ -11,8 +11,9 @@ signing key and amberd's registry logins, and talks to registries. Its
 only input is the socketpair amberd made (``pushproc.py``): amberd's own
 jobs, built from amberd's database, never a user's bytes. It dies with
 amberd (``PR_SET_PDEATHSIG``), gains no privilege by exec
-(``PR_SET_NO_NEW_PRIVS``), and runs one job at a time, answering each
-with its result or the class of its error.
+(``PR_SET_NO_NEW_PRIVS``), keeps of root's capabilities only reading
+files (``CAP_DAC_READ_SEARCH``), and runs one job at a time, answering
+each with its result or the class of its error.
 
 Run as ``python -I -m amber.daemon.remote.pusher FD PARENT_PID``.
 """
@@ -20,6 +21,7 @@ Run as ``python -I -m amber.daemon.remote.pusher FD PARENT_PID``.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import logging
 import os
@@ -60,6 +62,19 @@ ERRORS: tuple[tuple[str, type[Exception]], ...] = (
 )
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_CAPBSET_DROP = 24
+_CAP_DAC_READ_SEARCH = 2  # read any file: the store's, whoever's they were; the key
+_CAP_LAST = 63
+_CAPS_V3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]  # fmt: skip
 
 
 @dataclass
@@ -137,7 +152,22 @@ def _lower(parent: int) -> None:
         make_idle(threading.get_native_id())
     except OSError as exc:  # a kernel or container without it: still a process apart
         log.warning("%s: cannot lower its priority: %s", NAME, exc)
+    _keep_only_reading(libc)
     name_thread(NAME)  # named once lowered: who finds it by name finds it idle
+
+
+def _keep_only_reading(libc: ctypes.CDLL) -> None:
+    """Every capability gone but reading files: root by uid still, it writes nothing of
+    anyone else's, kills, mounts or traces nothing, and an exec gains nothing back."""
+    for cap in range(_CAP_LAST + 1):
+        if cap == _CAP_DAC_READ_SEARCH or libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
+            continue
+        if ctypes.get_errno() != errno.EINVAL:  # EINVAL: past this kernel's last one
+            raise SystemExit(f"pusher: cannot drop capability {cap}")
+    data = (_CapData * 2)()
+    data[0].effective = data[0].permitted = 1 << _CAP_DAC_READ_SEARCH
+    if libc.capset(ctypes.byref(_CapHeader(_CAPS_V3, 0)), data) != 0:
+        raise SystemExit(f"pusher: capset: {os.strerror(ctypes.get_errno())}")
 
 
 def serve(sock: socket.socket) -> int:
