@@ -33,6 +33,11 @@ tarball of the test cache, so no network is needed):
    the same build with that file's content changed: ``RESULT
    second_result_bytes``, what the second push uploaded (target: that file
    plus metadata), beside the first result's bytes.
+5. status: ``amber status`` ``--runs`` times while amberd pushes a
+   4,000-file result, beside as many after the push, both with one CPU hog
+   more than there are CPUs, so that the idle-priority pusher is preempted
+   all the time. ``RESULT status_during_push_ratio`` (target <= 1.05; the
+   pusher as a thread of amberd's gave 1.13: preempted holding the GIL).
 
 Ratios are refused (NORESULT, exit 3) when the baseline's runs spread by
 more than 25 % (common.py); run it on an idle machine.
@@ -213,9 +218,9 @@ def pull_vs_skopeo(bench: Bench, session: Session, runs: int, base: str) -> None
     )
 
 
-def process_cpu(pid: int) -> float:
-    """A process's CPU seconds so far, all its threads."""
-    with open(f"/proc/{pid}/stat") as f:
+def process_cpu(pid: int, stat: Path | None = None) -> float:
+    """A process's CPU seconds so far, all its threads (or the one task of ``stat``)."""
+    with open(stat or f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -299,6 +304,63 @@ def cold(bench: Bench, session: Session, runs: int, registry_note: str) -> None:
     session.result("registry_cpu_seconds", reg_cpu)
 
 
+#: A step of 4,000 small files (a fresh salt each time: a result to push).
+MANY = (
+    '[build]\nname = "many"\nbase = "host"\n\n[[step]]\nname = "many"\nrun = '
+    '"mkdir m && for i in $(seq 1 4000); do echo {salt} $i > m/$i; done"\n'
+)
+
+
+def loop_quiet(pid: int, limit: float = 60) -> None:
+    """Wait until amberd's main thread (its trio loop) has run under 20 ms in a second."""
+    stat = Path(f"/proc/{pid}/task/{pid}/stat")
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = process_cpu(pid, stat)
+        time.sleep(1)
+        if process_cpu(pid, stat) - before < 0.02:
+            return
+
+
+def status_during_push(bench: Bench, session: Session, runs: int) -> None:
+    """``amber status`` while amberd pushes a 4,000-file result beside after it, both with
+    one CPU hog more than there are CPUs (so the idle-priority pusher is preempted)."""
+    hogs = []
+
+    def hog(on: bool) -> None:
+        for p in hogs:
+            p.kill()
+            p.wait()
+        hogs[:] = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                   for _ in range((os.cpu_count() or 1) + 1) if on]  # fmt: skip
+
+    pushed, during, after = bench.tags(), [], []
+    try:
+        hog(True)
+        build_id(bench.a, bench.spec("many", MANY.format(salt=uuid.uuid4())))
+        assert bench.a.process is not None
+        loop_quiet(bench.a.process.pid)  # the build's own work done: only the push is left
+        for _ in range(runs):
+            during.append(timed_amber(bench.a, "status")[0])
+        still = bench.tags() == pushed  # the push was on throughout
+        hog(False)
+        bench.wait_tags(pushed + 1)
+        hog(True)
+        for _ in range(runs):
+            after.append(timed_amber(bench.a, "status")[0])
+    finally:
+        hog(False)
+    med = statistics.median
+    print(f"status: during the push {min(during):.3f}-{max(during):.3f} s (median "
+          f"{med(during):.3f}), after {min(after):.3f}-{max(after):.3f} s (median "
+          f"{med(after):.3f}); the push {'lasted' if still else 'ended before the end of'} the "
+          f"runs; load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+    if not still:
+        session.refuse("status_during_push_ratio", "the push ended while status was timed")
+        return
+    session.ratio("status_during_push_ratio", med(during) / med(after), "status after", after)
+
+
 def second_result(bench: Bench, session: Session) -> None:
     salt = f"bytes-{uuid.uuid4()}"
     sent = []
@@ -325,8 +387,9 @@ def main() -> None:
                         "part (default: SCHED_IDLE, modelling a registry on another machine)")  # fmt: skip
     parser.add_argument("--cached-runs", type=int, default=5,
                         help="rounds of the cached and pull comparisons (default 5)")  # fmt: skip
-    parser.add_argument("--only", metavar="PARTS", default="cached,pull,cold,bytes",
-                        help="comma-separated parts to run (default: all: cached,pull,cold,bytes)")  # fmt: skip
+    parser.add_argument("--only", metavar="PARTS", default="cached,pull,cold,bytes,status",
+                        help="comma-separated parts to run (default: all: "
+                        "cached,pull,cold,bytes,status)")  # fmt: skip
     parser.add_argument("--pull-base", choices=("rootfs", "host"), default="rootfs",
                         help="the base of the pulled build (default rootfs: the buildd rootfs "
                         "as an image, made by scripts/make-rootfs)")  # fmt: skip
@@ -350,6 +413,7 @@ def main() -> None:
                          "pull": lambda: pull_vs_skopeo(bench, session, args.cached_runs,
                                                         args.pull_base),
                          "cold": lambda: cold(bench, session, args.runs, note),
+                         "status": lambda: status_during_push(bench, session, args.runs),
                          "bytes": lambda: second_result(bench, session)}  # fmt: skip
                 for part in args.only.split(","):
                     if part == "cold" and not args.registry_shares_cpu:
