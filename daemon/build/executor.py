@@ -96,8 +96,9 @@ class Executor:
         self.phases = Phases()
         #: The mount's timings until a step that ran on it records them.
         self._mount_timings: dict[str, float] | None = None
-        #: A step whose snapshot still commits in the background: recorded at ``_settle``.
-        self._unsettled: tuple[OverlayMount, Result, bytes] | None = None
+        #: A step (index, mount, result, after-tree) whose snapshot still commits in the
+        #: background: recorded at ``_settle``.
+        self._unsettled: tuple[int, OverlayMount, Result, bytes] | None = None
 
     # -- the whole build ----------------------------------------------------
 
@@ -509,7 +510,7 @@ class Executor:
             step=step.name,
         )
         if defer:
-            self._unsettled = (mount, result, snap.tree)
+            self._unsettled = (index, mount, result, snap.tree)
         else:
             self._record(result, snap.tree)
         status = StepStatus.FAILED if failed else StepStatus.RAN
@@ -537,8 +538,14 @@ class Executor:
         pending, self._unsettled = self._unsettled, None
         if pending is None:
             return
-        mount, result, tree = pending
-        commit_seconds = await mount.settle()
+        index, mount, result, tree = pending
+        try:
+            commit_seconds = await mount.settle()
+        except FilesystemError as exc:
+            # Its "ran" was told before the commit ended: its row must not keep an
+            # after-tree the store never got (``amber show``/``shell`` would offer it).
+            self.state.step_unstored(index, f"its snapshot could not be stored: {exc}")
+            raise
         if phases is not None:
             phases.add("settle.commit", commit_seconds)
         self._record(result, tree)
