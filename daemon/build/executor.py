@@ -169,6 +169,8 @@ class Executor:
         b, spec, db = self.build, self.spec, self.ctx.db
         with self.phases.timed("resolve_base"):
             self.base = await self._resolve_base()
+        # Held for the build: a kept lower of the base may serve its mounts (sharedlower.py).
+        await trio.to_thread.run_sync(self.hold.add, [self.base.tree])
         if self.base.pulled is not None:
             b.note(self.base.pulled.note())
             db.update_build(b.id, base_digest=self.base.pulled.digest)
@@ -410,9 +412,9 @@ class Executor:
             except IdPoolExhausted as exc:
                 raise BuildErrored(str(exc)) from None
         work = self.ctx.work_dir("", self.build.id)
-        cm = self.ctx.lowers.open(
-            self.ctx.store.state_dir, tree, work, ids=self.ids, fs_mode=self.ctx.fs_mode.name
-        )
+        base = self.base.tree if self.base is not None else None
+        cm = self.ctx.lowers.open(self.ctx.store.state_dir, tree, work, ids=self.ids,
+                                  fs_mode=self.ctx.fs_mode.name, base=base)  # fmt: skip
         self.mount = await cm.__aenter__()
         self._mount_cm = cm
         self.mount_tree = self.mount_lower = tree
