@@ -49,6 +49,10 @@ if TYPE_CHECKING:
 
 #: Layers of one pull fetched at once.
 LAYERS_AT_ONCE = 4
+#: Layers that arrived are committed before the pull ends past this many objects or bytes:
+#: a pull of millions of objects holds their batches (names, pending trees) that long only.
+FLUSH_OBJECTS = 200_000
+FLUSH_BYTES = 4 << 30
 #: A log may pass step-log-max by the line saying it was truncated.
 LOG_SLACK = 64 << 10
 
@@ -227,7 +231,9 @@ class _Arrived:
 
     Each arrival starts a flush of the filesystem in the background (one at
     a time), so the disk writes what arrived while the rest downloads and the
-    commit's syncfs has little left to wait for. A thread abandoned by a
+    commit's syncfs has little left to wait for. Past ``FLUSH_OBJECTS`` or
+    ``FLUSH_BYTES`` what arrived is committed at once (two more syncfs), so a
+    huge pull does not hold every batch until it ends. A thread abandoned by a
     cancelled pull may finish its layer after the commit: its batch is
     aborted then (nothing of it left in ``tmp/``).
     """
@@ -237,26 +243,40 @@ class _Arrived:
         self._lock = threading.Lock()
         self._batches: list[tuple[Layer, Batch, int]] | None = []
         self._flush: threading.Thread | None = None
+        self._done: list[Layer] = []  # committed already (past FLUSH_OBJECTS or FLUSH_BYTES)
+        self._read = 0
 
     def add(self, layer: Layer, batch: Batch, read: int) -> None:
         with self._lock:
             if self._batches is not None:
                 self._batches.append((layer, batch, read))
-                if self._flush is None or not self._flush.is_alive():
+                if (sum(b.written for _, b, _ in self._batches) > FLUSH_OBJECTS
+                        or sum(b.bytes_written for _, b, _ in self._batches) > FLUSH_BYTES):  # fmt: skip
+                    self._commit_now()
+                elif self._flush is None or not self._flush.is_alive():
                     with contextlib.suppress(OSError):  # only a head start for the commit's
                         self._flush = start_syncfs(self._tmp_dir)
                 return
         batch.abort()
 
+    def _commit_now(self) -> None:
+        """Commit the batches that arrived so far (a ``StoreError`` or ``OSError``: aborted)."""
+        batches, self._batches = self._batches or [], []
+        try:
+            commit_all([batch for _, batch, _ in batches])
+        except BaseException:
+            for _, batch, _ in batches:
+                batch.abort()
+            raise
+        self._done += [layer for layer, _, _ in batches]
+        self._read += sum(read for _, _, read in batches)
+
     def commit(self, url: str, failures: list[Miss]) -> tuple[list[Layer], int]:
         """Commit every batch that arrived; the layers and the bytes read (a failure noted)."""
         with self._lock:
-            batches, self._batches = self._batches or [], None
-        try:
-            commit_all([batch for _, batch, _ in batches])
-        except (StoreError, OSError) as exc:
-            for _, batch, _ in batches:
-                batch.abort()
-            failures.insert(0, Miss(f"cannot store what {url} sent: {exc}"))
-            return [], 0
-        return [layer for layer, _, _ in batches], sum(read for _, _, read in batches)
+            try:
+                self._commit_now()
+            except (StoreError, OSError) as exc:
+                failures.insert(0, Miss(f"cannot store what {url} sent: {exc}"))
+            self._batches = None
+            return self._done, self._read

@@ -187,9 +187,7 @@ def _big_blob(
     """One big file, streamed to a temporary file, both digests checked before it is kept."""
     assert layer.blake3 is not None
     fd, temp = batch.new_temp()
-    # One thread: a pull hashes LAYERS_AT_ONCE layers at once already; blake3's own
-    # threads beside them only cost CPU switching between them.
-    blake = new_hasher()
+    blake = new_hasher(layer.size)
     try:
         for chunk in _arriving(client, repo, layer, stop):
             blake.update(chunk)

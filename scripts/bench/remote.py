@@ -18,8 +18,8 @@ tarball of the test cache, so no network is needed):
    empty store (a fresh B each round) beside ``skopeo copy docker://... dir:``
    of the same state exported as an image (``amber export --push``),
    alternating. ``RESULT pull_vs_skopeo`` (target <= 1). ``--baseline BIN``
-   (another venv's bin, e.g. of main): its amber pulls too, first in each
-   round, ``RESULT pull_baseline_vs_skopeo``: old and new on the same
+   (another venv's bin, e.g. of main): its amber pulls too, first in every
+   other round, ``RESULT pull_baseline_vs_skopeo``: old and new on the same
    machine state (file creation on this ext4 slows for minutes after many
    deletes, so runs minutes apart do not compare).
 3. cold: A's cold build (a fresh key salt) with the remote on (lookups on
@@ -181,7 +181,7 @@ def pull_vs_skopeo(
     """On the buildd rootfs (``--pull-base rootfs``, the issue's case) the closure is
     the whole rootfs and throughput decides; on ``host`` it is 4 MB and start-up does.
     ``baseline``: another venv's bin directory, whose amber pulls too in each round
-    (before this one's), ``RESULT pull_baseline_vs_skopeo``."""
+    (first in odd rounds, second in even ones), ``RESULT pull_baseline_vs_skopeo``."""
     if base == "rootfs":
         run_checked(bench.a, "image", "import", ROOTFS_IMAGE, f"dir:{buildd_rootfs()}")
         base = ROOTFS_IMAGE
@@ -194,10 +194,11 @@ def pull_vs_skopeo(
     run_checked(bench.a, "export", build, "--push", ref, "--insecure")
     amber, old, skopeo = [], [], []
     for i in range(runs):
-        if baseline is not None:
-            old.append(timed_pull(bench, key, baseline)[0])
-        seconds, said = timed_pull(bench, key, BIN)
-        amber.append(seconds)
+        said = {}
+        # Alternating which goes first: the second finds the disk as the first left it.
+        for which in (["old", "new"] if i % 2 == 0 else ["new", "old"]) if baseline else ["new"]:
+            seconds, said[which] = timed_pull(bench, key, BIN if which == "new" else baseline)
+            (amber if which == "new" else old).append(seconds)
         target = Path(tempfile.mkdtemp(dir=bench.root))  # kept until the end, as B's stores
         children = children_cpu()
         started = time.perf_counter()
@@ -205,8 +206,8 @@ def pull_vs_skopeo(
                         f"dir:{target}"], check=True)  # fmt: skip
         skopeo.append(time.perf_counter() - started)
         size = sum(p.stat().st_size for p in target.iterdir())
-        before = f"baseline amber pull {old[-1]:.3f} s; " if old else ""
-        print(f"round {i + 1}: {before}amber pull {said}; skopeo copy {skopeo[-1]:.3f} s "
+        before = f"baseline amber pull {said['old']}; " if old else ""
+        print(f"round {i + 1}: {before}amber pull {said['new']}; skopeo copy {skopeo[-1]:.3f} s "
               f"(CPU {children_cpu() - children:.2f} s; {size} bytes) "
               f"(load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
     med = statistics.median
