@@ -53,7 +53,9 @@ class DaemonContext:
         self.gc = Collector(self)
         self.id_pool = IdPool(self.config.id_base, self.config.id_count, self.config.id_ranges)
         self.complete = CompleteTrees(self.db.path)
-        self.lowers = SharedLowers(self.fs_pool, self.mount_dir, linger=linger_from_environment())
+        self.lowers = SharedLowers(
+            self.fs_pool, self.mount_dir, linger=linger_from_environment(), store=self.store
+        )
 
     @property
     def mount_dir(self) -> Path:

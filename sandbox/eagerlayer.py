@@ -49,7 +49,7 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from . import tree as treefmt
@@ -206,7 +206,7 @@ class EagerLayer:
                 if entry.kind == treefmt.SYMLINK:
                     os.symlink(entry.ref, path)
                 else:
-                    _make_stub(path, entry)
+                    make_stub(path, entry, xattr_refused=_refuse_xattr)
             apply_metadata(path, entry, self.ids, xattr_refused=_refuse_xattr)
         except _Refused:
             _remove(path)
@@ -225,8 +225,14 @@ def _remove(path: bytes) -> None:
         os.unlink(path)
 
 
-def _make_stub(path: bytes, entry: Entry) -> None:
-    """An empty sparse file of the entry's size, its content redirected to the blob."""
+def make_stub(
+    path: bytes, entry: Entry, *, xattr_refused: Callable[[bytes, OSError], None] | None = None
+) -> None:
+    """An empty sparse file of the entry's size, its content redirected to the blob.
+
+    ``xattr_refused`` decides about an xattr the filesystem refuses (by default
+    the error is raised). Also the sources layer's (``sourcelayer.py``).
+    """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, entry.size)
@@ -234,6 +240,8 @@ def _make_stub(path: bytes, entry: Entry) -> None:
             try:
                 os.setxattr(fd, name, value)
             except OSError as exc:
-                _refuse_xattr(name, exc)
+                if xattr_refused is None:
+                    raise
+                xattr_refused(name, exc)
     finally:
         os.close(fd)

@@ -147,13 +147,15 @@ class OverlayMount:
         await self.wake()
         await self._request({"op": "detach"})
 
-    async def attach(self, work: Path) -> None:
-        """A fresh overlay at ``work/root`` over the same lower (after `detach`)."""
+    async def attach(self, work: Path, view: bytes | None = None) -> None:
+        """A fresh overlay at ``work/root`` over the same lower (after `detach`), showing
+        tree ``view`` (None: the lower's) through a sources layer (``sourcelayer.py``)."""
         work.mkdir(mode=0o711, parents=True, exist_ok=True)
         os.chmod(work, 0o711)
         started = time.perf_counter()
+        request = {"op": "attach", "work": str(work), "view": view.hex() if view else None}
         with trio.fail_after(START_TIMEOUT):
-            ready = await self._request({"op": "attach", "work": str(work)})
+            ready = await self._request(request)
         self.work, self.root = work, work / "root"
         self.timings = {**_timings(ready), "wait": time.perf_counter() - started}
 
@@ -260,13 +262,15 @@ async def start_overlay(
     pool: FilesystemPool | None = None,
     fs_mode: str | None = None,
     home: Path | None = None,
+    view: bytes | None = None,
 ) -> OverlayMount:
     """A filesystem process with ``tree`` mounted at ``work/root`` (see `open_overlay`).
 
     With ``home``, the lower and the eager layer are mounted there rather
     than below ``work``, so that the process can serve the next build's
     overlay over them (`OverlayMount.attach`). The caller stops it with
-    `close_overlay` and removes ``work`` (and ``home``).
+    `close_overlay` and removes ``work`` (and ``home``). With ``view``, the
+    lower is ``tree`` and the build sees ``view`` (``sourcelayer.py``).
     """
     fs_mode = fsmode.check_mode(fs_mode or fsmode.default_fs_mode().name)
     # Traversable (the sandbox's host uids reach ``work/root``), not listable.
@@ -283,6 +287,7 @@ async def start_overlay(
         "tree": tree.hex(),
         "work": str(work),
         "home": str(home) if home is not None else None,
+        "view": view.hex() if view is not None else None,
         "id_base": ids.host_base if ids is not None else 0,
         "id_count": ids.count if ids is not None else IDENTITY.count,
         "fs_mode": fs_mode,

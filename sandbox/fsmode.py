@@ -123,7 +123,14 @@ def _probing(
 
 
 def overlay_options(
-    eager: Path, lower: Path, data: Path | None, upper: Path, work: Path, *, data_only: bool = True
+    eager: Path,
+    lower: Path,
+    data: Path | None,
+    upper: Path,
+    work: Path,
+    *,
+    data_only: bool = True,
+    sources: list[Path] | None = None,
 ) -> str:
     # metacopy + redirect_dir: metadata-only copy-up and renames of lower
     # directories, both understood by the snapshot (Linux 4.19+). index/xino
@@ -131,8 +138,11 @@ def overlay_options(
     # eager: directories, symlinks and executables on tmpfs, above the FUSE
     # lower (eagerlayer.py); data: the blobs, a data-only layer (lowerfs.py),
     # or with data_only=False a plain bottom layer (the hidden-data mode),
-    # or None (fuse-data).
+    # or None (fuse-data). sources: what the build's tree has beyond the
+    # lower's, layers above the eager one (sourcelayer.py).
     layers = f"{eager}:{lower}"
+    if sources:
+        layers = ":".join([*map(str, sources), layers])
     if data is not None:
         layers += f"{'::' if data_only else ':'}{data}"
     return (

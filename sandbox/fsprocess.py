@@ -27,12 +27,16 @@ Then it answers JSON lines on the control socket (``--control-fd``)::
                             done, or {"ok": false, "error": ...} if it failed
     -> {"op": "stop"}       <- {"ok": true}   (then unmounts and exits)
     -> {"op": "detach"}     <- {"ok": true}   (the overlay unmounted, the lower kept)
-    -> {"op": "attach", "work": W2}  <- {"ok": true, "ready": true, ...}
+    -> {"op": "attach", "work": W2, "view": HEX}  <- {"ok": true, "ready": true, ...}
 
 ``detach`` and ``attach`` serve one build after another over the same lower
 (``sharedlower.py``): with ``"home": H`` in the mount request, the lower and
 the eager layer are mounted at ``H/lower`` and ``H/eager`` instead of under
 ``W/layers``, and each attach makes a fresh upper and overlay below ``W2``.
+With ``"view": T`` (in the mount request or an attach) the build sees tree
+``T`` rather than the lower's: what ``T`` has beyond it is made as a sources
+layer on a tmpfs at ``W/layers/sources``, above the eager layer
+(``sourcelayer.py``), and snapshots are taken against ``T``.
 The ready message and attach's answer carry ``timings``, seconds of each part
 of mounting (the build's phases).
 
@@ -62,7 +66,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import fsmode
+from . import fsmode, sourcelayer
 from .deferredcommit import DeferredCommits
 from .digest import from_hex
 from .eagerlayer import EagerLayer
@@ -86,8 +90,10 @@ class FilesystemProcess:
         ids: IdMap,
         fs_mode: str = fsmode.DATALOWER,
         home: Path | None = None,
+        view: bytes | None = None,
     ):
         self.store = store
+        #: The lower's tree; the build sees ``view`` (a sources layer makes up the rest).
         self.tree = tree
         self.ids = ids
         self.fs_mode = fsmode.check_mode(fs_mode)
@@ -117,15 +123,40 @@ class FilesystemProcess:
         self._promoted = 0
         #: Seconds of each part of mounting, sent with "ready" (the build's phases).
         self.timings: dict[str, float] = {}
-        self._use(work)
+        self._sources_mounted = False
+        self._use(work, view)
 
-    def _use(self, work: Path) -> None:
-        """Point the overlay (upper, work directory, root, snapshots) at one build's ``work``."""
+    def _use(self, work: Path, view: bytes | None) -> None:
+        """Point the overlay (upper, work directory, root, snapshots) at one build's ``work``,
+        where the build sees ``view`` (None: the lower's tree)."""
+        self.view = self.tree if view is None else view
         self.layers = work / "layers"
         self.upper = self.layers / "upper"
         self.overlay_work = self.layers / "work"
+        self.sources = self.layers / "sources"
         self.root = work / "root"
-        self.snapshotter = Snapshotter(self.store, self.tree, self.upper, self.ids)
+        self.snapshotter = Snapshotter(self.store, self.view, self.upper, self.ids)
+
+    def source_layers(self) -> list[Path]:
+        """The sources layer and its shadows, one tmpfs (``sourcelayer.py``)."""
+        return [self.sources / "top", self.sources / "shadows"]
+
+    def _make_sources(self) -> None:
+        """The sources layer of ``view`` over the lower's tree, when they differ."""
+        if self.view == self.tree:
+            return
+        started = time.perf_counter()
+        ops = sourcelayer.plan(self.store, self.tree, self.view)
+        if ops is None or not self.data_layer:
+            raise OSError(f"no sources layer for tree {self.view.hex()} over {self.tree.hex()}")
+        self.sources.mkdir(mode=0o700, exist_ok=True)
+        mount("amber-sources", self.sources, "tmpfs", "mode=0755,size=64m")
+        self._sources_mounted = True
+        for layer in self.source_layers():
+            layer.mkdir(mode=0o755)
+        top, shadows = (os.fsencode(layer) for layer in self.source_layers())
+        sourcelayer.fill(top, shadows, ops, self.ids)
+        self.timings["sources"] = time.perf_counter() - started
 
     def prepare(self) -> None:
         started = time.perf_counter()
@@ -145,6 +176,7 @@ class FilesystemProcess:
         eager.fill(self.tree, os.fsencode(self.eager))
         if self.fs_mode == fsmode.HIDDEN_DATA:
             eager.hide(os.fsencode(self.eager), [name.encode() for name in fsmode.SHARDS])
+        self._make_sources()
 
     def _overlay_dirs(self) -> None:
         self.layers.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -155,14 +187,18 @@ class FilesystemProcess:
         os.chown(self.upper, self.ids.to_host(0), self.ids.to_host(0))
         os.chmod(self.upper, 0o755)
 
-    def _attach(self, work: Path) -> dict[str, float]:
-        """A fresh overlay for the next build over the same lower (after ``detach``)."""
+    def _attach(self, work: Path, view: bytes | None) -> dict[str, float]:
+        """A fresh overlay for the next build over the same lower (after ``detach``),
+        showing ``view`` (a sources layer of its own when it is not the lower's tree)."""
         started = time.perf_counter()
         self._unmount_root()
-        self._use(work)
+        self._use(work, view)
         self._overlay_dirs()
+        self.timings.pop("sources", None)
+        self._make_sources()
         self._mount_overlay()
-        return {"attach": time.perf_counter() - started}
+        sources = {"sources": self.timings["sources"]} if "sources" in self.timings else {}
+        return {"attach": time.perf_counter() - started, **sources}
 
     async def serve(self, control: trio.SocketStream) -> None:
         ops = LowerOperations(self.model, str(self.store.root))
@@ -201,6 +237,7 @@ class FilesystemProcess:
             self.upper,
             self.overlay_work,
             data_only=self.fs_mode == fsmode.DATALOWER,
+            sources=self.source_layers() if self._sources_mounted else None,
         )
         if self.volatile:
             try:
@@ -236,9 +273,13 @@ class FilesystemProcess:
                 self.promote_off = True
 
     def _unmount_root(self) -> None:
+        """The build's overlay, and its sources layer with it."""
         if self._overlay_mounted:
             umount(self.root, lazy=True)
             self._overlay_mounted = False
+        if self._sources_mounted:
+            umount(self.sources, lazy=True)
+            self._sources_mounted = False
 
     def _unmount_overlay(self) -> None:
         self._unmount_root()
@@ -288,8 +329,9 @@ class FilesystemProcess:
             return {"ok": True}, False
         if op == "attach":
             try:
-                timings = await trio.to_thread.run_sync(self._attach, Path(request["work"]))
-            except (OSError, KeyError, TypeError) as exc:
+                view = from_hex(request["view"]) if request.get("view") else None
+                timings = await trio.to_thread.run_sync(self._attach, Path(request["work"]), view)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 return {"ok": False, "error": f"attach failed: {exc}"}, False
             return {"ok": True, "ready": True, "root": str(self.root), "timings": timings}, False
         if op == "snapshot":
@@ -337,6 +379,7 @@ def main(argv: list[str] | None = None) -> None:
         ids,
         request.get("fs_mode", fsmode.DATALOWER),
         Path(request["home"]) if request.get("home") else None,
+        from_hex(request["view"]) if request.get("view") else None,
     )
     fs.timings["model"] = time.perf_counter() - started
     fs.prepare()

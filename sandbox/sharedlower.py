@@ -21,6 +21,13 @@ build at a time, and two builds running at once never share one: a running
 build's ids are its own (``IdPool``). Sequential builds get the lowest free
 range, so a workstation's rebuilds and a benchmark's runs reuse one lower.
 
+A build's tree changes with its sources (every edit-rebuild cycle) while
+its base stays, so a build that names its ``base`` is served by a lower of
+the base, with what its tree adds made as a small sources layer of its own
+at attach (``sourcelayer.py``); the key is then the base's. Where no such
+layer can be made (too large a difference, a hard-link group, no data-only
+layer, ``AMBER_SOURCE_LAYER=0``) the lower is of the tree itself, as before.
+
 An idle lower is stopped ``linger`` seconds after its last build ended
 (``AMBER_LOWER_LINGER``, default 60; 0 keeps none, every mount is then as
 before), when more than ``keep`` are idle (the oldest), and at ``aclose``
@@ -39,6 +46,7 @@ from pathlib import Path
 
 import trio
 
+from . import fsmode, sourcelayer
 from .fscontrol import (
     FilesystemError,
     FilesystemPool,
@@ -48,6 +56,7 @@ from .fscontrol import (
     start_overlay,
 )
 from .mounts import mounts_under, unmount_all_under
+from .store import Store
 from .userns import IdMap
 
 DEFAULT_LINGER = 60.0
@@ -83,8 +92,12 @@ class SharedLowers:
         *,
         linger: float = DEFAULT_LINGER,
         keep: int = DEFAULT_KEEP,
+        store: Store | None = None,
     ):
         self.pool = pool
+        #: Where trees are read to plan a sources layer (None: no layers).
+        self.store = store
+        self.source_layer = sourcelayer.enabled_from_environment()
         self.home_dir = home_dir
         self.linger = linger
         self.keep = keep
@@ -102,14 +115,23 @@ class SharedLowers:
 
     @asynccontextmanager
     async def open(
-        self, state_dir: Path, tree: bytes, work: Path, *, ids: IdMap, fs_mode: str
+        self,
+        state_dir: Path,
+        tree: bytes,
+        work: Path,
+        *,
+        ids: IdMap,
+        fs_mode: str,
+        base: bytes | None = None,
     ) -> AsyncIterator[OverlayMount]:
-        """``tree`` mounted at ``work/root`` for the block, over a kept lower when there is one."""
-        key: Key = (str(state_dir), tree, ids.host_base, ids.count, fs_mode)
+        """``tree`` mounted at ``work/root`` for the block, over a kept lower when there is one.
+
+        ``base``: the tree ``tree`` was laid out on; a lower of it serves, with a
+        sources layer, when one can be made (see the module notes).
+        """
         try:
-            mount = await self._reuse(key, work)
-            if mount is None:
-                mount = await self._start(state_dir, tree, work, ids, fs_mode)
+            lower = await self._lower_for(tree, base, fs_mode)
+            key, mount = await self._mount(state_dir, lower, tree, work, ids, fs_mode)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(cleanup_work, work)
@@ -120,25 +142,62 @@ class SharedLowers:
             with trio.CancelScope(shield=True):
                 await self._release(key, mount)
 
-    async def _start(
-        self, state_dir: Path, tree: bytes, work: Path, ids: IdMap, fs_mode: str
-    ) -> OverlayMount:
+    async def _lower_for(self, tree: bytes, base: bytes | None, fs_mode: str) -> bytes:
+        """The tree of the lower to serve ``tree`` with: ``base`` when a sources layer can
+        make up the difference, else ``tree`` itself."""
+        if base is None or base == tree or self.store is None or not self.source_layer:
+            return tree
+        if self.linger <= 0 or self._closed or fs_mode != fsmode.DATALOWER:
+            return tree  # kept for no one; or no data-only layer for its stubs
+        ops = await trio.to_thread.run_sync(sourcelayer.plan, self.store, base, tree)
+        return tree if ops is None else base
+
+    async def _mount(
+        self, state_dir: Path, lower: bytes, tree: bytes, work: Path, ids: IdMap, fs_mode: str
+    ) -> tuple[Key, OverlayMount]:
+        """``tree`` at ``work/root`` over a lower of ``lower``: kept or new, with its key.
+
+        A sources layer the filesystem process could not make after all (tmpfs
+        refused an entry) leaves the build to a lower of ``tree`` itself.
+        """
+        view = tree if lower != tree else None
+        key: Key = (str(state_dir), lower, ids.host_base, ids.count, fs_mode)
+        try:
+            mount = await self._reuse(key, work, view)
+            if mount is None:
+                mount = await self._start(state_dir, lower, work, ids, fs_mode, view)
+            return key, mount
+        except FilesystemError:
+            if view is None:
+                raise
+        await trio.to_thread.run_sync(cleanup_work, work)
+        return await self._mount(state_dir, tree, tree, work, ids, fs_mode)
+
+    async def _start(self, state_dir: Path, tree: bytes, work: Path, ids: IdMap, fs_mode: str,
+                     view: bytes | None) -> OverlayMount:  # fmt: skip
+        """A new process with a lower of ``tree`` (kept after the build when sharing is on)."""
         home = None
         if self.linger > 0 and not self._closed:
             self._count += 1
             home = self.home_dir / f"lower-{os.getpid()}-{self._count}"
-        mount = await start_overlay(state_dir, tree, work, ids=ids, pool=self.pool, fs_mode=fs_mode,
-                                    home=home)  # fmt: skip
+        try:
+            mount = await start_overlay(state_dir, tree, work, ids=ids, pool=self.pool,
+                                        fs_mode=fs_mode, home=home, view=view)  # fmt: skip
+        except BaseException:
+            if home is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(cleanup_work, home)
+            raise
         if home is not None:
             self._homes[mount.pid] = home
         return mount
 
-    async def _reuse(self, key: Key, work: Path) -> OverlayMount | None:
+    async def _reuse(self, key: Key, work: Path, view: bytes | None) -> OverlayMount | None:
         idle = self._idle.pop(key, None)
         if idle is None:
             return None
         try:
-            await idle.mount.attach(work)
+            await idle.mount.attach(work, view)
         except (FilesystemError, OSError, trio.TooSlowError):
             await self._stop(idle.mount)
             return None

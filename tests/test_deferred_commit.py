@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import blake3
 import trio
 from amberd_process import Daemon
 
@@ -89,3 +90,31 @@ def test_settle_reports_a_commit_that_failed_and_what_committed(store: Store):
         assert await commits.settle() == {"ok": True, "seconds": 0.0}  # reported once
 
     trio.run(main)
+
+
+def test_a_step_whose_background_commit_failed_is_errored_not_ran(amberd: Daemon):
+    """The first step's "ran" is told before its commit ends; when the commit then fails,
+    the build errors and that step says why, with no state to enter or cache."""
+    content = b"amber deferred commit probe\n"
+    shard = amberd.state / "cas" / "blobs" / blake3.blake3(content).hexdigest()[:2]
+    shard.mkdir(exist_ok=True)
+    path = amberd.root / "spec.toml"
+    path.write_text(
+        '[build]\nname = "unstored"\nbase = "host"\n'
+        '[[step]]\nname = "make"\nrun = "echo amber deferred commit probe > probe"\n'
+        '[[step]]\nname = "next"\nrun = "sleep 2"\n'
+    )
+    subprocess.run(["chattr", "+i", str(shard)], check=True)  # the probe's rename gets EPERM
+    try:
+        code, report = amberd.build_json(path)
+    finally:
+        subprocess.run(["chattr", "-i", str(shard)], check=True)
+    assert code != 0 and report["status"] == "errored", report
+    shown = json.loads(amberd.amber("show", "--json", report["build"]).stdout)
+    first = shown["steps"][0]
+    assert first["status"] == "errored", first
+    assert "snapshot could not be stored" in (first["note"] or ""), first
+    shell = amberd.amber("shell", report["build"], "--", "true")  # no state it never stored
+    assert shell.returncode != 0 and b"no step that finished" in shell.stderr, shell.stderr
+    code, again = amberd.build_json(path)  # nothing of it was cached: the step runs again
+    assert code == 0 and statuses(again) == ["ran", "ran"], again

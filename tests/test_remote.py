@@ -17,6 +17,10 @@ import pytest
 from amberd_process import BIN, Daemon
 
 from amber.daemon.oci.registry import RegistryClient
+from amber.daemon.oci.spec import sha256_digest
+from amber.daemon.remote import layout
+from amber.sandbox.digest import hash_bytes
+from amber.sandbox.store import Store
 
 SPEC = """
 [build]
@@ -220,6 +224,38 @@ def test_a_tampered_blob_is_refused_and_the_step_reruns(hosts, daemon_root, regi
     assert code == 0, report
     assert statuses(report)[0] == "ran"  # refused, rerun, not a failure
     assert "does not match its sha256" in notes(b, report["build"])
+
+
+def test_junk_packs_added_to_a_signed_manifest_are_refused_before_a_byte_of_them(
+    hosts, daemon_root, registry
+):
+    """Layers are not signed: whoever can write the repository can add self-consistent
+    packs (each object matching its BLAKE3) to a signed manifest. Its signed config counts
+    the packs: a pull refuses it before downloading any; a build reruns the step."""
+    a, b = hosts
+    spec = write_spec(daemon_root, FAILING.replace("exit 3", "true"))
+    code, report = a.build_json(spec)
+    assert code == 0
+    wait_pushed(registry, 2)
+    key = json.loads(a.amber("show", "--json", report["build"]).stdout)["steps"][-1]["key"]
+    client = RegistryClient(registry)
+    body, media_type, _ = client.get_manifest("amber/trunk", "step-" + key)
+    doc = json.loads(body)
+    junk = [b"junk %d\n" % i for i in range(200)]
+    for data in junk:
+        pack = layout.encode_pack([(layout.BLOB, hash_bytes(data), data)])
+        client.upload("amber/trunk", sha256_digest(pack), pack, len(pack))
+        doc["layers"].append(layout.descriptor(layout.PACK_TYPE, sha256_digest(pack), len(pack)))
+    client.put_manifest("amber/trunk", "step-" + key, json.dumps(doc).encode(), media_type)
+    client.close()
+
+    pulled = b.amber("pull", key)
+    said = (pulled.stdout + pulled.stderr).decode()
+    assert pulled.returncode != 0 and "its signed config 1 (" in said, said
+    assert not any(Store(b.state).has_blob(hash_bytes(data)) for data in junk)
+    code, report = b.build_json(spec)
+    assert code == 0 and statuses(report) == ["cached", "ran"], report
+    assert "packs" in notes(b, report["build"])
 
 
 def test_untrusted_or_unsigned_results_are_misses(daemon_root, registry):

@@ -145,3 +145,24 @@ def test_the_log_is_a_layer_of_its_own_found_by_its_blake3():
                                   **{layout.A_BLAKE3: log.hex()})  # fmt: skip
     with pytest.raises(LayoutError, match="-1 bytes"):
         layout.parse_manifest(layout.manifest("ab" * 32, b"{}", layers, "h", "s"), "ab" * 32)
+
+
+def test_packs_are_checked_against_the_count_in_the_signed_config():
+    def manifest(sizes: list[int]) -> layout.StepManifest:
+        packs = [layout.descriptor(layout.PACK_TYPE, "sha256:" + f"{i:064x}", n)
+                 for i, n in enumerate(sizes)]  # fmt: skip
+        doc = layout.manifest("0" * 64, b"{}", packs, "a", "sig")
+        return layout.parse_manifest(doc, "0" * 64)
+
+    counted = layout.config_blob({}, "1", [10, 20])
+    layout.check_packs(counted, manifest([10, 20]))
+    for sizes in ([10, 20, 30], [10, 21], [10]):
+        with pytest.raises(LayoutError, match="its signed config 2 \\(30 bytes\\)"):
+            layout.check_packs(counted, manifest(sizes))
+    # An older amber's config does not count them: read, within a bound.
+    uncounted = layout.config_blob({}, "1")
+    layout.check_packs(uncounted, manifest([10] * layout.UNCOUNTED_PACKS))
+    with pytest.raises(LayoutError, match="does not count them"):
+        layout.check_packs(uncounted, manifest([10] * (layout.UNCOUNTED_PACKS + 1)))
+    with pytest.raises(LayoutError, match="does not count them"):
+        layout.check_packs(uncounted, manifest([10]), counted=True)

@@ -22,6 +22,10 @@ from tools import need
 
 from amber.daemon.build.spec_model import DEFAULT_WORKDIR
 from amber.daemon.oci.registry import RegistryClient
+from amber.daemon.remote import lazy
+from amber.daemon.remote.layout import PACK_TYPE, Layer
+from amber.sandbox.digest import hash_bytes
+from amber.sandbox.store import Store
 
 WORKDIR = DEFAULT_WORKDIR.strip("/")
 EMPTY_SHA256 = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
@@ -350,3 +354,21 @@ def test_a_pull_says_every_byte_it_downloaded_and_commits_its_layers_together(
         shell = b.amber("shell", built["build"], "--", "cat", "total")
         assert shell.stdout == b"12000000\n", shell.stderr
         fsck_clean(b)
+
+
+def test_a_long_pull_commits_what_arrived_past_a_threshold_not_only_at_its_end(
+    tmp_path, monkeypatch
+):
+    """A pull of millions of objects holds their batches only so long (here: 2 objects)."""
+    monkeypatch.setattr(lazy, "FLUSH_OBJECTS", 2)
+    store = Store.open(tmp_path / "state")
+    arrived = lazy._Arrived(store.tmp_dir)
+    contents = [b"object %d\n" % i for i in range(4)]
+    for i, data in enumerate(contents):
+        batch = store.batch()
+        store.put_blob_bytes(data, batch)
+        arrived.add(Layer(PACK_TYPE, f"sha256:{i:064x}", 10, None), batch, 10)
+    # The third crossed it: the first three are in the store before the pull ends.
+    assert [store.has_blob(hash_bytes(d)) for d in contents] == [True, True, True, False]
+    done, read = arrived.commit("http://registry/amber/trunk", [])
+    assert len(done) == 4 and read == 40 and store.has_blob(hash_bytes(contents[3]))

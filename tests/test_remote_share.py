@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from amberd_process import Daemon
+from amberd_process import BIN, Daemon
 from second_user import BOB, MAL, user_of
 from test_remote import FAILING, SPEC, public, run_amber, statuses, write_spec
 
@@ -30,8 +30,10 @@ from amber.sandbox.store import Store
 
 
 def host(root: Path, name: str, remotes: list[tuple[str, bool]], *, sign: bool = True,
-         trusted: dict[str, str] | None = None, extra: str = "") -> Daemon:  # fmt: skip
-    """An amberd with its own state, key and trusted keys, and these (url, push) remotes."""
+         trusted: dict[str, str] | None = None, extra: str = "",
+         bin_dir: Path = BIN) -> Daemon:  # fmt: skip
+    """An amberd with its own state, key and trusted keys, and these (url, push) remotes
+    (``bin_dir``: another venv's amberd, a benchmark's baseline)."""
     home = root / name
     home.mkdir()
     (home / "keys").mkdir()
@@ -47,7 +49,7 @@ def host(root: Path, name: str, remotes: list[tuple[str, bool]], *, sign: bool =
         run_amber("key", "trust", other, key, "--file", str(home / "trusted"))
     lines.append(f'trusted-keys = "{home / "trusted"}"')
     (home / "amberd.toml").write_text("\n".join(lines) + "\n")
-    return Daemon(home).start("--config", str(home / "amberd.toml"))
+    return Daemon(home, bin_dir=bin_dir).start("--config", str(home / "amberd.toml"))
 
 
 def repo_tags(registry: str, repo: str) -> list[str]:

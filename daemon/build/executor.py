@@ -96,8 +96,9 @@ class Executor:
         self.phases = Phases()
         #: The mount's timings until a step that ran on it records them.
         self._mount_timings: dict[str, float] | None = None
-        #: A step whose snapshot still commits in the background: recorded at ``_settle``.
-        self._unsettled: tuple[OverlayMount, Result, bytes] | None = None
+        #: A step (index, mount, result, after-tree) whose snapshot still commits in the
+        #: background: recorded at ``_settle``.
+        self._unsettled: tuple[int, OverlayMount, Result, bytes] | None = None
 
     # -- the whole build ----------------------------------------------------
 
@@ -168,6 +169,8 @@ class Executor:
         b, spec, db = self.build, self.spec, self.ctx.db
         with self.phases.timed("resolve_base"):
             self.base = await self._resolve_base()
+        # Held for the build: a kept lower of the base may serve its mounts (sharedlower.py).
+        await trio.to_thread.run_sync(self.hold.add, [self.base.tree])
         if self.base.pulled is not None:
             b.note(self.base.pulled.note())
             db.update_build(b.id, base_digest=self.base.pulled.digest)
@@ -409,9 +412,9 @@ class Executor:
             except IdPoolExhausted as exc:
                 raise BuildErrored(str(exc)) from None
         work = self.ctx.work_dir("", self.build.id)
-        cm = self.ctx.lowers.open(
-            self.ctx.store.state_dir, tree, work, ids=self.ids, fs_mode=self.ctx.fs_mode.name
-        )
+        base = self.base.tree if self.base is not None else None
+        cm = self.ctx.lowers.open(self.ctx.store.state_dir, tree, work, ids=self.ids,
+                                  fs_mode=self.ctx.fs_mode.name, base=base)  # fmt: skip
         self.mount = await cm.__aenter__()
         self._mount_cm = cm
         self.mount_tree = self.mount_lower = tree
@@ -509,7 +512,7 @@ class Executor:
             step=step.name,
         )
         if defer:
-            self._unsettled = (mount, result, snap.tree)
+            self._unsettled = (index, mount, result, snap.tree)
         else:
             self._record(result, snap.tree)
         status = StepStatus.FAILED if failed else StepStatus.RAN
@@ -537,8 +540,14 @@ class Executor:
         pending, self._unsettled = self._unsettled, None
         if pending is None:
             return
-        mount, result, tree = pending
-        commit_seconds = await mount.settle()
+        index, mount, result, tree = pending
+        try:
+            commit_seconds = await mount.settle()
+        except FilesystemError as exc:
+            # Its "ran" was told before the commit ended: its row must not keep an
+            # after-tree the store never got (``amber show``/``shell`` would offer it).
+            self.state.step_unstored(index, f"its snapshot could not be stored: {exc}")
+            raise
         if phases is not None:
             phases.add("settle.commit", commit_seconds)
         self._record(result, tree)

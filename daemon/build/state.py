@@ -91,6 +91,10 @@ class BuildState:
                    seconds=step.seconds, before_tree=before.hex(), after_tree=after.hex(), log=result.log,
                    started=step.started, phases=phases)  # fmt: skip
 
+    def step_unstored(self, index: int, reason: str) -> None:
+        """Step ``index`` ran, but its snapshot's commit failed: errored, with no after-tree."""
+        self._step(index, StepStatus.ERRORED, reason, after_tree=None)
+
     def skip_pending(self, note: str, start: int = 0) -> None:
         """Every step from ``start`` that has not run yet is ``skipped``, with ``note``."""
         for i in range(start, len(self.build.steps)):

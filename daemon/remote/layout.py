@@ -53,6 +53,9 @@ PACK_MAX = 16 << 20
 #: The largest pack a puller reads into memory: a pack passes PACK_MAX by at
 #: most one small object and the headers (layers are not signed: bound them).
 PACK_LIMIT = PACK_MAX + BIG + (1 << 20)
+#: The most packs (and bytes of them) read from a result whose config does not count them.
+UNCOUNTED_PACKS = 4096
+UNCOUNTED_PACK_BYTES = 8 << 30
 #: A pack is cut after an object whose digest's first two bytes are 0 modulo
 #: this: about one object in 512, so a pack holds a few hundred small files.
 _CUT = 512
@@ -180,9 +183,38 @@ class PackReader:
             raise LayoutError("pack ends inside an object" if self._magic else "not an amber pack")
 
 
-def config_blob(result: dict[str, Any], amber_version: str) -> bytes:
-    """The config blob: the result's metadata, canonical JSON."""
-    return canonical_json({"format": FORMAT, "amber": amber_version, "result": result})
+def config_blob(
+    result: dict[str, Any], amber_version: str, pack_sizes: list[int] | None = None
+) -> bytes:
+    """The config blob: the result's metadata, canonical JSON; with ``pack_sizes``, how many
+    packs the manifest has and their bytes (``check_packs``: the config is what is signed)."""
+    doc: dict[str, Any] = {"format": FORMAT, "amber": amber_version, "result": result}
+    if pack_sizes is not None:
+        doc["packs"] = {"count": len(pack_sizes), "bytes": sum(pack_sizes)}
+    return canonical_json(doc)
+
+
+def check_packs(untrusted_config: bytes, manifest: StepManifest, *, counted: bool = False) -> None:
+    """Refuse a manifest whose packs are not the ones its (signed) config counts.
+
+    Layers are not signed: whoever can write the repository could add
+    thousands of self-consistent junk packs to a signed manifest, which a
+    pull would download and store. A config from before it counted packs
+    (an older amber's) bounds them instead; ``counted``: refuses it.
+    """
+    packs = manifest.packs
+    have = (len(packs), sum(p.size for p in packs))
+    try:
+        signed = json.loads(untrusted_config).get("packs")
+        want = None if signed is None else (int(signed["count"]), int(signed["bytes"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise LayoutError(f"malformed config: {exc}") from None
+    if want is None and (counted or have[0] > UNCOUNTED_PACKS or have[1] > UNCOUNTED_PACK_BYTES):
+        raise LayoutError(f"its manifest has {have[0]} packs ({have[1]} bytes) and its config "
+                          "does not count them: more than amber reads uncounted")  # fmt: skip
+    if want is not None and want != have:
+        raise LayoutError(f"its manifest has {have[0]} packs ({have[1]} bytes), its signed "
+                          f"config {want[0]} ({want[1]} bytes)")  # fmt: skip
 
 
 def descriptor(media_type: str, data_digest: str, size: int, **annotations: str) -> dict:

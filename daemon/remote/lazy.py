@@ -35,12 +35,11 @@ from amber.daemon.remote import layout, pull
 from amber.daemon.remote.config import Remote
 from amber.daemon.remote.layout import Layer, LayoutError, StepManifest
 from amber.daemon.remote.pull import Miss
+from amber.daemon.remote.reach import Reach
 from amber.daemon.storage.db import RemoteRecord
-from amber.sandbox import tree as treefmt
 from amber.sandbox.batch import Batch, commit_all
 from amber.sandbox.fileio import start_syncfs
 from amber.sandbox.store import StoreError
-from amber.sandbox.tree import Entry
 
 if TYPE_CHECKING:
     from amber.daemon.context import DaemonContext
@@ -50,6 +49,10 @@ if TYPE_CHECKING:
 
 #: Layers of one pull fetched at once.
 LAYERS_AT_ONCE = 4
+#: Layers that arrived are committed before the pull ends past this many objects or bytes:
+#: a pull of millions of objects holds their batches (names, pending trees) that long only.
+FLUSH_OBJECTS = 200_000
+FLUSH_BYTES = 4 << 30
 #: A log may pass step-log-max by the line saying it was truncated.
 LOG_SLACK = 64 << 10
 
@@ -127,17 +130,14 @@ class LazyPulls:
         self, hold: Hold, check: ClosureCheck, record: RemoteRecord, manifest: StepManifest,
         tree: bytes, *, skip_applied: bool = True,
     ) -> int:  # fmt: skip
-        """Packs (less those applied before), then the big blobs the tree lacks (committed
-        together), then a check."""
+        """Packs (less those applied before), then the big blobs the tree lacks (``reach.py``),
+        committed together; then a check."""
         db, remote = self.ctx.db, Remote(record.url)
         applied = db.applied_packs() if skip_applied else set()
         packs = [p for p in manifest.packs if p.digest not in applied]
         bigs = {la.blake3: la for la in manifest.big_blobs if la.media_type != layout.LOG_TYPE}
-
-        def wanted(trees: dict[bytes, list[Entry]]) -> list[Layer]:
-            return _wanted_blobs(hold.store, tree, bigs, trees)
-
-        read = await self._fetch(hold.store, remote, packs, on_done=db.pack_applied, then=wanted)
+        reach = Reach(hold.store, tree, bigs)  # type: ignore[arg-type]
+        read = await self._fetch(hold.store, remote, packs, on_done=db.pack_applied, reach=reach)
         missing = await trio.to_thread.run_sync(check.missing, [tree], [])
         if missing is None:
             return read
@@ -150,24 +150,22 @@ class LazyPulls:
 
     async def _fetch(
         self, store: Store, remote: Remote, layers: list[Layer],
-        on_done: Callable[[str], None] | None = None,
-        then: Callable[[dict[bytes, list[Entry]]], list[Layer]] | None = None,
+        on_done: Callable[[str], None] | None = None, reach: Reach | None = None,
     ) -> int:  # fmt: skip
-        """Fetch ``layers``, then ``then``'s layers (from the trees they brought); the bytes read.
+        """Fetch ``layers``, then the big files ``reach`` found the trees they brought need.
 
         ``LAYERS_AT_ONCE`` at a time, the first failure stops the rest. Each
-        layer arrives into a batch of its own (one that fails leaves
-        nothing); those that arrived are committed together at the end, even
-        when another failed or the pull is cancelled, so a later pull skips
-        them (``on_done``, for each of ``layers`` committed): two syncfs a
-        pull, not two a layer.
+        layer arrives into a batch of its own (one that fails leaves nothing); those that arrived are
+        committed together at the end, even when another failed or the pull
+        is cancelled, so a later pull skips them (``on_done``, for each of
+        ``layers`` committed): two syncfs a pull, not two a layer.
         """
         arrived = _Arrived(store.tmp_dir)
         failures: list[Miss] = []
         try:
-            await self._fetch_into(store, remote, layers, arrived, failures)
-            if then is not None and not failures:
-                more = await trio.to_thread.run_sync(then, arrived.trees)
+            await self._fetch_into(store, remote, layers, arrived, failures, reach)
+            if reach is not None and not failures:
+                more = await trio.to_thread.run_sync(reach.rest)
                 await self._fetch_into(store, remote, more, arrived, failures)
         finally:
             with trio.CancelScope(shield=True):
@@ -181,9 +179,10 @@ class LazyPulls:
 
     async def _fetch_into(
         self, store: Store, remote: Remote, layers: list[Layer], arrived: _Arrived,
-        failures: list[Miss],
+        failures: list[Miss], reach: Reach | None = None,
     ) -> None:  # fmt: skip
-        """Fetch ``layers`` into ``arrived``, each on a worker thread; failures noted."""
+        """Fetch ``layers`` into ``arrived``, each on a worker thread (the trees they bring
+        walked by ``reach``); failures noted."""
         if not layers:
             return
         limiter = trio.CapacityLimiter(LAYERS_AT_ONCE)
@@ -198,12 +197,14 @@ class LazyPulls:
             batch, trees = store.batch(), {}
             try:
                 read = pull.fetch_layer(store, client, remote, layer, stop, batch, trees)
+                if reach is not None:
+                    reach.arrived(trees)
             except BaseException:
                 batch.abort()
                 raise
             finally:
                 clients.put(client)
-            arrived.add(layer, batch, read, trees)
+            arrived.add(layer, batch, read)
 
         async def one(layer: Layer) -> None:
             if stop.is_set():
@@ -230,7 +231,9 @@ class _Arrived:
 
     Each arrival starts a flush of the filesystem in the background (one at
     a time), so the disk writes what arrived while the rest downloads and the
-    commit's syncfs has little left to wait for. A thread abandoned by a
+    commit's syncfs has little left to wait for. Past ``FLUSH_OBJECTS`` or
+    ``FLUSH_BYTES`` what arrived is committed at once (two more syncfs), so a
+    huge pull does not hold every batch until it ends. A thread abandoned by a
     cancelled pull may finish its layer after the commit: its batch is
     aborted then (nothing of it left in ``tmp/``).
     """
@@ -240,65 +243,40 @@ class _Arrived:
         self._lock = threading.Lock()
         self._batches: list[tuple[Layer, Batch, int]] | None = []
         self._flush: threading.Thread | None = None
-        self.trees: dict[bytes, list[Entry]] = {}  # of the layers that arrived: readable now
+        self._done: list[Layer] = []  # committed already (past FLUSH_OBJECTS or FLUSH_BYTES)
+        self._read = 0
 
-    def add(self, layer: Layer, batch: Batch, read: int, trees: dict[bytes, list[Entry]]) -> None:
+    def add(self, layer: Layer, batch: Batch, read: int) -> None:
         with self._lock:
             if self._batches is not None:
                 self._batches.append((layer, batch, read))
-                self.trees.update(trees)
-                if self._flush is None or not self._flush.is_alive():
+                if (sum(b.written for _, b, _ in self._batches) > FLUSH_OBJECTS
+                        or sum(b.bytes_written for _, b, _ in self._batches) > FLUSH_BYTES):  # fmt: skip
+                    self._commit_now()
+                elif self._flush is None or not self._flush.is_alive():
                     with contextlib.suppress(OSError):  # only a head start for the commit's
                         self._flush = start_syncfs(self._tmp_dir)
                 return
         batch.abort()
 
+    def _commit_now(self) -> None:
+        """Commit the batches that arrived so far (a ``StoreError`` or ``OSError``: aborted)."""
+        batches, self._batches = self._batches or [], []
+        try:
+            commit_all([batch for _, batch, _ in batches])
+        except BaseException:
+            for _, batch, _ in batches:
+                batch.abort()
+            raise
+        self._done += [layer for layer, _, _ in batches]
+        self._read += sum(read for _, _, read in batches)
+
     def commit(self, url: str, failures: list[Miss]) -> tuple[list[Layer], int]:
         """Commit every batch that arrived; the layers and the bytes read (a failure noted)."""
         with self._lock:
-            batches, self._batches = self._batches or [], None
-        try:
-            commit_all([batch for _, batch, _ in batches])
-        except (StoreError, OSError) as exc:
-            for _, batch, _ in batches:
-                batch.abort()
-            failures.insert(0, Miss(f"cannot store what {url} sent: {exc}"))
-            return [], 0
-        return [layer for layer, _, _ in batches], sum(read for _, _, read in batches)
-
-
-def _wanted_blobs(
-    store: Store, tree: bytes, bigs: dict[bytes, Layer], arrived: dict[bytes, list[Entry]]
-) -> list[Layer]:
-    """The layers of ``bigs`` (big files by BLAKE3) that ``tree`` names and the store lacks.
-
-    Trees are read from ``arrived`` (the packs just fetched, not yet
-    committed) or else the store.
-
-    Layers are not signed, the trees are (through the config): a layer whose
-    size is not its file's is refused before a byte of it is read. A tree
-    the packs did not bring is a ``Miss``: the result does not hold it.
-    """
-    seen: set[bytes] = set()
-    todo = [tree]
-    wanted: dict[bytes, Layer] = {}
-    while todo:
-        digest = todo.pop()
-        if digest in seen:
-            continue
-        seen.add(digest)
-        try:
-            entries = arrived.get(digest)
-            if entries is None:
-                entries = store.get_tree(digest)
-        except StoreError as exc:
-            raise Miss(f"the remote result does not hold tree {digest.hex()[:12]}: {exc}") from None
-        for entry in entries:
-            if entry.kind == treefmt.DIR:
-                todo.append(entry.ref)
-            elif entry.kind == treefmt.FILE and entry.ref in bigs:
-                if bigs[entry.ref].size != entry.size:
-                    raise Miss(f"layer {bigs[entry.ref].digest} is {bigs[entry.ref].size} bytes, "
-                               f"its file {entry.size}")  # fmt: skip
-                wanted[entry.ref] = bigs[entry.ref]
-    return [layer for blob, layer in wanted.items() if not store.has_blob(blob)]
+            try:
+                self._commit_now()
+            except (StoreError, OSError) as exc:
+                failures.insert(0, Miss(f"cannot store what {url} sent: {exc}"))
+            self._batches = None
+            return self._done, self._read

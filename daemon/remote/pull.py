@@ -34,6 +34,8 @@ from amber.sandbox.store import Store, StoreError
 from amber.sandbox.tree import Entry
 
 _REDIRECTS = (301, 302, 303, 307, 308)
+#: A tree a pack brought: its entries (decoded to check it) and its bytes.
+Arrival = tuple[list[Entry], bytes]
 
 
 class Miss(Exception):
@@ -69,13 +71,15 @@ def lookup(
                           manifest.config_digest)  # fmt: skip
         if why is not None:
             raise Miss(f"the result on {remote.url} is refused: {why}")
-        config = _document(client, remote.repository, manifest.config_digest)
-        return Found(layout.parse_config(config, key), manifest, answer.body)
+        config = document(client, remote.repository, manifest.config_digest)
+        found = Found(layout.parse_config(config, key), manifest, answer.body)
+        layout.check_packs(config, manifest)
+        return found
     except (OciError, LayoutError) as exc:
         raise Miss(f"{remote.url}: {exc}") from None
 
 
-def _document(client: RegistryClient, repo: str, digest: str) -> bytes:
+def document(client: RegistryClient, repo: str, digest: str) -> bytes:
     """A small blob (a config) on the client's kept-alive connection, checked against its
     sha256; one the registry redirects (to object storage) is streamed from there."""
     answer = client.request("GET", f"/v2/{repo}/blobs/{digest}")
@@ -106,7 +110,7 @@ def _blob(client: RegistryClient, repo: str, digest: str, limit: int, exact: boo
 
 def fetch_layer(
     store: Store, client: RegistryClient, remote: Remote, layer: Layer, stop: threading.Event,
-    batch: Batch | None = None, trees: dict[bytes, list[Entry]] | None = None,
+    batch: Batch | None = None, trees: dict[bytes, Arrival] | None = None,
 ) -> int:  # fmt: skip
     """One layer's objects into the store; the bytes read.
 
@@ -116,7 +120,7 @@ def fetch_layer(
     aborts it when this raises; else one of its own, committed here. The
     layer's sha256 is checked once it has all arrived: the batch is never
     committed before. ``stop`` set: give up between chunks (another layer of
-    the same pull failed). ``trees``: gets each tree a pack brought, decoded.
+    the same pull failed). ``trees``: gets each tree a pack brought.
     """
     if batch is None:
         with store.batch() as own:
@@ -159,7 +163,7 @@ def _arriving(
 
 def _pack(
     store: Store, client: RegistryClient, repo: str, layer: Layer, stop: threading.Event,
-    batch: Batch, trees: dict[bytes, list[Entry]],
+    batch: Batch, trees: dict[bytes, Arrival],
 ) -> int:  # fmt: skip
     """A pack's objects, each written as soon as it has arrived and matched its BLAKE3."""
     reader = layout.PackReader()
@@ -169,7 +173,7 @@ def _pack(
                 entries = treefmt.decode(body)
                 if store.put_tree(entries, batch) != digest:
                     raise Miss(f"object {digest.hex()[:12]} does not re-encode to its digest")
-                trees[digest] = entries
+                trees[digest] = (entries, body)
             else:
                 store.put_blob_hashed(digest, body, batch)
     reader.finish()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from amber.daemon.oci.registry import RegistryClient
 from amber.daemon.oci.spec import OCI_MANIFEST, sha256_digest
-from amber.daemon.remote import layout
+from amber.daemon.remote import layout, pull
 from amber.daemon.remote.config import Remote
 from amber.daemon.remote.layout import BLOB, TREE, Obj
 from amber.daemon.remote.trust import SigningKey
@@ -132,6 +132,7 @@ def push_result(
     before = stats.bytes_uploaded
     sender = _Sender(client, repo, mount_from or [], stats)
     layers: list[dict] = []
+    pack_sizes: list[int] = []
     for i, part in enumerate(plan(store, result)):
         if part.big:
             obj = part.objects[0]
@@ -146,7 +147,8 @@ def push_result(
         digest = sha256_digest(data)
         sender.send(digest, data, len(data))
         layers.append(layout.descriptor(layout.PACK_TYPE, digest, len(data)))
-    config = layout.config_blob(asdict(result), version)
+        pack_sizes.append(len(data))
+    config = layout.config_blob(asdict(result), version, pack_sizes)
     config_digest = sha256_digest(config)
     sender.send(config_digest, config, len(config))
     signature = key.sign(result.key, config_digest)
@@ -161,7 +163,8 @@ def already_there(
 ) -> bool:
     """Whether ``repo`` holds this very result, signed by ``key``: a push would change nothing.
 
-    Another host's result for the key, or one signed otherwise, is not it.
+    Another host's result for the key, one signed otherwise, or one whose
+    config does not count its packs (an older amber's: ``check_packs``) is not it.
     """
     answer = client.request("GET", f"/v2/{repo}/manifests/{layout.tag_for(result.key)}",
                             headers={"Accept": OCI_MANIFEST})  # fmt: skip
@@ -169,12 +172,15 @@ def already_there(
         return False
     try:
         found = layout.parse_manifest(answer.body, result.key)
-    except layout.LayoutError:
+        if not key.verifies(result.key, found.config_digest, found.signer, found.signature):
+            return False
+        config = pull.document(client, repo, found.config_digest)
+        layout.check_packs(config, found, counted=True)
+        theirs = layout.parse_config(config, result.key)
+    except (layout.LayoutError, pull.Miss):
         return False
-    config_digest = sha256_digest(layout.config_blob(asdict(result), version))
-    return found.config_digest == config_digest and key.verifies(
-        result.key, config_digest, found.signer, found.signature
-    )
+    ours = asdict(result)
+    return theirs == {name: ours[name] for name in theirs}
 
 
 def _sha256_file(path: str) -> str:

@@ -2,7 +2,7 @@
 """Benchmark: a whole cold `amber build` on a Debian rootfs vs the same commands in a chroot of it.
 
     python scripts/bench/pipeline.py [--runs 5] [--cached-runs 10] [--concurrent 20]
-        [--no-podman] [--host-runs N] [--compare VAR=VALUE ...] [--no-fuse-trace]
+        [--no-podman] [--host-runs N] [--compare VAR=VALUE ...] [--no-fuse-trace] [--edit]
 
 The base is the Debian buildd rootfs that tests/test_rootfs_builds.py uses
 (``scripts/make-rootfs``, cached under $AMBER_TEST_CACHE/rootfs; the script
@@ -24,6 +24,12 @@ each step's run, snapshots, unmount, ...) are printed as medians beside the
 chroot's per-step times, and the FUSE requests of amberd's mounts during the
 build, by opcode, from the kernel's fuse tracepoints (fusetrace.py; per step
 by time), unless ``--no-fuse-trace``.
+
+``--edit``: every cold amber build also has a source ``edit.c`` whose
+content differs from the last build's (a developer's edit-and-rebuild loop),
+so the tree it mounts is new each time though the base is not;
+``--edit --compare AMBER_SOURCE_LAYER=0`` measures the sources layer
+(sandbox/sourcelayer.py) against a fresh lower for every such tree.
 
 ``--compare VAR=VALUE`` (repeatable) starts a second amberd with those
 variables in its environment, and every pair becomes a triple (chroot, amber,
@@ -80,9 +86,10 @@ CHROOT_ENV = {
 med = statistics.median
 
 
-def spec_text(salt: str, base: str = "host") -> str:
+def spec_text(salt: str, base: str = "host", edit: bool = False) -> str:
     steps = "".join(f'\n[[step]]\nname = "{n}"\nrun = "{r}"\n' for n, r in STEPS)
-    return f'[build]\nname = "zlib-bench"\nbase = "{base}"\nkey_salt = "{salt}"\n\n[[source]]\npath = "zlib.tar.bz2"\n{steps}'
+    edited = '\n[[source]]\npath = "edit.c"\n' if edit else ""
+    return f'[build]\nname = "zlib-bench"\nbase = "{base}"\nkey_salt = "{salt}"\n\n[[source]]\npath = "zlib.tar.bz2"\n{edited}{steps}'
 
 
 def timed(cmd: list[str], **kwargs) -> float:
@@ -311,9 +318,12 @@ class Bench:
         self.spec_dir.mkdir()
         os.link(self.tarball, self.spec_dir / "zlib.tar.bz2")
 
-    def spec(self, base: str, salt: str) -> Path:
+    def spec(self, base: str, salt: str, edit: bool = False) -> Path:
+        """A spec; with ``edit``, its ``edit.c`` source differs from the last one's."""
         path = self.spec_dir / f"{base}-{uuid.uuid4().hex[:8]}.toml"
-        path.write_text(spec_text(salt, base))
+        path.write_text(spec_text(salt, base, edit))
+        if edit:
+            (self.spec_dir / "edit.c").write_text(f"/* edit {uuid.uuid4().hex} */\n")
         return path
 
     def prepare(self) -> None:
@@ -339,7 +349,7 @@ class Bench:
                     if kind == "chroot":
                         chroots.append(chroot_run(self.chroot, self.tarball, n))
                     else:
-                        spec = self.spec(ROOTFS_IMAGE, f"cold-{uuid.uuid4()}")
+                        spec = self.spec(ROOTFS_IMAGE, f"cold-{uuid.uuid4()}", self.args.edit)
                         ambers[kind].append(amber_run(self.daemons[kind], spec, traced))
                 self.print_pair(n, chroots[-1], {k: v[-1] for k, v in ambers.items()})
         return chroots, ambers
@@ -461,6 +471,8 @@ def parse_args() -> argparse.Namespace:
                         help="cold builds on the host base too, printed alone (default 0)")  # fmt: skip
     parser.add_argument("--no-podman", action="store_true", help="skip the podman build")
     parser.add_argument("--no-fuse-trace", action="store_true", help="no FUSE tracepoints")
+    parser.add_argument("--edit", action="store_true",
+                        help="a source edited before every cold build (edit-and-rebuild)")  # fmt: skip
     parser.add_argument("--compare", action="append", default=[], metavar="VAR=VALUE",
                         help="a second amberd with VAR=VALUE in its environment, in every pair")  # fmt: skip
     args = parser.parse_args()

@@ -17,7 +17,11 @@ tarball of the test cache, so no network is needed):
    buildd rootfs imported as an image, or ``--pull-base host``) into an
    empty store (a fresh B each round) beside ``skopeo copy docker://... dir:``
    of the same state exported as an image (``amber export --push``),
-   alternating. ``RESULT pull_vs_skopeo`` (target <= 1).
+   alternating. ``RESULT pull_vs_skopeo`` (target <= 1). ``--baseline BIN``
+   (another venv's bin, e.g. of main): its amber pulls too, first in every
+   other round, ``RESULT pull_baseline_vs_skopeo``: old and new on the same
+   machine state (file creation on this ext4 slows for minutes after many
+   deletes, so runs minutes apart do not compare).
 3. cold: A's cold build (a fresh key salt) with the remote on (lookups on
    each miss, results pushed in the background) beside ``--no-remote``,
    ``--runs`` pairs (default 5), alternating which goes first, the queue
@@ -62,7 +66,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 
-from amberd_process import Daemon, cleanup_root  # noqa: E402
+from amberd_process import BIN, Daemon, cleanup_root  # noqa: E402
 from common import Session  # noqa: E402
 from conftest import serve_registry  # noqa: E402
 from pipeline import ROOTFS_IMAGE, buildd_rootfs, run_checked, spec_text  # noqa: E402
@@ -94,11 +98,12 @@ class Bench:
         path.write_text(text)
         return path
 
-    def fresh_b(self) -> Daemon:
-        """An empty host B, trusting A, its host base already fingerprinted."""
+    def fresh_b(self, bin_dir: Path = BIN) -> Daemon:
+        """An empty host B, trusting A, its host base already fingerprinted (``bin_dir``:
+        another venv's amber, the baseline's)."""
         self.b_count += 1
         b = host(self.root, f"ci-b{self.b_count}", [(self.trunk, False)], sign=False,
-                 trusted={"ci-a": public(self.a)})  # fmt: skip
+                 trusted={"ci-a": public(self.a)}, bin_dir=bin_dir)  # fmt: skip
         run_checked(b, "build", "--no-remote", str(self.spec("warm-up", WARM_UP)))
         return b
 
@@ -176,9 +181,13 @@ def cached(bench: Bench, session: Session, runs: int) -> None:
     session.result("remote_cached_seconds", med(remote))
 
 
-def pull_vs_skopeo(bench: Bench, session: Session, runs: int, base: str) -> None:
+def pull_vs_skopeo(
+    bench: Bench, session: Session, runs: int, base: str, baseline: Path | None
+) -> None:
     """On the buildd rootfs (``--pull-base rootfs``, the issue's case) the closure is
-    the whole rootfs and throughput decides; on ``host`` it is 4 MB and start-up does."""
+    the whole rootfs and throughput decides; on ``host`` it is 4 MB and start-up does.
+    ``baseline``: another venv's bin directory, whose amber pulls too in each round
+    (first in odd rounds, second in even ones), ``RESULT pull_baseline_vs_skopeo``."""
     if base == "rootfs":
         run_checked(bench.a, "image", "import", ROOTFS_IMAGE, f"dir:{buildd_rootfs()}")
         base = ROOTFS_IMAGE
@@ -189,15 +198,13 @@ def pull_vs_skopeo(bench: Bench, session: Session, runs: int, base: str) -> None
     key = shown["steps"][-1]["key"]
     ref = f"{bench.registry}/amber/zlib-export:bench"
     run_checked(bench.a, "export", build, "--push", ref, "--insecure")
-    amber, skopeo = [], []
+    amber, old, skopeo = [], [], []
     for i in range(runs):
-        b = bench.fresh_b()
-        assert b.process is not None
-        cpu = process_cpu(b.process.pid)
-        seconds, out = timed_amber(b, "pull", key)
-        amber.append(seconds)
-        cpu = process_cpu(b.process.pid) - cpu
-        bench.drop(b)
+        said = {}
+        # Alternating which goes first: the second finds the disk as the first left it.
+        for which in (["old", "new"] if i % 2 == 0 else ["new", "old"]) if baseline else ["new"]:
+            seconds, said[which] = timed_pull(bench, key, BIN if which == "new" else baseline)
+            (amber if which == "new" else old).append(seconds)
         target = Path(tempfile.mkdtemp(dir=bench.root))  # kept until the end, as B's stores
         children = children_cpu()
         started = time.perf_counter()
@@ -205,8 +212,9 @@ def pull_vs_skopeo(bench: Bench, session: Session, runs: int, base: str) -> None
                         f"dir:{target}"], check=True)  # fmt: skip
         skopeo.append(time.perf_counter() - started)
         size = sum(p.stat().st_size for p in target.iterdir())
-        print(f"round {i + 1}: amber pull {amber[-1]:.3f} s (amberd CPU {cpu:.2f} s; {out.strip()}); "
-              f"skopeo copy {skopeo[-1]:.3f} s (CPU {children_cpu() - children:.2f} s; {size} bytes) "
+        before = f"baseline amber pull {said['old']}; " if old else ""
+        print(f"round {i + 1}: {before}amber pull {said['new']}; skopeo copy {skopeo[-1]:.3f} s "
+              f"(CPU {children_cpu() - children:.2f} s; {size} bytes) "
               f"(load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
     med = statistics.median
     print(f"pull: amber median {med(amber):.3f} s, skopeo median {med(skopeo):.3f} s (target <= 1)")
@@ -216,6 +224,22 @@ def pull_vs_skopeo(bench: Bench, session: Session, runs: int, base: str) -> None
         "skopeo copy",
         skopeo,
     )
+    if old:
+        print(f"pull: baseline ({baseline}) amber median {med(old):.3f} s")
+        session.ratio("pull_baseline_vs_skopeo",
+                      med(a / s for a, s in zip(old, skopeo, strict=True)), "skopeo copy",
+                      skopeo)  # fmt: skip
+
+
+def timed_pull(bench: Bench, key: str, bin_dir: Path) -> tuple[float, str]:
+    """``amber pull KEY`` into a fresh B of ``bin_dir``'s amber: seconds, and what it said."""
+    b = bench.fresh_b(bin_dir)
+    assert b.process is not None
+    cpu = process_cpu(b.process.pid)
+    seconds, out = timed_amber(b, "pull", key)
+    cpu = process_cpu(b.process.pid) - cpu
+    bench.drop(b)
+    return seconds, f"{seconds:.3f} s (amberd CPU {cpu:.2f} s; {out.strip()})"
 
 
 def process_cpu(pid: int, stat: Path | None = None) -> float:
@@ -393,6 +417,9 @@ def main() -> None:
     parser.add_argument("--pull-base", choices=("rootfs", "host"), default="rootfs",
                         help="the base of the pulled build (default rootfs: the buildd rootfs "
                         "as an image, made by scripts/make-rootfs)")  # fmt: skip
+    parser.add_argument("--baseline", type=Path, metavar="BIN",
+                        help="another install's bin directory (a venv of the old amber): its "
+                        "amber pulls beside this one in each pull round")  # fmt: skip
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root")
@@ -411,7 +438,7 @@ def main() -> None:
                 note = "docker-registry at normal priority, sharing them (--registry-shares-cpu)"
                 parts = {"cached": lambda: cached(bench, session, args.cached_runs),
                          "pull": lambda: pull_vs_skopeo(bench, session, args.cached_runs,
-                                                        args.pull_base),
+                                                        args.pull_base, args.baseline),
                          "cold": lambda: cold(bench, session, args.runs, note),
                          "status": lambda: status_during_push(bench, session, args.runs),
                          "bytes": lambda: second_result(bench, session)}  # fmt: skip
