@@ -33,7 +33,9 @@ class ErrorCode(StrEnum):
     SANDBOX_FAILED = "sandbox-failed"  # a sandbox did not start (bwrap's message says why)
     BAD_IMAGE = "bad-image"  # an image to import that amber cannot read
     EXPORT_FAILED = "export-failed"  # an export that could not be written or sent
-    TIMEOUT = "timeout"  # no hello in time (and on the client side: no answer in time)
+    TIMEOUT = (
+        "timeout"  # no hello in time, a stopped helper of the user (client: no answer in time)
+    )
 
     # Framing errors: the connection is closed after one of these.
     FRAME_TOO_LARGE = "frame-too-large"

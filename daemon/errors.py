@@ -64,6 +64,10 @@ class ExportFailed(DaemonError):
     """An export that could not be written or sent."""
 
 
+class TimedOut(DaemonError):
+    """Something the request waits for did not answer in time (a stopped helper of the user's)."""
+
+
 class Internal(DaemonError):
     """State amberd cannot make sense of: its own bug or damage to its files."""
 
@@ -80,6 +84,7 @@ WIRE_CODES: dict[type[DaemonError], ErrorCode] = {
     SandboxFailed: ErrorCode.SANDBOX_FAILED,
     ImageError: ErrorCode.BAD_IMAGE,
     ExportFailed: ErrorCode.EXPORT_FAILED,
+    TimedOut: ErrorCode.TIMEOUT,
     Internal: ErrorCode.INTERNAL,
 }
 

@@ -83,6 +83,10 @@ class HelperError(Exception):
     """The helper did not start, died, or sent something that is not the protocol."""
 
 
+class HelperTimeout(HelperError):
+    """The helper did not answer in time: most likely its user stopped it (it is theirs)."""
+
+
 #: How long a new helper may take to say it is ready (a Python start-up: 20-40 ms).
 READY_SECONDS = 10.0
 #: How long a helper may take over one message of a request (at most ``MAX_PATHS``
@@ -162,7 +166,7 @@ class UserReader:
         try:
             data, fds, flags, _ = socket.recv_fds(self._sock, _RECV, asuser_helper.MAX_FDS)
         except TimeoutError:
-            raise HelperError(
+            raise HelperTimeout(
                 f"the helper for uid {self.user.uid} did not answer in "
                 f"{self._sock.gettimeout():g} s (stopped?)"
             ) from None

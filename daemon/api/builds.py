@@ -24,10 +24,18 @@ from amber.daemon.build.logs import blob_chunks, file_chunks
 from amber.daemon.build.spec import Spec, SpecError, parse_spec
 from amber.daemon.build.state import BuildStatus
 from amber.daemon.context import DaemonContext
-from amber.daemon.errors import BadArgs, Busy, Internal, InvalidSpec, NotFound, PermissionDenied
+from amber.daemon.errors import (
+    BadArgs,
+    Busy,
+    Internal,
+    InvalidSpec,
+    NotFound,
+    PermissionDenied,
+    TimedOut,
+)
 from amber.daemon.remote.pull import Miss
 from amber.daemon.userthreads import run_as_user
-from amber.sandbox.asuser import HelperError, Unreadable, User, UserReader, WrongKind
+from amber.sandbox.asuser import HelperError, HelperTimeout, Unreadable, User, UserReader, WrongKind
 from amber.sandbox.asuser_pool import lease
 from amber.sandbox.digest import from_hex
 
@@ -58,6 +66,8 @@ async def parse_spec_request(text: str, path: str, user: User) -> Spec:
         return await run_as_user(user.uid, work)
     except SpecError as exc:
         raise InvalidSpec(str(exc)) from None
+    except HelperTimeout as exc:  # the user's own process, stopped: not amberd's bug
+        raise TimedOut(f"the helper reading your files: {exc}") from None
     except HelperError as exc:
         raise Internal(f"the helper reading your files failed: {exc}") from None
 
