@@ -124,6 +124,23 @@ def test_a_row_that_checks_out_is_used_without_hashing(exported):
     assert export(mal, build, "again.tar") == first
 
 
+def test_a_blob_gone_behind_amber_s_back_fails_the_export_as_incomplete(exported):
+    """No walk proves the state whole before the export: the writing finds what is gone."""
+    mal, build, first = exported
+    blobs = Store(mal.daemon.state).blob_dir
+    big = max(blobs.rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0)
+    aside = big.with_name(big.name + ".aside")
+    big.rename(aside)
+    try:
+        done = mal.amber("export", build, "-o", mal.home / "gone.tar")
+        assert done.returncode != 0
+        assert b"no longer complete" in done.stderr, done.stderr
+        assert not (mal.home / "gone.tar").exists()
+    finally:
+        aside.rename(big)
+    assert export(mal, build, "back.tar") == first
+
+
 # -- the writer alone -----------------------------------------------------------------
 
 
