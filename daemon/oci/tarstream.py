@@ -48,16 +48,16 @@ _SMALL = 64 << 10  # a write this big skips the gathering; a file this big is co
 _FLUSH = 1 << 20
 _READ = 1 << 20
 # Waiting to be written, and to be hashed, at most: chunks (of at most about
-# 1 MiB: _FLUSH, _READ), and files (digests: nothing held open). The walk
-# must be able to run far ahead of both: a layer's big files come as a few
-# items that take the kernel and the hash long (a 400 MiB file, 0.3 s of
-# hashing), its small files as many chunks that take the walk long (20,000
-# files, 75 MiB of tar, 0.4 s of Python), and the two overlap only if the
-# walk may get through a directory of big files and on into the small ones
-# while the hash is still at the big. So up to 128 MiB of chunks wait (the
-# same chunks for both threads), and 8,192 files, each with at most _HEAD
-# bytes before it (its header; more goes as a chunk of its own).
-_CHUNKS = 128
+# 1 MiB: _FLUSH, _READ), and files (digests: nothing held open), each with at
+# most _HEAD bytes before it (its header; more goes as a chunk of its own).
+# A layer's big files come as a few items that take the kernel and the hash
+# long (a 400 MiB file, 0.3 s of hashing), its small files as many chunks
+# that take the walk long (20,000 files, 75 MiB of tar, 0.4 s of Python). So
+# the walk may run a whole directory of big files ahead (8,192 of them), and
+# 32 MiB into the small files after them: further, it holds the GIL the
+# other two threads need between their calls (in process at load 8-9, 128
+# MiB of chunks made the export slower than 32).
+_CHUNKS = 32
 _FILES = 8192
 _HEAD = 8 << 10
 #: a file in the stream: the bytes before it (its header), its blob, its size
