@@ -37,7 +37,7 @@ from amber.daemon.oci.spec import ImageConfig
 from amber.daemon.oci.stream import stream_docker_archive
 from amber.daemon.oci.tarstream import file_copier
 from amber.sandbox.importer import import_directory
-from amber.sandbox.store import Store
+from amber.sandbox.store import MissingObject, Store
 
 SPEC = """
 [build]
@@ -122,6 +122,23 @@ def test_a_row_that_checks_out_is_used_without_hashing(exported):
     with rows(mal) as db:
         db.execute("DELETE FROM layers")
     assert export(mal, build, "again.tar") == first
+
+
+def test_a_blob_gone_behind_amber_s_back_fails_the_export_as_incomplete(exported):
+    """No walk proves the state whole before the export: the writing finds what is gone."""
+    mal, build, first = exported
+    blobs = Store(mal.daemon.state).blob_dir
+    big = max(blobs.rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0)
+    aside = big.with_name(big.name + ".aside")
+    big.rename(aside)
+    try:
+        done = mal.amber("export", build, "-o", mal.home / "gone.tar")
+        assert done.returncode != 0
+        assert b"no longer complete" in done.stderr, done.stderr
+        assert not (mal.home / "gone.tar").exists()
+    finally:
+        aside.rename(big)
+    assert export(mal, build, "back.tar") == first
 
 
 # -- the writer alone -----------------------------------------------------------------
@@ -226,6 +243,24 @@ def test_a_full_disk_fails_the_export_and_leaves_no_thread(store: Store, layers,
     assert caught.value.errno == errno.ENOSPC
     assert list(tiny_fs.iterdir()) == []  # the part file is gone too
     assert _layer_threads() == []
+
+
+def test_a_blob_gone_from_the_store_fails_the_export_and_leaves_no_thread(
+    store: Store, layers, tmp_path: Path
+):
+    """A big file is opened where it is copied and hashed, off the walk: its error still comes back."""
+    fresh = export_image(store, layers, CONFIG, tmp_path / "fresh.tar")
+    known = {s: KnownLayer(i.diff_id, i.size) for s, i in zip(layers, fresh.layers, strict=True)}
+    big = max(store.blob_dir.rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0)
+    assert big.stat().st_size == 5 << 20
+    big.unlink()
+    out = tmp_path / "out"
+    out.mkdir()
+    for digests_known in (None, known):  # hashed (the write thread), and known (inline)
+        with pytest.raises(MissingObject):
+            export_image(store, layers, CONFIG, out / "image.tar", known=digests_known)
+        assert list(out.iterdir()) == []
+        assert _layer_threads() == []
 
 
 def test_a_reader_going_away_fails_the_stream(store: Store, layers):

@@ -22,6 +22,7 @@ import secrets
 import sqlite3
 import stat
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -54,6 +55,7 @@ from amber.sandbox.asuser import HelperError, User, UserReader
 from amber.sandbox.beneath import openat2
 from amber.sandbox.digest import from_hex
 from amber.sandbox.fsidentity import filesystem_identity
+from amber.sandbox.store import StoreError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -238,14 +240,6 @@ async def export_state(
     pushed = _known_pushed(digests, layers) if push is not None else {}
     written: list[LayerInfo] = []
 
-    def work() -> dict[str, Any]:
-        # A temp root for the export's life, taken before the presence check:
-        # a GC running meanwhile cannot take a layer from under the writer.
-        with ctx.roots.hold(f"export of {state.build.id}") as hold:
-            if not hold.complete([after for _, after in layers]):
-                raise NotFound(f"the state of {state.label} is no longer complete in the store")
-            return write()
-
     def write() -> dict[str, Any]:
         try:
             if push is not None:
@@ -276,11 +270,27 @@ async def export_state(
 
     with ctx.roots.hold(f"pull for the export of {state.build.id}") as pulled:
         await make_local(ctx, pulled, [t for pair in layers for t in pair if t], state.label)
-        result = await trio.to_thread.run_sync(work)
+        result = await trio.to_thread.run_sync(_held_write, ctx, state, layers, write)
     _remember_layers(digests, layers, written, pushed)
     if note:
         result["note"] = note
     return result
+
+
+def _held_write(
+    ctx: DaemonContext, state: FrozenState, layers: list, write: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """``write`` the export under a temp root: a GC running meanwhile cannot take a layer
+    from under the writer. No walk proves the state whole first: writing it reads
+    every tree (verified) and opens every blob it needs."""
+    with ctx.roots.hold(f"export of {state.build.id}") as hold:
+        hold.add([after for _, after in layers])
+        try:
+            return write()
+        except StoreError as exc:
+            raise NotFound(
+                f"the state of {state.label} is no longer complete in the store ({exc})"
+            ) from None
 
 
 def _known_layers(

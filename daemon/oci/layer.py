@@ -305,13 +305,13 @@ class _LayerWriter:
 
     def _copy_blob(self, digest: bytes, size: int, path: bytes, head: bytes) -> None:
         """``head``, the blob's ``size`` bytes and the padding: a small file in one write."""
+        if self.tar.copies(size):  # opened where it is copied and hashed
+            self.tar.write(head)
+            self.tar.copy_file(digest, size)
+            self.tar.write(oci_tar.padding(size))
+            return
         fd = self.store.open_blob_owned(digest)  # the walk runs as_store_owner
         try:
-            if self.tar.copies(size):
-                self.tar.write(head)
-                self.tar.copy_file(fd, digest, size)
-                self.tar.write(oci_tar.padding(size))
-                return
             # A new bytes object per read: the hash thread may still hold the last.
             data = os.read(fd, min(size, _READ))
             if len(data) == size:

@@ -13,7 +13,10 @@ the hash reads it on the side without holding the copy up:
   cores (with the digest known, they happen inline: ``InlineWriter``);
 - a big file's content goes from its blob to the output with ``sendfile``,
   inside the kernel, never copied into Python (half the CPU of read and
-  write);
+  write); the walk only names its blob, and the write and hash threads
+  each open it when they get to it, so the walk never waits for a
+  descriptor to be handed back and runs on to the small files while the
+  big ones are still being copied and hashed;
 - the SHA-256 (the ``diff_id``) is computed on a thread of its own, in
   stream order: gathered chunks as they are, a big file by reading its blob
   again from the page cache into one reused buffer (hashlib lets go of the
@@ -44,57 +47,117 @@ Copy = Callable[[int, int], None]
 _SMALL = 64 << 10  # a write this big skips the gathering; a file this big is copied
 _FLUSH = 1 << 20
 _READ = 1 << 20
-# Waiting to be hashed at most: chunks (of at most about 1 MiB: _FLUSH,
-# _READ) and files (digests: nothing held open). Files may run far ahead:
-# the big ones are where hashing lags behind the kernel's copying, the small
-# ones where Python's walk lags behind the hash, and the two overlap only if
-# one may run ahead of the other by a whole directory of big files.
+# Waiting to be written, and to be hashed, at most: chunks (of at most about
+# 1 MiB: _FLUSH, _READ), and files (digests: nothing held open), each with at
+# most _HEAD bytes before it (its header; more goes as a chunk of its own).
+# A layer's big files come as a few items that take the kernel and the hash
+# long (a 400 MiB file, 0.3 s of hashing), its small files as many chunks
+# that take the walk long (20,000 files, 75 MiB of tar, 0.4 s of Python). So
+# the walk may run a whole directory of big files ahead (8,192 of them), and
+# 32 MiB into the small files after them: further, it holds the GIL the
+# other two threads need between their calls (in process at load 8-9, 128
+# MiB of chunks made the export slower than 32).
 _CHUNKS = 32
-_FILES = 1 << 16
+_FILES = 8192
+_HEAD = 8 << 10
+#: a file in the stream: the bytes before it (its header), its blob, its size
+_FileItem = tuple[bytes, bytes, int]
 _NO_SENDFILE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV, errno.ESPIPE)
 
 
-class HashThread:
-    """SHA-256 of a stream of chunks and files, computed on a thread of its own.
+_Marker = type(threading.Lock())
+_Item = bytes | _FileItem | _Marker | None  # type: ignore[valid-type]
 
-    Items are hashed in the order given; at most ``_CHUNKS`` chunks and
-    ``_FILES`` files wait, so a slow hash holds the writer back rather than
-    memory growing. A chunk must not change once given (bytes, never a
-    reused buffer); a file is given by its blob digest and opened
-    (``open_blob``) on the thread, so none is held open while it waits. An
-    error of the hash is raised by the next ``update`` or by ``hexdigest``.
+
+class _InOrder:
+    """A thread doing chunks and files one after the other, in the order given.
+
+    At most ``_CHUNKS`` chunks and ``_FILES`` files wait, so a slow thread
+    holds the walk back rather than memory growing. A chunk must not change
+    once given (bytes, never a reused buffer); a file is given by its blob
+    digest and opened (``open_blob``) on the thread, so none is held open
+    while it waits. An error of the thread is raised, as it was raised, by
+    the next ``_put_*`` or ``drain``; what waits after it is skipped.
     """
 
-    def __init__(self, open_blob: Callable[[bytes], int]) -> None:
-        self._open_blob = open_blob
-        self._hasher = hashlib.sha256()
-        self._queue: queue.SimpleQueue[bytes | tuple[bytes, int] | None] = queue.SimpleQueue()
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._chunks = threading.BoundedSemaphore(_CHUNKS)
         self._files = threading.BoundedSemaphore(_FILES)
         self._error: BaseException | None = None
-        self._discard = False
-        self._thread = threading.Thread(target=self._run, name="layer-sha256", daemon=True)
+        self._skip = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
+    def _chunk(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _file(self, head: bytes, digest: bytes, size: int) -> None:
+        raise NotImplementedError
+
     def _run(self) -> None:
+        # Root's file rights, for the blobs (a thread starts with its creator's:
+        # the user's, for an export beside the user's files); outputs are open.
         store_owner_thread()
         get = self._queue.get
-        update = self._hasher.update
-        buf = bytearray(_READ)
         while (item := get()) is not None:
+            if type(item) is _Marker:
+                item.release()  # all before it is done: ``drain``
+                continue
             try:
-                if self._error is None and not self._discard:
+                if self._error is None and not self._skip:
                     if type(item) is bytes:
-                        update(item)
+                        self._chunk(item)
                     else:
-                        self._hash_file(item[0], item[1], buf)
-            except BaseException as exc:  # raised on the writer's thread
+                        self._file(*item)  # type: ignore[misc]
+            except BaseException as exc:  # raised on the walk's thread
                 self._error = exc
             finally:
                 (self._files if type(item) is tuple else self._chunks).release()
 
-    def _hash_file(self, digest: bytes, size: int, buf: bytearray) -> None:
-        view = memoryview(buf)
+    def _put_chunk(self, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._chunks.acquire()
+        self._queue.put(data)
+
+    def _put_file(self, head: bytes, digest: bytes, size: int) -> None:
+        if self._error is not None:
+            raise self._error
+        self._files.acquire()
+        self._queue.put((head, digest, size))
+
+    def drain(self) -> None:
+        """Wait until all given is done; raise the thread's error if any."""
+        marker = threading.Lock()
+        marker.acquire()
+        self._queue.put(marker)
+        marker.acquire()  # released by the thread once it reaches the marker
+        if self._error is not None:
+            raise self._error
+
+    def close(self, *, discard: bool = False) -> None:
+        """End the thread once what waits is done (skipped with ``discard``)."""
+        if self._thread.is_alive():
+            self._skip = discard
+            self._queue.put(None)  # unbounded: the end always goes in
+            self._thread.join()
+
+
+class HashThread(_InOrder):
+    """SHA-256 of a stream of chunks and files, computed on a thread of its own."""
+
+    def __init__(self, open_blob: Callable[[bytes], int]) -> None:
+        self._open_blob = open_blob
+        self._hasher = hashlib.sha256()
+        self._chunk = self._hasher.update  # type: ignore[method-assign]
+        self._view = memoryview(bytearray(_READ))
+        super().__init__("layer-sha256")
+
+    def _file(self, head: bytes, digest: bytes, size: int) -> None:
+        if head:
+            self._hasher.update(head)
+        view = self._view
         fd = self._open_blob(digest)
         try:
             offset = 0
@@ -107,18 +170,10 @@ class HashThread:
         finally:
             os.close(fd)
 
-    def update(self, data: bytes) -> None:
-        if self._error is not None:
-            raise self._error
-        self._chunks.acquire()
-        self._queue.put(data)
-
-    def update_file(self, digest: bytes, size: int) -> None:
-        """Hash the first ``size`` bytes of the blob ``digest``."""
-        if self._error is not None:
-            raise self._error
-        self._files.acquire()
-        self._queue.put((digest, size))
+    #: hash these bytes next
+    update = _InOrder._put_chunk
+    #: hash ``head``, then the first ``size`` bytes of the blob ``digest``
+    update_file = _InOrder._put_file
 
     def hexdigest(self) -> str:
         self.close()
@@ -126,92 +181,44 @@ class HashThread:
             raise self._error
         return self._hasher.hexdigest()
 
-    def close(self, *, discard: bool = False) -> None:
-        """Wait for the thread to end; with ``discard``, hash nothing more."""
-        if not self._thread.is_alive():
-            return
-        self._discard = discard
-        self._queue.put(None)  # unbounded: the end always goes in
-        self._thread.join()
 
-
-_Marker = type(threading.Lock())
-_WriteItem = bytes | tuple[bytes, int, int] | _Marker | None  # type: ignore[valid-type]
-
-
-class WriteThread:
+class WriteThread(_InOrder):
     """The output's writes and copies, done in order on a thread of their own.
 
-    At most ``_CHUNKS`` items wait (a chunk of about 1 MiB, or a big file's
-    descriptor, which the thread closes once copied), so a slow disk holds
-    the walk back rather than memory or descriptors growing. An error of the
-    output (a reader gone, a full disk) is raised, as it was raised, by the
-    next ``write``, ``copy`` or ``drain``; what waits after it is dropped.
+    Big files given by digest let the walk run a whole directory of them
+    ahead (it is the small files after them that need the walk's time). An
+    error of the output (a reader gone, a full disk) comes back by the next
+    ``write``, ``copy`` or ``drain``.
     """
 
-    def __init__(self, down: Callable[[bytes], object], copy: Copy | None) -> None:
-        self._down = down
+    def __init__(
+        self, down: Callable[[bytes], object], copy: Copy | None, open_blob: Callable[[bytes], int]
+    ) -> None:
+        self._chunk = down  # type: ignore[assignment]
         self._copy = copy
-        self._queue: queue.SimpleQueue[_WriteItem] = queue.SimpleQueue()
-        self._slots = threading.BoundedSemaphore(_CHUNKS)
-        self._error: BaseException | None = None
-        self._drop = False
-        self._thread = threading.Thread(target=self._run, name="layer-write", daemon=True)
-        self._thread.start()
+        self._open_blob = open_blob
+        super().__init__("layer-write")
 
-    def _run(self) -> None:
-        get, down, copy = self._queue.get, self._down, self._copy
-        while (item := get()) is not None:
-            if type(item) is _Marker:
-                item.release()  # all before it is done: ``drain``
-                continue
-            try:
-                if type(item) is bytes:
-                    if self._error is None and not self._drop:
-                        down(item)
-                else:
-                    head, fd, size = item  # type: ignore[misc]
-                    try:
-                        if self._error is None and not self._drop:
-                            assert copy is not None
-                            if head:
-                                down(head)
-                            copy(fd, size)
-                    finally:
-                        os.close(fd)
-            except BaseException as exc:  # raised on the walk's thread
-                self._error = exc
-            finally:
-                self._slots.release()
+    def _file(self, head: bytes, digest: bytes, size: int) -> None:
+        _copy_blob(self._chunk, self._copy, self._open_blob(digest), head, size)
 
-    def _put(self, item: bytes | tuple[bytes, int, int]) -> None:
-        if self._error is not None:
-            raise self._error
-        self._slots.acquire()
-        self._queue.put(item)
+    #: write these bytes next
+    write = _InOrder._put_chunk
+    #: write ``head``, then copy the first ``size`` bytes of the blob ``digest`` out
+    copy = _InOrder._put_file
 
-    def write(self, data: bytes) -> None:
-        self._put(data)
 
-    def copy(self, head: bytes, fd: int, size: int) -> None:
-        """Write ``head``, then copy ``size`` bytes of ``fd`` out; the thread closes ``fd``."""
-        self._put((head, fd, size))
-
-    def drain(self) -> None:
-        """Wait until all given is written; raise the output's error if any."""
-        marker = threading.Lock()
-        marker.acquire()
-        self._queue.put(marker)
-        marker.acquire()  # released by the thread once it reaches the marker
-        if self._error is not None:
-            raise self._error
-
-    def close(self, *, discard: bool = False) -> None:
-        """End the thread once what waits is written (dropped with ``discard`` or after an error)."""
-        if self._thread.is_alive():
-            self._drop = discard
-            self._queue.put(None)
-            self._thread.join()
+def _copy_blob(
+    down: Callable[[bytes], object], copy: Copy | None, fd: int, head: bytes, size: int
+) -> None:
+    """``head``, then ``size`` bytes of the blob open at ``fd``, which is closed."""
+    try:
+        assert copy is not None
+        if head:
+            down(head)
+        copy(fd, size)
+    finally:
+        os.close(fd)
 
 
 class InlineWriter:
@@ -222,18 +229,15 @@ class InlineWriter:
     hand-over per chunk and per file).
     """
 
-    def __init__(self, down: Callable[[bytes], object], copy: Copy | None) -> None:
+    def __init__(
+        self, down: Callable[[bytes], object], copy: Copy | None, open_blob: Callable[[bytes], int]
+    ) -> None:
         self.write = down
         self._copy = copy
+        self._open_blob = open_blob
 
-    def copy(self, head: bytes, fd: int, size: int) -> None:
-        try:
-            if head:
-                self.write(head)
-            assert self._copy is not None
-            self._copy(fd, size)
-        finally:
-            os.close(fd)
+    def copy(self, head: bytes, digest: bytes, size: int) -> None:
+        _copy_blob(self.write, self._copy, self._open_blob(digest), head, size)
 
     def drain(self) -> None:
         pass
@@ -254,7 +258,8 @@ class TarStream:
         hash_it: bool,
     ):
         # The writes on a thread of their own only where there is a hash to overlap.
-        self._writer = WriteThread(down, copy) if hash_it else InlineWriter(down, copy)
+        writer = WriteThread if hash_it else InlineWriter
+        self._writer: WriteThread | InlineWriter = writer(down, copy, open_blob)
         self._copies = copy is not None
         self._buf = bytearray()
         self.hasher = HashThread(open_blob) if hash_it else None
@@ -286,23 +291,23 @@ class TarStream:
         """Whether a file of ``size`` bytes goes through ``copy_file``."""
         return self._copies and size >= _SMALL
 
-    def copy_file(self, fd: int, digest: bytes, size: int) -> None:
-        """The first ``size`` bytes of ``fd``, the blob ``digest``, into the stream.
+    def copy_file(self, digest: bytes, size: int) -> None:
+        """The first ``size`` bytes of the blob ``digest`` into the stream.
 
-        The copy happens later, on the write thread, from a duplicate of
-        ``fd``: the caller closes ``fd`` when it likes.
+        The copy happens later, on the write thread, which opens the blob
+        (as the hash thread does): the walk opens nothing for it.
         """
+        if len(self._buf) > _HEAD:
+            self.flush()
         head = b""
         if self._buf:  # the file's header, in the same hand-over as its content
             head = bytes(self._buf)
             self._buf.clear()
-            if self.hasher is not None:
-                self.hasher.update(head)
             self.size += len(head)
-        self._writer.copy(head, os.dup(fd), size)
-        self.size += size
         if self.hasher is not None:
-            self.hasher.update_file(digest, size)
+            self.hasher.update_file(head, digest, size)
+        self._writer.copy(head, digest, size)
+        self.size += size
 
     def finish(self) -> None:
         """Everything given, written out (the output may be used again after)."""
