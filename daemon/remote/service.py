@@ -48,6 +48,7 @@ class RemoteCache:
         if self.config.signing_key is not None:
             self.signing_key = trust.load_signing_key(self.config.signing_key)
         self.credentials = load_auth_file(self.config.registry_auth_file)
+        trust.warm()  # not on the first build's path
         self._wake = trio.Event()
         #: Where every queued push and pin tag runs (never the loop, never trio's threads).
         self.idle = IdleWorker("amber-push")
