@@ -9,6 +9,7 @@ time never gets there.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import http.server
 import json
@@ -26,6 +27,7 @@ from test_remote import (
     public,
     statuses,
     step_notes,
+    tags,
     wait_pushed,
     write_spec,
 )
@@ -136,8 +138,8 @@ def test_a_cached_build_looks_up_every_step_at_once(daemon_root: Path, registry,
         seen = (proxy.most_in_flight, proxy.requests, proxy.connections)  # the build's own
         assert code == 0 and statuses(report) == ["cached"] * 5, report
         assert seen[0] == 5  # the five tags asked for together
-        # A manifest and a config per step (nothing else), over one connection per lookup.
-        assert seen[1:] == (10, 5), seen
+        # A manifest per step, its config inside (nothing else), one connection per lookup.
+        assert seen[1:] == (5, 5), seen
         assert all(
             n.startswith("cached (remote) from host") for n in step_notes(b, report["build"])
         )
@@ -187,6 +189,34 @@ def test_a_key_untrusted_during_a_build_stops_counting_for_its_later_steps(
         said = notes(b, build)
         assert "its signer 'ci-a' is not a trusted key; not a hit" in said, said
         assert [n.startswith("cached (remote)") for n in step_notes(b, build)] == [True, False]
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_config_embedded_in_a_manifest_is_checked_against_its_signed_digest(
+    daemon_root, registry
+):
+    """Someone who can write the registry swaps the config a manifest embeds for a forged
+    one (a cached failure made a success), digest and signature left as they were."""
+    a = host(daemon_root, "ci-a", registry, sign=True, trusted={})
+    b = host(daemon_root, "ci-b", registry, sign=False, trusted={"ci-a": public(a)}, push=False)
+    try:
+        spec = write_spec(daemon_root, FAILING)
+        assert a.build_json(spec)[0] == 1
+        wait_pushed(registry, 2)
+        client = RegistryClient(registry)
+        for tag in tags(registry):
+            body, media_type, _ = client.get_manifest("amber/trunk", tag)
+            doc = json.loads(body)
+            config = json.loads(base64.b64decode(doc["config"]["data"]))
+            config["result"].update(status="success", exit_code=0)
+            doc["config"]["data"] = base64.b64encode(json.dumps(config).encode()).decode()
+            client.put_manifest("amber/trunk", tag, json.dumps(doc).encode(), media_type)
+        client.close()
+        code, report = b.build_json(spec)
+        assert code == 1 and statuses(report) == ["ran", "failed"], report  # the real failure
+        assert "the config the manifest embeds does not match" in notes(b, report["build"])
     finally:
         a.stop()
         b.stop()
