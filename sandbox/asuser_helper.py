@@ -19,13 +19,50 @@ Everything it sends is the user's word: the daemon checks each descriptor
 it receives (``fstat``) and parses each message with bounds.
 """
 
+import array
 import ctypes
-import json
 import os
-import signal
-import socket
 import stat
 import sys
+from _socket import SCM_RIGHTS, SOL_SOCKET
+from _socket import socket as Socket
+
+try:  # json's C half alone: json itself imports re, which made a third of the start-up
+    import _json
+
+    def _refuse(obj: object) -> None:
+        raise TypeError(f"{type(obj).__name__} is not JSON")
+
+    class _Decoding:
+        """What ``_json``'s scanner reads off a ``json.JSONDecoder``: its defaults."""
+
+        strict = True
+        object_hook = object_pairs_hook = None
+        parse_float, parse_int = float, int
+        parse_constant = {"-Infinity": -float("inf"), "Infinity": float("inf"),
+                          "NaN": float("nan")}.__getitem__  # fmt: skip
+
+    _encode = _json.make_encoder(None, _refuse, _json.encode_basestring_ascii, None, ": ", ", ",
+                                 False, False, True)  # fmt: skip
+    _scan = _json.make_scanner(_Decoding())
+
+    def dumps(obj: object) -> str:
+        """``json.dumps(obj)``, byte for byte."""
+        return "".join(_encode(obj, 0))
+
+    def loads(data: bytes) -> object:
+        """``json.loads(data)`` of what the daemon sends (one value, no padding)."""
+        text = data.decode()
+        obj, end = _scan(text, 0)
+        if end != len(text):
+            raise ValueError("not one JSON value")
+        return obj
+except (
+    ImportError,
+    AttributeError,
+    TypeError,
+):  # a Python without it (or another _json): the same bytes, a slower start
+    from json import dumps, loads
 
 MAX_FDS = 64  # descriptors per message
 MAX_BYTES = 96 * 1024  # records per message, roughly, in JSON bytes
@@ -66,8 +103,8 @@ def drop_everything(root: bool) -> None:
         raise SystemExit("the helper is still root")
 
 
-def send(sock: socket.socket, message: dict, fds: list) -> None:
-    socket.send_fds(sock, [json.dumps(message).encode()], fds)
+def send(sock: Socket, message: dict, fds: list) -> None:
+    sock.sendmsg([dumps(message).encode()], [(SOL_SOCKET, SCM_RIGHTS, array.array("i", fds))])
     for fd in fds:
         os.close(fd)
 
@@ -81,7 +118,7 @@ def open_one(path: str, follow: bool, allow_dir: bool) -> int:
     return fd
 
 
-def serve_open(sock: socket.socket, paths: list) -> None:
+def serve_open(sock: Socket, paths: list) -> None:
     results, fds = [], []
     for path, follow, allow_dir in paths[:MAX_FDS]:
         try:
@@ -97,7 +134,7 @@ def serve_open(sock: socket.socket, paths: list) -> None:
 class Walk:
     """The depth-first walk of one directory, batched to the daemon."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: Socket):
         self.sock = sock
         self.records: list = []
         self.fds: list = []
@@ -105,7 +142,7 @@ class Walk:
 
     def add(self, record: list, fd: int | None = None) -> None:
         self.records.append(record)
-        self.size += len(json.dumps(record))
+        self.size += len(dumps(record))
         if fd is not None:
             self.fds.append(fd)
         if len(self.fds) >= MAX_FDS or self.size >= MAX_BYTES:
@@ -170,7 +207,7 @@ class Walk:
         return out
 
 
-def serve_walk(sock: socket.socket, path: str, follow: bool) -> None:
+def serve_walk(sock: Socket, path: str, follow: bool) -> None:
     walk = Walk(sock)
     try:
         top = os.open(path, _OPEN | os.O_DIRECTORY | (0 if follow else os.O_NOFOLLOW))
@@ -188,13 +225,15 @@ def serve_walk(sock: socket.socket, path: str, follow: bool) -> None:
 
 
 def main() -> None:
-    sock = socket.socket(fileno=int(sys.argv[1]))
+    sock = Socket(fileno=int(sys.argv[1]))
     drop_everything("root" in sys.argv[2:])
     if "hold" in sys.argv[2:]:  # a test's: as the user stopping their new helper may
+        import signal  # here: the module's start-up stays small (see above)
+
         os.kill(os.getpid(), signal.SIGSTOP)
     send(sock, {"ready": [os.getuid(), os.getgid(), sorted(os.getgroups())]}, [])
     while data := sock.recv(1 << 16):
-        request = json.loads(data)
+        request = loads(data)
         if request.get("op") == "open":
             serve_open(sock, request["paths"])
         elif request.get("op") == "walk":

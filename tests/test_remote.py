@@ -70,8 +70,9 @@ run = "echo 'cc: fatal error: remote-visible' >&2 && exit 3"
 
 
 def host(root: Path, name: str, registry: str, *, sign: bool, trusted: dict[str, str],
-         push: bool = True) -> Daemon:  # fmt: skip
-    """An amberd with its own state and key, reading (and maybe writing) the shared remote."""
+         push: bool = True, cache: str = "") -> Daemon:  # fmt: skip
+    """An amberd with its own state and key, reading (and maybe writing) the shared remote;
+    ``cache``: more lines of its ``[cache]`` table."""
     home = root / name
     home.mkdir()
     keys = home / "keys"
@@ -86,6 +87,7 @@ def host(root: Path, name: str, registry: str, *, sign: bool, trusted: dict[str,
     for other, key in trusted.items():
         run_amber("key", "trust", other, key, "--file", str(home / "trusted"))
     lines.append(f'trusted-keys = "{home / "trusted"}"')
+    lines.append(cache)
     (home / "amberd.toml").write_text("\n".join(lines) + "\n")
     return Daemon(home).start("--config", str(home / "amberd.toml"))
 

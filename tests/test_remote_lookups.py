@@ -9,14 +9,31 @@ time never gets there.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import http.server
+import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_remote import FIVE, host, notes, public, statuses, step_notes, wait_pushed, write_spec
+from test_remote import (
+    FAILING,
+    FIVE,
+    host,
+    notes,
+    public,
+    statuses,
+    step_notes,
+    tags,
+    wait_pushed,
+    write_spec,
+)
+
+from amber.daemon.oci.registry import RegistryClient
+from amber.daemon.remote.layout import tag_for
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length"}
 
@@ -32,6 +49,9 @@ class Counting(http.server.ThreadingHTTPServer):
         self.lock = threading.Condition()
         self.connections = self.requests = self.in_flight = self.most_in_flight = 0
         self.released = False
+        #: Blobs whose GET waits for ``release`` (``held`` is set when one arrives).
+        self.hold_blobs: set[str] = set()
+        self.held, self.release = threading.Event(), threading.Event()
 
     @property
     def address(self) -> str:
@@ -69,6 +89,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         manifest = "/manifests/" in self.path
         if manifest:
             self.server.hold_manifest()
+        if any(self.path.endswith(f"/blobs/{d}") for d in self.server.hold_blobs):
+            self.server.held.set()
+            self.server.release.wait(30)
         try:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
@@ -115,12 +138,85 @@ def test_a_cached_build_looks_up_every_step_at_once(daemon_root: Path, registry,
         seen = (proxy.most_in_flight, proxy.requests, proxy.connections)  # the build's own
         assert code == 0 and statuses(report) == ["cached"] * 5, report
         assert seen[0] == 5  # the five tags asked for together
-        # A manifest and a config per step (nothing else), over one connection per lookup.
-        assert seen[1:] == (10, 5), seen
+        # A manifest per step, its config inside (nothing else), one connection per lookup.
+        assert seen[1:] == (5, 5), seen
         assert all(
             n.startswith("cached (remote) from host") for n in step_notes(b, report["build"])
         )
         assert f"via http://{proxy.address}/amber/trunk" in notes(b, report["build"])
+    finally:
+        a.stop()
+        b.stop()
+
+
+def _layers(registry: str, key: str) -> list[str]:
+    """The digests of the layers of ``key``'s result in the registry."""
+    client = RegistryClient(registry)
+    try:
+        body, _, _ = client.get_manifest("amber/trunk", tag_for(key))
+    finally:
+        client.close()
+    return [layer["digest"] for layer in json.loads(body)["layers"]]
+
+
+def test_a_key_untrusted_during_a_build_stops_counting_for_its_later_steps(
+    daemon_root, registry, proxy
+):
+    """Both answers are fetched (and trusted) before the first step; B pulls hits eagerly,
+    and the proxy holds the first step's pull while the admin removes A's key from
+    trusted-keys: the second step's answer no longer counts, and it runs, with a note."""
+    a = host(daemon_root, "ci-a", registry, sign=True, trusted={})
+    b = host(daemon_root, "ci-b", proxy.address, sign=False, trusted={"ci-a": public(a)},
+             push=False, cache='pull = "eager"')  # fmt: skip
+    try:
+        spec = write_spec(daemon_root, FAILING.replace("exit 3", "true"))
+        code, report = a.build_json(spec)
+        assert code == 0, report
+        wait_pushed(registry, 2)
+        first = json.loads(a.amber("show", "--json", report["build"]).stdout)["steps"][0]["key"]
+        proxy.together = 1  # no manifest held: B's prefetch goes through at once
+        proxy.hold_blobs = set(_layers(registry, first))
+        started = b.amber("build", "--detach", "--json", str(spec))
+        build = json.loads(started.stdout)["build"]
+        assert proxy.held.wait(60), "the first step's closure was never pulled"
+        (b.root / "trusted").write_text("")  # the admin removes ci-a's key
+        proxy.release.set()
+        deadline = time.monotonic() + 60
+        while (shown := json.loads(b.amber("show", "--json", build).stdout))["status"] == "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert shown["status"] == "success" and statuses(shown) == ["cached", "ran"], shown
+        said = notes(b, build)
+        assert "its signer 'ci-a' is not a trusted key; not a hit" in said, said
+        assert [n.startswith("cached (remote)") for n in step_notes(b, build)] == [True, False]
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_config_embedded_in_a_manifest_is_checked_against_its_signed_digest(
+    daemon_root, registry
+):
+    """Someone who can write the registry swaps the config a manifest embeds for a forged
+    one (a cached failure made a success), digest and signature left as they were."""
+    a = host(daemon_root, "ci-a", registry, sign=True, trusted={})
+    b = host(daemon_root, "ci-b", registry, sign=False, trusted={"ci-a": public(a)}, push=False)
+    try:
+        spec = write_spec(daemon_root, FAILING)
+        assert a.build_json(spec)[0] == 1
+        wait_pushed(registry, 2)
+        client = RegistryClient(registry)
+        for tag in tags(registry):
+            body, media_type, _ = client.get_manifest("amber/trunk", tag)
+            doc = json.loads(body)
+            config = json.loads(base64.b64decode(doc["config"]["data"]))
+            config["result"].update(status="success", exit_code=0)
+            doc["config"]["data"] = base64.b64encode(json.dumps(config).encode()).decode()
+            client.put_manifest("amber/trunk", tag, json.dumps(doc).encode(), media_type)
+        client.close()
+        code, report = b.build_json(spec)
+        assert code == 1 and statuses(report) == ["ran", "failed"], report  # the real failure
+        assert "the config the manifest embeds does not match" in notes(b, report["build"])
     finally:
         a.stop()
         b.stop()

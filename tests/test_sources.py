@@ -298,6 +298,30 @@ run = "ls -la packages; cat packages/.data_verify; {run.replace("data.bin", "pac
     )
 
 
+NAMES_RUN = r"""for f in src/*; do printf %s "$f" | od -An -tx1 | tr -d ' \n'; echo; done
+python3 -c 'import glob, os; print(os.getxattr(glob.glob("src/caf*")[0], "user.origin").hex())'"""
+
+
+def test_a_directory_source_keeps_every_name_byte_for_byte(amberd: Daemon):
+    """Names a checkout may hold (not UTF-8, quotes, backslashes, control characters,
+    non-ASCII) and an xattr come through the reading helper's JSON exactly."""
+    names = [b"caf\xe9", "na\u00efve \u2603".encode(), b'q"uote\\back', b"tab\there\x01"]
+    tree = amberd.root / "checkout"
+    tree.mkdir()
+    for name in names:
+        (tree / os.fsdecode(name)).write_bytes(name)
+    os.setxattr(tree / os.fsdecode(names[0]), "user.origin", b"\x00\xffkept")
+    spec = amberd.root / "names.toml"
+    spec.write_text(f'[build]\nname = "names"\nbase = "host"\n[[source]]\npath = "{tree}"\n'
+                    f"dest = \"src\"\n\n[[step]]\nname = \"list\"\nrun = '''{NAMES_RUN}'''\n")  # fmt: skip
+    code, report = amberd.build_json(spec)
+    assert code == 0, report
+    log = amberd.amber("log", report["build"]).stdout.decode()
+    for name in names:
+        assert (b"src/" + name).hex() in log, (name, log)
+    assert b"\x00\xffkept".hex() in log, log
+
+
 # --------------------------------------------------------------------------- downloads
 
 

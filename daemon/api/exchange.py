@@ -236,8 +236,8 @@ async def export_state(
     note = ("the host base's system directories (/usr, /etc, ...) are bound at run time and not in the image"
             if state.build.base == "host" else None)  # fmt: skip
     digests = LayerDigests(ctx.config.state_dir / "layer-digests.db")
-    known = _known_layers(digests, layers) if push is None else {}
-    pushed = _known_pushed(digests, layers) if push is not None else {}
+    # The layer tables are SQLite: read and written on a worker thread, never the loop's.
+    known, pushed = await trio.to_thread.run_sync(_known, digests, layers, push)
     written: list[LayerInfo] = []
 
     def write() -> dict[str, Any]:
@@ -271,7 +271,7 @@ async def export_state(
     with ctx.roots.hold(f"pull for the export of {state.build.id}") as pulled:
         await make_local(ctx, pulled, [t for pair in layers for t in pair if t], state.label)
         result = await trio.to_thread.run_sync(_held_write, ctx, state, layers, write)
-    _remember_layers(digests, layers, written, pushed)
+    await trio.to_thread.run_sync(_remember_layers, digests, layers, written, pushed)
     if note:
         result["note"] = note
     return result
@@ -291,6 +291,15 @@ def _held_write(
             raise NotFound(
                 f"the state of {state.label} is no longer complete in the store ({exc})"
             ) from None
+
+
+def _known(
+    digests: LayerDigests, layers: list[tuple[bytes | None, bytes]], push: str | None
+) -> tuple[dict[tuple[bytes | None, bytes], KnownLayer], dict[PushKey, LayerInfo]]:
+    """What the tables know of ``layers``: for an export, their digests; for a push, its layers."""
+    if push is None:
+        return _known_layers(digests, layers), {}
+    return {}, _known_pushed(digests, layers)
 
 
 def _known_layers(

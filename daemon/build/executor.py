@@ -47,6 +47,7 @@ from amber.daemon.remote.lookups import Prefetched
 from amber.daemon.remote.pull import Miss
 from amber.daemon.storage.db import Result
 from amber.daemon.storage.roots import build_state
+from amber.sandbox.batch import Batch
 from amber.sandbox.digest import from_hex
 from amber.sandbox.fscontrol import FilesystemError, OverlayMount
 from amber.sandbox.sandboxerror import SandboxError
@@ -175,28 +176,37 @@ class Executor:
             b.note(self.base.pulled.note())
             db.update_build(b.id, base_digest=self.base.pulled.digest)
         with self.phases.timed("sources"):
-            tree = await self._lay_out()
-        if tree is None:
+            laid = await self._lay_out()
+        if laid is None:
             return  # a source failed verification: the build failed before any step
-        key = initial_key(
-            base_key=self.base.key,
-            initial_tree=tree.hex(),
-            workdir=spec.workdir,
-            salt=spec.key_salt,
-        )
-        db.update_build(b.id, base_tree=tree.hex(), base_owner=self.base.owner)
+        tree, batch = laid
+        key = initial_key(base_key=self.base.key, initial_tree=tree.hex(), workdir=spec.workdir,
+                          salt=spec.key_salt)  # fmt: skip
         keys = []
         for step in spec.steps:
             key = step_key(key, step.definition(), spec.step_env(step), spec.key_salt)
             keys.append(key)
-        if self.ctx.remote is not None:  # every key at once, not a round trip per step
-            with self.phases.timed("remote_lookup"):
-                self._lookups = await self.ctx.remote.prefetch(b, keys)
+        # The initial tree becomes durable (two syncfs) while the remotes are asked.
+        await run_beside(lambda: self._commit(batch), lambda: self._prefetch(keys))
+        db.update_build(b.id, base_tree=tree.hex(), base_owner=self.base.owner)
         final = await self._steps(keys, tree)
         if final is not None:
             with self.phases.timed("finish"):
                 self.state.succeeded(final)
                 await self.ctx.on_success(b, final)
+
+    async def _commit(self, batch: Batch) -> None:
+        try:
+            with self.phases.timed("sources.commit"):
+                await trio.to_thread.run_sync(batch.commit)
+        except BaseException:
+            batch.abort()
+            raise
+
+    async def _prefetch(self, keys: list[str]) -> None:
+        if self.ctx.remote is not None:  # every key at once, not a round trip per step
+            with self.phases.timed("remote_lookup"):
+                self._lookups = await self.ctx.remote.prefetch(self.build, keys)
 
     async def _steps(self, keys: list[str], tree: bytes) -> bytes | None:
         """Each step from the first: a hit or a run; the final tree (None: it failed).
@@ -272,8 +282,9 @@ class Executor:
             )
         )
 
-    async def _lay_out(self) -> bytes | None:
-        """The first step's tree: base, sources (fetched if need be), stamps put right.
+    async def _lay_out(self) -> tuple[bytes, Batch] | None:
+        """The first step's tree: base, sources (fetched if need be), stamps put right;
+        and the batch holding what it wrote, for ``_commit``.
 
         What the stamp rules removed goes to the build's notes, kept for
         ``amber log``. A source whose digest does not match is the spec's
@@ -284,6 +295,7 @@ class Executor:
         assert self.base is not None
         b, ctx = self.build, self.ctx
         gid = ctx.peer_gid(b)
+        batch = self.hold.store.batch()
         try:
             limits = FetchLimits.of(ctx.config)
             fetched = await fetch_sources(self.hold.store, ctx.db, self.spec, mirrors=ctx.config.mirrors,
@@ -291,15 +303,18 @@ class Executor:
                                           limits=limits)  # fmt: skip
             layout = await trio.to_thread.run_sync(
                 functools.partial(lay_out, self.hold.store, self.base.tree, self.spec, fetched, uid=b.uid, gid=gid,
-                                  groups=b.groups, max_size=limits.max_size)
+                                  groups=b.groups, max_size=limits.max_size, batch=batch)
             )  # fmt: skip
-        except DigestMismatch as exc:
+        except BaseException as exc:
+            batch.abort()
+            if not isinstance(exc, DigestMismatch):
+                raise
             self.build.note(exc.message)
             self.state.failed(exc.message, "not run: a source failed verification")
             return None
         for finding in layout.findings:
             self.build.note(finding.note())
-        return layout.tree
+        return layout.tree, batch
 
     # -- cache ----------------------------------------------------------------
 

@@ -84,39 +84,34 @@ def lay_out(
     groups: tuple[int, ...] = (),
     missing_ok: bool = False,
     max_size: int = MAX_DOWNLOAD,
+    batch: Batch | None = None,
 ) -> Layout:
     """``base`` + the work directory + every source + stamps put right. Blocking: run in a thread.
 
     ``fetched`` holds the url sources by index (``fetch.fetch_sources``);
     with ``missing_ok``, url sources not in it get an empty stand-in
     (``amber verify`` does not download). A local file larger than
-    ``max_size`` is refused.
+    ``max_size`` is refused. ``batch``: what is written goes there, for the
+    caller to commit (or abort, when this raises); else it is committed here.
 
     Raises:
         DigestMismatch: a local file source does not have its digest.
         InvalidSpec, PermissionDenied: a source cannot be read or placed.
     """
+    if batch is None:
+        with store.batch() as own:
+            return lay_out(store, base, spec, fetched, uid=uid, gid=gid, groups=groups,
+                           missing_ok=missing_ok, max_size=max_size, batch=own)  # fmt: skip
     layout = Layout(base)
     local = any(source.url is None for source in spec.sources)
-    with contextlib.ExitStack() as stack, store.batch() as batch:
+    with contextlib.ExitStack() as stack:
         reader = stack.enter_context(lease(User(uid, gid, groups))) if local else None
         try:
             tree = _ensure_parents(store, base, spec.workdir, batch)
             placed: dict[int, tuple[Entry, str]] = {}
             for index, source in enumerate(spec.sources):
                 if source.url is not None:
-                    got = fetched.get(index)
-                    if got is None and not missing_ok:
-                        raise Internal(f"{source.url} was not fetched")
-                    if got is None:
-                        # Stand-in content, so that its stamp and the rules
-                        # see what a build would see. The tree is not built.
-                        layout.skipped.append(index)
-                        got = Fetched(EMPTY, 0, source.sha256, None)
-                    entry = BUILD_FILE._replace(
-                        mtime_ns=DOWNLOAD_MTIME_NS, size=got.size, ref=got.blob
-                    )
-                    digest = got.sha256 or source.blake3 or got.blob.hex()
+                    entry, digest = _fetched_entry(index, source, fetched, missing_ok, layout)
                 else:
                     assert reader is not None
                     entry, digest = _read_local(store, index, source, batch, reader, max_size)
@@ -130,6 +125,22 @@ def lay_out(
             raise InvalidSpec(str(exc)) from None
     layout.tree = tree
     return layout
+
+
+def _fetched_entry(
+    index: int, source: Source, fetched: Mapping[int, Fetched], missing_ok: bool, layout: Layout
+) -> tuple[Entry, str]:
+    """A url source's entry (its verified blob), and the digest its stamp names."""
+    got = fetched.get(index)
+    if got is None and not missing_ok:
+        raise Internal(f"{source.url} was not fetched")
+    if got is None:
+        # Stand-in content, so that its stamp and the rules
+        # see what a build would see. The tree is not built.
+        layout.skipped.append(index)
+        got = Fetched(EMPTY, 0, source.sha256, None)
+    entry = BUILD_FILE._replace(mtime_ns=DOWNLOAD_MTIME_NS, size=got.size, ref=got.blob)
+    return entry, got.sha256 or source.blake3 or got.blob.hex()
 
 
 def _ensure_parents(store: Store, tree: bytes, workdir: str, batch: Batch) -> bytes:

@@ -19,6 +19,7 @@ Pull is ``RegistrySource``: a registry as an ``ImageSource``, walked by
 from __future__ import annotations
 
 import contextlib
+import encodings.idna  # noqa: F401  getaddrinfo's codec: at start, not in each first lookup
 import http.client
 import io
 import json

@@ -24,6 +24,7 @@ under the registry's 4 MiB: descriptors only for packs and big files.
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 from collections.abc import Iterable, Iterator
@@ -225,11 +226,15 @@ def descriptor(media_type: str, data_digest: str, size: int, **annotations: str)
 
 
 def manifest(key: str, config: bytes, layers: list[dict], signer: str, signature: str) -> bytes:
+    """The result's manifest; its config is also inside, as the descriptor's ``data`` (OCI
+    1.1's embedded content), so that a lookup is one request, not two."""
+    config_descriptor = descriptor(CONFIG_TYPE, sha256_digest(config), len(config))
+    config_descriptor["data"] = base64.b64encode(config).decode()
     doc = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
         "artifactType": ARTIFACT_TYPE,
-        "config": descriptor(CONFIG_TYPE, sha256_digest(config), len(config)),
+        "config": config_descriptor,
         "layers": layers,
         "annotations": {A_KEY: key, A_SIGNER: signer, A_SIGNATURE: signature},
     }
@@ -252,6 +257,8 @@ class StepManifest:
     layers: tuple[Layer, ...]
     signer: str | None
     signature: str | None
+    #: The config's bytes as the manifest embeds them (not yet checked against its digest).
+    config_data: bytes | None = None
 
     @property
     def packs(self) -> list[Layer]:
@@ -281,8 +288,10 @@ def parse_manifest(untrusted: bytes, key: str) -> StepManifest:
         if config.get("mediaType") != CONFIG_TYPE:
             raise LayoutError("its config is not an amber step config")
         layers = tuple(_layer(d) for d in doc.get("layers") or [])
+        data = config.get("data")
+        embedded = None if data is None else base64.b64decode(data, validate=True)
         return StepManifest(key, check_digest(config["digest"]), int(config["size"]), layers,
-                            notes.get(A_SIGNER), notes.get(A_SIGNATURE))  # fmt: skip
+                            notes.get(A_SIGNER), notes.get(A_SIGNATURE), embedded)  # fmt: skip
     except LayoutError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -71,12 +71,23 @@ def lookup(
                           manifest.config_digest)  # fmt: skip
         if why is not None:
             raise Miss(f"the result on {remote.url} is refused: {why}")
-        config = document(client, remote.repository, manifest.config_digest)
+        config = _config(client, remote.repository, manifest)
         found = Found(layout.parse_config(config, key), manifest, answer.body)
         layout.check_packs(config, manifest)
         return found
     except (OciError, LayoutError) as exc:
         raise Miss(f"{remote.url}: {exc}") from None
+
+
+def _config(client: RegistryClient, repo: str, manifest: StepManifest) -> bytes:
+    """The result's config: the one the manifest embeds (no second request), else its blob;
+    checked against the digest the signature covers either way."""
+    data = manifest.config_data
+    if data is None:
+        return document(client, repo, manifest.config_digest)
+    if sha256_digest(data) != manifest.config_digest:
+        raise Miss(f"the config the manifest embeds does not match {manifest.config_digest}")
+    return data
 
 
 def document(client: RegistryClient, repo: str, digest: str) -> bytes:

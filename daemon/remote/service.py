@@ -51,6 +51,7 @@ class RemoteCache:
         if self.config.signing_key is not None:
             self.signing_key = trust.load_signing_key(self.config.signing_key)
         self.credentials = load_auth_file(self.config.registry_auth_file)
+        trust.warm()  # not on the first build's path
         self._wake = trio.Event()
         #: Where every queued push and pin tag runs (never amberd's loop or threads).
         key, auth = self.config.signing_key, self.config.registry_auth_file
@@ -101,13 +102,13 @@ class RemoteCache:
         Nothing of its closure is pulled here (``settle`` does what the pull
         policy asks). Each remote in order; whatever goes wrong with one is a
         note, then the next. ``known``: answers fetched before (``prefetch``),
-        used instead of asking again.
+        used instead of asking again once their signer is still trusted.
         """
         for remote in self.read_from(build):
             answer = known.take(remote.url, key) if known is not None else None
             try:
                 if answer is not None:
-                    found = answer.unwrap()
+                    found = self._still_trusted(remote, key, answer.unwrap())
                 else:
                     found = await trio.to_thread.run_sync(self._find_one, remote, key)
             except pull.Miss as miss:
@@ -127,6 +128,21 @@ class RemoteCache:
             self.ctx.db.put_result(result, record)
             return result, self.origin(result, record)
         return None
+
+    def _still_trusted(
+        self, remote: Remote, key: str, found: pull.Found | None
+    ) -> pull.Found | None:
+        """A prefetched answer, checked again against the trusted keys as they are now:
+        a key removed from trusted-keys since the prefetch no longer counts."""
+        if found is None:
+            return None
+        manifest = found.manifest
+        trusted = trust.load_trusted(self.config.trusted_keys)
+        why = trust.check(trusted, remote.trust, manifest.signer, manifest.signature, key,
+                          manifest.config_digest)  # fmt: skip
+        if why is not None:
+            raise pull.Miss(f"the result on {remote.url} is refused: {why}")
+        return found
 
     @staticmethod
     def origin(result: Result, record: RemoteRecord) -> str:
