@@ -80,7 +80,7 @@ def test_a_fully_cached_build_pulls_only_metadata_and_a_shell_pulls_the_rest(
         configs, layers = manifests(registry, wait_pushed(registry, 4))
         code, report = b.build_json(spec)
         assert code == 0 and statuses(report) == ["cached"] * 4
-        assert set(proxy.blob_gets) == configs  # metadata only: not one layer
+        assert proxy.blob_gets == []  # metadata only, and the manifests carry it: not one blob
 
         kill_registry(tmp_path / "registry.yml")
         asked = proxy.requests
@@ -299,7 +299,7 @@ def test_a_pin_on_remote_hits_tags_them_there_and_downloads_no_layer(daemon_root
             code, report = b.build_json(spec, "--pin", "kept")
             assert code == 0 and statuses(report) == ["cached"] * 4, report.get("error")
             assert wait_tagged(b, "kept", 4) == [f"pin-root.kept.{i}" for i in range(4)]
-            assert set(proxy.blob_gets) == configs  # the pin read manifests, not one layer
+            assert not set(proxy.blob_gets) - configs  # the pin read manifests, not one layer
             assert "pin-root.kept.3" in repo_tags(registry)
             listed = b.amber("pin", "ls").stdout.decode()
             assert f"local, http://{registry}/amber/trunk" in listed
