@@ -77,7 +77,7 @@ def test_a_fully_cached_build_pulls_only_metadata_and_a_shell_pulls_the_rest(
     with a_and_b(daemon_root, registry) as (a, b, proxy):
         spec = write_spec(daemon_root, SPEC.format(three="3"))
         assert a.build_json(spec)[0] == 0
-        configs, layers = manifests(registry, wait_pushed(registry, 4))
+        _, layers = manifests(registry, wait_pushed(registry, 4))
         code, report = b.build_json(spec)
         assert code == 0 and statuses(report) == ["cached"] * 4
         assert proxy.blob_gets == []  # metadata only, and the manifests carry it: not one blob
