@@ -12,10 +12,13 @@ still ends with the result on the registry.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from test_remote import host, notes, public, statuses, tags, wait_pushed, write_spec
@@ -119,3 +122,60 @@ def test_a_stopped_or_killed_pusher_holds_up_no_one_and_loses_no_push(daemon_roo
         assert code == 0 and statuses(report) == ["cached"], notes(b, report["build"])
     finally:
         b.stop()
+
+
+class _Wordy(BaseHTTPRequestHandler):
+    """A registry that has nothing and refuses every upload with an error text of 100,000
+    bytes: its own to write, and more than one message between amberd and its push
+    process holds."""
+
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self, status: int, message: str) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = json.dumps({"errors": [{"code": "DENIED", "message": message}]}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self._answer(404, "unknown")
+
+    do_HEAD = do_GET
+
+    def do_POST(self) -> None:
+        self._answer(503, "x" * 100_000)
+
+    do_PUT = do_PATCH = do_POST
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_registry_refusing_with_a_huge_error_text_does_not_stop_amberd(daemon_root):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Wordy)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        a = host(daemon_root, "ci-a", f"127.0.0.1:{server.server_address[1]}", sign=True,
+                 trusted={})  # fmt: skip
+        try:
+            spec = write_spec(daemon_root, BIG.replace("64000000", "1000"))
+            code, report = a.build_json(spec)
+            assert code == 0, report  # the lookup's refusal is a note, the push is queued
+            deadline = time.monotonic() + 30
+            while b"push of" not in a.log.read_bytes() and a.process.poll() is None:
+                assert time.monotonic() < deadline, a.log.read_text()[-3000:]
+                time.sleep(0.1)
+            assert a.process.poll() is None, a.log.read_text()[-3000:]
+            assert a.amber("status").returncode == 0
+            again = write_spec(daemon_root, BIG.replace("64000000", "2000"))
+            code, report = a.build_json(again)
+            assert code == 0 and statuses(report) == ["ran"], report
+        finally:
+            assert a.stop() == 0, a.log.read_text()[-3000:]
+    finally:
+        server.shutdown()

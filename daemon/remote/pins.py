@@ -218,7 +218,7 @@ class RemotePins:
             outcome = "done"
         except (LookupError, LayoutError, pull.Miss, RegistryRefused) as exc:
             outcome, said = "gave up", str(exc)
-        except (OciError, OSError) as exc:
+        except Exception as exc:  # OciError, OSError, or anything else: a failed attempt
             retry = row["attempts"] + 1 < MAX_ATTEMPTS
             outcome, said = ("retry", str(exc)) if retry else ("gave up", f"gave up: {exc}")
         if not self._unchanged(row):

@@ -50,12 +50,21 @@ log = logging.getLogger("amber.remote")
 NAME = "amber-push"
 #: A job or an answer, at most (a job is a result record and a few URLs).
 MAX_MESSAGE = 64 * 1024
+#: An error's text in an answer, at most: a registry writes what it likes in its errors.
+MAX_ERROR_TEXT = 2000
+
+
+class NoResult(LookupError):
+    """The job names what is not there (no signing key, a result no longer recorded)."""
+
+
 #: The errors a job may end with, most specific first: amberd raises the same class again.
+#: Only these: any other (a KeyError of a bug here) goes back as "os", a failed attempt.
 ERRORS: tuple[tuple[str, type[Exception]], ...] = (
     ("refused", RegistryRefused),
     ("layout", LayoutError),
     ("miss", pull.Miss),
-    ("lookup", LookupError),
+    ("lookup", NoResult),
     ("oci", OciError),
     ("store", StoreError),
     ("os", OSError),
@@ -108,17 +117,17 @@ class Worker:
                 return {"ok": self.push(job["url"], Result(**job["result"]), job["mount_from"])}
             if job.get("op") == "pin":
                 return {"ok": self.pin(job["row"], job["result"])}
-            raise LookupError(f"no such job: {job.get('op')!r}")
+            raise NoResult(f"no such job: {job.get('op')!r}")
         except Exception as exc:
-            kind = next((k for k, cls in ERRORS if isinstance(exc, cls)), None)
+            kind = _kind(exc)
             if kind is None:
                 log.exception("pusher: a job failed")
                 kind = "os"  # a bug here: retried, as the registry being down would be
-            return {"error": kind, "message": str(exc)}
+            return {"error": kind, "message": str(exc)[:MAX_ERROR_TEXT]}
 
     def push(self, url: str, result: Result, mount_from: list[str]) -> int:
         if self.key is None:
-            raise LookupError("this amberd has no signing key")
+            raise NoResult("this amberd has no signing key")
         client = self.client(url, timeout=60)
         try:
             repo = Remote(url).repository
@@ -134,10 +143,17 @@ class Worker:
             if row["state"] == "untag":
                 return pins.untag(client, repo, row["tag"], row["digest"])
             if result is None:
-                raise LookupError("its result is no longer recorded here")
+                raise NoResult("its result is no longer recorded here")
             return pins.tag_result(client, repo, Result(**result), row["tag"])
         finally:
             client.close()
+
+
+def _kind(exc: Exception) -> str | None:
+    """``exc``'s name in ``ERRORS``: pins.py's LookupErrors are a missing result too."""
+    if isinstance(exc, LookupError) and type(exc) is LookupError:
+        return "lookup"
+    return next((k for k, cls in ERRORS if isinstance(exc, cls)), None)
 
 
 def _lower(parent: int) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from amber.daemon.remote.pusher import ERRORS, MAX_MESSAGE, Setup
+from amber.daemon.remote.pusher import ERRORS, MAX_ERROR_TEXT, MAX_MESSAGE, Setup
 
 log = logging.getLogger("amber.remote")
 MAX_PAUSE = 60.0
@@ -73,21 +73,21 @@ class PusherProcess:
             assert self._sock is not None
             try:
                 await self._sock.send(json.dumps(job).encode())
-                data = await self._sock.recv(MAX_MESSAGE)
+                data = await self._sock.recv(MAX_MESSAGE + 1)  # more: cut off, not an answer
             except OSError:
                 data = b""
             except BaseException:  # cancelled mid-job: its answer would answer the next one
                 self._died()
                 raise
-            if not data:
+            answer = _answer(data)
+            if answer is None:
                 self._died()
                 raise PusherLost("the push process ended before it answered; it will be restarted")
             self._pause = 0.0
-        answer = json.loads(data)
         if "error" in answer:
             cls = dict(ERRORS).get(answer["error"], OSError)
-            raise cls(answer.get("message", ""))
-        return answer["ok"]
+            raise cls(str(answer.get("message", ""))[:MAX_ERROR_TEXT])
+        return answer.get("ok")
 
     def _died(self) -> None:
         """The child ended or must: kill and reap it; the next start waits longer."""
@@ -107,3 +107,14 @@ class PusherProcess:
             return None
         proc.kill()
         return proc.wait()
+
+
+def _answer(data: bytes) -> dict[str, Any] | None:
+    """The child's answer, or None when it is none (it ended, or sent what is not one)."""
+    if not data or len(data) > MAX_MESSAGE:
+        return None
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        return None
+    return answer if isinstance(answer, dict) else None

@@ -22,7 +22,6 @@ from amber.daemon.build.state import BuildStatus
 from amber.daemon.oci.auth import credentials_for
 from amber.daemon.oci.errors import RegistryRefused
 from amber.daemon.oci.registry import RegistryClient
-from amber.daemon.oci.spec import OciError
 from amber.daemon.remote import lookups, pull, push, trust
 from amber.daemon.remote.config import Remote
 from amber.daemon.remote.credentials import load_auth_file
@@ -32,7 +31,6 @@ from amber.daemon.remote.pusher import Setup
 from amber.daemon.remote.pushproc import PusherProcess
 from amber.daemon.storage.db import RemoteRecord, Result
 from amber.sandbox.digest import from_hex
-from amber.sandbox.store import StoreError
 
 if TYPE_CHECKING:
     from amber.daemon.build.build import Build
@@ -246,7 +244,7 @@ class RemoteCache:
             log.warning("push of %s to %s refused, not retried: %s", key, url, exc)
             db.push_done(key, url)
             return True
-        except (OciError, StoreError, OSError) as exc:
+        except Exception as exc:  # any other end is a failed attempt: never the daemon's end
             if attempts + 1 >= MAX_ATTEMPTS:
                 log.warning(
                     "push of %s to %s given up after %d attempts: %s", key, url, attempts + 1, exc
