@@ -21,11 +21,14 @@ PER_UID = 4
 _limiters: dict[int, trio.CapacityLimiter] = {}
 
 
-async def run_as_user(uid: int, fn: Callable[[], T]) -> T:
-    """``fn()`` on a thread, one of ``uid``'s ``PER_UID`` (root: trio's shared ones)."""
+async def run_as_user(
+    uid: int, fn: Callable[..., T], *args: object, abandon_on_cancel: bool = False
+) -> T:
+    """``fn(*args)`` on a thread, one of ``uid``'s ``PER_UID`` (root: trio's shared ones)."""
     if uid == 0:  # root's reads start no helper a user could stop
-        return await trio.to_thread.run_sync(fn)
+        return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=abandon_on_cancel)
     limiter = _limiters.get(uid)
     if limiter is None:
         limiter = _limiters[uid] = trio.CapacityLimiter(PER_UID)
-    return await trio.to_thread.run_sync(fn, limiter=limiter)
+    return await trio.to_thread.run_sync(fn, *args, limiter=limiter,
+                                         abandon_on_cancel=abandon_on_cancel)  # fmt: skip

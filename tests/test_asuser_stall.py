@@ -109,3 +109,23 @@ def test_a_helper_stopped_mid_request_fails_only_that_request(daemon_root: Path)
         assert str(helper) not in amberd_children(d)  # killed and reaped
         code, out = mal.said("build", path)  # mal's next request starts a new helper
         assert code == 0, out
+
+
+def test_verifies_whose_helpers_are_stopped_hold_up_only_their_user(daemon_root: Path):
+    """``amber verify`` of a spec on an ``oci:`` base reads the base as the user after the
+    spec is parsed (no helper needed for that): on the user's own threads too."""
+    with daemon(daemon_root, {"AMBER_TEST_HOLD_ASUSER_READY": str(MAL)}) as d:
+        mal, bob = user_of(d, MAL), user_of(d, BOB)
+        path = mal.write("oci.toml", f'[build]\nname = "v"\nbase = "oci:{mal.home}/image"\n'
+                         '[[step]]\nname = "s"\nrun = "true"\n')  # fmt: skip
+        mals = [mal.popen("verify", path) for _ in range(MALS)]
+        try:
+            held = wait_for(lambda: stopped_helpers(mal), PER_UID)
+            code, out = bob.said("build", spec(bob, "b", bob.write("data", "bob's\n")))
+            assert code == 0, out
+            assert sorted(stopped_helpers(mal)) == sorted(held)  # bob waited for none of them
+            assert [p.poll() for p in mals] == [None] * MALS
+        finally:
+            for p in mals:
+                p.kill()
+                p.wait()

@@ -31,6 +31,7 @@ from amber.daemon.build.spec import Spec, SpecError, spec_from_dict
 from amber.daemon.build.stamps import check_tree
 from amber.daemon.errors import BadArgs, Internal, NotFound
 from amber.daemon.storage.db import BuildRecord
+from amber.daemon.userthreads import run_as_user
 from amber.sandbox.asuser import User
 from amber.sandbox.digest import from_hex
 
@@ -102,7 +103,7 @@ async def _verify_spec(
 
     # Laying out writes the trees of local sources (and reuses what is there).
     with api.ctx.roots.writer(f"verify of {spec_path}") as writer:
-        return await trio.to_thread.run_sync(work, writer)
+        return await run_as_user(uid, work, writer)  # the user's helper reads local sources
 
 
 def _mismatch(exc: DigestMismatch) -> dict[str, Any]:

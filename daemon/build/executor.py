@@ -47,6 +47,7 @@ from amber.daemon.remote.lookups import Prefetched
 from amber.daemon.remote.pull import Miss
 from amber.daemon.storage.db import Result
 from amber.daemon.storage.roots import build_state
+from amber.daemon.userthreads import run_as_user
 from amber.sandbox.batch import Batch
 from amber.sandbox.digest import from_hex
 from amber.sandbox.fscontrol import FilesystemError, OverlayMount
@@ -268,7 +269,8 @@ class Executor:
 
     async def _resolve_base(self) -> ResolvedBase:
         b, spec = self.build, self.spec
-        return await trio.to_thread.run_sync(
+        return await run_as_user(  # an oci:/dir: base is read by the user's helper
+            b.uid,
             functools.partial(
                 resolve_base,
                 self.hold.store,
@@ -279,7 +281,7 @@ class Executor:
                 groups=b.groups,
                 import_max_size=self.ctx.config.import_max_size,
                 registry=RegistryAccess(b.credentials, complete=self._held_complete),
-            )
+            ),
         )
 
     async def _lay_out(self) -> tuple[bytes, Batch] | None:
@@ -301,8 +303,8 @@ class Executor:
             fetched = await fetch_sources(self.hold.store, ctx.db, self.spec, mirrors=ctx.config.mirrors,
                                           uid=b.uid, gid=gid, groups=b.groups, note=self.build.note,
                                           limits=limits)  # fmt: skip
-            layout = await trio.to_thread.run_sync(
-                functools.partial(lay_out, self.hold.store, self.base.tree, self.spec, fetched, uid=b.uid, gid=gid,
+            layout = await run_as_user(  # local sources are read by the user's helper
+                b.uid, functools.partial(lay_out, self.hold.store, self.base.tree, self.spec, fetched, uid=b.uid, gid=gid,
                                   groups=b.groups, max_size=limits.max_size, batch=batch)
             )  # fmt: skip
         except BaseException as exc:

@@ -68,6 +68,7 @@ from amber.daemon.config import Config
 from amber.daemon.errors import NotFound
 from amber.daemon.storage.db import Database
 from amber.daemon.userfiles import NotRegularFile, open_regular_as
+from amber.daemon.userthreads import run_as_user
 from amber.sandbox.asuser import HelperError, Unreadable, User, UserReader
 from amber.sandbox.digest import CHUNK, from_hex, new_hasher
 from amber.sandbox.store import Batch, Store
@@ -409,7 +410,10 @@ async def _in_thread(
                 )  # fmt: skip
 
     try:
-        return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+        # A file:// source of the user's is read by their helper, which they may stop:
+        # on their own threads. Downloads and the admin's mirrors are no one's to stall.
+        reader = user.uid if url == source.url and url.startswith("file:") else 0
+        return await run_as_user(reader, work, abandon_on_cancel=True)
     except BaseException:
         stop.set()  # an abandoned thread stops at its next chunk and cleans up
         raise
