@@ -166,10 +166,7 @@ class UserReader:
         try:
             data, fds, flags, _ = socket.recv_fds(self._sock, _RECV, asuser_helper.MAX_FDS)
         except TimeoutError:
-            raise HelperTimeout(
-                f"the helper for uid {self.user.uid} did not answer in "
-                f"{self._sock.gettimeout():g} s (stopped?)"
-            ) from None
+            raise self._timed_out() from None
         except OSError as exc:
             raise HelperError(f"reading from the helper: {exc}") from None
         fds_out.extend(fds)
@@ -186,9 +183,17 @@ class UserReader:
             raise HelperError("the helper sent something that is not a message")
         return message
 
+    def _timed_out(self) -> HelperTimeout:
+        return HelperTimeout(
+            f"the helper for uid {self.user.uid} did not answer in "
+            f"{self._sock.gettimeout():g} s (stopped?)"
+        )
+
     def _send(self, request: dict) -> None:
         try:
             self._sock.send(json.dumps(request).encode())
+        except TimeoutError:
+            raise self._timed_out() from None
         except OSError as exc:
             raise HelperError(f"writing to the helper: {exc}") from None
 
@@ -273,6 +278,8 @@ class UserReader:
     def _send_ack(self) -> None:
         try:
             self._sock.send(b"n")
+        except TimeoutError:
+            raise self._timed_out() from None
         except OSError as exc:
             raise HelperError(f"writing to the helper: {exc}") from None
 

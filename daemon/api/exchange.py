@@ -33,7 +33,14 @@ from amber.daemon.build.buildid import make_build_id, safe_name
 from amber.daemon.build.frozen import FrozenState, make_local, resolve_state
 from amber.daemon.build.state import BuildStatus, StepStatus
 from amber.daemon.context import DaemonContext
-from amber.daemon.errors import BadArgs, ExportFailed, ImageError, NotFound, PermissionDenied
+from amber.daemon.errors import (
+    BadArgs,
+    ExportFailed,
+    ImageError,
+    NotFound,
+    PermissionDenied,
+    TimedOut,
+)
 from amber.daemon.oci.auth import Credentials, credentials_for, wire_credentials
 from amber.daemon.oci.digests import LayerDigests, PushKey
 from amber.daemon.oci.image import ExportResult, export_image, is_local_source, read_image
@@ -51,7 +58,7 @@ from amber.daemon.oci.stream import stream_docker_archive
 from amber.daemon.oci.tarstream import file_copier
 from amber.daemon.storage.db import BuildRecord, StepRecord
 from amber.daemon.userthreads import run_as_user
-from amber.sandbox.asuser import HelperError, User, UserReader
+from amber.sandbox.asuser import HelperError, HelperTimeout, User, UserReader
 from amber.sandbox.beneath import openat2
 from amber.sandbox.digest import from_hex
 from amber.sandbox.fsidentity import filesystem_identity
@@ -392,6 +399,8 @@ async def import_image(api: Api, conn: Connection, args: dict[str, Any]) -> dict
             return image
         except PermissionError as exc:
             raise PermissionDenied(f"cannot read {source}: {exc.strerror}") from None
+        except HelperTimeout as exc:
+            raise TimedOut(f"cannot read {source}: {exc}") from None
         except HelperError as exc:
             raise PermissionDenied(f"cannot read {source}: {exc}") from None
         except FileNotFoundError:

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING
 
 from amber.daemon.build.hostprint import host_fingerprint
 from amber.daemon.build.sandbox_users import identity_binds
-from amber.daemon.errors import ImageError, InvalidSpec, NotFound, PermissionDenied
+from amber.daemon.errors import ImageError, InvalidSpec, NotFound, PermissionDenied, TimedOut
 from amber.daemon.oci.limits import MAX_IMPORT
 from amber.daemon.storage.db import Database
 from amber.sandbox import tree as treefmt
-from amber.sandbox.asuser import HelperError, Unreadable, User, UserReader
+from amber.sandbox.asuser import HelperError, HelperTimeout, Unreadable, User, UserReader
 from amber.sandbox.digest import from_hex
 from amber.sandbox.importer import WalkError, import_user_directory
 from amber.sandbox.store import Store
@@ -89,26 +89,39 @@ def resolve_base(
             )
         return ResolvedBase(tree, "tree")
     if kind == "oci" and ref:
-        from amber.daemon.oci.base import import_oci_base
-        from amber.daemon.oci.spec import OciError
-
-        try:
-            with UserReader(User(uid, gid, groups)) as reader:
-                tree = import_oci_base(store, Path(ref), max_size=import_max_size, reader=reader)
-        except PermissionError as exc:
-            raise PermissionDenied(f"base {base!r}: {exc.strerror}") from None
-        except HelperError as exc:
-            raise PermissionDenied(f"base {base!r}: {exc}") from None
-        except FileNotFoundError:
-            raise InvalidSpec(f"base {base!r}: {ref} does not exist") from None
-        except OciError as exc:
-            raise ImageError(f"base {base!r}: {exc}") from None
-        return ResolvedBase(tree, "oci")
+        return ResolvedBase(
+            _oci_base(store, base, ref, User(uid, gid, groups), import_max_size), "oci"
+        )
     image = db.find_image(base, uid)
     if image is None:
         raise NotFound(f"base {base!r}: no such image (see `amber image ls`, `amber image import`)")
     # The key covers the tree (the initial tree holds it), not whose name it was.
     return ResolvedBase(from_hex(image["tree"]), "image", owner=image["uid"])
+
+
+def _oci_base(store: Store, base: str, ref: str, user: User, import_max_size: int) -> bytes:
+    """An ``oci:`` archive's tree, read by the user's helper."""
+    from amber.daemon.oci.base import import_oci_base
+    from amber.daemon.oci.spec import OciError
+
+    try:
+        with UserReader(user) as reader:
+            return import_oci_base(store, Path(ref), max_size=import_max_size, reader=reader)
+    except PermissionError as exc:
+        raise PermissionDenied(f"base {base!r}: {exc.strerror}") from None
+    except HelperError as exc:
+        raise _helper_failed(base, exc) from None
+    except FileNotFoundError:
+        raise InvalidSpec(f"base {base!r}: {ref} does not exist") from None
+    except OciError as exc:
+        raise ImageError(f"base {base!r}: {exc}") from None
+
+
+def _helper_failed(base: str, exc: HelperError) -> TimedOut | PermissionDenied:
+    """The user's helper did not read the base: stopped (theirs to stop), or it failed."""
+    if isinstance(exc, HelperTimeout):
+        return TimedOut(f"base {base!r}: {exc}")
+    return PermissionDenied(f"base {base!r}: {exc}")
 
 
 def _registry_base(
@@ -150,7 +163,9 @@ def _dir_base(store: Store, base: str, ref: str, user: User) -> bytes:
         if exc.missing and exc.path == ref:
             raise InvalidSpec(f"base {base!r}: {ref} is not a directory") from None
         raise PermissionDenied(f"base {base!r}: {exc}") from None
-    except (WalkError, HelperError) as exc:
+    except HelperError as exc:
+        raise _helper_failed(base, exc) from None
+    except WalkError as exc:
         raise PermissionDenied(f"base {base!r}: {exc}") from None
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import socket
 import time
 from contextlib import suppress
@@ -41,6 +40,7 @@ from amber.daemon.build.registry_base import RegistryAccess
 from amber.daemon.build.sources import lay_out
 from amber.daemon.build.state import BuildState, BuildStatus, StepStatus
 from amber.daemon.build.stepio import StepLog, StepOutcome, run_sandboxed
+from amber.daemon.build.unresult import not_a_result
 from amber.daemon.context import DaemonContext
 from amber.daemon.errors import DaemonError
 from amber.daemon.remote.lookups import Prefetched
@@ -458,29 +458,6 @@ class Executor:
         if cm is not None:
             await cm.__aexit__(None, None, None)
 
-    def _not_a_result(
-        self, name: str, timeout: float, outcome, oom_kills: int, memory_max: int
-    ) -> str | None:
-        """Why a step's end says nothing about the step (errored, not cached), if it does not."""
-        if outcome.timed_out:
-            return f"step {name} timed out after {timeout:g} s"
-        if oom_kills:
-            return (
-                f"step {name} was stopped by the OOM killer: it used more memory than "
-                f"step-memory-max ({memory_max} bytes); not cached"
-            )
-        if outcome.exit_code != 0 and self._store_full():
-            return (
-                f"step {name} failed while the state directory's filesystem was full "
-                "(ENOSPC): not cached; free space and build again"
-            )
-        return None
-
-    def _store_full(self) -> bool:
-        """Whether the store and the steps' upper layers (one filesystem) are out of space."""
-        st = os.statvfs(self.ctx.store.state_dir)
-        return st.f_bavail * st.f_frsize < FULL_BELOW
-
     async def _run_step(self, index: int, key: str, before: bytes) -> tuple[bytes, bool]:
         b, spec = self.build, self.spec
         step = spec.steps[index]
@@ -596,12 +573,9 @@ class Executor:
             step_log.close()
             oom_kills = limited.close()
         b.steps[index].seconds = outcome.seconds
-        why = self._not_a_result(step.name, step.timeout, outcome, oom_kills, limited.memory_max)
+        why = not_a_result(step.name, step.timeout, outcome, oom_kills, limited.memory_max,
+                           self.ctx.store.state_dir)  # fmt: skip
         if why is not None:
             step_log.discard()
             raise BuildErrored(why)
         return outcome
-
-
-#: Free space under which a failed step is taken to have failed for want of it.
-FULL_BELOW = 64 << 20

@@ -41,10 +41,10 @@ from dataclasses import dataclass, field
 from amber.daemon.build.fetch import MAX_DOWNLOAD, Fetched, ingest, source_label
 from amber.daemon.build.spec import Source, Spec
 from amber.daemon.build.stamps import Finding, apply_rules, remove_paths
-from amber.daemon.errors import Internal, InvalidSpec, PermissionDenied
+from amber.daemon.errors import Internal, InvalidSpec, PermissionDenied, TimedOut
 from amber.daemon.userfiles import NotRegularFile, open_regular_as
 from amber.sandbox import tree as treefmt
-from amber.sandbox.asuser import HelperError, Unreadable, User, UserReader
+from amber.sandbox.asuser import HelperError, HelperTimeout, Unreadable, User, UserReader
 from amber.sandbox.asuser_pool import lease
 from amber.sandbox.digest import EMPTY
 from amber.sandbox.importer import WalkError, import_user_directory
@@ -183,6 +183,8 @@ def _read_local(
         raise PermissionDenied(f"{label}: {exc}") from None
     except NotRegularFile as exc:
         raise InvalidSpec(f"{label}: {exc}: only files and directories can be sources") from None
+    except HelperTimeout as exc:  # the user's own helper, stopped
+        raise TimedOut(f"{label}: {exc}") from None
     except HelperError as exc:
         raise Internal(f"{label}: {exc}") from None
     st = os.fstat(fd)
@@ -193,6 +195,8 @@ def _read_local(
                                         follow_symlinks=False)  # fmt: skip
         except Unreadable as exc:
             raise PermissionDenied(f"{label}: {exc}") from None
+        except HelperTimeout as exc:
+            raise TimedOut(f"{label}: {exc}") from None
         except (WalkError, HelperError) as exc:
             raise InvalidSpec(f"{label}: {exc}") from None
         return BUILD_DIR._replace(ref=ref, mtime_ns=st.st_mtime_ns), ref.hex()
