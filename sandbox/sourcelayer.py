@@ -28,7 +28,9 @@ before) when the difference is larger than ``LIMIT`` entries (a state after
 a big step: making thousands of stubs per build would cost what it saves),
 or holds what one tmpfs layer cannot show exactly: a hard-link group (its
 other names may be in the lower, a layer apart, not one inode), xattrs, or
-a character device 0/0 (overlayfs would take it for a whiteout).
+a character device 0/0 (overlayfs would take it for a whiteout); and when it
+hides or replaces a base entry in a hard-link group (the group's other
+names in the lower would keep showing its old link count).
 ``AMBER_SOURCE_LAYER=0`` in amberd's environment turns the layer off.
 """
 
@@ -94,6 +96,8 @@ def _diff(store: Store, old: bytes, new: bytes, prefix: bytes) -> Iterator[Op]:
     for name in sorted(olds.keys() | news.keys()):
         a, b = olds.get(name), news.get(name)
         path = prefix + name
+        if a is not None and (b is None or a.kind != treefmt.DIR or b.kind != treefmt.DIR):
+            _unlinked(store, a)  # a base name hidden or replaced
         if b is None:
             yield Op(path, None)
         elif a is not None and a.kind == treefmt.DIR and b.kind == treefmt.DIR:
@@ -111,6 +115,21 @@ def _added(store: Store, tree: bytes, prefix: bytes) -> Iterator[Op]:
         yield Op(prefix + entry.name, _checked(entry), alone=entry.kind == treefmt.DIR)
         if entry.kind == treefmt.DIR:
             yield from _added(store, entry.ref, prefix + entry.name + b"/")
+
+
+def _unlinked(store: Store, e: Entry, budget: list[int] | None = None) -> None:
+    """Refuse when hiding base entry ``e`` would hide a member of a hard-link group: the
+    group's other names, in the lower, would go on showing its old link count."""
+    budget = [LIMIT] if budget is None else budget
+    if treefmt.link_group(e) is not None:
+        raise _Refused()
+    if e.kind != treefmt.DIR:
+        return
+    for child in store.get_tree(e.ref):
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise _Refused()  # too much to look through: a lower of the whole tree
+        _unlinked(store, child, budget)
 
 
 def _checked(e: Entry) -> Entry:

@@ -176,3 +176,16 @@ def test_the_plan_holds_only_the_difference_and_refuses_what_a_layer_cannot_show
     assert sourcelayer.plan(store, base, view, limit=3) is None  # 4 entries
     assert sourcelayer.plan(store, base, with_link) is None  # a hard-link group
     assert sourcelayer.plan(store, base, base) == []
+    # Hiding or replacing a base name of a hard-link group, or a directory holding one:
+    # the group's names left in the lower would keep its old link count.
+    with store.batch() as batch:
+        other = _file(store, batch, b"other", b"z", link=b"group")
+        linked_base = store.put_tree([_dir(store, batch, b"etc", [linked, other])], batch)
+        replaced = store.put_tree([_dir(store, batch, b"etc", [_file(store, batch, b"l", b"new"),
+                                                              other])], batch)  # fmt: skip
+        hidden = store.put_tree([_dir(store, batch, b"etc", [other])], batch)
+        in_dir = store.put_tree([_dir(store, batch, b"d", [linked]), other], batch)
+        dir_gone = store.put_tree([other], batch)
+    assert sourcelayer.plan(store, linked_base, replaced) is None
+    assert sourcelayer.plan(store, linked_base, hidden) is None
+    assert sourcelayer.plan(store, in_dir, dir_gone) is None
