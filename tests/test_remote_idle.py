@@ -76,6 +76,9 @@ def test_the_push_process_is_idle_priority_and_does_the_pushing(daemon_root, reg
         for kind in ("CapEff", "CapPrm", "CapBnd"):  # CAP_DAC_READ_SEARCH (bit 2) alone
             assert int(caps[kind], 16) == 1 << 2, caps
         assert int(caps["CapInh"], 16) == int(caps["CapAmb"], 16) == 0, caps
+        ids = {k: v.split() for k, v in (line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+               if k in ("Uid", "Gid", "Groups")}  # fmt: skip
+        assert ids == {"Uid": ["65534"] * 4, "Gid": ["65534"] * 4, "Groups": []}, ids
 
         before = cpu_ns(child)
         code, report = a.build_json(write_spec(daemon_root, BIG))

@@ -11,9 +11,10 @@ signing key and amberd's registry logins, and talks to registries. Its
 only input is the socketpair amberd made (``pushproc.py``): amberd's own
 jobs, built from amberd's database, never a user's bytes. It dies with
 amberd (``PR_SET_PDEATHSIG``), gains no privilege by exec
-(``PR_SET_NO_NEW_PRIVS``), keeps of root's capabilities only reading
-files (``CAP_DAC_READ_SEARCH``), and runs one job at a time, answering
-each with its result or the class of its error.
+(``PR_SET_NO_NEW_PRIVS``), runs as ``nobody`` with of root's capabilities
+only reading files (``CAP_DAC_READ_SEARCH``: the store, the key, the
+logins), and runs one job at a time, answering each with its result or
+the class of its error.
 
 Run as ``python -I -m amber.daemon.remote.pusher FD PARENT_PID``.
 """
@@ -70,8 +71,12 @@ ERRORS: tuple[tuple[str, type[Exception]], ...] = (
     ("os", OSError),
 )
 _PR_SET_PDEATHSIG = 1
+_PR_SET_KEEPCAPS = 8
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_CAPBSET_DROP = 24
+#: Who it runs as: not root, so that it owns no root file, writes no /proc/sys, and is
+#: not uid 0 to amberd's socket or to the processes of amberd it could signal.
+NOBODY = 65534
 _CAP_DAC_READ_SEARCH = 2  # read any file: the store's, whoever's they were; the key
 _CAP_LAST = 63
 _CAPS_V3 = 0x20080522
@@ -173,13 +178,18 @@ def _lower(parent: int) -> None:
 
 
 def _keep_only_reading(libc: ctypes.CDLL) -> None:
-    """Every capability gone but reading files: root by uid still, it writes nothing of
-    anyone else's, kills, mounts or traces nothing, and an exec gains nothing back."""
+    """Every capability gone but reading files, as ``nobody``: it writes no file that is
+    not world-writable, kills, mounts or traces nothing, and an exec gains nothing back."""
     for cap in range(_CAP_LAST + 1):
         if cap == _CAP_DAC_READ_SEARCH or libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
             continue
         if ctypes.get_errno() != errno.EINVAL:  # EINVAL: past this kernel's last one
             raise SystemExit(f"pusher: cannot drop capability {cap}")
+    if libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0:  # permitted kept across setresuid
+        raise SystemExit("pusher: PR_SET_KEEPCAPS failed")
+    os.setgroups([])
+    os.setresgid(NOBODY, NOBODY, NOBODY)
+    os.setresuid(NOBODY, NOBODY, NOBODY)
     data = (_CapData * 2)()
     data[0].effective = data[0].permitted = 1 << _CAP_DAC_READ_SEARCH
     if libc.capset(ctypes.byref(_CapHeader(_CAPS_V3, 0)), data) != 0:

@@ -106,7 +106,9 @@ class RemoteCache:
             answer = known.take(remote.url, key) if known is not None else None
             try:
                 if answer is not None:
-                    found = self._still_trusted(remote, key, answer.unwrap())
+                    found = await trio.to_thread.run_sync(  # a file read: off the loop
+                        self._still_trusted, remote, key, answer.unwrap()
+                    )
                 else:
                     found = await trio.to_thread.run_sync(self._find_one, remote, key)
             except pull.Miss as miss:
