@@ -12,6 +12,7 @@ still ends with the result on the registry.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -182,3 +183,27 @@ def test_a_registry_refusing_with_a_huge_error_text_does_not_stop_amberd(daemon_
             assert a.stop() == 0, a.log.read_text()[-3000:]
     finally:
         server.shutdown()
+
+
+def test_the_push_process_still_dies_with_amberd_after_it_became_nobody():
+    """A change of the effective uid clears the parent-death signal (prctl(2)): it must be
+    set again after the push process becomes ``nobody``, or an amberd killed mid-push
+    leaves it pushing on. Checked in a real child, as amberd starts it."""
+    from amber.daemon.remote import pusher as push_process
+
+    read, write = os.pipe()
+    parent = os.getpid()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        try:
+            push_process._lower(parent)
+            got = ctypes.c_int(-1)
+            ctypes.CDLL(None).prctl(2, ctypes.byref(got), 0, 0, 0)  # PR_GET_PDEATHSIG
+            os.write(write, f"{os.getuid()} {got.value}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    said = os.read(read, 100).decode()
+    os.close(read)
+    os.waitpid(child, 0)
+    assert said == f"65534 {int(signal.SIGKILL)}", said

@@ -174,12 +174,17 @@ def _lower(parent: int) -> None:
     except OSError as exc:  # a kernel or container without it: still a process apart
         log.warning("%s: cannot lower its priority: %s", NAME, exc)
     _keep_only_reading(libc)
+    # Again: a change of the effective uid clears the parent-death signal (prctl(2)).
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        raise SystemExit(1)
     name_thread(NAME)  # named once lowered: who finds it by name finds it idle
 
 
 def _keep_only_reading(libc: ctypes.CDLL) -> None:
     """Every capability gone but reading files, as ``nobody``: it writes no file that is
-    not world-writable, kills, mounts or traces nothing, and an exec gains nothing back."""
+    not world-writable, signals only ``nobody``'s processes, mounts or traces nothing, and
+    an exec gains nothing back."""
     for cap in range(_CAP_LAST + 1):
         if cap == _CAP_DAC_READ_SEARCH or libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
             continue
