@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from . import tree as treefmt
 from .checkout import apply_metadata
 from .eagerlayer import make_stub
-from .store import Store
+from .store import MissingObject, Store
 from .tree import Entry
 from .userns import IdMap
 
@@ -83,7 +83,10 @@ def plan(store: Store, lower: bytes, view: bytes, limit: int = LIMIT) -> list[Op
             ops.append(op)
             if len(ops) > limit:
                 return None
-    except _Refused:
+    except (_Refused, MissingObject):
+        # A tree the plan cannot read (a GC cycle set it aside, and the build that holds
+        # it has not had it back yet): no layer; the mount of the whole tree reads it as
+        # a mount always did, and its errors are the build's usual ones.
         return None
     return ops
 

@@ -189,3 +189,5 @@ def test_the_plan_holds_only_the_difference_and_refuses_what_a_layer_cannot_show
     assert sourcelayer.plan(store, linked_base, replaced) is None
     assert sourcelayer.plan(store, linked_base, hidden) is None
     assert sourcelayer.plan(store, in_dir, dir_gone) is None
+    # A tree the store does not have (a GC cycle set it aside): no layer, no error.
+    assert sourcelayer.plan(store, base, bytes(32)) is None
