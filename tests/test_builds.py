@@ -401,7 +401,7 @@ run = '''
 echo "processes: $(ls /proc | grep -c '^[0-9]')"
 if python3 -c "import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)"; then echo NETWORK-REACHED; fi
 echo escaped > {marker} 2>/dev/null || echo "write refused"
-(sleep 300; echo survivor) &
+(sleep 300.0417; echo survivor) &
 echo started background
 '''
 """,
@@ -415,7 +415,7 @@ echo started background
         assert not marker.exists()
         time.sleep(0.5)
         ps = os.popen("ps -eo args").read()
-        assert "sleep 300" not in ps
+        assert "sleep 300.0417" not in ps  # a duration no other process on the host sleeps
     finally:
         listener.close()
 
