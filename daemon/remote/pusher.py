@@ -156,7 +156,7 @@ class Worker:
 
 def _kind(exc: Exception) -> str | None:
     """``exc``'s name in ``ERRORS``: pins.py's LookupErrors are a missing result too."""
-    if isinstance(exc, LookupError) and type(exc) is LookupError:
+    if type(exc) is LookupError:
         return "lookup"
     return next((k for k, cls in ERRORS if isinstance(exc, cls)), None)
 
